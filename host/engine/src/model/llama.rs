@@ -1,0 +1,501 @@
+//! The Llama-family decoder, one layer range at a time.
+//!
+//! Tensor names map 1:1 to Hugging Face's (`model.layers.{i}.self_attn.q_proj.weight`, …). At load, q/k/v
+//! are stacked into one `[q + 2·kv, hidden]` matrix and gate/up into one `[2·ffn, hidden]` matrix, so a
+//! decode step runs four matrix products per layer; each output row is the same dot product it would be
+//! unstacked.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::backend::cpu::{self, AttentionShape, CpuBackend, KvView};
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+use crate::kv_cache::KvCache;
+use crate::shard::LayerRange;
+use crate::tensor::{DType, Weight, WeightData};
+use crate::weights::WeightFiles;
+
+/// How to load a shard.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// The dtype weights are held in. Default bf16: half the memory and bandwidth of f32.
+    pub dtype: DType,
+    /// The layers to load; `None` is the whole model.
+    pub range: Option<LayerRange>,
+    /// Show a progress bar while loading.
+    pub progress: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { dtype: DType::Bf16, range: None, progress: false }
+    }
+}
+
+/// What a step consumes: token ids on the entry shard, hidden states `[n, hidden]` elsewhere.
+#[derive(Debug, Clone, Copy)]
+pub enum StepInput<'a> {
+    Tokens(&'a [u32]),
+    Hidden(&'a [f32]),
+}
+
+impl StepInput<'_> {
+    fn rows(&self, hidden: usize) -> usize {
+        match self {
+            StepInput::Tokens(t) => t.len(),
+            StepInput::Hidden(h) => h.len() / hidden.max(1),
+        }
+    }
+}
+
+/// What a step produces: hidden states `[n, hidden]` for the next shard, or (exit shard) the logits of
+/// the last position, `[vocab]`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepOutput {
+    Hidden(Vec<f32>),
+    Logits(Vec<f32>),
+}
+
+/// One request's part of a batched step: its new input and its KV cache on this shard.
+#[derive(Debug)]
+pub struct StepItem<'a> {
+    pub input: StepInput<'a>,
+    pub cache: &'a mut KvCache,
+}
+
+struct Block {
+    input_norm: Vec<f32>,
+    qkv: Weight,
+    qkv_bias: Option<Vec<f32>>,
+    o: Weight,
+    o_bias: Option<Vec<f32>>,
+    post_norm: Vec<f32>,
+    gate_up: Weight,
+    down: Weight,
+    gate_up_bias: Option<Vec<f32>>,
+    down_bias: Option<Vec<f32>>,
+}
+
+/// A loaded layer range of one model: the unit a worker runs.
+pub struct Shard {
+    cfg: ModelConfig,
+    range: LayerRange,
+    dtype: DType,
+    embed: Option<Arc<Weight>>,
+    blocks: Vec<Block>,
+    norm: Option<Vec<f32>>,
+    lm_head: Option<Arc<Weight>>,
+    inv_freq: Vec<f32>,
+    backend: Arc<CpuBackend>,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard").field("range", &self.range).field("dtype", &self.dtype).finish_non_exhaustive()
+    }
+}
+
+fn stack(name: &str, parts: Vec<Weight>) -> Result<Weight> {
+    let cols = parts[0].cols;
+    let rows = parts.iter().map(|p| p.rows).sum();
+    if parts.iter().any(|p| p.cols != cols) {
+        return Err(EngineError::Tensor { name: name.into(), message: "stacked parts disagree on columns".into() });
+    }
+    let data = match parts[0].data {
+        WeightData::F32(_) => WeightData::F32(
+            parts.into_iter().flat_map(|p| match p.data {
+                WeightData::F32(d) => d,
+                WeightData::Bf16(d) => d.into_iter().map(|x| x.to_f32()).collect(),
+            }).collect(),
+        ),
+        WeightData::Bf16(_) => WeightData::Bf16(
+            parts.into_iter().flat_map(|p| match p.data {
+                WeightData::Bf16(d) => d,
+                WeightData::F32(d) => d.into_iter().map(half::bf16::from_f32).collect(),
+            }).collect(),
+        ),
+    };
+    Ok(Weight { rows, cols, data })
+}
+
+impl Shard {
+    /// Loads the shard's tensors (and only those) from an HF-layout directory.
+    pub fn load(dir: &Path, options: &LoadOptions, backend: Arc<CpuBackend>) -> Result<Self> {
+        let cfg = ModelConfig::from_dir(dir)?;
+        let files = WeightFiles::open(dir)?;
+        Self::from_weights(cfg, &files, options, backend)
+    }
+
+    pub fn from_weights(cfg: ModelConfig, files: &WeightFiles, options: &LoadOptions, backend: Arc<CpuBackend>) -> Result<Self> {
+        let range = options.range.unwrap_or(LayerRange::full(cfg.num_layers));
+        if range.num_layers != cfg.num_layers {
+            return Err(EngineError::InvalidRange { range: range.to_string(), layers: cfg.num_layers });
+        }
+        let dtype = options.dtype;
+        let (h, ffn) = (cfg.hidden_size, cfg.intermediate_size);
+        let q_rows = cfg.num_heads * cfg.head_dim;
+        let kv_rows = cfg.num_kv_heads * cfg.head_dim;
+        let bar = progress_bar(options.progress, range.len() as u64 + 2);
+
+        let embed = if range.is_entry() {
+            Some(Arc::new(files.matrix("model.embed_tokens.weight", [cfg.vocab_size, h], dtype)?))
+        } else {
+            None
+        };
+        bar.inc(1);
+        let mut blocks = Vec::with_capacity(range.len());
+        for i in range.layers() {
+            let p = format!("model.layers.{i}");
+            let m = |n: &str, shape: [usize; 2]| files.matrix(&format!("{p}.{n}"), shape, dtype);
+            let v = |n: &str, len: usize| files.vector(&format!("{p}.{n}"), len);
+            let qkv = stack(
+                &format!("{p}.self_attn.qkv"),
+                vec![m("self_attn.q_proj.weight", [q_rows, h])?, m("self_attn.k_proj.weight", [kv_rows, h])?, m("self_attn.v_proj.weight", [kv_rows, h])?],
+            )?;
+            let qkv_bias = if cfg.qkv_bias {
+                let mut b = v("self_attn.q_proj.bias", q_rows)?;
+                b.extend(v("self_attn.k_proj.bias", kv_rows)?);
+                b.extend(v("self_attn.v_proj.bias", kv_rows)?);
+                Some(b)
+            } else {
+                None
+            };
+            let gate_up = stack(&format!("{p}.mlp.gate_up"), vec![m("mlp.gate_proj.weight", [ffn, h])?, m("mlp.up_proj.weight", [ffn, h])?])?;
+            let gate_up_bias = if cfg.mlp_bias {
+                let mut b = v("mlp.gate_proj.bias", ffn)?;
+                b.extend(v("mlp.up_proj.bias", ffn)?);
+                Some(b)
+            } else {
+                None
+            };
+            blocks.push(Block {
+                input_norm: v("input_layernorm.weight", h)?,
+                qkv,
+                qkv_bias,
+                o: m("self_attn.o_proj.weight", [h, q_rows])?,
+                o_bias: if cfg.o_bias { Some(v("self_attn.o_proj.bias", h)?) } else { None },
+                post_norm: v("post_attention_layernorm.weight", h)?,
+                gate_up,
+                down: m("mlp.down_proj.weight", [h, ffn])?,
+                gate_up_bias,
+                down_bias: if cfg.mlp_bias { Some(v("mlp.down_proj.bias", h)?) } else { None },
+            });
+            bar.inc(1);
+        }
+        let (norm, lm_head) = if range.is_exit() {
+            let norm = files.vector("model.norm.weight", h)?;
+            let lm_head = if files.contains("lm_head.weight") && !cfg.tie_word_embeddings {
+                Arc::new(files.matrix("lm_head.weight", [cfg.vocab_size, h], dtype)?)
+            } else if let Some(e) = &embed {
+                // Tied and this shard is also the entry: one copy serves both.
+                Arc::clone(e)
+            } else {
+                // Tied, exit only: this shard keeps its own copy of the embedding as lm_head.
+                Arc::new(files.matrix("model.embed_tokens.weight", [cfg.vocab_size, h], dtype)?)
+            };
+            (Some(norm), Some(lm_head))
+        } else {
+            (None, None)
+        };
+        bar.inc(1);
+        bar.finish_and_clear();
+        let inv_freq = cfg.rope_inv_freq();
+        Ok(Self { cfg, range, dtype, embed, blocks, norm, lm_head, inv_freq, backend })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn range(&self) -> LayerRange {
+        self.range
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn backend(&self) -> &Arc<CpuBackend> {
+        &self.backend
+    }
+
+    /// Bytes of weights this shard holds (a shared tied embedding counted once).
+    pub fn weight_bytes(&self) -> usize {
+        let mut total: usize = self.blocks.iter().map(|b| b.qkv.size_in_bytes() + b.o.size_in_bytes() + b.gate_up.size_in_bytes() + b.down.size_in_bytes()).sum();
+        if let Some(e) = &self.embed {
+            total += e.size_in_bytes();
+        }
+        if let Some(l) = &self.lm_head
+            && !self.embed.as_ref().is_some_and(|e| Arc::ptr_eq(e, l))
+        {
+            total += l.size_in_bytes();
+        }
+        total
+    }
+
+    /// Bytes of weights one decode step reads (the lm_head read in full even when it is the embedding).
+    pub fn bytes_read_per_token(&self) -> usize {
+        let mut total: usize = self.blocks.iter().map(|b| b.qkv.size_in_bytes() + b.o.size_in_bytes() + b.gate_up.size_in_bytes() + b.down.size_in_bytes()).sum();
+        if let Some(l) = &self.lm_head {
+            total += l.size_in_bytes();
+        }
+        total
+    }
+
+    /// A fresh KV cache for one request on this shard.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.blocks.len(), self.cfg.num_kv_heads, self.cfg.head_dim, self.cfg.max_position_embeddings)
+    }
+
+    /// One request, one step. See [`Shard::forward_batch`].
+    pub fn forward(&self, input: StepInput<'_>, cache: &mut KvCache) -> Result<StepOutput> {
+        let mut items = [StepItem { input, cache }];
+        let mut out = self.forward_batch(&mut items)?;
+        Ok(out.pop().expect("one item in, one output out"))
+    }
+
+    /// Runs several requests' new positions through the shard as one batch: every weight is read once for
+    /// all of them; each request attends only to its own cache. On error no cache is changed.
+    pub fn forward_batch(&self, items: &mut [StepItem<'_>]) -> Result<Vec<StepOutput>> {
+        let cfg = &self.cfg;
+        let h = cfg.hidden_size;
+        // Validate everything before touching any cache.
+        for item in items.iter() {
+            let n = item.input.rows(h);
+            match item.input {
+                StepInput::Tokens(tokens) => {
+                    if !self.range.is_entry() {
+                        return Err(EngineError::Invalid(format!("shard {} is not the entry: it takes hidden states, not tokens", self.range)));
+                    }
+                    if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+                        return Err(EngineError::Invalid(format!("token id {bad} is outside the vocabulary of {}", cfg.vocab_size)));
+                    }
+                }
+                StepInput::Hidden(hidden) => {
+                    if self.range.is_entry() {
+                        return Err(EngineError::Invalid(format!("shard {} is the entry: it takes tokens, not hidden states", self.range)));
+                    }
+                    if hidden.len() % h != 0 {
+                        return Err(EngineError::Invalid(format!("hidden states of {} values are not rows of {h}", hidden.len())));
+                    }
+                }
+            }
+            if n == 0 {
+                return Err(EngineError::EmptyPrompt);
+            }
+            if item.cache.n_layers() != self.blocks.len() {
+                return Err(EngineError::Invalid("KV cache belongs to a different shard".into()));
+            }
+            if item.cache.len() + n > cfg.max_position_embeddings {
+                return Err(EngineError::ContextOverflow {
+                    prompt_tokens: item.cache.len() + n,
+                    max_new_tokens: 0,
+                    context: cfg.max_position_embeddings,
+                });
+            }
+        }
+
+        // Gather inputs into one [rows, hidden] matrix.
+        let rows_of: Vec<usize> = items.iter().map(|it| it.input.rows(h)).collect();
+        let total: usize = rows_of.iter().sum();
+        let mut x = vec![0f32; total * h];
+        let mut offset = 0;
+        for (item, &n) in items.iter().zip(&rows_of) {
+            let dst = &mut x[offset * h..(offset + n) * h];
+            match item.input {
+                StepInput::Tokens(tokens) => {
+                    let embed = self.embed.as_ref().expect("entry shards hold the embedding");
+                    for (row, &t) in dst.chunks_exact_mut(h).zip(tokens) {
+                        embed.row_f32(t as usize, row);
+                    }
+                }
+                StepInput::Hidden(hidden) => dst.copy_from_slice(hidden),
+            }
+            offset += n;
+        }
+        // Rotary angles per row, computed once and shared by all layers (f32, as HF computes them).
+        let positions: Vec<usize> = items
+            .iter()
+            .zip(&rows_of)
+            .flat_map(|(it, &n)| it.cache.len()..it.cache.len() + n)
+            .collect();
+        let rope = RopeTable::new(&self.inv_freq, &positions);
+        for item in items.iter_mut() {
+            let n = item.input.rows(h);
+            item.cache.reserve(n);
+        }
+
+        for (li, block) in self.blocks.iter().enumerate() {
+            self.block_forward(li, block, &mut x, items, &rows_of, &rope);
+        }
+        for item in items.iter_mut() {
+            let n = item.input.rows(h);
+            item.cache.advance(n);
+        }
+
+        if !self.range.is_exit() {
+            let mut out = Vec::with_capacity(items.len());
+            let mut offset = 0;
+            for &n in &rows_of {
+                out.push(StepOutput::Hidden(x[offset * h..(offset + n) * h].to_vec()));
+                offset += n;
+            }
+            return Ok(out);
+        }
+        // Exit: final norm and lm_head on each request's last position only.
+        let norm = self.norm.as_ref().expect("exit shards hold the final norm");
+        let lm_head = self.lm_head.as_ref().expect("exit shards hold lm_head");
+        let mut last = Vec::with_capacity(items.len() * h);
+        let mut offset = 0;
+        for &n in &rows_of {
+            last.extend_from_slice(&x[(offset + n - 1) * h..(offset + n) * h]);
+            offset += n;
+        }
+        let mut normed = vec![0f32; last.len()];
+        cpu::rms_norm(&last, norm, cfg.rms_norm_eps, &mut normed);
+        let mut logits = vec![0f32; items.len() * cfg.vocab_size];
+        self.backend.matmul(&normed, items.len(), lm_head, &mut logits);
+        Ok(logits.chunks_exact(cfg.vocab_size).map(|l| StepOutput::Logits(l.to_vec())).collect())
+    }
+
+    fn block_forward(&self, li: usize, b: &Block, x: &mut [f32], items: &mut [StepItem<'_>], rows_of: &[usize], rope: &RopeTable) {
+        let cfg = &self.cfg;
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let total = x.len() / h;
+        let q_dim = cfg.num_heads * hd;
+        let kv_dim = cfg.num_kv_heads * hd;
+        let qkv_dim = q_dim + 2 * kv_dim;
+        let be = &self.backend;
+
+        // Attention.
+        let mut normed = vec![0f32; x.len()];
+        cpu::rms_norm(x, &b.input_norm, cfg.rms_norm_eps, &mut normed);
+        let mut qkv = vec![0f32; total * qkv_dim];
+        be.matmul(&normed, total, &b.qkv, &mut qkv);
+        if let Some(bias) = &b.qkv_bias {
+            add_bias(&mut qkv, bias);
+        }
+        let mut q = vec![0f32; total * q_dim];
+        let mut k = vec![0f32; total * kv_dim];
+        let mut v = vec![0f32; total * kv_dim];
+        for r in 0..total {
+            let row = &qkv[r * qkv_dim..(r + 1) * qkv_dim];
+            q[r * q_dim..(r + 1) * q_dim].copy_from_slice(&row[..q_dim]);
+            k[r * kv_dim..(r + 1) * kv_dim].copy_from_slice(&row[q_dim..q_dim + kv_dim]);
+            v[r * kv_dim..(r + 1) * kv_dim].copy_from_slice(&row[q_dim + kv_dim..]);
+        }
+        rope.apply(&mut q, cfg.num_heads, hd);
+        rope.apply(&mut k, cfg.num_kv_heads, hd);
+
+        let shape = AttentionShape {
+            n_heads: cfg.num_heads,
+            n_kv_heads: cfg.num_kv_heads,
+            head_dim: hd,
+            sliding_window: cfg.sliding_window,
+        };
+        let mut attn = vec![0f32; total * q_dim];
+        let mut offset = 0;
+        for (item, &n) in items.iter_mut().zip(rows_of) {
+            let first_pos = item.cache.len();
+            item.cache.write(li, &k[offset * kv_dim..(offset + n) * kv_dim], &v[offset * kv_dim..(offset + n) * kv_dim], n);
+            let layer = item.cache.layer(li);
+            let view = KvView { k: &layer.k, v: &layer.v, capacity: item.cache.capacity(), len: first_pos + n };
+            be.attention(&q[offset * q_dim..(offset + n) * q_dim], n, first_pos, view, shape, &mut attn[offset * q_dim..(offset + n) * q_dim]);
+            offset += n;
+        }
+        let mut o = vec![0f32; total * h];
+        be.matmul(&attn, total, &b.o, &mut o);
+        if let Some(bias) = &b.o_bias {
+            add_bias(&mut o, bias);
+        }
+        for (xi, oi) in x.iter_mut().zip(&o) {
+            *xi += oi;
+        }
+
+        // MLP.
+        cpu::rms_norm(x, &b.post_norm, cfg.rms_norm_eps, &mut normed);
+        let ffn = cfg.intermediate_size;
+        let mut gate_up = vec![0f32; total * 2 * ffn];
+        be.matmul(&normed, total, &b.gate_up, &mut gate_up);
+        if let Some(bias) = &b.gate_up_bias {
+            add_bias(&mut gate_up, bias);
+        }
+        let mut act = vec![0f32; total * ffn];
+        for r in 0..total {
+            let row = &gate_up[r * 2 * ffn..(r + 1) * 2 * ffn];
+            let a = &mut act[r * ffn..(r + 1) * ffn];
+            a.copy_from_slice(&row[..ffn]);
+            cpu::silu_mul(a, &row[ffn..]);
+        }
+        be.matmul(&act, total, &b.down, &mut o);
+        if let Some(bias) = &b.down_bias {
+            add_bias(&mut o, bias);
+        }
+        for (xi, oi) in x.iter_mut().zip(&o) {
+            *xi += oi;
+        }
+    }
+}
+
+fn add_bias(rows: &mut [f32], bias: &[f32]) {
+    for row in rows.chunks_exact_mut(bias.len()) {
+        for (r, b) in row.iter_mut().zip(bias) {
+            *r += b;
+        }
+    }
+}
+
+/// cos/sin of every (row, frequency) pair of one step. HF's rotate-half convention: element `i` pairs with
+/// `i + head_dim/2`. Angles are `position · inv_freq` in f32, as HF computes them.
+struct RopeTable {
+    half: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl RopeTable {
+    fn new(inv_freq: &[f32], positions: &[usize]) -> Self {
+        let half = inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for &f in inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Self { half, cos, sin }
+    }
+
+    /// Rotates `x`, laid out `[rows, heads, head_dim]`, in place.
+    fn apply(&self, x: &mut [f32], heads: usize, head_dim: usize) {
+        let half = self.half;
+        debug_assert_eq!(head_dim, 2 * half);
+        for (r, row) in x.chunks_exact_mut(heads * head_dim).enumerate() {
+            let cos = &self.cos[r * half..(r + 1) * half];
+            let sin = &self.sin[r * half..(r + 1) * half];
+            for head in row.chunks_exact_mut(head_dim) {
+                let (a, b) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (x1, x2) = (a[i], b[i]);
+                    a[i] = x1 * cos[i] - x2 * sin[i];
+                    b[i] = x2 * cos[i] + x1 * sin[i];
+                }
+            }
+        }
+    }
+}
+
+fn progress_bar(show: bool, len: u64) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("loading {bar:30} {pos}/{len} layers {elapsed}")
+            .expect("static progress template is valid"),
+    );
+    bar
+}

@@ -1,0 +1,65 @@
+//! `computepool`: the command-line edge of ComputePool. Errors are reported here with `anyhow`; the work
+//! lives in the library crates.
+
+mod bench;
+mod generate;
+mod model_fetch;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "computepool", version, about = "Run one big language model across many small GPUs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Manage local models.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
+    /// Generate text from a prompt with the whole model in this process, streaming it to stdout.
+    Generate(generate::GenerateArgs),
+    /// Measure prompt processing and generation speed (llama-bench's metrics).
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Download a known model and import it into a Hugging Face layout directory.
+    Fetch {
+        /// Model name, e.g. smollm2-135m-instruct.
+        name: String,
+        /// Where models live; the model goes into DIR/NAME.
+        #[arg(long, default_value = "models")]
+        models_dir: PathBuf,
+        /// The dtype model.safetensors is written in.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Re-import even if a complete import exists.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Model { command: ModelCommand::Fetch { name, models_dir, dtype, force } } => {
+            let dir = model_fetch::fetch_model(&name, &models_dir, &dtype, force)?;
+            println!("{}", dir.display());
+            Ok(())
+        }
+        Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => bench::run(args),
+    }
+}
