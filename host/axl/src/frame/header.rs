@@ -1,0 +1,938 @@
+//! The frame header: its typed form, its JSON form on the wire, and the checks between the two.
+//!
+//! The typed form ([`FrameHeader`]) can only describe a well-formed frame of the current protocol
+//! version; the JSON form (`WireHeaderIn` / `WireHeaderOut`) is private and exists to be strict about
+//! what a peer sends: unknown fields, duplicate fields, `null`s and fields of another kind are all
+//! rejected, never ignored.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use super::error::{FrameError, echo};
+
+/// The protocol version this crate speaks, the header's `v`. See docs/PROTOCOL.md for the versioning
+/// policy: any change to the wire format, added fields included, is a new version.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Longest request id, in bytes.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Most token ids one token frame may carry.
+pub const MAX_TOKENS_PER_FRAME: usize = 4096;
+
+/// Longest `message` of an error control frame, in bytes (UTF-8).
+pub const MAX_ERROR_MESSAGE_LEN: usize = 4096;
+
+/// The element type of an activations payload. Values travel little-endian exactly as the sender
+/// holds them (bf16 is not widened), so a sharded run sees the bytes an unsharded one would.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    /// IEEE-754 binary32, 4 bytes per value.
+    F32,
+    /// bfloat16, 2 bytes per value.
+    Bf16,
+}
+
+impl DType {
+    /// Bytes per value.
+    pub const fn size_in_bytes(self) -> u64 {
+        match self {
+            DType::F32 => 4,
+            DType::Bf16 => 2,
+        }
+    }
+
+    /// The name on the wire: `f32` or `bf16`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::Bf16 => "bf16",
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for DType {
+    type Err = FrameError;
+
+    /// Accepts exactly the wire names (`f32`, `bf16`); the wire is case-sensitive.
+    fn from_str(s: &str) -> Result<Self, FrameError> {
+        match s {
+            "f32" => Ok(DType::F32),
+            "bf16" => Ok(DType::Bf16),
+            other => Err(FrameError::UnknownDType { dtype: echo(other) }),
+        }
+    }
+}
+
+/// Identifies one generation request across every shard of a pipeline; each shard keys its KV cache
+/// by it.
+///
+/// A string of 1 to [`MAX_REQUEST_ID_LEN`] bytes drawn from `A-Z a-z 0-9 . _ : -`: long enough for a
+/// UUID or an OpenAI-style `chatcmpl-…` id, safe to log and to use as a map key, and never confusable
+/// with another id through Unicode tricks. A string rather than a number so that several entry points
+/// can mint ids without coordinating.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestId(String);
+
+impl RequestId {
+    /// Checks and wraps an id.
+    pub fn new(id: impl Into<String>) -> Result<Self, FrameError> {
+        let id = id.into();
+        let reason = if id.is_empty() {
+            Some("empty".to_string())
+        } else if id.len() > MAX_REQUEST_ID_LEN {
+            Some(format!("{} bytes, the limit is {MAX_REQUEST_ID_LEN}", id.len()))
+        } else {
+            id.chars()
+                .find(|c| !is_request_id_char(*c))
+                .map(|c| format!("character {c:?} is not one of A-Z a-z 0-9 . _ : -"))
+        };
+        match reason {
+            Some(reason) => Err(FrameError::InvalidField { field: "request", reason }),
+            None => Ok(RequestId(id)),
+        }
+    }
+
+    /// The id as sent on the wire.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+fn is_request_id_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl AsRef<str> for RequestId {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for RequestId {
+    type Err = FrameError;
+
+    fn from_str(s: &str) -> Result<Self, FrameError> {
+        RequestId::new(s)
+    }
+}
+
+impl TryFrom<String> for RequestId {
+    type Error = FrameError;
+
+    fn try_from(s: String) -> Result<Self, FrameError> {
+        RequestId::new(s)
+    }
+}
+
+/// The three kinds of frame, the header's `kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FrameKind {
+    /// Hidden states flowing down the pipeline.
+    Activations,
+    /// Sampled token ids flowing from the exit shard back to the entry.
+    Token,
+    /// Request and shard lifecycle: `end`, `unload`, `error`.
+    Control,
+}
+
+impl FrameKind {
+    /// The name on the wire.
+    pub const fn name(self) -> &'static str {
+        match self {
+            FrameKind::Activations => "activations",
+            FrameKind::Token => "token",
+            FrameKind::Control => "control",
+        }
+    }
+}
+
+impl fmt::Display for FrameKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The header of an activations frame: `rows` hidden-state vectors of width `hidden`, row-major, for
+/// the consecutive positions `start_pos .. start_pos + rows` of one request.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ActivationsHeader {
+    /// The request these rows belong to.
+    pub request: RequestId,
+    /// Sequence number on this link for this request (see [`SequenceTracker`](super::SequenceTracker)).
+    pub seq: u64,
+    /// Element type of the payload.
+    pub dtype: DType,
+    /// Number of positions (tokens) in this frame, at least 1.
+    pub rows: u64,
+    /// Hidden size of the model, at least 1.
+    pub hidden: u64,
+    /// Absolute position of the first row in the request's sequence. The receiver checks it against
+    /// its KV cache length for the request, so a lost or repeated chunk is caught, not computed on.
+    pub start_pos: u64,
+    /// True on the last (or only) chunk of a step: after it the exit shard samples a token. A long
+    /// prompt split in chunks has it only on its final chunk.
+    pub last_chunk: bool,
+}
+
+impl ActivationsHeader {
+    /// Bytes in one row (`hidden × dtype size`), `None` on overflow.
+    pub fn row_bytes(&self) -> Option<u64> {
+        self.hidden.checked_mul(self.dtype.size_in_bytes())
+    }
+
+    /// The payload length the shape implies, `rows × hidden × dtype size`, overflow-checked.
+    pub fn payload_len(&self) -> Result<u64, FrameError> {
+        self.row_bytes().and_then(|r| r.checked_mul(self.rows)).ok_or(FrameError::ShapeOverflow {
+            rows: self.rows,
+            hidden: self.hidden,
+            dtype: self.dtype,
+        })
+    }
+
+    /// The position just past this frame's rows, `start_pos + rows`, `None` on overflow.
+    pub fn end_pos(&self) -> Option<u64> {
+        self.start_pos.checked_add(self.rows)
+    }
+}
+
+/// Why generation stopped, carried on the last token frame of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FinishReason {
+    /// An end-of-sequence or stop token was sampled.
+    Stop,
+    /// The token budget (`max_tokens`) or the context window ran out.
+    Length,
+}
+
+impl FinishReason {
+    /// The name on the wire (OpenAI's `finish_reason` values).
+    pub const fn name(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+impl FromStr for FinishReason {
+    type Err = FrameError;
+
+    fn from_str(s: &str) -> Result<Self, FrameError> {
+        match s {
+            "stop" => Ok(FinishReason::Stop),
+            "length" => Ok(FinishReason::Length),
+            other => Err(FrameError::InvalidField {
+                field: "finish",
+                reason: format!("{:?} is neither \"stop\" nor \"length\"", echo(other)),
+            }),
+        }
+    }
+}
+
+/// The header of a token frame: token ids sampled by the exit shard, in order, sent to the entry.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TokenHeader {
+    /// The request these tokens belong to.
+    pub request: RequestId,
+    /// Sequence number on this link for this request.
+    pub seq: u64,
+    /// Sampled token ids, at most [`MAX_TOKENS_PER_FRAME`]; empty only when `finish` is set.
+    pub tokens: Vec<u32>,
+    /// Set on the request's last token frame.
+    pub finish: Option<FinishReason>,
+}
+
+/// What an `error` control frame reports, so the entry can answer the client with the right status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// The request itself is at fault (e.g. it outgrew the context window); retrying will not help.
+    InvalidRequest,
+    /// Frames of the request were dropped or reordered on the way; the request was failed rather
+    /// than computed on wrong inputs. A retry may succeed.
+    Sequence,
+    /// The shard cannot serve now (unloading, out of memory, a downstream peer gone). Retry later.
+    Unavailable,
+    /// Anything else that went wrong inside the shard.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The name on the wire.
+    pub const fn name(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::Sequence => "sequence",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for ErrorCode {
+    type Err = FrameError;
+
+    fn from_str(s: &str) -> Result<Self, FrameError> {
+        match s {
+            "invalid_request" => Ok(ErrorCode::InvalidRequest),
+            "sequence" => Ok(ErrorCode::Sequence),
+            "unavailable" => Ok(ErrorCode::Unavailable),
+            "internal" => Ok(ErrorCode::Internal),
+            other => Err(FrameError::InvalidField {
+                field: "code",
+                reason: format!("{:?} is not one of invalid_request, sequence, unavailable, internal", echo(other)),
+            }),
+        }
+    }
+}
+
+/// A control frame: the lifecycle of a request or of a shard. Control frames carry no payload.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ControlHeader {
+    /// The request is over (finished, cancelled or failed): free its KV cache and forward the `end`
+    /// down the pipeline so every shard frees it.
+    End {
+        /// The request to free.
+        request: RequestId,
+        /// Sequence number on this link for this request.
+        seq: u64,
+    },
+    /// The request failed on a shard; `message` says why, for the client. Receivers free the
+    /// request's state. Must not contain secrets: it may be shown to the client and logged.
+    Error {
+        /// The failed request.
+        request: RequestId,
+        /// Sequence number on this link for this request.
+        seq: u64,
+        /// The class of failure.
+        code: ErrorCode,
+        /// Human-readable reason, at most [`MAX_ERROR_MESSAGE_LEN`] bytes.
+        message: String,
+    },
+    /// The shard is unloading its model: every request it holds is over. Not tied to a request, so it
+    /// has no `request` and no `seq`.
+    Unload,
+}
+
+/// A typed, validated frame header of the current protocol version. The payload length is not part
+/// of it: it is the length of the payload the header travels with.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum FrameHeader {
+    /// Hidden states.
+    Activations(ActivationsHeader),
+    /// Sampled tokens.
+    Token(TokenHeader),
+    /// Lifecycle.
+    Control(ControlHeader),
+}
+
+impl FrameHeader {
+    /// The header's kind.
+    pub fn kind(&self) -> FrameKind {
+        match self {
+            FrameHeader::Activations(_) => FrameKind::Activations,
+            FrameHeader::Token(_) => FrameKind::Token,
+            FrameHeader::Control(_) => FrameKind::Control,
+        }
+    }
+
+    /// The request the frame belongs to; `None` only for `unload`.
+    pub fn request(&self) -> Option<&RequestId> {
+        match self {
+            FrameHeader::Activations(h) => Some(&h.request),
+            FrameHeader::Token(h) => Some(&h.request),
+            FrameHeader::Control(ControlHeader::End { request, .. })
+            | FrameHeader::Control(ControlHeader::Error { request, .. }) => Some(request),
+            FrameHeader::Control(ControlHeader::Unload) => None,
+        }
+    }
+
+    /// The frame's sequence number; `None` only for `unload`.
+    pub fn seq(&self) -> Option<u64> {
+        match self {
+            FrameHeader::Activations(h) => Some(h.seq),
+            FrameHeader::Token(h) => Some(h.seq),
+            FrameHeader::Control(ControlHeader::End { seq, .. })
+            | FrameHeader::Control(ControlHeader::Error { seq, .. }) => Some(*seq),
+            FrameHeader::Control(ControlHeader::Unload) => None,
+        }
+    }
+
+    /// The payload length this header implies: the shape's byte count for activations, 0 otherwise.
+    pub fn expected_payload_len(&self) -> Result<u64, FrameError> {
+        match self {
+            FrameHeader::Activations(h) => h.payload_len(),
+            FrameHeader::Token(_) | FrameHeader::Control(_) => Ok(0),
+        }
+    }
+
+    /// Checks every value rule of the protocol against a payload of `payload_len` bytes. Decoding runs
+    /// it on what arrives and encoding on what is sent, so this crate never emits a frame it would
+    /// itself reject.
+    pub fn validate(&self, payload_len: u64) -> Result<(), FrameError> {
+        match self {
+            FrameHeader::Activations(h) => {
+                if h.rows == 0 {
+                    return Err(invalid("shape", "rows must be at least 1"));
+                }
+                if h.hidden == 0 {
+                    return Err(invalid("shape", "hidden must be at least 1"));
+                }
+                if h.end_pos().is_none() {
+                    return Err(invalid("start_pos", "start_pos + rows overflows 64 bits"));
+                }
+                let expected = h.payload_len()?;
+                if expected != payload_len {
+                    return Err(FrameError::ShapeMismatch {
+                        rows: h.rows,
+                        hidden: h.hidden,
+                        dtype: h.dtype,
+                        expected,
+                        payload_len,
+                    });
+                }
+            }
+            FrameHeader::Token(h) => {
+                if h.tokens.len() > MAX_TOKENS_PER_FRAME {
+                    return Err(invalid(
+                        "tokens",
+                        format!("{} ids, the limit is {MAX_TOKENS_PER_FRAME}", h.tokens.len()),
+                    ));
+                }
+                if h.tokens.is_empty() && h.finish.is_none() {
+                    return Err(invalid("tokens", "empty, and no finish reason is given"));
+                }
+                no_payload(FrameKind::Token, payload_len)?;
+            }
+            FrameHeader::Control(c) => {
+                if let ControlHeader::Error { message, .. } = c
+                    && message.len() > MAX_ERROR_MESSAGE_LEN
+                {
+                    return Err(invalid(
+                        "message",
+                        format!("{} bytes, the limit is {MAX_ERROR_MESSAGE_LEN}", message.len()),
+                    ));
+                }
+                no_payload(FrameKind::Control, payload_len)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> FrameError {
+    FrameError::InvalidField { field, reason: reason.into() }
+}
+
+fn no_payload(kind: FrameKind, payload_len: u64) -> Result<(), FrameError> {
+    if payload_len == 0 { Ok(()) } else { Err(FrameError::UnexpectedPayload { kind, payload_len }) }
+}
+
+/// The header as it is written: field order here is the order on the wire.
+#[derive(Serialize)]
+pub(crate) struct WireHeaderOut<'a> {
+    v: u32,
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    op: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dtype: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shape: Option<[u64; 2]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    start_pos: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_chunk: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tokens: Option<&'a [u32]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    finish: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<&'a str>,
+    payload_len: u64,
+}
+
+impl<'a> WireHeaderOut<'a> {
+    pub(crate) fn new(header: &'a FrameHeader, payload_len: u64) -> Self {
+        let mut w = WireHeaderOut {
+            v: PROTOCOL_VERSION,
+            kind: header.kind().name(),
+            op: None,
+            request: header.request().map(RequestId::as_str),
+            seq: header.seq(),
+            dtype: None,
+            shape: None,
+            start_pos: None,
+            last_chunk: None,
+            tokens: None,
+            finish: None,
+            code: None,
+            message: None,
+            payload_len,
+        };
+        match header {
+            FrameHeader::Activations(h) => {
+                w.dtype = Some(h.dtype.name());
+                w.shape = Some([h.rows, h.hidden]);
+                w.start_pos = Some(h.start_pos);
+                w.last_chunk = Some(h.last_chunk);
+            }
+            FrameHeader::Token(h) => {
+                w.tokens = Some(&h.tokens);
+                w.finish = h.finish.map(FinishReason::name);
+            }
+            FrameHeader::Control(ControlHeader::End { .. }) => w.op = Some("end"),
+            FrameHeader::Control(ControlHeader::Unload) => w.op = Some("unload"),
+            FrameHeader::Control(ControlHeader::Error { code, message, .. }) => {
+                w.op = Some("error");
+                w.code = Some(code.name());
+                w.message = Some(message);
+            }
+        }
+        w
+    }
+}
+
+/// First pass over a received header: only the version, every other field skipped (but still
+/// syntax-checked). A newer peer's header may carry fields this version does not know, so the
+/// version must be judged before the strict pass would reject those fields as unknown.
+#[derive(Deserialize)]
+struct VersionProbe {
+    #[serde(default, deserialize_with = "present")]
+    v: Option<u64>,
+}
+
+/// The header as it is read. Every optional field goes through [`present`], so `"seq": null` is a
+/// type error rather than a silently absent field.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct WireHeaderIn {
+    #[allow(dead_code, reason = "checked by VersionProbe first; here so it is not an unknown field")]
+    v: u64,
+    kind: String,
+    #[serde(default, deserialize_with = "present")]
+    op: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    request: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    seq: Option<u64>,
+    #[serde(default, deserialize_with = "present")]
+    dtype: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    shape: Option<Vec<u64>>,
+    #[serde(default, deserialize_with = "present")]
+    start_pos: Option<u64>,
+    #[serde(default, deserialize_with = "present")]
+    last_chunk: Option<bool>,
+    #[serde(default, deserialize_with = "present")]
+    tokens: Option<Vec<u32>>,
+    #[serde(default, deserialize_with = "present")]
+    finish: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    code: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    message: Option<String>,
+    pub(crate) payload_len: u64,
+}
+
+/// A field that is there must hold a value of its type; `null` is not a way of leaving it out.
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+fn json_error(e: serde_json::Error) -> FrameError {
+    FrameError::InvalidJson { reason: e.to_string() }
+}
+
+/// Parses header bytes: version first, then the strict schema. Value rules are left to
+/// [`WireHeaderIn::into_header`] so the caller can check the frame size in between.
+pub(crate) fn parse_wire(bytes: &[u8]) -> Result<WireHeaderIn, FrameError> {
+    let probe: VersionProbe = serde_json::from_slice(bytes).map_err(json_error)?;
+    match probe.v {
+        None => return Err(FrameError::MissingField { kind: "a", field: "v" }),
+        Some(v) if v != u64::from(PROTOCOL_VERSION) => {
+            return Err(FrameError::UnsupportedVersion { got: v, supported: PROTOCOL_VERSION });
+        }
+        Some(_) => {}
+    }
+    serde_json::from_slice(bytes).map_err(json_error)
+}
+
+impl WireHeaderIn {
+    /// Which optional fields are present, by wire name.
+    fn optional_fields(&self) -> [(&'static str, bool); 11] {
+        [
+            ("op", self.op.is_some()),
+            ("request", self.request.is_some()),
+            ("seq", self.seq.is_some()),
+            ("dtype", self.dtype.is_some()),
+            ("shape", self.shape.is_some()),
+            ("start_pos", self.start_pos.is_some()),
+            ("last_chunk", self.last_chunk.is_some()),
+            ("tokens", self.tokens.is_some()),
+            ("finish", self.finish.is_some()),
+            ("code", self.code.is_some()),
+            ("message", self.message.is_some()),
+        ]
+    }
+
+    fn allow_only(&self, kind: &'static str, allowed: &[&str]) -> Result<(), FrameError> {
+        match self.optional_fields().into_iter().find(|(name, there)| *there && !allowed.contains(name)) {
+            Some((field, _)) => Err(FrameError::UnexpectedField { kind, field }),
+            None => Ok(()),
+        }
+    }
+
+    /// Turns the parsed JSON into a typed header and checks it against the declared payload length.
+    pub(crate) fn into_header(self) -> Result<FrameHeader, FrameError> {
+        let payload_len = self.payload_len;
+        let header = match self.kind.as_str() {
+            "activations" => {
+                const KIND: &str = "activations";
+                self.allow_only(KIND, &["request", "seq", "dtype", "shape", "start_pos", "last_chunk"])?;
+                let shape = need(KIND, "shape", self.shape)?;
+                let [rows, hidden] = <[u64; 2]>::try_from(shape).map_err(|shape| {
+                    invalid("shape", format!("expected [rows, hidden], got {} dimensions", shape.len()))
+                })?;
+                FrameHeader::Activations(ActivationsHeader {
+                    request: RequestId::new(need(KIND, "request", self.request)?)?,
+                    seq: need(KIND, "seq", self.seq)?,
+                    dtype: need(KIND, "dtype", self.dtype)?.parse()?,
+                    rows,
+                    hidden,
+                    start_pos: need(KIND, "start_pos", self.start_pos)?,
+                    last_chunk: need(KIND, "last_chunk", self.last_chunk)?,
+                })
+            }
+            "token" => {
+                const KIND: &str = "token";
+                self.allow_only(KIND, &["request", "seq", "tokens", "finish"])?;
+                FrameHeader::Token(TokenHeader {
+                    request: RequestId::new(need(KIND, "request", self.request)?)?,
+                    seq: need(KIND, "seq", self.seq)?,
+                    tokens: need(KIND, "tokens", self.tokens)?,
+                    finish: self.finish.as_deref().map(str::parse).transpose()?,
+                })
+            }
+            "control" => {
+                let op = need("control", "op", self.op.clone())?;
+                match op.as_str() {
+                    "end" => {
+                        const KIND: &str = "control end";
+                        self.allow_only(KIND, &["op", "request", "seq"])?;
+                        FrameHeader::Control(ControlHeader::End {
+                            request: RequestId::new(need(KIND, "request", self.request)?)?,
+                            seq: need(KIND, "seq", self.seq)?,
+                        })
+                    }
+                    "error" => {
+                        const KIND: &str = "control error";
+                        self.allow_only(KIND, &["op", "request", "seq", "code", "message"])?;
+                        FrameHeader::Control(ControlHeader::Error {
+                            request: RequestId::new(need(KIND, "request", self.request)?)?,
+                            seq: need(KIND, "seq", self.seq)?,
+                            code: need(KIND, "code", self.code)?.parse()?,
+                            message: need(KIND, "message", self.message)?,
+                        })
+                    }
+                    "unload" => {
+                        self.allow_only("control unload", &["op"])?;
+                        FrameHeader::Control(ControlHeader::Unload)
+                    }
+                    other => return Err(FrameError::UnknownControlOp { op: echo(other) }),
+                }
+            }
+            other => return Err(FrameError::UnknownKind { kind: echo(other) }),
+        };
+        header.validate(payload_len)?;
+        Ok(header)
+    }
+}
+
+fn need<T>(kind: &'static str, field: &'static str, value: Option<T>) -> Result<T, FrameError> {
+    value.ok_or(FrameError::MissingField { kind, field })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rid(s: &str) -> RequestId {
+        RequestId::new(s).expect("test id is valid")
+    }
+
+    fn parse(json: &str) -> Result<FrameHeader, FrameError> {
+        parse_wire(json.as_bytes())?.into_header()
+    }
+
+    #[test]
+    fn request_ids_are_checked() {
+        assert!(RequestId::new("chatcmpl-7f3a.b_c:d").is_ok());
+        assert!(RequestId::new("550e8400-e29b-41d4-a716-446655440000").is_ok());
+        assert!(RequestId::new("x".repeat(MAX_REQUEST_ID_LEN)).is_ok());
+        for bad in [String::new(), "x".repeat(MAX_REQUEST_ID_LEN + 1), "a b".into(), "é".into(), "a/b".into()] {
+            assert!(
+                matches!(RequestId::new(bad.clone()), Err(FrameError::InvalidField { field: "request", .. })),
+                "{bad:?} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn parses_a_valid_activations_header() {
+        let h = parse(
+            r#"{"v":1,"kind":"activations","request":"r1","seq":3,"dtype":"bf16","shape":[2,4],
+               "start_pos":10,"last_chunk":true,"payload_len":16}"#,
+        )
+        .expect("valid");
+        assert_eq!(
+            h,
+            FrameHeader::Activations(ActivationsHeader {
+                request: rid("r1"),
+                seq: 3,
+                dtype: DType::Bf16,
+                rows: 2,
+                hidden: 4,
+                start_pos: 10,
+                last_chunk: true,
+            })
+        );
+    }
+
+    #[test]
+    fn version_is_judged_before_the_schema() {
+        // A v2 header with a field v1 does not know is a version error, not an unknown field.
+        let e = parse(r#"{"v":2,"kind":"activations","brand_new":1,"payload_len":0}"#).unwrap_err();
+        assert_eq!(e, FrameError::UnsupportedVersion { got: 2, supported: 1 });
+        let e = parse(r#"{"kind":"token","payload_len":0}"#).unwrap_err();
+        assert_eq!(e, FrameError::MissingField { kind: "a", field: "v" });
+        assert!(matches!(parse(r#"{"v":"1","kind":"token"}"#), Err(FrameError::InvalidJson { .. })));
+        assert!(matches!(parse(r#"{"v":-1,"kind":"token"}"#), Err(FrameError::InvalidJson { .. })));
+    }
+
+    #[test]
+    fn schema_is_strict() {
+        let cases = [
+            // unknown field
+            r#"{"v":1,"kind":"control","op":"unload","payload_len":0,"extra":true}"#,
+            // duplicate field
+            r#"{"v":1,"kind":"control","op":"unload","op":"end","payload_len":0}"#,
+            // null instead of leaving the field out
+            r#"{"v":1,"kind":"control","op":"unload","request":null,"payload_len":0}"#,
+            // wrong type
+            r#"{"v":1,"kind":"control","op":"unload","payload_len":"0"}"#,
+            // missing payload_len
+            r#"{"v":1,"kind":"control","op":"unload"}"#,
+            // not an object
+            r#"[1,2,3]"#,
+            // trailing garbage
+            r#"{"v":1,"kind":"control","op":"unload","payload_len":0} x"#,
+            // token id out of u32
+            r#"{"v":1,"kind":"token","request":"r","seq":0,"tokens":[4294967296],"payload_len":0}"#,
+        ];
+        for json in cases {
+            assert!(matches!(parse(json), Err(FrameError::InvalidJson { .. })), "{json} -> {:?}", parse(json));
+        }
+    }
+
+    #[test]
+    fn unknown_names_are_typed_errors() {
+        assert_eq!(
+            parse(r#"{"v":1,"kind":"gradients","payload_len":0}"#).unwrap_err(),
+            FrameError::UnknownKind { kind: "gradients".into() }
+        );
+        assert_eq!(
+            parse(r#"{"v":1,"kind":"control","op":"reboot","payload_len":0}"#).unwrap_err(),
+            FrameError::UnknownControlOp { op: "reboot".into() }
+        );
+        assert_eq!(
+            parse(
+                r#"{"v":1,"kind":"activations","request":"r","seq":0,"dtype":"f16","shape":[1,1],
+                   "start_pos":0,"last_chunk":true,"payload_len":2}"#
+            )
+            .unwrap_err(),
+            FrameError::UnknownDType { dtype: "f16".into() }
+        );
+    }
+
+    #[test]
+    fn fields_belong_to_their_kind() {
+        assert_eq!(
+            parse(r#"{"v":1,"kind":"token","request":"r","seq":0,"tokens":[1],"shape":[1,1],"payload_len":0}"#)
+                .unwrap_err(),
+            FrameError::UnexpectedField { kind: "token", field: "shape" }
+        );
+        assert_eq!(
+            parse(r#"{"v":1,"kind":"control","op":"unload","request":"r","payload_len":0}"#).unwrap_err(),
+            FrameError::UnexpectedField { kind: "control unload", field: "request" }
+        );
+        assert_eq!(
+            parse(r#"{"v":1,"kind":"control","op":"end","request":"r","payload_len":0}"#).unwrap_err(),
+            FrameError::MissingField { kind: "control end", field: "seq" }
+        );
+        assert_eq!(
+            parse(
+                r#"{"v":1,"kind":"activations","request":"r","seq":0,"dtype":"f32","shape":[1,1],
+                   "start_pos":0,"payload_len":4}"#
+            )
+            .unwrap_err(),
+            FrameError::MissingField { kind: "activations", field: "last_chunk" }
+        );
+    }
+
+    #[test]
+    fn shape_must_match_the_payload() {
+        let base = |shape: &str, len: u64| {
+            format!(
+                r#"{{"v":1,"kind":"activations","request":"r","seq":0,"dtype":"f32","shape":{shape},
+                    "start_pos":0,"last_chunk":true,"payload_len":{len}}}"#
+            )
+        };
+        assert!(parse(&base("[2,3]", 24)).is_ok());
+        assert_eq!(
+            parse(&base("[2,3]", 20)).unwrap_err(),
+            FrameError::ShapeMismatch { rows: 2, hidden: 3, dtype: DType::F32, expected: 24, payload_len: 20 }
+        );
+        let huge = u64::MAX / 2;
+        assert_eq!(
+            parse(&base(&format!("[{huge},{huge}]"), 8)).unwrap_err(),
+            FrameError::ShapeOverflow { rows: huge, hidden: huge, dtype: DType::F32 }
+        );
+        assert!(matches!(parse(&base("[0,3]", 0)), Err(FrameError::InvalidField { field: "shape", .. })));
+        assert!(matches!(parse(&base("[3,0]", 0)), Err(FrameError::InvalidField { field: "shape", .. })));
+        assert!(matches!(parse(&base("[1,2,3]", 24)), Err(FrameError::InvalidField { field: "shape", .. })));
+        assert!(matches!(parse(&base("[6]", 24)), Err(FrameError::InvalidField { field: "shape", .. })));
+    }
+
+    #[test]
+    fn positions_may_not_overflow() {
+        let json = format!(
+            r#"{{"v":1,"kind":"activations","request":"r","seq":0,"dtype":"f32","shape":[2,1],
+                "start_pos":{},"last_chunk":true,"payload_len":8}}"#,
+            u64::MAX
+        );
+        assert!(matches!(parse(&json), Err(FrameError::InvalidField { field: "start_pos", .. })));
+    }
+
+    #[test]
+    fn token_and_control_frames_carry_no_payload() {
+        assert_eq!(
+            parse(r#"{"v":1,"kind":"token","request":"r","seq":0,"tokens":[1],"payload_len":4}"#).unwrap_err(),
+            FrameError::UnexpectedPayload { kind: FrameKind::Token, payload_len: 4 }
+        );
+        assert_eq!(
+            parse(r#"{"v":1,"kind":"control","op":"unload","payload_len":1}"#).unwrap_err(),
+            FrameError::UnexpectedPayload { kind: FrameKind::Control, payload_len: 1 }
+        );
+    }
+
+    #[test]
+    fn token_frames_are_bounded_and_meaningful() {
+        assert!(matches!(
+            parse(r#"{"v":1,"kind":"token","request":"r","seq":0,"tokens":[],"payload_len":0}"#),
+            Err(FrameError::InvalidField { field: "tokens", .. })
+        ));
+        let h = parse(r#"{"v":1,"kind":"token","request":"r","seq":0,"tokens":[],"finish":"stop","payload_len":0}"#)
+            .expect("a bare finish is valid");
+        assert_eq!(
+            h,
+            FrameHeader::Token(TokenHeader {
+                request: rid("r"),
+                seq: 0,
+                tokens: vec![],
+                finish: Some(FinishReason::Stop)
+            })
+        );
+        assert!(matches!(
+            parse(r#"{"v":1,"kind":"token","request":"r","seq":0,"tokens":[1],"finish":"eos","payload_len":0}"#),
+            Err(FrameError::InvalidField { field: "finish", .. })
+        ));
+        let too_many = serde_json::to_string(&vec![7u32; MAX_TOKENS_PER_FRAME + 1]).expect("serialises");
+        let json = format!(r#"{{"v":1,"kind":"token","request":"r","seq":0,"tokens":{too_many},"payload_len":0}}"#);
+        assert!(matches!(parse(&json), Err(FrameError::InvalidField { field: "tokens", .. })));
+    }
+
+    #[test]
+    fn error_frames_are_bounded() {
+        let ok = parse(
+            r#"{"v":1,"kind":"control","op":"error","request":"r","seq":4,"code":"sequence",
+               "message":"frame 3 was dropped","payload_len":0}"#,
+        )
+        .expect("valid");
+        assert_eq!(
+            ok,
+            FrameHeader::Control(ControlHeader::Error {
+                request: rid("r"),
+                seq: 4,
+                code: ErrorCode::Sequence,
+                message: "frame 3 was dropped".into()
+            })
+        );
+        let long = "m".repeat(MAX_ERROR_MESSAGE_LEN + 1);
+        let json = format!(
+            r#"{{"v":1,"kind":"control","op":"error","request":"r","seq":0,"code":"internal","message":"{long}","payload_len":0}}"#
+        );
+        assert!(matches!(parse(&json), Err(FrameError::InvalidField { field: "message", .. })));
+        assert!(matches!(
+            parse(
+                r#"{"v":1,"kind":"control","op":"error","request":"r","seq":0,"code":"oops","message":"","payload_len":0}"#
+            ),
+            Err(FrameError::InvalidField { field: "code", .. })
+        ));
+    }
+
+    #[test]
+    fn deeply_nested_json_is_rejected_without_overflowing_the_stack() {
+        for open in ["[", "{\"a\":"] {
+            let json =
+                format!(r#"{{"v":1,"kind":"control","op":"unload","payload_len":0,"x":{}}}"#, open.repeat(30_000));
+            assert!(matches!(parse(&json), Err(FrameError::InvalidJson { .. })));
+        }
+        let json = format!("{}1{}", "[".repeat(30_000), "]".repeat(30_000));
+        assert!(matches!(parse(&json), Err(FrameError::InvalidJson { .. })));
+    }
+
+    #[test]
+    fn wire_out_round_trips_through_wire_in() {
+        let headers = [
+            FrameHeader::Token(TokenHeader {
+                request: rid("a"),
+                seq: 9,
+                tokens: vec![1, 2, 3],
+                finish: Some(FinishReason::Length),
+            }),
+            FrameHeader::Control(ControlHeader::End { request: rid("a"), seq: 10 }),
+            FrameHeader::Control(ControlHeader::Unload),
+        ];
+        for h in headers {
+            let json = serde_json::to_vec(&WireHeaderOut::new(&h, 0)).expect("serialises");
+            assert_eq!(parse_wire(&json).and_then(WireHeaderIn::into_header), Ok(h));
+        }
+    }
+}
