@@ -5,8 +5,11 @@
 //! - Decode: 20 single-token steps, then a second-turn chunk on the cached conversation and more steps,
 //!   through both implementations' KV caches, agree within 1e-4 at every step.
 //! - bf16: the engine holding weights in bf16 agrees within 1e-4 with candle run in f32 on the same
-//!   weights rounded to bf16 (so bf16 storage is the only difference from f32, and it is exact), and within
-//!   a looser, documented bound with candle on the original f32 weights.
+//!   weights rounded to bf16 (so bf16 storage is the only difference from f32, and it is exact): always on
+//!   a backend without bf16 dot products, and on the default backend for prompts of up to
+//!   `CpuBackend::BF16_EXACT_MAX_ROWS` tokens (longer bf16 prefills may round activations to bf16 as
+//!   well, by design, on AVX-512 BF16 CPUs). On the original f32 weights the default bf16 engine stays
+//!   within 6 % of the logit scale of candle, for every prompt.
 //!
 //! Mistral's sliding window and candle: the engine follows Hugging Face (position `p` attends `j` iff
 //! `0 ≤ p − j < window`); candle 0.11's Mistral masks `j + window < p`, i.e. attends `window + 1`
@@ -29,14 +32,23 @@ use computepool_engine::model::{Shard, StepInput};
 
 /// f32 engine against f32 candle, max abs over the vocabulary.
 const F32_TOL: f32 = 1e-4;
-/// Engine bf16 against candle f32 on the original (unrounded) weights: rounding every matrix to bf16 (8 bits
-/// of mantissa, relative error ≤ 2⁻⁹) moves logits of magnitude ~5 by a few hundredths; 0.15 is several
-/// times the largest drift observed on these checkpoints and still far below the logits' spread.
-const BF16_VS_F32_TOL: f32 = 0.15;
+/// Engine bf16 against candle f32 on the original (unrounded) weights, as a fraction of the largest |logit|.
+/// Rounding every matrix to bf16 (8 bits of mantissa, relative error ≤ 2⁻⁹) through 3 layers with sharp
+/// attention moves logits of magnitude ~12 by up to ~0.34 on these checkpoints (≈ 3 % of the scale);
+/// 6 % leaves headroom for other CPUs' bf16 prefill path while still catching a wrong weight or layout,
+/// which moves logits by their whole scale.
+const BF16_VS_F32_REL_TOL: f32 = 0.06;
+/// The real SmolLM2 (30 layers, f32, logits up to ~31) against candle: the two sum in different orders
+/// and 30 layers accumulate it; ~7e-5 is observed, this leaves headroom for other CPUs' kernels.
+const SMOLLM2_TOL: f32 = 5e-4;
 
 /// candle's implementation of one family, with its KV cache.
 enum Peer {
-    Llama { model: llama::Llama, cache: llama::Cache, cfg: llama::Config },
+    Llama {
+        model: llama::Llama,
+        cache: llama::Cache,
+        cfg: llama::Config,
+    },
     Qwen2(qwen2::ModelForCausalLM),
     Mistral(mistral::Model),
 }
@@ -57,7 +69,8 @@ impl Peer {
                 Peer::Qwen2(qwen2::ModelForCausalLM::new(&cfg, vb).expect("candle qwen2 load"))
             }
             Family::Mistral => {
-                let mut cfg: mistral::Config = serde_json::from_value(ck.config.clone()).expect("candle mistral config");
+                let mut cfg: mistral::Config =
+                    serde_json::from_value(ck.config.clone()).expect("candle mistral config");
                 // See the module doc: candle's `window` is HF's `window - 1`.
                 cfg.sliding_window = Some(MISTRAL_WINDOW - 1);
                 Peer::Mistral(mistral::Model::new(&cfg, vb).expect("candle mistral load"))
@@ -84,7 +97,10 @@ impl Peer {
                 } else {
                     t.values.clone()
                 };
-                (t.name.clone(), Tensor::from_vec(values, t.shape.as_slice(), &Device::Cpu).expect("tensor"))
+                (
+                    t.name.clone(),
+                    Tensor::from_vec(values, t.shape.as_slice(), &Device::Cpu).expect("tensor"),
+                )
             })
             .collect();
         Self::new(ck, VarBuilder::from_tensors(map, CDType::F32, &Device::Cpu))
@@ -92,18 +108,24 @@ impl Peer {
 
     /// Last-position logits of `tokens`, which follow `offset` positions already in candle's cache.
     fn forward(&mut self, tokens: &[u32], offset: usize) -> Vec<f32> {
-        let input = Tensor::new(tokens, &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("input tensor");
+        let input = Tensor::new(tokens, &Device::Cpu)
+            .and_then(|t| t.unsqueeze(0))
+            .expect("input tensor");
         let out = match self {
             Peer::Llama { model, cache, .. } => model.forward(&input, offset, cache),
             Peer::Qwen2(m) => m.forward(&input, offset),
             Peer::Mistral(m) => m.forward(&input, offset),
         };
-        out.and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).expect("candle forward")
+        out.and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("candle forward")
     }
 
     fn clear_cache(&mut self) {
         match self {
-            Peer::Llama { cache, cfg, .. } => *cache = llama::Cache::new(true, CDType::F32, cfg, &Device::Cpu).expect("cache"),
+            Peer::Llama { cache, cfg, .. } => {
+                *cache = llama::Cache::new(true, CDType::F32, cfg, &Device::Cpu).expect("cache")
+            }
             Peer::Qwen2(m) => m.clear_kv_cache(),
             Peer::Mistral(m) => m.clear_kv_cache(),
         }
@@ -142,7 +164,12 @@ fn prefill_matches(family: Family) {
         let theirs = peer.recompute(&prompt);
         assert_eq!(ours.len(), theirs.len());
         let d = max_abs_diff(&ours, &theirs);
-        assert!(d <= F32_TOL, "{}: prompt of {n} tokens: logits differ from candle by {d:e} (logit scale {})", family.name(), max_abs(&theirs));
+        assert!(
+            d <= F32_TOL,
+            "{}: prompt of {n} tokens: logits differ from candle by {d:e} (logit scale {})",
+            family.name(),
+            max_abs(&theirs)
+        );
         worst = worst.max(d);
     }
     eprintln!("{} f32 prefill vs candle: worst max abs diff {worst:e}", family.name());
@@ -186,10 +213,18 @@ fn decode_matches(family: Family) {
             _ => peer.forward(chunk, offset),
         };
         let d = max_abs_diff(&ours, &theirs);
-        assert!(d <= F32_TOL, "{}: step {i} (length {}): cached logits differ from candle by {d:e}", family.name(), seq.len());
+        assert!(
+            d <= F32_TOL,
+            "{}: step {i} (length {}): cached logits differ from candle by {d:e}",
+            family.name(),
+            seq.len()
+        );
         worst = worst.max(d);
     }
-    eprintln!("{} f32 decode (20 steps + second turn) vs candle: worst max abs diff {worst:e}", family.name());
+    eprintln!(
+        "{} f32 decode (20 steps + second turn) vs candle: worst max abs diff {worst:e}",
+        family.name()
+    );
 }
 
 #[test]
@@ -214,7 +249,13 @@ fn mistral_within_window_matches_candle_cache() {
     let shard = ck.load_f32();
     let mut peer = Peer::from_file(&ck);
     let mut rng = TestRng::new(0x3);
-    let chunks = [rng.tokens(3), rng.tokens(1), rng.tokens(1), rng.tokens(2), rng.tokens(1)];
+    let chunks = [
+        rng.tokens(3),
+        rng.tokens(1),
+        rng.tokens(1),
+        rng.tokens(2),
+        rng.tokens(1),
+    ];
     let mut cache = shard.new_cache();
     let mut offset = 0;
     for (i, chunk) in chunks.iter().enumerate() {
@@ -223,7 +264,10 @@ fn mistral_within_window_matches_candle_cache() {
         offset += chunk.len();
         assert!(offset <= MISTRAL_WINDOW);
         let d = max_abs_diff(&ours, &theirs);
-        assert!(d <= F32_TOL, "mistral: step {i}: cached logits differ from candle's cache by {d:e}");
+        assert!(
+            d <= F32_TOL,
+            "mistral: step {i}: cached logits differ from candle's cache by {d:e}"
+        );
     }
 }
 
@@ -232,6 +276,7 @@ fn bf16_matches_candle_on_bf16_rounded_weights() {
     for family in Family::ALL {
         let ck = checkpoint(family);
         let shard = ck.load(DType::Bf16, None, 2);
+        let exact_shard = ck.load_bf16_exact();
         let mut exact = Peer::bf16_rounded(&ck);
         let mut original = Peer::from_file(&ck);
         let mut rng = TestRng::new(0xB);
@@ -242,16 +287,32 @@ fn bf16_matches_candle_on_bf16_rounded_weights() {
             let reference = original.recompute(&prompt);
             scale = scale.max(max_abs(&reference));
             let loose = max_abs_diff(&ours, &reference);
-            eprintln!("{} bf16 prompt {n}: vs candle f32 {loose:e}, logit scale {}", family.name(), max_abs(&reference));
-            assert!(loose <= BF16_VS_F32_TOL * 10.0, "{} bf16: prompt of {n}: differs from candle f32 by {loose:e}", family.name());
+            let bound = BF16_VS_F32_REL_TOL * max_abs(&reference);
+            assert!(
+                loose <= bound,
+                "{} bf16: prompt of {n}: differs from candle f32 by {loose:e} (bound {bound:e})",
+                family.name()
+            );
             worst_loose = worst_loose.max(loose);
-            if n > CpuBackend::BF16_EXACT_MAX_ROWS {
-                // Longer prefills may round activations to bf16 too (AVX-512 BF16 CPUs): not exact by design.
-                continue;
-            }
-            let d = max_abs_diff(&ours, &exact.recompute(&prompt));
-            assert!(d <= F32_TOL, "{} bf16: prompt of {n}: differs from candle on bf16-rounded weights by {d:e}", family.name());
+            let rounded = exact.recompute(&prompt);
+            let d = max_abs_diff(&recompute(&exact_shard, &prompt), &rounded);
+            assert!(
+                d <= F32_TOL,
+                "{} bf16 (exact backend): prompt of {n}: differs from candle on bf16-rounded weights by {d:e}",
+                family.name()
+            );
             worst_exact = worst_exact.max(d);
+            if n <= CpuBackend::BF16_EXACT_MAX_ROWS {
+                // The default backend is exact too up to this many rows (above, AVX-512 BF16 CPUs may
+                // round activations to bf16, by design).
+                let d = max_abs_diff(&ours, &rounded);
+                assert!(
+                    d <= F32_TOL,
+                    "{} bf16: prompt of {n}: differs from candle on bf16-rounded weights by {d:e}",
+                    family.name()
+                );
+                worst_exact = worst_exact.max(d);
+            }
         }
         eprintln!(
             "{} bf16 vs candle: {worst_exact:e} on bf16-rounded weights, {worst_loose:e} on f32 weights (logits up to {scale:.2})",
@@ -268,8 +329,15 @@ fn checkpoints_are_well_conditioned() {
         let ck = checkpoint(family);
         let shard = ck.load_f32();
         let l = recompute(&shard, &TestRng::new(1).tokens(12));
-        let (min, max) = l.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
-        assert!(max - min > 2.0 && max - min < 100.0, "{}: logit spread {} is outside [2, 100]", family.name(), max - min);
+        let (min, max) = l
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+        assert!(
+            max - min > 2.0 && max - min < 100.0,
+            "{}: logit spread {} is outside [2, 100]",
+            family.name(),
+            max - min
+        );
     }
     let ck = checkpoint(Family::Llama3);
     let cfg = computepool_engine::config::ModelConfig::from_dir(ck.dir()).expect("config");
@@ -277,6 +345,68 @@ fn checkpoints_are_well_conditioned() {
     plain.llama3_rope = None;
     let (scaled, unscaled) = (cfg.rope_inv_freq(), plain.rope_inv_freq());
     let kept = scaled.iter().zip(&unscaled).filter(|(a, b)| a == b).count();
-    let divided = scaled.iter().zip(&unscaled).filter(|(a, b)| ((*a * 8.0) / *b - 1.0).abs() < 1e-6).count();
-    assert!(kept > 0 && divided > 0 && kept + divided < scaled.len(), "llama3 scaling bands: {kept} kept, {divided} divided of {}", scaled.len());
+    let divided = scaled
+        .iter()
+        .zip(&unscaled)
+        .filter(|(a, b)| ((*a * 8.0) / *b - 1.0).abs() < 1e-6)
+        .count();
+    assert!(
+        kept > 0 && divided > 0 && kept + divided < scaled.len(),
+        "llama3 scaling bands: {kept} kept, {divided} divided of {}",
+        scaled.len()
+    );
+}
+
+#[test]
+fn smollm2_matches_candle() {
+    // The real default model, when `computepool model fetch` has put it in models/: 30 layers, GQA 9/3,
+    // tied embeddings, vocabulary 49152.
+    let Some(dir) = smollm2_dir() else {
+        eprintln!("skipped: no SmolLM2 model (set COMPUTEPOOL_MODEL_DIR or run `make model`)");
+        return;
+    };
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let options = computepool_engine::model::LoadOptions {
+        dtype: DType::F32,
+        range: None,
+        progress: false,
+    };
+    let shard =
+        Shard::load(&dir, &options, std::sync::Arc::new(CpuBackend::new(threads))).expect("engine loads SmolLM2");
+    let text = std::fs::read_to_string(dir.join("config.json")).expect("config.json");
+    let cfg: llama::LlamaConfig = serde_json::from_str(&text).expect("candle reads the config");
+    let cfg = cfg.into_config(false);
+    // SAFETY: the model file is not modified while the test runs.
+    let vb =
+        unsafe { VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], CDType::F32, &Device::Cpu) }
+            .expect("candle maps the weights");
+    let model = llama::Llama::load(vb, &cfg).expect("candle loads SmolLM2");
+    let cache = llama::Cache::new(true, CDType::F32, &cfg, &Device::Cpu).expect("candle cache");
+    let mut peer = Peer::Llama { model, cache, cfg };
+
+    let tokenizer = computepool_engine::tokenizer::Tokenizer::from_dir(&dir).expect("tokenizer");
+    let prompt = tokenizer
+        .encode("The capital of France is Paris, and the capital of Italy is", true)
+        .expect("encode");
+    let mut chunks = vec![prompt];
+    let mut rng = TestRng::new(0x5);
+    chunks.extend((0..4).map(|_| vec![3 + (rng.next_u64() % 49000) as u32]));
+    let mut engine_cache = shard.new_cache();
+    let (mut offset, mut worst, mut scale) = (0, 0f32, 0f32);
+    for (i, chunk) in chunks.iter().enumerate() {
+        let ours = engine_step(&shard, chunk, &mut engine_cache);
+        let theirs = peer.forward(chunk, offset);
+        offset += chunk.len();
+        let d = max_abs_diff(&ours, &theirs);
+        scale = scale.max(max_abs(&theirs));
+        assert!(
+            d <= SMOLLM2_TOL,
+            "smollm2: step {i}: logits differ from candle by {d:e} (scale {})",
+            max_abs(&theirs)
+        );
+        worst = worst.max(d);
+    }
+    eprintln!(
+        "smollm2 f32 vs candle: worst max abs diff {worst:e} over prefill + 4 cached steps (logits up to {scale:.1})"
+    );
 }

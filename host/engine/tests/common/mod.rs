@@ -11,17 +11,17 @@
 //! Weights are drawn from N(0, σ²) with σ = gain / √fan_in rather than a flat 0.02: at hidden size 64 a
 //! 0.02 scale leaves attention almost uniform and logits within ±0.2, which would hide RoPE, masking and
 //! softmax mistakes behind a 1e-4 tolerance. With these gains attention scores spread over a few units,
-//! logits over roughly ±5, and norm weights stay near 1.
+//! logits reach about ±12 (so 1e-4 is ~1e-5 relative), and norm weights stay near 1.
 
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use computepool_engine::DType;
 use computepool_engine::backend::cpu::CpuBackend;
 use computepool_engine::model::{LoadOptions, Shard, StepInput, StepOutput};
 use computepool_engine::shard::LayerRange;
-use computepool_engine::DType;
 use serde_json::json;
 
 /// The model families the engine supports, each as one tiny checkpoint.
@@ -82,11 +82,34 @@ impl Checkpoint {
         self.dir.path().join("model.safetensors")
     }
 
-    /// Loads the checkpoint (or a layer range of it) with the engine.
+    /// Loads the checkpoint (or a layer range of it) with the engine on a default backend.
     pub fn load(&self, dtype: DType, range: Option<(usize, usize)>, threads: usize) -> Shard {
+        self.load_with(dtype, range, Arc::new(CpuBackend::new(threads)))
+    }
+
+    /// Loads the checkpoint (or a layer range of it) with the engine on `backend`.
+    pub fn load_with(&self, dtype: DType, range: Option<(usize, usize)>, backend: Arc<CpuBackend>) -> Shard {
         let range = range.map(|(a, b)| LayerRange::new(a, b, LAYERS).expect("test ranges are valid"));
-        Shard::load(self.dir(), &LoadOptions { dtype, range, progress: false }, Arc::new(CpuBackend::new(threads)))
-            .unwrap_or_else(|e| panic!("{}: engine failed to load the tiny checkpoint: {e}", self.family.name()))
+        Shard::load(
+            self.dir(),
+            &LoadOptions {
+                dtype,
+                range,
+                progress: false,
+            },
+            backend,
+        )
+        .unwrap_or_else(|e| panic!("{}: engine failed to load the tiny checkpoint: {e}", self.family.name()))
+    }
+
+    /// bf16 weights on a backend whose every product is exact (`with_bf16_dot_products(false)`): bf16
+    /// storage is then the only difference from f32, for any batch size.
+    pub fn load_bf16_exact(&self) -> Shard {
+        self.load_with(
+            DType::Bf16,
+            None,
+            Arc::new(CpuBackend::new(2).with_bf16_dot_products(false)),
+        )
     }
 
     /// The whole model in f32 on a two-thread backend.
@@ -123,7 +146,9 @@ impl TestRng {
 
     /// `n` token ids in `[3, VOCAB)`: never the unknown, BOS or EOS ids.
     pub fn tokens(&mut self, n: usize) -> Vec<u32> {
-        (0..n).map(|_| 3 + (self.next_u64() % (VOCAB as u64 - 3)) as u32).collect()
+        (0..n)
+            .map(|_| 3 + (self.next_u64() % (VOCAB as u64 - 3)) as u32)
+            .collect()
     }
 }
 
@@ -135,8 +160,16 @@ struct Dims {
 
 fn dims(family: Family) -> Dims {
     match family {
-        Family::Llama3 | Family::Qwen2 => Dims { heads: 4, kv_heads: 2, head_dim: 16 },
-        Family::Mistral => Dims { heads: 4, kv_heads: 1, head_dim: 32 },
+        Family::Llama3 | Family::Qwen2 => Dims {
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 16,
+        },
+        Family::Mistral => Dims {
+            heads: 4,
+            kv_heads: 1,
+            head_dim: 32,
+        },
     }
 }
 
@@ -217,7 +250,11 @@ fn generate_tensors(family: Family) -> Vec<TensorData> {
     let mut matrix = |rng: &mut TestRng, name: String, rows: usize, cols: usize, gain: f64| {
         let sigma = gain / (cols as f64).sqrt();
         let values = (0..rows * cols).map(|_| (rng.normal() * sigma) as f32).collect();
-        out.push(TensorData { name, shape: vec![rows, cols], values });
+        out.push(TensorData {
+            name,
+            shape: vec![rows, cols],
+            values,
+        });
     };
     let (q, kv) = (d.heads * d.head_dim, d.kv_heads * d.head_dim);
     // Embedding rows of norm ~1: the first RMSNorm rescales them anyway.
@@ -238,12 +275,22 @@ fn generate_tensors(family: Family) -> Vec<TensorData> {
     }
     let mut vector = |rng: &mut TestRng, name: String, len: usize, mean: f64, sigma: f64| {
         let values = (0..len).map(|_| (mean + rng.normal() * sigma) as f32).collect();
-        out.push(TensorData { name, shape: vec![len], values });
+        out.push(TensorData {
+            name,
+            shape: vec![len],
+            values,
+        });
     };
     for i in 0..LAYERS {
         let p = format!("model.layers.{i}");
         vector(&mut rng, format!("{p}.input_layernorm.weight"), HIDDEN, 1.0, 0.1);
-        vector(&mut rng, format!("{p}.post_attention_layernorm.weight"), HIDDEN, 1.0, 0.1);
+        vector(
+            &mut rng,
+            format!("{p}.post_attention_layernorm.weight"),
+            HIDDEN,
+            1.0,
+            0.1,
+        );
         if family == Family::Qwen2 {
             vector(&mut rng, format!("{p}.self_attn.q_proj.bias"), q, 0.0, 0.3);
             vector(&mut rng, format!("{p}.self_attn.k_proj.bias"), kv, 0.0, 0.3);
@@ -252,7 +299,13 @@ fn generate_tensors(family: Family) -> Vec<TensorData> {
     }
     // Tied Qwen2 reuses the unit-norm embedding as lm_head: a larger final norm gain spreads its logits.
     let final_gain = if family == Family::Qwen2 { 4.0 } else { 1.0 };
-    vector(&mut rng, "model.norm.weight".into(), HIDDEN, final_gain, 0.1 * final_gain);
+    vector(
+        &mut rng,
+        "model.norm.weight".into(),
+        HIDDEN,
+        final_gain,
+        0.1 * final_gain,
+    );
     out
 }
 
@@ -289,12 +342,21 @@ fn tokenizer_json() -> serde_json::Value {
 pub fn safetensors_bytes(tensors: &[TensorData]) -> Vec<u8> {
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
-        .map(|t| (t.name.clone(), t.shape.clone(), t.values.iter().flat_map(|v| v.to_le_bytes()).collect()))
+        .map(|t| {
+            (
+                t.name.clone(),
+                t.shape.clone(),
+                t.values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            )
+        })
         .collect();
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
         .iter()
         .map(|(n, s, b)| {
-            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).expect("consistent view"))
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).expect("consistent view"),
+            )
         })
         .collect();
     safetensors::tensor::serialize(views, None).expect("serialize tiny checkpoint")
@@ -306,11 +368,25 @@ pub fn checkpoint(family: Family) -> Checkpoint {
     let config = config_json(family);
     let tensors = generate_tensors(family);
     let write = |name: &str, bytes: &[u8]| std::fs::write(dir.path().join(name), bytes).expect("write checkpoint file");
-    write("config.json", serde_json::to_string_pretty(&config).expect("json").as_bytes());
+    write(
+        "config.json",
+        serde_json::to_string_pretty(&config).expect("json").as_bytes(),
+    );
     write("model.safetensors", &safetensors_bytes(&tensors));
-    write("tokenizer.json", serde_json::to_string(&tokenizer_json()).expect("json").as_bytes());
-    write("generation_config.json", json!({"bos_token_id": 1, "eos_token_id": EOS}).to_string().as_bytes());
-    Checkpoint { family, config, tensors, dir }
+    write(
+        "tokenizer.json",
+        serde_json::to_string(&tokenizer_json()).expect("json").as_bytes(),
+    );
+    write(
+        "generation_config.json",
+        json!({"bos_token_id": 1, "eos_token_id": EOS}).to_string().as_bytes(),
+    );
+    Checkpoint {
+        family,
+        config,
+        tensors,
+        dir,
+    }
 }
 
 /// Largest absolute difference of two equal-length vectors (NaN anywhere counts as infinite).
@@ -347,7 +423,11 @@ pub fn hidden(out: StepOutput) -> Vec<f32> {
 /// Last-position logits of `tokens` run from an empty cache.
 pub fn recompute(shard: &Shard, tokens: &[u32]) -> Vec<f32> {
     let mut cache = shard.new_cache();
-    logits(shard.forward(StepInput::Tokens(tokens), &mut cache).expect("full recompute"))
+    logits(
+        shard
+            .forward(StepInput::Tokens(tokens), &mut cache)
+            .expect("full recompute"),
+    )
 }
 
 /// Bitwise equality of two f32 vectors (distinguishes -0.0 and NaN payloads, as a hash of tokens would).
@@ -355,8 +435,25 @@ pub fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
-/// Path of the real SmolLM2 model that `computepool model fetch` writes, if it is there.
+/// The real SmolLM2 model that `computepool model fetch` writes: `COMPUTEPOOL_MODEL_DIR`, else
+/// `models/smollm2-135m-instruct` at the workspace root (the convention of tests/real_model.rs). `None`
+/// (the caller skips with a message) when it is not there, unless `COMPUTEPOOL_REQUIRE_MODEL=1`, where a
+/// missing model is a failure.
 pub fn smollm2_dir() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/smollm2-135m-instruct");
-    (dir.join("config.json").exists() && dir.join("tokenizer.json").exists()).then_some(dir)
+    let dir = std::env::var_os("COMPUTEPOOL_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/smollm2-135m-instruct"));
+    if ["config.json", "tokenizer.json", "model.safetensors"]
+        .iter()
+        .all(|f| dir.join(f).exists())
+    {
+        return Some(dir);
+    }
+    if std::env::var("COMPUTEPOOL_REQUIRE_MODEL").is_ok_and(|v| v == "1") {
+        panic!(
+            "COMPUTEPOOL_REQUIRE_MODEL=1 but {} has no model: run `make model`",
+            dir.display()
+        );
+    }
+    None
 }
