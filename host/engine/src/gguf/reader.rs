@@ -16,7 +16,7 @@
 //! file ends in [`EngineError::Gguf`] naming what was wrong and where, never in a panic or a huge
 //! allocation.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -269,7 +269,7 @@ pub struct TensorInfo {
 impl TensorInfo {
     /// The shape in HF / row-major order (GGUF's dims reversed).
     pub fn hf_shape(&self) -> Vec<usize> {
-        // Every dim was checked to fit in the file (and so in usize) when the file was parsed.
+        // Every dim was checked to fit in usize when the file was parsed.
         self.dims.iter().rev().map(|&d| d as usize).collect()
     }
 }
@@ -325,7 +325,10 @@ impl GgufFile {
         let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
         let len = file.metadata().map_err(|e| EngineError::io(path, e))?.len();
         if len < 24 {
-            return Err(gguf_err(path, format!("file is {len} bytes, too short for a GGUF header (24 bytes)")));
+            return Err(gguf_err(
+                path,
+                format!("file is {len} bytes, too short for a GGUF header (24 bytes)"),
+            ));
         }
         // SAFETY: the map is read-only and private to this struct; the documented contract is that the
         // file is not modified while open. Every access below is bounds-checked against the map's length.
@@ -346,7 +349,12 @@ impl GgufFile {
             .enumerate()
             .map(|(i, (k, _))| (k.clone(), i))
             .collect();
-        let tensor_index = header.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        let tensor_index = header
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
         Ok(GgufFile {
             path,
             storage,
@@ -416,7 +424,8 @@ impl GgufFile {
 
     /// A required string value.
     pub fn require_str(&self, key: &str) -> Result<&str> {
-        self.opt_str(key)?.ok_or_else(|| self.error(format!("metadata key {key} is missing")))
+        self.opt_str(key)?
+            .ok_or_else(|| self.error(format!("metadata key {key} is missing")))
     }
 
     /// An optional string value; present with another type is an error.
@@ -426,7 +435,8 @@ impl GgufFile {
 
     /// A required non-negative integer value (any integer type).
     pub fn require_u64(&self, key: &str) -> Result<u64> {
-        self.opt_u64(key)?.ok_or_else(|| self.error(format!("metadata key {key} is missing")))
+        self.opt_u64(key)?
+            .ok_or_else(|| self.error(format!("metadata key {key} is missing")))
     }
 
     /// An optional non-negative integer value (any integer type).
@@ -477,15 +487,21 @@ impl GgufFile {
     ) -> Result<Option<T>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => convert(v)
-                .map(Some)
-                .ok_or_else(|| self.error(format!("metadata key {key} is a {}, expected {expected}", v.type_name()))),
+            Some(v) => convert(v).map(Some).ok_or_else(|| {
+                self.error(format!(
+                    "metadata key {key} is a {}, expected {expected}",
+                    v.type_name()
+                ))
+            }),
         }
     }
 }
 
 fn gguf_err(path: &Path, message: impl Into<String>) -> EngineError {
-    EngineError::Gguf { path: path.to_path_buf(), message: message.into() }
+    EngineError::Gguf {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
 }
 
 struct Header {
@@ -519,13 +535,13 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
     // both counts by what the file can hold before reserving anything.
     r.check_count(kv_count, 13, "metadata count")?;
     let mut metadata: Vec<(String, MetadataValue)> = Vec::with_capacity(kv_count.min(RESERVE_CAP) as usize);
-    let mut seen_keys: HashMap<String, ()> = HashMap::with_capacity(kv_count.min(RESERVE_CAP) as usize);
+    let mut seen_keys: HashSet<String> = HashSet::with_capacity(kv_count.min(RESERVE_CAP) as usize);
     for i in 0..kv_count {
         let at = r.pos;
         let key = r.string(&format!("metadata key #{i}"))?;
         let type_id = r.u32(&format!("type of metadata key {key}"))?;
         let value = r.value(type_id, &key, 0)?;
-        if seen_keys.insert(key.clone(), ()).is_some() {
+        if !seen_keys.insert(key.clone()) {
             return Err(r.err_at(at, format!("duplicate metadata key {key}")));
         }
         metadata.push((key, value));
@@ -544,20 +560,27 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
 
     r.check_count(tensor_count, 24, "tensor count")?;
     let mut tensors: Vec<TensorInfo> = Vec::with_capacity(tensor_count.min(RESERVE_CAP) as usize);
-    let mut seen_tensors: HashMap<String, ()> = HashMap::with_capacity(tensor_count.min(RESERVE_CAP) as usize);
+    let mut seen_tensors: HashSet<String> = HashSet::with_capacity(tensor_count.min(RESERVE_CAP) as usize);
     for i in 0..tensor_count {
         let at = r.pos;
         let name = r.string(&format!("name of tensor #{i}"))?;
-        if seen_tensors.insert(name.clone(), ()).is_some() {
+        if !seen_tensors.insert(name.clone()) {
             return Err(r.err_at(at, format!("duplicate tensor name {name}")));
         }
         let n_dims = r.u32(&format!("rank of tensor {name}"))?;
         if n_dims as usize > MAX_DIMS {
-            return Err(r.err_at(at, format!("tensor {name} has {n_dims} dimensions (ggml allows at most {MAX_DIMS})")));
+            return Err(r.err_at(
+                at,
+                format!("tensor {name} has {n_dims} dimensions (ggml allows at most {MAX_DIMS})"),
+            ));
         }
         let mut dims = Vec::with_capacity(n_dims as usize);
         for d in 0..n_dims {
-            dims.push(r.u64(&format!("dimension {d} of tensor {name}"))?);
+            let dim = r.u64(&format!("dimension {d} of tensor {name}"))?;
+            if usize::try_from(dim).is_err() {
+                return Err(r.err_at(at, format!("tensor {name}: dimension {dim} does not fit in memory")));
+            }
+            dims.push(dim);
         }
         let type_id = r.u32(&format!("type of tensor {name}"))?;
         let ggml_type = GgmlType::from_id(type_id)
@@ -568,7 +591,12 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
             .iter()
             .try_fold(1u64, |acc, &d| acc.checked_mul(d))
             .filter(|&n| n <= i64::MAX as u64)
-            .ok_or_else(|| r.err_at(at, format!("tensor {name} has an element count that overflows ({dims:?})")))?;
+            .ok_or_else(|| {
+                r.err_at(
+                    at,
+                    format!("tensor {name} has an element count that overflows ({dims:?})"),
+                )
+            })?;
         let first = dims.first().copied().unwrap_or(1);
         if first % ggml_type.block_size() as u64 != 0 {
             return Err(r.err_at(
@@ -583,15 +611,30 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
             .bytes_for(n_elements)
             .ok_or_else(|| r.err_at(at, format!("tensor {name}: byte size overflows")))?;
         if offset % alignment != 0 {
-            return Err(r.err_at(at, format!("tensor {name}: offset {offset} is not a multiple of the alignment {alignment}")));
+            return Err(r.err_at(
+                at,
+                format!("tensor {name}: offset {offset} is not a multiple of the alignment {alignment}"),
+            ));
         }
-        tensors.push(TensorInfo { name, dims, ggml_type, offset, n_elements, n_bytes });
+        tensors.push(TensorInfo {
+            name,
+            dims,
+            ggml_type,
+            offset,
+            n_elements,
+            n_bytes,
+        });
     }
 
     let file_len = bytes.len() as u64;
     let data_offset = align_up(r.pos as u64, alignment)
         .filter(|&o| o <= file_len)
-        .ok_or_else(|| gguf_err(path, format!("file ends ({file_len} bytes) before its tensor data section")))?;
+        .ok_or_else(|| {
+            gguf_err(
+                path,
+                format!("file ends ({file_len} bytes) before its tensor data section"),
+            )
+        })?;
     let data_len = file_len - data_offset;
 
     // Every tensor must lie inside the data section, and no two may overlap.
@@ -616,12 +659,22 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
         }
     }
 
-    Ok(Header { version, metadata, tensors, alignment, data_offset })
+    Ok(Header {
+        version,
+        metadata,
+        tensors,
+        alignment,
+        data_offset,
+    })
 }
 
 fn align_up(x: u64, alignment: u64) -> Option<u64> {
     let rem = x % alignment;
-    if rem == 0 { Some(x) } else { x.checked_add(alignment - rem) }
+    if rem == 0 {
+        Some(x)
+    } else {
+        x.checked_add(alignment - rem)
+    }
 }
 
 /// A bounds-checked little-endian cursor.
@@ -679,7 +732,10 @@ impl<'a> Reader<'a> {
         } else {
             Err(self.err_at(
                 self.pos,
-                format!("{what} {count} cannot fit in the {} bytes left of the file (corrupt header?)", self.remaining()),
+                format!(
+                    "{what} {count} cannot fit in the {} bytes left of the file (corrupt header?)",
+                    self.remaining()
+                ),
             ))
         }
     }
@@ -727,7 +783,10 @@ impl<'a> Reader<'a> {
     fn array_value(&mut self, key: &str, depth: usize) -> Result<MetadataArray> {
         let at = self.pos;
         if depth >= MAX_ARRAY_DEPTH {
-            return Err(self.err_at(at, format!("metadata key {key}: arrays nested deeper than {MAX_ARRAY_DEPTH}")));
+            return Err(self.err_at(
+                at,
+                format!("metadata key {key}: arrays nested deeper than {MAX_ARRAY_DEPTH}"),
+            ));
         }
         let elem_id = self.u32(&format!("element type of array {key}"))?;
         let elem_ty = ValueType::from_id(elem_id)
@@ -809,8 +868,14 @@ mod tests {
         assert_eq!(f.require_u64("llama.block_count").unwrap(), 1);
         assert_eq!(f.opt_f64("llama.rope.freq_base").unwrap(), Some(10000.0));
         assert_eq!(f.opt_bool("tokenizer.ggml.add_bos_token").unwrap(), Some(true));
-        assert_eq!(f.opt_str_array("tokenizer.ggml.tokens").unwrap().unwrap(), ["a", "b", "ab"]);
-        assert_eq!(f.opt_i64_array("tokenizer.ggml.token_type").unwrap().unwrap(), vec![1, 1, 3]);
+        assert_eq!(
+            f.opt_str_array("tokenizer.ggml.tokens").unwrap().unwrap(),
+            ["a", "b", "ab"]
+        );
+        assert_eq!(
+            f.opt_i64_array("tokenizer.ggml.token_type").unwrap().unwrap(),
+            vec![1, 1, 3]
+        );
         let t = f.tensor("t.weight").unwrap();
         assert_eq!(t.dims, vec![4, 2]);
         assert_eq!(t.hf_shape(), vec![2, 4]);
@@ -819,20 +884,28 @@ mod tests {
         assert_eq!(f32::from_le_bytes(data[4..8].try_into().unwrap()), 1.0);
         let n = f.tensor("n.weight").unwrap();
         assert_eq!(n.offset % 32, 0);
-        assert_eq!(f32::from_le_bytes(f.tensor_data(n).unwrap()[8..12].try_into().unwrap()), 3.0);
+        assert_eq!(
+            f32::from_le_bytes(f.tensor_data(n).unwrap()[8..12].try_into().unwrap()),
+            3.0
+        );
     }
 
     #[test]
     fn wrong_types_are_clear_errors() {
         let f = GgufFile::from_bytes("small.gguf", small_file()).unwrap();
         let e = f.require_u64("general.architecture").unwrap_err().to_string();
-        assert!(e.contains("general.architecture is a string, expected a non-negative integer"), "{e}");
+        assert!(
+            e.contains("general.architecture is a string, expected a non-negative integer"),
+            "{e}"
+        );
         let e = f.require_str("missing.key").unwrap_err().to_string();
         assert!(e.contains("missing.key is missing"), "{e}");
     }
 
     fn parse_err(bytes: Vec<u8>) -> String {
-        GgufFile::from_bytes("bad.gguf", bytes).expect_err("must be rejected").to_string()
+        GgufFile::from_bytes("bad.gguf", bytes)
+            .expect_err("must be rejected")
+            .to_string()
     }
 
     #[test]

@@ -39,7 +39,8 @@ const LLAMA_CPP_DEFAULT_SPLITS: [&str; 4] = [
     r"[0-9][0-9][0-9]",
 ];
 /// Qwen 2's split regex, as in its tokenizer.json.
-const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// The HF pre-tokenizer family matching a `tokenizer.ggml.pre` value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,8 +72,8 @@ impl PreTokenizer {
             "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
                 PreTokenizer::DigitsThenGpt2
             }
-            "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0"
-            | "lfm2" | "dbrx" | "smaug-bpe" => PreTokenizer::Llama3,
+            "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2"
+            | "dbrx" | "smaug-bpe" => PreTokenizer::Llama3,
             "qwen2" | "deepseek-r1-qwen" | "stablelm2" | "hunyuan" => PreTokenizer::Qwen2,
             "default" => PreTokenizer::LlamaCppDefault,
             _ => return None,
@@ -80,12 +81,8 @@ impl PreTokenizer {
     }
 
     fn to_json(self) -> Value {
-        let byte_level = |use_regex: bool| {
-            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
-        };
-        let split = |pattern: &str| {
-            json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false})
-        };
+        let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+        let split = |pattern: &str| json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false});
         match self {
             PreTokenizer::Gpt2 => byte_level(true),
             PreTokenizer::DigitsThenGpt2 => json!({
@@ -169,7 +166,9 @@ impl GgufVocab {
         let mut ids: HashMap<&str, usize> = HashMap::with_capacity(tokens.len());
         for (id, t) in tokens.iter().enumerate() {
             if let Some(first) = ids.insert(t.as_str(), id) {
-                return Err(file.error(format!("token {t:?} appears twice in the vocabulary (ids {first} and {id})")));
+                return Err(file.error(format!(
+                    "token {t:?} appears twice in the vocabulary (ids {first} and {id})"
+                )));
             }
         }
         let raw_merges = file.opt_str_array("tokenizer.ggml.merges")?.unwrap_or(&[]);
@@ -183,12 +182,16 @@ impl GgufVocab {
             let (left, right) = (&m[..i], &m[i + 1..]);
             for part in [left, right] {
                 if !ids.contains_key(part) {
-                    return Err(file.error(format!("merge #{rank} {m:?} names {part:?}, which is not in the vocabulary")));
+                    return Err(file.error(format!(
+                        "merge #{rank} {m:?} names {part:?}, which is not in the vocabulary"
+                    )));
                 }
             }
             let merged = format!("{left}{right}");
             if !ids.contains_key(merged.as_str()) {
-                return Err(file.error(format!("merge #{rank} {m:?} makes {merged:?}, which is not in the vocabulary")));
+                return Err(file.error(format!(
+                    "merge #{rank} {m:?} makes {merged:?}, which is not in the vocabulary"
+                )));
             }
             merges.push((left.to_string(), right.to_string()));
         }
@@ -196,7 +199,10 @@ impl GgufVocab {
             match file.opt_u64(key)? {
                 None => Ok(None),
                 Some(v) if (v as usize) < tokens.len() => Ok(Some(v as u32)),
-                Some(v) => Err(file.error(format!("{key} is {v}, outside the vocabulary of {} tokens", tokens.len()))),
+                Some(v) => Err(file.error(format!(
+                    "{key} is {v}, outside the vocabulary of {} tokens",
+                    tokens.len()
+                ))),
             }
         };
         let vocab = GgufVocab {
@@ -228,7 +234,10 @@ impl GgufVocab {
 
     /// Whether `id` is one of the bos/eos/unk/pad ids.
     fn is_named_special(&self, id: usize) -> bool {
-        [self.bos, self.eos, self.unk, self.pad].iter().flatten().any(|&s| s as usize == id)
+        [self.bos, self.eos, self.unk, self.pad]
+            .iter()
+            .flatten()
+            .any(|&s| s as usize == id)
     }
 
     /// Tokens HF must treat as added tokens: (id, special). Control and unknown tokens and the named
@@ -375,7 +384,11 @@ impl GgufVocab {
 
     /// The token ids for `generation_config.json` / `config.json`.
     pub fn special_ids(&self) -> SpecialIds {
-        SpecialIds { bos: self.bos, eos: self.eos, pad: self.pad }
+        SpecialIds {
+            bos: self.bos,
+            eos: self.eos,
+            pad: self.pad,
+        }
     }
 }
 
@@ -440,7 +453,8 @@ mod tests {
     }
 
     fn load(json: &str) -> tokenizers::Tokenizer {
-        json.parse::<tokenizers::Tokenizer>().expect("tokenizer.json must load in the tokenizers crate")
+        json.parse::<tokenizers::Tokenizer>()
+            .expect("tokenizer.json must load in the tokenizers crate")
     }
 
     #[test]
@@ -453,7 +467,12 @@ mod tests {
         // Digits split one by one (SmolLM's pre-tokenizer); control tokens are never split.
         let enc = tok.encode("<|im_start|>42<|im_end|>", false).unwrap();
         assert_eq!(enc.get_ids(), [1, id("4"), id("2"), 2]);
-        for text in ["hello world", "  tabs\tand\nnewlines ", "naïve café 🦀 你好", "<|im_start|>user\nhi<|im_end|>"] {
+        for text in [
+            "hello world",
+            "  tabs\tand\nnewlines ",
+            "naïve café 🦀 你好",
+            "<|im_start|>user\nhi<|im_end|>",
+        ] {
             let ids = tok.encode(text, false).unwrap().get_ids().to_vec();
             assert_eq!(tok.decode(&ids, false).unwrap(), text);
         }
@@ -518,7 +537,8 @@ mod tests {
     #[test]
     fn add_bos_uses_template_processing() {
         let v = vocab_with(|w| {
-            w.add_bool("tokenizer.ggml.add_bos_token", true).add_string_array("tokenizer.ggml.merges", &["h e"]);
+            w.add_bool("tokenizer.ggml.add_bos_token", true)
+                .add_string_array("tokenizer.ggml.merges", &["h e"]);
         })
         .unwrap();
         let tok = load(&v.tokenizer_json().unwrap());
@@ -526,6 +546,37 @@ mod tests {
         assert_eq!(enc.get_ids()[0], 1);
         assert_eq!(enc.get_ids().len(), 2);
         assert_eq!(tok.encode("he", false).unwrap().get_ids().len(), 1);
+    }
+
+    /// The imported SmolLM2 tokenizer against llama.cpp's own tokenization of the same GGUF, recorded
+    /// by testdata/make_smollm2_tokens.py (which also checks an independent build with the Python
+    /// `tokenizers` API agrees). Needs `computepool model fetch smollm2-135m-instruct` to have run.
+    #[test]
+    fn real_smollm2_tokenizer_matches_llama_cpp() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/smollm2-135m-instruct");
+        let Ok(json) = std::fs::read_to_string(dir.join("tokenizer.json")) else {
+            eprintln!(
+                "skipping: {} has no imported tokenizer (run `computepool model fetch smollm2-135m-instruct`)",
+                dir.display()
+            );
+            return;
+        };
+        let tok = load(&json);
+        let fixture: Value = serde_json::from_str(include_str!("testdata/smollm2_tokens.json")).unwrap();
+        let cases = fixture["cases"].as_array().unwrap();
+        assert!(cases.len() >= 10);
+        for case in cases {
+            let text = case["text"].as_str().unwrap();
+            let want: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+            let got = tok.encode(text, false).unwrap().get_ids().to_vec();
+            assert_eq!(got, want, "encode {text:?}");
+            assert_eq!(tok.decode(&got, false).unwrap(), text, "decode(encode({text:?}))");
+        }
+        let config: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap()).unwrap();
+        assert_eq!(config["bos_token"], "<|im_start|>");
+        assert_eq!(config["eos_token"], "<|im_end|>");
+        assert!(config["chat_template"].as_str().unwrap().contains("<|im_start|>"));
     }
 
     #[test]

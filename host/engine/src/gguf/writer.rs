@@ -76,7 +76,12 @@ impl GgufWriter {
 
     /// Adds a tensor of `ggml_type` with ggml-order `dims` (`dims[0]` fastest) and its raw bytes.
     pub fn add_tensor(&mut self, name: &str, dims: &[u64], ggml_type: GgmlType, data: Vec<u8>) -> &mut Self {
-        self.tensors.push(Tensor { name: name.into(), dims: dims.to_vec(), ggml_type, data });
+        self.tensors.push(Tensor {
+            name: name.into(),
+            dims: dims.to_vec(),
+            ggml_type,
+            data,
+        });
         self
     }
 
@@ -198,14 +203,15 @@ pub mod tests_support {
     /// The tiny model's vocabulary: three control tokens, the 256 byte-level characters, and a few
     /// merges' results. Returns (tokens, token types, merges).
     pub fn tiny_vocab() -> (Vec<String>, Vec<i32>, Vec<String>) {
-        let mut tokens: Vec<String> =
-            vec!["<|endoftext|>".into(), "<|im_start|>".into(), "<|im_end|>".into()];
+        let mut tokens: Vec<String> = vec!["<|endoftext|>".into(), "<|im_start|>".into(), "<|im_end|>".into()];
         let mut types = vec![3, 3, 3];
         for c in byte_level_alphabet() {
             tokens.push(c.to_string());
             types.push(1);
         }
-        let merges = ["h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "Ġwor l", "Ġworl d"];
+        let merges = [
+            "h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "Ġwor l", "Ġworl d",
+        ];
         for m in merges {
             tokens.push(m.replace(' ', ""));
             types.push(1);
@@ -236,7 +242,9 @@ pub mod tests_support {
         let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         (0..n)
             .map(|_| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
