@@ -30,7 +30,11 @@ fn random(len: usize, seed: u64) -> Vec<f32> {
 
 fn weight(rows: usize, cols: usize, bf: bool, seed: u64) -> Weight {
     let v = random(rows * cols, seed);
-    let data = if bf { WeightData::Bf16(v.iter().map(|x| bf16::from_f32(*x)).collect()) } else { WeightData::F32(v) };
+    let data = if bf {
+        WeightData::Bf16(v.iter().map(|x| bf16::from_f32(*x)).collect())
+    } else {
+        WeightData::F32(v)
+    };
     Weight { rows, cols, data }
 }
 
@@ -56,7 +60,10 @@ fn best(reps: usize, iters: usize, mut f: impl FnMut(usize)) -> Duration {
 
 fn matvec(threads: &[usize], batch: &[usize]) {
     println!("\n## decode mat-vec (weights cycled through {} MiB)", WORKING_SET >> 20);
-    println!("{:>14} {:>5} {:>3} {:>3} {:>10} {:>9}", "shape", "dtype", "thr", "n", "time", "GB/s");
+    println!(
+        "{:>14} {:>5} {:>3} {:>3} {:>10} {:>9}",
+        "shape", "dtype", "thr", "n", "time", "GB/s"
+    );
     for &(rows, cols) in &[(576usize, 1536usize), (1536, 576), (3072, 576), (49152, 576)] {
         for bf in [true, false] {
             let bytes = rows * cols * if bf { 2 } else { 4 };
@@ -87,7 +94,10 @@ fn matvec(threads: &[usize], batch: &[usize]) {
 fn gemm(threads: &[usize]) {
     let n = 512;
     println!("\n## prefill GEMM, n = {n}");
-    println!("{:>14} {:>5} {:>3} {:>10} {:>9}", "shape", "dtype", "thr", "time", "GFLOP/s");
+    println!(
+        "{:>14} {:>5} {:>3} {:>10} {:>9}",
+        "shape", "dtype", "thr", "time", "GFLOP/s"
+    );
     for &(rows, cols) in &[(576usize, 576usize), (960, 576), (3072, 576), (576, 1536)] {
         let x = random(n * cols, 5);
         let mut y = vec![0f32; n * rows];
@@ -150,7 +160,12 @@ fn gemm(threads: &[usize]) {
 
 fn attention(threads: &[usize]) {
     println!("\n## attention (9 heads, 3 KV heads, head_dim 64)");
-    let shape = AttentionShape { n_heads: 9, n_kv_heads: 3, head_dim: 64, sliding_window: None };
+    let shape = AttentionShape {
+        n_heads: 9,
+        n_kv_heads: 3,
+        head_dim: 64,
+        sliding_window: None,
+    };
     let width = 9 * 64;
     let cap = 4096;
     let k = random(3 * cap * 64, 1);
@@ -161,7 +176,12 @@ fn attention(threads: &[usize]) {
         let n = 512;
         let q = random(n * width, 3);
         let mut out = vec![0f32; n * width];
-        let kv = KvView { k: &k, v: &v, capacity: cap, len: n };
+        let kv = KvView {
+            k: &k,
+            v: &v,
+            capacity: cap,
+            len: n,
+        };
         let per = best(5, 3, |_| backend.attention(&q, n, 0, kv, shape, &mut out));
         let pairs = (n * (n + 1) / 2) as f64;
         let flops = pairs * 9.0 * 64.0 * 4.0;
@@ -173,7 +193,12 @@ fn attention(threads: &[usize]) {
         for len in [128usize, 1024, 4096] {
             let q = random(width, 4);
             let mut out = vec![0f32; width];
-            let kv = KvView { k: &k, v: &v, capacity: cap, len };
+            let kv = KvView {
+                k: &k,
+                v: &v,
+                capacity: cap,
+                len,
+            };
             let per = best(5, 50, |_| backend.attention(&q, 1, len - 1, kv, shape, &mut out));
             let bytes = (2 * 3 * len * 64 * 4) as f64;
             println!(
@@ -191,7 +216,12 @@ fn model(threads: &[usize]) {
     println!("\n## SmolLM2-135M-shaped forward passes (products, attention, norms, SwiGLU; no RoPE/sampling)");
     let (layers, hidden, inter, kv_dim, vocab) = (30usize, 576usize, 1536usize, 192usize, 49152usize);
     let qkv_dim = hidden + 2 * kv_dim;
-    let shape = AttentionShape { n_heads: 9, n_kv_heads: 3, head_dim: 64, sliding_window: None };
+    let shape = AttentionShape {
+        n_heads: 9,
+        n_kv_heads: 3,
+        head_dim: 64,
+        sliding_window: None,
+    };
     let cap = 1024;
     let k = random(3 * cap * 64, 1);
     let v = random(3 * cap * 64, 2);
@@ -200,10 +230,16 @@ fn model(threads: &[usize]) {
         let mats: Vec<[Weight; 3]> = (0..layers)
             .map(|l| {
                 let s = l as u64 * 10;
-                [weight(qkv_dim, hidden, bf, s + 1), weight(hidden, hidden, bf, s + 2), weight(2 * inter, hidden, bf, s + 3)]
+                [
+                    weight(qkv_dim, hidden, bf, s + 1),
+                    weight(hidden, hidden, bf, s + 2),
+                    weight(2 * inter, hidden, bf, s + 3),
+                ]
             })
             .collect();
-        let downs: Vec<Weight> = (0..layers).map(|l| weight(hidden, inter, bf, l as u64 * 10 + 4)).collect();
+        let downs: Vec<Weight> = (0..layers)
+            .map(|l| weight(hidden, inter, bf, l as u64 * 10 + 4))
+            .collect();
         let head = weight(vocab, hidden, bf, 999);
         for &t in threads {
             let backend = CpuBackend::new(t);
@@ -215,12 +251,20 @@ fn model(threads: &[usize]) {
                 let mut o = vec![0f32; n * hidden];
                 let mut gu = vec![0f32; n * 2 * inter];
                 let mut act = vec![0f32; n * inter];
-                let kv = KvView { k: &k, v: &v, capacity: cap, len: pos + n };
+                let kv = KvView {
+                    k: &k,
+                    v: &v,
+                    capacity: cap,
+                    len: pos + n,
+                };
                 let start = Instant::now();
                 for (m, down) in mats.iter().zip(&downs) {
                     rms_norm(&x, &norm_w, 1e-5, &mut normed);
                     backend.matmul(&normed, n, &m[0], &mut qkv);
-                    let q: Vec<f32> = qkv.chunks_exact(qkv_dim).flat_map(|r| r[..hidden].iter().copied()).collect();
+                    let q: Vec<f32> = qkv
+                        .chunks_exact(qkv_dim)
+                        .flat_map(|r| r[..hidden].iter().copied())
+                        .collect();
                     backend.attention(&q, n, pos, kv, shape, &mut att);
                     backend.matmul(&att, n, &m[1], &mut o);
                     x.iter_mut().zip(&o).for_each(|(a, b)| *a = (*a + b) * 0.5);
@@ -234,7 +278,12 @@ fn model(threads: &[usize]) {
                     x.iter_mut().zip(&o).for_each(|(a, b)| *a = (*a + b) * 0.5);
                 }
                 let mut logits = vec![0f32; logits_rows * vocab];
-                rms_norm(&x[..logits_rows * hidden], &norm_w, 1e-5, &mut normed[..logits_rows * hidden]);
+                rms_norm(
+                    &x[..logits_rows * hidden],
+                    &norm_w,
+                    1e-5,
+                    &mut normed[..logits_rows * hidden],
+                );
                 backend.matmul(&normed[..logits_rows * hidden], logits_rows, &head, &mut logits);
                 start.elapsed()
             };
@@ -271,7 +320,7 @@ fn main() {
         matvec(&threads, &[1]);
     }
     if want("batch") {
-        matvec(&[2], &[4, 8, 16]);
+        matvec(&[2], &[4, 8, 16, 17, 32]);
     }
     if want("gemm") {
         gemm(&threads);

@@ -2,7 +2,8 @@
 //!
 //! Keys are processed in chunks of [`CHUNK`] absolute positions (chunk `c` is `c·CHUNK..(c+1)·CHUNK`).
 //! For one query head and one chunk, the kernel computes a partial softmax: scores
-//! `s_j = (q·k_j) · scale` (dot products in the order of [`super::dot`]), their maximum `m_c`,
+//! `s_j = (q·k_j) · scale` (each dot product one fused multiply-add chain in increasing dimension), their
+//! maximum `m_c`,
 //! `p_j = e^(s_j − m_c)`, `l_c = Σ p_j` (lane-wise over 16/8-key blocks, then the fixed tree) and
 //! `o_c = Σ p_j v_j` (in increasing `j`). Partials are merged in chunk order,
 //! `m = max(m, m_c)`, `l = l·e^(m_old − m) + l_c·e^(m_c − m)`, `o` likewise, and `out = o / l`. Softmax
@@ -13,17 +14,16 @@
 //! between threads. Two schedules use that freedom:
 //!
 //! - **Query blocks** (prefill): tasks are (block of [`QUERY_BLOCK`] tokens, KV head); a task scores all
-//!   of its query heads against a chunk at once with the 4×6 register tiles of the matrix products and
-//!   merges chunk after chunk. Blocks with more keys go first.
+//!   of its query heads against a chunk at once (keys transposed once per chunk, then register tiles of
+//!   6 query rows × 64 keys) and merges chunk after chunk. Blocks with more keys go first.
 //! - **Key split** (decode, few queries): tasks are (KV head, chunk), so a long cache is spread over all
 //!   threads even with one query; partials go to scratch and are merged afterwards in chunk order.
 
-use super::dot::{TileArgs, block};
 use super::pool::ThreadPool;
 use super::scratch::{Slot, with_scratch};
-use super::simd::{Isa, Scalar, Simd};
 #[cfg(target_arch = "x86_64")]
 use super::simd::{Avx2, Avx512};
+use super::simd::{Isa, Scalar, Simd};
 use super::{AttentionShape, KvView};
 
 /// Keys per chunk (a multiple of every instruction set's lane count).
@@ -79,8 +79,16 @@ pub(crate) fn attention(
     shape: AttentionShape,
     out: &mut [f32],
 ) {
-    let AttentionShape { n_heads, n_kv_heads, head_dim, sliding_window } = shape;
-    assert!(n_kv_heads > 0 && n_heads % n_kv_heads == 0, "query heads must be a multiple of KV heads");
+    let AttentionShape {
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        sliding_window,
+    } = shape;
+    assert!(
+        n_kv_heads > 0 && n_heads % n_kv_heads == 0,
+        "query heads must be a multiple of KV heads"
+    );
     assert_eq!(q.len(), n * n_heads * head_dim, "attention query shape");
     assert_eq!(out.len(), q.len(), "attention output shape");
     assert!(kv.len >= first_pos + n, "KV cache shorter than the queries");
@@ -114,7 +122,9 @@ pub(crate) fn attention(
             let tokens = block_index * QUERY_BLOCK..((block_index + 1) * QUERY_BLOCK).min(n);
             let queries = tokens.len() * job.group;
             let partial = job.partial_len();
-            with_scratch::<f32, _>(Slot::Task, queries * (job.head_dim + CHUNK + 2 * partial), |buf| {
+            let kt = job.head_dim.next_multiple_of(16) * CHUNK;
+            let len = queries * (job.head_dim + CHUNK + partial) + job.group * job.head_dim + kt;
+            with_scratch::<f32, _>(Slot::Task, len, |buf| {
                 let out_ptr = &out_ptr;
                 // SAFETY: `isa` is detected; this task writes only the outputs of its tokens × heads.
                 unsafe { query_block_for(isa, &job, kv_head, tokens, buf, out_ptr.0) };
@@ -133,7 +143,9 @@ pub(crate) fn attention(
             let chunk = first_chunk + i / n_kv_heads;
             let kv_head = i % n_kv_heads;
             let queries = n * job.group;
-            with_scratch::<f32, _>(Slot::Task, queries * (job.head_dim + CHUNK), |buf| {
+            let kt = job.head_dim.next_multiple_of(16) * CHUNK;
+            let len = queries * (job.head_dim + CHUNK) + job.group * job.head_dim + kt;
+            with_scratch::<f32, _>(Slot::Task, len, |buf| {
                 let parts = &parts;
                 // SAFETY: `isa` is detected; this task writes only the partials of (its chunk, its heads).
                 unsafe { key_split_for(isa, &job, kv_head, chunk, first_chunk, chunks, buf, parts.0) };
@@ -171,12 +183,26 @@ unsafe fn query_block_for(
     out: *mut f32,
 ) {
     // SAFETY: forwarded.
-    unsafe { isa_dispatch!(isa, query_block, query_block_avx512, query_block_avx2, (job, kv_head, tokens, buf, out)) }
+    unsafe {
+        isa_dispatch!(
+            isa,
+            query_block,
+            query_block_avx512,
+            query_block_avx2,
+            (job, kv_head, tokens, buf, out)
+        )
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
-unsafe fn query_block_avx512(job: &Job, kv_head: usize, tokens: std::ops::Range<usize>, buf: &mut [f32], out: *mut f32) {
+unsafe fn query_block_avx512(
+    job: &Job,
+    kv_head: usize,
+    tokens: std::ops::Range<usize>,
+    buf: &mut [f32],
+    out: *mut f32,
+) {
     // SAFETY: only reached on CPUs with these features.
     unsafe { query_block(Avx512::new_unchecked(), job, kv_head, tokens, buf, out) }
 }
@@ -202,11 +228,18 @@ fn gather_queries(job: &Job, kv_head: usize, tokens: std::ops::Range<usize>, qbu
 }
 
 /// Scores of all `queries` rows of `qbuf` against keys `k0..k1` (absolute, inside chunk `c0..`), written
-/// to `scores[query * CHUNK + (j - c0)]`.
+/// to `scores[query * CHUNK + (j - c0)]` as `Σ_d q[d] · k_j[d]`, accumulated in increasing `d` (one fused
+/// multiply-add chain per score, so the value does not depend on which other queries or keys share the
+/// tile). Entries of the row outside `k0..k1` are left unspecified.
+///
+/// The chunk's keys are first transposed into `kt` (`[head_dim][CHUNK]`), so a register tile of query
+/// rows × key vectors needs no horizontal sums.
 ///
 /// # Safety
-/// Keys `k0..k1` must be inside the cache; `scores` must hold `queries * CHUNK` values.
+/// Keys `k0..k1` must be inside the cache; `scores` must hold `queries * CHUNK` values and `kt`
+/// `head_dim.next_multiple_of(LANES) * CHUNK`.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn score_chunk<S: Simd>(
     s: S,
     job: &Job,
@@ -217,49 +250,114 @@ unsafe fn score_chunk<S: Simd>(
     k0: usize,
     k1: usize,
     scores: &mut [f32],
+    kt: &mut [f32],
 ) {
     let hd = job.head_dim;
-    let args = TileArgs {
-        // SAFETY: keys `k0..k1` of this head lie in the cache (caller's contract).
-        w: unsafe { job.k.add((kv_head * job.capacity + k0) * hd) },
-        w_stride: hd,
-        x: qbuf.as_ptr(),
-        x_stride: hd,
-        cols: hd,
-        // SAFETY: `k0 - c0 < CHUNK`.
-        y: unsafe { scores.as_mut_ptr().add(k0 - c0) },
-        y_stride: CHUNK,
-        y_row_step: 1,
-        prefetch: 0,
-    };
-    // SAFETY: rows `0..k1-k0` of keys and `0..queries` of `qbuf` are valid; outputs inside `scores`.
-    unsafe { block(s, args, 0..k1 - k0, 0..queries) };
+    let lanes = S::LANES;
+    let first_block = (k0 - c0) / lanes;
+    let end_block = (k1 - c0).div_ceil(lanes);
+    // SAFETY: keys `k0..k1` of this head lie in the cache (caller's contract); reads stop at `k1`.
+    unsafe {
+        let keys = job.k.add((kv_head * job.capacity + c0) * hd);
+        for b in first_block..end_block {
+            let j0 = b * lanes;
+            let rows = (k1 - c0 - j0).min(lanes);
+            let mut d0 = 0;
+            while d0 < hd {
+                let cols = (hd - d0).min(lanes);
+                s.transpose(
+                    keys.add(j0 * hd + d0),
+                    hd,
+                    rows,
+                    cols,
+                    kt.as_mut_ptr().add(d0 * CHUNK + j0),
+                    CHUNK,
+                );
+                d0 += lanes;
+            }
+        }
+    }
+    let height = qk_tile_height::<S>();
+    let blocks = CHUNK / lanes;
+    let mut r = 0;
+    while r < queries {
+        let rows = height.min(queries - r);
+        let mut b = 0;
+        while b < blocks {
+            // SAFETY: rows `r..r + rows` of `qbuf` (`hd` values each) and of `scores` (`CHUNK` each) exist;
+            // columns `b * lanes..(b + 4) * lanes` lie inside the CHUNK-wide rows of `kt` and `scores`.
+            unsafe {
+                let q = qbuf.as_ptr().add(r * hd);
+                let k = kt.as_ptr().add(b * lanes);
+                let out = scores.as_mut_ptr().add(r * CHUNK + b * lanes);
+                match rows {
+                    1 => qk_tile::<S, 1>(s, q, hd, k, out),
+                    2 => qk_tile::<S, 2>(s, q, hd, k, out),
+                    3 if height >= 3 => qk_tile::<S, 3>(s, q, hd, k, out),
+                    4 if height >= 4 => qk_tile::<S, 4>(s, q, hd, k, out),
+                    5 if height >= 5 => qk_tile::<S, 5>(s, q, hd, k, out),
+                    6 if height >= 6 => qk_tile::<S, 6>(s, q, hd, k, out),
+                    _ => unreachable!("score tile height {rows} is never requested"),
+                }
+            }
+            b += QK_TILE_BLOCKS;
+        }
+        r += rows;
+    }
 }
 
-/// The partial softmax of one query head over the valid keys `lo..hi` of chunk `c0..c0 + CHUNK`.
-/// `scores` is that query's row (raw dot products, index `j - c0`); it is overwritten with `p_j`.
-/// Writes `o_c` to `o` and returns `(m_c, l_c)`.
+/// Key vectors per score tile.
+const QK_TILE_BLOCKS: usize = 4;
+
+/// Query rows per score tile: `rows × 4` accumulators plus 4 key vectors must fit the register file.
+const fn qk_tile_height<S: Simd>() -> usize {
+    if S::LANES >= 16 { 6 } else { 2 }
+}
+
+/// Scores of `R` query rows against `4 · LANES` transposed keys.
 ///
 /// # Safety
-/// `lo..hi` non-empty, inside the chunk and the cache; `o` has `head_dim` values.
+/// `q` has `R` rows of `hd` values; `kt` has `hd` rows (stride CHUNK) of `4 · LANES` readable values;
+/// `out` has `R` rows (stride CHUNK) of `4 · LANES` writable values.
 #[inline(always)]
-unsafe fn chunk_partial<S: Simd>(
-    s: S,
-    job: &Job,
-    kv_head: usize,
-    c0: usize,
-    lo: usize,
-    hi: usize,
-    scores: &mut [f32],
-    o: &mut [f32],
-) -> (f32, f32) {
+unsafe fn qk_tile<S: Simd, const R: usize>(s: S, q: *const f32, hd: usize, kt: *const f32, out: *mut f32) {
+    let mut acc = [[s.zero(); QK_TILE_BLOCKS]; R];
+    // SAFETY: per the contract.
+    unsafe {
+        for d in 0..hd {
+            let mut kv = [s.zero(); QK_TILE_BLOCKS];
+            for (b, k) in kv.iter_mut().enumerate() {
+                *k = s.load(kt.add(d * CHUNK + b * S::LANES));
+            }
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let qv = s.splat(*q.add(r * hd + d));
+                for b in 0..QK_TILE_BLOCKS {
+                    acc_r[b] = s.fma(qv, kv[b], acc_r[b]);
+                }
+            }
+        }
+        for (r, acc_r) in acc.iter().enumerate() {
+            for (b, a) in acc_r.iter().enumerate() {
+                s.store(out.add(r * CHUNK + b * S::LANES), *a);
+            }
+        }
+    }
+}
+
+/// The softmax part of a partial for one query head over the valid keys `lo..hi` of chunk
+/// `c0..c0 + CHUNK`. `scores` is that query's row (raw dot products, index `j - c0`); entries `lo..hi` are
+/// overwritten with `p_j = e^(s_j − m_c)`. Returns `(m_c, l_c)`.
+#[inline(always)]
+fn chunk_softmax<S: Simd>(s: S, job: &Job, c0: usize, lo: usize, hi: usize, scores: &mut [f32]) -> (f32, f32) {
     let lanes = S::LANES;
     let scale = s.splat(job.scale);
     let (rel_lo, rel_hi) = (lo - c0, hi - c0);
     let first_block = rel_lo / lanes;
     let end_block = rel_hi.div_ceil(lanes);
+    debug_assert!(end_block * lanes <= scores.len());
     let mut maxv = s.splat(f32::NEG_INFINITY);
-    // SAFETY (loads and stores of `scores`): blocks are inside the CHUNK-long row.
+    // SAFETY (loads and stores of `scores`): blocks lie inside the CHUNK-long row (`rel_hi <= CHUNK`,
+    // a multiple of LANES).
     for b in first_block..end_block {
         let base = b * lanes;
         let v = s.mul(unsafe { s.load(scores.as_ptr().add(base)) }, scale);
@@ -276,88 +374,139 @@ unsafe fn chunk_partial<S: Simd>(
         lv = s.add(lv, p);
         unsafe { s.store(scores.as_mut_ptr().add(base), p) };
     }
-    let l = s.reduce_sum(lv);
-    // SAFETY: values `lo..hi` of this head lie in the cache; `o` has `head_dim` values.
-    unsafe { weighted_values(s, job, kv_head, lo, hi, &scores[rel_lo..rel_hi], o) };
-    (m, l)
+    (m, s.reduce_sum(lv))
 }
 
-/// `o = Σ_{j in lo..hi} p[j - lo] · v_j`, in increasing `j`, vectorised over the head dimension.
+/// `o[r] = Σ_{j in lo..hi} p[r][j − c0] · v_j` for `rows` query heads that share the valid range (the
+/// heads of one token and one KV head), each in increasing `j`, vectorised over the head dimension;
+/// the value rows are loaded once for all of them. `p` rows have stride CHUNK, `o` rows stride `head_dim`.
 ///
 /// # Safety
-/// Values `lo..hi` of `kv_head` lie in the cache; `o` has `head_dim` values.
+/// Values `lo..hi` of `kv_head` lie in the cache; `p` holds `rows` rows with entries `lo - c0..hi - c0`;
+/// `o` has `rows * head_dim` values.
 #[inline(always)]
-unsafe fn weighted_values<S: Simd>(s: S, job: &Job, kv_head: usize, lo: usize, hi: usize, p: &[f32], o: &mut [f32]) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn weighted_values<S: Simd>(
+    s: S,
+    job: &Job,
+    kv_head: usize,
+    c0: usize,
+    lo: usize,
+    hi: usize,
+    p: &[f32],
+    rows: usize,
+    o: &mut [f32],
+) {
     let hd = job.head_dim;
-    // SAFETY: forwarded.
-    let v = unsafe { job.v.add((kv_head * job.capacity + lo) * hd) };
-    let count = hi - lo;
-    // Register-resident accumulators for the common head sizes; memory-resident otherwise.
-    // SAFETY (all arms): forwarded contract.
+    // SAFETY (whole body): forwarded contract; row offsets stay below `rows`.
     unsafe {
-        match hd.div_ceil(S::LANES) {
-            1 => weighted_values_n::<S, 1>(s, v, hd, count, p, o),
-            2 => weighted_values_n::<S, 2>(s, v, hd, count, p, o),
-            3 => weighted_values_n::<S, 3>(s, v, hd, count, p, o),
-            4 => weighted_values_n::<S, 4>(s, v, hd, count, p, o),
-            5 => weighted_values_n::<S, 5>(s, v, hd, count, p, o),
-            6 => weighted_values_n::<S, 6>(s, v, hd, count, p, o),
-            7 => weighted_values_n::<S, 7>(s, v, hd, count, p, o),
-            8 => weighted_values_n::<S, 8>(s, v, hd, count, p, o),
-            _ => {
-                o.fill(0.0);
-                for j in 0..count {
-                    let pj = s.splat(p[j]);
-                    let row = v.add(j * hd);
-                    let mut d = 0;
-                    while d < hd {
-                        let len = (hd - d).min(S::LANES);
-                        let vv = if len == S::LANES { s.load(row.add(d)) } else { s.load_partial(row.add(d), len) };
-                        let acc = if len == S::LANES {
-                            s.load(o.as_ptr().add(d))
-                        } else {
-                            s.load_partial(o.as_ptr().add(d), len)
-                        };
-                        s.store_partial(o.as_mut_ptr().add(d), s.fma(pj, vv, acc), len);
-                        d += S::LANES;
+        let v = job.v.add((kv_head * job.capacity + lo) * hd);
+        let count = hi - lo;
+        let dv = hd.div_ceil(S::LANES);
+        let most = if dv <= 6 { 3 } else { 2 };
+        let mut r = 0;
+        while r < rows {
+            let rr = (rows - r).min(most);
+            let pr = p.as_ptr().add(r * CHUNK + lo - c0);
+            let or = o.as_mut_ptr().add(r * hd);
+            macro_rules! tile {
+                ($($d:literal),*) => {
+                    match (dv, rr) {
+                        $(
+                            ($d, 1) => pv_tile::<S, $d, 1>(s, v, hd, count, pr, or),
+                            ($d, 2) => pv_tile::<S, $d, 2>(s, v, hd, count, pr, or),
+                            ($d, 3) if $d <= 6 => pv_tile::<S, $d, 3>(s, v, hd, count, pr, or),
+                        )*
+                        _ => pv_rows_in_memory(s, v, hd, count, pr, rr, or),
                     }
+                };
+            }
+            tile!(1, 2, 3, 4, 5, 6, 7, 8);
+            r += rr;
+        }
+    }
+}
+
+/// [`weighted_values`] for `R` rows with `D` vectors per head (`head_dim <= D * LANES`), accumulators in
+/// registers.
+///
+/// # Safety
+/// `count` value rows of `hd` values at `v`; `p` rows (stride CHUNK) of `count` values; `o` rows
+/// (stride `hd`) of `hd` values, `R` of each.
+#[inline(always)]
+unsafe fn pv_tile<S: Simd, const D: usize, const R: usize>(
+    s: S,
+    v: *const f32,
+    hd: usize,
+    count: usize,
+    p: *const f32,
+    o: *mut f32,
+) {
+    let mut acc = [[s.zero(); D]; R];
+    let tail = hd - (D - 1) * S::LANES;
+    // SAFETY: every load stays within value row `j` (`hd` values; the last vector is partial) and within
+    // the `p` rows; stores write `hd` values per output row.
+    unsafe {
+        for j in 0..count {
+            let row = v.add(j * hd);
+            let mut vv = [s.zero(); D];
+            for (d, x) in vv.iter_mut().enumerate().take(D - 1) {
+                *x = s.load(row.add(d * S::LANES));
+            }
+            vv[D - 1] = s.load_partial(row.add((D - 1) * S::LANES), tail);
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let pj = s.splat(*p.add(r * CHUNK + j));
+                for d in 0..D {
+                    acc_r[d] = s.fma(pj, vv[d], acc_r[d]);
+                }
+            }
+        }
+        for (r, acc_r) in acc.iter().enumerate() {
+            for (d, a) in acc_r.iter().enumerate() {
+                s.store_partial(o.add(r * hd + d * S::LANES), *a, (hd - d * S::LANES).min(S::LANES));
+            }
+        }
+    }
+}
+
+/// [`weighted_values`] for head sizes beyond the register tiles: accumulators in `o` itself.
+///
+/// # Safety
+/// As [`pv_tile`], for `rows` rows.
+#[inline(always)]
+unsafe fn pv_rows_in_memory<S: Simd>(
+    s: S,
+    v: *const f32,
+    hd: usize,
+    count: usize,
+    p: *const f32,
+    rows: usize,
+    o: *mut f32,
+) {
+    // SAFETY: as in `pv_tile`; `d + len <= hd` on every access.
+    unsafe {
+        for r in 0..rows {
+            let or = o.add(r * hd);
+            for d in 0..hd {
+                *or.add(d) = 0.0;
+            }
+            for j in 0..count {
+                let pj = s.splat(*p.add(r * CHUNK + j));
+                let row = v.add(j * hd);
+                let mut d = 0;
+                while d < hd {
+                    let len = (hd - d).min(S::LANES);
+                    let acc = s.load_partial(or.add(d), len);
+                    s.store_partial(or.add(d), s.fma(pj, s.load_partial(row.add(d), len), acc), len);
+                    d += S::LANES;
                 }
             }
         }
     }
 }
 
-/// [`weighted_values`] with `D` vectors per head (`head_dim <= D * LANES`).
-///
-/// # Safety
-/// `count` rows of `hd` values at `v`; `o` has `hd` values.
-#[inline(always)]
-unsafe fn weighted_values_n<S: Simd, const D: usize>(s: S, v: *const f32, hd: usize, count: usize, p: &[f32], o: &mut [f32]) {
-    let mut acc = [s.zero(); D];
-    let tail = hd - (D - 1) * S::LANES;
-    // SAFETY: every load stays within row `j` (`hd` values; the last vector is partial if needed).
-    unsafe {
-        for j in 0..count {
-            let pj = s.splat(p[j]);
-            let row = v.add(j * hd);
-            for (d, a) in acc.iter_mut().enumerate().take(D - 1) {
-                *a = s.fma(pj, s.load(row.add(d * S::LANES)), *a);
-            }
-            let last = if tail == S::LANES {
-                s.load(row.add((D - 1) * S::LANES))
-            } else {
-                s.load_partial(row.add((D - 1) * S::LANES), tail)
-            };
-            acc[D - 1] = s.fma(pj, last, acc[D - 1]);
-        }
-        for (d, a) in acc.iter().enumerate() {
-            s.store_partial(o.as_mut_ptr().add(d * S::LANES), *a, (hd - d * S::LANES).min(S::LANES));
-        }
-    }
-}
-
-/// Merges the partial `(m_c, l_c, o_c)` into the running state `(m, l, o)` (state[0] = m, state[1] = l,
-/// state[2..] = o). `first` initialises the state instead.
+/// Merges the partial `(m_c, l_c, o_c)` into the running state `(m, l, o)` (`state[0]` = m, `state[1]` = l,
+/// `state[2..]` = o). `first` initialises the state instead.
 #[inline(always)]
 fn merge<S: Simd>(s: S, state: &mut [f32], m_c: f32, l_c: f32, o_c: &[f32], first: bool) {
     let hd = o_c.len();
@@ -416,7 +565,8 @@ unsafe fn query_block<S: Simd>(
     let (qbuf, rest) = buf.split_at_mut(queries * hd);
     let (scores, rest) = rest.split_at_mut(queries * CHUNK);
     let (states, rest) = rest.split_at_mut(queries * partial);
-    let o_c = &mut rest[..hd];
+    let (o_c, kt) = rest.split_at_mut(job.group * hd);
+    let mut ml = vec![0f32; 2 * job.group];
     gather_queries(job, kv_head, tokens.clone(), qbuf);
     let lo_all = job.keys(tokens.start).0;
     let hi_all = job.keys(tokens.end - 1).1;
@@ -426,19 +576,44 @@ unsafe fn query_block<S: Simd>(
         let k0 = c0.max(lo_all);
         let k1 = (c0 + CHUNK).min(hi_all);
         // SAFETY: keys `k0..k1` are below `kv.len` (checked by the caller); `scores` is big enough.
-        unsafe { score_chunk(s, job, kv_head, qbuf, queries, c0, k0, k1, scores) };
+        unsafe { score_chunk(s, job, kv_head, qbuf, queries, c0, k0, k1, scores, kt) };
         for (ti, t) in tokens.clone().enumerate() {
             let (lo, hi) = job.keys(t);
             let (lo, hi) = (lo.max(c0), hi.min(c0 + CHUNK));
             if lo >= hi {
                 continue;
             }
-            for g in 0..job.group {
-                let qi = ti * job.group + g;
-                let row = &mut scores[qi * CHUNK..(qi + 1) * CHUNK];
-                // SAFETY: `lo..hi` is non-empty, inside this chunk and below `kv.len`.
-                let (m_c, l_c) = unsafe { chunk_partial(s, job, kv_head, c0, lo, hi, row, o_c) };
-                merge(s, &mut states[qi * partial..(qi + 1) * partial], m_c, l_c, o_c, !started[qi]);
+            let rows = ti * job.group..(ti + 1) * job.group;
+            for qi in rows.clone() {
+                let (m_c, l_c) = chunk_softmax(s, job, c0, lo, hi, &mut scores[qi * CHUNK..(qi + 1) * CHUNK]);
+                ml[2 * (qi - rows.start)] = m_c;
+                ml[2 * (qi - rows.start) + 1] = l_c;
+            }
+            // SAFETY: `lo..hi` is non-empty, inside this chunk and below `kv.len`; the rows exist.
+            unsafe {
+                weighted_values(
+                    s,
+                    job,
+                    kv_head,
+                    c0,
+                    lo,
+                    hi,
+                    &scores[rows.start * CHUNK..],
+                    job.group,
+                    o_c,
+                )
+            };
+            for qi in rows.clone() {
+                let g = qi - rows.start;
+                let o_g = &o_c[g * hd..(g + 1) * hd];
+                merge(
+                    s,
+                    &mut states[qi * partial..(qi + 1) * partial],
+                    ml[2 * g],
+                    ml[2 * g + 1],
+                    o_g,
+                    !started[qi],
+                );
                 started[qi] = true;
             }
         }
@@ -469,7 +644,13 @@ unsafe fn key_split_for(
 ) {
     // SAFETY: forwarded.
     unsafe {
-        isa_dispatch!(isa, key_split, key_split_avx512, key_split_avx2, (job, kv_head, chunk, first_chunk, chunks, buf, parts))
+        isa_dispatch!(
+            isa,
+            key_split,
+            key_split_avx512,
+            key_split_avx2,
+            (job, kv_head, chunk, first_chunk, chunks, buf, parts)
+        )
     }
 }
 
@@ -486,7 +667,18 @@ unsafe fn key_split_avx512(
     parts: *mut f32,
 ) {
     // SAFETY: only reached on CPUs with these features.
-    unsafe { key_split(Avx512::new_unchecked(), job, kv_head, chunk, first_chunk, chunks, buf, parts) }
+    unsafe {
+        key_split(
+            Avx512::new_unchecked(),
+            job,
+            kv_head,
+            chunk,
+            first_chunk,
+            chunks,
+            buf,
+            parts,
+        )
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -502,7 +694,18 @@ unsafe fn key_split_avx2(
     parts: *mut f32,
 ) {
     // SAFETY: only reached on CPUs with these features.
-    unsafe { key_split(Avx2::new_unchecked(), job, kv_head, chunk, first_chunk, chunks, buf, parts) }
+    unsafe {
+        key_split(
+            Avx2::new_unchecked(),
+            job,
+            kv_head,
+            chunk,
+            first_chunk,
+            chunks,
+            buf,
+            parts,
+        )
+    }
 }
 
 /// One key-split task: the partials of chunk `chunk` for every query token and head of `kv_head`.
@@ -526,34 +729,58 @@ unsafe fn key_split<S: Simd>(
     let hd = job.head_dim;
     let queries = job.n * job.group;
     let partial = job.partial_len();
-    let (qbuf, scores) = buf.split_at_mut(queries * hd);
+    let (qbuf, rest) = buf.split_at_mut(queries * hd);
+    let (scores, rest) = rest.split_at_mut(queries * CHUNK);
+    let (o_c, kt) = rest.split_at_mut(job.group * hd);
     gather_queries(job, kv_head, 0..job.n, qbuf);
     let c0 = chunk * CHUNK;
     let k0 = c0.max(job.keys(0).0);
     let k1 = (c0 + CHUNK).min(job.keys(job.n - 1).1);
     if k0 < k1 {
         // SAFETY: keys `k0..k1` are below `kv.len`; `scores` holds `queries * CHUNK` values.
-        unsafe { score_chunk(s, job, kv_head, qbuf, queries, c0, k0, k1, scores) };
+        unsafe { score_chunk(s, job, kv_head, qbuf, queries, c0, k0, k1, scores, kt) };
     }
     for t in 0..job.n {
         let (lo, hi) = job.keys(t);
         let (lo, hi) = (lo.max(c0), hi.min(c0 + CHUNK));
-        for g in 0..job.group {
+        let slot = |g: usize| {
             let head = kv_head * job.group + g;
-            let at = ((t * job.n_heads + head) * chunks + chunk - first_chunk) * partial;
-            // SAFETY: this task owns partial slot (t, head, chunk); the buffer holds every slot.
-            let slot = unsafe { std::slice::from_raw_parts_mut(parts.add(at), partial) };
-            if lo >= hi {
-                slot[1] = 0.0;
-                continue;
+            ((t * job.n_heads + head) * chunks + chunk - first_chunk) * partial
+        };
+        if lo >= hi {
+            for g in 0..job.group {
+                // SAFETY: this task owns partial slot (t, head, chunk); the buffer holds every slot.
+                unsafe { *parts.add(slot(g) + 1) = 0.0 };
             }
-            let qi = t * job.group + g;
-            let row = &mut scores[qi * CHUNK..(qi + 1) * CHUNK];
-            let (m_head, o) = slot.split_at_mut(2);
-            // SAFETY: `lo..hi` is non-empty, inside this chunk and below `kv.len`.
-            let (m_c, l_c) = unsafe { chunk_partial(s, job, kv_head, c0, lo, hi, row, o) };
-            m_head[0] = m_c;
-            m_head[1] = l_c;
+            continue;
+        }
+        let rows = t * job.group..(t + 1) * job.group;
+        for qi in rows.clone() {
+            let (m_c, l_c) = chunk_softmax(s, job, c0, lo, hi, &mut scores[qi * CHUNK..(qi + 1) * CHUNK]);
+            // SAFETY: as above.
+            unsafe {
+                *parts.add(slot(qi - rows.start)) = m_c;
+                *parts.add(slot(qi - rows.start) + 1) = l_c;
+            }
+        }
+        // SAFETY: `lo..hi` is non-empty, inside this chunk and below `kv.len`; `o_c` holds the group.
+        unsafe {
+            weighted_values(
+                s,
+                job,
+                kv_head,
+                c0,
+                lo,
+                hi,
+                &scores[rows.start * CHUNK..],
+                job.group,
+                o_c,
+            )
+        };
+        for g in 0..job.group {
+            // SAFETY: as above; a slot has `partial = head_dim + 2` values.
+            let dst = unsafe { std::slice::from_raw_parts_mut(parts.add(slot(g) + 2), hd) };
+            dst.copy_from_slice(&o_c[g * hd..(g + 1) * hd]);
         }
     }
 }
@@ -562,7 +789,15 @@ unsafe fn key_split<S: Simd>(
 /// `isa` supported.
 unsafe fn merge_for(isa: Isa, job: &Job, chunks: usize, partials: &[f32], out: &mut [f32]) {
     // SAFETY: forwarded.
-    unsafe { isa_dispatch!(isa, merge_all, merge_all_avx512, merge_all_avx2, (job, chunks, partials, out)) }
+    unsafe {
+        isa_dispatch!(
+            isa,
+            merge_all,
+            merge_all_avx512,
+            merge_all_avx2,
+            (job, chunks, partials, out)
+        )
+    }
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -8,13 +8,12 @@
 //!
 //! That order depends only on `cols` and the instruction set, never on `R`, `T`, the number of input rows,
 //! or how rows are split between threads. This is what makes batched decode and prefill give bit-identical
-//! results for the same weight row and input row (invariant 2 of ARCHITECTURE.md), and what lets the
-//! decode path ([`crate::backend::cpu::matvec`]) and the blocked prefill path
-//! ([`crate::backend::cpu::gemm`]) share numerics exactly.
+//! results for the same weight row and input row (invariant 2 of ARCHITECTURE.md). The bf16 dot-product
+//! path ([`super::gemm`]) reuses [`store_tile`], hence the same lane tree.
 
-use super::simd::{Isa, Scalar, Simd};
 #[cfg(target_arch = "x86_64")]
 use super::simd::{Avx2, Avx512};
+use super::simd::{Isa, Scalar, Simd};
 
 /// Largest tile height (weight rows per tile).
 pub(crate) const TILE_ROWS: usize = 4;
@@ -88,6 +87,7 @@ pub(crate) struct TileArgs<W> {
 /// # Safety
 /// Every row named by `a` must be readable for `a.cols` elements and every output writable.
 #[inline(always)]
+#[allow(clippy::needless_range_loop)] // index loops over const bounds keep the tile in registers
 pub(crate) unsafe fn tile<S: Simd, W: WeightElem, const R: usize, const T: usize>(s: S, a: TileArgs<W>) {
     let lanes = S::LANES;
     let mut acc = [[s.zero(); T]; R];

@@ -1,10 +1,18 @@
-//! Decode-sized matrix products: a few input rows against a large weight matrix, memory bound.
+//! The exact matrix product for every batch size: memory bound for decode, compute bound for prefill.
 //!
-//! The weight rows are split between threads in contiguous chunks; inside a chunk each 4-row tile is
-//! streamed from memory once and meets every input row while it sits in L1 (see [`super::dot::block`]),
-//! so a batch of `n` sequences costs one pass over the weights, not `n`. Software prefetch runs a fixed
-//! distance ahead of the four row streams. Numerics are those of [`super::dot`]: identical for any `n`
-//! and any split.
+//! The weight rows are split between threads in contiguous chunks (a few per thread, claimed
+//! dynamically, so a thread the OS delays does not hold the step up). A chunk is read as four long
+//! sequential streams, one per quarter of its rows ([`super::dot::block_streams`]): each 4-row tile takes
+//! one row from each stream and meets every input row while it sits in L1, so a batch of `n` sequences
+//! costs one pass over the weights, not `n`. Four long streams keep the hardware prefetchers busy
+//! (a 4-row zigzag over adjacent rows ran at half the bandwidth); software prefetch runs 1 KiB ahead in
+//! each stream. Large batches are cut into token blocks of ~256 KiB of activations, which stay in L2
+//! while the task's weight rows stream past them.
+//!
+//! Measured on a 2-vCPU Zen 4 VM with 2 threads: 35–37 GB/s at n = 1, the same as a plain streaming read
+//! of memory; ~200 GFLOP/s (about 90% of the FMA peak) from n ≈ 16 up to prefill sizes, bf16 weights
+//! included (widened in registers), which is why there is no separate packed GEMM for the exact path.
+//! Numerics are those of [`super::dot`]: identical for any `n` and any split.
 
 use super::dot::{TileArgs, WeightElem, block_streams_for};
 use super::pool::ThreadPool;
@@ -12,11 +20,14 @@ use super::simd::Isa;
 
 /// Bytes ahead of the current column that weight rows are prefetched from.
 const PREFETCH_BYTES: usize = 1024;
+/// Bytes of input rows a task keeps hot (in L2) while its weight rows stream past them; larger batches
+/// are processed in blocks of this size.
+const TOKEN_BLOCK_BYTES: usize = 256 * 1024;
 
 /// `y[t, r] = Σ_c x[t, c] · w[r, c]` for `n` input rows, weights `[rows, cols]` of element `W`.
 ///
-/// Cost: one pass over the weights (`rows · cols · size_of::<W>()` bytes) plus `n · rows · cols` FMAs,
-/// split over the pool's threads by rows.
+/// Cost: one pass over the weights (`rows · cols · size_of::<W>()` bytes) per token block plus
+/// `n · rows · cols` FMAs, split over the pool's threads by rows.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matvec<W: WeightElem>(
     pool: &ThreadPool,
@@ -43,7 +54,7 @@ pub(crate) fn matvec<W: WeightElem>(
         y: y.as_mut_ptr(),
         y_stride: rows,
         y_row_step: 1,
-        prefetch: std::env::var("PF").ok().and_then(|v| v.parse().ok()).unwrap_or(PREFETCH_BYTES),
+        prefetch: PREFETCH_BYTES,
     };
     let threads = pool.threads();
     // A few chunks per thread so that a thread slowed by the OS does not hold the others up, but big
@@ -52,11 +63,16 @@ pub(crate) fn matvec<W: WeightElem>(
     let min_rows = (65536 / row_bytes.max(1)).max(4);
     let per_task = rows.div_ceil(threads * 4).max(min_rows).next_multiple_of(4);
     let tasks = rows.div_ceil(per_task);
+    let block = (TOKEN_BLOCK_BYTES / (cols * 4).max(1))
+        .clamp(6, 1024)
+        .next_multiple_of(6);
     pool.run(tasks, &|i| {
         let start = i * per_task;
         let end = (start + per_task).min(rows);
-        // SAFETY: the shapes were checked above, rows `start..end` and tokens `0..n` are in bounds, each
-        // task writes only the outputs of its own rows, and `isa` comes from `Isa::detect`.
-        unsafe { block_streams_for(isa, args, start..end, 0..n) };
+        for t0 in (0..n).step_by(block) {
+            // SAFETY: the shapes were checked above, rows `start..end` and tokens `t0..` are in bounds,
+            // each task writes only the outputs of its own rows, and `isa` comes from `Isa::detect`.
+            unsafe { block_streams_for(isa, args, start..end, t0..(t0 + block).min(n)) };
+        }
     });
 }

@@ -9,8 +9,9 @@
 //! - `pool.rs`: the persistent thread pool every parallel region runs on (µs-scale dispatch).
 //! - `simd.rs`: instruction-set detection and the vector trait (AVX-512, AVX2+FMA, portable).
 //! - `dot.rs`: the register-tiled dot-product kernel shared by decode and prefill.
-//! - `matvec.rs`: decode-sized products (memory bound: one pass over the weights for the whole batch).
-//! - `gemm.rs`: prefill-sized products (compute bound: cache-blocked; AVX-512 BF16 for bf16 weights).
+//! - `matvec.rs`: exact products for any batch: one pass over the weights for the whole batch, memory
+//!   bound for decode, at ~90% of the FMA peak for prefill.
+//! - `gemm.rs`: the bf16 prefill path with AVX-512 BF16 dot products (activations rounded to bf16).
 //! - `attention.rs`: chunked causal attention with a fixed merge order.
 //! - `ops.rs`: RMSNorm and SwiGLU.
 //! - `scratch.rs`: per-thread aligned scratch buffers.
@@ -71,30 +72,46 @@ pub struct KvView<'a> {
 pub struct CpuBackend {
     pool: ThreadPool,
     isa: Isa,
+    /// Whether bf16 products above [`Self::BF16_EXACT_MAX_ROWS`] rows may use bf16 dot products.
+    bf16_dot: bool,
 }
 
 impl CpuBackend {
-    /// Batches of at most this many input rows take the memory-bound decode path (one pass over the
-    /// weights for the whole batch); larger ones take the cache-blocked prefill path. Both give
-    /// bit-identical results, so this only affects speed.
-    pub const DECODE_MAX_ROWS: usize = 16;
-
     /// With bf16 weights, batches of more than this many input rows (prefill) are computed with
     /// activations rounded to bf16 on CPUs with AVX-512 BF16 (about twice as fast, results differ from
     /// the exact path by about bf16 precision). Up to this size every batch gives bit-identical results
-    /// per row, so a batched decode step of at most this many sequences never depends on its batch-mates.
+    /// per row, so a batched step of at most this many rows never depends on its batch-mates; a larger
+    /// step (say a prefill chunk batched with decodes) changes every row's numerics, including the
+    /// decodes'. [`Self::with_bf16_dot_products`]`(false)` makes every size exact.
     pub const BF16_EXACT_MAX_ROWS: usize = 32;
 
     /// A backend using `threads` threads (at least one). Starts `threads - 1` worker threads and detects
     /// the instruction set (AVX-512 with BF16, AVX-512, AVX2+FMA, or portable code).
     pub fn new(threads: usize) -> Self {
-        Self { pool: ThreadPool::new(threads.max(1)), isa: Isa::get() }
+        Self {
+            pool: ThreadPool::new(threads.max(1)),
+            isa: Isa::get(),
+            bf16_dot: true,
+        }
+    }
+
+    /// Allows (the default) or forbids the bf16 dot-product path for bf16 batches above
+    /// [`Self::BF16_EXACT_MAX_ROWS`] rows. Forbidding it makes every bf16 product exact (activations stay
+    /// f32) and bit-identical per row for any batch size, at about half the prefill speed on CPUs with
+    /// AVX-512 BF16; it changes nothing on other CPUs.
+    pub fn with_bf16_dot_products(mut self, enabled: bool) -> Self {
+        self.bf16_dot = enabled;
+        self
     }
 
     /// A backend pinned to one instruction set (tests compare them all).
     #[cfg(test)]
     pub(crate) fn with_isa(threads: usize, isa: Isa) -> Self {
-        Self { pool: ThreadPool::new(threads.max(1)), isa }
+        Self {
+            pool: ThreadPool::new(threads.max(1)),
+            isa,
+            bf16_dot: true,
+        }
     }
 
     /// Threads a parallel region runs on (fewer than asked only if the OS refused to start some).
@@ -109,10 +126,12 @@ impl CpuBackend {
     /// exactly. That order is the same for every `n` and every thread split, so a row's result never
     /// depends on the rest of the batch. Exception: bf16 weights with `n >` [`Self::BF16_EXACT_MAX_ROWS`]
     /// on AVX-512 BF16 CPUs round the activations to bf16 first (still deterministic, still independent
-    /// of the other rows, but not bit-identical to smaller batches).
+    /// of the values of the other rows, but not bit-identical to smaller batches) unless disabled with
+    /// [`Self::with_bf16_dot_products`].
     ///
-    /// Cost: for `n <=` [`Self::DECODE_MAX_ROWS`], one pass over the weights (memory bound, ~the machine's
-    /// bandwidth); above, `n · rows · cols` FMAs at near the FMA peak (twice that with bf16 dot products).
+    /// Cost: one pass over the weights plus `n · rows · cols` FMAs, whichever bounds: memory bound for
+    /// decode-sized batches (~the machine's streaming bandwidth), at ~90% of the FMA peak from about 16
+    /// rows on (the bf16 dot-product path does twice the work per instruction).
     ///
     /// # Panics
     /// If the slice lengths do not match the shapes.
@@ -120,21 +139,13 @@ impl CpuBackend {
         assert_eq!(x.len(), n * w.cols, "matmul input shape");
         assert_eq!(y.len(), n * w.rows, "matmul output shape");
         match &w.data {
-            WeightData::F32(d) => {
-                if n <= Self::DECODE_MAX_ROWS {
-                    matvec::matvec(&self.pool, self.isa, x, n, d, w.rows, w.cols, y);
-                } else {
-                    gemm::gemm_exact(&self.pool, self.isa, x, n, d, w.rows, w.cols, y);
-                }
-            }
+            WeightData::F32(d) => matvec::matvec(&self.pool, self.isa, x, n, d, w.rows, w.cols, y),
             WeightData::Bf16(d) => {
                 let bits: &[u16] = bytemuck::cast_slice(d);
-                if n <= Self::DECODE_MAX_ROWS {
-                    matvec::matvec(&self.pool, self.isa, x, n, bits, w.rows, w.cols, y);
-                } else if n > Self::BF16_EXACT_MAX_ROWS && gemm::has_bf16_dot(self.isa) {
+                if n > Self::BF16_EXACT_MAX_ROWS && self.bf16_dot && gemm::has_bf16_dot(self.isa) {
                     gemm::gemm_bf16_dot(&self.pool, self.isa, x, n, bits, w.rows, w.cols, y);
                 } else {
-                    gemm::gemm_exact(&self.pool, self.isa, x, n, bits, w.rows, w.cols, y);
+                    matvec::matvec(&self.pool, self.isa, x, n, bits, w.rows, w.cols, y);
                 }
             }
         }

@@ -3,9 +3,9 @@
 //! Both run on the calling thread: they touch a few thousand values per token, far less than one
 //! dispatch to the pool would cost.
 
-use super::simd::{Isa, Scalar, Simd};
 #[cfg(target_arch = "x86_64")]
 use super::simd::{Avx2, Avx512};
+use super::simd::{Isa, Scalar, Simd};
 
 /// RMSNorm in f32: `out = x / sqrt(mean(x²) + eps) * weight`, row by row over `[n, dim]` with
 /// `dim = weight.len()`.
@@ -90,7 +90,13 @@ unsafe fn silu_mul_avx2(gate: &mut [f32], up: &[f32]) {
 #[inline(always)]
 unsafe fn load_n<S: Simd>(s: S, p: *const f32, len: usize) -> S::F {
     // SAFETY: forwarded.
-    unsafe { if len == S::LANES { s.load(p) } else { s.load_partial(p, len) } }
+    unsafe {
+        if len == S::LANES {
+            s.load(p)
+        } else {
+            s.load_partial(p, len)
+        }
+    }
 }
 
 #[inline(always)]

@@ -2,6 +2,8 @@
 //!
 //! Straight loops, f32 accumulation in index order, libm `exp`: slow and obviously correct.
 
+#![allow(clippy::needless_range_loop)]
+
 use super::{AttentionShape, KvView};
 use crate::tensor::{Weight, WeightData};
 
@@ -34,15 +36,13 @@ pub fn matmul(x: &[f32], n: usize, w: &Weight, y: &mut [f32]) {
 ///
 /// `q` is `[n, n_heads, head_dim]` (already rotated), `kv` holds keys/values for positions
 /// `0..first_pos + n`, and `out` receives `[n, n_heads, head_dim]`. Softmax runs in f32.
-pub fn attention(
-    q: &[f32],
-    n: usize,
-    first_pos: usize,
-    kv: KvView<'_>,
-    shape: AttentionShape,
-    out: &mut [f32],
-) {
-    let AttentionShape { n_heads, n_kv_heads, head_dim, sliding_window } = shape;
+pub fn attention(q: &[f32], n: usize, first_pos: usize, kv: KvView<'_>, shape: AttentionShape, out: &mut [f32]) {
+    let AttentionShape {
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        sliding_window,
+    } = shape;
     assert_eq!(q.len(), n * n_heads * head_dim, "attention query shape");
     assert_eq!(out.len(), q.len(), "attention output shape");
     assert!(kv.len >= first_pos + n, "KV cache shorter than the queries");

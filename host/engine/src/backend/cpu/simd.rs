@@ -124,6 +124,30 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     fn reduce_sum(self, v: Self::F) -> f32;
     /// The largest lane (exact, so its order does not matter).
     fn reduce_max(self, v: Self::F) -> f32;
+    /// Transposes a `LANES × LANES` block: `dst[c * dst_stride + r] = src[r * src_stride + c]` for
+    /// `c < cols`, with source rows `r >= rows` read as zeros (never touched).
+    ///
+    /// # Safety
+    /// Source rows `r < rows` readable for `cols` values; destination rows `c < cols` writable for
+    /// `LANES` values.
+    #[inline(always)]
+    unsafe fn transpose(
+        self,
+        src: *const f32,
+        src_stride: usize,
+        rows: usize,
+        cols: usize,
+        dst: *mut f32,
+        dst_stride: usize,
+    ) {
+        for c in 0..cols {
+            for r in 0..Self::LANES {
+                // SAFETY: forwarded contract.
+                unsafe { *dst.add(c * dst_stride + r) = if r < rows { *src.add(r * src_stride + c) } else { 0.0 } };
+            }
+        }
+    }
+
     /// `out[i] = reduce_sum(v[i])`, bit for bit, possibly faster for many vectors.
     #[inline(always)]
     fn reduce_sums(self, v: &[Self::F], out: &mut [f32]) {
@@ -139,7 +163,14 @@ const EXP_LO: f32 = -88.376_26;
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 const EXP_C1: f32 = 0.693_359_4;
 const EXP_C2: f32 = -2.121_944_4e-4;
-const EXP_P: [f32; 6] = [1.987_569_1e-4, 1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1];
+const EXP_P: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_2e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    0.5,
+];
 
 /// Portable implementation: 8 lanes as an array, unfused multiply-add.
 #[derive(Debug, Clone, Copy)]
@@ -459,7 +490,11 @@ mod x86 {
         }
         #[inline(always)]
         fn mask(len: usize) -> __mmask16 {
-            if len >= 16 { 0xFFFF } else { ((1u32 << len) - 1) as __mmask16 }
+            if len >= 16 {
+                0xFFFF
+            } else {
+                ((1u32 << len) - 1) as __mmask16
+            }
         }
     }
 
@@ -522,6 +557,32 @@ mod x86 {
             );
             // Lane 4q + k holds vector 4k + q; put vector i in lane i.
             let idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+            _mm512_permutexvar_ps(idx, d)
+        }
+    }
+
+    /// Sums of 8 vectors through the canonical tree (the first half of [`reduce16`]'s work); lane `i < 8`
+    /// of the result is the sum of `v[i]`, lanes 8.. are unspecified.
+    #[inline(always)]
+    unsafe fn reduce8(v: &[__m512; 8]) -> __m512 {
+        // SAFETY: only called from AVX-512 contexts.
+        unsafe {
+            let mut t = [_mm512_setzero_ps(); 4];
+            for i in 0..4 {
+                t[i] = halve2(v[2 * i], v[2 * i + 1]);
+            }
+            let u0 = quarter2(t[0], t[1]);
+            let u1 = quarter2(t[2], t[3]);
+            let w = _mm512_add_ps(
+                _mm512_shuffle_ps::<0b01_00_01_00>(u0, u1),
+                _mm512_shuffle_ps::<0b11_10_11_10>(u0, u1),
+            );
+            // Quarter q: lane 0 holds vector q, lane 1 vector 4+q (as in `reduce16`).
+            let d = _mm512_add_ps(
+                _mm512_shuffle_ps::<0b10_00_10_00>(w, w),
+                _mm512_shuffle_ps::<0b11_01_11_01>(w, w),
+            );
+            let idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
             _mm512_permutexvar_ps(idx, d)
         }
     }
@@ -642,6 +703,59 @@ mod x86 {
             unsafe { _mm512_reduce_max_ps(v) }
         }
         #[inline(always)]
+        unsafe fn transpose(
+            self,
+            src: *const f32,
+            src_stride: usize,
+            rows: usize,
+            cols: usize,
+            dst: *mut f32,
+            dst_stride: usize,
+        ) {
+            // SAFETY: rows past `rows` are not read (zero vectors instead); loads read `cols` values
+            // per row and stores write the first `cols` transposed rows (the caller's contract).
+            unsafe {
+                // Masked loads of all 16 rows (rows past `rows` with an empty mask, which reads nothing)
+                // keep the block in registers.
+                let mut r = [_mm512_setzero_ps(); 16];
+                for (i, row) in r.iter_mut().enumerate() {
+                    let mask = if i < rows { Self::mask(cols) } else { 0 };
+                    *row = _mm512_maskz_loadu_ps(mask, src.wrapping_add(i * src_stride));
+                }
+                // Stage 1: interleave row pairs (per 128-bit lane L: d = 4L, 4L+1 | 4L+2, 4L+3).
+                let mut t = [_mm512_setzero_ps(); 16];
+                for k in 0..8 {
+                    t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+                    t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+                }
+                // Stage 2: u[4k + m] lane L holds d = 4L + m for rows 4k..4k+4.
+                let mut u = [_mm512_setzero_ps(); 16];
+                for k in 0..4 {
+                    let (a, b) = (_mm512_castps_pd(t[4 * k]), _mm512_castps_pd(t[4 * k + 2]));
+                    let (c, e) = (_mm512_castps_pd(t[4 * k + 1]), _mm512_castps_pd(t[4 * k + 3]));
+                    u[4 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+                    u[4 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+                    u[4 * k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, e));
+                    u[4 * k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, e));
+                }
+                // Stages 3-4: transpose the 128-bit lanes of (u[m], u[4+m], u[8+m], u[12+m]).
+                let mut o = [_mm512_setzero_ps(); 16];
+                for m in 0..4 {
+                    let x0 = _mm512_shuffle_f32x4::<0b10_00_10_00>(u[m], u[4 + m]);
+                    let x1 = _mm512_shuffle_f32x4::<0b11_01_11_01>(u[m], u[4 + m]);
+                    let x2 = _mm512_shuffle_f32x4::<0b10_00_10_00>(u[8 + m], u[12 + m]);
+                    let x3 = _mm512_shuffle_f32x4::<0b11_01_11_01>(u[8 + m], u[12 + m]);
+                    o[m] = _mm512_shuffle_f32x4::<0b10_00_10_00>(x0, x2);
+                    o[8 + m] = _mm512_shuffle_f32x4::<0b11_01_11_01>(x0, x2);
+                    o[4 + m] = _mm512_shuffle_f32x4::<0b10_00_10_00>(x1, x3);
+                    o[12 + m] = _mm512_shuffle_f32x4::<0b11_01_11_01>(x1, x3);
+                }
+                for (c, v) in o.iter().enumerate().take(cols) {
+                    _mm512_storeu_ps(dst.add(c * dst_stride), *v);
+                }
+            }
+        }
+        #[inline(always)]
         fn reduce_sums(self, v: &[__m512], out: &mut [f32]) {
             debug_assert_eq!(v.len(), out.len());
             let mut chunks = v.chunks_exact(16);
@@ -653,11 +767,16 @@ mod x86 {
             }
             let rest = chunks.remainder();
             let out_rest = outs.into_remainder();
-            if rest.len() > 4 {
+            if rest.len() > 8 {
                 let mut arr = [self.zero(); 16];
                 arr[..rest.len()].copy_from_slice(rest);
                 // SAFETY: `out_rest` has `rest.len()` writable values, the mask covers exactly those.
                 unsafe { _mm512_mask_storeu_ps(out_rest.as_mut_ptr(), Self::mask(rest.len()), reduce16(&arr)) };
+            } else if rest.len() > 4 {
+                let mut arr = [self.zero(); 8];
+                arr[..rest.len()].copy_from_slice(rest);
+                // SAFETY: as above.
+                unsafe { _mm512_mask_storeu_ps(out_rest.as_mut_ptr(), Self::mask(rest.len()), reduce8(&arr)) };
             } else {
                 for (o, v) in out_rest.iter_mut().zip(rest) {
                     *o = self.reduce_sum(*v);
@@ -746,9 +865,10 @@ mod tests {
             // Wide dynamic range so that any change of order shows up in the bits.
             (seed >> 8) as f32 / (1 << 24) as f32 * 2.0 - 1.0
         };
-        for count in [1usize, 3, 4, 5, 9, 16, 17, 24, 40] {
-            let lanes: Vec<[f32; 16]> =
-                (0..count).map(|i| std::array::from_fn(|_| next() * 10f32.powi((i % 7) as i32 - 3))).collect();
+        for count in [1usize, 3, 4, 5, 7, 8, 9, 12, 16, 17, 24, 40] {
+            let lanes: Vec<[f32; 16]> = (0..count)
+                .map(|i| std::array::from_fn(|_| next() * 10f32.powi((i % 7) as i32 - 3)))
+                .collect();
             // SAFETY: each array has 16 readable values.
             let vecs: Vec<_> = lanes.iter().map(|l| unsafe { s.load(l.as_ptr()) }).collect();
             let mut fast = vec![0f32; count];
@@ -756,6 +876,29 @@ mod tests {
             for (i, l) in lanes.iter().enumerate() {
                 assert_eq!(fast[i].to_bits(), tree16(l).to_bits(), "count {count}, vector {i}");
                 assert_eq!(s.reduce_sum(vecs[i]).to_bits(), tree16(l).to_bits());
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_transpose_matches_the_portable_one() {
+        let Some(s) = Avx512::new() else { return };
+        let src: Vec<f32> = (0..20 * 16).map(|i| i as f32).collect();
+        for rows in [1usize, 5, 16] {
+            for cols in [1usize, 7, 16] {
+                let mut fast = vec![-1f32; 16 * 17];
+                let mut slow = vec![-1f32; 16 * 17];
+                // SAFETY: 16 source rows of stride 20 fit in `src`; 16 destination rows of stride 17 fit.
+                unsafe {
+                    s.transpose(src.as_ptr(), 20, rows, cols, fast.as_mut_ptr(), 17);
+                    for c in 0..cols {
+                        for r in 0..16 {
+                            slow[c * 17 + r] = if r < rows { src[r * 20 + c] } else { 0.0 };
+                        }
+                    }
+                }
+                assert_eq!(fast, slow, "rows {rows} cols {cols}");
             }
         }
     }

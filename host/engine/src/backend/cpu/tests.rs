@@ -50,11 +50,24 @@ fn magnitudes(x: &[f32], n: usize, w: &Weight) -> Vec<f32> {
 fn assert_close(got: &[f32], want: &[f32], scale: &[f32], tol: f32, what: &str) {
     assert_eq!(got.len(), want.len());
     for (i, ((g, w), s)) in got.iter().zip(want).zip(scale).enumerate() {
-        assert!((g - w).abs() <= tol * s + 1e-30, "{what}: element {i}: got {g}, want {w} (scale {s})");
+        assert!(
+            (g - w).abs() <= tol * s + 1e-30,
+            "{what}: element {i}: got {g}, want {w} (scale {s})"
+        );
     }
 }
 
-const SHAPES: &[(usize, usize)] = &[(1, 1), (3, 5), (5, 17), (13, 33), (7, 64), (37, 100), (9, 129), (22, 576), (6, 1000)];
+const SHAPES: &[(usize, usize)] = &[
+    (1, 1),
+    (3, 5),
+    (5, 17),
+    (13, 33),
+    (7, 64),
+    (37, 100),
+    (9, 129),
+    (22, 576),
+    (6, 1000),
+];
 
 #[test]
 fn matmul_matches_reference_on_every_isa() {
@@ -99,7 +112,8 @@ fn matmul_rows_are_bit_identical_across_batch_sizes_and_threads() {
         for &(rows, cols) in &[(37, 100), (22, 576), (41, 33), (8, 1537)] {
             for bf in [false, true] {
                 let w = weight(&mut rng, rows, cols, bf);
-                let max_n = if bf { CpuBackend::BF16_EXACT_MAX_ROWS } else { 70 };
+                let max_n = if bf { CpuBackend::BF16_EXACT_MAX_ROWS } else { 300 };
+                let exact = CpuBackend::with_isa(2, isa).with_bf16_dot_products(false);
                 let x = rng.vec(max_n * cols);
                 // Each input row alone, single-threaded: the reference bits.
                 let single: Vec<Vec<f32>> = (0..max_n)
@@ -110,7 +124,7 @@ fn matmul_rows_are_bit_identical_across_batch_sizes_and_threads() {
                     })
                     .collect();
                 for backend in &backends {
-                    for n in (1..=CpuBackend::DECODE_MAX_ROWS + 2).chain([max_n]) {
+                    for n in (1..=18).chain([max_n]) {
                         let n = n.min(max_n);
                         let mut y = vec![0f32; n * rows];
                         backend.matmul(&x[..n * cols], n, &w, &mut y);
@@ -124,6 +138,20 @@ fn matmul_rows_are_bit_identical_across_batch_sizes_and_threads() {
                                 backend.threads()
                             );
                         }
+                    }
+                }
+                // With bf16 dot products off, bf16 is exact for every batch size too.
+                if bf {
+                    let n = 300;
+                    let x: Vec<f32> = (0..n)
+                        .flat_map(|t| x[(t % max_n) * cols..(t % max_n + 1) * cols].to_vec())
+                        .collect();
+                    let mut y = vec![0f32; n * rows];
+                    exact.matmul(&x, n, &w, &mut y);
+                    for t in 0..n {
+                        let got: Vec<u32> = y[t * rows..(t + 1) * rows].iter().map(|v| v.to_bits()).collect();
+                        let want: Vec<u32> = single[t % max_n].iter().map(|v| v.to_bits()).collect();
+                        assert_eq!(got, want, "{isa:?} {rows}x{cols} exact bf16 n={n} row {t}");
                     }
                 }
             }
@@ -148,7 +176,10 @@ fn bf16_prefill_rows_do_not_depend_on_the_batch() {
     let offset = 11;
     let mut part = vec![0f32; n * rows];
     CpuBackend::new(1).matmul(&x[offset * cols..(offset + n) * cols], n, &w, &mut part);
-    let want: Vec<u32> = full[offset * rows..(offset + n) * rows].iter().map(|v| v.to_bits()).collect();
+    let want: Vec<u32> = full[offset * rows..(offset + n) * rows]
+        .iter()
+        .map(|v| v.to_bits())
+        .collect();
     let got: Vec<u32> = part.iter().map(|v| v.to_bits()).collect();
     assert_eq!(got, want);
 }
@@ -161,7 +192,12 @@ struct AttnCase {
 }
 
 fn attention_inputs(rng: &mut Rng, case: &AttnCase) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let AttentionShape { n_heads, n_kv_heads, head_dim, .. } = case.shape;
+    let AttentionShape {
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        ..
+    } = case.shape;
     let q: Vec<f32> = rng.vec(case.n * n_heads * head_dim).iter().map(|v| v * 2.0).collect();
     let mut k = rng.vec(n_kv_heads * case.capacity * head_dim);
     let v = rng.vec(n_kv_heads * case.capacity * head_dim);
@@ -183,16 +219,66 @@ fn attention_cases() -> Vec<AttnCase> {
         sliding_window,
     };
     vec![
-        AttnCase { shape: shape(9, 3, 64, None), first_pos: 0, n: 1, capacity: 8 },
-        AttnCase { shape: shape(9, 3, 64, None), first_pos: 200, n: 1, capacity: 256 },
-        AttnCase { shape: shape(9, 3, 64, None), first_pos: 63, n: 1, capacity: 70 },
-        AttnCase { shape: shape(9, 3, 64, None), first_pos: 0, n: 100, capacity: 130 },
-        AttnCase { shape: shape(9, 3, 64, None), first_pos: 30, n: 37, capacity: 70 },
-        AttnCase { shape: shape(4, 4, 40, None), first_pos: 5, n: 3, capacity: 9 },
-        AttnCase { shape: shape(8, 2, 128, Some(5)), first_pos: 70, n: 4, capacity: 80 },
-        AttnCase { shape: shape(6, 2, 24, Some(70)), first_pos: 10, n: 90, capacity: 100 },
-        AttnCase { shape: shape(6, 1, 200, Some(33)), first_pos: 0, n: 20, capacity: 20 },
-        AttnCase { shape: shape(2, 1, 16, Some(1)), first_pos: 3, n: 5, capacity: 8 },
+        AttnCase {
+            shape: shape(9, 3, 64, None),
+            first_pos: 0,
+            n: 1,
+            capacity: 8,
+        },
+        AttnCase {
+            shape: shape(9, 3, 64, None),
+            first_pos: 200,
+            n: 1,
+            capacity: 256,
+        },
+        AttnCase {
+            shape: shape(9, 3, 64, None),
+            first_pos: 63,
+            n: 1,
+            capacity: 70,
+        },
+        AttnCase {
+            shape: shape(9, 3, 64, None),
+            first_pos: 0,
+            n: 100,
+            capacity: 130,
+        },
+        AttnCase {
+            shape: shape(9, 3, 64, None),
+            first_pos: 30,
+            n: 37,
+            capacity: 70,
+        },
+        AttnCase {
+            shape: shape(4, 4, 40, None),
+            first_pos: 5,
+            n: 3,
+            capacity: 9,
+        },
+        AttnCase {
+            shape: shape(8, 2, 128, Some(5)),
+            first_pos: 70,
+            n: 4,
+            capacity: 80,
+        },
+        AttnCase {
+            shape: shape(6, 2, 24, Some(70)),
+            first_pos: 10,
+            n: 90,
+            capacity: 100,
+        },
+        AttnCase {
+            shape: shape(6, 1, 200, Some(33)),
+            first_pos: 0,
+            n: 20,
+            capacity: 20,
+        },
+        AttnCase {
+            shape: shape(2, 1, 16, Some(1)),
+            first_pos: 3,
+            n: 5,
+            capacity: 8,
+        },
     ]
 }
 
@@ -203,7 +289,12 @@ fn attention_matches_reference_on_every_isa() {
         let backend = CpuBackend::with_isa(2, isa);
         for case in attention_cases() {
             let (q, k, v) = attention_inputs(&mut rng, &case);
-            let kv = KvView { k: &k, v: &v, capacity: case.capacity, len: case.first_pos + case.n };
+            let kv = KvView {
+                k: &k,
+                v: &v,
+                capacity: case.capacity,
+                len: case.first_pos + case.n,
+            };
             let mut got = vec![f32::NAN; q.len()];
             backend.attention(&q, case.n, case.first_pos, kv, case.shape, &mut got);
             let mut want = vec![0f32; q.len()];
@@ -230,15 +321,30 @@ fn attention_is_bit_identical_between_prefill_and_decode() {
         for case in attention_cases() {
             let (q, k, v) = attention_inputs(&mut rng, &case);
             let width = case.shape.n_heads * case.shape.head_dim;
-            let kv = KvView { k: &k, v: &v, capacity: case.capacity, len: case.first_pos + case.n };
+            let kv = KvView {
+                k: &k,
+                v: &v,
+                capacity: case.capacity,
+                len: case.first_pos + case.n,
+            };
             let mut batch = vec![0f32; q.len()];
             CpuBackend::with_isa(2, isa).attention(&q, case.n, case.first_pos, kv, case.shape, &mut batch);
             for threads in [1, 3] {
                 let backend = CpuBackend::with_isa(threads, isa);
                 for t in 0..case.n {
-                    let kv = KvView { len: case.first_pos + t + 1, ..kv };
+                    let kv = KvView {
+                        len: case.first_pos + t + 1,
+                        ..kv
+                    };
                     let mut one = vec![0f32; width];
-                    backend.attention(&q[t * width..(t + 1) * width], 1, case.first_pos + t, kv, case.shape, &mut one);
+                    backend.attention(
+                        &q[t * width..(t + 1) * width],
+                        1,
+                        case.first_pos + t,
+                        kv,
+                        case.shape,
+                        &mut one,
+                    );
                     let got: Vec<u32> = one.iter().map(|v| v.to_bits()).collect();
                     let want: Vec<u32> = batch[t * width..(t + 1) * width].iter().map(|v| v.to_bits()).collect();
                     assert_eq!(got, want, "{isa:?} {:?} token {t} threads {threads}", case.shape);
@@ -260,7 +366,10 @@ fn norms_and_activations_match_reference() {
         super::rms_norm(&x, &w, 1e-5, &mut got);
         reference::rms_norm(&x, &w, 1e-5, &mut want);
         for (g, w) in got.iter().zip(&want) {
-            assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "rms_norm dim {dim}: {g} vs {w}");
+            assert!(
+                (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                "rms_norm dim {dim}: {g} vs {w}"
+            );
         }
         let mut gate: Vec<f32> = rng.vec(n * dim).iter().map(|v| v * 20.0).collect();
         let up = rng.vec(n * dim);
@@ -268,7 +377,34 @@ fn norms_and_activations_match_reference() {
         super::silu_mul(&mut gate, &up);
         reference::silu_mul(&mut want, &up);
         for (g, w) in gate.iter().zip(&want) {
-            assert!((g - w).abs() <= 1e-6 * (1.0 + w.abs()), "silu_mul dim {dim}: {g} vs {w}");
+            assert!(
+                (g - w).abs() <= 1e-6 * (1.0 + w.abs()),
+                "silu_mul dim {dim}: {g} vs {w}"
+            );
         }
     }
+}
+
+#[test]
+fn the_backend_can_be_shared_between_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<CpuBackend>();
+    // Two callers at once: one gets the pool, the other runs inline; both must be right.
+    let backend = CpuBackend::new(2);
+    let mut rng = Rng(9);
+    let w = weight(&mut rng, 300, 70, true);
+    let x = rng.vec(3 * 70);
+    let mut want = vec![0f32; 3 * 300];
+    backend.matmul(&x, 3, &w, &mut want);
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| {
+                for _ in 0..50 {
+                    let mut y = vec![0f32; 3 * 300];
+                    backend.matmul(&x, 3, &w, &mut y);
+                    assert_eq!(y, want);
+                }
+            });
+        }
+    });
 }
