@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Reproduces docs/BENCHMARKS.md: our engine and every anchor (llama.cpp, candle, the bandwidth roofline)
+# measured in ONE run on this machine, then rendered as a table of medians, spreads and ratios.
+#
+#   scripts/bench/run.sh [--repeats N] [--wait-idle SECONDS] [--out DIR]
+#
+# Needs the default model (make model) and builds the anchors on first use (see scripts/bench/README.md).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+cd "$root"
+
+repeats=5
+wait_idle=900
+out=bench-out
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --repeats) repeats=$2; shift 2 ;;
+    --wait-idle) wait_idle=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+mkdir -p "$out"
+: "${CARGO_TARGET_DIR:=$HOME/.cache/computepool/target}"
+export CARGO_TARGET_DIR
+model=models/smollm2-135m-instruct
+bin=$CARGO_TARGET_DIR/release/computepool
+[ -x "$bin" ] && [ -f "$model/.computepool-import.json" ] || make model
+cargo build --release --locked -p computepool-node
+
+# Anchors first (they wait for an idle machine), then our engine straight after, same threads and sizes.
+env -u CARGO_TARGET_DIR bash "$here/anchors.sh" --out "$out/anchors.json" --hf "$model" -p 512 -n 128 -t 2 -r 3 --batch 8 --wait-idle "$wait_idle"
+{
+  "$bin" bench --model "$model" --pp 512 --tg 128 --threads 2 --dtype f32,bf16 --repeats "$repeats" --json
+  "$bin" bench --model "$model" --pp 0 --tg 128 --batch 8 --threads 2 --dtype f32,bf16 --repeats "$repeats" --json
+} > "$out/computepool.jsonl"
+python3 "$here/report.py" --anchors "$out/anchors.json" --ours "$out/computepool.jsonl" > docs/BENCHMARKS.md
+echo "wrote docs/BENCHMARKS.md"
