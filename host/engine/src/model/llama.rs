@@ -326,8 +326,9 @@ impl Shard {
             item.cache.reserve(n);
         }
 
+        let mut scratch = StepScratch::new(cfg, total);
         for (li, block) in self.blocks.iter().enumerate() {
-            self.block_forward(li, block, &mut x, items, &rows_of, &rope);
+            self.block_forward(li, block, &mut x, items, &rows_of, &rope, &mut scratch);
         }
         for item in items.iter_mut() {
             let n = item.input.rows(h);
@@ -359,7 +360,17 @@ impl Shard {
         Ok(logits.chunks_exact(cfg.vocab_size).map(|l| StepOutput::Logits(l.to_vec())).collect())
     }
 
-    fn block_forward(&self, li: usize, b: &Block, x: &mut [f32], items: &mut [StepItem<'_>], rows_of: &[usize], rope: &RopeTable) {
+    #[allow(clippy::too_many_arguments)]
+    fn block_forward(
+        &self,
+        li: usize,
+        b: &Block,
+        x: &mut [f32],
+        items: &mut [StepItem<'_>],
+        rows_of: &[usize],
+        rope: &RopeTable,
+        scratch: &mut StepScratch,
+    ) {
         let cfg = &self.cfg;
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let total = x.len() / h;
@@ -369,24 +380,20 @@ impl Shard {
         let be = &self.backend;
 
         // Attention.
-        let mut normed = vec![0f32; x.len()];
-        cpu::rms_norm(x, &b.input_norm, cfg.rms_norm_eps, &mut normed);
-        let mut qkv = vec![0f32; total * qkv_dim];
-        be.matmul(&normed, total, &b.qkv, &mut qkv);
+        let StepScratch { normed, qkv, q, k, v, attn, o, gate_up, act } = scratch;
+        cpu::rms_norm(x, &b.input_norm, cfg.rms_norm_eps, normed);
+        be.matmul(normed, total, &b.qkv, qkv);
         if let Some(bias) = &b.qkv_bias {
-            add_bias(&mut qkv, bias);
+            add_bias(qkv, bias);
         }
-        let mut q = vec![0f32; total * q_dim];
-        let mut k = vec![0f32; total * kv_dim];
-        let mut v = vec![0f32; total * kv_dim];
         for r in 0..total {
             let row = &qkv[r * qkv_dim..(r + 1) * qkv_dim];
             q[r * q_dim..(r + 1) * q_dim].copy_from_slice(&row[..q_dim]);
             k[r * kv_dim..(r + 1) * kv_dim].copy_from_slice(&row[q_dim..q_dim + kv_dim]);
             v[r * kv_dim..(r + 1) * kv_dim].copy_from_slice(&row[q_dim + kv_dim..]);
         }
-        rope.apply(&mut q, cfg.num_heads, hd);
-        rope.apply(&mut k, cfg.num_kv_heads, hd);
+        rope.apply(q, cfg.num_heads, hd);
+        rope.apply(k, cfg.num_kv_heads, hd);
 
         let shape = AttentionShape {
             n_heads: cfg.num_heads,
@@ -394,7 +401,6 @@ impl Shard {
             head_dim: hd,
             sliding_window: cfg.sliding_window,
         };
-        let mut attn = vec![0f32; total * q_dim];
         let mut offset = 0;
         for (item, &n) in items.iter_mut().zip(rows_of) {
             let first_pos = item.cache.len();
@@ -404,36 +410,65 @@ impl Shard {
             be.attention(&q[offset * q_dim..(offset + n) * q_dim], n, first_pos, view, shape, &mut attn[offset * q_dim..(offset + n) * q_dim]);
             offset += n;
         }
-        let mut o = vec![0f32; total * h];
-        be.matmul(&attn, total, &b.o, &mut o);
+        be.matmul(attn, total, &b.o, o);
         if let Some(bias) = &b.o_bias {
-            add_bias(&mut o, bias);
+            add_bias(o, bias);
         }
-        for (xi, oi) in x.iter_mut().zip(&o) {
+        for (xi, oi) in x.iter_mut().zip(o.iter()) {
             *xi += oi;
         }
 
         // MLP.
-        cpu::rms_norm(x, &b.post_norm, cfg.rms_norm_eps, &mut normed);
+        cpu::rms_norm(x, &b.post_norm, cfg.rms_norm_eps, normed);
         let ffn = cfg.intermediate_size;
-        let mut gate_up = vec![0f32; total * 2 * ffn];
-        be.matmul(&normed, total, &b.gate_up, &mut gate_up);
+        be.matmul(normed, total, &b.gate_up, gate_up);
         if let Some(bias) = &b.gate_up_bias {
-            add_bias(&mut gate_up, bias);
+            add_bias(gate_up, bias);
         }
-        let mut act = vec![0f32; total * ffn];
         for r in 0..total {
             let row = &gate_up[r * 2 * ffn..(r + 1) * 2 * ffn];
             let a = &mut act[r * ffn..(r + 1) * ffn];
             a.copy_from_slice(&row[..ffn]);
             cpu::silu_mul(a, &row[ffn..]);
         }
-        be.matmul(&act, total, &b.down, &mut o);
+        be.matmul(act, total, &b.down, o);
         if let Some(bias) = &b.down_bias {
-            add_bias(&mut o, bias);
+            add_bias(o, bias);
         }
-        for (xi, oi) in x.iter_mut().zip(&o) {
+        for (xi, oi) in x.iter_mut().zip(o.iter()) {
             *xi += oi;
+        }
+    }
+}
+
+/// Activation buffers of one step, allocated once and reused by every layer.
+struct StepScratch {
+    normed: Vec<f32>,
+    qkv: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    o: Vec<f32>,
+    gate_up: Vec<f32>,
+    act: Vec<f32>,
+}
+
+impl StepScratch {
+    fn new(cfg: &ModelConfig, rows: usize) -> Self {
+        let q_dim = cfg.num_heads * cfg.head_dim;
+        let kv_dim = cfg.num_kv_heads * cfg.head_dim;
+        let buf = |width: usize| vec![0f32; rows * width];
+        Self {
+            normed: buf(cfg.hidden_size),
+            qkv: buf(q_dim + 2 * kv_dim),
+            q: buf(q_dim),
+            k: buf(kv_dim),
+            v: buf(kv_dim),
+            attn: buf(q_dim),
+            o: buf(cfg.hidden_size),
+            gate_up: buf(2 * cfg.intermediate_size),
+            act: buf(cfg.intermediate_size),
         }
     }
 }
