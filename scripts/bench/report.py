@@ -69,6 +69,8 @@ def main():
             if o8:
                 line += f"; batch-8 aggregate is {o8['median_ts'] / o1['median_ts']:.1f}× single-stream"
             p(line + ".")
+    p("- The bandwidth probe runs minutes before our engine; this shared VM's bandwidth moves between ~30 and")
+    p("  ~54 GB/s from pass to pass, so a share of the roofline above 100% means the probe caught a slower moment.")
     q4 = rows.get(("llama_cpp", "q4_1", "tg128"))
     if q4:
         p(f"- For reference, llama.cpp on the original Q4_1 GGUF: pp512 {fmt(rows[('llama_cpp', 'q4_1', 'pp512')])}, "
