@@ -77,6 +77,13 @@ struct Block {
     down_bias: Option<Vec<f32>>,
 }
 
+impl Block {
+    /// Bytes of the block's matrices (norms and biases are negligible and left out).
+    fn weight_bytes(&self) -> usize {
+        self.qkv.size_in_bytes() + self.o.size_in_bytes() + self.gate_up.size_in_bytes() + self.down.size_in_bytes()
+    }
+}
+
 /// A loaded layer range of one model: the unit a worker runs.
 pub struct Shard {
     cfg: ModelConfig,
@@ -222,7 +229,7 @@ impl Shard {
 
     /// Bytes of weights this shard holds (a shared tied embedding counted once).
     pub fn weight_bytes(&self) -> usize {
-        let mut total: usize = self.blocks.iter().map(|b| b.qkv.size_in_bytes() + b.o.size_in_bytes() + b.gate_up.size_in_bytes() + b.down.size_in_bytes()).sum();
+        let mut total: usize = self.blocks.iter().map(Block::weight_bytes).sum();
         if let Some(e) = &self.embed {
             total += e.size_in_bytes();
         }
@@ -236,7 +243,7 @@ impl Shard {
 
     /// Bytes of weights one decode step reads (the lm_head read in full even when it is the embedding).
     pub fn bytes_read_per_token(&self) -> usize {
-        let mut total: usize = self.blocks.iter().map(|b| b.qkv.size_in_bytes() + b.o.size_in_bytes() + b.gate_up.size_in_bytes() + b.down.size_in_bytes()).sum();
+        let mut total: usize = self.blocks.iter().map(Block::weight_bytes).sum();
         if let Some(l) = &self.lm_head {
             total += l.size_in_bytes();
         }
@@ -321,8 +328,7 @@ impl Shard {
             .flat_map(|(it, &n)| it.cache.len()..it.cache.len() + n)
             .collect();
         let rope = RopeTable::new(&self.inv_freq, &positions);
-        for item in items.iter_mut() {
-            let n = item.input.rows(h);
+        for (item, &n) in items.iter_mut().zip(&rows_of) {
             item.cache.reserve(n);
         }
 
@@ -330,8 +336,7 @@ impl Shard {
         for (li, block) in self.blocks.iter().enumerate() {
             self.block_forward(li, block, &mut x, items, &rows_of, &rope, &mut scratch);
         }
-        for item in items.iter_mut() {
-            let n = item.input.rows(h);
+        for (item, &n) in items.iter_mut().zip(&rows_of) {
             item.cache.advance(n);
         }
 
