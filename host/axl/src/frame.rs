@@ -38,6 +38,6 @@ pub use codec::{
 pub use error::FrameError;
 pub use header::{
     ActivationsHeader, ControlHeader, DType, ErrorCode, FinishReason, FrameHeader, FrameKind, MAX_ERROR_MESSAGE_LEN,
-    MAX_REQUEST_ID_LEN, MAX_TOKENS_PER_FRAME, PROTOCOL_VERSION, RequestId, TokenHeader,
+    MAX_REQUEST_ID_LEN, MAX_TOKENS_PER_FRAME, PROTOCOL_VERSION, RequestId, SamplingHeader, TokenHeader,
 };
 pub use sequence::{SequenceCounter, SequenceError, SequenceTracker};

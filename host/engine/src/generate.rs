@@ -128,6 +128,76 @@ impl TextState {
     }
 }
 
+/// What a request has produced so far, and whether it is over: the stop rules (end-of-sequence and
+/// stop tokens, stop strings, the token budget) and the streaming detokenizer in one place, so that
+/// the single-process generator and a pipeline's entry shard end requests at exactly the same token.
+pub struct RequestOutput<'t> {
+    tokenizer: &'t Tokenizer,
+    stream: crate::tokenizer::DecodeStream<'t>,
+    text: TextState,
+    tokens: Vec<u32>,
+    finish: Option<FinishReason>,
+    max_new_tokens: usize,
+    stop_token_ids: Vec<u32>,
+    ignore_eos: bool,
+}
+
+impl<'t> RequestOutput<'t> {
+    /// Empty output for `req`.
+    pub fn new(tokenizer: &'t Tokenizer, req: &GenerateRequest) -> Self {
+        Self {
+            tokenizer,
+            stream: tokenizer.stream(),
+            text: TextState { text: String::new(), emitted: 0, stop_strings: req.stop_strings.clone() },
+            tokens: Vec::new(),
+            finish: None,
+            max_new_tokens: req.max_new_tokens,
+            stop_token_ids: req.stop_token_ids.clone(),
+            ignore_eos: false,
+        }
+    }
+
+    /// Keep generating through end-of-sequence tokens (benchmarks that need exactly `max_new_tokens`).
+    /// Explicit stop tokens and stop strings still apply.
+    pub fn ignore_eos(mut self, ignore: bool) -> Self {
+        self.ignore_eos = ignore;
+        self
+    }
+
+    /// Takes the next sampled token; returns the text that became final with it (possibly empty).
+    /// Must not be called once [`Self::finish_reason`] is set.
+    pub fn push(&mut self, token: u32) -> Result<&str> {
+        debug_assert!(self.finish.is_none(), "token pushed after the request finished");
+        self.tokens.push(token);
+        if (!self.ignore_eos && self.tokenizer.eos_ids().contains(&token)) || self.stop_token_ids.contains(&token) {
+            self.finish = Some(FinishReason::Stop);
+        } else if let Some(piece) = self.stream.push(token)?
+            && self.text.push(&piece)
+        {
+            self.finish = Some(FinishReason::StopString);
+        }
+        if self.finish.is_none() && self.tokens.len() >= self.max_new_tokens {
+            self.finish = Some(FinishReason::Length);
+        }
+        Ok(self.text.releasable(self.finish.is_some()).unwrap_or(""))
+    }
+
+    /// Why the request is over; `None` while it goes on.
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        self.finish
+    }
+
+    /// Every sampled token, a final stop token included.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// The text so far (stop strings cut).
+    pub fn text(&self) -> &str {
+        &self.text.text
+    }
+}
+
 /// Generates for one request, calling `on_text` with each piece of text as it becomes final.
 pub fn generate(shard: &Shard, tokenizer: &Tokenizer, req: &GenerateRequest, mut on_text: impl FnMut(&str)) -> Result<Generation> {
     let mut out = generate_batch(shard, tokenizer, std::slice::from_ref(req), |_, t| on_text(t))?;
@@ -148,10 +218,7 @@ pub fn generate_batch(
     struct Live<'t> {
         cache: KvCache,
         sampler: Sampler,
-        stream: crate::tokenizer::DecodeStream<'t>,
-        text: TextState,
-        tokens: Vec<u32>,
-        finish: Option<FinishReason>,
+        output: RequestOutput<'t>,
         prefill_time: Duration,
         decode_start: Instant,
         decode_time: Duration,
@@ -167,10 +234,7 @@ pub fn generate_batch(
         live.push(Live {
             cache,
             sampler: Sampler::new(r.params)?,
-            stream: tokenizer.stream(),
-            text: TextState { text: String::new(), emitted: 0, stop_strings: r.stop_strings.clone() },
-            tokens: Vec::new(),
-            finish: None,
+            output: RequestOutput::new(tokenizer, r),
             prefill_time: start.elapsed(),
             decode_start: Instant::now(),
             decode_time: Duration::ZERO,
@@ -183,26 +247,16 @@ pub fn generate_batch(
     loop {
         // Sample for every live request, then decide who goes on.
         let mut stepping: Vec<usize> = Vec::new();
-        for (i, (l, r)) in live.iter_mut().zip(reqs).enumerate() {
-            if l.finish.is_some() {
+        for (i, l) in live.iter_mut().enumerate() {
+            if l.output.finish_reason().is_some() {
                 continue;
             }
             let token = l.sampler.sample(&logits[i]);
-            l.tokens.push(token);
-            if tokenizer.eos_ids().contains(&token) || r.stop_token_ids.contains(&token) {
-                l.finish = Some(FinishReason::Stop);
-            } else if let Some(piece) = l.stream.push(token)?
-                && l.text.push(&piece)
-            {
-                l.finish = Some(FinishReason::StopString);
-            }
-            if l.finish.is_none() && l.tokens.len() >= r.max_new_tokens {
-                l.finish = Some(FinishReason::Length);
-            }
-            if let Some(piece) = l.text.releasable(l.finish.is_some()) {
+            let piece = l.output.push(token)?;
+            if !piece.is_empty() {
                 on_text(i, piece);
             }
-            match l.finish {
+            match l.output.finish_reason() {
                 Some(_) => l.decode_time = l.decode_start.elapsed(),
                 None => stepping.push(i),
             }
@@ -210,7 +264,8 @@ pub fn generate_batch(
         if stepping.is_empty() {
             break;
         }
-        let last: Vec<u32> = stepping.iter().map(|&i| *live[i].tokens.last().expect("sampled above")).collect();
+        let last: Vec<u32> =
+            stepping.iter().map(|&i| *live[i].output.tokens().last().expect("sampled above")).collect();
         let mut items: Vec<StepItem<'_>> = Vec::with_capacity(stepping.len());
         let mut stepping_iter = stepping.iter().peekable();
         for (i, l) in live.iter_mut().enumerate() {
@@ -231,9 +286,9 @@ pub fn generate_batch(
         .into_iter()
         .zip(reqs)
         .map(|(l, r)| Generation {
-            tokens: l.tokens,
-            text: l.text.text,
-            finish_reason: l.finish.expect("loop ends when all finish"),
+            finish_reason: l.output.finish_reason().expect("loop ends when all finish"),
+            tokens: l.output.tokens,
+            text: l.output.text.text,
             prompt_tokens: r.prompt.len(),
             prefill_time: l.prefill_time,
             decode_time: l.decode_time,

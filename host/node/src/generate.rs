@@ -1,4 +1,5 @@
-//! `computepool generate`: one prompt through the whole model in this process.
+//! `computepool generate`: one prompt through the whole model in this process, or through a pipeline:
+//! a local one of `--shards N` worker processes, or a running one given by `--topology` and `--key`.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -11,13 +12,19 @@ use computepool_engine::generate::{self, GenerateRequest};
 use computepool_engine::model::{LoadOptions, Shard};
 use computepool_engine::sampling::SamplingParams;
 use computepool_engine::tokenizer::{ChatMessage, Tokenizer};
+use computepool_axl::transport::{Topology, read_secret_key};
 use computepool_engine::DType;
+use std::time::Duration;
+
+use crate::client::EntryClient;
+use crate::pipeline::{LocalPipeline, PipelineOptions};
+use crate::worker::api;
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// A Hugging Face layout model directory.
-    #[arg(long)]
-    model: PathBuf,
+    /// A Hugging Face layout model directory (for a running pipeline: only needed with --shards).
+    #[arg(long, required_unless_present = "topology")]
+    model: Option<PathBuf>,
     #[arg(long)]
     prompt: String,
     /// Wrap the prompt as a user message in the model's chat template.
@@ -50,6 +57,18 @@ pub struct GenerateArgs {
     /// Print the token ids and timings as JSON on stderr at the end.
     #[arg(long)]
     json: bool,
+    /// Run the model as a pipeline of N worker processes on this machine (N >= 2), split evenly by layers.
+    #[arg(long, conflicts_with = "topology")]
+    shards: Option<usize>,
+    /// Submit to a running pipeline: its topology file (this client's key must be listed in `clients`).
+    #[arg(long, requires = "key")]
+    topology: Option<PathBuf>,
+    /// This client's secret key file (with --topology).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// A neighbour silent for this long is gone, in ms (with --shards).
+    #[arg(long, default_value_t = 1500)]
+    peer_timeout_ms: u64,
 }
 
 pub fn default_threads() -> usize {
@@ -57,11 +76,15 @@ pub fn default_threads() -> usize {
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    if args.shards.is_some() || args.topology.is_some() {
+        return run_pipeline(args);
+    }
     let dtype: DType = args.dtype.parse()?;
+    let model = args.model.clone().context("--model is required")?;
     let backend = Arc::new(CpuBackend::new(args.threads.unwrap_or_else(default_threads)));
-    let tokenizer = Tokenizer::from_dir(&args.model)?;
-    let shard = Shard::load(&args.model, &LoadOptions { dtype, range: None, progress: true }, backend)
-        .with_context(|| format!("loading {}", args.model.display()))?;
+    let tokenizer = Tokenizer::from_dir(&model)?;
+    let shard = Shard::load(&model, &LoadOptions { dtype, range: None, progress: true }, backend)
+        .with_context(|| format!("loading {}", model.display()))?;
     let prompt = if args.chat {
         let mut messages = Vec::new();
         if let Some(system) = &args.system {
@@ -100,4 +123,83 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The request this command's flags describe, for the entry shard's API.
+fn pipeline_request(args: &GenerateArgs) -> api::GenerateRequest {
+    let mut req = api::GenerateRequest::text(args.prompt.clone(), args.max_tokens);
+    if args.chat {
+        let mut messages = Vec::new();
+        if let Some(system) = &args.system {
+            messages.push(api::Message { role: "system".into(), content: system.clone() });
+        }
+        messages.push(api::Message { role: "user".into(), content: args.prompt.clone() });
+        req.prompt = None;
+        req.messages = Some(messages);
+    }
+    req.temperature = args.temperature;
+    req.top_p = args.top_p;
+    req.top_k = u32::try_from(args.top_k).unwrap_or(u32::MAX);
+    req.seed = args.seed;
+    req.stop = args.stop.clone();
+    req
+}
+
+fn run_pipeline(args: GenerateArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    // The local pipeline (if any) lives until the end of this function, so its workers are stopped
+    // on every path out of it.
+    let pipeline = match args.shards {
+        Some(n) => {
+            let model = args.model.clone().context("--model is required with --shards")?;
+            let threads = args.threads.unwrap_or_else(default_threads);
+            let options = PipelineOptions {
+                model,
+                shards: n,
+                dtype: args.dtype.clone(),
+                threads,
+                peer_timeout_ms: args.peer_timeout_ms,
+            };
+            Some(LocalPipeline::start(&options)?)
+        }
+        None => None,
+    };
+    runtime.block_on(async {
+        let client = match (&pipeline, &args.topology, &args.key) {
+            (Some(p), _, _) => p.client().await?,
+            (None, Some(topology), Some(key)) => {
+                let topology = Topology::from_file(topology)?;
+                let key = read_secret_key(key)?;
+                EntryClient::connect(key, topology.entry()).await?
+            }
+            _ => anyhow::bail!("give --shards N, or --topology and --key"),
+        };
+        let req = pipeline_request(&args);
+        let mut stdout = std::io::stdout().lock();
+        let outcome = client
+            .generate_when_ready(&req, Duration::from_secs(30), |event| {
+                if let api::Event::Token { text, .. } = event {
+                    let _ = stdout.write_all(text.as_bytes()).and_then(|_| stdout.flush());
+                }
+            })
+            .await?;
+        let _ = writeln!(stdout);
+        client.close().await;
+        let completion = outcome.map_err(|e| anyhow::anyhow!("the request failed: {e}"))?;
+        if args.json {
+            let decode_tps =
+                completion.tokens.len().saturating_sub(1) as f64 / completion.decode_time.as_secs_f64().max(1e-9);
+            eprintln!(
+                "{}",
+                serde_json::json!({
+                    "prompt_tokens": completion.prompt_tokens,
+                    "tokens": completion.tokens,
+                    "finish_reason": completion.finish_reason,
+                    "time_to_first_token_ms": completion.time_to_first_token.as_secs_f64() * 1e3,
+                    "decode_tokens_per_s": decode_tps,
+                })
+            );
+        }
+        Ok(())
+    })
 }

@@ -2,8 +2,12 @@
 //! lives in the library crates.
 
 mod bench;
+mod client;
 mod generate;
+mod memory;
 mod model_fetch;
+mod pipeline;
+mod worker;
 
 use std::path::PathBuf;
 
@@ -27,6 +31,14 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Measure prompt processing and generation speed (llama-bench's metrics).
     Bench(bench::BenchArgs),
+    /// Serve one shard (a layer range) of a pipeline described by a topology file.
+    Worker(worker::WorkerArgs),
+    /// Make a new secret key file and print its peer id (the public key).
+    Keygen {
+        /// Where to write the key (refuses to overwrite).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -61,5 +73,12 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Worker(args) => worker::run(args),
+        Command::Keygen { out } => {
+            let key = computepool_axl::transport::SecretKey::generate();
+            computepool_axl::transport::write_secret_key(&out, &key)?;
+            println!("{}", key.public());
+            Ok(())
+        }
     }
 }

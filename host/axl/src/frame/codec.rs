@@ -5,7 +5,8 @@ use std::io::{self, IoSlice, Write};
 
 use super::error::FrameError;
 use super::header::{
-    ActivationsHeader, ControlHeader, ErrorCode, FrameHeader, MAX_ERROR_MESSAGE_LEN, RequestId, TokenHeader,
+    ActivationsHeader, ControlHeader, ErrorCode, FrameHeader, MAX_ERROR_MESSAGE_LEN, RequestId, SamplingHeader,
+    TokenHeader,
     WireHeaderOut, parse_wire,
 };
 
@@ -93,6 +94,11 @@ impl Frame {
     /// A token frame.
     pub fn token(header: TokenHeader) -> Self {
         Frame { header: FrameHeader::Token(header), payload: Vec::new() }
+    }
+
+    /// A `start` control frame: a new request and how the exit samples it.
+    pub fn start(request: RequestId, sampling: SamplingHeader) -> Self {
+        Frame { header: FrameHeader::Control(ControlHeader::Start { request, seq: 0, sampling }), payload: Vec::new() }
     }
 
     /// An `end` control frame: free `request` everywhere.

@@ -306,9 +306,61 @@ impl FromStr for ErrorCode {
     }
 }
 
+/// How the exit shard samples a request's tokens, carried by its `start` frame.
+///
+/// The fields mean what they mean in the engine's native sampler (`temperature` 0 is greedy, `top_k` 0
+/// keeps every token, `top_p` 1 keeps the whole distribution, `seed` starts the request's random
+/// stream), so a sharded run samples exactly the tokens an unsharded one does. The values are checked
+/// for range here; whether a sampler can honour them is the exit shard's business.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingHeader {
+    /// Softmax temperature, finite and ≥ 0; 0 is greedy (argmax).
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens; 0 keeps all.
+    pub top_k: u32,
+    /// Nucleus sampling mass, in (0, 1].
+    pub top_p: f32,
+    /// Seed of the request's random stream.
+    pub seed: u64,
+}
+
+impl SamplingHeader {
+    fn validate(&self) -> Result<(), FrameError> {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return Err(invalid("sampling", format!("temperature {} is not a finite number >= 0", self.temperature)));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(invalid("sampling", format!("top_p {} is not in (0, 1]", self.top_p)));
+        }
+        Ok(())
+    }
+}
+
+// Hash by bit pattern so headers can be keys; NaN never gets past `validate`.
+impl Eq for SamplingHeader {}
+impl std::hash::Hash for SamplingHeader {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.temperature.to_bits().hash(state);
+        self.top_k.hash(state);
+        self.top_p.to_bits().hash(state);
+        self.seed.hash(state);
+    }
+}
+
 /// A control frame: the lifecycle of a request or of a shard. Control frames carry no payload.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum ControlHeader {
+    /// A new request: sent by the entry before the request's first activations and forwarded down the
+    /// pipeline, so the exit shard knows how to sample it.
+    Start {
+        /// The new request.
+        request: RequestId,
+        /// Sequence number on this link for this request (always 0: it is the request's first frame).
+        seq: u64,
+        /// How to sample.
+        sampling: SamplingHeader,
+    },
     /// The request is over (finished, cancelled or failed): free its KV cache and forward the `end`
     /// down the pipeline so every shard frees it.
     End {
@@ -361,7 +413,8 @@ impl FrameHeader {
         match self {
             FrameHeader::Activations(h) => Some(&h.request),
             FrameHeader::Token(h) => Some(&h.request),
-            FrameHeader::Control(ControlHeader::End { request, .. })
+            FrameHeader::Control(ControlHeader::Start { request, .. })
+            | FrameHeader::Control(ControlHeader::End { request, .. })
             | FrameHeader::Control(ControlHeader::Error { request, .. }) => Some(request),
             FrameHeader::Control(ControlHeader::Unload) => None,
         }
@@ -372,7 +425,8 @@ impl FrameHeader {
         match self {
             FrameHeader::Activations(h) => Some(h.seq),
             FrameHeader::Token(h) => Some(h.seq),
-            FrameHeader::Control(ControlHeader::End { seq, .. })
+            FrameHeader::Control(ControlHeader::Start { seq, .. })
+            | FrameHeader::Control(ControlHeader::End { seq, .. })
             | FrameHeader::Control(ControlHeader::Error { seq, .. }) => Some(*seq),
             FrameHeader::Control(ControlHeader::Unload) => None,
         }
@@ -425,6 +479,9 @@ impl FrameHeader {
                 no_payload(FrameKind::Token, payload_len)?;
             }
             FrameHeader::Control(c) => {
+                if let ControlHeader::Start { sampling, .. } = c {
+                    sampling.validate()?;
+                }
                 if let ControlHeader::Error { message, .. } = c
                     && message.len() > MAX_ERROR_MESSAGE_LEN
                 {
@@ -475,6 +532,8 @@ pub(crate) struct WireHeaderOut<'a> {
     code: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     message: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sampling: Option<&'a SamplingHeader>,
     payload_len: u64,
 }
 
@@ -494,6 +553,7 @@ impl<'a> WireHeaderOut<'a> {
             finish: None,
             code: None,
             message: None,
+            sampling: None,
             payload_len,
         };
         match header {
@@ -506,6 +566,10 @@ impl<'a> WireHeaderOut<'a> {
             FrameHeader::Token(h) => {
                 w.tokens = Some(&h.tokens);
                 w.finish = h.finish.map(FinishReason::name);
+            }
+            FrameHeader::Control(ControlHeader::Start { sampling, .. }) => {
+                w.op = Some("start");
+                w.sampling = Some(sampling);
             }
             FrameHeader::Control(ControlHeader::End { .. }) => w.op = Some("end"),
             FrameHeader::Control(ControlHeader::Unload) => w.op = Some("unload"),
@@ -558,6 +622,8 @@ pub(crate) struct WireHeaderIn {
     code: Option<String>,
     #[serde(default, deserialize_with = "present")]
     message: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    sampling: Option<SamplingHeader>,
     pub(crate) payload_len: u64,
 }
 
@@ -586,7 +652,7 @@ pub(crate) fn parse_wire(bytes: &[u8]) -> Result<WireHeaderIn, FrameError> {
 
 impl WireHeaderIn {
     /// Which optional fields are present, by wire name.
-    fn optional_fields(&self) -> [(&'static str, bool); 11] {
+    fn optional_fields(&self) -> [(&'static str, bool); 12] {
         [
             ("op", self.op.is_some()),
             ("request", self.request.is_some()),
@@ -599,6 +665,7 @@ impl WireHeaderIn {
             ("finish", self.finish.is_some()),
             ("code", self.code.is_some()),
             ("message", self.message.is_some()),
+            ("sampling", self.sampling.is_some()),
         ]
     }
 
@@ -643,6 +710,15 @@ impl WireHeaderIn {
             "control" => {
                 let op = need("control", "op", self.op.clone())?;
                 match op.as_str() {
+                    "start" => {
+                        const KIND: &str = "control start";
+                        self.allow_only(KIND, &["op", "request", "seq", "sampling"])?;
+                        FrameHeader::Control(ControlHeader::Start {
+                            request: RequestId::new(need(KIND, "request", self.request)?)?,
+                            seq: need(KIND, "seq", self.seq)?,
+                            sampling: need(KIND, "sampling", self.sampling)?,
+                        })
+                    }
                     "end" => {
                         const KIND: &str = "control end";
                         self.allow_only(KIND, &["op", "request", "seq"])?;
@@ -919,6 +995,34 @@ mod tests {
     }
 
     #[test]
+    fn start_frames_carry_checked_sampling() {
+        let ok = parse(
+            r#"{"v":1,"kind":"control","op":"start","request":"r","seq":0,"sampling":{"temperature":0.1,"top_k":0,"top_p":1.0,"seed":7},"payload_len":0}"#,
+        );
+        let Ok(FrameHeader::Control(ControlHeader::Start { sampling, .. })) = ok else { panic!("{ok:?}") };
+        assert_eq!(sampling.temperature, 0.1f32);
+        for bad in [
+            r#"{"temperature":-1,"top_k":0,"top_p":1.0,"seed":7}"#,
+            r#"{"temperature":0.5,"top_k":0,"top_p":0,"seed":7}"#,
+            r#"{"temperature":0.5,"top_k":0,"top_p":1.5,"seed":7}"#,
+            r#"{"temperature":0.5,"top_k":0,"top_p":1.0}"#,
+            r#"{"temperature":0.5,"top_k":0,"top_p":1.0,"seed":7,"min_p":0.1}"#,
+            r#"{"temperature":0.5,"top_k":-1,"top_p":1.0,"seed":7}"#,
+        ] {
+            let json = format!(r#"{{"v":1,"kind":"control","op":"start","request":"r","seq":0,"sampling":{bad},"payload_len":0}}"#);
+            assert!(parse(&json).is_err(), "{bad} was accepted");
+        }
+        assert_eq!(
+            parse(r#"{"v":1,"kind":"control","op":"start","request":"r","seq":0,"payload_len":0}"#).unwrap_err(),
+            FrameError::MissingField { kind: "control start", field: "sampling" }
+        );
+        assert!(matches!(
+            parse(r#"{"v":1,"kind":"control","op":"end","request":"r","seq":0,"sampling":{"temperature":0,"top_k":0,"top_p":1,"seed":0},"payload_len":0}"#),
+            Err(FrameError::UnexpectedField { field: "sampling", .. })
+        ));
+    }
+
+    #[test]
     fn wire_out_round_trips_through_wire_in() {
         let headers = [
             FrameHeader::Token(TokenHeader {
@@ -929,6 +1033,11 @@ mod tests {
             }),
             FrameHeader::Control(ControlHeader::End { request: rid("a"), seq: 10 }),
             FrameHeader::Control(ControlHeader::Unload),
+            FrameHeader::Control(ControlHeader::Start {
+                request: rid("a"),
+                seq: 0,
+                sampling: SamplingHeader { temperature: 0.7, top_k: 40, top_p: 0.95, seed: u64::MAX },
+            }),
         ];
         for h in headers {
             let json = serde_json::to_vec(&WireHeaderOut::new(&h, 0)).expect("serialises");

@@ -48,7 +48,10 @@ fn valid_frame() -> impl Strategy<Value = Frame> {
     let end = (request_id(), any::<u64>()).prop_map(|(r, s)| Frame::end(r, s));
     let error = (request_id(), any::<u64>(), error_code(), "\\PC{0,60}")
         .prop_map(|(r, s, code, message)| Frame::error(r, s, code, message));
-    prop_oneof![4 => activations, 2 => token, 1 => end, 1 => error, 1 => Just(Frame::unload())]
+    let start = (request_id(), 0u32..=20, any::<u32>(), 1u32..=100, any::<u64>()).prop_map(|(r, t, top_k, p, seed)| {
+        Frame::start(r, SamplingHeader { temperature: t as f32 / 10.0, top_k, top_p: p as f32 / 100.0, seed })
+    });
+    prop_oneof![4 => activations, 2 => token, 1 => start, 1 => end, 1 => error, 1 => Just(Frame::unload())]
 }
 
 /// How a valid frame's bytes get damaged.

@@ -1,0 +1,173 @@
+//! The QUIC endpoint (iroh): one per worker, bound once, dialling and accepting persistent
+//! connections authenticated by ed25519 peer ids.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use iroh::endpoint::{Connection, QuicTransportConfig, VarInt, presets};
+use iroh::{Endpoint, EndpointAddr, RelayMap, RelayMode, RelayUrl};
+
+use super::TransportError;
+use super::identity::{PeerId, SecretKey};
+
+/// ALPN of shard-to-shard links: one bidirectional stream per connection, frames forward, nothing back.
+pub const FRAMES_ALPN: &[u8] = b"computepool/frames/1";
+/// ALPN of client streams on the entry: one bidirectional stream per request (JSON lines).
+pub const GENERATE_ALPN: &[u8] = b"computepool/generate/1";
+
+/// QUIC application close code for a peer the topology does not know.
+pub const CLOSE_UNKNOWN_PEER: u32 = 0x10;
+/// QUIC application close code for a peer that broke the protocol (bad frames).
+pub const CLOSE_PROTOCOL: u32 = 0x11;
+/// QUIC application close code for an orderly shutdown.
+pub const CLOSE_SHUTDOWN: u32 = 0x12;
+
+/// Where relays come from. Relays carry encrypted traffic between peers that cannot reach each other
+/// directly (both behind NAT) and help them punch holes; they never see plaintext.
+#[derive(Debug, Clone, Default)]
+pub enum Relays {
+    /// No relays, no address lookup: peers are dialled on the direct addresses the topology gives.
+    /// What tests and single-host or LAN pools use.
+    #[default]
+    Disabled,
+    /// Number 0's public relays and DNS address lookup (needs the internet).
+    Public,
+    /// Relays of the operator's own.
+    Custom(Vec<RelayUrl>),
+}
+
+/// How a worker's endpoint is set up.
+#[derive(Debug, Clone)]
+pub struct TransportConfig {
+    /// The worker's identity.
+    pub secret_key: SecretKey,
+    /// UDP socket addresses to bind; empty binds `0.0.0.0:0` and `[::]:0` (any port).
+    pub bind: Vec<SocketAddr>,
+    /// Relay servers and address lookup. Default: disabled.
+    pub relays: Relays,
+    /// A peer that has sent nothing (not even a keep-alive) for this long is gone: its connection
+    /// closes and every request that crossed it fails. Default 1.5 s, so a killed shard is noticed
+    /// well within 2 s; raise it for links with long outages.
+    pub peer_timeout: Duration,
+    /// How often an idle connection sends a keep-alive. Default 250 ms (a few dozen bytes each).
+    pub keep_alive: Duration,
+}
+
+impl TransportConfig {
+    /// Defaults for `secret_key`: any port, no relays, 1.5 s peer timeout, 250 ms keep-alive.
+    pub fn new(secret_key: SecretKey) -> Self {
+        Self {
+            secret_key,
+            bind: Vec::new(),
+            relays: Relays::Disabled,
+            peer_timeout: Duration::from_millis(1500),
+            keep_alive: Duration::from_millis(250),
+        }
+    }
+}
+
+/// A bound endpoint. Cheap to clone; all clones share the socket and connections.
+#[derive(Debug, Clone)]
+pub struct Transport {
+    endpoint: Endpoint,
+}
+
+impl Transport {
+    /// Binds the endpoint; it accepts [`FRAMES_ALPN`] and [`GENERATE_ALPN`] connections.
+    pub async fn bind(config: TransportConfig) -> Result<Self, TransportError> {
+        let idle = config
+            .peer_timeout
+            .try_into()
+            .map_err(|_| TransportError::Config(format!("peer timeout {:?} is out of range", config.peer_timeout)))?;
+        let quic = QuicTransportConfig::builder()
+            .max_idle_timeout(Some(idle))
+            .keep_alive_interval(config.keep_alive)
+            .default_path_keep_alive_interval(config.keep_alive)
+            .default_path_max_idle_timeout(config.peer_timeout)
+            // Activations of a long prompt are megabytes: a window of 8 MiB per stream keeps a link
+            // of a few ms RTT busy; backpressure still applies beyond it.
+            .stream_receive_window(VarInt::from_u32(8 << 20))
+            .receive_window(VarInt::from_u32(16 << 20))
+            .build();
+        let mut builder = match &config.relays {
+            Relays::Public => Endpoint::builder(presets::N0),
+            Relays::Disabled | Relays::Custom(_) => Endpoint::builder(presets::Minimal),
+        };
+        builder = builder
+            .secret_key(config.secret_key.clone())
+            .alpns(vec![FRAMES_ALPN.to_vec(), GENERATE_ALPN.to_vec()])
+            .transport_config(quic);
+        builder = match &config.relays {
+            Relays::Disabled => builder.relay_mode(RelayMode::Disabled),
+            Relays::Public => builder,
+            Relays::Custom(urls) => builder.relay_mode(RelayMode::Custom(RelayMap::from_iter(urls.iter().cloned()))),
+        };
+        for addr in &config.bind {
+            builder = builder
+                .bind_addr(*addr)
+                .map_err(|e| TransportError::Config(format!("cannot bind {addr}: {e}")))?;
+        }
+        let endpoint = builder.bind().await.map_err(|e| TransportError::Bind(e.to_string()))?;
+        Ok(Self { endpoint })
+    }
+
+    /// This worker's peer id.
+    pub fn id(&self) -> PeerId {
+        self.endpoint.id()
+    }
+
+    /// The local socket addresses the endpoint is bound to.
+    pub fn bound_addrs(&self) -> Vec<SocketAddr> {
+        self.endpoint.bound_sockets()
+    }
+
+    /// Dials `peer` (at `addrs`, or wherever relays and address lookup find it) with `alpn`.
+    pub async fn connect(&self, peer: PeerId, addrs: &[SocketAddr], alpn: &[u8]) -> Result<Connection, TransportError> {
+        let addr = addrs.iter().fold(EndpointAddr::new(peer), |a, s| a.with_ip_addr(*s));
+        self.endpoint
+            .connect(addr, alpn)
+            .await
+            .map_err(|e| TransportError::Connect { peer: peer.fmt_short().to_string(), reason: e.to_string() })
+    }
+
+    /// Waits for the next connection whose peer `allow` accepts (given its id and ALPN). Connections
+    /// from anyone else are closed at once with [`CLOSE_UNKNOWN_PEER`] and the reason, and waiting
+    /// goes on. `None` once the endpoint is closed.
+    pub async fn accept(&self, allow: impl Fn(&PeerId, &[u8]) -> bool) -> Option<Connection> {
+        loop {
+            let incoming = self.endpoint.accept().await?;
+            let conn = match incoming.await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::debug!("incoming connection failed its handshake: {e}");
+                    continue;
+                }
+            };
+            let remote = conn.remote_id();
+            if allow(&remote, conn.alpn()) {
+                return Some(conn);
+            }
+            tracing::warn!(peer = %remote, alpn = %String::from_utf8_lossy(conn.alpn()), "refused a peer that is not in this pool's topology");
+            conn.close(VarInt::from_u32(CLOSE_UNKNOWN_PEER), b"unknown peer: not in this pool's topology");
+        }
+    }
+
+    /// Closes every connection and the socket.
+    pub async fn close(&self) {
+        self.endpoint.close().await;
+    }
+}
+
+/// A one-line description of why a connection closed, for errors shown to people.
+pub fn describe_close(error: &iroh::endpoint::ConnectionError) -> String {
+    use iroh::endpoint::ConnectionError as E;
+    match error {
+        E::ApplicationClosed(close) => {
+            let reason = String::from_utf8_lossy(&close.reason);
+            format!("closed by the peer: {reason}")
+        }
+        E::TimedOut => "the peer stopped answering (timed out)".into(),
+        E::LocallyClosed => "closed here".into(),
+        other => other.to_string(),
+    }
+}

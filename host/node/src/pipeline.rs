@@ -1,0 +1,195 @@
+//! A local N-shard pipeline: each shard a separate `computepool worker` process on loopback, with its
+//! own key, talking to its neighbours over QUIC exactly as workers on different hosts do.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use computepool_axl::transport::{Layers, SecretKey, ShardPeer, Topology, write_secret_key};
+use computepool_engine::config::ModelConfig;
+
+use crate::client::EntryClient;
+
+/// How to start a local pipeline.
+#[derive(Debug, Clone)]
+pub struct PipelineOptions {
+    pub model: PathBuf,
+    pub shards: usize,
+    pub dtype: String,
+    /// Compute threads per worker.
+    pub threads: usize,
+    /// Passed to every worker as `--peer-timeout-ms`.
+    pub peer_timeout_ms: u64,
+}
+
+/// What a worker reported when it was ready.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct WorkerReady {
+    pub peer: String,
+    pub layers: String,
+    pub weight_bytes: u64,
+    pub rss_bytes: Option<u64>,
+}
+
+/// Running worker processes; dropping it stops them.
+pub struct LocalPipeline {
+    dir: tempfile::TempDir,
+    children: Vec<Child>,
+    topology: Topology,
+    client_key: SecretKey,
+    pub ready: Vec<WorkerReady>,
+}
+
+/// Splits `layers` into `n` contiguous ranges as even as possible (earlier shards take the remainder).
+pub fn even_split(layers: u32, n: usize) -> anyhow::Result<Vec<Layers>> {
+    if n == 0 || n as u32 > layers {
+        bail!("cannot split {layers} layers into {n} shards");
+    }
+    let (base, extra) = (layers / n as u32, layers % n as u32);
+    let mut start = 0;
+    Ok((0..n as u32)
+        .map(|i| {
+            let end = start + base + u32::from(i < extra);
+            let l = Layers { start, end };
+            start = end;
+            l
+        })
+        .collect())
+}
+
+/// A free UDP port on 127.0.0.1 (bound and released; the worker binds it right after).
+pub fn free_udp_addr() -> anyhow::Result<SocketAddr> {
+    let socket = UdpSocket::bind("127.0.0.1:0").context("finding a free UDP port")?;
+    Ok(socket.local_addr()?)
+}
+
+impl LocalPipeline {
+    /// Starts the workers and waits until each has loaded its layers and bound its socket.
+    pub fn start(options: &PipelineOptions) -> anyhow::Result<Self> {
+        if options.shards < 2 {
+            bail!("a pipeline needs at least 2 shards");
+        }
+        let config = ModelConfig::from_dir(&options.model)?;
+        let ranges = even_split(config.num_layers as u32, options.shards)?;
+        let dir = tempfile::Builder::new().prefix("computepool-pipeline-").tempdir()?;
+        let keys: Vec<SecretKey> = (0..options.shards).map(|_| SecretKey::generate()).collect();
+        let client_key = SecretKey::generate();
+        let mut shards = Vec::new();
+        for (i, (key, layers)) in keys.iter().zip(&ranges).enumerate() {
+            write_secret_key(&dir.path().join(format!("worker-{i}.key")), key)?;
+            shards.push(ShardPeer { peer: key.public(), layers: *layers, addrs: vec![free_udp_addr()?] });
+        }
+        let topology = Topology { num_layers: config.num_layers as u32, shards, clients: vec![client_key.public()] };
+        topology.validate()?;
+        let topology_path = dir.path().join("topology.json");
+        std::fs::write(&topology_path, topology.to_json())?;
+        let mut pipeline = Self { dir, children: Vec::new(), topology, client_key, ready: Vec::new() };
+        for i in 0..options.shards {
+            let child = pipeline.spawn_worker(i, options)?;
+            pipeline.children.push(child);
+        }
+        let mut ready = Vec::new();
+        for i in 0..options.shards {
+            ready.push(pipeline.wait_ready(i)?);
+        }
+        pipeline.ready = ready;
+        Ok(pipeline)
+    }
+
+    fn spawn_worker(&self, i: usize, options: &PipelineOptions) -> anyhow::Result<Child> {
+        let exe = std::env::current_exe().context("finding the computepool binary")?;
+        let log = std::fs::File::create(self.log_path(i))?;
+        let child = Command::new(exe)
+            .arg("worker")
+            .arg("--model")
+            .arg(&options.model)
+            .arg("--topology")
+            .arg(self.dir.path().join("topology.json"))
+            .arg("--key")
+            .arg(self.dir.path().join(format!("worker-{i}.key")))
+            .arg("--listen")
+            .arg(self.topology.shards[i].addrs[0].to_string())
+            .args(["--dtype", &options.dtype])
+            .args(["--threads", &options.threads.to_string()])
+            .args(["--peer-timeout-ms", &options.peer_timeout_ms.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .context("starting a worker process")?;
+        Ok(child)
+    }
+
+    fn log_path(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("worker-{i}.log"))
+    }
+
+    fn wait_ready(&mut self, i: usize) -> anyhow::Result<WorkerReady> {
+        let stdout = self.children[i].stdout.take().context("worker stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let first = lines.next();
+            let _ = tx.send(first);
+            // Keep draining so the worker never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(Some(Ok(line))) => {
+                    return serde_json::from_str(&line).with_context(|| format!("worker {i} said {line:?}"));
+                }
+                Ok(_) => bail!("worker {i} exited before it was ready:\n{}", self.log_tail(i)),
+                Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
+                Err(_) => bail!("worker {i} was not ready within 5 minutes:\n{}", self.log_tail(i)),
+            }
+        }
+    }
+
+    /// The last lines a worker wrote to stderr.
+    pub fn log_tail(&self, i: usize) -> String {
+        let text = std::fs::read_to_string(self.log_path(i)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A client connection to the entry.
+    pub async fn client(&self) -> anyhow::Result<EntryClient> {
+        EntryClient::connect(self.client_key.clone(), self.topology.entry()).await
+    }
+}
+
+impl Drop for LocalPipeline {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn even_splits_cover_every_layer() {
+        let s = even_split(30, 4).expect("splits");
+        assert_eq!(s.iter().map(|l| l.len()).collect::<Vec<_>>(), [8, 8, 7, 7]);
+        assert_eq!(s.last().map(|l| l.end), Some(30));
+        assert!(even_split(3, 4).is_err());
+    }
+}

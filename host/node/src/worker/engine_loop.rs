@@ -1,0 +1,275 @@
+//! The compute thread of a worker: it owns the shard, every request's KV cache (and, on the exit, its
+//! sampler), and turns jobs into frames for the next peer.
+//!
+//! One thread, because the shard's CPU backend has its own thread pool and one step at a time keeps
+//! every core on that step. Jobs that arrive together are batched: decode steps (one row each) of
+//! different requests run as one `forward_batch`, so each weight is read once for all of them; a
+//! prefill runs alone. That split is also what keeps a sharded run bit-identical to an unsharded one:
+//! a request's rows are computed in the same groups as `generate_batch` computes them (prefill alone,
+//! decode rows at most `CpuBackend::BF16_EXACT_MAX_ROWS` per step).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use computepool_axl::frame::{
+    ActivationsRef, DType as WireDType, ErrorCode, Frame, FrameLimits, RequestId, TokenHeader, split_activations,
+};
+use computepool_engine::backend::cpu::CpuBackend;
+use computepool_engine::kv_cache::KvCache;
+use computepool_engine::model::{Shard, StepInput, StepItem, StepOutput};
+use computepool_engine::sampling::{Sampler, SamplingParams};
+use tokio::sync::mpsc;
+
+use super::Outbound;
+
+/// Work for the compute thread.
+#[derive(Debug)]
+pub enum EngineJob {
+    /// A new request: make its KV cache (and sampler, on the exit).
+    Start { request: RequestId, sampling: SamplingParams },
+    /// The next positions of a request, starting at `start_pos` (checked against its cache).
+    Step { request: RequestId, start_pos: u64, input: StepData },
+    /// The request is over: free what it holds here.
+    End { request: RequestId },
+    /// The link the requests came over is gone: free every request, and report each one failed
+    /// downstream with `reason` so the entry learns of it even when it is several hops away.
+    FailAll { reason: String },
+}
+
+/// The new positions of a step.
+#[derive(Debug)]
+pub enum StepData {
+    /// Token ids (entry shard).
+    Tokens(Vec<u32>),
+    /// Hidden states, `rows × hidden` f32 values (every other shard).
+    Hidden(Vec<f32>),
+}
+
+impl StepData {
+    fn rows(&self, hidden: usize) -> usize {
+        match self {
+            StepData::Tokens(t) => t.len(),
+            StepData::Hidden(h) => h.len() / hidden.max(1),
+        }
+    }
+}
+
+struct RequestState {
+    cache: KvCache,
+    /// Only on the exit shard.
+    sampler: Option<Sampler>,
+    last_used: Instant,
+}
+
+/// Settings of the compute thread.
+pub struct EngineLoopConfig {
+    /// Frame size limits for what it sends.
+    pub limits: FrameLimits,
+    /// A request that has seen no job for this long is freed (its entry is presumably gone).
+    pub request_idle_timeout: Duration,
+}
+
+/// Runs until the job channel closes. Every frame it produces goes to `out`, in order.
+pub fn run(shard: Shard, mut jobs: mpsc::Receiver<EngineJob>, out: mpsc::Sender<Outbound>, config: EngineLoopConfig) {
+    let mut state = EngineState { shard, requests: HashMap::new(), out, config, last_sweep: Instant::now() };
+    let max_batch = CpuBackend::BF16_EXACT_MAX_ROWS;
+    while let Some(first) = jobs.blocking_recv() {
+        let mut batch = vec![first];
+        while let Ok(job) = jobs.try_recv() {
+            batch.push(job);
+        }
+        let mut decode: Vec<(RequestId, u64, StepData)> = Vec::new();
+        for job in batch {
+            match job {
+                EngineJob::Step { request, start_pos, input }
+                    if input.rows(state.shard.config().hidden_size) == 1 && decode.len() < max_batch =>
+                {
+                    if decode.iter().any(|(r, _, _)| r == &request) {
+                        state.run_decode(std::mem::take(&mut decode));
+                    }
+                    decode.push((request, start_pos, input));
+                }
+                other => {
+                    // Jobs of one request must keep their order: run what is batched before a job
+                    // that might touch the same request.
+                    if !decode.is_empty() {
+                        state.run_decode(std::mem::take(&mut decode));
+                    }
+                    state.handle(other);
+                }
+            }
+        }
+        if !decode.is_empty() {
+            state.run_decode(decode);
+        }
+        state.sweep_idle();
+        if state.out.is_closed() {
+            break;
+        }
+    }
+}
+
+struct EngineState {
+    shard: Shard,
+    requests: HashMap<RequestId, RequestState>,
+    out: mpsc::Sender<Outbound>,
+    config: EngineLoopConfig,
+    last_sweep: Instant,
+}
+
+impl EngineState {
+    fn send(&self, msg: Outbound) {
+        // A closed channel means the worker is shutting down; nothing is left to tell.
+        let _ = self.out.blocking_send(msg);
+    }
+
+    fn fail(&mut self, request: &RequestId, code: ErrorCode, message: String) {
+        self.requests.remove(request);
+        tracing::debug!(%request, %code, "request failed: {message}");
+        self.send(Outbound::Frame(Frame::error(request.clone(), 0, code, message)));
+    }
+
+    fn handle(&mut self, job: EngineJob) {
+        match job {
+            EngineJob::Start { request, sampling } => {
+                let sampler = if self.shard.range().is_exit() {
+                    match Sampler::new(sampling) {
+                        Ok(s) => Some(s),
+                        Err(e) => return self.fail(&request, ErrorCode::InvalidRequest, e.to_string()),
+                    }
+                } else {
+                    None
+                };
+                let cache = self.shard.new_cache();
+                self.requests.insert(request, RequestState { cache, sampler, last_used: Instant::now() });
+            }
+            EngineJob::Step { request, start_pos, input } => self.run_decode(vec![(request, start_pos, input)]),
+            EngineJob::End { request } => {
+                self.requests.remove(&request);
+            }
+            EngineJob::FailAll { reason } => {
+                let ids: Vec<RequestId> = self.requests.keys().cloned().collect();
+                for id in ids {
+                    self.fail(&id, ErrorCode::Unavailable, reason.clone());
+                }
+            }
+        }
+    }
+
+    /// Runs one step for each listed request (all at once), then sends what it produced.
+    fn run_decode(&mut self, steps: Vec<(RequestId, u64, StepData)>) {
+        // Check each step against its request before computing anything.
+        let mut ready: Vec<(RequestId, StepData)> = Vec::with_capacity(steps.len());
+        for (request, start_pos, input) in steps {
+            let Some(st) = self.requests.get(&request) else {
+                // Ended (or failed) while the step was on its way: nothing to do.
+                continue;
+            };
+            if st.cache.len() as u64 != start_pos {
+                let msg = format!(
+                    "activations for position {start_pos} arrived but shard {} holds {} positions of this request",
+                    self.shard.range(),
+                    st.cache.len()
+                );
+                self.fail(&request, ErrorCode::Sequence, msg);
+                continue;
+            }
+            ready.push((request, input));
+        }
+        if ready.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let outputs = {
+            let mut caches: HashMap<&RequestId, &mut RequestState> =
+                self.requests.iter_mut().filter(|(id, _)| ready.iter().any(|(r, _)| r == *id)).collect();
+            let mut items: Vec<StepItem<'_>> = Vec::with_capacity(ready.len());
+            for (request, input) in &ready {
+                let st = caches.remove(request).expect("each request steps once per batch and was checked above");
+                st.last_used = now;
+                let input = match input {
+                    StepData::Tokens(t) => StepInput::Tokens(t),
+                    StepData::Hidden(h) => StepInput::Hidden(h),
+                };
+                items.push(StepItem { input, cache: &mut st.cache });
+            }
+            self.shard.forward_batch(&mut items)
+        };
+        let outputs = match outputs {
+            Ok(o) => o,
+            Err(e) => {
+                // forward_batch changes no cache on error; fail every request of the batch, since the
+                // error does not say which one was at fault (each was checked alone above).
+                for (request, _) in &ready {
+                    self.fail(request, ErrorCode::InvalidRequest, e.to_string());
+                }
+                return;
+            }
+        };
+        for ((request, input), output) in ready.into_iter().zip(outputs) {
+            match output {
+                StepOutput::Hidden(hidden) => {
+                    let positions = self.requests[&request].cache.len() as u64;
+                    let rows = input.rows(self.shard.config().hidden_size) as u64;
+                    self.send_hidden(&request, positions - rows, &hidden);
+                }
+                StepOutput::Logits(logits) => {
+                    let st = self.requests.get_mut(&request).expect("present: it just stepped");
+                    let token = st.sampler.as_mut().expect("the exit holds a sampler per request").sample(&logits);
+                    let header = TokenHeader { request, seq: 0, tokens: vec![token], finish: None };
+                    self.send(Outbound::Frame(Frame::token(header)));
+                }
+            }
+        }
+    }
+
+    fn send_hidden(&mut self, request: &RequestId, start_pos: u64, hidden: &[f32]) {
+        // f32 little-endian on the wire; this is the in-memory layout on every target we build for.
+        #[cfg(target_endian = "big")]
+        compile_error!("activation frames are little-endian; convert here on big-endian targets");
+        let bytes: &[u8] = bytemuck::cast_slice(hidden);
+        let acts = ActivationsRef {
+            request,
+            dtype: WireDType::F32,
+            hidden: self.shard.config().hidden_size as u64,
+            start_pos,
+            data: bytes,
+        };
+        match split_activations(acts, 0, &self.config.limits) {
+            Ok(chunks) => {
+                let frames: Vec<Frame> = chunks.map(|c| c.to_frame()).collect();
+                for frame in frames {
+                    self.send(Outbound::Frame(frame));
+                }
+            }
+            Err(e) => self.fail(request, ErrorCode::Internal, format!("cannot frame activations: {e}")),
+        }
+    }
+
+    fn sweep_idle(&mut self) {
+        if self.last_sweep.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        self.last_sweep = Instant::now();
+        let timeout = self.config.request_idle_timeout;
+        let idle: Vec<RequestId> =
+            self.requests.iter().filter(|(_, st)| st.last_used.elapsed() > timeout).map(|(id, _)| id.clone()).collect();
+        for id in idle {
+            self.fail(&id, ErrorCode::Unavailable, format!("request idle for more than {timeout:?}: freed"));
+        }
+    }
+}
+
+/// Hands the shard to a new compute thread; returns the job sender.
+pub fn spawn(
+    shard: Shard,
+    out: mpsc::Sender<Outbound>,
+    config: EngineLoopConfig,
+) -> (mpsc::Sender<EngineJob>, std::thread::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(256);
+    let handle = std::thread::Builder::new()
+        .name("engine".into())
+        .spawn(move || run(shard, rx, out, config))
+        .expect("the OS can start one thread");
+    (tx, handle)
+}

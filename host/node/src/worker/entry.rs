@@ -1,0 +1,289 @@
+//! The entry shard's side of requests: it takes them from clients, tokenizes, starts them down the
+//! pipeline, feeds each sampled token back in, applies the stop rules, streams text to the client,
+//! and ends the request everywhere when it is over (finished, failed or cancelled).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use computepool_axl::frame::{ErrorCode, Frame, RequestId, SamplingHeader, SequenceTracker};
+use computepool_engine::generate::{self, RequestOutput};
+use computepool_engine::sampling::SamplingParams;
+use computepool_engine::tokenizer::{ChatMessage, Tokenizer};
+use iroh::endpoint::{RecvStream, SendStream};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::sync::{mpsc, watch};
+
+use super::api::{ErrorKind, Event, FinishReason, GenerateRequest, MAX_REQUEST_BYTES};
+use super::engine_loop::{EngineJob, StepData};
+use super::links::{LinkState, Outbound};
+
+/// What reaches a live request from the pipeline.
+#[derive(Debug)]
+enum Delivery {
+    Token(u32),
+    Failed(ErrorKind, String),
+}
+
+struct LiveRequest {
+    tx: mpsc::UnboundedSender<Delivery>,
+    tracker: SequenceTracker,
+}
+
+/// Settings of the entry.
+#[derive(Debug, Clone)]
+pub struct EntryConfig {
+    /// Context window of the model.
+    pub context: usize,
+    /// Vocabulary size (token ids of `prompt_tokens` are checked against it).
+    pub vocab: usize,
+    /// A request that gets no token for this long is failed (a backstop: a lost shard is normally
+    /// noticed within the transport's peer timeout).
+    pub step_timeout: Duration,
+}
+
+/// The entry's shared state.
+pub struct Entry {
+    tokenizer: Arc<Tokenizer>,
+    config: EntryConfig,
+    requests: Mutex<HashMap<RequestId, LiveRequest>>,
+    engine: mpsc::Sender<EngineJob>,
+    outbound: mpsc::Sender<Outbound>,
+    downstream: watch::Receiver<LinkState>,
+    upstream: watch::Receiver<LinkState>,
+    next_id: AtomicU64,
+    id_prefix: String,
+}
+
+impl Entry {
+    pub fn new(
+        tokenizer: Arc<Tokenizer>,
+        config: EntryConfig,
+        engine: mpsc::Sender<EngineJob>,
+        outbound: mpsc::Sender<Outbound>,
+        downstream: watch::Receiver<LinkState>,
+        upstream: watch::Receiver<LinkState>,
+    ) -> Self {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        Self {
+            tokenizer,
+            config,
+            requests: Mutex::new(HashMap::new()),
+            engine,
+            outbound,
+            downstream,
+            upstream,
+            next_id: AtomicU64::new(0),
+            id_prefix: format!("req-{:x}", nanos as u64),
+        }
+    }
+
+    /// Why the pipeline cannot take requests now, if it cannot.
+    fn unavailable(&self) -> Option<String> {
+        let down = self.downstream.borrow().clone();
+        let up = self.upstream.borrow().clone();
+        match (down, up) {
+            (LinkState::Up, LinkState::Up) => None,
+            (LinkState::Down(why), _) => Some(format!("the pipeline is incomplete: {why}")),
+            (_, LinkState::Down(why)) => Some(format!("the pipeline is incomplete: {why}")),
+        }
+    }
+
+    /// A token frame (or an error) from the exit shard for `request`, with its sequence number.
+    pub fn deliver_tokens(&self, request: &RequestId, seq: u64, tokens: &[u32]) {
+        let mut requests = self.requests.lock().expect("entry state lock");
+        let Some(live) = requests.get_mut(request) else { return }; // over already: late frames are normal
+        if let Err(e) = live.tracker.check(seq) {
+            let _ = live.tx.send(Delivery::Failed(ErrorKind::Sequence, format!("token frames from the exit shard: {e}")));
+            return;
+        }
+        for &t in tokens {
+            let _ = live.tx.send(Delivery::Token(t));
+        }
+    }
+
+    /// A request failed somewhere in the pipeline.
+    pub fn deliver_failure(&self, request: &RequestId, code: ErrorCode, message: String) {
+        if let Some(live) = self.requests.lock().expect("entry state lock").get(request) {
+            let _ = live.tx.send(Delivery::Failed(code.into(), message));
+        }
+    }
+
+    /// Fails every live request (a link went down).
+    pub fn fail_all(&self, message: &str) {
+        for live in self.requests.lock().expect("entry state lock").values() {
+            let _ = live.tx.send(Delivery::Failed(ErrorKind::Unavailable, message.to_string()));
+        }
+    }
+
+    /// Serves one client stream: one request, answered with JSON lines.
+    pub async fn serve_request(self: Arc<Self>, mut send: SendStream, recv: RecvStream) {
+        let outcome = self.run_request(&mut send, recv).await;
+        if let Err(event) = outcome {
+            let _ = write_event(&mut send, &event).await;
+        }
+        let _ = send.finish();
+    }
+
+    async fn run_request(&self, send: &mut SendStream, recv: RecvStream) -> Result<(), Event> {
+        let req = read_request(recv).await?;
+        let (id, prompt, engine_req) = self.prepare(&req)?;
+        if let Some(why) = self.unavailable() {
+            return Err(Event::Error { code: ErrorKind::Unavailable, message: why });
+        }
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        {
+            let mut requests = self.requests.lock().expect("entry state lock");
+            if requests.contains_key(&id) {
+                return Err(invalid(format!("request id {id} is already in use")));
+            }
+            requests.insert(id.clone(), LiveRequest { tx, tracker: SequenceTracker::new() });
+        }
+        let result = self.drive(send, &id, &prompt, &req, &engine_req, &mut rx).await;
+        self.requests.lock().expect("entry state lock").remove(&id);
+        let _ = self.engine.send(EngineJob::End { request: id.clone() }).await;
+        let _ = self.outbound.send(Outbound::Frame(Frame::end(id.clone(), 0))).await;
+        result
+    }
+
+    /// Checks and tokenizes a request.
+    fn prepare(&self, req: &GenerateRequest) -> Result<(RequestId, Vec<u32>, generate::GenerateRequest), Event> {
+        let id = match &req.id {
+            Some(id) => RequestId::new(id.clone()).map_err(|e| invalid(e.to_string()))?,
+            None => {
+                let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+                RequestId::new(format!("{}-{n}", self.id_prefix)).expect("generated ids are valid")
+            }
+        };
+        let given = [req.prompt.is_some(), req.messages.is_some(), req.prompt_tokens.is_some()];
+        if given.iter().filter(|g| **g).count() != 1 {
+            return Err(invalid("give exactly one of prompt, messages and prompt_tokens".into()));
+        }
+        let tokenizer = &self.tokenizer;
+        let prompt = if let Some(text) = &req.prompt {
+            tokenizer.encode(text, true).map_err(|e| invalid(e.to_string()))?
+        } else if let Some(messages) = &req.messages {
+            let messages: Vec<ChatMessage> = messages.iter().map(|m| ChatMessage::new(&m.role, &m.content)).collect();
+            let text = tokenizer.apply_chat_template(&messages, true).map_err(|e| invalid(e.to_string()))?;
+            tokenizer.encode(&text, false).map_err(|e| invalid(e.to_string()))?
+        } else {
+            let tokens = req.prompt_tokens.clone().unwrap_or_default();
+            if let Some(bad) = tokens.iter().find(|&&t| t as usize >= self.config.vocab) {
+                return Err(invalid(format!("token id {bad} is outside the vocabulary of {}", self.config.vocab)));
+            }
+            tokens
+        };
+        if prompt.is_empty() {
+            return Err(invalid("empty prompt: at least one token is needed".into()));
+        }
+        if req.max_tokens == 0 {
+            return Err(invalid("max_tokens must be at least 1".into()));
+        }
+        if prompt.len() + req.max_tokens > self.config.context {
+            return Err(invalid(format!(
+                "prompt of {} tokens plus {} new ones exceeds the context window of {} tokens",
+                prompt.len(),
+                req.max_tokens,
+                self.config.context
+            )));
+        }
+        let params =
+            SamplingParams { temperature: req.temperature, top_k: req.top_k as usize, top_p: req.top_p, seed: req.seed };
+        params.validate().map_err(|e| invalid(e.to_string()))?;
+        let engine_req = generate::GenerateRequest {
+            prompt: prompt.clone(),
+            params,
+            max_new_tokens: req.max_tokens,
+            stop_strings: req.stop.clone(),
+            stop_token_ids: Vec::new(),
+        };
+        Ok((id, prompt, engine_req))
+    }
+
+    async fn drive(
+        &self,
+        send: &mut SendStream,
+        id: &RequestId,
+        prompt: &[u32],
+        req: &GenerateRequest,
+        engine_req: &generate::GenerateRequest,
+        rx: &mut mpsc::UnboundedReceiver<Delivery>,
+    ) -> Result<(), Event> {
+        let gone = || Event::Error { code: ErrorKind::Unavailable, message: "the worker is shutting down".into() };
+        let p = &engine_req.params;
+        let sampling =
+            SamplingHeader { temperature: p.temperature, top_k: p.top_k as u32, top_p: p.top_p, seed: p.seed };
+        // The start frame goes out before the engine can produce the request's first activations.
+        self.outbound.send(Outbound::Frame(Frame::start(id.clone(), sampling))).await.map_err(|_| gone())?;
+        self.engine.send(EngineJob::Start { request: id.clone(), sampling: *p }).await.map_err(|_| gone())?;
+        self.engine
+            .send(EngineJob::Step { request: id.clone(), start_pos: 0, input: StepData::Tokens(prompt.to_vec()) })
+            .await
+            .map_err(|_| gone())?;
+        write_event(send, &Event::Started { id: id.to_string(), prompt_tokens: prompt.len() }).await?;
+
+        let mut output = RequestOutput::new(&self.tokenizer, engine_req).ignore_eos(req.ignore_eos);
+        let mut pos = prompt.len() as u64;
+        loop {
+            let delivery = tokio::select! {
+                d = rx.recv() => d.ok_or_else(gone)?,
+                _ = send.stopped() => return Ok(()), // the client went away: cancel
+                _ = tokio::time::sleep(self.config.step_timeout) => {
+                    return Err(Event::Error {
+                        code: ErrorKind::Unavailable,
+                        message: format!("no token from the pipeline within {:?}", self.config.step_timeout),
+                    });
+                }
+            };
+            match delivery {
+                Delivery::Failed(code, message) => return Err(Event::Error { code, message }),
+                Delivery::Token(token) => {
+                    let text = output.push(token).map_err(|e| Event::Error { code: ErrorKind::Internal, message: e.to_string() })?;
+                    let text = text.to_string();
+                    write_event(send, &Event::Token { token, text }).await?;
+                    if let Some(reason) = output.finish_reason() {
+                        let finish_reason = match reason {
+                            generate::FinishReason::Length => FinishReason::Length,
+                            generate::FinishReason::Stop | generate::FinishReason::StopString => FinishReason::Stop,
+                        };
+                        let done = Event::Done {
+                            finish_reason,
+                            prompt_tokens: prompt.len(),
+                            completion_tokens: output.tokens().len(),
+                        };
+                        write_event(send, &done).await?;
+                        return Ok(());
+                    }
+                    self.engine
+                        .send(EngineJob::Step { request: id.clone(), start_pos: pos, input: StepData::Tokens(vec![token]) })
+                        .await
+                        .map_err(|_| gone())?;
+                    pos += 1;
+                }
+            }
+        }
+    }
+}
+
+fn invalid(message: String) -> Event {
+    Event::Error { code: ErrorKind::InvalidRequest, message }
+}
+
+async fn read_request(recv: RecvStream) -> Result<GenerateRequest, Event> {
+    let mut line = Vec::new();
+    let mut reader = BufReader::new(recv.take(MAX_REQUEST_BYTES as u64 + 1));
+    reader.read_until(b'\n', &mut line).await.map_err(|e| invalid(format!("reading the request: {e}")))?;
+    if line.len() > MAX_REQUEST_BYTES {
+        return Err(invalid(format!("the request is larger than {MAX_REQUEST_BYTES} bytes")));
+    }
+    serde_json::from_slice(&line).map_err(|e| invalid(format!("invalid request JSON: {e}")))
+}
+
+/// Writes one event line. A client that stopped reading turns into `Err` with nothing to send.
+async fn write_event(send: &mut SendStream, event: &Event) -> Result<(), Event> {
+    let mut line = serde_json::to_vec(event).expect("events always serialise");
+    line.push(b'\n');
+    send.write_all(&line).await.map_err(|e| Event::Error { code: ErrorKind::Unavailable, message: e.to_string() })
+}

@@ -1,0 +1,442 @@
+//! `computepool worker`: one shard of a pipeline, serving its layer range to its neighbours.
+//!
+//! ```text
+//!   client ──generate stream──▶ entry ──frames──▶ middle … ──frames──▶ exit
+//!                                 ▲                                     │
+//!                                 └──────────── token frames ───────────┘
+//! ```
+//!
+//! Each worker accepts one upstream link (from the shard before it in the ring; the entry's is the
+//! exit) and dials one downstream link. It owns the KV caches of the requests that cross it; an `end`
+//! frame, a lost upstream link, an `unload` or an idle timeout frees them.
+//!
+//! - [`engine_loop`]: the compute thread (batching, KV caches, sampling on the exit).
+//! - [`links`]: the downstream link (dial, redial, numbering) and link states.
+//! - [`entry`]: the entry's requests: tokenize, feed tokens back, stop rules, stream to the client.
+//! - [`api`]: the JSON-lines request API clients speak to the entry.
+
+pub mod api;
+pub mod engine_loop;
+pub mod entry;
+pub mod links;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use computepool_axl::frame::{
+    ActivationCursor, ControlHeader, DType as WireDType, ErrorCode, Frame, FrameHeader, FrameLimits, RequestId,
+    SequenceTracker,
+};
+use computepool_axl::transport::{
+    FRAMES_ALPN, FrameReader, GENERATE_ALPN, LinkError, PeerRole, Topology, Transport, TransportConfig,
+    describe_close, load_or_create_secret_key,
+};
+use computepool_engine::DType;
+use computepool_engine::backend::cpu::CpuBackend;
+use computepool_engine::model::{LoadOptions, Shard};
+use computepool_engine::sampling::SamplingParams;
+use computepool_engine::shard::LayerRange;
+use computepool_engine::tokenizer::Tokenizer;
+use iroh::endpoint::{Connection, VarInt};
+use tokio::sync::{mpsc, watch};
+
+use engine_loop::{EngineJob, EngineLoopConfig, StepData};
+use entry::{Entry, EntryConfig};
+use links::{LinkState, Outbound};
+
+#[derive(Args, Debug, Clone)]
+pub struct WorkerArgs {
+    /// A Hugging Face layout model directory (every worker of a pool has the same model).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The pool's topology (JSON): shards in order, their peer ids, layer ranges and addresses.
+    #[arg(long)]
+    pub topology: PathBuf,
+    /// This worker's secret key file (made if missing); its public key must be one of the shards.
+    #[arg(long)]
+    pub key: PathBuf,
+    /// The layer range to serve, `START..END`; must match the topology's entry for this key (it is
+    /// taken from there when omitted).
+    #[arg(long)]
+    pub layers: Option<String>,
+    /// UDP address to listen on (repeatable); default: any address, any port.
+    #[arg(long)]
+    pub listen: Vec<SocketAddr>,
+    /// Weight dtype: f32 or bf16.
+    #[arg(long, default_value = "bf16")]
+    pub dtype: String,
+    /// Compute threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// A neighbour silent for this long is gone, in ms.
+    #[arg(long, default_value_t = 1500)]
+    pub peer_timeout_ms: u64,
+    /// A request with no new frame for this long is freed, in seconds.
+    #[arg(long, default_value_t = 300)]
+    pub request_idle_timeout_s: u64,
+    /// (Entry) a request that gets no token for this long fails, in seconds.
+    #[arg(long, default_value_t = 120)]
+    pub step_timeout_s: u64,
+}
+
+/// Runs a worker until it is interrupted.
+pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    let topology = Topology::from_file(&args.topology)?;
+    let key = load_or_create_secret_key(&args.key)?;
+    let me = topology.position(&key.public()).with_context(|| {
+        format!("this worker's peer id {} is not one of the shards in {}", key.public(), args.topology.display())
+    })?;
+    let layers = topology.shards[me].layers;
+    if let Some(given) = &args.layers
+        && given.parse::<computepool_axl::transport::Layers>()? != layers
+    {
+        bail!("--layers {given} does not match the topology, which gives this worker layers {layers}");
+    }
+    if topology.shards.len() < 2 {
+        bail!("a pipeline needs at least 2 shards; run `computepool generate` for the whole model in one process");
+    }
+    let dtype: DType = args.dtype.parse()?;
+    let threads = args.threads.unwrap_or_else(crate::generate::default_threads);
+    let backend = Arc::new(CpuBackend::new(threads));
+    let config = computepool_engine::config::ModelConfig::from_dir(&args.model)?;
+    if config.num_layers != topology.num_layers as usize {
+        bail!("the model has {} layers, the topology {}", config.num_layers, topology.num_layers);
+    }
+    let range = LayerRange::new(layers.start as usize, layers.end as usize, config.num_layers)?;
+    let shard = Shard::load(&args.model, &LoadOptions { dtype, range: Some(range), progress: false }, backend)
+        .with_context(|| format!("loading layers {layers} of {}", args.model.display()))?;
+    let tokenizer = if me == 0 { Some(Arc::new(Tokenizer::from_dir(&args.model)?)) } else { None };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .thread_name("net")
+        .build()
+        .context("starting the network runtime")?;
+    runtime.block_on(serve(args, topology, key, me, shard, tokenizer))
+}
+
+/// What the upstream reader needs to act on frames.
+struct Ctx {
+    me: usize,
+    is_exit: bool,
+    hidden: usize,
+    limits: FrameLimits,
+    engine: mpsc::Sender<EngineJob>,
+    outbound: mpsc::Sender<Outbound>,
+    entry: Option<Arc<Entry>>,
+    upstream_state: watch::Sender<LinkState>,
+    /// Generation of the current upstream connection; an older one going down changes nothing.
+    upstream_generation: AtomicU64,
+}
+
+async fn serve(
+    args: WorkerArgs,
+    topology: Topology,
+    key: iroh::SecretKey,
+    me: usize,
+    shard: Shard,
+    tokenizer: Option<Arc<Tokenizer>>,
+) -> anyhow::Result<()> {
+    let mut tconfig = TransportConfig::new(key);
+    tconfig.bind = args.listen.clone();
+    tconfig.peer_timeout = Duration::from_millis(args.peer_timeout_ms);
+    tconfig.keep_alive = tconfig.peer_timeout / 6;
+    let transport = Transport::bind(tconfig).await?;
+    let limits = FrameLimits::DEFAULT;
+    let hidden = shard.config().hidden_size;
+    let cfg = shard.config().clone();
+    let is_exit = shard.range().is_exit();
+    let weight_bytes = shard.weight_bytes();
+
+    let (out_tx, out_rx) = mpsc::channel::<Outbound>(1024);
+    let engine_config =
+        EngineLoopConfig { limits, request_idle_timeout: Duration::from_secs(args.request_idle_timeout_s) };
+    let (engine_tx, engine_thread) = engine_loop::spawn(shard, out_tx.clone(), engine_config);
+
+    let (down_tx, down_rx) = watch::channel(LinkState::Down("not connected yet".into()));
+    let (up_tx, up_rx) = watch::channel(LinkState::Down("the upstream shard has not connected yet".into()));
+    let (fail_tx, mut fail_rx) = mpsc::unbounded_channel();
+    let entry = tokenizer.map(|tokenizer| {
+        let entry_config = EntryConfig {
+            context: cfg.max_position_embeddings,
+            vocab: cfg.vocab_size,
+            step_timeout: Duration::from_secs(args.step_timeout_s),
+        };
+        Arc::new(Entry::new(tokenizer, entry_config, engine_tx.clone(), out_tx.clone(), down_rx.clone(), up_rx.clone()))
+    });
+    tokio::spawn(links::run_downstream(
+        transport.clone(),
+        topology.downstream_of(me).clone(),
+        out_rx,
+        down_tx,
+        limits,
+        entry.as_ref().map(|_| fail_tx),
+    ));
+    if let Some(entry) = &entry {
+        // Failures of the entry's own requests (its compute thread, or its downstream link being down).
+        let e = entry.clone();
+        tokio::spawn(async move {
+            while let Some((request, code, message)) = fail_rx.recv().await {
+                e.deliver_failure(&request, code, message);
+            }
+        });
+        // A link going down fails every request in flight at once.
+        for mut state in [down_rx.clone(), up_rx.clone()] {
+            let e = entry.clone();
+            tokio::spawn(async move {
+                while state.changed().await.is_ok() {
+                    let current = state.borrow_and_update().clone();
+                    if let LinkState::Down(why) = current {
+                        e.fail_all(&format!("the pipeline broke: {why}"));
+                    }
+                }
+            });
+        }
+    }
+    let ctx = Arc::new(Ctx {
+        me,
+        is_exit,
+        hidden,
+        limits,
+        engine: engine_tx,
+        outbound: out_tx,
+        entry,
+        upstream_state: up_tx,
+        upstream_generation: AtomicU64::new(0),
+    });
+
+    // Tell whoever started us that we are ready (the local launcher waits for this line).
+    let ready = serde_json::json!({
+        "event": "ready",
+        "peer": transport.id().to_string(),
+        "layers": topology.shards[me].layers.to_string(),
+        "addrs": transport.bound_addrs(),
+        "weight_bytes": weight_bytes,
+        "rss_bytes": crate::memory::resident_bytes(),
+    });
+    println!("{ready}");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+
+    let allow = {
+        let topology = topology.clone();
+        move |peer: &iroh::PublicKey, alpn: &[u8]| match topology.role_of(me, peer) {
+            Some(PeerRole::Upstream) => alpn == FRAMES_ALPN,
+            Some(PeerRole::Client) => alpn == GENERATE_ALPN,
+            None => false,
+        }
+    };
+    let mut current_upstream: Option<Connection> = None;
+    loop {
+        let conn = tokio::select! {
+            conn = transport.accept(&allow) => match conn {
+                Some(conn) => conn,
+                None => break,
+            },
+            _ = tokio::signal::ctrl_c() => break,
+        };
+        if conn.alpn() == GENERATE_ALPN {
+            if let Some(entry) = &ctx.entry {
+                tokio::spawn(serve_client(conn, entry.clone()));
+            }
+            continue;
+        }
+        if let Some(old) = current_upstream.take() {
+            old.close(VarInt::from_u32(computepool_axl::transport::endpoint::CLOSE_SHUTDOWN), b"replaced by a new connection");
+        }
+        current_upstream = Some(conn.clone());
+        let generation = ctx.upstream_generation.fetch_add(1, Ordering::SeqCst) + 1;
+        tokio::spawn(upstream_link(conn, ctx.clone(), generation));
+    }
+    transport.close().await;
+    drop(ctx);
+    let _ = engine_thread.join();
+    Ok(())
+}
+
+/// One client connection to the entry: each bidirectional stream is a request.
+async fn serve_client(conn: Connection, entry: Arc<Entry>) {
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        tokio::spawn(entry.clone().serve_request(send, recv));
+    }
+}
+
+/// Per-request receive state of the upstream link.
+struct Inbound {
+    tracker: SequenceTracker,
+    cursor: ActivationCursor,
+    pending: Vec<f32>,
+}
+
+/// Reads the upstream link until it ends, acting on each frame.
+async fn upstream_link(conn: Connection, ctx: Arc<Ctx>, generation: u64) {
+    let peer = conn.remote_id().fmt_short().to_string();
+    tracing::info!(%peer, "upstream link up");
+    ctx.upstream_state.send_replace(LinkState::Up);
+    let result: Result<(), String> = async {
+        let recv = tokio::select! {
+            s = conn.accept_uni() => s.map_err(|e| describe_close(&e))?,
+            e = conn.closed() => return Err(describe_close(&e)),
+        };
+        let mut reader = FrameReader::new(recv, ctx.limits);
+        let mut inbound: HashMap<RequestId, Inbound> = HashMap::new();
+        loop {
+            let frame = tokio::select! {
+                f = reader.next() => f,
+                e = conn.closed() => return Err(describe_close(&e)),
+            };
+            match frame {
+                Ok(Some(frame)) => {
+                    if let Err(violation) = ctx.dispatch(&mut inbound, frame).await {
+                        conn.close(VarInt::from_u32(computepool_axl::transport::endpoint::CLOSE_PROTOCOL), violation.as_bytes());
+                        return Err(format!("protocol violation: {violation}"));
+                    }
+                }
+                Ok(None) => return Err("the upstream peer closed the link".into()),
+                Err(LinkError::Frame(e)) => {
+                    let reason = format!("bad frame: {e}");
+                    conn.close(VarInt::from_u32(computepool_axl::transport::endpoint::CLOSE_PROTOCOL), reason.as_bytes());
+                    return Err(reason);
+                }
+                Err(LinkError::Io(e)) => return Err(e.to_string()),
+            }
+        }
+    }
+    .await;
+    let reason = result.err().unwrap_or_default();
+    if ctx.upstream_generation.load(Ordering::SeqCst) != generation {
+        return; // a newer connection from the same peer took over
+    }
+    tracing::warn!(%peer, "upstream link lost: {reason}");
+    let why = format!("upstream peer {peer} was lost: {reason}");
+    ctx.upstream_state.send_replace(LinkState::Down(why.clone()));
+    if ctx.entry.is_none() {
+        // Free every request that came over the link, and tell the entry (downstream, around the ring).
+        let _ = ctx.engine.send(EngineJob::FailAll { reason: why }).await;
+    }
+}
+
+impl Ctx {
+    /// Acts on one frame from upstream. `Err` is a protocol violation: the link is dropped.
+    async fn dispatch(&self, inbound: &mut HashMap<RequestId, Inbound>, frame: Frame) -> Result<(), String> {
+        if let Some(entry) = &self.entry {
+            return match frame.header {
+                FrameHeader::Token(h) => {
+                    entry.deliver_tokens(&h.request, h.seq, &h.tokens);
+                    Ok(())
+                }
+                FrameHeader::Control(ControlHeader::Error { request, code, message, .. }) => {
+                    entry.deliver_failure(&request, code, message);
+                    Ok(())
+                }
+                other => Err(format!("the entry takes token and error frames from the exit, not {} frames", other.kind())),
+            };
+        }
+        let forward = |f: Frame| Outbound::Frame(f);
+        match frame.header {
+            FrameHeader::Control(ControlHeader::Start { request, seq, sampling }) => {
+                if seq != 0 {
+                    return Err(format!("start frame of request {request} has seq {seq}, not 0"));
+                }
+                let mut tracker = SequenceTracker::new();
+                tracker.check(0).expect("a fresh tracker takes 0");
+                inbound.insert(request.clone(), Inbound { tracker, cursor: ActivationCursor::new(0), pending: Vec::new() });
+                let params = SamplingParams {
+                    temperature: sampling.temperature,
+                    top_k: sampling.top_k as usize,
+                    top_p: sampling.top_p,
+                    seed: sampling.seed,
+                };
+                if !self.is_exit {
+                    self.send_out(forward(Frame::start(request.clone(), sampling))).await;
+                }
+                self.job(EngineJob::Start { request, sampling: params }).await;
+            }
+            FrameHeader::Activations(h) => {
+                let Some(state) = inbound.get_mut(&h.request) else {
+                    // Its request was failed or ended here already; ignore what is still on its way.
+                    return Ok(());
+                };
+                let failed = |code: ErrorCode, message: String| (code, message);
+                let outcome = (|| {
+                    state.tracker.check(h.seq).map_err(|e| failed(ErrorCode::Sequence, e.to_string()))?;
+                    if h.hidden != self.hidden as u64 {
+                        return Err(failed(
+                            ErrorCode::InvalidRequest,
+                            format!("activations of width {} for a model of hidden size {}", h.hidden, self.hidden),
+                        ));
+                    }
+                    let progress = state.cursor.accept(&h).map_err(|e| failed(ErrorCode::Sequence, e.to_string()))?;
+                    match h.dtype {
+                        // Little-endian on the wire (docs/PROTOCOL.md §2); the shape check made the
+                        // payload a whole number of values.
+                        WireDType::F32 => state.pending.extend(
+                            frame.payload.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                        ),
+                        WireDType::Bf16 => state.pending.extend(
+                            frame.payload.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+                        ),
+                    }
+                    Ok(progress)
+                })();
+                match outcome {
+                    Ok(progress) if progress.step_complete => {
+                        let rows = state.pending.len() / self.hidden;
+                        let start_pos = h.end_pos().unwrap_or(0) - rows as u64;
+                        let input = StepData::Hidden(std::mem::take(&mut state.pending));
+                        self.job(EngineJob::Step { request: h.request, start_pos, input }).await;
+                    }
+                    Ok(_) => {}
+                    Err((code, message)) => {
+                        inbound.remove(&h.request);
+                        self.job(EngineJob::End { request: h.request.clone() }).await;
+                        self.send_out(forward(Frame::error(h.request, 0, code, message))).await;
+                    }
+                }
+            }
+            FrameHeader::Control(ControlHeader::End { request, .. }) => {
+                inbound.remove(&request);
+                self.job(EngineJob::End { request: request.clone() }).await;
+                if self.is_exit {
+                    self.send_out(Outbound::Forget(request)).await;
+                } else {
+                    self.send_out(forward(Frame::end(request, 0))).await;
+                }
+            }
+            FrameHeader::Control(ControlHeader::Error { request, code, message, .. }) => {
+                inbound.remove(&request);
+                self.job(EngineJob::End { request: request.clone() }).await;
+                self.send_out(forward(Frame::error(request, 0, code, message))).await;
+            }
+            FrameHeader::Control(ControlHeader::Unload) => {
+                inbound.clear();
+                self.job(EngineJob::FailAll { reason: "the pipeline is unloading".into() }).await;
+                if !self.is_exit {
+                    self.send_out(forward(Frame::unload())).await;
+                }
+            }
+            FrameHeader::Token(h) => {
+                return Err(format!(
+                    "token frames flow from the exit to the entry only; shard {} got one for {}",
+                    self.me, h.request
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn job(&self, job: EngineJob) {
+        let _ = self.engine.send(job).await;
+    }
+
+    async fn send_out(&self, msg: Outbound) {
+        let _ = self.outbound.send(msg).await;
+    }
+}
