@@ -6,12 +6,15 @@
 //! - [`frame`]: the versioned frame codec (docs/PROTOCOL.md is its spec), chunking of long prompts,
 //!   sequence checks.
 //! - [`plan`]: which worker runs which contiguous layer range, sized by memory and speed.
+//! - [`bridge`]: frames over the Gensyn AXL daemon's HTTP API, with per-request order checks and a
+//!   stand-in daemon for tests.
 //! - [`transport`]: encrypted QUIC links between peers named by ed25519 keys (iroh), the topology
 //!   that says who talks to whom, and frames over a stream with backpressure.
 //!
 //! This crate does not depend on the engine: the orchestrator uses plans and must never be able to
 //! name an activation tensor, so payloads here are bytes with a dtype and a shape.
 
+pub mod bridge;
 pub mod frame;
 pub mod plan;
 pub mod transport;

@@ -19,11 +19,13 @@ pub struct GenerateRequest {
     pub stop_strings: Vec<String>,
     /// Extra stop ids besides the tokenizer's end-of-sequence ids.
     pub stop_token_ids: Vec<u32>,
+    /// Generate through end-of-sequence tokens (benchmarks that need exactly `max_new_tokens`).
+    pub ignore_eos: bool,
 }
 
 impl GenerateRequest {
     pub fn new(prompt: Vec<u32>, max_new_tokens: usize) -> Self {
-        Self { prompt, params: SamplingParams::default(), max_new_tokens, stop_strings: Vec::new(), stop_token_ids: Vec::new() }
+        Self { prompt, params: SamplingParams::default(), max_new_tokens, stop_strings: Vec::new(), stop_token_ids: Vec::new(), ignore_eos: false }
     }
 }
 
@@ -153,15 +155,8 @@ impl<'t> RequestOutput<'t> {
             finish: None,
             max_new_tokens: req.max_new_tokens,
             stop_token_ids: req.stop_token_ids.clone(),
-            ignore_eos: false,
+            ignore_eos: req.ignore_eos,
         }
-    }
-
-    /// Keep generating through end-of-sequence tokens (benchmarks that need exactly `max_new_tokens`).
-    /// Explicit stop tokens and stop strings still apply.
-    pub fn ignore_eos(mut self, ignore: bool) -> Self {
-        self.ignore_eos = ignore;
-        self
     }
 
     /// Takes the next sampled token; returns the text that became final with it (possibly empty).

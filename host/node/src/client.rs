@@ -62,7 +62,9 @@ impl EntryClient {
         let (mut send, recv) = self.conn.open_bi().await.map_err(|e| anyhow::anyhow!(describe_close(&e)))?;
         let mut line = serde_json::to_vec(request)?;
         line.push(b'\n');
-        send.write_all(&line).await.context("sending the request")?;
+        if let Err(e) = send.write_all(&line).await {
+            bail!("sending the request to the entry: {}", self.why_closed(e.to_string()));
+        }
         let _ = send.finish();
         let mut lines = BufReader::new(recv).lines();
         let (mut id, mut tokens, mut text, mut prompt_tokens) = (String::new(), Vec::new(), String::new(), 0);
@@ -70,9 +72,13 @@ impl EntryClient {
         loop {
             let line = match lines.next_line().await {
                 Ok(Some(line)) => line,
-                Ok(None) => bail!("the entry closed the stream before the request finished"),
+                Ok(None) => {
+                    let why = self.why_closed("it closed the stream before the request finished".into());
+                    bail!("the entry ended the request without an answer: {why}");
+                }
                 Err(e) => {
-                    return Ok(Err(RequestFailed { code: ErrorKind::Unavailable, message: format!("the entry's stream broke: {e}") }));
+                    let message = format!("the entry's stream broke: {}", self.why_closed(e.to_string()));
+                    return Ok(Err(RequestFailed { code: ErrorKind::Unavailable, message }));
                 }
             };
             let event: Event = serde_json::from_str(&line).with_context(|| format!("unreadable event from the entry: {line:?}"))?;
@@ -101,6 +107,14 @@ impl EntryClient {
                 }
                 Event::Error { code, message } => return Ok(Err(RequestFailed { code, message })),
             }
+        }
+    }
+
+    /// The connection's close reason if it is closed (e.g. "unknown peer"), else `fallback`.
+    fn why_closed(&self, fallback: String) -> String {
+        match self.conn.close_reason() {
+            Some(e) => describe_close(&e),
+            None => fallback,
         }
     }
 

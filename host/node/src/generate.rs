@@ -54,6 +54,9 @@ pub struct GenerateArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Keep generating through end-of-sequence tokens (exactly --max-tokens tokens).
+    #[arg(long)]
+    ignore_eos: bool,
     /// Print the token ids and timings as JSON on stderr at the end.
     #[arg(long)]
     json: bool,
@@ -66,8 +69,12 @@ pub struct GenerateArgs {
     /// This client's secret key file (with --topology).
     #[arg(long)]
     key: Option<PathBuf>,
+    /// How long to retry while the pipeline reports it is not ready (workers still connecting), in
+    /// seconds; 0 fails at once.
+    #[arg(long, default_value_t = 30)]
+    wait_ready_s: u64,
     /// A neighbour silent for this long is gone, in ms (with --shards).
-    #[arg(long, default_value_t = 1500)]
+    #[arg(long, default_value_t = 1000)]
     peer_timeout_ms: u64,
 }
 
@@ -102,6 +109,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         max_new_tokens: args.max_tokens,
         stop_strings: args.stop.clone(),
         stop_token_ids: Vec::new(),
+        ignore_eos: args.ignore_eos,
     };
     let mut stdout = std::io::stdout().lock();
     let generation = generate::generate(&shard, &tokenizer, &req, |piece| {
@@ -142,6 +150,7 @@ fn pipeline_request(args: &GenerateArgs) -> api::GenerateRequest {
     req.top_k = u32::try_from(args.top_k).unwrap_or(u32::MAX);
     req.seed = args.seed;
     req.stop = args.stop.clone();
+    req.ignore_eos = args.ignore_eos;
     req
 }
 
@@ -177,7 +186,7 @@ fn run_pipeline(args: GenerateArgs) -> anyhow::Result<()> {
         let req = pipeline_request(&args);
         let mut stdout = std::io::stdout().lock();
         let outcome = client
-            .generate_when_ready(&req, Duration::from_secs(30), |event| {
+            .generate_when_ready(&req, Duration::from_secs(args.wait_ready_s), |event| {
                 if let api::Event::Token { text, .. } = event {
                     let _ = stdout.write_all(text.as_bytes()).and_then(|_| stdout.flush());
                 }

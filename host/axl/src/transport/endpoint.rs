@@ -15,8 +15,9 @@ pub const FRAMES_ALPN: &[u8] = b"computepool/frames/1";
 /// ALPN of client streams on the entry: one bidirectional stream per request (JSON lines).
 pub const GENERATE_ALPN: &[u8] = b"computepool/generate/1";
 
-/// QUIC application close code for a peer the topology does not know.
-pub const CLOSE_UNKNOWN_PEER: u32 = 0x10;
+/// QUIC application close code for a refused connection: a peer the topology does not know, or a
+/// link this worker cannot serve yet. The close reason says which.
+pub const CLOSE_REFUSED: u32 = 0x10;
 /// QUIC application close code for a peer that broke the protocol (bad frames).
 pub const CLOSE_PROTOCOL: u32 = 0x11;
 /// QUIC application close code for an orderly shutdown.
@@ -46,22 +47,22 @@ pub struct TransportConfig {
     /// Relay servers and address lookup. Default: disabled.
     pub relays: Relays,
     /// A peer that has sent nothing (not even a keep-alive) for this long is gone: its connection
-    /// closes and every request that crossed it fails. Default 1.5 s, so a killed shard is noticed
-    /// well within 2 s; raise it for links with long outages.
+    /// closes and every request that crossed it fails. Default 1 s, so a killed shard is noticed
+    /// within 2 s with room to spare; raise it for links with long outages.
     pub peer_timeout: Duration,
-    /// How often an idle connection sends a keep-alive. Default 250 ms (a few dozen bytes each).
+    /// How often an idle connection sends a keep-alive. Default 200 ms (a few dozen bytes each).
     pub keep_alive: Duration,
 }
 
 impl TransportConfig {
-    /// Defaults for `secret_key`: any port, no relays, 1.5 s peer timeout, 250 ms keep-alive.
+    /// Defaults for `secret_key`: any port, no relays, 1 s peer timeout, 200 ms keep-alive.
     pub fn new(secret_key: SecretKey) -> Self {
         Self {
             secret_key,
             bind: Vec::new(),
             relays: Relays::Disabled,
-            peer_timeout: Duration::from_millis(1500),
-            keep_alive: Duration::from_millis(250),
+            peer_timeout: Duration::from_millis(1000),
+            keep_alive: Duration::from_millis(200),
         }
     }
 }
@@ -130,10 +131,10 @@ impl Transport {
             .map_err(|e| TransportError::Connect { peer: peer.fmt_short().to_string(), reason: e.to_string() })
     }
 
-    /// Waits for the next connection whose peer `allow` accepts (given its id and ALPN). Connections
-    /// from anyone else are closed at once with [`CLOSE_UNKNOWN_PEER`] and the reason, and waiting
-    /// goes on. `None` once the endpoint is closed.
-    pub async fn accept(&self, allow: impl Fn(&PeerId, &[u8]) -> bool) -> Option<Connection> {
+    /// Waits for the next connection whose peer `allow` accepts (given its id and ALPN). A refused
+    /// connection is closed at once with [`CLOSE_REFUSED`] and the reason `allow` gave (e.g. "unknown
+    /// peer: …"), and waiting goes on. `None` once the endpoint is closed.
+    pub async fn accept(&self, allow: impl Fn(&PeerId, &[u8]) -> Result<(), String>) -> Option<Connection> {
         loop {
             let incoming = self.endpoint.accept().await?;
             let conn = match incoming.await {
@@ -144,11 +145,13 @@ impl Transport {
                 }
             };
             let remote = conn.remote_id();
-            if allow(&remote, conn.alpn()) {
-                return Some(conn);
+            match allow(&remote, conn.alpn()) {
+                Ok(()) => return Some(conn),
+                Err(reason) => {
+                    tracing::warn!(peer = %remote, alpn = %String::from_utf8_lossy(conn.alpn()), "refused a connection: {reason}");
+                    conn.close(VarInt::from_u32(CLOSE_REFUSED), reason.as_bytes());
+                }
             }
-            tracing::warn!(peer = %remote, alpn = %String::from_utf8_lossy(conn.alpn()), "refused a peer that is not in this pool's topology");
-            conn.close(VarInt::from_u32(CLOSE_UNKNOWN_PEER), b"unknown peer: not in this pool's topology");
         }
     }
 

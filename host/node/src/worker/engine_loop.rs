@@ -124,8 +124,9 @@ impl EngineState {
     }
 
     fn fail(&mut self, request: &RequestId, code: ErrorCode, message: String) {
-        self.requests.remove(request);
-        tracing::debug!(%request, %code, "request failed: {message}");
+        if self.requests.remove(request).is_some() {
+            tracing::info!(%request, %code, "request failed, KV cache freed: {message}");
+        }
         self.send(Outbound::Frame(Frame::error(request.clone(), 0, code, message)));
     }
 
@@ -145,7 +146,9 @@ impl EngineState {
             }
             EngineJob::Step { request, start_pos, input } => self.run_decode(vec![(request, start_pos, input)]),
             EngineJob::End { request } => {
-                self.requests.remove(&request);
+                if let Some(st) = self.requests.remove(&request) {
+                    tracing::info!(%request, positions = st.cache.len(), "request ended, KV cache freed");
+                }
             }
             EngineJob::FailAll { reason } => {
                 let ids: Vec<RequestId> = self.requests.keys().cloned().collect();

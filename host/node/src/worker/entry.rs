@@ -141,7 +141,7 @@ impl Entry {
             }
             requests.insert(id.clone(), LiveRequest { tx, tracker: SequenceTracker::new() });
         }
-        let result = self.drive(send, &id, &prompt, &req, &engine_req, &mut rx).await;
+        let result = self.drive(send, &id, &prompt, &engine_req, &mut rx).await;
         self.requests.lock().expect("entry state lock").remove(&id);
         let _ = self.engine.send(EngineJob::End { request: id.clone() }).await;
         let _ = self.outbound.send(Outbound::Frame(Frame::end(id.clone(), 0))).await;
@@ -198,6 +198,7 @@ impl Entry {
             max_new_tokens: req.max_tokens,
             stop_strings: req.stop.clone(),
             stop_token_ids: Vec::new(),
+            ignore_eos: req.ignore_eos,
         };
         Ok((id, prompt, engine_req))
     }
@@ -207,7 +208,6 @@ impl Entry {
         send: &mut SendStream,
         id: &RequestId,
         prompt: &[u32],
-        req: &GenerateRequest,
         engine_req: &generate::GenerateRequest,
         rx: &mut mpsc::UnboundedReceiver<Delivery>,
     ) -> Result<(), Event> {
@@ -224,7 +224,7 @@ impl Entry {
             .map_err(|_| gone())?;
         write_event(send, &Event::Started { id: id.to_string(), prompt_tokens: prompt.len() }).await?;
 
-        let mut output = RequestOutput::new(&self.tokenizer, engine_req).ignore_eos(req.ignore_eos);
+        let mut output = RequestOutput::new(&self.tokenizer, engine_req);
         let mut pos = prompt.len() as u64;
         loop {
             let delivery = tokio::select! {

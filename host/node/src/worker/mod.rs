@@ -75,7 +75,7 @@ pub struct WorkerArgs {
     #[arg(long)]
     pub threads: Option<usize>,
     /// A neighbour silent for this long is gone, in ms.
-    #[arg(long, default_value_t = 1500)]
+    #[arg(long, default_value_t = 1000)]
     pub peer_timeout_ms: u64,
     /// A request with no new frame for this long is freed, in seconds.
     #[arg(long, default_value_t = 300)]
@@ -225,12 +225,23 @@ async fn serve(
     use std::io::Write;
     let _ = std::io::stdout().flush();
 
+    // The ring comes up from the entry backwards: a worker takes its upstream link only while its own
+    // downstream link is up, and drops it when that goes down (see `upstream_link`). So the entry's
+    // upstream being up means every link of the ring is, and a break anywhere reaches the entry at once.
+    // The entry is the anchor: it takes its upstream (the exit) unconditionally.
     let allow = {
         let topology = topology.clone();
-        move |peer: &iroh::PublicKey, alpn: &[u8]| match topology.role_of(me, peer) {
-            Some(PeerRole::Upstream) => alpn == FRAMES_ALPN,
-            Some(PeerRole::Client) => alpn == GENERATE_ALPN,
-            None => false,
+        let downstream = down_rx.clone();
+        move |peer: &iroh::PublicKey, alpn: &[u8]| -> Result<(), String> {
+            let unknown = || Err("unknown peer: not in this pool's topology".to_string());
+            match topology.role_of(me, peer) {
+                Some(PeerRole::Upstream) if alpn == FRAMES_ALPN => match &*downstream.borrow() {
+                    LinkState::Down(why) if me != 0 => Err(format!("not ready: {why}")),
+                    _ => Ok(()),
+                },
+                Some(PeerRole::Client) if alpn == GENERATE_ALPN => Ok(()),
+                _ => unknown(),
+            }
         }
     };
     let mut current_upstream: Option<Connection> = None;
@@ -253,7 +264,7 @@ async fn serve(
         }
         current_upstream = Some(conn.clone());
         let generation = ctx.upstream_generation.fetch_add(1, Ordering::SeqCst) + 1;
-        tokio::spawn(upstream_link(conn, ctx.clone(), generation));
+        tokio::spawn(upstream_link(conn, ctx.clone(), generation, (me != 0).then(|| down_rx.clone())));
     }
     transport.close().await;
     drop(ctx);
@@ -276,7 +287,12 @@ struct Inbound {
 }
 
 /// Reads the upstream link until it ends, acting on each frame.
-async fn upstream_link(conn: Connection, ctx: Arc<Ctx>, generation: u64) {
+async fn upstream_link(
+    conn: Connection,
+    ctx: Arc<Ctx>,
+    generation: u64,
+    mut downstream: Option<watch::Receiver<LinkState>>,
+) {
     let peer = conn.remote_id().fmt_short().to_string();
     tracing::info!(%peer, "upstream link up");
     ctx.upstream_state.send_replace(LinkState::Up);
@@ -284,6 +300,11 @@ async fn upstream_link(conn: Connection, ctx: Arc<Ctx>, generation: u64) {
         let recv = tokio::select! {
             s = conn.accept_uni() => s.map_err(|e| describe_close(&e))?,
             e = conn.closed() => return Err(describe_close(&e)),
+            why = downstream_lost(&mut downstream) => {
+                let reason = format!("this shard's downstream link broke: {why}");
+                conn.close(VarInt::from_u32(computepool_axl::transport::endpoint::CLOSE_SHUTDOWN), reason.as_bytes());
+                return Err(reason);
+            }
         };
         let mut reader = FrameReader::new(recv, ctx.limits);
         let mut inbound: HashMap<RequestId, Inbound> = HashMap::new();
@@ -291,6 +312,11 @@ async fn upstream_link(conn: Connection, ctx: Arc<Ctx>, generation: u64) {
             let frame = tokio::select! {
                 f = reader.next() => f,
                 e = conn.closed() => return Err(describe_close(&e)),
+                why = downstream_lost(&mut downstream) => {
+                    let reason = format!("this shard's downstream link broke: {why}");
+                    conn.close(VarInt::from_u32(computepool_axl::transport::endpoint::CLOSE_SHUTDOWN), reason.as_bytes());
+                    return Err(reason);
+                }
             };
             match frame {
                 Ok(Some(frame)) => {
@@ -320,6 +346,19 @@ async fn upstream_link(conn: Connection, ctx: Arc<Ctx>, generation: u64) {
     if ctx.entry.is_none() {
         // Free every request that came over the link, and tell the entry (downstream, around the ring).
         let _ = ctx.engine.send(EngineJob::FailAll { reason: why }).await;
+    }
+}
+
+/// Resolves when the watched downstream link goes down (never, when there is nothing to watch).
+async fn downstream_lost(downstream: &mut Option<watch::Receiver<LinkState>>) -> String {
+    let Some(state) = downstream else { return std::future::pending().await };
+    loop {
+        if let LinkState::Down(why) = &*state.borrow_and_update() {
+            return why.clone();
+        }
+        if state.changed().await.is_err() {
+            return "the worker is shutting down".into();
+        }
     }
 }
 

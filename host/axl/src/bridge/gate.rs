@@ -1,0 +1,401 @@
+//! The inbox's ordering check: for every (sender, request) pair, frames must arrive as seq 0, 1, 2, …
+//! (docs/PROTOCOL.md §6). Pure and synchronous, so every rule is tested without a daemon.
+//!
+//! A request on a link is in one of three states:
+//!
+//! - **active**: a [`SequenceTracker`] waits for the next seq; in-order frames are delivered.
+//! - **failed**: a gap or step back was reported once; later frames are discarded (not reported
+//!   again) until the request's `end` or `error` frame, which is still delivered.
+//! - **closed**: ended (`end`/`error`), refused, forgotten, or its sender sent `unload`; its tracking
+//!   state is freed and a bounded memory of closed requests discards late frames, so a frame that
+//!   overtook nothing but arrives after the end does not start a new, bogus tracker.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use crate::frame::{ControlHeader, Frame, FrameHeader, RequestId, SequenceTracker};
+
+use super::error::InboxError;
+use super::peer_id::AxlPeerId;
+
+/// What to do with one received frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// In order (or an `end`/`error`/`unload`, which are always passed on): hand it to the worker.
+    Deliver,
+    /// The request fails: report this instead of the frame.
+    Reject(InboxError),
+    /// Drop it quietly: its request already failed or is over. The reason is for the debug log.
+    Discard(&'static str),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RequestState {
+    Active(SequenceTracker),
+    Failed,
+}
+
+type Link = (AxlPeerId, RequestId);
+
+/// Sequence state of every request the inbox sees, keyed by (sender as reported, request id).
+#[derive(Debug)]
+pub(crate) struct SequenceGate {
+    max_tracked: usize,
+    closed_memory: usize,
+    requests: HashMap<Link, RequestState>,
+    closed_order: VecDeque<Link>,
+    closed: HashSet<Link>,
+}
+
+impl SequenceGate {
+    /// A gate tracking at most `max_tracked` requests at once and remembering the last
+    /// `closed_memory` closed ones.
+    pub(crate) fn new(max_tracked: usize, closed_memory: usize) -> Self {
+        SequenceGate {
+            max_tracked,
+            closed_memory,
+            requests: HashMap::new(),
+            closed_order: VecDeque::new(),
+            closed: HashSet::new(),
+        }
+    }
+
+    /// Requests tracked now (active or failed, not closed).
+    pub(crate) fn tracked(&self) -> usize {
+        self.requests.len()
+    }
+
+    /// Decides on one frame from `from`.
+    pub(crate) fn admit(&mut self, from: &AxlPeerId, frame: &Frame) -> Verdict {
+        let (Some(request), Some(seq)) = (frame.header.request(), frame.header.seq()) else {
+            // `unload`: the sender's pipeline is going away, so are all its requests.
+            self.close_peer(from);
+            return Verdict::Deliver;
+        };
+        let link = (*from, request.clone());
+        if self.closed.contains(&link) {
+            return Verdict::Discard("its request is already over");
+        }
+        if matches!(frame.header, FrameHeader::Control(ControlHeader::End { .. } | ControlHeader::Error { .. })) {
+            // An end or error ends the request whatever its seq; a gap before it is only worth a log
+            // line (docs/PROTOCOL.md §6).
+            let expected = match self.requests.remove(&link) {
+                Some(RequestState::Active(tracker)) => tracker.expected(),
+                Some(RequestState::Failed) => None,
+                None => Some(0),
+            };
+            if expected.is_some_and(|expected| expected != seq) {
+                tracing::debug!(peer = %from.short(), %request, seq, ?expected, "request ended after a gap in its frames");
+            }
+            self.remember_closed(link);
+            return Verdict::Deliver;
+        }
+        if let Some(state) = self.requests.get_mut(&link) {
+            return match state {
+                RequestState::Failed => Verdict::Discard("its request already failed"),
+                RequestState::Active(tracker) => match tracker.check(seq) {
+                    Ok(()) => Verdict::Deliver,
+                    Err(error) => {
+                        *state = RequestState::Failed;
+                        Verdict::Reject(InboxError::Sequence { from: *from, request: request.clone(), error })
+                    }
+                },
+            };
+        }
+        if self.requests.len() >= self.max_tracked {
+            self.remember_closed(link);
+            let (from, request) = (*from, request.clone());
+            return Verdict::Reject(InboxError::TooManyRequests { from, request, limit: self.max_tracked });
+        }
+        let mut tracker = SequenceTracker::new();
+        match tracker.check(seq) {
+            Ok(()) => {
+                self.requests.insert(link, RequestState::Active(tracker));
+                Verdict::Deliver
+            }
+            Err(error) => {
+                self.requests.insert(link, RequestState::Failed);
+                Verdict::Reject(InboxError::Sequence { from: *from, request: request.clone(), error })
+            }
+        }
+    }
+
+    /// Fails every active request from `from` (a message from it could not be decoded, so any of
+    /// them may have lost a frame); returns them in id order. Already failed ones are not repeated.
+    pub(crate) fn fail_peer(&mut self, from: &AxlPeerId) -> Vec<RequestId> {
+        let mut failed: Vec<RequestId> = self
+            .requests
+            .iter_mut()
+            .filter(|((peer, _), state)| peer == from && matches!(state, RequestState::Active(_)))
+            .map(|((_, request), state)| {
+                *state = RequestState::Failed;
+                request.clone()
+            })
+            .collect();
+        failed.sort();
+        failed
+    }
+
+    /// Closes one request: frees its state and discards its later frames. True if it was tracked.
+    pub(crate) fn forget(&mut self, from: &AxlPeerId, request: &RequestId) -> bool {
+        let link = (*from, request.clone());
+        let was_tracked = self.requests.remove(&link).is_some();
+        self.remember_closed(link);
+        was_tracked
+    }
+
+    fn close_peer(&mut self, from: &AxlPeerId) {
+        let links: Vec<Link> = self.requests.keys().filter(|(peer, _)| peer == from).cloned().collect();
+        for link in links {
+            self.requests.remove(&link);
+            self.remember_closed(link);
+        }
+    }
+
+    fn remember_closed(&mut self, link: Link) {
+        if self.closed_memory == 0 || !self.closed.insert(link.clone()) {
+            return;
+        }
+        self.closed_order.push_back(link);
+        while self.closed_order.len() > self.closed_memory {
+            if let Some(oldest) = self.closed_order.pop_front() {
+                self.closed.remove(&oldest);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{ActivationsHeader, DType, ErrorCode, SamplingHeader, SequenceError, TokenHeader};
+    use proptest::prelude::*;
+
+    fn peer(n: u8) -> AxlPeerId {
+        AxlPeerId::from_bytes([n; 32])
+    }
+
+    fn rid(s: &str) -> RequestId {
+        RequestId::new(s).expect("test id is valid")
+    }
+
+    fn token(request: &str, seq: u64) -> Frame {
+        Frame::token(TokenHeader { request: rid(request), seq, tokens: vec![seq as u32], finish: None })
+    }
+
+    fn activations(request: &str, seq: u64) -> Frame {
+        let header = ActivationsHeader {
+            request: rid(request),
+            seq,
+            dtype: DType::F32,
+            rows: 1,
+            hidden: 1,
+            start_pos: seq,
+            last_chunk: true,
+        };
+        Frame::activations(header, vec![0; 4])
+    }
+
+    fn gate() -> SequenceGate {
+        SequenceGate::new(1024, 1024)
+    }
+
+    #[test]
+    fn in_order_frames_are_delivered_per_request_and_peer() {
+        let mut g = gate();
+        for seq in 0..5 {
+            assert_eq!(g.admit(&peer(1), &activations("a", seq)), Verdict::Deliver);
+            assert_eq!(g.admit(&peer(1), &token("b", seq)), Verdict::Deliver);
+            // Same request id from another peer is another link with its own count.
+            assert_eq!(g.admit(&peer(2), &token("a", seq)), Verdict::Deliver);
+        }
+        assert_eq!(g.tracked(), 3);
+    }
+
+    #[test]
+    fn a_gap_fails_that_request_once_and_others_go_on() {
+        let mut g = gate();
+        assert_eq!(g.admit(&peer(1), &token("a", 0)), Verdict::Deliver);
+        assert_eq!(g.admit(&peer(1), &token("b", 0)), Verdict::Deliver);
+        assert_eq!(
+            g.admit(&peer(1), &token("a", 2)),
+            Verdict::Reject(InboxError::Sequence {
+                from: peer(1),
+                request: rid("a"),
+                error: SequenceError::Dropped { expected: 1, got: 2 }
+            })
+        );
+        // The late frame 1 and later ones are not delivered, nor reported again.
+        assert_eq!(g.admit(&peer(1), &token("a", 1)), Verdict::Discard("its request already failed"));
+        assert_eq!(g.admit(&peer(1), &token("a", 3)), Verdict::Discard("its request already failed"));
+        assert_eq!(g.admit(&peer(1), &token("b", 1)), Verdict::Deliver);
+        // Its end is still delivered, and frees it.
+        assert_eq!(g.admit(&peer(1), &Frame::end(rid("a"), 4)), Verdict::Deliver);
+        assert_eq!(g.tracked(), 1);
+    }
+
+    #[test]
+    fn start_is_counted_like_any_frame_of_its_request() {
+        let mut g = gate();
+        let sampling = SamplingHeader { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 1 };
+        let start = |seq| Frame {
+            header: FrameHeader::Control(ControlHeader::Start { request: rid("a"), seq, sampling }),
+            payload: Vec::new(),
+        };
+        assert_eq!(g.admit(&peer(1), &start(0)), Verdict::Deliver);
+        assert_eq!(g.admit(&peer(1), &activations("a", 1)), Verdict::Deliver);
+        assert_eq!(g.tracked(), 1);
+        // A start that lost the race to the request's first activations is a reordering.
+        assert_eq!(g.admit(&peer(1), &activations("b", 1)), rejected_as_dropped("b", 0, 1));
+        let mut g = gate();
+        assert_eq!(g.admit(&peer(1), &activations("a", 0)), Verdict::Deliver);
+        assert!(matches!(g.admit(&peer(1), &start(0)), Verdict::Reject(InboxError::Sequence { .. })));
+    }
+
+    fn rejected_as_dropped(request: &str, expected: u64, got: u64) -> Verdict {
+        Verdict::Reject(InboxError::Sequence {
+            from: peer(1),
+            request: rid(request),
+            error: SequenceError::Dropped { expected, got },
+        })
+    }
+
+    #[test]
+    fn a_step_back_is_reordered() {
+        let mut g = gate();
+        for seq in 0..3 {
+            assert_eq!(g.admit(&peer(1), &token("a", seq)), Verdict::Deliver);
+        }
+        assert_eq!(
+            g.admit(&peer(1), &token("a", 1)),
+            Verdict::Reject(InboxError::Sequence {
+                from: peer(1),
+                request: rid("a"),
+                error: SequenceError::Reordered { expected: 3, got: 1 }
+            })
+        );
+    }
+
+    #[test]
+    fn a_request_whose_first_frame_was_lost_fails_at_once() {
+        let mut g = gate();
+        let verdict = g.admit(&peer(1), &token("a", 1));
+        assert!(matches!(
+            verdict,
+            Verdict::Reject(InboxError::Sequence { error: SequenceError::Dropped { expected: 0, got: 1 }, .. })
+        ));
+        assert_eq!(g.tracked(), 1);
+        assert_eq!(g.admit(&peer(1), &token("a", 2)), Verdict::Discard("its request already failed"));
+    }
+
+    #[test]
+    fn end_and_error_free_the_tracker_and_late_frames_are_discarded() {
+        let mut g = gate();
+        assert_eq!(g.admit(&peer(1), &token("a", 0)), Verdict::Deliver);
+        assert_eq!(g.admit(&peer(1), &token("b", 0)), Verdict::Deliver);
+        assert_eq!(g.tracked(), 2);
+        assert_eq!(g.admit(&peer(1), &Frame::end(rid("a"), 1)), Verdict::Deliver);
+        assert_eq!(g.tracked(), 1);
+        assert_eq!(g.admit(&peer(1), &Frame::error(rid("b"), 7, ErrorCode::Internal, "boom")), Verdict::Deliver);
+        assert_eq!(g.tracked(), 0);
+        // A frame that overtook nothing but arrives after the end starts no new tracker.
+        assert_eq!(g.admit(&peer(1), &token("a", 1)), Verdict::Discard("its request is already over"));
+        assert_eq!(g.admit(&peer(1), &Frame::end(rid("a"), 1)), Verdict::Discard("its request is already over"));
+        assert_eq!(g.tracked(), 0);
+        // The same id from another peer is unaffected.
+        assert_eq!(g.admit(&peer(2), &token("a", 0)), Verdict::Deliver);
+    }
+
+    #[test]
+    fn unload_closes_every_request_of_its_sender() {
+        let mut g = gate();
+        g.admit(&peer(1), &token("a", 0));
+        g.admit(&peer(1), &token("b", 0));
+        g.admit(&peer(2), &token("a", 0));
+        assert_eq!(g.admit(&peer(1), &Frame::unload()), Verdict::Deliver);
+        assert_eq!(g.tracked(), 1);
+        assert_eq!(g.admit(&peer(1), &token("a", 1)), Verdict::Discard("its request is already over"));
+        assert_eq!(g.admit(&peer(2), &token("a", 1)), Verdict::Deliver);
+    }
+
+    #[test]
+    fn an_invalid_message_fails_the_senders_active_requests() {
+        let mut g = gate();
+        g.admit(&peer(1), &token("b", 0));
+        g.admit(&peer(1), &token("a", 0));
+        g.admit(&peer(1), &token("c", 5)); // already failed: not reported again
+        g.admit(&peer(2), &token("a", 0));
+        assert_eq!(g.fail_peer(&peer(1)), vec![rid("a"), rid("b")]);
+        assert_eq!(g.admit(&peer(1), &token("a", 1)), Verdict::Discard("its request already failed"));
+        assert_eq!(g.admit(&peer(2), &token("a", 1)), Verdict::Deliver);
+        assert_eq!(g.fail_peer(&peer(1)), Vec::<RequestId>::new());
+    }
+
+    #[test]
+    fn tracking_is_bounded() {
+        let mut g = SequenceGate::new(2, 16);
+        assert_eq!(g.admit(&peer(1), &token("a", 0)), Verdict::Deliver);
+        assert_eq!(g.admit(&peer(1), &token("b", 0)), Verdict::Deliver);
+        assert_eq!(
+            g.admit(&peer(1), &token("c", 0)),
+            Verdict::Reject(InboxError::TooManyRequests { from: peer(1), request: rid("c"), limit: 2 })
+        );
+        assert_eq!(g.admit(&peer(1), &token("c", 1)), Verdict::Discard("its request is already over"));
+        assert_eq!(g.tracked(), 2);
+        assert!(g.forget(&peer(1), &rid("a")));
+        assert!(!g.forget(&peer(1), &rid("a")));
+        assert_eq!(g.admit(&peer(1), &token("d", 0)), Verdict::Deliver);
+    }
+
+    #[test]
+    fn closed_memory_is_bounded() {
+        let mut g = SequenceGate::new(16, 2);
+        for id in ["a", "b", "c"] {
+            g.admit(&peer(1), &Frame::end(rid(id), 0));
+        }
+        assert_eq!(g.closed.len(), 2);
+        assert_eq!(g.closed_order.len(), 2);
+        // "a" was forgotten: a late frame of it now starts a tracker again, which reports the gap.
+        assert!(matches!(g.admit(&peer(1), &token("a", 1)), Verdict::Reject(_)));
+        assert_eq!(g.admit(&peer(1), &token("c", 1)), Verdict::Discard("its request is already over"));
+    }
+
+    proptest! {
+        /// Whatever the daemon does to a stream of frames (drop, duplicate, reorder), what the gate
+        /// delivers for each request is exactly its frames 0, 1, 2, … in order with nothing skipped,
+        /// and its state stays bounded.
+        #[test]
+        fn never_delivers_out_of_order_data(
+            events in proptest::collection::vec((0u8..3, 0u8..4, 0u64..6, 0u8..12), 0..200)
+        ) {
+            let mut g = SequenceGate::new(6, 8);
+            let mut delivered: HashMap<(u8, u8), Vec<u64>> = HashMap::new();
+            for (p, r, seq, kind) in events {
+                let request = format!("r{r}");
+                let frame = match kind {
+                    0 => Frame::end(rid(&request), seq),
+                    1 if seq == 0 => Frame::unload(),
+                    _ => token(&request, seq),
+                };
+                let is_data = kind >= 2 || (kind == 1 && seq != 0);
+                match g.admit(&peer(p), &frame) {
+                    Verdict::Deliver if is_data => delivered.entry((p, r)).or_default().push(seq),
+                    Verdict::Deliver => {}
+                    Verdict::Reject(_) | Verdict::Discard(_) => {}
+                }
+                prop_assert!(g.tracked() <= 6);
+                prop_assert!(g.closed.len() <= 8 && g.closed_order.len() == g.closed.len());
+            }
+            for seqs in delivered.values() {
+                // Deliveries of one request restart from 0 only if it was closed and then forgotten
+                // by the bounded memory; each run must be 0, 1, 2, …
+                let mut expected = 0;
+                for &seq in seqs {
+                    if seq != expected {
+                        prop_assert_eq!(seq, 0, "delivered {:?}", seqs);
+                    }
+                    expected = seq + 1;
+                }
+            }
+        }
+    }
+}

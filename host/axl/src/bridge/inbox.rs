@@ -1,0 +1,213 @@
+//! [`AxlInbox`]: a task that polls the daemon's `/recv`, checks each request's frame order and hands
+//! frames or per-request failures to a worker through a bounded channel.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::frame::{Frame, RequestId};
+
+use super::client::AxlClient;
+use super::error::{BridgeError, InboxError};
+use super::gate::{SequenceGate, Verdict};
+use super::peer_id::AxlPeerId;
+
+/// One item from an [`AxlInbox`]: an in-order frame with its sender (as `/recv` reports it, see
+/// [`AxlPeerId::reported_form`]), or what failed instead.
+pub type InboxItem = Result<(AxlPeerId, Frame), InboxError>;
+
+/// How an [`AxlInbox`] polls and what it keeps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AxlInboxConfig {
+    /// First pause after `/recv` finds the queue empty. Default 500 µs. Each further empty answer
+    /// doubles the pause up to [`max_poll_interval`](Self::max_poll_interval); any message resets
+    /// it, and a busy queue is drained without pausing.
+    pub min_poll_interval: Duration,
+    /// Longest pause between polls of an empty queue, and the pause between retries while the
+    /// daemon cannot be reached. Default 10 ms: the most latency an idle link adds to its next frame,
+    /// for about 100 loopback HTTP calls a second while idle.
+    pub max_poll_interval: Duration,
+    /// Items the channel holds before the inbox stops polling. Default 32. A worker that falls
+    /// behind makes the daemon's 100-slot queue fill and drop its oldest messages, which then show
+    /// up as [`InboxError::Sequence`] (never as wrong data). Memory: up to this many frames of up to
+    /// `max_frame_len` (16 MiB) each.
+    pub channel_capacity: usize,
+    /// Requests (per sender) tracked at once; a new one beyond it fails with
+    /// [`InboxError::TooManyRequests`]. Default 4096. Bounds memory against a peer that opens
+    /// requests without ending them; [`AxlInbox::forget`] frees abandoned ones.
+    pub max_tracked_requests: usize,
+    /// Ended requests remembered so that their late frames are discarded instead of failing as new
+    /// requests with a gap. Default 4096; the oldest is forgotten first.
+    pub closed_request_memory: usize,
+}
+
+impl Default for AxlInboxConfig {
+    fn default() -> Self {
+        AxlInboxConfig {
+            min_poll_interval: Duration::from_micros(500),
+            max_poll_interval: Duration::from_millis(10),
+            channel_capacity: 32,
+            max_tracked_requests: 4096,
+            closed_request_memory: 4096,
+        }
+    }
+}
+
+/// The receiving side of an AXL link, used like a QUIC link's incoming frames: [`recv`](Self::recv)
+/// yields in-order frames, or an [`InboxError`] that fails one request (or, for a garbled message,
+/// every request in flight with its sender) while everything else continues.
+///
+/// It owns a polling task, started by [`spawn`](Self::spawn) and stopped when the inbox is dropped
+/// or [`close`](Self::close)d. It must be the only consumer of its daemon's `/recv`: the queue is
+/// shared, so a second reader would steal frames and cause sequence errors.
+///
+/// Ordering is checked per (sender, request id) with [`SequenceTracker`](crate::frame::SequenceTracker)
+/// semantics (docs/PROTOCOL.md §6):
+///
+/// - a gap or step back yields one [`InboxError::Sequence`] for that request; its later frames are
+///   discarded quietly, and its `end` or `error` frame is still delivered;
+/// - an `end` or `error` frame is delivered whatever its seq and frees the request's tracking;
+///   frames of it arriving later are discarded;
+/// - `unload` is delivered and closes every request of its sender;
+/// - a message that is not a frame yields [`InboxError::InvalidMessage`] listing the sender's
+///   requests in flight, which fail.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), computepool_axl::bridge::BridgeError> {
+/// use computepool_axl::bridge::{AxlClient, AxlClientConfig, AxlInbox, AxlInboxConfig};
+///
+/// let mut inbox = AxlInbox::spawn(AxlClient::new(AxlClientConfig::default())?, AxlInboxConfig::default());
+/// while let Some(item) = inbox.recv().await {
+///     match item {
+///         Ok((from, frame)) => { /* run the layers, forward */ }
+///         Err(error) => {
+///             // Send an `error` frame with error.error_code() for error.request() (or for each
+///             // failed request of an InvalidMessage) towards the entry.
+///         }
+///     }
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct AxlInbox {
+    items: mpsc::Receiver<InboxItem>,
+    gate: Arc<Mutex<SequenceGate>>,
+    task: JoinHandle<()>,
+}
+
+impl AxlInbox {
+    /// Starts polling `client`'s daemon on the current tokio runtime.
+    ///
+    /// Panics if called outside a tokio runtime. A `channel_capacity` of 0 is taken as 1.
+    pub fn spawn(client: AxlClient, config: AxlInboxConfig) -> AxlInbox {
+        let (sender, items) = mpsc::channel(config.channel_capacity.max(1));
+        let gate = Arc::new(Mutex::new(SequenceGate::new(config.max_tracked_requests, config.closed_request_memory)));
+        let task = tokio::spawn(poll_loop(client, Arc::clone(&gate), sender, config));
+        AxlInbox { items, gate, task }
+    }
+
+    /// The next frame or failure; waits while there is none. `None` only after the polling task
+    /// stopped (it does not stop on its own: daemon errors are retried).
+    pub async fn recv(&mut self) -> Option<InboxItem> {
+        self.items.recv().await
+    }
+
+    /// Closes one request from `peer` (as reported by `/recv`): frees its tracking and discards its
+    /// later frames. For requests the worker abandons without an `end` (an idle timeout). True if it
+    /// was tracked.
+    pub fn forget(&self, peer: &AxlPeerId, request: &RequestId) -> bool {
+        self.lock_gate().forget(peer, request)
+    }
+
+    /// Requests whose ordering is tracked now (in flight, or failed and waiting for their `end`).
+    pub fn tracked_requests(&self) -> usize {
+        self.lock_gate().tracked()
+    }
+
+    /// Stops polling. Frames already taken from the daemon but not yet received are lost.
+    pub fn close(self) {
+        // Drop aborts the task.
+    }
+
+    fn lock_gate(&self) -> MutexGuard<'_, SequenceGate> {
+        // The gate's methods do not panic, so a poisoned lock still holds consistent state.
+        self.gate.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Drop for AxlInbox {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn poll_loop(
+    client: AxlClient,
+    gate: Arc<Mutex<SequenceGate>>,
+    items: mpsc::Sender<InboxItem>,
+    config: AxlInboxConfig,
+) {
+    let mut pause = config.min_poll_interval;
+    let mut daemon_failing = false;
+    loop {
+        let polled = tokio::select! {
+            polled = client.recv() => polled,
+            () = items.closed() => return,
+        };
+        let item = match polled {
+            Ok(Some((from, frame))) => {
+                pause = config.min_poll_interval;
+                daemon_failing = false;
+                let verdict = gate.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).admit(&from, &frame);
+                match verdict {
+                    Verdict::Deliver => Ok((from, frame)),
+                    Verdict::Reject(error) => {
+                        tracing::warn!(%error, "AXL inbox failed a request");
+                        Err(error)
+                    }
+                    Verdict::Discard(reason) => {
+                        tracing::debug!(peer = %from.short(), request = ?frame.header.request(), seq = ?frame.header.seq(), reason, "AXL inbox discarded a frame");
+                        continue;
+                    }
+                }
+            }
+            Ok(None) => {
+                daemon_failing = false;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(config.max_poll_interval);
+                continue;
+            }
+            Err(BridgeError::InvalidFrame { from, error }) => {
+                daemon_failing = false;
+                let failed_requests = gate.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).fail_peer(&from);
+                let error = InboxError::InvalidMessage { from, error, failed_requests };
+                tracing::warn!(%error, "AXL inbox discarded a message");
+                Err(error)
+            }
+            Err(
+                error
+                @ (BridgeError::Unreachable { .. } | BridgeError::Daemon { .. } | BridgeError::BadResponse { .. }),
+            ) => {
+                let first = !daemon_failing;
+                daemon_failing = true;
+                tokio::time::sleep(config.max_poll_interval).await;
+                if !first {
+                    continue;
+                }
+                tracing::warn!(%error, "AXL inbox cannot poll the daemon; retrying");
+                Err(InboxError::Daemon(error))
+            }
+            Err(error) => {
+                // A message the daemon delivered badly (no or a malformed sender): it cannot be
+                // attributed to a request, so it is reported and polling goes on.
+                tracing::warn!(%error, "AXL inbox got a message it cannot attribute");
+                Err(InboxError::Daemon(error))
+            }
+        };
+        if items.send(item).await.is_err() {
+            return;
+        }
+    }
+}

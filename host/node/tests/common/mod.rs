@@ -1,0 +1,232 @@
+//! A harness for pipelines of real `computepool worker` processes: keys, a topology file, the workers
+//! (each its own process, optionally inside a network namespace), and the `computepool generate`
+//! client. Everything goes through the binary's command line, as an operator would use it.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_computepool"))
+}
+
+/// The real SmolLM2 model (see host/engine/tests/common): `None` when absent, unless
+/// `COMPUTEPOOL_REQUIRE_MODEL=1`.
+pub fn smollm2_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("COMPUTEPOOL_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/smollm2-135m-instruct"));
+    if dir.join("model.safetensors").exists() {
+        return Some(dir);
+    }
+    if std::env::var("COMPUTEPOOL_REQUIRE_MODEL").is_ok_and(|v| v == "1") {
+        panic!("COMPUTEPOOL_REQUIRE_MODEL=1 but {} has no model: run `make model`", dir.display());
+    }
+    None
+}
+
+/// A free UDP port on `ip`.
+pub fn free_port(ip: &str) -> SocketAddr {
+    UdpSocket::bind(format!("{ip}:0")).and_then(|s| s.local_addr()).expect("a free UDP port")
+}
+
+/// Makes a key file with `computepool keygen`; returns the peer id it printed.
+pub fn keygen(path: &Path) -> String {
+    let out = Command::new(bin()).arg("keygen").arg("--out").arg(path).output().expect("run keygen");
+    assert!(out.status.success(), "keygen failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8").trim().to_string()
+}
+
+/// How to run one worker.
+#[derive(Clone)]
+pub struct WorkerSpec {
+    pub layers: (u32, u32),
+    pub addr: SocketAddr,
+    /// Run it inside this network namespace (`ip netns exec`).
+    pub netns: Option<String>,
+}
+
+/// A pipeline of worker processes and the files they share.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub model: PathBuf,
+    pub specs: Vec<WorkerSpec>,
+    pub peers: Vec<String>,
+    pub client_peer: String,
+    workers: Vec<Option<Child>>,
+    pub extra_args: Vec<String>,
+}
+
+impl Cluster {
+    /// Writes keys and the topology; starts nothing yet.
+    pub fn new(model: &Path, num_layers: u32, specs: Vec<WorkerSpec>, extra_args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let peers: Vec<String> =
+            (0..specs.len()).map(|i| keygen(&dir.path().join(format!("worker-{i}.key")))).collect();
+        let client_peer = keygen(&dir.path().join("client.key"));
+        let shards: Vec<Value> = specs
+            .iter()
+            .zip(&peers)
+            .map(|(s, p)| json!({"peer": p, "layers": format!("{}..{}", s.layers.0, s.layers.1), "addrs": [s.addr]}))
+            .collect();
+        let topology = json!({"num_layers": num_layers, "shards": shards, "clients": [client_peer]});
+        std::fs::write(dir.path().join("topology.json"), topology.to_string()).expect("write topology");
+        let n = specs.len();
+        Self {
+            dir,
+            model: model.to_path_buf(),
+            specs,
+            peers,
+            client_peer,
+            workers: (0..n).map(|_| None).collect(),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// Even split of `num_layers` over `n` loopback workers.
+    pub fn local(model: &Path, num_layers: u32, n: u32, extra_args: &[&str]) -> Self {
+        let specs = (0..n)
+            .map(|i| WorkerSpec {
+                layers: (num_layers * i / n, num_layers * (i + 1) / n),
+                addr: free_port("127.0.0.1"),
+                netns: None,
+            })
+            .collect();
+        Self::new(model, num_layers, specs, extra_args)
+    }
+
+    pub fn topology_path(&self) -> PathBuf {
+        self.dir.path().join("topology.json")
+    }
+
+    pub fn log_path(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("worker-{i}.log"))
+    }
+
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.log_path(i)).unwrap_or_default()
+    }
+
+    /// Starts worker `i` and waits for its ready line.
+    pub fn start(&mut self, i: usize) {
+        let spec = &self.specs[i];
+        let mut cmd = match &spec.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path(i)).expect("log file");
+        cmd.arg("worker")
+            .arg("--model")
+            .arg(&self.model)
+            .arg("--topology")
+            .arg(self.topology_path())
+            .arg("--key")
+            .arg(self.dir.path().join(format!("worker-{i}.key")))
+            .arg("--listen")
+            .arg(spec.addr.to_string())
+            .args(["--threads", "1"])
+            .args(&self.extra_args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log));
+        let mut child = cmd.spawn().expect("start a worker");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let _ = tx.send(lines.next());
+            for _ in lines {}
+        });
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(Some(Ok(line))) => assert!(line.contains("\"ready\""), "worker {i} said {line}"),
+            other => panic!("worker {i} did not start ({other:?}):\n{}", self.log(i)),
+        }
+        self.workers[i] = Some(child);
+    }
+
+    pub fn start_all(&mut self) {
+        for i in 0..self.specs.len() {
+            self.start(i);
+        }
+    }
+
+    /// Kills worker `i` (SIGKILL: no goodbye to its peers).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.workers[i].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// `computepool generate` against this cluster, as the listed client. Returns the process output.
+    pub fn client(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin());
+        cmd.arg("generate")
+            .arg("--topology")
+            .arg(self.topology_path())
+            .arg("--key")
+            .arg(self.dir.path().join("client.key"))
+            .args(args);
+        cmd
+    }
+
+    /// Runs a client request to completion and returns the token ids it printed with --json.
+    pub fn tokens(&self, args: &[&str]) -> Vec<u32> {
+        let out = self.client(args).arg("--json").output().expect("run the client");
+        json_tokens(&out, || (0..self.specs.len()).map(|i| self.log(i)).collect::<Vec<_>>().join("\n---\n"))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.workers.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// The `tokens` of the JSON line `generate --json` prints last on stderr.
+pub fn json_tokens(out: &Output, context: impl Fn() -> String) -> Vec<u32> {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "generate failed: {stderr}\n{}", context());
+    let line = stderr.lines().rev().find(|l| l.starts_with('{')).unwrap_or_else(|| panic!("no JSON in {stderr}"));
+    let v: Value = serde_json::from_str(line).expect("JSON");
+    v["tokens"].as_array().expect("tokens").iter().map(|t| t.as_u64().expect("id") as u32).collect()
+}
+
+/// Token ids of the single-process run.
+pub fn unsharded_tokens(model: &Path, args: &[&str]) -> Vec<u32> {
+    let out = Command::new(bin())
+        .arg("generate")
+        .arg("--model")
+        .arg(model)
+        .args(["--threads", "1"])
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("run generate");
+    json_tokens(&out, String::new)
+}
+
+/// Waits until `f` is true or `timeout` passes.
+pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}

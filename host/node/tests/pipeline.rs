@@ -1,0 +1,150 @@
+//! Pipelines of real worker processes on loopback: sharded runs give exactly the unsharded tokens, a
+//! killed shard is reported quickly and cleanly, and strangers are turned away.
+
+mod common;
+
+#[path = "../../engine/tests/common/mod.rs"]
+#[allow(dead_code)]
+mod tiny;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::{Cluster, smollm2_dir, unsharded_tokens, wait_for};
+
+const GREEDY: &[&str] = &["--max-tokens", "64", "--ignore-eos"];
+const SAMPLED: &[&str] =
+    &["--max-tokens", "64", "--ignore-eos", "--temperature", "0.9", "--top-p", "0.95", "--top-k", "50", "--seed", "1234"];
+
+#[test]
+fn sharded_equals_unsharded_on_tiny_checkpoints() {
+    for family in tiny::Family::ALL {
+        let ckpt = tiny::checkpoint(family);
+        let prompt = ["--prompt", "w5 w9 w17 w33 w65 w129"];
+        for (dtype, modes) in [("bf16", [GREEDY, SAMPLED]), ("f32", [GREEDY, SAMPLED])] {
+            let with = |m: &[&'static str]| -> Vec<&'static str> { [&prompt[..], m, &["--dtype", dtype]].concat() };
+            let expected: Vec<Vec<u32>> = modes.iter().map(|m| unsharded_tokens(ckpt.dir(), &with(m))).collect();
+            for n in [2, 3] {
+                let mut cluster = Cluster::local(ckpt.dir(), tiny::LAYERS as u32, n, &["--dtype", dtype]);
+                cluster.start_all();
+                for (m, want) in modes.iter().zip(&expected) {
+                    assert_eq!(want.len(), 64);
+                    let got = cluster.tokens(&[&prompt[..], m].concat());
+                    assert_eq!(&got, want, "{} {dtype}, {n} shards, {m:?}", family.name());
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn sharded_equals_unsharded_on_smollm2() {
+    let Some(model) = smollm2_dir() else {
+        eprintln!("skipped: SmolLM2 is not downloaded (run `make model`)");
+        return;
+    };
+    let plain = ["--prompt", "The capital of France is"];
+    let chat = ["--prompt", "Write a haiku about the sea.", "--chat"];
+    let cases: [(&[&str], &[&str]); 2] = [(&plain, GREEDY), (&chat, SAMPLED)];
+    let expected: Vec<Vec<u32>> = cases.iter().map(|(p, m)| unsharded_tokens(&model, &[*p, *m].concat())).collect();
+    for n in [2, 3] {
+        let mut cluster = Cluster::local(&model, 30, n, &[]);
+        cluster.start_all();
+        for ((p, m), want) in cases.iter().zip(&expected) {
+            assert_eq!(want.len(), 64);
+            assert_eq!(&cluster.tokens(&[*p, *m].concat()), want, "{n} shards, {p:?} {m:?}");
+        }
+    }
+}
+
+/// Kill the middle of three shards mid-generation: the client gets a clear error within 2 s, the
+/// surviving shards free the request, new requests fail fast, and once the shard is back they work.
+#[test]
+fn a_killed_shard_fails_requests_fast_and_the_pipeline_recovers() {
+    let Some(model) = smollm2_dir() else {
+        eprintln!("skipped: SmolLM2 is not downloaded (run `make model`)");
+        return;
+    };
+    let mut cluster = Cluster::local(&model, 30, 3, &[]);
+    cluster.start_all();
+    let short = ["--prompt", "Hello", "--max-tokens", "8", "--wait-ready-s", "20"];
+    assert_eq!(cluster.tokens(&short).len(), 8, "the pipeline works before the fault");
+
+    let mut long = cluster
+        .client(&["--prompt", "Tell me a long story.", "--max-tokens", "4000", "--ignore-eos", "--wait-ready-s", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start a long request");
+    // Let it generate for a while, then kill the middle shard without warning.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(long.try_wait().expect("poll").is_none(), "the long request ended early");
+    let killed_at = Instant::now();
+    cluster.kill(1);
+    let finished = wait_for(Duration::from_secs(10), || long.try_wait().expect("poll").is_some());
+    let took = killed_at.elapsed();
+    assert!(finished, "the client hung after a shard was killed");
+    let out = long.wait_with_output().expect("client output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the request should fail");
+    assert!(stderr.contains("Unavailable") && stderr.contains("pipeline"), "unclear error: {stderr}");
+    eprintln!("client error {took:?} after the kill: {}", stderr.trim());
+    assert!(took < Duration::from_secs(2), "the error took {took:?}");
+
+    // The surviving shards free the request's KV cache.
+    assert!(
+        wait_for(Duration::from_secs(5), || cluster.log(0).contains("KV cache freed")
+            && cluster.log(2).contains("KV cache freed")),
+        "entry log:\n{}\nexit log:\n{}",
+        cluster.log(0),
+        cluster.log(2)
+    );
+
+    // New requests fail fast while the shard is gone.
+    let started = Instant::now();
+    let out = cluster.client(&["--prompt", "Hello", "--max-tokens", "4", "--wait-ready-s", "0"]).output().expect("run");
+    assert!(!out.status.success());
+    assert!(started.elapsed() < Duration::from_secs(2), "failing took {:?}", started.elapsed());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("incomplete"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Back again: same key, same address.
+    cluster.start(1);
+    assert_eq!(cluster.tokens(&short).len(), 8, "the pipeline works after the shard is back");
+}
+
+#[test]
+fn a_client_that_is_not_in_the_topology_is_refused() {
+    let ckpt = tiny::checkpoint(tiny::Family::Llama3);
+    let mut cluster = Cluster::local(ckpt.dir(), tiny::LAYERS as u32, 2, &[]);
+    cluster.start_all();
+    let stranger = cluster.dir.path().join("stranger.key");
+    common::keygen(&stranger);
+    let out = std::process::Command::new(common::bin())
+        .arg("generate")
+        .arg("--topology")
+        .arg(cluster.topology_path())
+        .arg("--key")
+        .arg(&stranger)
+        .args(["--prompt", "w5", "--max-tokens", "4", "--wait-ready-s", "0"])
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("unknown peer"), "{stderr}");
+    // The listed client still gets served.
+    assert_eq!(cluster.tokens(&["--prompt", "w5", "--max-tokens", "4", "--ignore-eos", "--wait-ready-s", "20"]).len(), 4);
+}
+
+#[test]
+fn bad_requests_get_clear_errors_and_the_entry_keeps_serving() {
+    let ckpt = tiny::checkpoint(tiny::Family::Qwen2);
+    let mut cluster = Cluster::local(ckpt.dir(), tiny::LAYERS as u32, 2, &[]);
+    cluster.start_all();
+    let run = |args: &[&str]| cluster.client(&[args, &["--wait-ready-s", "20"]].concat()).output().expect("run");
+    let too_long = run(&["--prompt", "w5", "--max-tokens", "100000"]);
+    assert!(!too_long.status.success());
+    assert!(String::from_utf8_lossy(&too_long.stderr).contains("context window"));
+    let bad_sampling = run(&["--prompt", "w5", "--temperature=-1"]);
+    assert!(String::from_utf8_lossy(&bad_sampling.stderr).contains("temperature"));
+    assert_eq!(cluster.tokens(&["--prompt", "w5", "--max-tokens", "3", "--ignore-eos"]).len(), 3);
+}
