@@ -38,6 +38,10 @@ pub struct BenchArgs {
     /// One JSON object per line instead of a table.
     #[arg(long)]
     json: bool,
+    /// Run the model as a pipeline of N worker processes on loopback (N >= 2) and measure through the
+    /// entry's request API, as a client sees it. --threads is then per worker.
+    #[arg(long)]
+    shards: Option<usize>,
 }
 
 #[derive(Serialize)]
@@ -54,6 +58,13 @@ struct BenchResult {
     tokens_per_s_max: f64,
     weight_bytes: usize,
     bytes_read_per_token: usize,
+    /// Pipeline runs: shards, and each worker's resident memory and weight bytes once loaded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shards: Option<usize>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    worker_rss_bytes: Vec<u64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    worker_weight_bytes: Vec<u64>,
 }
 
 fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
@@ -69,6 +80,9 @@ fn random_tokens(rng: &mut Rng, n: usize, vocab: usize) -> Vec<u32> {
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.repeats > 0, "--repeats must be at least 1");
     anyhow::ensure!(args.batch > 0, "--batch must be at least 1");
+    if args.shards.is_some() {
+        return run_sharded(args);
+    }
     let threads = args.threads.unwrap_or_else(crate::generate::default_threads);
     let backend = Arc::new(CpuBackend::new(threads));
     let model_name = args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -132,16 +146,152 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 tokens_per_s_max: max,
                 weight_bytes: shard.weight_bytes(),
                 bytes_read_per_token: shard.bytes_read_per_token(),
+                shards: None,
+                worker_rss_bytes: Vec::new(),
+                worker_weight_bytes: Vec::new(),
             };
-            if args.json {
-                println!("{}", serde_json::to_string(&result)?);
-            } else {
-                println!(
-                    "| {} | {} | {} | {} | {} | {:.1} | {:.1}–{:.1} |",
-                    result.model, result.dtype, result.test, threads, batch, median, min, max
-                );
-            }
+            print_result(&result, args.json)?;
         }
     }
     Ok(())
+}
+
+fn print_result(result: &BenchResult, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(result)?);
+    } else {
+        println!(
+            "| {} | {} | {} | {} | {} | {:.1} | {:.1}–{:.1} |",
+            result.model,
+            result.dtype,
+            result.test,
+            result.threads,
+            result.batch,
+            result.tokens_per_s_median,
+            result.tokens_per_s_min,
+            result.tokens_per_s_max
+        );
+    }
+    Ok(())
+}
+
+/// The same tests through a local pipeline of worker processes. `pp`: a prompt of P tokens and one
+/// generated token, timed from sending the request to the first token (prefill through every shard);
+/// `tg`: a one-token prompt and T generated tokens (through EOS), timed from sending to the last
+/// token; with `--batch B`, B such requests at once and their aggregate tokens/s.
+fn run_sharded(args: BenchArgs) -> anyhow::Result<()> {
+    use crate::pipeline::{LocalPipeline, PipelineOptions};
+    use crate::worker::api::GenerateRequest;
+
+    let shards = args.shards.expect("checked by the caller");
+    let threads = args.threads.unwrap_or_else(crate::generate::default_threads);
+    let model_name = args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let config = computepool_engine::config::ModelConfig::from_dir(&args.model)?;
+    if !args.json {
+        println!("| model | dtype | test | threads/worker | batch | t/s (median) | min–max |");
+        println!("|---|---|---|---|---|---|---|");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    for dtype in args.dtype.split(',') {
+        let dtype = dtype.trim().to_string();
+        let options = PipelineOptions { model: args.model.clone(), shards, dtype: dtype.clone(), threads, peer_timeout_ms: 1000 };
+        let pipeline = LocalPipeline::start(&options)?;
+        let mut rng = Rng::new(1234);
+        let vocab = config.vocab_size;
+        let request = |tokens: Vec<u32>, max_tokens: usize| {
+            let mut r = GenerateRequest::text(String::new(), max_tokens);
+            r.prompt = None;
+            r.prompt_tokens = Some(tokens);
+            r.ignore_eos = true;
+            r
+        };
+        let mut tests: Vec<(String, usize, Vec<f64>)> = Vec::new();
+        runtime.block_on(async {
+            let client = pipeline.client().await?;
+            // Wait for the ring to come up (and warm it up) with one short request.
+            client
+                .generate_when_ready(&request(vec![1], 2), std::time::Duration::from_secs(60), |_| {})
+                .await?
+                .map_err(|e| anyhow::anyhow!("warm-up request failed: {e}"))?;
+            if args.pp > 0 {
+                let prompt = random_tokens(&mut rng, args.pp, vocab);
+                let mut runs = Vec::new();
+                for rep in 0..=args.repeats {
+                    let done = client.generate(&request(prompt.clone(), 1), |_| {}).await?.map_err(anyhow::Error::new)?;
+                    if rep > 0 {
+                        runs.push(args.pp as f64 / done.time_to_first_token.as_secs_f64());
+                    }
+                }
+                tests.push((format!("pp{}", args.pp), 1, runs));
+            }
+            if args.tg > 0 {
+                let starts: Vec<u32> = random_tokens(&mut rng, args.batch, vocab);
+                let mut runs = Vec::new();
+                for rep in 0..=args.repeats {
+                    let started = Instant::now();
+                    let all = starts.iter().map(|&t| {
+                        let req = request(vec![t], args.tg);
+                        let client = &client;
+                        async move { client.generate(&req, |_| {}).await }
+                    });
+                    for outcome in futures_join_all(all).await {
+                        let done = outcome?.map_err(anyhow::Error::new)?;
+                        anyhow::ensure!(done.tokens.len() == args.tg, "a tg request stopped early");
+                    }
+                    if rep > 0 {
+                        runs.push((args.tg * args.batch) as f64 / started.elapsed().as_secs_f64());
+                    }
+                }
+                tests.push((format!("tg{}", args.tg), args.batch, runs));
+            }
+            client.close().await;
+            anyhow::Ok(())
+        })?;
+        let weight_bytes: u64 = pipeline.ready.iter().map(|r| r.weight_bytes).sum();
+        for (test, batch, runs) in tests {
+            let (median, min, max) = stats(runs);
+            let result = BenchResult {
+                engine: "computepool-pipeline",
+                model: model_name.clone(),
+                dtype: dtype.clone(),
+                test,
+                threads,
+                batch,
+                repeats: args.repeats,
+                tokens_per_s_median: median,
+                tokens_per_s_min: min,
+                tokens_per_s_max: max,
+                weight_bytes: weight_bytes as usize,
+                bytes_read_per_token: 0,
+                shards: Some(shards),
+                worker_rss_bytes: pipeline.ready.iter().map(|r| r.rss_bytes.unwrap_or(0)).collect(),
+                worker_weight_bytes: pipeline.ready.iter().map(|r| r.weight_bytes).collect(),
+            };
+            print_result(&result, args.json)?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs futures concurrently on the current task and collects their outputs in order.
+async fn futures_join_all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let mut set = Vec::new();
+    for f in futures {
+        set.push(Box::pin(f));
+    }
+    let mut outputs: Vec<Option<F::Output>> = (0..set.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in set.iter_mut().enumerate() {
+            if outputs[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => outputs[i] = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
+    })
+    .await;
+    outputs.into_iter().map(|o| o.expect("every future finished")).collect()
 }

@@ -201,6 +201,8 @@ fn run_pipeline(args: GenerateArgs) -> anyhow::Result<()> {
             eprintln!(
                 "{}",
                 serde_json::json!({
+                    "id": completion.id,
+                    "text": completion.text,
                     "prompt_tokens": completion.prompt_tokens,
                     "tokens": completion.tokens,
                     "finish_reason": completion.finish_reason,

@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -142,7 +142,10 @@ impl LocalPipeline {
         loop {
             match rx.recv_timeout(Duration::from_millis(100)) {
                 Ok(Some(Ok(line))) => {
-                    return serde_json::from_str(&line).with_context(|| format!("worker {i} said {line:?}"));
+                    let ready: WorkerReady =
+                        serde_json::from_str(&line).with_context(|| format!("worker {i} said {line:?}"))?;
+                    tracing::info!(peer = %ready.peer, layers = %ready.layers, "worker {i} ready");
+                    return Ok(ready);
                 }
                 Ok(_) => bail!("worker {i} exited before it was ready:\n{}", self.log_tail(i)),
                 Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
@@ -156,14 +159,6 @@ impl LocalPipeline {
         let text = std::fs::read_to_string(self.log_path(i)).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-
-    pub fn topology(&self) -> &Topology {
-        &self.topology
-    }
-
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
 
     /// A client connection to the entry.

@@ -73,7 +73,20 @@ pub struct EngineLoopConfig {
 pub fn run(shard: Shard, mut jobs: mpsc::Receiver<EngineJob>, out: mpsc::Sender<Outbound>, config: EngineLoopConfig) {
     let mut state = EngineState { shard, requests: HashMap::new(), out, config, last_sweep: Instant::now() };
     let max_batch = CpuBackend::BF16_EXACT_MAX_ROWS;
-    while let Some(first) = jobs.blocking_recv() {
+    loop {
+        let first = match jobs.try_recv() {
+            Ok(job) => job,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                // Nothing queued: the next job needs a round trip through the other shards. Let this
+                // backend's threads sleep meanwhile, so the shards sharing our cores get them.
+                state.shard.backend().release_idle_threads();
+                match jobs.blocking_recv() {
+                    Some(job) => job,
+                    None => break,
+                }
+            }
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+        };
         let mut batch = vec![first];
         while let Ok(job) = jobs.try_recv() {
             batch.push(job);

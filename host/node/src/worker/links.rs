@@ -26,12 +26,6 @@ pub enum LinkState {
     Up,
 }
 
-impl LinkState {
-    pub fn is_up(&self) -> bool {
-        matches!(self, LinkState::Up)
-    }
-}
-
 /// Sets a frame's sequence number.
 pub fn set_seq(header: &mut FrameHeader, seq: u64) {
     match header {

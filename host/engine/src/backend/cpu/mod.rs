@@ -114,6 +114,13 @@ impl CpuBackend {
         }
     }
 
+    /// Lets the backend's idle threads sleep now instead of spinning (~1 ms) in wait for the next
+    /// parallel region. Call it when the next step is not imminent, e.g. a pipeline shard that has
+    /// sent its activations and waits for its neighbours: on shared cores the spinning would slow them.
+    pub fn release_idle_threads(&self) {
+        self.pool.park_idle_workers();
+    }
+
     /// Threads a parallel region runs on (fewer than asked only if the OS refused to start some).
     pub fn threads(&self) -> usize {
         self.pool.threads()
