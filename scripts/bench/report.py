@@ -13,6 +13,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--anchors", required=True)
     ap.add_argument("--ours", required=True)
+    ap.add_argument("--pipeline", help="`computepool bench --shards` lines (and the 1-shard run beside them)")
     args = ap.parse_args()
     anchors = json.load(open(args.anchors))
     ours = [json.loads(line) for line in open(args.ours) if line.strip()]
@@ -76,6 +77,8 @@ def main():
         p(f"- For reference, llama.cpp on the original Q4_1 GGUF: pp512 {fmt(rows[('llama_cpp', 'q4_1', 'pp512')])}, "
           f"tg128 {fmt(q4)} (our quantized path is issue 7).")
     p("")
+    if args.pipeline:
+        pipeline_section(p, [json.loads(line) for line in open(args.pipeline) if line.strip()])
     p("## Roofline")
     p("")
     p("Decode is memory-bound: every weight is read once per generated token (the tied embedding in full, as")
@@ -106,6 +109,54 @@ def main():
         p("")
         p("Anchor errors in this run: " + "; ".join(str(e) for e in anchors["errors"]))
     print("\n".join(out))
+
+
+def pipeline_section(p, runs):
+    """Issue 3's figures: the model split over worker processes, beside the one-process run of the same pass."""
+    def find(shards, test, batch=1):
+        for r in runs:
+            if (r.get("shards") or 1) == shards and r["test"] == test and r["batch"] == batch:
+                return r
+        return None
+
+    def f(r):
+        return f"{r['tokens_per_s_median']:.1f} ({r['tokens_per_s_min']:.1f}–{r['tokens_per_s_max']:.1f})"
+
+    one = find(1, "tg128")
+    p("## Pipeline: one model over several worker processes")
+    p("")
+    p("The same model split evenly by layers over N `computepool worker` processes on loopback, each with its")
+    p("own key, talking QUIC (iroh) to its neighbours; tokens/s as the client sees them through the entry's")
+    p("request API (from sending the request to the last token). bf16, 2 threads per worker: with one stream")
+    p("only one shard computes at a time. The 1-shard row is the one-process engine measured in the same pass.")
+    p("")
+    p("| shards | pp512 t/s | tg128 t/s | tg128 ÷ 1 shard | ms per token | per-hop overhead |")
+    p("|---|---|---|---|---|---|")
+    for n in (1, 2, 3):
+        tg, pp = find(n, "tg128"), find(n, "pp512")
+        if not tg:
+            continue
+        ms = 1e3 / tg["tokens_per_s_median"]
+        ratio = f"{tg['tokens_per_s_median'] / one['tokens_per_s_median']:.0%}" if one else "–"
+        hop = "–"
+        if one and n > 1:
+            # A token crosses n links per step (entry → … → exit → entry).
+            hop = f"{(ms - 1e3 / one['tokens_per_s_median']) * 1e3 / n:.0f} µs"
+        p(f"| {n} | {f(pp) if pp else '–'} | {f(tg)} | {ratio} | {ms:.2f} | {hop} |")
+    p("")
+    b8, two = find(2, "tg128", 8), find(2, "tg128")
+    if b8 and two:
+        p(f"- 8 concurrent requests over 2 shards: {f(b8)} tokens/s aggregate, "
+          f"{b8['tokens_per_s_median'] / two['tokens_per_s_median']:.1f}× the 2-shard single stream (target ≥ 3×).")
+    for n in (2, 3):
+        r = find(n, "tg128")
+        if r and r.get("worker_rss_bytes"):
+            parts = ", ".join(f"{rss / 2**20:.0f} MiB RSS for {w / 2**20:.0f} MiB of weights"
+                              for rss, w in zip(r["worker_rss_bytes"], r["worker_weight_bytes"]))
+            p(f"- {n} shards, each worker once loaded: {parts}.")
+    p("- Targets (issue 3): 2 shards ≥ 95% of 1 shard single-stream; per-token time over 5 ms links ≤ one-process")
+    p("  time + RTT + 1 ms (measured by host/node/tests/netns.rs, see the engineering notes).")
+    p("")
 
 
 if __name__ == "__main__":
