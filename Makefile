@@ -30,8 +30,10 @@ $(MODEL_DIR)/.computepool-import.json: | build
 
 model: build $(MODEL_DIR)/.computepool-import.json
 
+SHARDS ?= 2
+
 up: model
-	$(BIN) generate --model $(MODEL_DIR) --chat --prompt "$(PROMPT)" --max-tokens 64
+	$(BIN) generate --model $(MODEL_DIR) --shards $(SHARDS) --chat --prompt "$(PROMPT)" --max-tokens 64
 
 test: model
 	COMPUTEPOOL_MODEL_DIR=$(CURDIR)/$(MODEL_DIR) COMPUTEPOOL_REQUIRE_MODEL=1 \
