@@ -88,9 +88,7 @@ pub fn run(shard: Shard, mut jobs: mpsc::Receiver<EngineJob>, out: mpsc::Sender<
             Err(mpsc::error::TryRecvError::Disconnected) => break,
         };
         let mut batch = vec![first];
-        while let Ok(job) = jobs.try_recv() {
-            batch.push(job);
-        }
+        coalesce(&mut jobs, &mut batch, state.requests.len());
         let mut decode: Vec<(RequestId, u64, StepData)> = Vec::new();
         for job in batch {
             match job {
@@ -113,7 +111,9 @@ pub fn run(shard: Shard, mut jobs: mpsc::Receiver<EngineJob>, out: mpsc::Sender<
             }
         }
         if !decode.is_empty() {
+            let (rows, started) = (decode.len(), Instant::now());
             state.run_decode(decode);
+            tracing::debug!(rows, elapsed_us = started.elapsed().as_micros() as u64, "decode step");
         }
         state.sweep_idle();
         if state.out.is_closed() {
@@ -121,6 +121,37 @@ pub fn run(shard: Shard, mut jobs: mpsc::Receiver<EngineJob>, out: mpsc::Sender<
         }
     }
 }
+
+/// After a job wakes the thread, more of the same step are usually on their way: the upstream shard
+/// sends a batch's frames back to back. Waits for them while they keep coming (gaps under
+/// [`COALESCE_GAP`], at most [`COALESCE_MAX`] in all), so the batch runs as one product instead of
+/// fragments; returns at once when every live request already has its step queued (a single stream
+/// never waits).
+fn coalesce(jobs: &mut mpsc::Receiver<EngineJob>, batch: &mut Vec<EngineJob>, live_requests: usize) {
+    let steps = |b: &[EngineJob]| b.iter().filter(|j| matches!(j, EngineJob::Step { .. })).count();
+    let start = Instant::now();
+    let mut last_arrival = start;
+    loop {
+        while let Ok(job) = jobs.try_recv() {
+            batch.push(job);
+            last_arrival = Instant::now();
+        }
+        let now = Instant::now();
+        if steps(batch) == 0
+            || steps(batch) >= live_requests
+            || now - last_arrival > COALESCE_GAP
+            || now - start > COALESCE_MAX
+        {
+            return;
+        }
+        std::thread::yield_now();
+    }
+}
+
+/// Longest quiet gap between two frames of one batch; see [`coalesce`].
+const COALESCE_GAP: Duration = Duration::from_micros(100);
+/// Longest a batch waits for its stragglers; see [`coalesce`].
+const COALESCE_MAX: Duration = Duration::from_millis(1);
 
 struct EngineState {
     shard: Shard,
