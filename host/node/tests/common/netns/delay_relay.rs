@@ -4,20 +4,25 @@
 //! Each [`Route`] is one listening socket standing in for one worker: whatever arrives there from a
 //! sender goes, `delay` later, to the route's target, from a socket of that sender's own (a session,
 //! like a NAT mapping), and the target's answers come back the same way, `delay` later. Order is kept
-//! in each direction. Sessions live as long as the relay.
+//! in each direction. Sessions live as long as the relay. A peer that has heard from another through
+//! a session may also answer to the session's own address rather than the route's (QUIC does, for all
+//! connections between the two): that is the same relay, delay and all.
+//!
+//! Plain threads, not an async runtime: a thread sleeping to a deadline wakes within tens of
+//! microseconds, while a runtime's millisecond timer wheel adds 1-2 ms to each 5 ms hold.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, oneshot};
-use tokio::time::Instant;
+/// How often a blocked thread looks at the stop flag.
+const POLL: Duration = Duration::from_millis(50);
 
 /// One worker behind the relay: senders address `listen`, the relay passes their datagrams on to
 /// `target`.
@@ -27,12 +32,20 @@ pub struct Route {
     pub target: SocketAddr,
 }
 
-/// A running relay: a thread inside one network namespace with its own single-threaded runtime.
-/// Dropping it stops the thread and closes every socket.
+/// A running relay: threads inside one network namespace. Dropping it stops them all and closes every
+/// socket.
 pub struct DelayRelay {
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-    delivered: Vec<Arc<AtomicU64>>,
+    shared: Arc<Shared>,
+}
+
+/// What every thread of the relay sees.
+struct Shared {
+    netns: String,
+    delay: Duration,
+    stop: AtomicBool,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Datagrams delivered, by the address they were delivered to.
+    delivered: Mutex<HashMap<IpAddr, u64>>,
 }
 
 /// A datagram waiting for its time.
@@ -45,85 +58,92 @@ impl DelayRelay {
     /// Binds every route's listening socket inside network namespace `netns` and starts relaying.
     /// Errors: the namespace cannot be entered or a socket cannot be bound.
     pub fn start(netns: &str, routes: &[Route], delay: Duration) -> io::Result<Self> {
-        let delivered: Vec<Arc<AtomicU64>> = routes.iter().map(|_| Arc::new(AtomicU64::new(0))).collect();
-        let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let (bound_tx, bound_rx) = std::sync::mpsc::channel::<io::Result<()>>();
-        let netns = netns.to_string();
-        let routes = routes.to_vec();
-        let counters = delivered.clone();
-        let thread = std::thread::Builder::new().name(format!("delay-relay-{netns}")).spawn(move || {
-            // Sockets belong to the namespace of the thread that creates them, and every socket of
-            // the relay (sessions too, made later) is made on this thread.
-            let listeners = super::enter_namespace(&netns).and_then(|()| {
-                routes.iter().map(|r| std::net::UdpSocket::bind(r.listen)).collect::<io::Result<Vec<_>>>()
-            });
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
-            let (listeners, runtime) = match (listeners, runtime) {
-                (Ok(l), Ok(rt)) => (l, rt),
-                (Err(e), _) | (_, Err(e)) => {
-                    let _ = bound_tx.send(Err(e));
-                    return;
-                }
-            };
-            runtime.block_on(async move {
-                for ((listener, route), counter) in listeners.into_iter().zip(&routes).zip(counters) {
-                    let listener = match tokio_socket(listener) {
-                        Ok(s) => s,
-                        Err(e) => {
-                            let _ = bound_tx.send(Err(e));
-                            return;
-                        }
-                    };
-                    tokio::spawn(serve_route(listener, route.target, delay, counter));
-                }
-                let _ = bound_tx.send(Ok(()));
-                let _ = stop_rx.await;
-            });
-        })?;
-        let relay = Self { stop: Some(stop_tx), thread: Some(thread), delivered };
-        match bound_rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(Ok(())) => Ok(relay),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "the relay thread did not start within 10 s")),
+        let shared = Arc::new(Shared {
+            netns: netns.into(),
+            delay,
+            stop: AtomicBool::new(false),
+            threads: Mutex::new(Vec::new()),
+            delivered: Mutex::new(HashMap::new()),
+        });
+        let listeners = {
+            let routes = routes.to_vec();
+            in_namespace(netns, move || {
+                routes.iter().map(|r| UdpSocket::bind(r.listen)).collect::<io::Result<Vec<_>>>()
+            })?
+        };
+        for (listener, route) in listeners.into_iter().zip(routes) {
+            let target = route.target;
+            spawn(&shared, format!("relay {}", route.listen), move |shared| serve_route(shared, listener, target))?;
         }
+        Ok(Self { shared })
     }
 
-    /// How many datagrams the relay has delivered to route `i`'s target so far.
-    pub fn delivered(&self, i: usize) -> u64 {
-        self.delivered[i].load(Ordering::Relaxed)
+    /// How many datagrams the relay has delivered to `ip` so far, by any route or session.
+    pub fn delivered_to(&self, ip: IpAddr) -> u64 {
+        self.shared.delivered.lock().expect("no thread panics holding it").get(&ip).copied().unwrap_or(0)
     }
 }
 
 impl Drop for DelayRelay {
     fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        self.shared.stop.store(true, Ordering::Relaxed);
+        // Threads only add threads while running; take them in rounds until none are left.
+        loop {
+            let threads = std::mem::take(&mut *self.shared.threads.lock().expect("no thread panics holding it"));
+            if threads.is_empty() {
+                break;
+            }
+            for thread in threads {
+                let _ = thread.join();
+            }
         }
     }
 }
 
-fn tokio_socket(socket: std::net::UdpSocket) -> io::Result<Arc<UdpSocket>> {
-    socket.set_nonblocking(true)?;
-    Ok(Arc::new(UdpSocket::from_std(socket)?))
+/// Runs `f` on a new thread inside `netns` and returns its result.
+fn in_namespace<T: Send + 'static>(netns: &str, f: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
+    let netns = netns.to_string();
+    std::thread::spawn(move || {
+        super::enter_namespace(&netns)?;
+        f()
+    })
+    .join()
+    .expect("the set-up thread does not panic")
+}
+
+/// Starts a relay thread inside the relay's namespace (sockets it makes belong there).
+fn spawn(shared: &Arc<Shared>, name: String, f: impl FnOnce(Arc<Shared>) + Send + 'static) -> io::Result<()> {
+    let for_thread = shared.clone();
+    let thread = std::thread::Builder::new().name(name.clone()).spawn(move || {
+        if let Err(e) = super::enter_namespace(&for_thread.netns) {
+            eprintln!("{name}: cannot enter {}: {e}", for_thread.netns);
+            return;
+        }
+        f(for_thread)
+    })?;
+    shared.threads.lock().expect("no thread panics holding it").push(thread);
+    Ok(())
 }
 
 /// Receives on one route's listening socket and hands each datagram to its sender's session.
-async fn serve_route(listener: Arc<UdpSocket>, target: SocketAddr, delay: Duration, delivered: Arc<AtomicU64>) {
-    let mut sessions: HashMap<SocketAddr, mpsc::UnboundedSender<Held>> = HashMap::new();
+fn serve_route(shared: Arc<Shared>, listener: UdpSocket, target: SocketAddr) {
+    if let Err(e) = listener.set_read_timeout(Some(POLL)) {
+        eprintln!("relay to {target}: {e}");
+        return;
+    }
+    let listener = Arc::new(listener);
+    let mut sessions: HashMap<SocketAddr, Sender<Held>> = HashMap::new();
     let mut buf = vec![0u8; 65536];
-    loop {
-        // Errors here are transient (an ICMP error surfacing on the socket): keep relaying.
-        let Ok((len, from)) = listener.recv_from(&mut buf).await else { continue };
-        let held = Held { due: Instant::now() + delay, bytes: buf[..len].to_vec() };
+    while !shared.stop.load(Ordering::Relaxed) {
+        // Timeouts, and errors such as an ICMP error surfacing on the socket: keep relaying.
+        let Ok((len, from)) = listener.recv_from(&mut buf) else { continue };
+        let held = Held { due: Instant::now() + shared.delay, bytes: buf[..len].to_vec() };
         let to_target = match sessions.entry(from) {
-            Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => match open_session(&listener, from, target, delay, &delivered) {
-                Ok(tx) => e.insert(tx),
-                Err(err) => {
-                    eprintln!("delay relay: no session for {from} -> {target}: {err}");
+            Entry::Occupied(session) => session.into_mut(),
+            Entry::Vacant(slot) => match open_session(&shared, &listener, from, target) {
+                Ok(to_target) => slot.insert(to_target),
+                Err(e) => {
+                    eprintln!("relay: no session for {from} -> {target}: {e}");
                     continue;
                 }
             },
@@ -132,49 +152,47 @@ async fn serve_route(listener: Arc<UdpSocket>, target: SocketAddr, delay: Durati
     }
 }
 
-/// A sender's own socket towards `target`, and the tasks that delay traffic both ways.
+/// A sender's own socket towards `target`, and the threads that delay traffic both ways. Runs on a
+/// relay thread, so the socket is in the relay's namespace.
 fn open_session(
+    shared: &Arc<Shared>,
     listener: &Arc<UdpSocket>,
     sender: SocketAddr,
     target: SocketAddr,
-    delay: Duration,
-    delivered: &Arc<AtomicU64>,
-) -> io::Result<mpsc::UnboundedSender<Held>> {
+) -> io::Result<Sender<Held>> {
     // Unconnected, so an ICMP "port unreachable" (a worker not up yet) is not reported on it.
-    let upstream = tokio_socket(std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?)?;
-    let (to_target, to_target_rx) = mpsc::unbounded_channel();
-    tokio::spawn(deliver(to_target_rx, upstream.clone(), target, Some(delivered.clone())));
-    let (to_sender, to_sender_rx) = mpsc::unbounded_channel();
-    tokio::spawn(deliver(to_sender_rx, listener.clone(), sender, None));
-    tokio::spawn(async move {
+    let upstream = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    upstream.set_read_timeout(Some(POLL))?;
+    let upstream = Arc::new(upstream);
+    let (to_target, to_target_rx) = mpsc::channel();
+    let socket = upstream.clone();
+    spawn(shared, format!("relay {sender}->{target}"), move |s| deliver(s, to_target_rx, socket, target))?;
+    let (to_sender, to_sender_rx) = mpsc::channel();
+    let socket = listener.clone();
+    spawn(shared, format!("relay {target}->{sender}"), move |s| deliver(s, to_sender_rx, socket, sender))?;
+    spawn(shared, format!("relay from {target}"), move |s| {
         let mut buf = vec![0u8; 65536];
-        loop {
-            let Ok((len, from)) = upstream.recv_from(&mut buf).await else { continue };
-            if from != target {
-                continue;
-            }
-            let held = Held { due: Instant::now() + delay, bytes: buf[..len].to_vec() };
-            if to_sender.send(held).is_err() {
-                return;
+        while !s.stop.load(Ordering::Relaxed) {
+            let Ok((len, from)) = upstream.recv_from(&mut buf) else { continue };
+            if from == target {
+                let _ = to_sender.send(Held { due: Instant::now() + s.delay, bytes: buf[..len].to_vec() });
             }
         }
-    });
+    })?;
     Ok(to_target)
 }
 
 /// Sends each held datagram from `socket` to `to` once its time has come, in order.
-async fn deliver(
-    mut held: mpsc::UnboundedReceiver<Held>,
-    socket: Arc<UdpSocket>,
-    to: SocketAddr,
-    delivered: Option<Arc<AtomicU64>>,
-) {
-    while let Some(Held { due, bytes }) = held.recv().await {
-        tokio::time::sleep_until(due).await;
-        if socket.send_to(&bytes, to).await.is_ok()
-            && let Some(counter) = &delivered
-        {
-            counter.fetch_add(1, Ordering::Relaxed);
+fn deliver(shared: Arc<Shared>, held: Receiver<Held>, socket: Arc<UdpSocket>, to: SocketAddr) {
+    while !shared.stop.load(Ordering::Relaxed) {
+        let Held { due, bytes } = match held.recv_timeout(POLL) {
+            Ok(h) => h,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        if socket.send_to(&bytes, to).is_ok() {
+            *shared.delivered.lock().expect("no thread panics holding it").entry(to.ip()).or_default() += 1;
         }
     }
 }
