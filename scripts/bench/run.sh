@@ -47,6 +47,10 @@ env -u CARGO_TARGET_DIR bash "$here/anchors.sh" --out "$out/anchors.json" --hf "
   for b in 1 8; do
     "$bin" bench --model "$model" --shards 2 --pp 0 --tg 128 --batch "$b" --threads 1 --dtype bf16 --repeats "$repeats" --json
   done
+  # Baseline for the delayed-link runs below, whose workers have one thread each.
+  "$bin" bench --model "$model" --pp 0 --tg 128 --threads 1 --dtype bf16 --repeats "$repeats" --json
 } > "$out/pipeline.jsonl"
-python3 "$here/report.py" --anchors "$out/anchors.json" --ours "$out/computepool.jsonl" --pipeline "$out/pipeline.jsonl" > docs/BENCHMARKS.md
+# Shards in separate network namespaces with 5 ms one-way delay per link (needs root; skips otherwise).
+cargo test --release --locked -p computepool-node --test netns -- --nocapture --test-threads 1 2> "$out/netns.log" || true
+python3 "$here/report.py" --anchors "$out/anchors.json" --ours "$out/computepool.jsonl" --pipeline "$out/pipeline.jsonl" --netns "$out/netns.log" > docs/BENCHMARKS.md
 echo "wrote docs/BENCHMARKS.md"
