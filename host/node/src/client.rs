@@ -118,8 +118,8 @@ impl EntryClient {
         }
     }
 
-    /// Like [`Self::generate`], retrying while the pipeline reports `unavailable` (workers still
-    /// connecting), for at most `wait`.
+    /// Like [`Self::generate`], retrying while the entry refuses the request as `unavailable` (workers
+    /// still connecting), for at most `wait`.
     pub async fn generate_when_ready(
         &self,
         request: &GenerateRequest,
@@ -128,9 +128,17 @@ impl EntryClient {
     ) -> anyhow::Result<Result<Completion, RequestFailed>> {
         let deadline = Instant::now() + wait;
         loop {
-            let outcome = self.generate(request, &mut on_event).await?;
+            // Only a request the entry refused before starting it is retried: one that failed midway
+            // has streamed output already.
+            let mut started = false;
+            let outcome = self
+                .generate(request, |event| {
+                    started |= matches!(event, Event::Started { .. });
+                    on_event(event)
+                })
+                .await?;
             match outcome {
-                Err(RequestFailed { code: ErrorKind::Unavailable, .. }) if Instant::now() < deadline => {
+                Err(RequestFailed { code: ErrorKind::Unavailable, .. }) if !started && Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 other => return Ok(other),

@@ -191,10 +191,10 @@ fn run_pipeline(args: GenerateArgs) -> anyhow::Result<()> {
                     let _ = stdout.write_all(text.as_bytes()).and_then(|_| stdout.flush());
                 }
             })
-            .await?;
+            .await;
         let _ = writeln!(stdout);
         client.close().await;
-        let completion = outcome.map_err(|e| anyhow::anyhow!("the request failed: {e}"))?;
+        let completion = outcome?.map_err(|e| anyhow::anyhow!("the request failed: {e}"))?;
         if args.json {
             let decode_tps =
                 completion.tokens.len().saturating_sub(1) as f64 / completion.decode_time.as_secs_f64().max(1e-9);

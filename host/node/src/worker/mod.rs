@@ -266,6 +266,13 @@ async fn serve(
         let generation = ctx.upstream_generation.fetch_add(1, Ordering::SeqCst) + 1;
         tokio::spawn(upstream_link(conn, ctx.clone(), generation, (me != 0).then(|| down_rx.clone())));
     }
+    if let Some(entry) = &ctx.entry {
+        // The pool is going away: answer the requests in flight, and tell every shard to free what it
+        // holds rather than wait for timeouts.
+        entry.fail_all("the entry worker is shutting down");
+        let _ = ctx.outbound.send(Outbound::Frame(Frame::unload())).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     transport.close().await;
     drop(ctx);
     let _ = engine_thread.join();
