@@ -123,6 +123,14 @@ pub async fn run_downstream(
             backoff = (backoff * 2).min(Duration::from_millis(500));
             continue;
         };
+        // The peer may still refuse the link (it is not ready itself): it is up only once the peer
+        // confirms it with one byte on a stream of its own (docs/PROTOCOL.md §11).
+        if let Err(why) = await_link_ack(&conn).await {
+            state.send_replace(LinkState::Down(format!("shard {} (peer {short}) {why}", peer.layers)));
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+            continue;
+        }
         backoff = Duration::from_millis(50);
         let stream = match conn.open_uni().await {
             Ok(s) => s,
@@ -165,6 +173,27 @@ pub async fn run_downstream(
         };
         tracing::warn!(peer = %short, "downstream link lost: {reason}");
         state.send_replace(LinkState::Down(format!("shard {} (peer {short}) was lost: {reason}", peer.layers)));
+    }
+}
+
+/// The byte an accepting worker sends to confirm a frames link.
+pub const LINK_ACK: u8 = 0x01;
+
+/// Waits for the peer's confirmation of a new link: one [`LINK_ACK`] byte on a unidirectional stream it
+/// opens, or the reason it closed the connection instead.
+async fn await_link_ack(conn: &iroh::endpoint::Connection) -> Result<(), String> {
+    let ack = async {
+        let mut stream = conn.accept_uni().await.map_err(|e| describe_close(&e))?;
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).await.map_err(|e| match conn.close_reason() {
+            Some(close) => describe_close(&close),
+            None => e.to_string(),
+        })?;
+        if byte[0] == LINK_ACK { Ok(()) } else { Err(format!("sent {:#04x} instead of the link confirmation", byte[0])) }
+    };
+    match tokio::time::timeout(Duration::from_secs(3), ack).await {
+        Ok(result) => result.map_err(|why| format!("refused the link: {why}")),
+        Err(_) => Err("did not confirm the link within 3 s".into()),
     }
 }
 

@@ -304,6 +304,10 @@ async fn upstream_link(
     tracing::info!(%peer, "upstream link up");
     ctx.upstream_state.send_replace(LinkState::Up);
     let result: Result<(), String> = async {
+        // Confirm the link to the dialer: only now does it count its downstream as up.
+        let mut ack = conn.open_uni().await.map_err(|e| describe_close(&e))?;
+        ack.write_all(&[links::LINK_ACK]).await.map_err(|e| e.to_string())?;
+        let _ = ack.finish();
         let recv = tokio::select! {
             s = conn.accept_uni() => s.map_err(|e| describe_close(&e))?,
             e = conn.closed() => return Err(describe_close(&e)),
