@@ -1,16 +1,27 @@
 //! Micro-benchmarks of the CPU backend's kernels.
 //!
 //! ```text
-//! cargo run --release -p computepool-engine --example kernel_bench [-- SECTION...]
+//! cargo run --release -p computepool-engine --example kernel_bench \
+//!     [-- [SECTION...] [--threads 1,2] [--batch 4,8] [--cpu-time]]
 //! ```
 //! Sections: `matvec` (GB/s of decode products, weights cycled through a working set larger than the
-//! last-level cache, as a real model does), `batch` (batched decode), `gemm` (GFLOP/s at n = 512),
-//! `attention`, `model` (SmolLM2-135M-shaped decode and pp512, matrix products + attention only).
-//! Default: all. Each number is the best of a few repetitions (the machine is shared and noisy).
+//! last-level cache, as a real model does), `batch` (the same products for batches: time, GB/s and
+//! GFLOP/s), `hot` (batched products whose weights stay in L2: arithmetic throughput, e.g. what a tile
+//! shape or widening bf16 costs), `gemm` (GFLOP/s at n = 512), `attention`, `model` (SmolLM2-135M-shaped
+//! decode, batched decode and pp512, matrix products + attention only; single-stream and batched decode
+//! run interleaved and the batched/single ratio is taken per round). Default: all. `--threads` sets the
+//! thread counts (default 1,2), `--batch` the batch sizes of `batch` and `hot` (default
+//! 4,6,7,8,9,12,16,17,32, `hot` also 1) and of `model` (default 8).
+//!
+//! Numbers are medians of repetitions with the range in brackets (`median [min–max]`): the machine is
+//! shared and noisy, so compare two builds side by side, alternating runs. `--cpu-time` times on the
+//! calling thread's CPU time (Linux), which with `--threads 1` leaves out the time other processes hold
+//! the core.
 
 use computepool_engine::backend::cpu::{AttentionShape, CpuBackend, KvView, rms_norm, silu_mul};
 use computepool_engine::tensor::{Weight, WeightData};
 use half::bf16;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// Bytes of weights cycled through, so that nothing stays in the last-level cache between passes.
@@ -42,27 +53,119 @@ fn dtype(bf: bool) -> &'static str {
     if bf { "bf16" } else { "f32" }
 }
 
-/// Best time per iteration of `f` over `reps` repetitions of `iters` calls.
-fn best(reps: usize, iters: usize, mut f: impl FnMut(usize)) -> Duration {
-    f(0);
-    let mut best = Duration::MAX;
-    let mut k = 0;
-    for _ in 0..reps {
-        let start = Instant::now();
-        for _ in 0..iters {
-            f(k);
-            k += 1;
+/// Median, fastest and slowest of a set of timings.
+#[derive(Clone, Copy)]
+struct Stats {
+    median: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Stats {
+    fn of(mut times: Vec<Duration>) -> Stats {
+        times.sort();
+        Stats {
+            median: times[times.len() / 2],
+            min: times[0],
+            max: times[times.len() - 1],
         }
-        best = best.min(start.elapsed() / iters as u32);
     }
-    best
+
+    /// `median [min–max]` of `f(time)`, e.g. a rate (the fastest time gives the largest rate).
+    fn show(&self, f: impl Fn(Duration) -> f64, precision: usize) -> String {
+        let (a, b) = (f(self.min), f(self.max));
+        format!(
+            "{:.p$} [{:.p$}–{:.p$}]",
+            f(self.median),
+            a.min(b),
+            a.max(b),
+            p = precision
+        )
+    }
+}
+
+/// Whether times are the calling thread's CPU time instead of wall-clock time (`--cpu-time`).
+static CPU_TIME: AtomicBool = AtomicBool::new(false);
+
+/// A point in time on the clock chosen by `--cpu-time`.
+#[derive(Clone, Copy)]
+enum Clock {
+    Wall(Instant),
+    /// Nanoseconds this thread has run on a CPU.
+    Cpu(u64),
+}
+
+impl Clock {
+    fn now() -> Clock {
+        if CPU_TIME.load(Ordering::Relaxed) {
+            Clock::Cpu(thread_cpu_nanos())
+        } else {
+            Clock::Wall(Instant::now())
+        }
+    }
+
+    fn elapsed(self) -> Duration {
+        match self {
+            Clock::Wall(start) => start.elapsed(),
+            Clock::Cpu(start) => Duration::from_nanos(thread_cpu_nanos() - start),
+        }
+    }
+}
+
+/// Time the calling thread has run on a CPU (`CLOCK_THREAD_CPUTIME_ID`, nanosecond resolution). With
+/// one thread this leaves out the time other processes on a shared machine hold the core; it still
+/// counts their effect on caches and memory bandwidth.
+#[cfg(target_os = "linux")]
+fn thread_cpu_nanos() -> u64 {
+    #[repr(C)]
+    struct Timespec {
+        tv_sec: i64,
+        tv_nsec: i64,
+    }
+    const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
+    unsafe extern "C" {
+        fn clock_gettime(clock: i32, out: *mut Timespec) -> i32;
+    }
+    let mut t = Timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `t` is a valid, writable timespec (64-bit Linux layout) and the clock id is a constant
+    // every Linux kernel since 2.6.12 supports.
+    let rc = unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID) failed");
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+#[cfg(not(target_os = "linux"))]
+fn thread_cpu_nanos() -> u64 {
+    eprintln!("--cpu-time is only implemented on Linux");
+    std::process::exit(2);
+}
+
+/// Time per iteration of `f` over `reps` repetitions of `iters` calls, after one warm-up call.
+fn timed(reps: usize, iters: usize, mut f: impl FnMut(usize)) -> Stats {
+    f(0);
+    let mut k = 0;
+    let times = (0..reps)
+        .map(|_| {
+            let start = Clock::now();
+            for _ in 0..iters {
+                f(k);
+                k += 1;
+            }
+            start.elapsed() / iters as u32
+        })
+        .collect();
+    Stats::of(times)
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
 }
 
 fn matvec(threads: &[usize], batch: &[usize]) {
     println!("\n## decode mat-vec (weights cycled through {} MiB)", WORKING_SET >> 20);
     println!(
-        "{:>14} {:>5} {:>3} {:>3} {:>10} {:>9}",
-        "shape", "dtype", "thr", "n", "time", "GB/s"
+        "{:>14} {:>5} {:>3} {:>3} {:>26} {:>22} {:>22}",
+        "shape", "dtype", "thr", "n", "time µs", "GB/s", "GFLOP/s"
     );
     for &(rows, cols) in &[(576usize, 1536usize), (1536, 576), (3072, 576), (49152, 576)] {
         for bf in [true, false] {
@@ -75,17 +178,50 @@ fn matvec(threads: &[usize], batch: &[usize]) {
                     let x = random(n * cols, 99);
                     let mut y = vec![0f32; n * rows];
                     let iters = (copies * 2).max(8);
-                    let per = best(5, iters, |k| backend.matmul(&x, n, &ws[k % copies], &mut y));
+                    let stats = timed(9, iters, |k| backend.matmul(&x, n, &ws[k % copies], &mut y));
+                    let flops = 2.0 * (n * rows * cols) as f64;
                     println!(
-                        "{:>14} {:>5} {:>3} {:>3} {:>8.1}µs {:>9.1}",
+                        "{:>14} {:>5} {:>3} {:>3} {:>26} {:>22} {:>22}",
                         format!("{rows}x{cols}"),
                         dtype(bf),
                         t,
                         n,
-                        per.as_secs_f64() * 1e6,
-                        bytes as f64 / per.as_secs_f64() / 1e9
+                        stats.show(micros, 1),
+                        stats.show(|d| bytes as f64 / d.as_secs_f64() / 1e9, 1),
+                        stats.show(|d| flops / d.as_secs_f64() / 1e9, 1),
                     );
                 }
+            }
+        }
+    }
+}
+
+/// Products whose weights stay in L2 (a 192×576 slice is 216 KiB in bf16, 432 KiB in f32): the kernels'
+/// arithmetic throughput with memory out of the way, e.g. what widening bf16 weights costs.
+fn hot(threads: &[usize], batch: &[usize]) {
+    let (rows, cols) = (192usize, 576usize);
+    println!("\n## decode mat-vec, weights in L2 ({rows}x{cols})");
+    println!(
+        "{:>5} {:>3} {:>3} {:>26} {:>22}",
+        "dtype", "thr", "n", "time µs", "GFLOP/s"
+    );
+    for bf in [true, false] {
+        let w = weight(rows, cols, bf, 1);
+        for &t in threads {
+            let backend = CpuBackend::new(t);
+            for &n in batch {
+                let x = random(n * cols, 99);
+                let mut y = vec![0f32; n * rows];
+                let stats = timed(9, 200, |_| backend.matmul(&x, n, &w, &mut y));
+                let flops = 2.0 * (n * rows * cols) as f64;
+                println!(
+                    "{:>5} {:>3} {:>3} {:>26} {:>22}",
+                    dtype(bf),
+                    t,
+                    n,
+                    stats.show(micros, 2),
+                    stats.show(|d| flops / d.as_secs_f64() / 1e9, 1),
+                );
             }
         }
     }
@@ -95,8 +231,8 @@ fn gemm(threads: &[usize]) {
     let n = 512;
     println!("\n## prefill GEMM, n = {n}");
     println!(
-        "{:>14} {:>5} {:>3} {:>10} {:>9}",
-        "shape", "dtype", "thr", "time", "GFLOP/s"
+        "{:>14} {:>5} {:>3} {:>24} {:>22}",
+        "shape", "dtype", "thr", "time ms", "GFLOP/s"
     );
     for &(rows, cols) in &[(576usize, 576usize), (960, 576), (3072, 576), (576, 1536)] {
         let x = random(n * cols, 5);
@@ -106,21 +242,21 @@ fn gemm(threads: &[usize]) {
             let w = weight(rows, cols, bf, 3);
             for &t in threads {
                 let backend = CpuBackend::new(t);
-                let per = best(5, 5, |_| backend.matmul(&x, n, &w, &mut y));
+                let stats = timed(7, 5, |_| backend.matmul(&x, n, &w, &mut y));
                 println!(
-                    "{:>14} {:>5} {:>3} {:>8.2}ms {:>9.1}",
+                    "{:>14} {:>5} {:>3} {:>24} {:>22}",
                     format!("{rows}x{cols}"),
                     dtype(bf),
                     t,
-                    per.as_secs_f64() * 1e3,
-                    flops / per.as_secs_f64() / 1e9
+                    stats.show(|d| d.as_secs_f64() * 1e3, 2),
+                    stats.show(|d| flops / d.as_secs_f64() / 1e9, 1),
                 );
             }
         }
         // The `gemm` crate on the same f32 product, for comparison (its own threading via rayon is not
         // enabled here, so single-threaded).
         let w = random(rows * cols, 3);
-        let per = best(5, 5, |_| {
+        let stats = timed(7, 5, |_| {
             // SAFETY: all pointers and strides describe the live buffers above: y [n, rows] row-major,
             // x [n, cols] row-major, w^T as [cols, rows] with column stride cols.
             unsafe {
@@ -148,12 +284,12 @@ fn gemm(threads: &[usize]) {
             }
         });
         println!(
-            "{:>14} {:>5} {:>3} {:>8.2}ms {:>9.1}   (gemm crate, 1 thread)",
+            "{:>14} {:>5} {:>3} {:>24} {:>22}   (gemm crate, 1 thread)",
             format!("{rows}x{cols}"),
             "f32",
             1,
-            per.as_secs_f64() * 1e3,
-            flops / per.as_secs_f64() / 1e9
+            stats.show(|d| d.as_secs_f64() * 1e3, 2),
+            stats.show(|d| flops / d.as_secs_f64() / 1e9, 1),
         );
     }
 }
@@ -182,13 +318,13 @@ fn attention(threads: &[usize]) {
             capacity: cap,
             len: n,
         };
-        let per = best(5, 3, |_| backend.attention(&q, n, 0, kv, shape, &mut out));
+        let stats = timed(5, 3, |_| backend.attention(&q, n, 0, kv, shape, &mut out));
         let pairs = (n * (n + 1) / 2) as f64;
         let flops = pairs * 9.0 * 64.0 * 4.0;
         println!(
-            "prefill n=512   thr {t}: {:>8.2}ms {:>7.1} GFLOP/s",
-            per.as_secs_f64() * 1e3,
-            flops / per.as_secs_f64() / 1e9
+            "prefill n=512   thr {t}: {} ms, {} GFLOP/s",
+            stats.show(|d| d.as_secs_f64() * 1e3, 2),
+            stats.show(|d| flops / d.as_secs_f64() / 1e9, 1),
         );
         for len in [128usize, 1024, 4096] {
             let q = random(width, 4);
@@ -199,12 +335,12 @@ fn attention(threads: &[usize]) {
                 capacity: cap,
                 len,
             };
-            let per = best(5, 50, |_| backend.attention(&q, 1, len - 1, kv, shape, &mut out));
+            let stats = timed(5, 50, |_| backend.attention(&q, 1, len - 1, kv, shape, &mut out));
             let bytes = (2 * 3 * len * 64 * 4) as f64;
             println!(
-                "decode len={len:<5} thr {t}: {:>8.1}µs {:>7.1} GB/s of KV",
-                per.as_secs_f64() * 1e6,
-                bytes / per.as_secs_f64() / 1e9
+                "decode len={len:<5} thr {t}: {} µs, {} GB/s of KV",
+                stats.show(micros, 1),
+                stats.show(|d| bytes / d.as_secs_f64() / 1e9, 1),
             );
         }
     }
@@ -212,7 +348,7 @@ fn attention(threads: &[usize]) {
 
 /// SmolLM2-135M: 30 layers, hidden 576, 9/3 heads of 64, MLP 1536, vocab 49152 (tied lm_head), with
 /// the fused q|k|v and gate|up projections `model/llama.rs` uses.
-fn model(threads: &[usize]) {
+fn model(threads: &[usize], batch: &[usize]) {
     println!("\n## SmolLM2-135M-shaped forward passes (products, attention, norms, SwiGLU; no RoPE/sampling)");
     let (layers, hidden, inter, kv_dim, vocab) = (30usize, 576usize, 1536usize, 192usize, 49152usize);
     let qkv_dim = hidden + 2 * kv_dim;
@@ -257,7 +393,7 @@ fn model(threads: &[usize]) {
                     capacity: cap,
                     len: pos + n,
                 };
-                let start = Instant::now();
+                let start = Clock::now();
                 for (m, down) in mats.iter().zip(&downs) {
                     rms_norm(&x, &norm_w, 1e-5, &mut normed);
                     backend.matmul(&normed, n, &m[0], &mut qkv);
@@ -287,40 +423,106 @@ fn model(threads: &[usize]) {
                 backend.matmul(&normed[..logits_rows * hidden], logits_rows, &head, &mut logits);
                 start.elapsed()
             };
-            let mut best_decode = Duration::MAX;
-            for _ in 0..30 {
-                best_decode = best_decode.min(forward(1, 200, 1));
+            // Single-stream and batched decode interleaved, so that load from other processes hits both
+            // alike; the ratio is taken per round.
+            let rounds = 15;
+            let mut single = Vec::with_capacity(rounds);
+            let mut batched: Vec<Vec<Duration>> = vec![Vec::with_capacity(rounds); batch.len()];
+            forward(1, 200, 1);
+            for _ in 0..rounds {
+                single.push(forward(1, 200, 1));
+                for (times, &n) in batched.iter_mut().zip(batch) {
+                    times.push(forward(n, 200, n));
+                }
             }
-            let mut best_prefill = Duration::MAX;
-            for _ in 0..3 {
-                best_prefill = best_prefill.min(forward(512, 0, 1));
-            }
-            let mut best_batch = Duration::MAX;
-            for _ in 0..10 {
-                best_batch = best_batch.min(forward(8, 200, 8));
-            }
+            let decode = Stats::of(single.clone());
             println!(
-                "{:>5} thr {t}: decode {:>6.1} tok/s ({:.2} ms), batch-8 decode {:>6.1} tok/s, pp512 {:>6.1} tok/s ({:.0} ms)",
+                "{:>5} thr {t}: decode n=1: {} tok/s",
                 dtype(bf),
-                1.0 / best_decode.as_secs_f64(),
-                best_decode.as_secs_f64() * 1e3,
-                8.0 / best_batch.as_secs_f64(),
-                512.0 / best_prefill.as_secs_f64(),
-                best_prefill.as_secs_f64() * 1e3
+                decode.show(|d| 1.0 / d.as_secs_f64(), 1)
+            );
+            for (times, &n) in batched.iter().zip(batch) {
+                let mut ratios: Vec<f64> = single
+                    .iter()
+                    .zip(times)
+                    .map(|(one, many)| n as f64 * one.as_secs_f64() / many.as_secs_f64())
+                    .collect();
+                ratios.sort_by(f64::total_cmp);
+                println!(
+                    "{:>5} thr {t}: decode n={n}: {} tok/s aggregate, {:.2}x n=1 [{:.2}–{:.2}] (per-round ratio)",
+                    dtype(bf),
+                    Stats::of(times.clone()).show(|d| n as f64 / d.as_secs_f64(), 1),
+                    ratios[ratios.len() / 2],
+                    ratios[0],
+                    ratios[ratios.len() - 1],
+                );
+            }
+            let prefill = Stats::of((0..3).map(|_| forward(512, 0, 1)).collect());
+            println!(
+                "{:>5} thr {t}: pp512: {} tok/s",
+                dtype(bf),
+                prefill.show(|d| 512.0 / d.as_secs_f64(), 1)
             );
         }
     }
 }
 
+/// Values of `--name a,b,c` in `args` (removed from it), or `default`.
+fn list_option(args: &mut Vec<String>, name: &str, default: &[usize]) -> Vec<usize> {
+    let Some(i) = args.iter().position(|a| a == name) else {
+        return default.to_vec();
+    };
+    let Some(value) = args.get(i + 1).cloned() else {
+        eprintln!("{name} needs a comma-separated list of numbers");
+        std::process::exit(2);
+    };
+    args.drain(i..i + 2);
+    value
+        .split(',')
+        .map(|v| {
+            v.trim().parse().unwrap_or_else(|_| {
+                eprintln!("{name}: '{v}' is not a number");
+                std::process::exit(2);
+            })
+        })
+        .collect()
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!(
+            "kernel_bench [SECTION...] [--threads 1,2] [--batch 4,8] [--cpu-time]\n\
+             sections: matvec batch hot gemm attention model (default: all)\n\
+             --threads: thread counts (default 1,2)\n\
+             --batch: batch sizes for `batch` and `hot` (default 4,6,7,8,9,12,16,17,32, `hot` also 1)\n\
+             \x20        and for `model` (default 8)\n\
+             --cpu-time: time on the calling thread's CPU time, not wall-clock (use with --threads 1)"
+        );
+        return;
+    }
+    if let Some(i) = args.iter().position(|a| a == "--cpu-time") {
+        args.remove(i);
+        CPU_TIME.store(true, Ordering::Relaxed);
+    }
+    let threads = list_option(&mut args, "--threads", &[1, 2]);
+    let batch = args
+        .iter()
+        .any(|a| a == "--batch")
+        .then(|| list_option(&mut args, "--batch", &[]));
     let want = |s: &str| args.is_empty() || args.iter().any(|a| a == s);
-    let threads = [1usize, 2];
     if want("matvec") {
         matvec(&threads, &[1]);
     }
     if want("batch") {
-        matvec(&[2], &[4, 8, 16, 17, 32]);
+        let sizes = batch.clone().unwrap_or_else(|| vec![4, 6, 7, 8, 9, 12, 16, 17, 32]);
+        matvec(&threads, &sizes);
+    }
+    if want("hot") {
+        hot(
+            &threads,
+            &batch.clone().unwrap_or_else(|| vec![1, 4, 6, 7, 8, 9, 12, 16, 17, 32]),
+        );
     }
     if want("gemm") {
         gemm(&threads);
@@ -329,6 +531,6 @@ fn main() {
         attention(&threads);
     }
     if want("model") {
-        model(&threads);
+        model(&threads, &batch.unwrap_or_else(|| vec![8]));
     }
 }
