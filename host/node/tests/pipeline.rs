@@ -3,13 +3,10 @@
 
 mod common;
 
-#[path = "../../engine/tests/common/mod.rs"]
-#[allow(dead_code)]
-mod tiny;
-
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use common::engine as tiny;
 use common::{Cluster, smollm2_dir, unsharded_tokens, wait_for};
 
 const GREEDY: &[&str] = &["--max-tokens", "64", "--ignore-eos"];

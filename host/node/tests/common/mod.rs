@@ -14,23 +14,14 @@ use serde_json::{Value, json};
 
 pub mod netns;
 
+/// The engine's test support: seeded tiny checkpoints, and where the real SmolLM2 model is.
+#[path = "../../../engine/tests/common/mod.rs"]
+pub mod engine;
+
+pub use engine::smollm2_dir;
+
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_computepool"))
-}
-
-/// The real SmolLM2 model (see host/engine/tests/common): `None` when absent, unless
-/// `COMPUTEPOOL_REQUIRE_MODEL=1`.
-pub fn smollm2_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("COMPUTEPOOL_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/smollm2-135m-instruct"));
-    if dir.join("model.safetensors").exists() {
-        return Some(dir);
-    }
-    if std::env::var("COMPUTEPOOL_REQUIRE_MODEL").is_ok_and(|v| v == "1") {
-        panic!("COMPUTEPOOL_REQUIRE_MODEL=1 but {} has no model: run `make model`", dir.display());
-    }
-    None
 }
 
 /// A free UDP port on `ip`.
