@@ -43,6 +43,12 @@ pub enum EngineError {
     InvalidRange { range: String, layers: usize },
     #[error("{0}")]
     Invalid(String),
+    /// A CUDA library (driver, NVRTC, cuBLAS) or a device is missing: the CUDA backend cannot start.
+    #[error("CUDA not available: {0}")]
+    CudaUnavailable(String),
+    /// A CUDA call failed (driver, NVRTC compile, cuBLAS).
+    #[error("CUDA: {0}")]
+    Cuda(String),
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;

@@ -41,7 +41,7 @@ pub enum StepInput<'a> {
 }
 
 impl StepInput<'_> {
-    fn rows(&self, hidden: usize) -> usize {
+    pub(crate) fn rows(&self, hidden: usize) -> usize {
         match self {
             StepInput::Tokens(t) => t.len(),
             StepInput::Hidden(h) => h.len() / hidden.max(1),
@@ -64,17 +64,17 @@ pub struct StepItem<'a> {
     pub cache: &'a mut KvCache,
 }
 
-struct Block {
-    input_norm: Vec<f32>,
-    qkv: Weight,
-    qkv_bias: Option<Vec<f32>>,
-    o: Weight,
-    o_bias: Option<Vec<f32>>,
-    post_norm: Vec<f32>,
-    gate_up: Weight,
-    down: Weight,
-    gate_up_bias: Option<Vec<f32>>,
-    down_bias: Option<Vec<f32>>,
+pub(crate) struct Block {
+    pub(crate) input_norm: Vec<f32>,
+    pub(crate) qkv: Weight,
+    pub(crate) qkv_bias: Option<Vec<f32>>,
+    pub(crate) o: Weight,
+    pub(crate) o_bias: Option<Vec<f32>>,
+    pub(crate) post_norm: Vec<f32>,
+    pub(crate) gate_up: Weight,
+    pub(crate) down: Weight,
+    pub(crate) gate_up_bias: Option<Vec<f32>>,
+    pub(crate) down_bias: Option<Vec<f32>>,
 }
 
 impl Block {
@@ -89,11 +89,11 @@ pub struct Shard {
     cfg: ModelConfig,
     range: LayerRange,
     dtype: DType,
-    embed: Option<Arc<Weight>>,
-    blocks: Vec<Block>,
-    norm: Option<Vec<f32>>,
-    lm_head: Option<Arc<Weight>>,
-    inv_freq: Vec<f32>,
+    pub(crate) embed: Option<Arc<Weight>>,
+    pub(crate) blocks: Vec<Block>,
+    pub(crate) norm: Option<Vec<f32>>,
+    pub(crate) lm_head: Option<Arc<Weight>>,
+    pub(crate) inv_freq: Vec<f32>,
     backend: Arc<CpuBackend>,
 }
 
@@ -211,6 +211,53 @@ impl Shard {
         Ok(Self { cfg, range, dtype, embed, blocks, norm, lm_head, inv_freq, backend })
     }
 
+    /// A seeded random checkpoint of `cfg`'s shape, in bf16, for timing at sizes that cannot be
+    /// downloaded here (Llama-3-8B's shape, say): matrices uniform in ±0.02·√3 (standard deviation 0.02,
+    /// as HF initialises), norm weights 1, biases 0; untied lm_head unless `cfg` ties it. The same `seed`
+    /// gives the same weights on any machine; generation uses every core.
+    pub fn random(cfg: ModelConfig, range: Option<LayerRange>, seed: u64, backend: Arc<CpuBackend>) -> Result<Self> {
+        let range = range.unwrap_or(LayerRange::full(cfg.num_layers));
+        if range.num_layers != cfg.num_layers {
+            return Err(EngineError::InvalidRange { range: range.to_string(), layers: cfg.num_layers });
+        }
+        let (h, ffn) = (cfg.hidden_size, cfg.intermediate_size);
+        let q_rows = cfg.num_heads * cfg.head_dim;
+        let kv_rows = cfg.num_kv_heads * cfg.head_dim;
+        let mut tensor = 0u64;
+        let mut next = |rows: usize, cols: usize| {
+            tensor += 1;
+            random_matrix(rows, cols, seed, tensor)
+        };
+        let embed = if range.is_entry() { Some(Arc::new(next(cfg.vocab_size, h))) } else { None };
+        let mut blocks = Vec::with_capacity(range.len());
+        for _ in range.layers() {
+            let zeros = |n: usize| vec![0f32; n];
+            blocks.push(Block {
+                input_norm: vec![1.0; h],
+                qkv: next(q_rows + 2 * kv_rows, h),
+                qkv_bias: cfg.qkv_bias.then(|| zeros(q_rows + 2 * kv_rows)),
+                o: next(h, q_rows),
+                o_bias: cfg.o_bias.then(|| zeros(h)),
+                post_norm: vec![1.0; h],
+                gate_up: next(2 * ffn, h),
+                down: next(h, ffn),
+                gate_up_bias: cfg.mlp_bias.then(|| zeros(2 * ffn)),
+                down_bias: cfg.mlp_bias.then(|| zeros(h)),
+            });
+        }
+        let (norm, lm_head) = if range.is_exit() {
+            let lm_head = match (&embed, cfg.tie_word_embeddings) {
+                (Some(e), true) => Arc::clone(e),
+                _ => Arc::new(next(cfg.vocab_size, h)),
+            };
+            (Some(vec![1.0; h]), Some(lm_head))
+        } else {
+            (None, None)
+        };
+        let inv_freq = cfg.rope_inv_freq();
+        Ok(Self { cfg, range, dtype: DType::Bf16, embed, blocks, norm, lm_head, inv_freq, backend })
+    }
+
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
     }
@@ -268,40 +315,7 @@ impl Shard {
         let cfg = &self.cfg;
         let h = cfg.hidden_size;
         // Validate everything before touching any cache.
-        for item in items.iter() {
-            let n = item.input.rows(h);
-            match item.input {
-                StepInput::Tokens(tokens) => {
-                    if !self.range.is_entry() {
-                        return Err(EngineError::Invalid(format!("shard {} is not the entry: it takes hidden states, not tokens", self.range)));
-                    }
-                    if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-                        return Err(EngineError::Invalid(format!("token id {bad} is outside the vocabulary of {}", cfg.vocab_size)));
-                    }
-                }
-                StepInput::Hidden(hidden) => {
-                    if self.range.is_entry() {
-                        return Err(EngineError::Invalid(format!("shard {} is the entry: it takes tokens, not hidden states", self.range)));
-                    }
-                    if hidden.len() % h != 0 {
-                        return Err(EngineError::Invalid(format!("hidden states of {} values are not rows of {h}", hidden.len())));
-                    }
-                }
-            }
-            if n == 0 {
-                return Err(EngineError::EmptyPrompt);
-            }
-            if item.cache.n_layers() != self.blocks.len() {
-                return Err(EngineError::Invalid("KV cache belongs to a different shard".into()));
-            }
-            if item.cache.len() + n > cfg.max_position_embeddings {
-                return Err(EngineError::ContextOverflow {
-                    prompt_tokens: item.cache.len() + n,
-                    max_new_tokens: 0,
-                    context: cfg.max_position_embeddings,
-                });
-            }
-        }
+        validate_step(cfg, self.range, self.blocks.len(), items.iter().map(|it| (it.input, it.cache.len(), it.cache.n_layers())))?;
 
         // Gather inputs into one [rows, hidden] matrix.
         let rows_of: Vec<usize> = items.iter().map(|it| it.input.rows(h)).collect();
@@ -446,6 +460,54 @@ impl Shard {
     }
 }
 
+/// Checks a step before any cache is touched: the right kind of input for this shard, token ids inside
+/// the vocabulary, whole rows of hidden states, at least one row, a cache of this shard, and room in the
+/// context window. `items` yields each request's input, cache length and cache layer count. Shared by
+/// every backend, so CPU and CUDA shards refuse exactly the same steps.
+pub(crate) fn validate_step<'a>(
+    cfg: &ModelConfig,
+    range: LayerRange,
+    n_layers: usize,
+    items: impl Iterator<Item = (StepInput<'a>, usize, usize)>,
+) -> Result<()> {
+    let h = cfg.hidden_size;
+    for (input, cache_len, cache_layers) in items {
+        let n = input.rows(h);
+        match input {
+            StepInput::Tokens(tokens) => {
+                if !range.is_entry() {
+                    return Err(EngineError::Invalid(format!("shard {range} is not the entry: it takes hidden states, not tokens")));
+                }
+                if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+                    return Err(EngineError::Invalid(format!("token id {bad} is outside the vocabulary of {}", cfg.vocab_size)));
+                }
+            }
+            StepInput::Hidden(hidden) => {
+                if range.is_entry() {
+                    return Err(EngineError::Invalid(format!("shard {range} is the entry: it takes tokens, not hidden states")));
+                }
+                if hidden.len() % h != 0 {
+                    return Err(EngineError::Invalid(format!("hidden states of {} values are not rows of {h}", hidden.len())));
+                }
+            }
+        }
+        if n == 0 {
+            return Err(EngineError::EmptyPrompt);
+        }
+        if cache_layers != n_layers {
+            return Err(EngineError::Invalid("KV cache belongs to a different shard".into()));
+        }
+        if cache_len + n > cfg.max_position_embeddings {
+            return Err(EngineError::ContextOverflow {
+                prompt_tokens: cache_len + n,
+                max_new_tokens: 0,
+                context: cfg.max_position_embeddings,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Activation buffers of one step, allocated once and reused by every layer.
 struct StepScratch {
     normed: Vec<f32>,
@@ -476,6 +538,37 @@ impl StepScratch {
             act: buf(cfg.intermediate_size),
         }
     }
+}
+
+/// A `[rows, cols]` bf16 matrix of uniform values in ±0.02·√3 from a counter-based generator
+/// (splitmix64 of seed, tensor and index), so chunks fill in parallel and the result does not depend on
+/// the thread count.
+fn random_matrix(rows: usize, cols: usize, seed: u64, tensor: u64) -> Weight {
+    fn splitmix64(mut z: u64) -> u64 {
+        z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    let bound = 0.02f32 * 3f32.sqrt();
+    let key = splitmix64(seed ^ tensor.rotate_left(40));
+    let mut data = vec![half::bf16::ZERO; rows * cols];
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let chunk = data.len().div_ceil(threads).max(1 << 16);
+    std::thread::scope(|scope| {
+        for (c, part) in data.chunks_mut(chunk).enumerate() {
+            scope.spawn(move || {
+                let first = (c * chunk) as u64;
+                for (i, v) in part.iter_mut().enumerate() {
+                    let bits = splitmix64(key ^ (first + i as u64));
+                    // 24 random bits to [0, 1), then to [-bound, bound).
+                    let u = (bits >> 40) as f32 * (1.0 / (1u64 << 24) as f32);
+                    *v = half::bf16::from_f32((2.0 * u - 1.0) * bound);
+                }
+            });
+        }
+    });
+    Weight { rows, cols, data: WeightData::Bf16(data) }
 }
 
 fn add_bias(rows: &mut [f32], bias: &[f32]) {
