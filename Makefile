@@ -14,12 +14,13 @@ MODEL_DIR := $(MODELS_DIR)/$(MODEL)
 BIN := $(CARGO_TARGET_DIR)/release/computepool
 PROMPT ?= What is the capital of France? Answer in one sentence.
 
-.PHONY: help up test build model bench clean-model
+.PHONY: help up test build model bench gpu-check clean-model
 
 help:
 	@echo "make up     run ComputePool on the default model ($(MODEL))"
 	@echo "make test   run every test"
 	@echo "make bench  reproduce docs/BENCHMARKS.md"
+	@echo "make gpu-check  the CUDA backend against the CPU backend, and its speed (needs an NVIDIA GPU)"
 
 build:
 	cargo build --release --locked -p computepool-node
@@ -35,12 +36,18 @@ SHARDS ?= 2
 up: model
 	$(BIN) generate --model $(MODEL_DIR) --shards $(SHARDS) --chat --prompt "$(PROMPT)" --max-tokens 64
 
+# NVRTC (a library from PyPI, no GPU needed) lets the CUDA kernels compile to PTX in every test run.
 test: model
+	NVRTC_LIB="$$(bash scripts/nvrtc.sh)" && \
+	LD_LIBRARY_PATH="$$NVRTC_LIB$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}" COMPUTEPOOL_REQUIRE_NVRTC=1 \
 	COMPUTEPOOL_MODEL_DIR=$(CURDIR)/$(MODEL_DIR) COMPUTEPOOL_REQUIRE_MODEL=1 \
 		cargo test --release --locked --workspace
 
 bench: model
 	bash scripts/bench/run.sh
+
+gpu-check: model
+	bash scripts/gpu-check.sh --model-dir $(MODEL_DIR)
 
 clean-model:
 	rm -rf $(MODEL_DIR)

@@ -65,7 +65,11 @@ fn every_kernel_compiles_to_ptx_for_sm80_and_sm90() {
 
 #[test]
 fn every_kernel_file_on_disk_is_compiled_by_the_backend() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../kernels");
+    // From the source tree, or (a test binary carried to a GPU machine) from the repository root it runs in.
+    let mut dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../kernels");
+    if !dir.is_dir() {
+        dir = std::path::PathBuf::from("kernels");
+    }
     let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
         .expect("kernels/ exists")
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
@@ -261,7 +265,7 @@ fn device_argmax_and_top_k_agree_with_the_host() {
     for (r, got) in top.iter().enumerate() {
         let row = &rows[r * common::VOCAB..(r + 1) * common::VOCAB];
         let mut want: Vec<(u32, f32)> = row.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
-        want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        want.sort_by(|a, b| b.1.partial_cmp(&a.1).expect("finite logits").then(a.0.cmp(&b.0)));
         want.truncate(20);
         assert_eq!(got, &want, "row {r}");
     }

@@ -292,6 +292,20 @@ impl CudaShard {
         })
     }
 
+    /// Turns decode graphs on or off (on by default where every product can use the mat-vec kernel;
+    /// `COMPUTEPOOL_CUDA_NO_GRAPHS` in the environment turns them off at load). Off, every step launches
+    /// its kernels one by one — the baseline that shows what graphs save.
+    pub fn with_graphs(mut self, on: bool) -> Self {
+        let q_dim = self.cfg.num_heads * self.cfg.head_dim;
+        self.use_graphs = on && [self.cfg.hidden_size, q_dim, self.cfg.intermediate_size].iter().all(|k| k % 8 == 0);
+        self.state.get_mut().unwrap_or_else(|p| p.into_inner()).graphs.clear();
+        self
+    }
+
+    pub fn graphs_enabled(&self) -> bool {
+        self.use_graphs
+    }
+
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
     }
