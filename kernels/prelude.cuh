@@ -44,6 +44,18 @@ __device__ __forceinline__ float block_sum(float v) {
     return warp_sum(total);
 }
 
+// Maximum over the whole block, as block_sum.
+__device__ __forceinline__ float block_max(float v) {
+    __shared__ float partial[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    float total = lane < warps ? partial[lane] : NEG_INF;
+    return warp_max(total);
+}
+
 // One row of a step as the attention kernels see it: the request's KV cache (one allocation laid out
 // [layer][k|v][kv_head][cap][head_dim], f32), its capacity in positions, and this row's position.
 struct RowDesc {

@@ -9,7 +9,7 @@
 #
 # --model-dir  SmolLM2 in HF layout (default: models/smollm2-135m-instruct, as `make model` writes it)
 # --gguf       the SmolLM2 Q4_1 GGUF instead; imported into --model-dir first
-# --bin-dir    prebuilt `cuda-check` and `cuda-tests` (for GPU machines without a Rust toolchain);
+# --bin-dir    prebuilt `cuda-check`, `cuda-tests` and `computepool` (for GPU machines without a Rust toolchain);
 #              otherwise both are built here with cargo
 # --no-8b      skip the Llama-3-8B-shaped checkpoint (it needs ~17 GB of GPU and ~33 GB of host memory)
 # --no-smollm2 skip SmolLM2 (for a machine that cannot hold the model yet; its tests then skip it too)
@@ -68,6 +68,8 @@ if [[ -z "$BIN_DIR" ]]; then
     BIN_DIR="$(mktemp -d)"
     target="${CARGO_TARGET_DIR:-$ROOT/target}"
     cp "$target/release/cuda-check" "$BIN_DIR/"
+    cargo build --release --locked -p computepool-node
+    cp "$target/release/computepool" "$BIN_DIR/"
     test_bin="$(cargo test --release --locked -p computepool-engine --features cuda --test cuda --no-run --message-format=json 2>/dev/null \
         | python3 -c 'import sys,json; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])')"
     cp "$test_bin" "$BIN_DIR/cuda-tests"
@@ -85,10 +87,27 @@ if [[ $SMOLLM2 == yes ]]; then
 fi
 
 # A failing test does not stop the measurements; the script's status reports both.
+if [[ -z "${COMPUTEPOOL_BIN:-}" ]]; then
+    COMPUTEPOOL_BIN="$BIN_DIR/computepool"
+fi
 cd "$ROOT"
 status=0
 echo "== GPU tests (CUDA against CPU)"
 env COMPUTEPOOL_REQUIRE_GPU=1 COMPUTEPOOL_REQUIRE_NVRTC=1 "${MODEL_ENV[@]}" "$BIN_DIR/cuda-tests" --test-threads=1 || status=1
+
+if [[ $SMOLLM2 == yes && -x "$COMPUTEPOOL_BIN" ]]; then
+    # A mixed pool through real worker processes over QUIC on loopback: the entry's layers on the GPU,
+    # the exit's on the CPU, against one CPU process running the whole model.
+    echo "== mixed pipeline: CUDA entry worker + CPU exit worker vs the whole model on the CPU"
+    tokens() { "$COMPUTEPOOL_BIN" generate --model "$MODEL_DIR" --chat --prompt "Name three rivers in Europe." \
+        --max-tokens 32 --ignore-eos --json "$@" 2>&1 >/dev/null | tail -1 \
+        | python3 -c 'import sys, json; print(json.load(sys.stdin)["tokens"])'; }
+    want="$(tokens)" || status=1
+    got="$(tokens --shards 2 --devices cuda,cpu)" || status=1
+    echo "cpu, one process:      $want"
+    echo "cuda entry + cpu exit: $got"
+    if [[ -n "$want" && "$want" == "$got" ]]; then echo "mixed pipeline: 32 greedy tokens equal"; else echo "mixed pipeline: tokens DIFFER"; status=1; fi
+fi
 
 echo "== cuda-check"
 "$BIN_DIR/cuda-check" "${SMOL_ARGS[@]}" "${EIGHT_B[@]}" || status=1

@@ -150,6 +150,11 @@ fn logits(out: StepOutput) -> Vec<f32> {
     common::logits(out)
 }
 
+/// Steps of up to 32 rows keep f32 activations on both backends (the mat-vec kernel here, exact products
+/// there), so only summation order and libm differ: far inside the 1e-2 target. Longer prompts round
+/// activations to bf16 for cuBLAS (the CPU keeps them f32 in this test), a documented ~2^-9 per product
+/// that these small, high-gain checkpoints compound to about 1e-2; the real-model figure for that path is
+/// cuda-check's SmolLM2 pp512 error.
 #[test]
 fn tiny_checkpoints_of_every_family_match_the_cpu_backend() {
     let Some(dev) = gpu() else { return };
@@ -158,22 +163,29 @@ fn tiny_checkpoints_of_every_family_match_the_cpu_backend() {
         let cpu = ck.load_bf16_exact();
         let cuda = CudaShard::from_shard(&cpu, dev.clone()).expect("upload");
         let mut rng = TestRng::new(7);
-        // 12 prompt rows take the cuBLAS path; the decode steps the mat-vec kernel and the graph.
         let prompt = rng.tokens(12);
         let (mut cc, mut gc) = (cpu.new_cache(), cuda.new_cache());
         let want = logits(cpu.forward(StepInput::Tokens(&prompt), &mut cc).unwrap());
         let got = logits(cuda.forward(StepInput::Tokens(&prompt), &mut gc).unwrap());
         let e = rel_err(&got, &want);
-        assert!(e < 1e-2, "{}: prefill logits relative error {e:.2e}", family.name());
+        assert!(e < 1e-4, "{}: prefill logits relative error {e:.2e}", family.name());
         let mut token = argmax(&want);
         for step in 0..12 {
             let want = logits(cpu.forward(StepInput::Tokens(&[token]), &mut cc).unwrap());
             let got = logits(cuda.forward(StepInput::Tokens(&[token]), &mut gc).unwrap());
             let e = rel_err(&got, &want);
-            assert!(e < 1e-2, "{}: decode step {step} logits relative error {e:.2e}", family.name());
+            assert!(e < 1e-4, "{}: decode step {step} logits relative error {e:.2e}", family.name());
             token = argmax(&want);
         }
         assert_eq!(gc.len(), prompt.len() + 12);
+
+        // A 40-row prompt: cuBLAS with bf16 activations.
+        let long = rng.tokens(40);
+        let want = logits(cpu.forward(StepInput::Tokens(&long), &mut cpu.new_cache()).unwrap());
+        let got = logits(cuda.forward(StepInput::Tokens(&long), &mut cuda.new_cache()).unwrap());
+        let e = rel_err(&got, &want);
+        eprintln!("{}: 40-row prefill (cuBLAS, bf16 activations) relative error {e:.2e}", family.name());
+        assert!(e < 5e-2, "{}: 40-row prefill logits relative error {e:.2e}", family.name());
     }
 }
 
@@ -199,7 +211,7 @@ fn sharded_cuda_equals_unsharded_cuda_bit_for_bit_and_mixes_with_cpu_shards() {
         let mixed = logits(cpu_tail.forward(StepInput::Hidden(&hidden), &mut ct).unwrap());
         let reference = logits(cpu_whole.forward(StepInput::Tokens(&input), &mut cpu_c).unwrap());
         let e = rel_err(&mixed, &reference);
-        assert!(e < 1e-2, "step {step}: CUDA entry + CPU exit vs CPU whole: relative error {e:.2e}");
+        assert!(e < 1e-4, "step {step}: CUDA entry + CPU exit vs CPU whole: relative error {e:.2e}");
         input = vec![argmax(&want)];
     }
 }

@@ -76,6 +76,10 @@ pub struct GenerateArgs {
     /// A neighbour silent for this long is gone, in ms (with --shards).
     #[arg(long, default_value_t = 1000)]
     peer_timeout_ms: u64,
+    /// With --shards: where each worker computes, in shard order, comma-separated (`cuda,cpu` puts the
+    /// entry on the GPU and the exit on the CPU). One entry applies to every shard. Default: cpu.
+    #[arg(long, value_delimiter = ',', requires = "shards")]
+    devices: Vec<String>,
 }
 
 pub fn default_threads() -> usize {
@@ -168,6 +172,7 @@ fn run_pipeline(args: GenerateArgs) -> anyhow::Result<()> {
                 dtype: args.dtype.clone(),
                 threads,
                 peer_timeout_ms: args.peer_timeout_ms,
+                devices: args.devices.clone(),
             };
             Some(LocalPipeline::start(&options)?)
         }

@@ -24,6 +24,8 @@ pub struct PipelineOptions {
     pub threads: usize,
     /// Passed to every worker as `--peer-timeout-ms`.
     pub peer_timeout_ms: u64,
+    /// Each worker's `--device`, in shard order; empty is all `cpu`, one entry applies to all.
+    pub devices: Vec<String>,
 }
 
 /// What a worker reported when it was ready.
@@ -73,6 +75,9 @@ impl LocalPipeline {
         if options.shards < 2 {
             bail!("a pipeline needs at least 2 shards");
         }
+        if options.devices.len() > 1 && options.devices.len() != options.shards {
+            bail!("{} devices given for {} shards: give one per shard, or one for all", options.devices.len(), options.shards);
+        }
         let config = ModelConfig::from_dir(&options.model)?;
         let ranges = even_split(config.num_layers as u32, options.shards)?;
         let dir = tempfile::Builder::new().prefix("computepool-pipeline-").tempdir()?;
@@ -116,6 +121,7 @@ impl LocalPipeline {
             .args(["--dtype", &options.dtype])
             .args(["--threads", &options.threads.to_string()])
             .args(["--peer-timeout-ms", &options.peer_timeout_ms.to_string()])
+            .args(["--device", options.devices.get(i).or(options.devices.first()).map_or("cpu", String::as_str)])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))

@@ -145,3 +145,38 @@ fn bad_requests_get_clear_errors_and_the_entry_keeps_serving() {
     assert!(String::from_utf8_lossy(&bad_sampling.stderr).contains("temperature"));
     assert_eq!(cluster.tokens(&["--prompt", "w5", "--max-tokens", "3", "--ignore-eos"]).len(), 3);
 }
+
+/// A pipeline may put any shard on a GPU (`--devices cuda,cpu`). Where there is none, the worker refuses
+/// to start with the reason, and the pipeline reports it instead of hanging.
+#[test]
+fn a_cuda_worker_without_a_gpu_says_cuda_is_not_available() {
+    if std::path::Path::new("/dev/nvidia0").exists() {
+        eprintln!("this machine has an NVIDIA device; the no-GPU path is not exercised here");
+        return;
+    }
+    let ckpt = tiny::checkpoint(tiny::Family::Llama3);
+    let out = std::process::Command::new(common::bin())
+        .arg("generate")
+        .arg("--model")
+        .arg(ckpt.dir())
+        .args(["--shards", "2", "--devices", "cuda,cpu", "--prompt", "w5", "--max-tokens", "4"])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("worker 0 exited before it was ready"), "{stderr}");
+    assert!(stderr.contains("CUDA not available"), "{stderr}");
+    // A device list that does not fit the shards is refused before anything starts.
+    let out = std::process::Command::new(common::bin())
+        .arg("generate")
+        .arg("--model")
+        .arg(ckpt.dir())
+        .args(["--shards", "3", "--devices", "cpu,cpu", "--prompt", "w5", "--max-tokens", "4"])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("2 devices given for 3 shards"), "{stderr}");
+}

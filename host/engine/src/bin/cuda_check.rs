@@ -30,6 +30,9 @@ const RUNS: usize = 3;
 struct Report {
     model: String,
     prefill_err: f64,
+    /// Logits error of a 512-token prefill (cuBLAS, activations rounded to bf16), when the CPU
+    /// reference is cheap enough to run.
+    pp_err: Option<f64>,
     decode_err: f64,
     same_tokens: usize,
     steps: usize,
@@ -85,7 +88,7 @@ fn seeded_tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
-fn check(name: &str, cpu: &Shard, cuda: CudaShard, prompt: &[u32], eager_baseline: bool) -> Result<Report> {
+fn check(name: &str, cpu: &Shard, cuda: CudaShard, prompt: &[u32], small_model: bool) -> Result<Report> {
     let vocab = cpu.config().vocab_size;
     eprintln!("[{name}] correctness: CPU vs CUDA, {} prompt tokens, {GREEDY_STEPS} greedy steps", prompt.len());
     let (mut cc, mut gc) = (cpu.new_cache(), cuda.new_cache());
@@ -139,15 +142,23 @@ fn check(name: &str, cpu: &Shard, cuda: CudaShard, prompt: &[u32], eager_baselin
         }
     }
     let pp = Stat::of(pp_runs);
+    let pp_err = if small_model {
+        eprintln!("[{name}] pp{PP} logits: CPU vs CUDA");
+        let want = logits(cpu.forward(StepInput::Tokens(&pp_tokens), &mut cpu.new_cache())?);
+        let got = logits(cuda.forward(StepInput::Tokens(&pp_tokens), &mut cuda.new_cache())?);
+        Some(rel_err(&got, &want))
+    } else {
+        None
+    };
     let bytes_per_token = cuda.bytes_read_per_token();
-    let tg_eager = if eager_baseline {
+    let tg_eager = if small_model {
         eprintln!("[{name}] tg{TG} without graphs (kernel by kernel)");
         let eager = cuda.with_graphs(false);
         Some(time_tg(&eager)?)
     } else {
         None
     };
-    Ok(Report { model: name.into(), prefill_err, decode_err, same_tokens: same, steps: GREEDY_STEPS, tg, tg_eager, pp, bytes_per_token })
+    Ok(Report { model: name.into(), prefill_err, pp_err, decode_err, same_tokens: same, steps: GREEDY_STEPS, tg, tg_eager, pp, bytes_per_token })
 }
 
 fn llama3_8b_config() -> Result<ModelConfig> {
@@ -239,7 +250,7 @@ fn main() -> Result<()> {
     println!();
     println!("device: {device_line}");
     println!();
-    println!("| model | logits rel. err. prefill / decode | greedy ids equal | tg{TG} tok/s | pp{PP} tok/s | decode bandwidth |");
+    println!("| model | logits rel. err. prompt / decode / pp{PP} | greedy ids equal | tg{TG} tok/s | pp{PP} tok/s | decode bandwidth |");
     println!("|---|---|---|---|---|---|");
     let mut failed = false;
     for r in &reports {
@@ -252,11 +263,12 @@ fn main() -> Result<()> {
             Some(e) => format!("{} (no graphs: {})", r.tg, e),
             None => r.tg.to_string(),
         };
+        let pp_err = r.pp_err.map(|e| format!("{e:.1e}")).unwrap_or_else(|| "-".into());
         println!(
-            "| {} | {:.1e} / {:.1e} | {}/{} | {} | {} | {} |",
-            r.model, r.prefill_err, r.decode_err, r.same_tokens, r.steps, tg_text, r.pp, bw_text
+            "| {} | {:.1e} / {:.1e} / {} | {}/{} | {} | {} | {} |",
+            r.model, r.prefill_err, r.decode_err, pp_err, r.same_tokens, r.steps, tg_text, r.pp, bw_text
         );
-        failed |= r.prefill_err >= 1e-2 || r.decode_err >= 1e-2;
+        failed |= r.prefill_err >= 1e-2 || r.decode_err >= 1e-2 || r.pp_err.is_some_and(|e| e >= 1e-2);
         if r.model.starts_with("SmolLM2") {
             failed |= r.same_tokens != r.steps;
         }

@@ -15,8 +15,7 @@ use computepool_axl::frame::{
     ActivationsRef, DType as WireDType, ErrorCode, Frame, FrameLimits, RequestId, TokenHeader, split_activations,
 };
 use computepool_engine::backend::cpu::CpuBackend;
-use computepool_engine::kv_cache::KvCache;
-use computepool_engine::model::{Shard, StepInput, StepItem, StepOutput};
+use computepool_engine::model::{DeviceCache, DeviceShard, DeviceStepItem, StepInput, StepOutput};
 use computepool_engine::sampling::{Sampler, SamplingParams};
 use tokio::sync::mpsc;
 
@@ -55,7 +54,7 @@ impl StepData {
 }
 
 struct RequestState {
-    cache: KvCache,
+    cache: DeviceCache,
     /// Only on the exit shard.
     sampler: Option<Sampler>,
     last_used: Instant,
@@ -70,7 +69,7 @@ pub struct EngineLoopConfig {
 }
 
 /// Runs until the job channel closes. Every frame it produces goes to `out`, in order.
-pub fn run(shard: Shard, mut jobs: mpsc::Receiver<EngineJob>, out: mpsc::Sender<Outbound>, config: EngineLoopConfig) {
+pub fn run(shard: DeviceShard, mut jobs: mpsc::Receiver<EngineJob>, out: mpsc::Sender<Outbound>, config: EngineLoopConfig) {
     let mut state = EngineState { shard, requests: HashMap::new(), out, config, last_sweep: Instant::now() };
     let max_batch = CpuBackend::BF16_EXACT_MAX_ROWS;
     loop {
@@ -79,7 +78,7 @@ pub fn run(shard: Shard, mut jobs: mpsc::Receiver<EngineJob>, out: mpsc::Sender<
             Err(mpsc::error::TryRecvError::Empty) => {
                 // Nothing queued: the next job needs a round trip through the other shards. Let this
                 // backend's threads sleep meanwhile, so the shards sharing our cores get them.
-                state.shard.backend().release_idle_threads();
+                state.shard.idle();
                 match jobs.blocking_recv() {
                     Some(job) => job,
                     None => break,
@@ -154,7 +153,7 @@ const COALESCE_GAP: Duration = Duration::from_micros(100);
 const COALESCE_MAX: Duration = Duration::from_millis(1);
 
 struct EngineState {
-    shard: Shard,
+    shard: DeviceShard,
     requests: HashMap<RequestId, RequestState>,
     out: mpsc::Sender<Outbound>,
     config: EngineLoopConfig,
@@ -230,7 +229,7 @@ impl EngineState {
         let outputs = {
             let mut caches: HashMap<&RequestId, &mut RequestState> =
                 self.requests.iter_mut().filter(|(id, _)| ready.iter().any(|(r, _)| r == *id)).collect();
-            let mut items: Vec<StepItem<'_>> = Vec::with_capacity(ready.len());
+            let mut items: Vec<DeviceStepItem<'_>> = Vec::with_capacity(ready.len());
             for (request, input) in &ready {
                 let st = caches.remove(request).expect("each request steps once per batch and was checked above");
                 st.last_used = now;
@@ -238,7 +237,7 @@ impl EngineState {
                     StepData::Tokens(t) => StepInput::Tokens(t),
                     StepData::Hidden(h) => StepInput::Hidden(h),
                 };
-                items.push(StepItem { input, cache: &mut st.cache });
+                items.push(DeviceStepItem { input, cache: &mut st.cache });
             }
             self.shard.forward_batch(&mut items)
         };
@@ -309,7 +308,7 @@ impl EngineState {
 
 /// Hands the shard to a new compute thread; returns the job sender.
 pub fn spawn(
-    shard: Shard,
+    shard: DeviceShard,
     out: mpsc::Sender<Outbound>,
     config: EngineLoopConfig,
 ) -> (mpsc::Sender<EngineJob>, std::thread::JoinHandle<()>) {

@@ -39,7 +39,7 @@ use computepool_axl::transport::{
 };
 use computepool_engine::DType;
 use computepool_engine::backend::cpu::CpuBackend;
-use computepool_engine::model::{LoadOptions, Shard};
+use computepool_engine::model::{Device, DeviceShard, LoadOptions};
 use computepool_engine::sampling::SamplingParams;
 use computepool_engine::shard::LayerRange;
 use computepool_engine::tokenizer::Tokenizer;
@@ -74,6 +74,10 @@ pub struct WorkerArgs {
     /// Compute threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Where the shard computes: `cpu`, or `cuda` / `cuda:N` (bf16 weights on GPU N). One pipeline may mix
+    /// CPU and CUDA workers.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// A neighbour silent for this long is gone, in ms.
     #[arg(long, default_value_t = 1000)]
     pub peer_timeout_ms: u64,
@@ -102,6 +106,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         bail!("a pipeline needs at least 2 shards; run `computepool generate` for the whole model in one process");
     }
     let dtype: DType = args.dtype.parse()?;
+    let device: Device = args.device.parse()?;
     let threads = args.threads.unwrap_or_else(crate::generate::default_threads);
     let backend = Arc::new(CpuBackend::new(threads));
     let config = computepool_engine::config::ModelConfig::from_dir(&args.model)?;
@@ -109,8 +114,9 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         bail!("the model has {} layers, the topology {}", config.num_layers, topology.num_layers);
     }
     let range = LayerRange::new(layers.start as usize, layers.end as usize, config.num_layers)?;
-    let shard = Shard::load(&args.model, &LoadOptions { dtype, range: Some(range), progress: false }, backend)
-        .with_context(|| format!("loading layers {layers} of {}", args.model.display()))?;
+    let shard = DeviceShard::load(&args.model, &LoadOptions { dtype, range: Some(range), progress: false }, device, backend)
+        .with_context(|| format!("loading layers {layers} of {} on {device}", args.model.display()))?;
+    tracing::info!(layers = %layers, device = %shard.device_name(), "shard loaded");
     let tokenizer = if me == 0 { Some(Arc::new(Tokenizer::from_dir(&args.model)?)) } else { None };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -141,7 +147,7 @@ async fn serve(
     topology: Topology,
     key: iroh::SecretKey,
     me: usize,
-    shard: Shard,
+    shard: DeviceShard,
     tokenizer: Option<Arc<Tokenizer>>,
 ) -> anyhow::Result<()> {
     let mut tconfig = TransportConfig::new(key);

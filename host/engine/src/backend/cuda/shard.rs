@@ -5,11 +5,14 @@
 //! → o product added into the residual → RMSNorm → fused gate/up product → SiLU·up → down product added
 //! into the residual; then (exit) the final norm and lm_head on each request's last row.
 //!
-//! Products of up to [`MATVEC_MAX_ROWS`] rows (decode) run in `matvec_bf16` with f32 activations; larger
-//! ones (prefill) round activations to bf16 and run in cuBLAS with f32 accumulation. A decode step (every
-//! request one new row, at most `MATVEC_MAX_ROWS` requests) is captured once per batch size into a CUDA
-//! graph and replayed: everything a step changes (token ids, hidden rows, cache pointers and positions)
-//! lives in fixed device buffers that are filled before the replay.
+//! Products of up to [`EXACT_MAX_ROWS`] rows (decode, short prompts) run in `matvec_bf16` with f32
+//! activations, [`MATVEC_MAX_ROWS`] rows per launch, so every row is the same f32 dot product whatever
+//! the batch; larger ones (prefill) round activations to bf16 and run in cuBLAS with f32 accumulation.
+//! The CPU backend draws the same line at the same row count ([`CpuBackend::BF16_EXACT_MAX_ROWS`]), so
+//! both backends are exact, or both round, for a given step. A decode step (every request one new row, at
+//! most `EXACT_MAX_ROWS` requests) is captured once per batch size into a CUDA graph and replayed:
+//! everything a step changes (token ids, hidden rows, cache pointers and positions) lives in fixed device
+//! buffers that are filled before the replay.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -27,8 +30,12 @@ use crate::model::{LoadOptions, Shard, StepInput, StepOutput};
 use crate::shard::LayerRange;
 use crate::tensor::{DType, Weight, WeightData};
 
-/// The most rows a product runs through the mat-vec kernel (and the largest batch a decode graph holds).
+/// The most rows one launch of the mat-vec kernel multiplies (its largest template instance).
 pub const MATVEC_MAX_ROWS: usize = 8;
+/// The most rows a product takes through the mat-vec kernel with f32 activations (in launches of
+/// [`MATVEC_MAX_ROWS`]); also the largest decode batch a graph holds. Equal to the CPU backend's
+/// [`CpuBackend::BF16_EXACT_MAX_ROWS`].
+pub const EXACT_MAX_ROWS: usize = CpuBackend::BF16_EXACT_MAX_ROWS;
 /// The most requests one step may carry (the exit's logits buffers are sized for it).
 pub const MAX_REQUESTS_PER_STEP: usize = 64;
 
@@ -271,7 +278,7 @@ impl CudaShard {
             (None, _, _) => None,
         };
         let inv_freq = upload_vec(&host.inv_freq)?;
-        let small = Scratch::new(&dev, &cfg, MATVEC_MAX_ROWS, MATVEC_MAX_ROWS, host.range().is_exit())?;
+        let small = Scratch::new(&dev, &cfg, EXACT_MAX_ROWS, EXACT_MAX_ROWS, host.range().is_exit())?;
         // Graphs need every product on the mat-vec path (cuBLAS calls are not captured).
         let q_dim = cfg.num_heads * cfg.head_dim;
         let use_graphs = [cfg.hidden_size, q_dim, cfg.intermediate_size].iter().all(|k| k % 8 == 0)
@@ -415,7 +422,7 @@ impl CudaShard {
         }
 
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let decode_shaped = rows_of.iter().all(|&n| n == 1) && total <= MATVEC_MAX_ROWS;
+        let decode_shaped = rows_of.iter().all(|&n| n == 1) && total <= EXACT_MAX_ROWS;
         if total > state.small.rows && state.big.as_ref().is_none_or(|b| b.rows < total) {
             // Free the old one first: a big prefill scratch can be hundreds of MB.
             state.big = None;
@@ -571,7 +578,7 @@ impl CudaShard {
             unsafe { l.launch(per_row(rows, 256)) }.map_err(driver_err("kv_append_f32"))?;
             let mut l = st.launch_builder(&k.attention);
             l.arg(&qkv).arg(&descs).arg(&attn).arg(&layer).arg(&nh_i).arg(&nkv_i).arg(&hd_i).arg(&qkv_i).arg(&window).arg(&scale);
-            let cfg_att = LaunchConfig { grid_dim: (rows as u32, nh as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+            let cfg_att = LaunchConfig { grid_dim: (rows as u32, nh as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: attention_f32 with head_dim <= 256 (checked at load).
             unsafe { l.launch(cfg_att) }.map_err(driver_err("attention_f32"))?;
             self.matmul(s, attn, rows, &b.o, x, true)?;
@@ -652,12 +659,18 @@ impl CudaShard {
     fn matmul(&self, s: &Scratch, x: u64, rows: usize, w: &DevMatrix, y: u64, accumulate: bool) -> Result<()> {
         let dev = &*self.dev;
         let wp = ptr(&w.data, dev);
-        if rows <= MATVEC_MAX_ROWS && w.cols % 8 == 0 {
-            let (n, kk, b, acc) = (w.rows as i32, w.cols as i32, rows as i32, accumulate as i32);
-            let mut l = dev.stream.launch_builder(&dev.k.matvec);
-            l.arg(&wp).arg(&x).arg(&y).arg(&n).arg(&kk).arg(&b).arg(&acc);
-            // SAFETY: matvec_bf16(w [n, k], x [rows, k], y [rows, n], n, k, rows <= 8, accumulate), k % 8 == 0.
-            unsafe { l.launch(grid1(w.rows * 32, WARPS_PER_MATVEC_BLOCK * 32)) }.map_err(driver_err("matvec_bf16"))?;
+        if rows <= EXACT_MAX_ROWS && w.cols % 8 == 0 {
+            let (n, kk, acc) = (w.rows as i32, w.cols as i32, accumulate as i32);
+            for first in (0..rows).step_by(MATVEC_MAX_ROWS) {
+                let b = (rows - first).min(MATVEC_MAX_ROWS) as i32;
+                let xs = x + (first * w.cols * 4) as u64;
+                let ys = y + (first * w.rows * 4) as u64;
+                let mut l = dev.stream.launch_builder(&dev.k.matvec);
+                l.arg(&wp).arg(&xs).arg(&ys).arg(&n).arg(&kk).arg(&b).arg(&acc);
+                // SAFETY: matvec_bf16(w [n, k], x [b, k], y [b, n], n, k, b <= 8, accumulate), k % 8 == 0;
+                // rows first..first + b of x and y lie inside their buffers.
+                unsafe { l.launch(grid1(w.rows * 32, WARPS_PER_MATVEC_BLOCK * 32)) }.map_err(driver_err("matvec_bf16"))?;
+            }
             return Ok(());
         }
         let xb = ptr(&s.xb, dev);

@@ -1,0 +1,194 @@
+//! A shard on whichever backend runs it — what a worker holds. CPU and CUDA shards take the same inputs
+//! and give the same outputs (host f32 hidden rows, logits), so a pipeline may mix them freely.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::{CudaDevice, CudaKvCache, CudaShard, CudaStepItem};
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+use crate::kv_cache::KvCache;
+use crate::model::{LoadOptions, Shard, StepInput, StepItem, StepOutput};
+use crate::shard::LayerRange;
+
+/// Where a shard computes: `cpu`, or `cuda` / `cuda:N` (GPU ordinal N, default 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for Device {
+    type Err = EngineError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" | "gpu" => Ok(Device::Cuda(0)),
+            other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(Device::Cuda(n)),
+                _ => Err(EngineError::Invalid(format!("device {s:?}: expected cpu, cuda or cuda:N"))),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// A loaded layer range on the CPU or a GPU.
+#[derive(Debug)]
+pub enum DeviceShard {
+    Cpu(Shard),
+    Cuda(CudaShard),
+}
+
+/// One request's KV cache, on the same backend as its shard.
+#[derive(Debug)]
+pub enum DeviceCache {
+    Cpu(KvCache),
+    Cuda(CudaKvCache),
+}
+
+/// One request's part of a batched step on a [`DeviceShard`].
+#[derive(Debug)]
+pub struct DeviceStepItem<'a> {
+    pub input: StepInput<'a>,
+    pub cache: &'a mut DeviceCache,
+}
+
+impl DeviceShard {
+    /// Loads a layer range onto `device`. `cpu` is the CPU backend (its threads are the shard's); for
+    /// CUDA the weights pass through host memory once and the CPU backend is not kept.
+    pub fn load(dir: &Path, options: &LoadOptions, device: Device, cpu: Arc<CpuBackend>) -> Result<Self> {
+        match device {
+            Device::Cpu => Ok(DeviceShard::Cpu(Shard::load(dir, options, cpu)?)),
+            Device::Cuda(ordinal) => {
+                let dev = CudaDevice::new(ordinal)?;
+                let host = Shard::load(dir, options, Arc::new(CpuBackend::new(1)))?;
+                Ok(DeviceShard::Cuda(CudaShard::from_shard(&host, dev)?))
+            }
+        }
+    }
+
+    /// What the shard runs on, for logs and registration (`cpu (8 threads)`, `NVIDIA H100 …`).
+    pub fn device_name(&self) -> String {
+        match self {
+            DeviceShard::Cpu(s) => format!("cpu ({} threads)", s.backend().threads()),
+            DeviceShard::Cuda(s) => s.device().name().to_string(),
+        }
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        match self {
+            DeviceShard::Cpu(s) => s.config(),
+            DeviceShard::Cuda(s) => s.config(),
+        }
+    }
+
+    pub fn range(&self) -> LayerRange {
+        match self {
+            DeviceShard::Cpu(s) => s.range(),
+            DeviceShard::Cuda(s) => s.range(),
+        }
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        match self {
+            DeviceShard::Cpu(s) => s.weight_bytes(),
+            DeviceShard::Cuda(s) => s.weight_bytes(),
+        }
+    }
+
+    pub fn bytes_read_per_token(&self) -> usize {
+        match self {
+            DeviceShard::Cpu(s) => s.bytes_read_per_token(),
+            DeviceShard::Cuda(s) => s.bytes_read_per_token(),
+        }
+    }
+
+    // Without the `cuda` feature the CUDA arm cannot be reached (CudaShard has no values).
+    #[allow(unreachable_code)]
+    pub fn new_cache(&self) -> DeviceCache {
+        match self {
+            DeviceShard::Cpu(s) => DeviceCache::Cpu(s.new_cache()),
+            DeviceShard::Cuda(s) => DeviceCache::Cuda(s.new_cache()),
+        }
+    }
+
+    /// Between steps: lets an idle CPU backend's threads sleep (nothing to do on a GPU).
+    pub fn idle(&self) {
+        if let DeviceShard::Cpu(s) = self {
+            s.backend().release_idle_threads();
+        }
+    }
+
+    /// One batched step; see [`Shard::forward_batch`]. Every cache must belong to this shard's backend.
+    pub fn forward_batch(&self, items: &mut [DeviceStepItem<'_>]) -> Result<Vec<StepOutput>> {
+        let foreign = || EngineError::Invalid("a KV cache of another backend was passed to this shard".into());
+        match self {
+            DeviceShard::Cpu(s) => {
+                let mut cpu_items = Vec::with_capacity(items.len());
+                for it in items.iter_mut() {
+                    let DeviceCache::Cpu(cache) = &mut *it.cache else { return Err(foreign()) };
+                    cpu_items.push(StepItem { input: it.input, cache });
+                }
+                s.forward_batch(&mut cpu_items)
+            }
+            DeviceShard::Cuda(s) => {
+                let mut cuda_items = Vec::with_capacity(items.len());
+                for it in items.iter_mut() {
+                    let DeviceCache::Cuda(cache) = &mut *it.cache else { return Err(foreign()) };
+                    cuda_items.push(CudaStepItem { input: it.input, cache });
+                }
+                s.forward_batch(&mut cuda_items)
+            }
+        }
+    }
+}
+
+impl DeviceCache {
+    /// Positions cached so far.
+    pub fn len(&self) -> usize {
+        match self {
+            DeviceCache::Cpu(c) => c.len(),
+            DeviceCache::Cuda(c) => c.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes held, host or device.
+    pub fn size_in_bytes(&self) -> usize {
+        match self {
+            DeviceCache::Cpu(c) => c.size_in_bytes(),
+            DeviceCache::Cuda(c) => c.size_in_bytes(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_parse_and_print() {
+        assert_eq!("cpu".parse::<Device>().unwrap(), Device::Cpu);
+        assert_eq!("CUDA".parse::<Device>().unwrap(), Device::Cuda(0));
+        assert_eq!("cuda:3".parse::<Device>().unwrap(), Device::Cuda(3));
+        assert_eq!(Device::Cuda(1).to_string(), "cuda:1");
+        for bad in ["tpu", "cuda:", "cuda:x", ""] {
+            assert!(bad.parse::<Device>().is_err(), "{bad:?}");
+        }
+    }
+}
