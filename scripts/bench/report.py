@@ -2,6 +2,8 @@
 """Renders docs/BENCHMARKS.md from one run: anchors.json (scripts/bench/anchors.sh) and our engine's
 `computepool bench --json` lines. Every figure printed here is read from those two files."""
 import argparse
+import glob
+import os
 import json
 
 
@@ -98,6 +100,19 @@ def main():
         r = anchors["roofline"].get(w)
         if r:
             p(f"| {w} | {r['bytes_per_token']:,} | {r['tg_ts_range'][0]:.0f}–{r['tg_ts_range'][1]:.0f} |")
+    gpu_runs = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../docs/gpu/*.md")))
+    if gpu_runs:
+        # GPU runs are not part of this script (it runs on the CPU machine): each is the output of
+        # scripts/gpu-check.sh on a lent GPU, kept in docs/gpu/ and shown here as it was recorded.
+        p("")
+        p("## CUDA backend on a GPU")
+        p("")
+        p("From `scripts/gpu-check.sh` on a GPU (not reproduced by this script; each run is kept in docs/gpu/).")
+        for path in gpu_runs:
+            text = open(path).read().strip().splitlines()
+            p("")
+            p("### " + text[0].lstrip("# "))
+            p("\n".join(text[1:]).strip())
     p("")
     p("## Reproduce")
     p("")
