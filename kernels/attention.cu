@@ -1,24 +1,8 @@
 // Attention over the KV cache, for decode and for causal prefill alike: every row attends to the keys at
 // positions [max(0, pos + 1 - window), pos] of its own request's cache, so a prefill step's rows (which
 // share one cache, at consecutive positions) are causal by construction, and a decode batch may mix
-// requests. Grouped-query attention: query head h reads kv head h / (n_heads / n_kv).
-
-// Copies each row's new key and value (the k and v parts of the fused qkv row) into its cache at the
-// row's position. Grid: one block per row. Runs before attention_f32 in the same stream.
-extern "C" __global__ void kv_append_f32(const float* __restrict__ qkv, const RowDesc* __restrict__ rows, int layer,
-                                         int n_heads, int n_kv, int head_dim, int qkv_stride) {
-    const RowDesc d = rows[blockIdx.x];
-    float* keys = layer_keys(d, layer, n_kv, head_dim);
-    float* values = keys + (size_t)n_kv * d.cap * head_dim;
-    const float* k = qkv + (size_t)blockIdx.x * qkv_stride + n_heads * head_dim;
-    const float* v = k + n_kv * head_dim;
-    for (int t = threadIdx.x; t < n_kv * head_dim; t += blockDim.x) {
-        const int h = t / head_dim, i = t - h * head_dim;
-        const size_t dst = ((size_t)h * d.cap + d.pos) * head_dim + i;
-        keys[dst] = k[t];
-        values[dst] = v[t];
-    }
-}
+// requests. Grouped-query attention: query head h reads kv head h / (n_heads / n_kv). The step's keys and
+// values are already in the cache (rope_kv_append_f32 runs first in the same stream).
 
 #define ATT_THREADS 256
 #define ATT_TILE 256

@@ -36,9 +36,9 @@ macro_rules! kernel_file {
 pub const KERNEL_FILES: &[KernelFile] = &[
     kernel_file!("embedding.cu", ["embedding_bf16"]),
     kernel_file!("rms_norm.cu", ["rms_norm_f32"]),
-    kernel_file!("rope.cu", ["rope_f32"]),
-    kernel_file!("attention.cu", ["kv_append_f32", "attention_f32"]),
-    kernel_file!("matvec.cu", ["matvec_bf16"]),
+    kernel_file!("rope.cu", ["rope_kv_append_f32"]),
+    kernel_file!("attention.cu", ["attention_f32"]),
+    kernel_file!("matvec.cu", ["matvec_bf16", "matvec_swiglu_bf16"]),
     kernel_file!("mlp.cu", ["silu_mul_f32"]),
     kernel_file!("elementwise.cu", ["add_bias_f32", "f32_to_bf16"]),
     kernel_file!("sampling.cu", ["argmax_f32", "topk_f32"]),

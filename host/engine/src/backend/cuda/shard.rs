@@ -546,7 +546,6 @@ impl CudaShard {
             (ptr(&s.x, dev), ptr(&s.normed, dev), ptr(&s.qkv, dev), ptr(&s.attn, dev), ptr(&s.gate_up, dev), ptr(&s.act, dev));
         let descs = ptr(&s.descs, dev);
         let h_i = h as i32;
-        let norm_block = 256.min(h.next_multiple_of(32)).max(32);
 
         if let Some(embed) = &self.embed {
             let (table, tokens) = (ptr(&embed.data, dev), ptr(&s.tokens, dev));
@@ -557,46 +556,45 @@ impl CudaShard {
         }
 
         let (nh_i, nkv_i, hd_i, qkv_i) = (nh as i32, nkv as i32, hd as i32, qkv_dim as i32);
-        let rope_heads = (nh + nkv) as i32;
         let window = cfg.sliding_window.map(|w| w.max(1) as i32).unwrap_or(0);
         let scale = 1.0 / (hd as f32).sqrt();
         let inv_freq = ptr(&self.inv_freq, dev);
         for (li, b) in self.blocks.iter().enumerate() {
             let layer = li as i32;
-            self.rms_norm(x, &b.input_norm, normed, rows, norm_block)?;
-            self.matmul(s, normed, rows, &b.qkv, qkv, false)?;
+            self.matmul(s, x, rows, &b.qkv, qkv, false, Some(Norm { weight: &b.input_norm, scratch: normed }))?;
             if let Some(bias) = &b.qkv_bias {
                 self.add_bias(qkv, bias, rows, qkv_dim)?;
             }
-            let mut l = st.launch_builder(&k.rope);
-            l.arg(&qkv).arg(&descs).arg(&inv_freq).arg(&rope_heads).arg(&hd_i).arg(&qkv_i);
-            // SAFETY: rope_f32(x, rows, inv_freq, heads, head_dim, row_stride) over the q and k heads.
-            unsafe { l.launch(per_row(rows, 256)) }.map_err(driver_err("rope_f32"))?;
-            let mut l = st.launch_builder(&k.kv_append);
-            l.arg(&qkv).arg(&descs).arg(&layer).arg(&nh_i).arg(&nkv_i).arg(&hd_i).arg(&qkv_i);
-            // SAFETY: kv_append_f32; every row's position is below its cache's capacity (reserved).
-            unsafe { l.launch(per_row(rows, 256)) }.map_err(driver_err("kv_append_f32"))?;
+            let mut l = st.launch_builder(&k.rope_kv_append);
+            l.arg(&qkv).arg(&descs).arg(&inv_freq).arg(&layer).arg(&nh_i).arg(&nkv_i).arg(&hd_i).arg(&qkv_i);
+            // SAFETY: rope_kv_append_f32 over the q and k heads; every row's position is below its
+            // cache's capacity (reserved before the step).
+            unsafe { l.launch(per_row(rows, 256)) }.map_err(driver_err("rope_kv_append_f32"))?;
             let mut l = st.launch_builder(&k.attention);
             l.arg(&qkv).arg(&descs).arg(&attn).arg(&layer).arg(&nh_i).arg(&nkv_i).arg(&hd_i).arg(&qkv_i).arg(&window).arg(&scale);
             let cfg_att = LaunchConfig { grid_dim: (rows as u32, nh as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: attention_f32 with head_dim <= 256 (checked at load).
             unsafe { l.launch(cfg_att) }.map_err(driver_err("attention_f32"))?;
-            self.matmul(s, attn, rows, &b.o, x, true)?;
+            self.matmul(s, attn, rows, &b.o, x, true, None)?;
             if let Some(bias) = &b.o_bias {
                 self.add_bias(x, bias, rows, h)?;
             }
 
-            self.rms_norm(x, &b.post_norm, normed, rows, norm_block)?;
-            self.matmul(s, normed, rows, &b.gate_up, gate_up, false)?;
-            if let Some(bias) = &b.gate_up_bias {
-                self.add_bias(gate_up, bias, rows, 2 * ffn)?;
+            if b.gate_up_bias.is_none() && rows <= EXACT_MAX_ROWS && h % 8 == 0 {
+                self.swiglu(x, rows, &b.gate_up, act, &b.post_norm)?;
+            } else {
+                self.rms_norm(x, &b.post_norm, normed, rows)?;
+                self.matmul(s, normed, rows, &b.gate_up, gate_up, false, None)?;
+                if let Some(bias) = &b.gate_up_bias {
+                    self.add_bias(gate_up, bias, rows, 2 * ffn)?;
+                }
+                let (rows_i, ffn_i) = (rows as i32, ffn as i32);
+                let mut l = st.launch_builder(&k.silu_mul);
+                l.arg(&gate_up).arg(&act).arg(&rows_i).arg(&ffn_i);
+                // SAFETY: silu_mul_f32(gate_up [rows, 2 ffn], out [rows, ffn], rows, ffn).
+                unsafe { l.launch(grid1(rows * ffn, 256)) }.map_err(driver_err("silu_mul_f32"))?;
             }
-            let (rows_i, ffn_i) = (rows as i32, ffn as i32);
-            let mut l = st.launch_builder(&k.silu_mul);
-            l.arg(&gate_up).arg(&act).arg(&rows_i).arg(&ffn_i);
-            // SAFETY: silu_mul_f32(gate_up [rows, 2 ffn], out [rows, ffn], rows, ffn).
-            unsafe { l.launch(grid1(rows * ffn, 256)) }.map_err(driver_err("silu_mul_f32"))?;
-            self.matmul(s, act, rows, &b.down, x, true)?;
+            self.matmul(s, act, rows, &b.down, x, true, None)?;
             if let Some(bias) = &b.down_bias {
                 self.add_bias(x, bias, rows, h)?;
             }
@@ -624,9 +622,8 @@ impl CudaShard {
             }
         };
         let last_normed = ptr(&s.last_normed, dev);
-        self.rms_norm(head_in, norm, last_normed, head_rows, norm_block)?;
         let logits = ptr(&s.logits, dev);
-        self.matmul(s, last_normed, head_rows, lm_head, logits, false)?;
+        self.matmul(s, head_in, head_rows, lm_head, logits, false, Some(Norm { weight: norm, scratch: last_normed }))?;
         let (ids, vocab) = (ptr(&s.ids, dev), cfg.vocab_size as i32);
         let mut l = st.launch_builder(&k.argmax);
         l.arg(&logits).arg(&vocab).arg(&ids);
@@ -635,8 +632,9 @@ impl CudaShard {
         Ok(())
     }
 
-    fn rms_norm(&self, x: u64, weight: &CudaSlice<f32>, out: u64, rows: usize, block: usize) -> Result<()> {
+    fn rms_norm(&self, x: u64, weight: &CudaSlice<f32>, out: u64, rows: usize) -> Result<()> {
         let dev = &*self.dev;
+        let block = 256.min(self.cfg.hidden_size.next_multiple_of(32)).max(32);
         let (w, h, eps) = (ptr(weight, dev), self.cfg.hidden_size as i32, self.cfg.rms_norm_eps);
         let mut l = dev.stream.launch_builder(&dev.k.rms_norm);
         l.arg(&x).arg(&w).arg(&out).arg(&h).arg(&eps);
@@ -655,24 +653,55 @@ impl CudaShard {
         Ok(())
     }
 
-    /// y[rows, w.rows] (+)= x[rows, w.cols] · wᵀ.
-    fn matmul(&self, s: &Scratch, x: u64, rows: usize, w: &DevMatrix, y: u64, accumulate: bool) -> Result<()> {
+    /// act[rows, ffn] = silu(x · gateᵀ) · (x · upᵀ) with `gate_up` the stacked [2 ffn, hidden] matrix, in
+    /// launches of [`MATVEC_MAX_ROWS`] rows (rows <= [`EXACT_MAX_ROWS`], hidden % 8 == 0).
+    /// The RMSNorm before it is fused in (`norm` weights, the model's eps).
+    fn swiglu(&self, x: u64, rows: usize, gate_up: &DevMatrix, act: u64, norm: &CudaSlice<f32>) -> Result<()> {
+        let dev = &*self.dev;
+        let ffn = gate_up.rows / 2;
+        let (wp, ffn_i, kk) = (ptr(&gate_up.data, dev), ffn as i32, gate_up.cols as i32);
+        let (np, eps) = (ptr(norm, dev), self.cfg.rms_norm_eps);
+        for first in (0..rows).step_by(MATVEC_MAX_ROWS) {
+            let b = (rows - first).min(MATVEC_MAX_ROWS) as i32;
+            let xs = x + (first * gate_up.cols * 4) as u64;
+            let ys = act + (first * ffn * 4) as u64;
+            let mut l = dev.stream.launch_builder(&dev.k.matvec_swiglu);
+            l.arg(&wp).arg(&xs).arg(&ys).arg(&ffn_i).arg(&kk).arg(&b).arg(&np).arg(&eps);
+            // SAFETY: matvec_swiglu_bf16(w [2 ffn, k], x [b, k], act [b, ffn], ffn, k, b <= 8, norm [k],
+            // eps), k % 8 == 0.
+            unsafe { l.launch(grid1(ffn * 32, WARPS_PER_MATVEC_BLOCK * 32)) }.map_err(driver_err("matvec_swiglu_bf16"))?;
+        }
+        Ok(())
+    }
+
+    /// y[rows, w.rows] (+)= x'[rows, w.cols] · wᵀ, where x' is x, or RMSNorm(x) · norm with `norm` (fused
+    /// into the mat-vec kernel; a separate pass into `norm.scratch` before a cuBLAS product).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(&self, s: &Scratch, x: u64, rows: usize, w: &DevMatrix, y: u64, accumulate: bool, norm: Option<Norm<'_>>) -> Result<()> {
         let dev = &*self.dev;
         let wp = ptr(&w.data, dev);
         if rows <= EXACT_MAX_ROWS && w.cols % 8 == 0 {
             let (n, kk, acc) = (w.rows as i32, w.cols as i32, accumulate as i32);
+            let (np, eps) = (norm.map_or(0, |n| ptr(n.weight, dev)), self.cfg.rms_norm_eps);
             for first in (0..rows).step_by(MATVEC_MAX_ROWS) {
                 let b = (rows - first).min(MATVEC_MAX_ROWS) as i32;
                 let xs = x + (first * w.cols * 4) as u64;
                 let ys = y + (first * w.rows * 4) as u64;
                 let mut l = dev.stream.launch_builder(&dev.k.matvec);
-                l.arg(&wp).arg(&xs).arg(&ys).arg(&n).arg(&kk).arg(&b).arg(&acc);
-                // SAFETY: matvec_bf16(w [n, k], x [b, k], y [b, n], n, k, b <= 8, accumulate), k % 8 == 0;
-                // rows first..first + b of x and y lie inside their buffers.
+                l.arg(&wp).arg(&xs).arg(&ys).arg(&n).arg(&kk).arg(&b).arg(&acc).arg(&np).arg(&eps);
+                // SAFETY: matvec_bf16(w [n, k], x [b, k], y [b, n], n, k, b <= 8, accumulate, norm [k] or
+                // null, eps), k % 8 == 0; rows first..first + b of x and y lie inside their buffers.
                 unsafe { l.launch(grid1(w.rows * 32, WARPS_PER_MATVEC_BLOCK * 32)) }.map_err(driver_err("matvec_bf16"))?;
             }
             return Ok(());
         }
+        let x = match norm {
+            Some(n) => {
+                self.rms_norm(x, n.weight, n.scratch, rows)?;
+                n.scratch
+            }
+            None => x,
+        };
         let xb = ptr(&s.xb, dev);
         let count = (rows * w.cols) as i32;
         let mut l = dev.stream.launch_builder(&dev.k.to_bf16);
@@ -707,6 +736,14 @@ impl CudaShard {
         };
         status.map_err(|e| EngineError::Cuda(format!("cuBLAS GemmEx [{rows}x{}]·[{}x{}]ᵀ: {e:?}", w.cols, w.rows, w.cols)))
     }
+}
+
+/// An RMSNorm to apply to a product's input: its weights, and where the normed rows go when the product
+/// cannot take the norm fused (cuBLAS).
+#[derive(Clone, Copy)]
+struct Norm<'a> {
+    weight: &'a CudaSlice<f32>,
+    scratch: u64,
 }
 
 enum StepResult {
