@@ -67,6 +67,21 @@ impl Tokenizer {
             .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))?;
         let tc = read_json(&dir.join("tokenizer_config.json"))?;
         let gc = read_json(&dir.join("generation_config.json"))?;
+        Ok(Self::assemble(inner, tc, gc))
+    }
+
+    /// The same from the files' contents (a GGUF file's tokenizer, rebuilt from its metadata).
+    pub fn from_parts(
+        tokenizer_json: &str,
+        tokenizer_config: Option<serde_json::Value>,
+        generation_config: Option<serde_json::Value>,
+    ) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_bytes(tokenizer_json.as_bytes())
+            .map_err(|e| EngineError::Tokenizer(format!("tokenizer.json: {e}")))?;
+        Ok(Self::assemble(inner, tokenizer_config, generation_config))
+    }
+
+    fn assemble(inner: tokenizers::Tokenizer, tc: Option<serde_json::Value>, gc: Option<serde_json::Value>) -> Self {
         let chat_template = tc.as_ref().and_then(|c| match c.get("chat_template") {
             Some(serde_json::Value::String(s)) => Some(s.clone()),
             // A list of named templates: take "default".
@@ -91,7 +106,7 @@ impl Tokenizer {
         {
             eos_ids.push(id);
         }
-        Ok(Self { inner, chat_template, bos_token, eos_token, eos_ids })
+        Self { inner, chat_template, bos_token, eos_token, eos_ids }
     }
 
     /// Token ids of `text`. `add_special_tokens` adds what the tokenizer's post-processor adds (a BOS for

@@ -12,6 +12,29 @@ use safetensors::{Dtype as StDtype, SafeTensors};
 use crate::error::{EngineError, Result};
 use crate::tensor::{DType, Weight, WeightData};
 
+/// Where a shard's tensors come from, by HF name: safetensors files ([`WeightFiles`]) or a GGUF file
+/// read natively ([`crate::gguf::GgufWeights`]).
+pub trait WeightSource {
+    fn contains(&self, name: &str) -> bool;
+    /// A 2-D tensor; `expect` is the `[rows, cols]` shape the config implies. Floating-point tensors come
+    /// in `dtype`; a source may keep quantized tensors quantized.
+    fn matrix(&self, name: &str, expect: [usize; 2], dtype: DType) -> Result<Weight>;
+    /// A 1-D tensor (norm weights, biases) in f32.
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>>;
+}
+
+impl WeightSource for WeightFiles {
+    fn contains(&self, name: &str) -> bool {
+        WeightFiles::contains(self, name)
+    }
+    fn matrix(&self, name: &str, expect: [usize; 2], dtype: DType) -> Result<Weight> {
+        WeightFiles::matrix(self, name, expect, dtype)
+    }
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        WeightFiles::vector(self, name, len)
+    }
+}
+
 /// The safetensors files of one model directory (`model.safetensors`, or the shards listed in
 /// `model.safetensors.index.json`), each memory-mapped and its header validated.
 pub struct WeightFiles {

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use clap::Args;
 use computepool_engine::backend::cpu::CpuBackend;
-use computepool_engine::model::{LoadOptions, Shard, StepInput, StepItem};
+use computepool_engine::model::{LoadOptions, ModelSource, StepInput, StepItem};
 use computepool_engine::sampling::Rng;
 use computepool_engine::DType;
 use serde::Serialize;
@@ -92,7 +92,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     for dtype in args.dtype.split(',') {
         let dtype: DType = dtype.trim().parse()?;
-        let shard = Shard::load(&args.model, &LoadOptions { dtype, range: None, progress: !args.json }, backend.clone())?;
+        let shard = ModelSource::from_path(&args.model)?.load_shard(&LoadOptions { dtype, range: None, progress: !args.json }, backend.clone())?;
         let vocab = shard.config().vocab_size;
         let mut rng = Rng::new(1234);
         let mut tests: Vec<(String, usize, Vec<f64>)> = Vec::new();
@@ -186,7 +186,7 @@ fn run_sharded(args: BenchArgs) -> anyhow::Result<()> {
     let shards = args.shards.expect("checked by the caller");
     let threads = args.threads.unwrap_or_else(crate::generate::default_threads);
     let model_name = args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let config = computepool_engine::config::ModelConfig::from_dir(&args.model)?;
+    let config = ModelSource::from_path(&args.model)?.config()?;
     if !args.json {
         println!("| model | dtype | test | threads/worker | batch | t/s (median) | min–max |");
         println!("|---|---|---|---|---|---|---|");

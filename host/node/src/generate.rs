@@ -9,9 +9,9 @@ use anyhow::Context;
 use clap::Args;
 use computepool_engine::backend::cpu::CpuBackend;
 use computepool_engine::generate::{self, GenerateRequest};
-use computepool_engine::model::{LoadOptions, Shard};
+use computepool_engine::model::{LoadOptions, ModelSource};
 use computepool_engine::sampling::SamplingParams;
-use computepool_engine::tokenizer::{ChatMessage, Tokenizer};
+use computepool_engine::tokenizer::ChatMessage;
 use computepool_axl::transport::{Topology, read_secret_key};
 use computepool_engine::DType;
 use std::time::Duration;
@@ -93,8 +93,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let dtype: DType = args.dtype.parse()?;
     let model = args.model.clone().context("--model is required")?;
     let backend = Arc::new(CpuBackend::new(args.threads.unwrap_or_else(default_threads)));
-    let tokenizer = Tokenizer::from_dir(&model)?;
-    let shard = Shard::load(&model, &LoadOptions { dtype, range: None, progress: true }, backend)
+    let source = ModelSource::from_path(&model)?;
+    let tokenizer = source.tokenizer()?;
+    let shard = source
+        .load_shard(&LoadOptions { dtype, range: None, progress: true }, backend)
         .with_context(|| format!("loading {}", model.display()))?;
     let prompt = if args.chat {
         let mut messages = Vec::new();

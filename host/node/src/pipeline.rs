@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use computepool_axl::transport::{Layers, SecretKey, ShardPeer, Topology, write_secret_key};
-use computepool_engine::config::ModelConfig;
 
 use crate::client::EntryClient;
 
@@ -78,7 +77,7 @@ impl LocalPipeline {
         if options.devices.len() > 1 && options.devices.len() != options.shards {
             bail!("{} devices given for {} shards: give one per shard, or one for all", options.devices.len(), options.shards);
         }
-        let config = ModelConfig::from_dir(&options.model)?;
+        let config = computepool_engine::model::ModelSource::from_path(&options.model)?.config()?;
         let ranges = even_split(config.num_layers as u32, options.shards)?;
         let dir = tempfile::Builder::new().prefix("computepool-pipeline-").tempdir()?;
         let keys: Vec<SecretKey> = (0..options.shards).map(|_| SecretKey::generate()).collect();

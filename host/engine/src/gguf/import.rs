@@ -157,7 +157,7 @@ impl LlamaParams {
 
 /// How a tensor's rows are reordered on the way out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum RowOrder {
+pub(crate) enum RowOrder {
     AsIs,
     /// Undo llama.cpp's rotary interleave over this many heads.
     UnpermuteHeads(usize),
@@ -165,11 +165,11 @@ enum RowOrder {
 
 /// One output tensor: where it comes from and how it is reshaped.
 #[derive(Debug, Clone)]
-struct PlannedTensor {
-    hf_name: String,
-    gguf_name: String,
-    hf_shape: Vec<usize>,
-    rows: RowOrder,
+pub(crate) struct PlannedTensor {
+    pub(crate) hf_name: String,
+    pub(crate) gguf_name: String,
+    pub(crate) hf_shape: Vec<usize>,
+    pub(crate) rows: RowOrder,
 }
 
 /// The GGUF name, expected ggml dims, HF name and row order of every tensor a llama model has.
@@ -233,7 +233,7 @@ fn expected_tensors(p: &LlamaParams, with_output: bool) -> Vec<(String, Vec<u64>
 
 /// Matches the file's tensors against what a llama model needs: every one present with the right
 /// dims and a type we can decode, nothing unexplained left over.
-fn plan(file: &GgufFile, p: &LlamaParams) -> Result<Vec<PlannedTensor>> {
+pub(crate) fn plan(file: &GgufFile, p: &LlamaParams) -> Result<Vec<PlannedTensor>> {
     let with_output = file.tensor("output.weight").is_some();
     let expected = expected_tensors(p, with_output);
     let mut planned = Vec::with_capacity(expected.len());
@@ -286,16 +286,22 @@ fn plan(file: &GgufFile, p: &LlamaParams) -> Result<Vec<PlannedTensor>> {
 /// Puts the rows of a `[n_heads · head_dim, cols]` matrix back in HF order: GGUF row
 /// `h·hd + 2i + j` is HF row `h·hd + j·hd/2 + i` (i < hd/2, j ∈ {0, 1}).
 pub fn unpermute_rows(values: &[f32], cols: usize, n_heads: usize) -> Vec<f32> {
-    let rows = values.len() / cols.max(1);
+    unpermute_row_bytes(values, cols, n_heads)
+}
+
+/// [`unpermute_rows`] for rows of any element, `row_len` elements each (quantized rows move as whole
+/// runs of blocks).
+pub(crate) fn unpermute_row_bytes<T: Copy + Default>(values: &[T], row_len: usize, n_heads: usize) -> Vec<T> {
+    let rows = values.len() / row_len.max(1);
     let head_dim = rows / n_heads.max(1);
     let half = head_dim / 2;
-    let mut out = vec![0f32; values.len()];
+    let mut out = vec![T::default(); values.len()];
     for h in 0..n_heads {
         for i in 0..half {
             for j in 0..2 {
-                let src = (h * head_dim + 2 * i + j) * cols;
-                let dst = (h * head_dim + j * half + i) * cols;
-                out[dst..dst + cols].copy_from_slice(&values[src..src + cols]);
+                let src = (h * head_dim + 2 * i + j) * row_len;
+                let dst = (h * head_dim + j * half + i) * row_len;
+                out[dst..dst + row_len].copy_from_slice(&values[src..src + row_len]);
             }
         }
     }

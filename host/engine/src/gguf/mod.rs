@@ -15,12 +15,14 @@
 
 pub mod dequant;
 pub mod import;
+pub mod native;
 pub mod reader;
 pub mod tokenizer;
 pub mod types;
 pub mod writer;
 
 pub use dequant::{dequantize, dequantize_into};
+pub use native::GgufWeights;
 pub use import::{IMPORTED_FILES, ImportSummary, LlamaParams, import_gguf, import_gguf_file};
 pub use reader::{GgufFile, MetadataArray, MetadataValue, TensorInfo};
 pub use tokenizer::GgufVocab;

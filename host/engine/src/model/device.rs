@@ -1,7 +1,6 @@
 //! A shard on whichever backend runs it — what a worker holds. CPU and CUDA shards take the same inputs
 //! and give the same outputs (host f32 hidden rows, logits), so a pipeline may mix them freely.
 
-use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -10,7 +9,7 @@ use crate::backend::cuda::{CudaDevice, CudaKvCache, CudaShard, CudaStepItem};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
-use crate::model::{LoadOptions, Shard, StepInput, StepItem, StepOutput};
+use crate::model::{LoadOptions, ModelSource, Shard, StepInput, StepItem, StepOutput};
 use crate::shard::LayerRange;
 
 /// Where a shard computes: `cpu`, or `cuda` / `cuda:N` (GPU ordinal N, default 0).
@@ -68,12 +67,12 @@ pub struct DeviceStepItem<'a> {
 impl DeviceShard {
     /// Loads a layer range onto `device`. `cpu` is the CPU backend (its threads are the shard's); for
     /// CUDA the weights pass through host memory once and the CPU backend is not kept.
-    pub fn load(dir: &Path, options: &LoadOptions, device: Device, cpu: Arc<CpuBackend>) -> Result<Self> {
+    pub fn load(model: &ModelSource, options: &LoadOptions, device: Device, cpu: Arc<CpuBackend>) -> Result<Self> {
         match device {
-            Device::Cpu => Ok(DeviceShard::Cpu(Shard::load(dir, options, cpu)?)),
+            Device::Cpu => Ok(DeviceShard::Cpu(model.load_shard(options, cpu)?)),
             Device::Cuda(ordinal) => {
                 let dev = CudaDevice::new(ordinal)?;
-                let host = Shard::load(dir, options, Arc::new(CpuBackend::new(1)))?;
+                let host = model.load_shard(options, Arc::new(CpuBackend::new(1)))?;
                 Ok(DeviceShard::Cuda(CudaShard::from_shard(&host, dev)?))
             }
         }

@@ -14,7 +14,7 @@ use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
 use crate::shard::LayerRange;
 use crate::tensor::{DType, Weight, WeightData};
-use crate::weights::WeightFiles;
+use crate::weights::{WeightFiles, WeightSource};
 
 /// How to load a shard.
 #[derive(Debug, Clone)]
@@ -109,17 +109,31 @@ fn stack(name: &str, parts: Vec<Weight>) -> Result<Weight> {
     if parts.iter().any(|p| p.cols != cols) {
         return Err(EngineError::Tensor { name: name.into(), message: "stacked parts disagree on columns".into() });
     }
+    // Parts quantized alike: their rows of blocks simply follow each other.
+    if let WeightData::Quant { kind, .. } = parts[0].data
+        && parts.iter().all(|p| matches!(p.data, WeightData::Quant { kind: k, .. } if k == kind))
+    {
+        let blocks = parts
+            .into_iter()
+            .flat_map(|p| match p.data {
+                WeightData::Quant { blocks, .. } => blocks,
+                _ => unreachable!("every part was checked to be quantized"),
+            })
+            .collect();
+        return Ok(Weight { rows, cols, data: WeightData::Quant { kind, blocks } });
+    }
+    // Otherwise the first part's float type (bf16 for quantized parts of differing kinds).
     let data = match parts[0].data {
         WeightData::F32(_) => WeightData::F32(
             parts.into_iter().flat_map(|p| match p.data {
                 WeightData::F32(d) => d,
-                WeightData::Bf16(d) => d.into_iter().map(|x| x.to_f32()).collect(),
+                _ => p.to_f32(),
             }).collect(),
         ),
-        WeightData::Bf16(_) => WeightData::Bf16(
+        WeightData::Bf16(_) | WeightData::Quant { .. } => WeightData::Bf16(
             parts.into_iter().flat_map(|p| match p.data {
                 WeightData::Bf16(d) => d,
-                WeightData::F32(d) => d.into_iter().map(half::bf16::from_f32).collect(),
+                _ => p.to_f32().into_iter().map(half::bf16::from_f32).collect(),
             }).collect(),
         ),
     };
@@ -134,7 +148,15 @@ impl Shard {
         Self::from_weights(cfg, &files, options, backend)
     }
 
-    pub fn from_weights(cfg: ModelConfig, files: &WeightFiles, options: &LoadOptions, backend: Arc<CpuBackend>) -> Result<Self> {
+    /// Loads a layer range straight from a GGUF file: Q4_0, Q4_1 and Q8_0 matrices stay quantized in
+    /// memory (computed as such by the CPU backend), other tensors come in `options.dtype`.
+    pub fn load_gguf(path: &Path, options: &LoadOptions, backend: Arc<CpuBackend>) -> Result<Self> {
+        let weights = crate::gguf::GgufWeights::open(path)?;
+        let cfg = weights.config().clone();
+        Self::from_weights(cfg, &weights, options, backend)
+    }
+
+    pub fn from_weights(cfg: ModelConfig, files: &dyn WeightSource, options: &LoadOptions, backend: Arc<CpuBackend>) -> Result<Self> {
         let range = options.range.unwrap_or(LayerRange::full(cfg.num_layers));
         if range.num_layers != cfg.num_layers {
             return Err(EngineError::InvalidRange { range: range.to_string(), layers: cfg.num_layers });

@@ -3,6 +3,8 @@
 
 pub mod device;
 pub mod llama;
+pub mod source;
 
 pub use device::{Device, DeviceCache, DeviceShard, DeviceStepItem};
 pub use llama::{LoadOptions, Shard, StepInput, StepItem, StepOutput};
+pub use source::ModelSource;

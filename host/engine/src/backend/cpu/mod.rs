@@ -23,6 +23,7 @@ mod gemm;
 mod matvec;
 mod ops;
 mod pool;
+pub mod quant;
 #[cfg(test)]
 mod reference;
 mod scratch;
@@ -155,6 +156,7 @@ impl CpuBackend {
                     matvec::matvec(&self.pool, self.isa, x, n, bits, w.rows, w.cols, y);
                 }
             }
+            WeightData::Quant { kind, blocks } => quant::matmul(&self.pool, self.isa, *kind, x, n, blocks, w.rows, w.cols, y),
         }
     }
 

@@ -26,6 +26,13 @@ pub fn matmul(x: &[f32], n: usize, w: &Weight, y: &mut [f32]) {
                         acc += a.to_f32() * b;
                     }
                 }
+                WeightData::Quant { .. } => {
+                    let mut row = vec![0f32; w.cols];
+                    w.row_f32(r, &mut row);
+                    for (a, b) in row.iter().zip(xt) {
+                        acc += a * b;
+                    }
+                }
             }
             y[t * w.rows + r] = acc;
         }

@@ -36,10 +36,7 @@ fn magnitudes(x: &[f32], n: usize, w: &Weight) -> Vec<f32> {
     let abs_w = Weight {
         rows: w.rows,
         cols: w.cols,
-        data: WeightData::F32(match &w.data {
-            WeightData::F32(d) => d.iter().map(|v| v.abs()).collect(),
-            WeightData::Bf16(d) => d.iter().map(|v| v.to_f32().abs()).collect(),
-        }),
+        data: WeightData::F32(w.to_f32().iter().map(|v| v.abs()).collect()),
     };
     let abs_x: Vec<f32> = x.iter().map(|v| v.abs()).collect();
     let mut out = vec![0f32; n * w.rows];

@@ -243,6 +243,11 @@ impl CudaShard {
         let upload_matrix = |w: &Weight| -> Result<DevMatrix> {
             let data = match &w.data {
                 WeightData::Bf16(d) => dev.stream.clone_htod(bytemuck::cast_slice::<_, u16>(d)),
+                // No quantized CUDA kernels yet: quantized weights are widened to bf16 on the device.
+                WeightData::Quant { .. } => {
+                    let widened: Vec<u16> = w.to_f32().into_iter().map(|v| half::bf16::from_f32(v).to_bits()).collect();
+                    dev.stream.clone_htod(&widened)
+                }
                 WeightData::F32(_) => {
                     return Err(EngineError::Invalid(
                         "the CUDA backend holds weights in bf16; load the shard with dtype bf16".into(),

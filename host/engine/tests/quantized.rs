@@ -1,0 +1,173 @@
+//! Quantized weights computed natively (issue 7, first increment): SmolLM2's Q4_1 GGUF loaded as it is,
+//! against the same file imported (dequantized exactly) to f32.
+//!
+//! Tolerance: the native path multiplies the same weights (bit-identical after dequantization; each
+//! product against its dequantized weights is checked to 1e-4 in backend/cpu/quant.rs) by activations
+//! rounded to 8 bits per block of 32 — llama.cpp's scheme — a relative error of up to ~0.4% per value
+//! that compounds over 30 layers; the imported f32 run keeps activations exact. Measured: 0.9–6.5%
+//! relative (L2) on the logits over 3 prompts × 8 steps. Bound: 10%, and the greedy tokens of each prompt
+//! agree for at least 4 steps (5–8 measured). The tighter check — text equal to llama.cpp's on the same
+//! file, whose activations are rounded the same way — is the next increment.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use computepool_engine::backend::cpu::CpuBackend;
+use computepool_engine::model::{LoadOptions, ModelSource, Shard, StepInput};
+use computepool_engine::sampling::argmax;
+use computepool_engine::shard::LayerRange;
+use computepool_engine::tokenizer::Tokenizer;
+use computepool_engine::DType;
+
+/// The GGUF `computepool model fetch` caches: `COMPUTEPOOL_GGUF`, else
+/// `$COMPUTEPOOL_CACHE/gguf/SmolLM2-135M-Instruct.Q4_1.gguf` (default cache `~/.cache/computepool`).
+fn smollm2_gguf() -> Option<PathBuf> {
+    let path = std::env::var_os("COMPUTEPOOL_GGUF").map(PathBuf::from).unwrap_or_else(|| {
+        let cache = std::env::var_os("COMPUTEPOOL_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/computepool"));
+        cache.join("gguf/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    if path.is_file() {
+        return Some(path);
+    }
+    if std::env::var("COMPUTEPOOL_REQUIRE_MODEL").is_ok_and(|v| v == "1") {
+        panic!("COMPUTEPOOL_REQUIRE_MODEL=1 but {} is missing: run `make model`", path.display());
+    }
+    None
+}
+
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    let (mut num, mut den) = (0f64, 0f64);
+    for (g, w) in got.iter().zip(want) {
+        num += ((g - w) as f64).powi(2);
+        den += (*w as f64).powi(2);
+    }
+    (num / den.max(1e-30)).sqrt()
+}
+
+#[test]
+fn smollm2_q4_1_native_tracks_its_dequantized_f32_weights() {
+    let (Some(gguf), Some(dir)) = (smollm2_gguf(), common::smollm2_dir()) else {
+        eprintln!("skipping: no SmolLM2 GGUF or imported model");
+        return;
+    };
+    let backend = Arc::new(CpuBackend::new(2));
+    let native = Shard::load_gguf(&gguf, &LoadOptions::default(), backend.clone()).unwrap();
+    let f32_opts = LoadOptions { dtype: DType::F32, ..Default::default() };
+    let reference = Shard::load(&dir, &f32_opts, backend).unwrap();
+    assert_eq!(native.config(), reference.config(), "the native config is the importer's");
+    // Q4_1 in memory: about 5 bits per weight instead of 32 (the embedding may be another kind).
+    eprintln!(
+        "native weights {:.1} MB, f32 {:.1} MB",
+        native.weight_bytes() as f64 / 1e6,
+        reference.weight_bytes() as f64 / 1e6
+    );
+    assert!(native.weight_bytes() * 4 < reference.weight_bytes());
+
+    let tok = Tokenizer::from_dir(&dir).unwrap();
+    for text in ["The capital of France is", "def fibonacci(n):", "Water boils at"] {
+        let prompt = tok.encode(text, false).unwrap();
+        let (mut cn, mut cr) = (native.new_cache(), reference.new_cache());
+        let mut want = common::logits(reference.forward(StepInput::Tokens(&prompt), &mut cr).unwrap());
+        let mut got = common::logits(native.forward(StepInput::Tokens(&prompt), &mut cn).unwrap());
+        let mut agreed = 0;
+        for step in 0..8 {
+            let e = rel_err(&got, &want);
+            eprintln!("{text:?} step {step}: logits relative error {e:.2e}");
+            assert!(e < 1e-1, "{text:?} step {step}: logits relative error {e:.2e}");
+            let (a, b) = (argmax(&got), argmax(&want));
+            if a != b {
+                break;
+            }
+            agreed += 1;
+            want = common::logits(reference.forward(StepInput::Tokens(&[b]), &mut cr).unwrap());
+            got = common::logits(native.forward(StepInput::Tokens(&[a]), &mut cn).unwrap());
+        }
+        eprintln!("{text:?}: {agreed} greedy tokens agree");
+        assert!(agreed >= 4, "{text:?}: only {agreed} greedy tokens agree");
+    }
+}
+
+#[test]
+fn sharded_quantized_runs_equal_the_unsharded_run_bit_for_bit() {
+    let Some(gguf) = smollm2_gguf() else {
+        eprintln!("skipping: no SmolLM2 GGUF");
+        return;
+    };
+    let backend = Arc::new(CpuBackend::new(2));
+    let load = |range: Option<LayerRange>| Shard::load_gguf(&gguf, &LoadOptions { range, ..Default::default() }, backend.clone()).unwrap();
+    let whole = load(None);
+    let layers = whole.config().num_layers;
+    let a = load(Some(LayerRange::new(0, 11, layers).unwrap()));
+    let b = load(Some(LayerRange::new(11, layers, layers).unwrap()));
+    let prompt = [1u32, 504, 2988, 314, 4649, 314];
+    let (mut cw, mut ca, mut cb) = (whole.new_cache(), a.new_cache(), b.new_cache());
+    let mut input = prompt.to_vec();
+    for step in 0..6 {
+        let want = common::logits(whole.forward(StepInput::Tokens(&input), &mut cw).unwrap());
+        let hidden = common::hidden(a.forward(StepInput::Tokens(&input), &mut ca).unwrap());
+        let got = common::logits(b.forward(StepInput::Hidden(&hidden), &mut cb).unwrap());
+        assert_eq!(common::bits(&got), common::bits(&want), "step {step}");
+        input = vec![argmax(&want)];
+    }
+}
+
+/// The must-show check against llama.cpp itself: its greedy completions of 5 prompts on the same GGUF,
+/// recorded by scripts/bench/llama-greedy.sh (llama.cpp's llama-simple, 16 tokens) in tests/data with the
+/// file's sha256 and llama.cpp's commit. The native Q4_1 path rounds activations as llama.cpp does.
+///
+/// Each completion is replayed token by token (teacher forcing, so one disagreement cannot cascade):
+/// llama.cpp's token must be our greedy choice, except at a near tie — our best logit within 0.1 of the
+/// logit we give llama.cpp's token (logits here reach ~20) — where the two implementations' remaining
+/// differences decide (llama.cpp keeps the KV cache in f16, we keep it in f32), at most 2 in 80 steps.
+/// Measured: 79 of 80 steps are our argmax; the one near tie is " Nova" over " New" in "Once upon a
+/// time, the city of New Haven" by 0.050 logits, after which our own greedy text rejoins llama.cpp's.
+#[test]
+fn smollm2_q4_1_greedy_text_equals_llama_cpp_on_the_same_file() {
+    let Some(gguf) = smollm2_gguf() else {
+        eprintln!("skipping: no SmolLM2 GGUF");
+        return;
+    };
+    let fixture: serde_json::Value = serde_json::from_str(include_str!("data/llama_cpp_greedy_smollm2_q4_1.json")).unwrap();
+    let sha = fixture["gguf_sha256"].as_str().unwrap();
+    let bytes = std::fs::read(&gguf).unwrap();
+    let digest: String = {
+        use sha2::Digest;
+        sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()
+    };
+    assert_eq!(digest, sha, "the recorded completions belong to another file");
+    let source = ModelSource::Gguf(gguf);
+    let tok = source.tokenizer().unwrap();
+    let shard = source.load_shard(&LoadOptions::default(), Arc::new(CpuBackend::new(2))).unwrap();
+    let n = fixture["tokens"].as_u64().unwrap() as usize;
+    let (mut agreed, mut near_ties, mut steps) = (0, 0, 0);
+    for case in fixture["cases"].as_array().unwrap() {
+        let prompt = case["prompt"].as_str().unwrap();
+        let completion = case["completion"].as_str().unwrap();
+        let prompt_ids = tok.encode(prompt, false).unwrap();
+        let all = tok.encode(&format!("{prompt}{completion}"), false).unwrap();
+        assert_eq!(&all[..prompt_ids.len()], &prompt_ids[..], "{prompt:?}: the completion re-tokenizes across the prompt");
+        let reference = &all[prompt_ids.len()..];
+        assert_eq!(reference.len(), n, "{prompt:?}: llama.cpp's completion re-tokenizes to {} tokens", reference.len());
+        let mut cache = shard.new_cache();
+        let mut logits = common::logits(shard.forward(StepInput::Tokens(&prompt_ids), &mut cache).unwrap());
+        for (step, &want) in reference.iter().enumerate() {
+            let ours = argmax(&logits);
+            steps += 1;
+            if ours == want {
+                agreed += 1;
+            } else {
+                let gap = logits[ours as usize] - logits[want as usize];
+                eprintln!("{prompt:?} step {step}: llama.cpp {want} ({:?}), ours {ours} ({:?}), gap {gap:.4}", tok.decode(&[want], false).unwrap(), tok.decode(&[ours], false).unwrap());
+                assert!(gap < 0.1, "{prompt:?} step {step}: llama.cpp chose {want}, we choose {ours} by {gap:.4} logits");
+                near_ties += 1;
+            }
+            logits = common::logits(shard.forward(StepInput::Tokens(&[want]), &mut cache).unwrap());
+        }
+    }
+    eprintln!("{agreed} of {steps} steps choose llama.cpp's token, {near_ties} near ties");
+    assert!(near_ties <= 2, "{near_ties} near ties in {steps} steps");
+}
