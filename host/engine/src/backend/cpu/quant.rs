@@ -9,8 +9,9 @@
 //!
 //! Decode reads 0.56–1.06 bytes per weight instead of bf16's 2, which is the whole point: decode is
 //! memory-bound. Numerics: the 8-bit activations add a relative error of about 2⁻⁸ per block (the same
-//! as llama.cpp's); the integer sums are exact, and blocks are accumulated in f32 in increasing order,
-//! so a row's result does not depend on the batch or on the thread split.
+//! as llama.cpp's); the integer sums are exact; blocks are accumulated in f32 in a fixed order (in block
+//! order on the portable path, in 8 lanes then one horizontal sum on AVX2, as ggml does), so a row's
+//! result does not depend on the batch or on the thread split.
 
 use half::f16;
 
@@ -60,6 +61,17 @@ fn f16_at(bytes: &[u8], at: usize) -> f32 {
 
 /// Σ over the blocks of one weight row (`w`: its blocks' bytes) against one quantized input row.
 fn dot_row(kind: QuantKind, isa: Isa, w: &[u8], x: &Q8Row) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if !matches!(isa, Isa::Scalar) {
+        // SAFETY: every non-scalar Isa includes AVX2 and FMA; `w` holds whole blocks of `kind`, `x` as many.
+        return unsafe { avx2::dot_row(kind, w, x) };
+    }
+    dot_row_portable(kind, isa, w, x)
+}
+
+/// The per-block definition ([`dot_row`]'s reference): each block's integer sum scaled and added in
+/// block order.
+fn dot_row_portable(kind: QuantKind, isa: Isa, w: &[u8], x: &Q8Row) -> f32 {
     let bb = kind.block_bytes();
     let mut acc = 0f32;
     for (b, block) in w.chunks_exact(bb).enumerate() {
@@ -124,6 +136,62 @@ unsafe fn dot_i8(isa: Isa, a: &[i8], b: &[i8]) -> i32 {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
+
+    use super::{BLOCK, Q8Row, f16_at};
+    use crate::tensor::QuantKind;
+
+    /// A whole row, as ggml's AVX2 `vec_dot`s do it: each block's integer products summed to 8 i32
+    /// lanes, converted and scaled into 8 f32 accumulators (one FMA per block), one horizontal sum at
+    /// the end. Same per-block integers as the portable path; the f32 sum is taken in 8 lanes.
+    ///
+    /// # Safety
+    /// AVX2 and FMA are available; `w` holds whole blocks of `kind` and `x` at least as many blocks.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_row(kind: QuantKind, w: &[u8], x: &Q8Row) -> f32 {
+        let bb = kind.block_bytes();
+        let ones = _mm256_set1_epi16(1);
+        let low = _mm_set1_epi8(15);
+        let mut acc = _mm256_setzero_ps();
+        let mut offset = 0f32;
+        for (b, block) in w.chunks_exact(bb).enumerate() {
+            // SAFETY: x.q holds 32 values per block; block bytes per the layout of `kind`.
+            unsafe {
+                let qx = _mm256_loadu_si256(x.q.as_ptr().add(b * BLOCK) as *const __m256i);
+                let dx = x.d[b];
+                let (sum, scale) = match kind {
+                    QuantKind::Q8_0 => {
+                        let qw = _mm256_loadu_si256(block.as_ptr().add(2) as *const __m256i);
+                        let p = _mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw));
+                        (_mm256_madd_epi16(p, ones), f16_at(block, 0) * dx)
+                    }
+                    QuantKind::Q4_0 | QuantKind::Q4_1 => {
+                        let at = if kind == QuantKind::Q4_0 { 2 } else { 4 };
+                        let packed = _mm_loadu_si128(block.as_ptr().add(at) as *const __m128i);
+                        let n = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), low), _mm_and_si128(packed, low));
+                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(n, qx), ones);
+                        let d = f16_at(block, 0);
+                        if kind == QuantKind::Q4_0 {
+                            // Σ (n − 8) q = Σ n q − 8 Σ q, the offset taken out of the integer sum.
+                            offset -= d * dx * (8 * x.sum[b]) as f32;
+                        } else {
+                            offset += f16_at(block, 2) * (dx * x.sum[b] as f32);
+                        }
+                        (p, d * dx)
+                    }
+                };
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(scale), acc);
+            }
+        }
+        hsum_ps(acc) + offset
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn hsum_ps(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
 
     /// # Safety
     /// AVX2 is available; `nibbles` holds 16 bytes and `q` 32.
