@@ -62,8 +62,9 @@ fn f16_at(bytes: &[u8], at: usize) -> f32 {
 /// Σ over the blocks of one weight row (`w`: its blocks' bytes) against one quantized input row.
 fn dot_row(kind: QuantKind, isa: Isa, w: &[u8], x: &Q8Row) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if !matches!(isa, Isa::Scalar) {
-        // SAFETY: every non-scalar Isa includes AVX2 and FMA; `w` holds whole blocks of `kind`, `x` as many.
+    if !matches!(isa, Isa::Scalar) && std::arch::is_x86_feature_detected!("f16c") {
+        // SAFETY: every non-scalar Isa includes AVX2 and FMA, F16C was just detected; `w` holds whole
+        // blocks of `kind`, `x` as many.
         return unsafe { avx2::dot_row(kind, w, x) };
     }
     dot_row_portable(kind, isa, w, x)
@@ -137,16 +138,25 @@ unsafe fn dot_i8(isa: Isa, a: &[i8], b: &[i8]) -> i32 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{BLOCK, Q8Row, f16_at};
+    use super::{BLOCK, Q8Row};
     use crate::tensor::QuantKind;
+
+    /// The f16 at `at` widened in hardware (the `half` crate converts in software unless the whole
+    /// build targets F16C, and two conversions per block would dominate the block's cost).
+    #[inline]
+    #[target_feature(enable = "f16c")]
+    fn f16_at(bytes: &[u8], at: usize) -> f32 {
+        let bits = u16::from_le_bytes([bytes[at], bytes[at + 1]]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
 
     /// A whole row, as ggml's AVX2 `vec_dot`s do it: each block's integer products summed to 8 i32
     /// lanes, converted and scaled into 8 f32 accumulators (one FMA per block), one horizontal sum at
     /// the end. Same per-block integers as the portable path; the f32 sum is taken in 8 lanes.
     ///
     /// # Safety
-    /// AVX2 and FMA are available; `w` holds whole blocks of `kind` and `x` at least as many blocks.
-    #[target_feature(enable = "avx2,fma")]
+    /// AVX2, FMA and F16C are available; `w` holds whole blocks of `kind` and `x` at least as many blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot_row(kind: QuantKind, w: &[u8], x: &Q8Row) -> f32 {
         let bb = kind.block_bytes();
         let ones = _mm256_set1_epi16(1);
