@@ -15,8 +15,10 @@
 
 use half::f16;
 
+use super::dot::{TileArgs, block_streams_for};
 use super::pool::ThreadPool;
 use super::simd::Isa;
+use super::CpuBackend;
 use crate::tensor::QuantKind;
 
 /// Values per block, for every supported kind.
@@ -248,9 +250,19 @@ struct OutPtr(*mut f32);
 // SAFETY: tasks write disjoint elements, and the product waits for every task before returning.
 unsafe impl Sync for OutPtr {}
 
+/// Products with more input rows than this (prefill) dequantize their weights tile by tile and run the
+/// exact f32 kernel: compute-bound work goes to the fast tiles, and the activations stay f32. Decode
+/// batches (at most [`CpuBackend::BF16_EXACT_MAX_ROWS`] rows, the workers' largest) stay on the 8-bit
+/// path, so a request decodes the same whatever else shares its step — the same line the bf16 path draws.
+pub(crate) const DEQUANT_ABOVE_ROWS: usize = CpuBackend::BF16_EXACT_MAX_ROWS;
+/// f32 values of one dequantized tile (256 KiB: stays in L2 while the inputs stream past).
+const TILE_VALUES: usize = 64 * 1024;
+
 /// `y[t, r] = Σ_c x[t, c] · w[r, c]` for `n` input rows and a quantized `[rows, cols]` weight matrix.
 ///
-/// Cost: `n` row quantizations, one pass over the weight blocks, split over the pool's threads by rows.
+/// Cost: up to [`DEQUANT_ABOVE_ROWS`] rows, `n` row quantizations and one pass over the weight blocks;
+/// above, one dequantization of the weights plus the f32 kernel's `n · rows · cols` FMAs. Split over the
+/// pool's threads by rows either way.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul(
     pool: &ThreadPool,
@@ -268,6 +280,9 @@ pub(crate) fn matmul(
     assert_eq!(y.len(), n * rows, "matmul output shape");
     let row_bytes = cols / BLOCK * kind.block_bytes();
     assert_eq!(blocks.len(), rows * row_bytes, "quantized weight shape");
+    if n > DEQUANT_ABOVE_ROWS {
+        return matmul_dequantized(pool, isa, kind, x, n, blocks, rows, cols, y);
+    }
     let xq: Vec<Q8Row> = x.chunks_exact(cols).map(quantize_row).collect();
     let per_task = rows.div_ceil(pool.threads() * 4).max(16);
     let tasks = rows.div_ceil(per_task);
@@ -281,6 +296,50 @@ pub(crate) fn matmul(
                 // task that owns row r.
                 unsafe { *out.0.add(t * rows + r) = dot_row(kind, isa, w, xr) };
             }
+        }
+    });
+}
+
+/// Prefill: each task dequantizes tiles of its rows into f32 and runs the exact tiled kernel over every
+/// input row (see [`super::matvec`] for the tile order and numerics).
+#[allow(clippy::too_many_arguments)]
+fn matmul_dequantized(
+    pool: &ThreadPool,
+    isa: Isa,
+    kind: QuantKind,
+    x: &[f32],
+    n: usize,
+    blocks: &[u8],
+    rows: usize,
+    cols: usize,
+    y: &mut [f32],
+) {
+    let row_bytes = cols / BLOCK * kind.block_bytes();
+    let tile_rows = (TILE_VALUES / cols).clamp(12, 256).next_multiple_of(12);
+    let tasks = rows.div_ceil(tile_rows);
+    let out = OutPtr(y.as_mut_ptr());
+    pool.run(tasks, &|i| {
+        let out = &out;
+        let (start, end) = (i * tile_rows, ((i + 1) * tile_rows).min(rows));
+        let mut tile = vec![0f32; (end - start) * cols];
+        crate::gguf::dequantize_into(kind.ggml_type(), &blocks[start * row_bytes..end * row_bytes], &mut tile)
+            .expect("quantized weights hold whole blocks of their kind (checked by the caller)");
+        let args = TileArgs {
+            w: tile.as_ptr(),
+            w_stride: cols,
+            x: x.as_ptr(),
+            x_stride: cols,
+            cols,
+            // SAFETY (pointer arithmetic): start < rows, inside y.
+            y: unsafe { out.0.add(start) },
+            y_stride: rows,
+            y_row_step: 1,
+            prefetch: 0,
+        };
+        for t0 in (0..n).step_by(64) {
+            // SAFETY: the tile holds rows 0..end-start of cols values; inputs t0.. are inside x; each
+            // task writes only the outputs of its own rows; `isa` comes from `Isa::detect`.
+            unsafe { block_streams_for(isa, args, 0..end - start, t0..(t0 + 64).min(n)) };
         }
     });
 }
@@ -365,6 +424,28 @@ mod tests {
                 for t in 0..n {
                     for r in 0..rows {
                         let want: f64 = (0..cols).map(|c| deq[r * cols + c] as f64 * xq[t * cols + c] as f64).sum();
+                        let got = y[t * rows + r] as f64;
+                        assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "{kind:?} {isa:?} t{t} r{r}: {got} vs {want}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn prefill_sized_products_use_the_dequantized_weights_exactly() {
+        let (rows, cols, n) = (50, 128, DEQUANT_ABOVE_ROWS + 3);
+        let pool = ThreadPool::new(2);
+        for kind in [QuantKind::Q4_0, QuantKind::Q4_1, QuantKind::Q8_0] {
+            let blocks = blocks_for(kind, &values(3, rows * cols));
+            let deq = crate::gguf::dequantize(kind.ggml_type(), &blocks, (rows * cols) as u64).unwrap();
+            let x = values(4, n * cols);
+            for isa in Isa::all_supported() {
+                let mut y = vec![0f32; n * rows];
+                matmul(&pool, isa, kind, &x, n, &blocks, rows, cols, &mut y);
+                for t in 0..n {
+                    for r in 0..rows {
+                        let want: f64 = (0..cols).map(|c| deq[r * cols + c] as f64 * x[t * cols + c] as f64).sum();
                         let got = y[t * rows + r] as f64;
                         assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "{kind:?} {isa:?} t{t} r{r}: {got} vs {want}");
                     }
