@@ -249,6 +249,11 @@ impl SamplerPlugin {
 
     /// Chooses the next token. `random` is the request's stream: it advances by what the plugin draws.
     pub fn sample(&self, random: &mut RequestRandom, input: &SampleInput<'_>) -> Result<u32, CallError> {
+        self.sample_metered(random, input).map(|(token, _fuel)| token)
+    }
+
+    /// As [`Self::sample`], and also the fuel the call burned (the conformance kit's budget unit).
+    pub fn sample_metered(&self, random: &mut RequestRandom, input: &SampleInput<'_>) -> Result<(u32, u64), CallError> {
         if self.is_disabled() {
             return Err(CallError::Disabled { id: self.id.clone(), failures: self.consecutive_failures.load(Ordering::Acquire) });
         }
@@ -284,7 +289,7 @@ impl SamplerPlugin {
         result
     }
 
-    fn call(&self, random: &mut RequestRandom, input: &SampleInput<'_>) -> Result<u32, CallError> {
+    fn call(&self, random: &mut RequestRandom, input: &SampleInput<'_>) -> Result<(u32, u64), CallError> {
         let pooled = self.lock_idle().pop();
         let mut instance = match pooled {
             Some(instance) => instance,
@@ -298,6 +303,7 @@ impl SamplerPlugin {
             SamplerBindings::V0_1_0(bindings) => since_v0_1_0::call(bindings, store, input),
         };
         store.data_mut().end_call();
+        let fuel_used = self.fuel_per_call.saturating_sub(store.get_fuel().unwrap_or(0));
         // The stream advances by whatever the plugin drew, even if it then failed.
         if let Some(advanced) = store.data_mut().random.take() {
             *random = advanced;
@@ -314,7 +320,7 @@ impl SamplerPlugin {
             }
             Ok(Ok(token)) => {
                 self.release(instance);
-                Ok(token)
+                Ok((token, fuel_used))
             }
         }
     }
