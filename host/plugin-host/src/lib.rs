@@ -32,7 +32,7 @@ pub use engine::EngineSettings;
 pub use error::{CallError, LoadError};
 pub use limits::{FailurePolicy, LimitCeilings, PluginLimits};
 pub use manifest::{PluginKind, PluginManifest};
-pub use plugin_host::{HostConfig, LoadReport, LoadedPlugin, PluginHost, Refusal};
+pub use plugin_host::{HostConfig, LoadReport, LoadedPlugin, PluginHost, Refusal, RescanReport};
 pub use random::RequestRandom;
 pub use sampler::{SampleInput, SamplerPlugin, SamplingParams};
 pub use world::WitVersion;

@@ -91,7 +91,49 @@ pub struct LoadedPlugin {
     pub dir: PathBuf,
     /// Whether the compiled component came from the cache.
     pub cache: CacheOutcome,
+    /// What the folder held when it was loaded; [`PluginHost::rescan`] reloads when it changes.
+    stamp: SourceStamp,
     kind: KindHandle,
+}
+
+/// A cheap fingerprint of a plugin folder: the manifest's digest and the wasm file's size and mtime (a
+/// changed wasm must come with a changed manifest digest anyway, or it is refused).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SourceStamp {
+    manifest_sha256: String,
+    wasm_len: u64,
+    wasm_modified: Option<std::time::SystemTime>,
+}
+
+impl SourceStamp {
+    fn read(dir: &Path) -> Result<Self, LoadError> {
+        let manifest_path = dir.join(MANIFEST_FILE);
+        let text = std::fs::read(&manifest_path).map_err(|source| LoadError::Io { path: manifest_path.clone(), source })?;
+        let manifest_sha256 = hex::encode(Sha256::digest(&text));
+        // The wasm file is named inside the manifest; an unparsable manifest still gets a stamp (and is
+        // refused by the load), so only its digest counts then.
+        let wasm = PluginManifest::parse(&String::from_utf8_lossy(&text), &manifest_path)
+            .ok()
+            .and_then(|m| std::fs::metadata(dir.join(&m.wasm.file)).ok());
+        Ok(Self {
+            manifest_sha256,
+            wasm_len: wasm.as_ref().map_or(0, |m| m.len()),
+            wasm_modified: wasm.and_then(|m| m.modified().ok()),
+        })
+    }
+}
+
+/// What [`PluginHost::rescan`] changed.
+#[derive(Debug, Default)]
+pub struct RescanReport {
+    /// Ids newly loaded or reloaded because their folder changed.
+    pub loaded: Vec<String>,
+    /// Ids unloaded because their folder no longer holds a plugin.toml.
+    pub removed: Vec<String>,
+    /// Folders whose new contents were refused; the plugin loaded before (if any) keeps serving.
+    pub refused: Vec<Refusal>,
+    /// Folders that did not change.
+    pub unchanged: usize,
 }
 
 enum KindHandle {
@@ -141,6 +183,8 @@ pub struct PluginHost {
     cache: CompiledCache,
     plugins: RwLock<BTreeMap<String, Arc<LoadedPlugin>>>,
     kv_scopes: Mutex<HashMap<String, KvScope>>,
+    /// Folders whose current contents were refused by a rescan, so the next one does not retry them.
+    refused_stamps: Mutex<HashMap<PathBuf, SourceStamp>>,
 }
 
 impl PluginHost {
@@ -158,6 +202,7 @@ impl PluginHost {
             cache,
             plugins: RwLock::new(BTreeMap::new()),
             kv_scopes: Mutex::new(HashMap::new()),
+            refused_stamps: Mutex::new(HashMap::new()),
         })
     }
 
@@ -172,6 +217,8 @@ impl PluginHost {
 
     /// Checks and prepares the plugin in `dir` without registering it.
     pub fn prepare(&self, dir: &Path) -> Result<LoadedPlugin, LoadError> {
+        // Stamped before reading, so a change made during the load is seen by the next rescan.
+        let stamp = SourceStamp::read(dir)?;
         let manifest = PluginManifest::read(dir)?;
         let id = manifest.id.clone();
 
@@ -261,7 +308,7 @@ impl PluginHost {
                 });
             }
         };
-        Ok(LoadedPlugin { manifest, dir: dir.to_path_buf(), cache, kind })
+        Ok(LoadedPlugin { manifest, dir: dir.to_path_buf(), cache, stamp, kind })
     }
 
     fn kv_scope(&self, id: &str) -> KvScope {
@@ -283,6 +330,8 @@ impl PluginHost {
                 existing: existing.dir.clone(),
             });
         }
+        // A folder whose plugin changed its id no longer serves the old id.
+        plugins.retain(|id, p| p.dir != plugin.dir || id == plugin.id());
         plugins.insert(plugin.id().to_string(), plugin.clone());
         tracing::info!(plugin = %plugin.id(), dir = %dir.display(), kind = %plugin.manifest.kind, "plugin loaded");
         Ok(plugin)
@@ -308,6 +357,61 @@ impl PluginHost {
             }
         }
         report
+    }
+
+    /// Hot reload: loads plugin folders under `root` that are new or changed since they were loaded, and
+    /// unloads plugins whose folder under `root` is gone. A changed plugin that is refused leaves the
+    /// loaded one serving, and is not retried until its folder changes again. Calls already running keep
+    /// the plugin they started with (new calls get the new one), so a running stream is unharmed.
+    /// Cost: one manifest read and hash and one `stat` per folder; call it on a timer or a file event.
+    pub fn rescan(&self, root: &Path) -> RescanReport {
+        let mut report = RescanReport::default();
+        let mut dirs = Vec::new();
+        if let Err(error) = find_plugin_dirs(root, 0, &mut dirs) {
+            report.refused.push(Refusal { dir: root.to_path_buf(), error });
+            return report;
+        }
+        dirs.sort();
+        for dir in &dirs {
+            let stamp = match SourceStamp::read(dir) {
+                Ok(stamp) => stamp,
+                Err(error) => {
+                    report.refused.push(Refusal { dir: dir.clone(), error });
+                    continue;
+                }
+            };
+            let loaded_same = self.plugins().iter().any(|p| &p.dir == dir && p.stamp == stamp);
+            let refused_same = self.lock_refused().get(dir) == Some(&stamp);
+            if loaded_same || refused_same {
+                report.unchanged += 1;
+                continue;
+            }
+            match self.load_plugin(dir) {
+                Ok(plugin) => {
+                    self.lock_refused().remove(dir);
+                    report.loaded.push(plugin.id().to_string());
+                }
+                Err(error) => {
+                    tracing::warn!(dir = %dir.display(), %error, "changed plugin refused; the loaded one keeps serving");
+                    self.lock_refused().insert(dir.clone(), stamp);
+                    report.refused.push(Refusal { dir: dir.clone(), error });
+                }
+            }
+        }
+        let mut plugins = self.plugins.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        plugins.retain(|id, p| {
+            let gone = p.dir.starts_with(root) && !dirs.contains(&p.dir);
+            if gone {
+                tracing::info!(plugin = %id, dir = %p.dir.display(), "plugin folder removed; unloaded");
+                report.removed.push(id.clone());
+            }
+            !gone
+        });
+        report
+    }
+
+    fn lock_refused(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, SourceStamp>> {
+        self.refused_stamps.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<LoadedPlugin>> {
