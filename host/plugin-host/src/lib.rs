@@ -13,6 +13,7 @@ pub mod cache;
 pub mod capability;
 pub mod capability_granter;
 mod capability_impls;
+pub mod conformance;
 pub mod engine;
 pub mod error;
 pub mod host_state;
