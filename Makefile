@@ -38,6 +38,7 @@ up: model
 
 # NVRTC (a library from PyPI, no GPU needed) lets the CUDA kernels compile to PTX in every test run.
 test: model
+	bash scripts/build-plugins.sh
 	NVRTC_LIB="$$(bash scripts/nvrtc.sh)" && \
 	LD_LIBRARY_PATH="$$NVRTC_LIB$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}" COMPUTEPOOL_REQUIRE_NVRTC=1 \
 	COMPUTEPOOL_MODEL_DIR=$(CURDIR)/$(MODEL_DIR) COMPUTEPOOL_REQUIRE_MODEL=1 \

@@ -1,0 +1,69 @@
+//! Every sampler in plugins/ passes its kind's suite (host/plugin-host/conformance/sampler/<version>) and
+//! its own cases; the kit fails a plugin that breaks the contract and a case whose expectation is wrong.
+
+mod support;
+
+use std::path::Path;
+
+use computepool_plugin_host::conformance::run_sampler_suite;
+use support::{host, plugin};
+
+fn kind_suite() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("conformance/sampler/0.1.0")
+}
+
+#[test]
+fn every_sampler_plugin_passes_the_sampler_suite_and_its_own_cases() {
+    let host = host();
+    for (relative, id) in [("samplers/greedy", "greedy"), ("samplers/top-p", "top-p")] {
+        let dir = plugin(relative);
+        host.load_plugin(&dir).unwrap();
+        let sampler = host.sampler(id).unwrap();
+        let report = run_sampler_suite(&sampler, &kind_suite());
+        assert!(report.passed(), "{id}: {:?}", report.failures().collect::<Vec<_>>());
+        assert_eq!(report.cases.len(), 6);
+        let own = dir.join("conformance");
+        if own.is_dir() {
+            let report = run_sampler_suite(&sampler, &own);
+            assert!(report.passed(), "{id} (own cases): {:?}", report.failures().collect::<Vec<_>>());
+        }
+    }
+}
+
+#[test]
+fn the_kit_fails_a_plugin_that_breaks_the_contract() {
+    let host = host();
+    host.load_plugin(&plugin("bad/out-of-range-token")).unwrap();
+    let report = run_sampler_suite(&host.sampler("bad-out-of-range-token").unwrap(), &kind_suite());
+    assert!(!report.passed());
+    let failure = report.failures().find(|c| c.name == "greedy-first-maximum").expect("the greedy case fails");
+    assert!(failure.failure.as_deref().unwrap().contains("token-out-of-range"), "{failure:?}");
+    // The host-side input checks still hold for it.
+    assert!(report.cases.iter().any(|c| c.name == "empty-logits" && c.failure.is_none()));
+}
+
+#[test]
+fn the_kit_fails_wrong_expectations_budgets_and_empty_suites() {
+    let tmp = tempfile::tempdir().unwrap();
+    let case = |name: &str, text: &str| {
+        std::fs::create_dir_all(tmp.path().join(name)).unwrap();
+        std::fs::write(tmp.path().join(name).join("case.toml"), text).unwrap();
+    };
+    case("wrong-token", "[input]\nlogits = [1.0, 2.0]\n[expect]\ntoken = 0\n");
+    case("over-budget", "[input]\nlogits = [1.0, 2.0]\n[expect]\ntoken = 1\nmax-fuel = 1\n");
+    case("two-expectations", "[input]\nlogits = [1.0]\n[expect]\ntoken = 0\nerror = \"trap\"\n");
+    case("unknown-field", "[input]\nlogits = [1.0]\nlogit = 2\n[expect]\ntoken = 0\n");
+    let host = host();
+    host.load_plugin(&plugin("samplers/greedy")).unwrap();
+    let greedy = host.sampler("greedy").unwrap();
+    let report = run_sampler_suite(&greedy, tmp.path());
+    let failures: Vec<(&str, &str)> =
+        report.cases.iter().map(|c| (c.name.as_str(), c.failure.as_deref().unwrap_or("passed"))).collect();
+    assert_eq!(failures.len(), 4);
+    assert!(failures[0].1.contains("over the budget of 1"), "{failures:?}");
+    assert!(failures[1].1.contains("exactly one of"), "{failures:?}");
+    assert!(failures[2].1.contains("unknown field"), "{failures:?}");
+    assert!(failures[3].1.contains("expected token 0, got 1"), "{failures:?}");
+    let empty = tempfile::tempdir().unwrap();
+    assert!(!run_sampler_suite(&greedy, empty.path()).passed(), "an empty suite must not pass");
+}
