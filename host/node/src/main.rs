@@ -6,6 +6,7 @@ mod client;
 mod generate;
 mod memory;
 mod model_fetch;
+mod orchestrator;
 mod pipeline;
 mod worker;
 
@@ -33,6 +34,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Serve one shard (a layer range) of a pipeline described by a topology file.
     Worker(worker::WorkerArgs),
+    /// Serve pools through an OpenAI-compatible HTTP API (and the pool REST API).
+    Orchestrator(orchestrator::OrchestratorArgs),
     /// Make a new secret key file and print its peer id (the public key).
     Keygen {
         /// Where to write the key (refuses to overwrite).
@@ -74,6 +77,7 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Worker(args) => worker::run(args),
+        Command::Orchestrator(args) => orchestrator::run(args),
         Command::Keygen { out } => {
             let key = computepool_axl::transport::SecretKey::generate();
             computepool_axl::transport::write_secret_key(&out, &key)?;
