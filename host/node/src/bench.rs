@@ -194,7 +194,7 @@ fn run_sharded(args: BenchArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     for dtype in args.dtype.split(',') {
         let dtype = dtype.trim().to_string();
-        let options = PipelineOptions { model: args.model.clone(), shards, dtype: dtype.clone(), threads, peer_timeout_ms: 1000 };
+        let options = PipelineOptions { model: args.model.clone(), shards, dtype: dtype.clone(), threads, peer_timeout_ms: 1000, client_key: None };
         let pipeline = LocalPipeline::start(&options)?;
         let mut rng = Rng::new(1234);
         let vocab = config.vocab_size;

@@ -168,6 +168,7 @@ fn run_pipeline(args: GenerateArgs) -> anyhow::Result<()> {
                 dtype: args.dtype.clone(),
                 threads,
                 peer_timeout_ms: args.peer_timeout_ms,
+                client_key: None,
             };
             Some(LocalPipeline::start(&options)?)
         }

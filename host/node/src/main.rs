@@ -8,6 +8,7 @@ mod memory;
 mod model_fetch;
 mod orchestrator;
 mod pipeline;
+mod up;
 mod worker;
 
 use std::path::PathBuf;
@@ -34,6 +35,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Serve one shard (a layer range) of a pipeline described by a topology file.
     Worker(worker::WorkerArgs),
+    /// Start a whole pool on this machine (orchestrator and N workers) and serve it until Ctrl-C.
+    Up(up::UpArgs),
     /// Serve pools through an OpenAI-compatible HTTP API (and the pool REST API).
     Orchestrator(orchestrator::OrchestratorArgs),
     /// Make a new secret key file and print its peer id (the public key).
@@ -78,6 +81,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Worker(args) => worker::run(args),
         Command::Orchestrator(args) => orchestrator::run(args),
+        Command::Up(args) => up::run(args),
         Command::Keygen { out } => {
             let key = computepool_axl::transport::SecretKey::generate();
             computepool_axl::transport::write_secret_key(&out, &key)?;
