@@ -273,7 +273,9 @@ fn bad_input_gets_openai_errors_and_the_server_keeps_serving() {
 
     let messages = json!([{"role": "user", "content": "hi"}]);
     let long_prompt = "hello ".repeat(9000);
-    let cases: Vec<(&str, &str, Vec<u8>, u16, &str, Option<&str>)> = vec![
+    // (what, path, body, status, error code, error param)
+    type Case<'a> = (&'a str, &'a str, Vec<u8>, u16, &'a str, Option<&'a str>);
+    let cases: Vec<Case> = vec![
         ("malformed JSON", "/v1/chat/completions", b"{\"model\": \"x\", \"messages\": [".to_vec(), 400, "invalid_json", None),
         ("not an object", "/v1/completions", b"[1, 2]".to_vec(), 400, "invalid_value", None),
         ("unknown model", "/v1/chat/completions", json!({"model": "gpt-9", "messages": messages}).to_string().into_bytes(), 404, "model_not_found", Some("model")),
@@ -383,4 +385,64 @@ fn a_restarted_orchestrator_gets_its_pools_back() {
     assert_eq!(after.json()["choices"][0]["text"], before.json()["choices"][0]["text"]);
     let rows: i64 = again.db().query_row("SELECT COUNT(*) FROM requests", [], |r| r.get(0)).expect("count");
     assert!(rows >= 2, "requests from before the restart are kept: {rows}");
+}
+
+/// 32 streaming clients at once, each with its own prompt, each get exactly the greedy text of their
+/// request run alone; all finish; p50 and p99 time to first token (from the orchestrator's records).
+#[test]
+fn concurrent_streaming_clients_each_get_their_own_single_run() {
+    let Some(model) = smollm2_dir() else {
+        eprintln!("skipped: SmolLM2 is not downloaded (run `make model`)");
+        return;
+    };
+    const CLIENTS: usize = 32;
+    let (_cluster, orchestrator) = setup(&model);
+    let addr = orchestrator.addr.clone();
+    let body = |i: usize, stream: bool| {
+        json!({"model": MODEL, "prompt": format!("Fact number {i} about the number {}:", i * 7 + 3),
+               "max_tokens": 12, "ignore_eos": true, "temperature": 0, "stream": stream})
+    };
+    assert_eq!(post_when_ready(&addr, "/v1/completions", &body(0, false)).status, 200);
+    let alone: Vec<String> = (0..CLIENTS)
+        .map(|i| {
+            let r = http::post(&addr, "/v1/completions", &body(i, false));
+            assert_eq!(r.status, 200, "{}", r.body);
+            r.json()["choices"][0]["text"].as_str().expect("text").to_string()
+        })
+        .collect();
+    let distinct: std::collections::HashSet<&String> = alone.iter().collect();
+    assert!(distinct.len() > CLIENTS / 2, "the prompts should give different texts: {alone:?}");
+
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(CLIENTS));
+    let handles: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let (addr, barrier, body) = (addr.clone(), barrier.clone(), body(i, true));
+            std::thread::spawn(move || {
+                barrier.wait();
+                let r = http::post(&addr, "/v1/completions", &body);
+                let (text, finish, _) = read_stream(&r, "text_completion", false);
+                let id: Value = serde_json::from_str(&r.sse_data()[0]).expect("JSON");
+                (text, finish, id["id"].as_str().expect("id").to_string())
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for (i, h) in handles.into_iter().enumerate() {
+        let (text, finish, id) = h.join().expect("client thread");
+        assert_eq!(finish, "length");
+        assert_eq!(text, alone[i], "client {i} got another text under load");
+        ids.push(id);
+    }
+    let ttft = |id: &String| -> Option<f64> {
+        orchestrator
+            .db()
+            .query_row("SELECT time_to_first_token_ms FROM requests WHERE id = ?1 AND outcome = 'length'", [id], |r| r.get(0))
+            .ok()
+            .flatten()
+    };
+    assert!(wait_for(Duration::from_secs(2), || ids.iter().all(|id| ttft(id).is_some())), "every request is recorded");
+    let mut ms: Vec<f64> = ids.iter().filter_map(ttft).collect();
+    ms.sort_by(f64::total_cmp);
+    let pct = |p: f64| ms[((ms.len() as f64 * p).ceil() as usize).clamp(1, ms.len()) - 1];
+    eprintln!("{CLIENTS} concurrent streams: time to first token p50 {:.1} ms, p99 {:.1} ms", pct(0.50), pct(0.99));
 }

@@ -351,10 +351,10 @@ impl ResponseMeta {
             "system_fingerprint": null,
             "choices": choices,
         });
-        if self.endpoint == Endpoint::Completion {
-            if let Some(map) = v.as_object_mut() {
-                map.remove("system_fingerprint");
-            }
+        if self.endpoint == Endpoint::Completion
+            && let Some(map) = v.as_object_mut()
+        {
+            map.remove("system_fingerprint");
         }
         v
     }

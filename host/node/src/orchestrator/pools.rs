@@ -118,7 +118,7 @@ impl Pool {
     /// Closes the connection to the entry (when no request holds it any more).
     pub async fn disconnect(&self) {
         let client = self.entry.lock().await.take();
-        if let Some(client) = client.and_then(|c| Arc::into_inner(c)) {
+        if let Some(client) = client.and_then(Arc::into_inner) {
             client.close().await;
         }
     }
