@@ -201,6 +201,7 @@ fn run_sharded(args: BenchArgs) -> anyhow::Result<()> {
             threads,
             peer_timeout_ms: 1000,
             devices: Vec::new(),
+            client_key: None,
         };
         let pipeline = LocalPipeline::start(&options)?;
         let mut rng = Rng::new(1234);

@@ -3,11 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use computepool_axl::transport::{GENERATE_ALPN, ShardPeer, Transport, TransportConfig, describe_close};
 use iroh::SecretKey;
-use iroh::endpoint::Connection;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use iroh::endpoint::{Connection, RecvStream, VarInt};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 
 use crate::worker::api::{ErrorKind, Event, FinishReason, GenerateRequest};
 
@@ -52,13 +52,10 @@ impl EntryClient {
         Ok(Self { transport, conn })
     }
 
-    /// Runs one request, calling `on_event` for each event as it arrives.
-    pub async fn generate(
-        &self,
-        request: &GenerateRequest,
-        mut on_event: impl FnMut(&Event),
-    ) -> anyhow::Result<Result<Completion, RequestFailed>> {
-        let started = Instant::now();
+    /// Sends one request and returns its stream of events. Dropping the [`RequestStream`] before the
+    /// request is over cancels it at the entry (docs/PROTOCOL.md §12). `Err` means the request could not
+    /// be sent (the connection is gone: the caller should reconnect).
+    pub async fn start(&self, request: &GenerateRequest) -> anyhow::Result<RequestStream> {
         let (mut send, recv) = self.conn.open_bi().await.map_err(|e| anyhow::anyhow!(describe_close(&e)))?;
         let mut line = serde_json::to_vec(request)?;
         line.push(b'\n');
@@ -66,22 +63,25 @@ impl EntryClient {
             bail!("sending the request to the entry: {}", self.why_closed(e.to_string()));
         }
         let _ = send.finish();
-        let mut lines = BufReader::new(recv).lines();
+        Ok(RequestStream { lines: BufReader::new(recv).lines(), conn: self.conn.clone(), over: false })
+    }
+
+    /// Whether the connection to the entry is closed (a new one is needed).
+    pub fn is_closed(&self) -> bool {
+        self.conn.close_reason().is_some()
+    }
+
+    /// Runs one request, calling `on_event` for each event as it arrives.
+    pub async fn generate(
+        &self,
+        request: &GenerateRequest,
+        mut on_event: impl FnMut(&Event),
+    ) -> anyhow::Result<Result<Completion, RequestFailed>> {
+        let started = Instant::now();
+        let mut stream = self.start(request).await?;
         let (mut id, mut tokens, mut text, mut prompt_tokens) = (String::new(), Vec::new(), String::new(), 0);
         let mut first_token: Option<Instant> = None;
-        loop {
-            let line = match lines.next_line().await {
-                Ok(Some(line)) => line,
-                Ok(None) => {
-                    let why = self.why_closed("it closed the stream before the request finished".into());
-                    bail!("the entry ended the request without an answer: {why}");
-                }
-                Err(e) => {
-                    let message = format!("the entry's stream broke: {}", self.why_closed(e.to_string()));
-                    return Ok(Err(RequestFailed { code: ErrorKind::Unavailable, message }));
-                }
-            };
-            let event: Event = serde_json::from_str(&line).with_context(|| format!("unreadable event from the entry: {line:?}"))?;
+        while let Some(event) = stream.next_event().await {
             on_event(&event);
             match event {
                 Event::Started { id: i, prompt_tokens: p } => {
@@ -108,6 +108,7 @@ impl EntryClient {
                 Event::Error { code, message } => return Ok(Err(RequestFailed { code, message })),
             }
         }
+        bail!("the entry's event stream ended without a final event")
     }
 
     /// The connection's close reason if it is closed (e.g. "unknown peer"), else `fallback`.
@@ -150,5 +151,64 @@ impl EntryClient {
     pub async fn close(self) {
         self.conn.close(0u32.into(), b"done");
         self.transport.close().await;
+    }
+}
+
+/// The events of one request in flight, in order.
+///
+/// Dropping it before the final event cancels the request: the receive side is stopped
+/// (`STOP_SENDING`), the entry notices at once and sends `end` down the pipeline, which frees the
+/// request's KV cache on every shard.
+pub struct RequestStream {
+    lines: Lines<BufReader<RecvStream>>,
+    conn: Connection,
+    over: bool,
+}
+
+/// Application error code a client stops a request's stream with when it cancels the request.
+pub const CANCEL_CODE: u32 = 0;
+
+impl RequestStream {
+    /// The next event; `None` after the final one (`done` or `error`). A broken stream or an unreadable
+    /// line is reported as a final `error` event (code `unavailable` or `internal`).
+    pub async fn next_event(&mut self) -> Option<Event> {
+        if self.over {
+            return None;
+        }
+        let event = match self.lines.next_line().await {
+            Ok(Some(line)) => serde_json::from_str(&line).unwrap_or_else(|e| Event::Error {
+                code: ErrorKind::Internal,
+                message: format!("unreadable event from the entry ({e}): {line:?}"),
+            }),
+            Ok(None) => Event::Error {
+                code: ErrorKind::Unavailable,
+                message: format!(
+                    "the entry ended the request without an answer: {}",
+                    self.why_closed("it closed the stream before the request finished")
+                ),
+            },
+            Err(e) => Event::Error {
+                code: ErrorKind::Unavailable,
+                message: format!("the entry's stream broke: {}", self.why_closed(&e.to_string())),
+            },
+        };
+        self.over = matches!(event, Event::Done { .. } | Event::Error { .. });
+        Some(event)
+    }
+
+    fn why_closed(&self, fallback: &str) -> String {
+        match self.conn.close_reason() {
+            Some(e) => describe_close(&e),
+            None => fallback.to_string(),
+        }
+    }
+}
+
+impl Drop for RequestStream {
+    fn drop(&mut self) {
+        if !self.over {
+            // Explicit rather than left to the QUIC stream's own drop: this is the cancel signal.
+            let _ = self.lines.get_mut().get_mut().stop(VarInt::from_u32(CANCEL_CODE));
+        }
     }
 }

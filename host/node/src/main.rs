@@ -6,7 +6,9 @@ mod client;
 mod generate;
 mod memory;
 mod model_fetch;
+mod orchestrator;
 mod pipeline;
+mod up;
 mod worker;
 
 use std::path::PathBuf;
@@ -33,6 +35,10 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Serve one shard (a layer range) of a pipeline described by a topology file.
     Worker(worker::WorkerArgs),
+    /// Start a whole pool on this machine (orchestrator and N workers) and serve it until Ctrl-C.
+    Up(up::UpArgs),
+    /// Serve pools through an OpenAI-compatible HTTP API (and the pool REST API).
+    Orchestrator(orchestrator::OrchestratorArgs),
     /// Make a new secret key file and print its peer id (the public key).
     Keygen {
         /// Where to write the key (refuses to overwrite).
@@ -74,6 +80,8 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Worker(args) => worker::run(args),
+        Command::Orchestrator(args) => orchestrator::run(args),
+        Command::Up(args) => up::run(args),
         Command::Keygen { out } => {
             let key = computepool_axl::transport::SecretKey::generate();
             computepool_axl::transport::write_secret_key(&out, &key)?;

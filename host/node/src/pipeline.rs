@@ -25,6 +25,8 @@ pub struct PipelineOptions {
     pub peer_timeout_ms: u64,
     /// Each worker's `--device`, in shard order; empty is all `cpu`, one entry applies to all.
     pub devices: Vec<String>,
+    /// The key of the client the topology allows (an orchestrator's); a fresh one when `None`.
+    pub client_key: Option<SecretKey>,
 }
 
 /// What a worker reported when it was ready.
@@ -81,7 +83,7 @@ impl LocalPipeline {
         let ranges = even_split(config.num_layers as u32, options.shards)?;
         let dir = tempfile::Builder::new().prefix("computepool-pipeline-").tempdir()?;
         let keys: Vec<SecretKey> = (0..options.shards).map(|_| SecretKey::generate()).collect();
-        let client_key = SecretKey::generate();
+        let client_key = options.client_key.clone().unwrap_or_else(SecretKey::generate);
         let mut shards = Vec::new();
         for (i, (key, layers)) in keys.iter().zip(&ranges).enumerate() {
             write_secret_key(&dir.path().join(format!("worker-{i}.key")), key)?;
@@ -164,6 +166,11 @@ impl LocalPipeline {
         let text = std::fs::read_to_string(self.log_path(i)).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// The pipeline's topology.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
     }
 
     /// A client connection to the entry.

@@ -35,9 +35,10 @@ pub struct GenerateRequest {
     /// Token ids, used as they are.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_tokens: Option<Vec<u32>>,
-    /// Most tokens to generate. Default 128.
-    #[serde(default = "default_max_tokens")]
-    pub max_tokens: usize,
+    /// Most tokens to generate (at least 1). Default: as many as the context window has room for after
+    /// the prompt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<usize>,
     /// Default 0 (greedy).
     #[serde(default)]
     pub temperature: f32,
@@ -58,10 +59,6 @@ pub struct GenerateRequest {
     pub ignore_eos: bool,
 }
 
-fn default_max_tokens() -> usize {
-    128
-}
-
 fn default_top_p() -> f32 {
     1.0
 }
@@ -74,7 +71,7 @@ impl GenerateRequest {
             prompt: Some(prompt.into()),
             messages: None,
             prompt_tokens: None,
-            max_tokens,
+            max_tokens: Some(max_tokens),
             temperature: 0.0,
             top_p: 1.0,
             top_k: 0,
@@ -101,6 +98,8 @@ pub enum FinishReason {
 pub enum ErrorKind {
     /// The request is at fault; do not retry it unchanged.
     InvalidRequest,
+    /// The prompt, plus `max_tokens` when given, does not fit the model's context window.
+    ContextLengthExceeded,
     /// Frames were lost or reordered; a retry may work.
     Sequence,
     /// A shard is down or unreachable; retry later.
@@ -165,7 +164,7 @@ mod tests {
     #[test]
     fn requests_are_strict_and_defaulted() {
         let r: GenerateRequest = serde_json::from_str(r#"{"prompt":"hi"}"#).expect("parses");
-        assert_eq!(r.max_tokens, 128);
+        assert_eq!(r.max_tokens, None);
         assert_eq!(r.top_p, 1.0);
         assert!(serde_json::from_str::<GenerateRequest>(r#"{"prompt":"hi","n":2}"#).is_err());
         let line = serde_json::to_string(&Event::Token { token: 5, text: "a".into() }).expect("serialises");

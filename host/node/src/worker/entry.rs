@@ -178,16 +178,25 @@ impl Entry {
         if prompt.is_empty() {
             return Err(invalid("empty prompt: at least one token is needed".into()));
         }
-        if req.max_tokens == 0 {
-            return Err(invalid("max_tokens must be at least 1".into()));
-        }
-        if prompt.len() + req.max_tokens > self.config.context {
-            return Err(invalid(format!(
-                "prompt of {} tokens plus {} new ones exceeds the context window of {} tokens",
-                prompt.len(),
-                req.max_tokens,
-                self.config.context
-            )));
+        let room = self.config.context.saturating_sub(prompt.len());
+        let max_tokens = match req.max_tokens {
+            Some(0) => return Err(invalid("max_tokens must be at least 1".into())),
+            Some(n) => n,
+            None => room,
+        };
+        if max_tokens == 0 || max_tokens > room {
+            let asked = match req.max_tokens {
+                Some(n) => format!(" plus {n} new ones"),
+                None => String::new(),
+            };
+            return Err(Event::Error {
+                code: ErrorKind::ContextLengthExceeded,
+                message: format!(
+                    "prompt of {} tokens{asked} exceeds the context window of {} tokens",
+                    prompt.len(),
+                    self.config.context
+                ),
+            });
         }
         let params =
             SamplingParams { temperature: req.temperature, top_k: req.top_k as usize, top_p: req.top_p, seed: req.seed };
@@ -195,7 +204,7 @@ impl Entry {
         let engine_req = generate::GenerateRequest {
             prompt: prompt.clone(),
             params,
-            max_new_tokens: req.max_tokens,
+            max_new_tokens: max_tokens,
             stop_strings: req.stop.clone(),
             stop_token_ids: Vec::new(),
             ignore_eos: req.ignore_eos,

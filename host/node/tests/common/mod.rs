@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+pub mod http;
 pub mod netns;
 
 /// The engine's test support: seeded tiny checkpoints, and where the real SmolLM2 model is.

@@ -1,0 +1,100 @@
+//! The orchestrator's errors, each with the HTTP status and the OpenAI-shaped body a client gets:
+//! `{"error": {"message", "type", "param", "code"}}`.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// Why a request to the orchestrator failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The body is not valid JSON.
+    #[error("the request body is not valid JSON: {0}")]
+    MalformedJson(String),
+    /// A field is missing, has the wrong type, or a value is out of range.
+    #[error("{message}")]
+    InvalidParameter { param: Option<String>, message: String },
+    /// No pool serves this model.
+    #[error("the model `{0}` does not exist: GET /v1/models lists the models served here")]
+    ModelNotFound(String),
+    /// No pool has this id.
+    #[error("no pool has the id `{0}`")]
+    PoolNotFound(String),
+    /// A pool with this id or model exists already.
+    #[error("{0}")]
+    Conflict(String),
+    /// The body is larger than the server takes.
+    #[error("the request body is larger than {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    /// The prompt (plus max_tokens) does not fit the model's context window.
+    #[error("{message}")]
+    ContextLengthExceeded { param: &'static str, message: String },
+    /// The pool cannot take requests now (a shard is down, or the entry is unreachable).
+    #[error("the pool for `{model}` is unavailable: {reason}")]
+    Unavailable { model: String, reason: String },
+    /// Something broke inside the orchestrator or a shard.
+    #[error("internal error: {0}")]
+    Internal(String),
+    /// The route does not exist.
+    #[error("no route for {0}")]
+    NoRoute(String),
+}
+
+impl ApiError {
+    pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::InvalidParameter { param: Some(param.into()), message: message.into() }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::MalformedJson(_) | Self::InvalidParameter { .. } | Self::ContextLengthExceeded { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::ModelNotFound(_) | Self::PoolNotFound(_) | Self::NoRoute(_) => StatusCode::NOT_FOUND,
+            Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// OpenAI's `type`, `param` and `code` for this error.
+    fn parts(&self) -> (&'static str, Option<&str>, Option<&'static str>) {
+        match self {
+            Self::MalformedJson(_) => ("invalid_request_error", None, Some("invalid_json")),
+            Self::InvalidParameter { param, .. } => ("invalid_request_error", param.as_deref(), Some("invalid_value")),
+            Self::ModelNotFound(_) => ("invalid_request_error", Some("model"), Some("model_not_found")),
+            Self::PoolNotFound(_) => ("invalid_request_error", None, Some("not_found")),
+            Self::NoRoute(_) => ("invalid_request_error", None, Some("unknown_url")),
+            Self::Conflict(_) => ("invalid_request_error", None, Some("conflict")),
+            Self::BodyTooLarge { .. } => ("invalid_request_error", None, Some("request_too_large")),
+            Self::ContextLengthExceeded { param, .. } => ("invalid_request_error", Some(param), Some("context_length_exceeded")),
+            Self::Unavailable { .. } => ("service_unavailable", None, Some("pool_unavailable")),
+            Self::Internal(_) => ("server_error", None, Some("internal_error")),
+        }
+    }
+
+    /// The `{"error": {...}}` body (also sent as an SSE event when a stream fails midway).
+    pub fn body(&self) -> serde_json::Value {
+        let (kind, param, code) = self.parts();
+        json!({"error": {"message": self.to_string(), "type": kind, "param": param, "code": code}})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!(%status, "{self}");
+        } else {
+            tracing::debug!(%status, "{self}");
+        }
+        (status, axum::Json(self.body())).into_response()
+    }
+}
+
+impl From<rusqlite::Error> for ApiError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Internal(format!("database: {e}"))
+    }
+}

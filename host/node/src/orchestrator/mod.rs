@@ -1,0 +1,151 @@
+//! `computepool orchestrator`: the control plane. It holds pools (a model served by a pipeline of
+//! shards), serves an OpenAI-compatible API and the pool REST API over HTTP (axum), and relays each
+//! request to its pool's entry shard through [`crate::client::EntryClient`]: text and token events
+//! only, never activations (this module does not use the engine). State lives in SQLite.
+//!
+//! - [`routes`]: the HTTP handlers (thin).
+//! - [`service`]: a completion request from pool choice to JSON or SSE, with its usage recorded.
+//! - [`openai`]: OpenAI request and response shapes.
+//! - [`pools`]: pools and their entry connections.
+//! - [`store`]: SQLite (WAL): pools and requests.
+//! - [`error`]: errors as OpenAI-shaped bodies with their status codes.
+
+pub mod error;
+pub mod openai;
+pub mod pools;
+pub mod routes;
+pub mod service;
+pub mod store;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use clap::Args;
+use computepool_axl::transport::{SecretKey, load_or_create_secret_key};
+
+use pools::Pools;
+use store::Store;
+
+/// Shared state of the HTTP handlers.
+pub struct AppState {
+    pub pools: Pools,
+    pub store: Arc<Store>,
+    /// This orchestrator's peer id (pools' topologies list it as a client).
+    pub peer: String,
+}
+
+impl AppState {
+    /// Opens the database in `state_dir` and restores its pools; `key` is the orchestrator's identity.
+    pub fn open(state_dir: &Path, key: SecretKey) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
+        let db = state_dir.join("orchestrator.db");
+        let store = Store::open(&db).with_context(|| format!("opening {}", db.display()))?;
+        let peer = key.public().to_string();
+        let pools = Pools::load(&store, key).with_context(|| format!("reading pools from {}", db.display()))?;
+        Ok(Self { pools, store: Arc::new(store), peer })
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct OrchestratorArgs {
+    /// HTTP address to serve on (port 0 picks a free one; the ready line says which).
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    pub listen: SocketAddr,
+    /// Where the database (orchestrator.db) and the orchestrator's P2P key (orchestrator.key, made if
+    /// missing) live.
+    #[arg(long, default_value = "computepool-state")]
+    pub state_dir: PathBuf,
+}
+
+/// The key file of an orchestrator whose state lives in `state_dir`.
+pub fn key_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("orchestrator.key")
+}
+
+/// The HTTP API.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(routes::healthz))
+        .route("/pools", get(routes::list_pools).post(routes::create_pool))
+        .route("/pools/{id}", get(routes::get_pool))
+        .route("/v1/models", get(routes::list_models))
+        .route("/v1/models/{model}", get(routes::get_model))
+        .route("/v1/chat/completions", post(routes::chat_completions))
+        .route("/v1/completions", post(routes::completions))
+        .fallback(routes::no_route)
+        .layer(DefaultBodyLimit::max(routes::MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// Serves `state` on `listener` until `shutdown` resolves; streams still open then get `grace` to end.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let signal = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
+    let server = axum::serve(listener, router(state)).with_graceful_shutdown(signal);
+    let deadline = async move {
+        let _ = stop_rx.wait_for(|stop| *stop).await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        result = server => result,
+        _ = deadline => Ok(()),
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+/// Runs the orchestrator until Ctrl-C or SIGTERM.
+pub fn run(args: OrchestratorArgs) -> anyhow::Result<()> {
+    let key = load_or_create_secret_key(&key_path(&args.state_dir))?;
+    let state = Arc::new(AppState::open(&args.state_dir, key)?);
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        // Whoever started us (tests, `computepool up`) waits for this line.
+        println!("{}", serde_json::json!({"event": "ready", "url": format!("http://{addr}"), "peer": state.peer}));
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        tracing::info!(%addr, pools = state.pools.all().len(), "orchestrator serving");
+        serve(listener, state.clone(), shutdown_signal(), Duration::from_secs(2)).await?;
+        state.pools.disconnect_all().await;
+        Ok(())
+    })
+}

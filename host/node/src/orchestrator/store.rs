@@ -1,0 +1,255 @@
+//! Durable state in SQLite (WAL): the pools this orchestrator serves, and every request with its usage.
+//! A restarted orchestrator reads its pools back from here. Secrets never go in: a pool row holds the
+//! topology (public peer ids and addresses), not the orchestrator's key.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use computepool_axl::transport::Topology;
+use rusqlite::{Connection, params};
+
+/// A registered pool, as stored.
+#[derive(Debug, Clone)]
+pub struct PoolRecord {
+    pub id: String,
+    /// The model name clients ask for (`model` in OpenAI requests).
+    pub model: String,
+    /// The model's Hugging Face layout directory (config, tokenizer, chat template).
+    pub model_dir: PathBuf,
+    pub topology: Topology,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// How a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Stop,
+    Length,
+    Error,
+    /// The client went away first.
+    Cancelled,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+            Self::Error => "error",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// One request and its usage.
+#[derive(Debug, Clone)]
+pub struct RequestRecord {
+    pub id: String,
+    pub pool_id: String,
+    pub model: String,
+    /// `chat.completions` or `completions`.
+    pub endpoint: &'static str,
+    pub stream: bool,
+    /// Unix milliseconds.
+    pub started_at_ms: i64,
+    pub prompt_tokens: Option<usize>,
+    pub completion_tokens: usize,
+    pub time_to_first_token_ms: Option<f64>,
+    pub duration_ms: f64,
+    pub outcome: Outcome,
+    pub error: Option<String>,
+}
+
+/// The database. One connection behind a mutex: writes are a row per request, far below SQLite's limits.
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS pools (
+    id          TEXT PRIMARY KEY,
+    model       TEXT NOT NULL UNIQUE,
+    model_dir   TEXT NOT NULL,
+    topology    TEXT NOT NULL,
+    created_at  INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS requests (
+    id                      TEXT PRIMARY KEY,
+    pool_id                 TEXT NOT NULL,
+    model                   TEXT NOT NULL,
+    endpoint                TEXT NOT NULL,
+    stream                  INTEGER NOT NULL,
+    started_at_ms           INTEGER NOT NULL,
+    prompt_tokens           INTEGER,
+    completion_tokens       INTEGER NOT NULL,
+    time_to_first_token_ms  REAL,
+    duration_ms             REAL NOT NULL,
+    outcome                 TEXT NOT NULL,
+    error                   TEXT
+);
+CREATE INDEX IF NOT EXISTS requests_by_pool ON requests (pool_id, started_at_ms);
+";
+
+impl Store {
+    /// Opens (or creates) the database at `path` in WAL mode.
+    pub fn open(path: &Path) -> rusqlite::Result<Self> {
+        let conn = Connection::open(path)?;
+        Self::init(conn)
+    }
+
+    /// A private in-memory database (tests).
+    #[cfg(test)]
+    pub fn in_memory() -> rusqlite::Result<Self> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(conn: Connection) -> rusqlite::Result<Self> {
+        // WAL: readers never block the writer, and a crash loses at most the transaction in flight.
+        let _mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self { conn: Mutex::new(conn) })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave the connection half-written (SQLite transactions
+        // are atomic), so a poisoned lock is still usable.
+        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Every stored pool. A row whose topology no longer parses is an error, not skipped silently.
+    pub fn pools(&self) -> rusqlite::Result<Vec<PoolRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT id, model, model_dir, topology, created_at FROM pools ORDER BY created_at, id")?;
+        let rows = stmt.query_map([], |row| {
+            let topology: String = row.get(3)?;
+            let topology = Topology::from_json(&topology).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Text, Box::new(e))
+            })?;
+            Ok(PoolRecord {
+                id: row.get(0)?,
+                model: row.get(1)?,
+                model_dir: PathBuf::from(row.get::<_, String>(2)?),
+                topology,
+                created_at: row.get(4)?,
+            })
+        })?;
+        rows.collect()
+    }
+
+    /// Stores a pool; with `replace`, a pool with the same id or model is replaced.
+    pub fn put_pool(&self, pool: &PoolRecord, replace: bool) -> rusqlite::Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        if replace {
+            tx.execute("DELETE FROM pools WHERE id = ?1 OR model = ?2", params![pool.id, pool.model])?;
+        }
+        tx.execute(
+            "INSERT INTO pools (id, model, model_dir, topology, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![pool.id, pool.model, pool.model_dir.to_string_lossy(), pool.topology.to_json(), pool.created_at],
+        )?;
+        tx.commit()
+    }
+
+    /// Records a finished (or failed, or cancelled) request.
+    pub fn record_request(&self, r: &RequestRecord) -> rusqlite::Result<()> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO requests (id, pool_id, model, endpoint, stream, started_at_ms, prompt_tokens,
+                completion_tokens, time_to_first_token_ms, duration_ms, outcome, error)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            params![
+                r.id,
+                r.pool_id,
+                r.model,
+                r.endpoint,
+                r.stream,
+                r.started_at_ms,
+                r.prompt_tokens.map(|n| n as i64),
+                r.completion_tokens as i64,
+                r.time_to_first_token_ms,
+                r.duration_ms,
+                r.outcome.as_str(),
+                r.error,
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The outcome and token counts of one request, if recorded.
+    #[cfg(test)]
+    pub fn request_usage(&self, id: &str) -> rusqlite::Result<Option<(String, Option<i64>, i64)>> {
+        use rusqlite::OptionalExtension;
+        self.conn()
+            .query_row("SELECT outcome, prompt_tokens, completion_tokens FROM requests WHERE id = ?1", [id], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            })
+            .optional()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topology() -> Topology {
+        let shard = |s, e| {
+            let key = computepool_axl::transport::SecretKey::generate();
+            computepool_axl::transport::ShardPeer {
+                peer: key.public(),
+                layers: computepool_axl::transport::Layers { start: s, end: e },
+                addrs: vec!["127.0.0.1:4000".parse().expect("address")],
+            }
+        };
+        Topology { num_layers: 4, shards: vec![shard(0, 2), shard(2, 4)], clients: vec![] }
+    }
+
+    #[test]
+    fn pools_round_trip_and_conflict_unless_replaced() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("state.db");
+        let pool = PoolRecord {
+            id: "p1".into(),
+            model: "m".into(),
+            model_dir: "/models/m".into(),
+            topology: topology(),
+            created_at: 7,
+        };
+        {
+            let store = Store::open(&path).expect("opens");
+            store.put_pool(&pool, false).expect("stores");
+            assert!(store.put_pool(&pool, false).is_err(), "the same id twice is refused");
+            store.put_pool(&pool, true).expect("replaces");
+        }
+        let store = Store::open(&path).expect("reopens");
+        let pools = store.pools().expect("reads");
+        assert_eq!(pools.len(), 1);
+        assert_eq!(pools[0].topology, pool.topology);
+        assert_eq!(pools[0].model_dir, PathBuf::from("/models/m"));
+        let mode: String = store.conn().query_row("PRAGMA journal_mode", [], |r| r.get(0)).expect("mode");
+        assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn requests_are_recorded_with_usage() {
+        let store = Store::in_memory().expect("opens");
+        let record = RequestRecord {
+            id: "chatcmpl-1".into(),
+            pool_id: "p1".into(),
+            model: "m".into(),
+            endpoint: "chat.completions",
+            stream: true,
+            started_at_ms: 1,
+            prompt_tokens: Some(12),
+            completion_tokens: 5,
+            time_to_first_token_ms: Some(3.5),
+            duration_ms: 9.0,
+            outcome: Outcome::Length,
+            error: None,
+        };
+        store.record_request(&record).expect("records");
+        assert_eq!(store.request_usage("chatcmpl-1").expect("reads"), Some(("length".into(), Some(12), 5)));
+        assert_eq!(store.request_usage("nope").expect("reads"), None);
+    }
+}

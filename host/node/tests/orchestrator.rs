@@ -1,0 +1,448 @@
+//! The orchestrator as a separate process in front of a pipeline of real worker processes: its
+//! OpenAI-compatible API returns exactly the tokens of a direct run, in OpenAI's shapes (JSON and SSE),
+//! turns bad input into OpenAI-style 4xx errors and keeps serving, cancels a request at the entry when
+//! its client hangs up, records usage in SQLite, and gets its pools back after a restart.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::http::{self, EventStream};
+use common::{Cluster, bin, smollm2_dir, wait_for};
+use serde_json::{Value, json};
+
+const MODEL: &str = "smollm2-135m-instruct";
+
+/// A `computepool orchestrator` process.
+struct Orchestrator {
+    child: Child,
+    addr: String,
+    state_dir: PathBuf,
+    log: PathBuf,
+}
+
+impl Orchestrator {
+    /// Starts one on a free port with its state in `state_dir`, and waits for its ready line.
+    fn start(state_dir: &Path) -> Self {
+        let log = state_dir.join("orchestrator.log");
+        std::fs::create_dir_all(state_dir).expect("state dir");
+        let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log");
+        let mut child = Command::new(bin())
+            .args(["orchestrator", "--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(state_dir)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr))
+            .spawn()
+            .expect("start the orchestrator");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("ready line");
+        let ready: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("ready line {line:?} ({e}):\n{}", std::fs::read_to_string(&log).unwrap_or_default()));
+        let addr = ready["url"].as_str().expect("url").trim_start_matches("http://").to_string();
+        Self { child, addr, state_dir: state_dir.to_path_buf(), log }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn db(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open(self.state_dir.join("orchestrator.db")).expect("open the database")
+    }
+}
+
+impl Drop for Orchestrator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Two SmolLM2 workers and an orchestrator serving them as a pool (the orchestrator's key is the
+/// topology's client).
+fn setup(model: &Path) -> (Cluster, Orchestrator) {
+    let mut cluster = Cluster::local(model, 30, 2, &[]);
+    cluster.start_all();
+    let state_dir = cluster.dir.path().join("orchestrator");
+    std::fs::create_dir_all(&state_dir).expect("state dir");
+    std::fs::copy(cluster.dir.path().join("client.key"), state_dir.join("orchestrator.key")).expect("key");
+    let orchestrator = Orchestrator::start(&state_dir);
+    register(&cluster, &orchestrator, model);
+    (cluster, orchestrator)
+}
+
+fn register(cluster: &Cluster, orchestrator: &Orchestrator, model: &Path) {
+    let topology: Value =
+        serde_json::from_str(&std::fs::read_to_string(cluster.topology_path()).expect("topology")).expect("JSON");
+    let spec = json!({"id": "smol", "model": MODEL, "model_dir": model, "topology": topology});
+    let r = http::post(&orchestrator.addr, "/pools", &spec);
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.json()["model"], MODEL);
+}
+
+/// Sends `body` until the pool answers 200 (its workers' links come up after they report ready).
+fn post_when_ready(addr: &str, path: &str, body: &Value) -> http::Response {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = http::post(addr, path, body);
+        if r.status != 503 || Instant::now() > deadline {
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// What a direct one-process `computepool generate` run printed.
+struct Direct {
+    text: String,
+    tokens: usize,
+    prompt_tokens: usize,
+    finish_reason: String,
+}
+
+fn direct(model: &Path, args: &[&str]) -> Direct {
+    let out = Command::new(bin())
+        .arg("generate")
+        .arg("--model")
+        .arg(model)
+        .args(["--threads", "1", "--temperature", "0", "--json"])
+        .args(args)
+        .output()
+        .expect("run generate");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let line = stderr.lines().rev().find(|l| l.starts_with('{')).expect("JSON line");
+    let v: Value = serde_json::from_str(line).expect("JSON");
+    let stdout = String::from_utf8(out.stdout).expect("UTF-8");
+    Direct {
+        text: stdout.strip_suffix('\n').expect("a final newline").to_string(),
+        tokens: v["tokens"].as_array().expect("tokens").len(),
+        prompt_tokens: v["prompt_tokens"].as_u64().expect("prompt tokens") as usize,
+        finish_reason: v["finish_reason"].as_str().expect("finish reason").to_string(),
+    }
+}
+
+fn usage_of(v: &Value) -> (u64, u64, u64) {
+    let u = &v["usage"];
+    (u["prompt_tokens"].as_u64().expect("prompt"), u["completion_tokens"].as_u64().expect("completion"), u["total_tokens"].as_u64().expect("total"))
+}
+
+/// Checks an SSE body's shape and returns its text, finish reason and usage (when asked for).
+fn read_stream(r: &http::Response, object: &str, chat: bool) -> (String, String, Option<Value>) {
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.header("content-type").is_some_and(|c| c.starts_with("text/event-stream")), "{:?}", r.headers);
+    let data = r.sse_data();
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "the stream ends with [DONE]: {:?}", r.body);
+    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).expect("JSON chunk")).collect();
+    let id = chunks[0]["id"].as_str().expect("id").to_string();
+    let (mut text, mut finish, mut usage) = (String::new(), None, None);
+    for (i, c) in chunks.iter().enumerate() {
+        assert_eq!(c["object"], object);
+        assert_eq!(c["id"], id.as_str(), "every chunk has the response's id");
+        assert_eq!(c["model"], MODEL);
+        assert!(c["created"].as_u64().is_some());
+        let choices = c["choices"].as_array().expect("choices");
+        if choices.is_empty() {
+            assert_eq!(i, chunks.len() - 1, "the usage chunk is the last one");
+            usage = Some(c["usage"].clone());
+            continue;
+        }
+        assert!(finish.is_none(), "nothing but usage after the finish chunk");
+        let choice = &choices[0];
+        assert_eq!(choice["index"], 0);
+        if chat {
+            if i == 0 {
+                assert_eq!(choice["delta"]["role"], "assistant", "the first chunk names the role");
+            }
+            text.push_str(choice["delta"]["content"].as_str().unwrap_or(""));
+        } else {
+            text.push_str(choice["text"].as_str().expect("text"));
+        }
+        if let Some(f) = choice["finish_reason"].as_str() {
+            finish = Some(f.to_string());
+        }
+    }
+    (text, finish.expect("a finish chunk"), usage)
+}
+
+#[test]
+fn the_openai_api_returns_the_direct_runs_tokens_in_openai_shapes() {
+    let Some(model) = smollm2_dir() else {
+        eprintln!("skipped: SmolLM2 is not downloaded (run `make model`)");
+        return;
+    };
+    let question = "What is the capital of France? Answer in one sentence.";
+    let story = "Once upon a time";
+    let want_chat = direct(&model, &["--chat", "--prompt", question, "--max-tokens", "40"]);
+    let want_text = direct(&model, &["--prompt", story, "--max-tokens", "24"]);
+    let want_stop = direct(&model, &["--prompt", story, "--max-tokens", "40", "--stop", ","]);
+    assert!(want_chat.tokens > 3 && want_text.tokens == 24, "direct runs: {} and {} tokens", want_chat.tokens, want_text.tokens);
+    let (_cluster, orchestrator) = setup(&model);
+    let addr = orchestrator.addr.as_str();
+
+    let chat = json!({"model": MODEL, "messages": [{"role": "user", "content": question}], "max_tokens": 40, "temperature": 0});
+    let r = post_when_ready(addr, "/v1/chat/completions", &chat);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["object"], "chat.completion");
+    assert!(v["id"].as_str().is_some_and(|id| id.starts_with("chatcmpl-")));
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(v["choices"][0]["message"]["content"], want_chat.text.as_str());
+    assert_eq!(v["choices"][0]["finish_reason"], want_chat.finish_reason.as_str());
+    let total = (want_chat.prompt_tokens + want_chat.tokens) as u64;
+    assert_eq!(usage_of(&v), (want_chat.prompt_tokens as u64, want_chat.tokens as u64, total));
+
+    let mut streamed = chat.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let r = http::post(addr, "/v1/chat/completions", &streamed);
+    let (text, finish, usage) = read_stream(&r, "chat.completion.chunk", true);
+    assert_eq!((text.as_str(), finish.as_str()), (want_chat.text.as_str(), want_chat.finish_reason.as_str()));
+    let usage = usage.expect("include_usage gives a usage chunk");
+    assert_eq!(usage["completion_tokens"], want_chat.tokens as u64);
+    assert_eq!(usage["total_tokens"], total);
+
+    // Without include_usage: no usage chunk, and no usage field on the chunks.
+    streamed["stream_options"] = Value::Null;
+    let r = http::post(addr, "/v1/chat/completions", &streamed);
+    let (text, _, usage) = read_stream(&r, "chat.completion.chunk", true);
+    assert_eq!((text.as_str(), usage), (want_chat.text.as_str(), None));
+    assert!(!r.body.contains("\"usage\""));
+
+    let completion = json!({"model": MODEL, "prompt": story, "max_tokens": 24, "temperature": 0});
+    let r = http::post(addr, "/v1/completions", &completion);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["choices"][0]["text"], want_text.text.as_str());
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(usage_of(&v).1, 24);
+
+    let mut streamed = completion.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let r = http::post(addr, "/v1/completions", &streamed);
+    let (text, finish, usage) = read_stream(&r, "text_completion", false);
+    assert_eq!((text.as_str(), finish.as_str()), (want_text.text.as_str(), "length"));
+    assert_eq!(usage.expect("usage")["completion_tokens"], 24);
+
+    // A stop string ends the text before it, with finish_reason "stop", as in the direct run.
+    let stop = json!({"model": MODEL, "prompt": story, "max_tokens": 40, "temperature": 0, "stop": [","]});
+    let v = http::post(addr, "/v1/completions", &stop).json();
+    assert_eq!(want_stop.finish_reason, "stop", "the direct run stopped at the comma");
+    assert_eq!(v["choices"][0]["text"], want_stop.text.as_str());
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(usage_of(&v).1, want_stop.tokens as u64);
+
+    // Every request left its usage in the database.
+    let rows_query = || -> Vec<(String, i64, String, Option<f64>)> {
+        orchestrator
+            .db()
+            .prepare("SELECT endpoint, completion_tokens, outcome, time_to_first_token_ms FROM requests WHERE outcome != 'error' ORDER BY started_at_ms")
+            .expect("query")
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .expect("rows")
+            .collect::<Result<_, _>>()
+            .expect("rows")
+    };
+    // Rows are written as each request ends, off the serving threads: give the last one a moment.
+    assert!(wait_for(Duration::from_secs(2), || rows_query().len() >= 6), "{:?}", rows_query());
+    let rows = rows_query();
+    let tail: Vec<(&str, i64)> = rows.iter().rev().take(6).rev().map(|r| (r.0.as_str(), r.1)).collect();
+    let (c, t) = (want_chat.tokens as i64, want_stop.tokens as i64);
+    assert_eq!(tail, [("chat.completions", c), ("chat.completions", c), ("chat.completions", c), ("completions", 24), ("completions", 24), ("completions", t)]);
+    assert!(rows.iter().all(|r| r.3.is_some_and(|ms| ms > 0.0)), "time to first token recorded: {rows:?}");
+}
+
+#[test]
+fn bad_input_gets_openai_errors_and_the_server_keeps_serving() {
+    let Some(model) = smollm2_dir() else {
+        eprintln!("skipped: SmolLM2 is not downloaded (run `make model`)");
+        return;
+    };
+    let (_cluster, orchestrator) = setup(&model);
+    let addr = orchestrator.addr.as_str();
+    let ok = json!({"model": MODEL, "prompt": "Hello", "max_tokens": 3, "temperature": 0});
+    assert_eq!(post_when_ready(addr, "/v1/completions", &ok).status, 200);
+
+    let messages = json!([{"role": "user", "content": "hi"}]);
+    let long_prompt = "hello ".repeat(9000);
+    // (what, path, body, status, error code, error param)
+    type Case<'a> = (&'a str, &'a str, Vec<u8>, u16, &'a str, Option<&'a str>);
+    let cases: Vec<Case> = vec![
+        ("malformed JSON", "/v1/chat/completions", b"{\"model\": \"x\", \"messages\": [".to_vec(), 400, "invalid_json", None),
+        ("not an object", "/v1/completions", b"[1, 2]".to_vec(), 400, "invalid_value", None),
+        ("unknown model", "/v1/chat/completions", json!({"model": "gpt-9", "messages": messages}).to_string().into_bytes(), 404, "model_not_found", Some("model")),
+        ("max_tokens 0", "/v1/chat/completions", json!({"model": MODEL, "messages": messages, "max_tokens": 0}).to_string().into_bytes(), 400, "invalid_value", Some("max_tokens")),
+        ("max_completion_tokens -1", "/v1/chat/completions", json!({"model": MODEL, "messages": messages, "max_completion_tokens": -1}).to_string().into_bytes(), 400, "invalid_value", Some("max_completion_tokens")),
+        ("n 2", "/v1/chat/completions", json!({"model": MODEL, "messages": messages, "n": 2}).to_string().into_bytes(), 400, "invalid_value", Some("n")),
+        ("prompt over the context window", "/v1/completions", json!({"model": MODEL, "prompt": long_prompt, "max_tokens": 4}).to_string().into_bytes(), 400, "context_length_exceeded", Some("prompt")),
+        ("chat over the context window", "/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "user", "content": long_prompt}]}).to_string().into_bytes(), 400, "context_length_exceeded", Some("messages")),
+        ("temperature 5", "/v1/completions", json!({"model": MODEL, "prompt": "a", "temperature": 5}).to_string().into_bytes(), 400, "invalid_value", Some("temperature")),
+        ("a 10 MB body", "/v1/completions", [b"{\"model\":\"x\",\"prompt\":\"".as_slice(), &vec![b'a'; 10 << 20], b"\"}"].concat(), 413, "request_too_large", None),
+        ("bad pool", "/pools", json!({"model": "m", "model_dir": "/nonexistent", "topology": {"num_layers": 1, "shards": []}}).to_string().into_bytes(), 400, "invalid_value", Some("topology")),
+    ];
+    for (what, path, body, status, code, param) in &cases {
+        let r = http::request(addr, "POST", path, body);
+        assert_eq!(r.status, *status, "{what}: {}", r.body);
+        let e = &r.json()["error"];
+        assert_eq!(e["code"], *code, "{what}: {e}");
+        assert_eq!(e["param"].as_str(), *param, "{what}: {e}");
+        assert!(e["message"].as_str().is_some_and(|m| m.len() > 10), "{what}: {e}");
+        assert!(e["type"].as_str().is_some(), "{what}: {e}");
+        // The server is unharmed: a good request right after each bad one works.
+        let r = http::post(addr, "/v1/completions", &ok);
+        assert_eq!(r.status, 200, "after {what}: {}", r.body);
+    }
+    // A pool that does not list this orchestrator as a client is refused with the fix in the message.
+    let topology: Value = serde_json::from_str(&std::fs::read_to_string(_cluster.topology_path()).expect("read")).expect("JSON");
+    let mut stranger = topology.clone();
+    stranger["clients"] = json!([]);
+    let r = http::post(addr, "/pools", &json!({"id": "other", "model": "other", "model_dir": model, "topology": stranger}));
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("add its peer id"), "{}", r.body);
+    let r = http::post(addr, "/pools", &json!({"id": "smol", "model": MODEL, "model_dir": model, "topology": topology}));
+    assert_eq!(r.status, 409, "the same pool twice: {}", r.body);
+    assert_eq!(http::get(addr, "/v1/nothing").status, 404);
+    assert_eq!(http::get(addr, "/pools/nope").status, 404);
+}
+
+#[test]
+fn a_client_that_hangs_up_mid_stream_cancels_its_request_on_every_shard() {
+    let Some(model) = smollm2_dir() else {
+        eprintln!("skipped: SmolLM2 is not downloaded (run `make model`)");
+        return;
+    };
+    let (cluster, orchestrator) = setup(&model);
+    let addr = orchestrator.addr.as_str();
+    assert_eq!(post_when_ready(addr, "/v1/completions", &json!({"model": MODEL, "prompt": "Hi", "max_tokens": 2})).status, 200);
+
+    let long = json!({"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 4000, "ignore_eos": true, "stream": true});
+    let mut stream = EventStream::open(addr, "/v1/completions", &long);
+    assert_eq!(stream.status, 200);
+    let first: Value = serde_json::from_str(&stream.next_data().expect("a chunk")).expect("JSON");
+    let id = first["id"].as_str().expect("id").to_string();
+    for _ in 0..10 {
+        stream.next_data().expect("more chunks");
+    }
+    let freed = |i: usize| cluster.log(i).lines().any(|l| l.contains(&id) && l.contains("KV cache freed"));
+    assert!(!freed(0) && !freed(1), "nothing is freed while the client reads");
+    let hung_up = Instant::now();
+    drop(stream);
+    assert!(
+        wait_for(Duration::from_secs(1), || freed(0) && freed(1)),
+        "the request's KV cache was not freed on every shard within 1 s:\nentry:\n{}\nexit:\n{}",
+        cluster.log(0),
+        cluster.log(1)
+    );
+    eprintln!("freed on both shards {:?} after the hang-up", hung_up.elapsed());
+    let outcome = || -> Option<(String, i64)> {
+        orchestrator
+            .db()
+            .query_row("SELECT outcome, completion_tokens FROM requests WHERE id = ?1", [&id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .ok()
+    };
+    assert!(wait_for(Duration::from_secs(2), || outcome().is_some()), "the request was not recorded");
+    let (outcome, tokens) = outcome().expect("recorded");
+    assert_eq!(outcome, "cancelled");
+    assert!((10..4000).contains(&tokens), "{tokens} tokens before the hang-up");
+    // And the pool still serves.
+    let r = http::post(addr, "/v1/completions", &json!({"model": MODEL, "prompt": "Hi", "max_tokens": 2, "ignore_eos": true}));
+    assert_eq!((r.status, usage_of(&r.json()).1), (200, 2), "{}", r.body);
+}
+
+#[test]
+fn a_restarted_orchestrator_gets_its_pools_back() {
+    let Some(model) = smollm2_dir() else {
+        eprintln!("skipped: SmolLM2 is not downloaded (run `make model`)");
+        return;
+    };
+    let (_cluster, mut orchestrator) = setup(&model);
+    let request = json!({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 6, "temperature": 0});
+    let before = post_when_ready(&orchestrator.addr, "/v1/completions", &request);
+    assert_eq!(before.status, 200, "{}", before.body);
+
+    // SIGKILL: no chance to save anything on the way out.
+    orchestrator.kill();
+    let log = orchestrator.log.clone();
+    let restarted_at = Instant::now();
+    let again = Orchestrator::start(&orchestrator.state_dir);
+    let pools = http::get(&again.addr, "/pools").json();
+    assert_eq!(pools["data"].as_array().map(Vec::len), Some(1), "{pools}");
+    assert_eq!(pools["data"][0]["id"], "smol");
+    assert_eq!(http::get(&again.addr, "/pools/smol").json()["model"], MODEL);
+    assert_eq!(http::get(&again.addr, "/v1/models").json()["data"][0]["id"], MODEL);
+    let after = post_when_ready(&again.addr, "/v1/completions", &request);
+    assert_eq!(after.status, 200, "{}\n{}", after.body, std::fs::read_to_string(&log).unwrap_or_default());
+    let took = restarted_at.elapsed();
+    assert!(took < Duration::from_secs(5), "requests worked again only after {took:?}");
+    assert_eq!(after.json()["choices"][0]["text"], before.json()["choices"][0]["text"]);
+    let rows: i64 = again.db().query_row("SELECT COUNT(*) FROM requests", [], |r| r.get(0)).expect("count");
+    assert!(rows >= 2, "requests from before the restart are kept: {rows}");
+}
+
+/// 32 streaming clients at once, each with its own prompt, each get exactly the greedy text of their
+/// request run alone; all finish; p50 and p99 time to first token (from the orchestrator's records).
+#[test]
+fn concurrent_streaming_clients_each_get_their_own_single_run() {
+    let Some(model) = smollm2_dir() else {
+        eprintln!("skipped: SmolLM2 is not downloaded (run `make model`)");
+        return;
+    };
+    const CLIENTS: usize = 32;
+    let (_cluster, orchestrator) = setup(&model);
+    let addr = orchestrator.addr.clone();
+    let body = |i: usize, stream: bool| {
+        json!({"model": MODEL, "prompt": format!("Fact number {i} about the number {}:", i * 7 + 3),
+               "max_tokens": 12, "ignore_eos": true, "temperature": 0, "stream": stream})
+    };
+    assert_eq!(post_when_ready(&addr, "/v1/completions", &body(0, false)).status, 200);
+    let alone: Vec<String> = (0..CLIENTS)
+        .map(|i| {
+            let r = http::post(&addr, "/v1/completions", &body(i, false));
+            assert_eq!(r.status, 200, "{}", r.body);
+            r.json()["choices"][0]["text"].as_str().expect("text").to_string()
+        })
+        .collect();
+    let distinct: std::collections::HashSet<&String> = alone.iter().collect();
+    assert!(distinct.len() > CLIENTS / 2, "the prompts should give different texts: {alone:?}");
+
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(CLIENTS));
+    let handles: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let (addr, barrier, body) = (addr.clone(), barrier.clone(), body(i, true));
+            std::thread::spawn(move || {
+                barrier.wait();
+                let r = http::post(&addr, "/v1/completions", &body);
+                let (text, finish, _) = read_stream(&r, "text_completion", false);
+                let id: Value = serde_json::from_str(&r.sse_data()[0]).expect("JSON");
+                (text, finish, id["id"].as_str().expect("id").to_string())
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for (i, h) in handles.into_iter().enumerate() {
+        let (text, finish, id) = h.join().expect("client thread");
+        assert_eq!(finish, "length");
+        assert_eq!(text, alone[i], "client {i} got another text under load");
+        ids.push(id);
+    }
+    let ttft = |id: &String| -> Option<f64> {
+        orchestrator
+            .db()
+            .query_row("SELECT time_to_first_token_ms FROM requests WHERE id = ?1 AND outcome = 'length'", [id], |r| r.get(0))
+            .ok()
+            .flatten()
+    };
+    assert!(wait_for(Duration::from_secs(2), || ids.iter().all(|id| ttft(id).is_some())), "every request is recorded");
+    let mut ms: Vec<f64> = ids.iter().filter_map(ttft).collect();
+    ms.sort_by(f64::total_cmp);
+    let pct = |p: f64| ms[((ms.len() as f64 * p).ceil() as usize).clamp(1, ms.len()) - 1];
+    eprintln!("{CLIENTS} concurrent streams: time to first token p50 {:.1} ms, p99 {:.1} ms", pct(0.50), pct(0.99));
+}
