@@ -400,30 +400,23 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn quantized_products_match_dequantized_weights_against_8_bit_activations() {
-        let (rows, cols, n) = (37, 256, 3);
+    /// Runs `matmul` on every supported ISA for each kind and checks it against `reference(kind's
+    /// dequantized weights, x)` computed in f64; `reference_x` maps the inputs the way the path under
+    /// test sees them (8-bit rounding, or none).
+    fn check_products(rows: usize, cols: usize, n: usize, seed: u64, reference_x: impl Fn(&[f32]) -> Vec<f32>) {
         let pool = ThreadPool::new(2);
         for kind in [QuantKind::Q4_0, QuantKind::Q4_1, QuantKind::Q8_0] {
-            let w = values(1, rows * cols);
-            let blocks = blocks_for(kind, &w);
+            let blocks = blocks_for(kind, &values(seed, rows * cols));
             let ggml: GgmlType = kind.ggml_type();
             let deq = crate::gguf::dequantize(ggml, &blocks, (rows * cols) as u64).unwrap();
-            let x = values(2, n * cols);
-            // Reference: dequantized weights against the dequantized 8-bit activations, in f64.
-            let xq: Vec<f32> = x
-                .chunks_exact(cols)
-                .flat_map(|r| {
-                    let q = quantize_row(r);
-                    (0..cols).map(move |c| q.q[c] as f32 * q.d[c / BLOCK]).collect::<Vec<_>>()
-                })
-                .collect();
+            let x = values(seed + 1, n * cols);
+            let xr = reference_x(&x);
             for isa in Isa::all_supported() {
                 let mut y = vec![0f32; n * rows];
                 matmul(&pool, isa, kind, &x, n, &blocks, rows, cols, &mut y);
                 for t in 0..n {
                     for r in 0..rows {
-                        let want: f64 = (0..cols).map(|c| deq[r * cols + c] as f64 * xq[t * cols + c] as f64).sum();
+                        let want: f64 = (0..cols).map(|c| deq[r * cols + c] as f64 * xr[t * cols + c] as f64).sum();
                         let got = y[t * rows + r] as f64;
                         assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "{kind:?} {isa:?} t{t} r{r}: {got} vs {want}");
                     }
@@ -433,25 +426,21 @@ mod tests {
     }
 
     #[test]
+    fn quantized_products_match_dequantized_weights_against_8_bit_activations() {
+        let cols = 256;
+        check_products(37, cols, 3, 1, |x| {
+            x.chunks_exact(cols)
+                .flat_map(|r| {
+                    let q = quantize_row(r);
+                    (0..cols).map(move |c| q.q[c] as f32 * q.d[c / BLOCK]).collect::<Vec<_>>()
+                })
+                .collect()
+        });
+    }
+
+    #[test]
     fn prefill_sized_products_use_the_dequantized_weights_exactly() {
-        let (rows, cols, n) = (50, 128, DEQUANT_ABOVE_ROWS + 3);
-        let pool = ThreadPool::new(2);
-        for kind in [QuantKind::Q4_0, QuantKind::Q4_1, QuantKind::Q8_0] {
-            let blocks = blocks_for(kind, &values(3, rows * cols));
-            let deq = crate::gguf::dequantize(kind.ggml_type(), &blocks, (rows * cols) as u64).unwrap();
-            let x = values(4, n * cols);
-            for isa in Isa::all_supported() {
-                let mut y = vec![0f32; n * rows];
-                matmul(&pool, isa, kind, &x, n, &blocks, rows, cols, &mut y);
-                for t in 0..n {
-                    for r in 0..rows {
-                        let want: f64 = (0..cols).map(|c| deq[r * cols + c] as f64 * x[t * cols + c] as f64).sum();
-                        let got = y[t * rows + r] as f64;
-                        assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "{kind:?} {isa:?} t{t} r{r}: {got} vs {want}");
-                    }
-                }
-            }
-        }
+        check_products(50, 128, DEQUANT_ABOVE_ROWS + 3, 3, |x| x.to_vec());
     }
 
     #[test]
