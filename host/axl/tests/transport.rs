@@ -7,7 +7,6 @@ use computepool_axl::frame::{ActivationsHeader, DType, Frame, FrameLimits, Reque
 use computepool_axl::transport::{
     FRAMES_ALPN, FrameReader, FrameWriter, LinkError, PeerId, SecretKey, Transport, TransportConfig, describe_close,
 };
-use tokio::io::AsyncWriteExt;
 
 async fn endpoint(key: &SecretKey) -> Transport {
     let mut config = TransportConfig::new(key.clone());
