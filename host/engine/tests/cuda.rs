@@ -136,15 +136,6 @@ fn without_a_gpu_opening_a_device_is_a_clear_error_not_a_panic() {
     assert!(text.contains("libcuda"), "names the missing library: {text}");
 }
 
-fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let (mut num, mut den) = (0f64, 0f64);
-    for (g, w) in got.iter().zip(want) {
-        num += ((g - w) as f64).powi(2);
-        den += (*w as f64).powi(2);
-    }
-    (num / den.max(1e-30)).sqrt()
-}
 
 fn logits(out: StepOutput) -> Vec<f32> {
     common::logits(out)
@@ -167,13 +158,13 @@ fn tiny_checkpoints_of_every_family_match_the_cpu_backend() {
         let (mut cc, mut gc) = (cpu.new_cache(), cuda.new_cache());
         let want = logits(cpu.forward(StepInput::Tokens(&prompt), &mut cc).unwrap());
         let got = logits(cuda.forward(StepInput::Tokens(&prompt), &mut gc).unwrap());
-        let e = rel_err(&got, &want);
+        let e = common::rel_err(&got, &want);
         assert!(e < 1e-4, "{}: prefill logits relative error {e:.2e}", family.name());
         let mut token = argmax(&want);
         for step in 0..12 {
             let want = logits(cpu.forward(StepInput::Tokens(&[token]), &mut cc).unwrap());
             let got = logits(cuda.forward(StepInput::Tokens(&[token]), &mut gc).unwrap());
-            let e = rel_err(&got, &want);
+            let e = common::rel_err(&got, &want);
             assert!(e < 1e-4, "{}: decode step {step} logits relative error {e:.2e}", family.name());
             token = argmax(&want);
         }
@@ -183,7 +174,7 @@ fn tiny_checkpoints_of_every_family_match_the_cpu_backend() {
         let long = rng.tokens(40);
         let want = logits(cpu.forward(StepInput::Tokens(&long), &mut cpu.new_cache()).unwrap());
         let got = logits(cuda.forward(StepInput::Tokens(&long), &mut cuda.new_cache()).unwrap());
-        let e = rel_err(&got, &want);
+        let e = common::rel_err(&got, &want);
         eprintln!("{}: 40-row prefill (cuBLAS, bf16 activations) relative error {e:.2e}", family.name());
         assert!(e < 5e-2, "{}: 40-row prefill logits relative error {e:.2e}", family.name());
     }
@@ -210,7 +201,7 @@ fn sharded_cuda_equals_unsharded_cuda_bit_for_bit_and_mixes_with_cpu_shards() {
         // Mixed pool: CUDA entry, CPU exit. The hidden states are the same host f32 rows either way.
         let mixed = logits(cpu_tail.forward(StepInput::Hidden(&hidden), &mut ct).unwrap());
         let reference = logits(cpu_whole.forward(StepInput::Tokens(&input), &mut cpu_c).unwrap());
-        let e = rel_err(&mixed, &reference);
+        let e = common::rel_err(&mixed, &reference);
         assert!(e < 1e-4, "step {step}: CUDA entry + CPU exit vs CPU whole: relative error {e:.2e}");
         input = vec![argmax(&want)];
     }
@@ -301,7 +292,7 @@ fn refused_steps_leave_every_cache_as_it_was() {
     let next = logits(shard.forward(StepInput::Tokens(&[4]), &mut c).unwrap());
     let mut fresh = shard.new_cache();
     let want = logits(shard.forward(StepInput::Tokens(&[1, 2, 3, 4]), &mut fresh).unwrap());
-    assert!(rel_err(&next, &want) < 1e-2);
+    assert!(common::rel_err(&next, &want) < 1e-2);
 }
 
 #[test]
@@ -329,7 +320,7 @@ fn smollm2_greedy_tokens_equal_the_cpu_backend_for_32_steps() {
             let la = logits(cpu.forward(StepInput::Tokens(&[a]), &mut cc).unwrap());
             let lb = logits(cuda.forward(StepInput::Tokens(&[b]), &mut gc).unwrap());
             if a == b {
-                let e = rel_err(&lb, &la);
+                let e = common::rel_err(&lb, &la);
                 assert!(e < 1e-2, "{text:?}: decode logits relative error {e:.2e}");
             }
             a = argmax(&la);

@@ -11,7 +11,6 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use computepool_engine::backend::cpu::CpuBackend;
@@ -21,36 +20,9 @@ use computepool_engine::shard::LayerRange;
 use computepool_engine::tokenizer::Tokenizer;
 use computepool_engine::DType;
 
-/// The GGUF `computepool model fetch` caches: `COMPUTEPOOL_GGUF`, else
-/// `$COMPUTEPOOL_CACHE/gguf/SmolLM2-135M-Instruct.Q4_1.gguf` (default cache `~/.cache/computepool`).
-fn smollm2_gguf() -> Option<PathBuf> {
-    let path = std::env::var_os("COMPUTEPOOL_GGUF").map(PathBuf::from).unwrap_or_else(|| {
-        let cache = std::env::var_os("COMPUTEPOOL_CACHE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/computepool"));
-        cache.join("gguf/SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
-    if path.is_file() {
-        return Some(path);
-    }
-    if std::env::var("COMPUTEPOOL_REQUIRE_MODEL").is_ok_and(|v| v == "1") {
-        panic!("COMPUTEPOOL_REQUIRE_MODEL=1 but {} is missing: run `make model`", path.display());
-    }
-    None
-}
-
-fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-    let (mut num, mut den) = (0f64, 0f64);
-    for (g, w) in got.iter().zip(want) {
-        num += ((g - w) as f64).powi(2);
-        den += (*w as f64).powi(2);
-    }
-    (num / den.max(1e-30)).sqrt()
-}
-
 #[test]
 fn smollm2_q4_1_native_tracks_its_dequantized_f32_weights() {
-    let (Some(gguf), Some(dir)) = (smollm2_gguf(), common::smollm2_dir()) else {
+    let (Some(gguf), Some(dir)) = (common::smollm2_gguf(), common::smollm2_dir()) else {
         eprintln!("skipping: no SmolLM2 GGUF or imported model");
         return;
     };
@@ -75,7 +47,7 @@ fn smollm2_q4_1_native_tracks_its_dequantized_f32_weights() {
         let mut got = common::logits(native.forward(StepInput::Tokens(&prompt), &mut cn).unwrap());
         let mut agreed = 0;
         for step in 0..8 {
-            let e = rel_err(&got, &want);
+            let e = common::rel_err(&got, &want);
             eprintln!("{text:?} step {step}: logits relative error {e:.2e}");
             assert!(e < 1e-1, "{text:?} step {step}: logits relative error {e:.2e}");
             let (a, b) = (argmax(&got), argmax(&want));
@@ -93,7 +65,7 @@ fn smollm2_q4_1_native_tracks_its_dequantized_f32_weights() {
 
 #[test]
 fn sharded_quantized_runs_equal_the_unsharded_run_bit_for_bit() {
-    let Some(gguf) = smollm2_gguf() else {
+    let Some(gguf) = common::smollm2_gguf() else {
         eprintln!("skipping: no SmolLM2 GGUF");
         return;
     };
@@ -128,7 +100,7 @@ fn sharded_quantized_runs_equal_the_unsharded_run_bit_for_bit() {
 /// near tie, " Nova" over " New" by 0.050.)
 #[test]
 fn smollm2_q4_1_greedy_text_equals_llama_cpp_on_the_same_file() {
-    let Some(gguf) = smollm2_gguf() else {
+    let Some(gguf) = common::smollm2_gguf() else {
         eprintln!("skipping: no SmolLM2 GGUF");
         return;
     };

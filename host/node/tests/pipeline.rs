@@ -58,15 +58,10 @@ fn sharded_equals_unsharded_on_smollm2() {
 /// two-shard pipeline gives exactly the one-process tokens.
 #[test]
 fn sharded_quantized_gguf_equals_unsharded() {
-    let cache = std::env::var_os("COMPUTEPOOL_CACHE")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/computepool"));
-    let gguf = cache.join("gguf/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !gguf.is_file() {
-        assert!(std::env::var("COMPUTEPOOL_REQUIRE_MODEL").is_err(), "COMPUTEPOOL_REQUIRE_MODEL=1 but {} is missing", gguf.display());
+    let Some(gguf) = tiny::smollm2_gguf() else {
         eprintln!("skipped: no SmolLM2 GGUF (run `make model`)");
         return;
-    }
+    };
     let args = ["--prompt", "The capital of France is", "--max-tokens", "32", "--ignore-eos"];
     let want = unsharded_tokens(&gguf, &args);
     assert_eq!(want.len(), 32);

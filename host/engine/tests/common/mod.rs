@@ -457,3 +457,33 @@ pub fn smollm2_dir() -> Option<PathBuf> {
     }
     None
 }
+
+/// The SmolLM2 Q4_1 GGUF that `computepool model fetch` caches: `COMPUTEPOOL_GGUF`, else
+/// `$COMPUTEPOOL_CACHE/gguf/SmolLM2-135M-Instruct.Q4_1.gguf` (default cache `~/.cache/computepool`).
+/// `None` (the caller skips) when it is missing, unless `COMPUTEPOOL_REQUIRE_MODEL=1`.
+pub fn smollm2_gguf() -> Option<PathBuf> {
+    let path = std::env::var_os("COMPUTEPOOL_GGUF").map(PathBuf::from).unwrap_or_else(|| {
+        let cache = std::env::var_os("COMPUTEPOOL_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/computepool"));
+        cache.join("gguf/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    if path.is_file() {
+        return Some(path);
+    }
+    if std::env::var("COMPUTEPOOL_REQUIRE_MODEL").is_ok_and(|v| v == "1") {
+        panic!("COMPUTEPOOL_REQUIRE_MODEL=1 but {} is missing: run `make model`", path.display());
+    }
+    None
+}
+
+/// Relative L2 error of `got` against `want`: ‖got − want‖ / ‖want‖, in f64.
+pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len(), "compared vectors differ in length");
+    let (mut num, mut den) = (0f64, 0f64);
+    for (g, w) in got.iter().zip(want) {
+        num += ((g - w) as f64).powi(2);
+        den += (*w as f64).powi(2);
+    }
+    (num / den.max(1e-30)).sqrt()
+}
