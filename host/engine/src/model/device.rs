@@ -65,11 +65,11 @@ pub struct DeviceStepItem<'a> {
 }
 
 impl DeviceShard {
-    /// Loads a layer range onto `device`. `cpu` is the CPU backend (its threads are the shard's); for
-    /// CUDA the weights pass through host memory once and the CPU backend is not kept.
-    pub fn load(model: &ModelSource, options: &LoadOptions, device: Device, cpu: Arc<CpuBackend>) -> Result<Self> {
+    /// Loads a layer range onto `device`. On the CPU the shard computes on `threads` threads; on CUDA the
+    /// weights pass through host memory once and no CPU thread pool is kept.
+    pub fn load(model: &ModelSource, options: &LoadOptions, device: Device, threads: usize) -> Result<Self> {
         match device {
-            Device::Cpu => Ok(DeviceShard::Cpu(model.load_shard(options, cpu)?)),
+            Device::Cpu => Ok(DeviceShard::Cpu(model.load_shard(options, Arc::new(CpuBackend::new(threads)))?)),
             Device::Cuda(ordinal) => {
                 let dev = CudaDevice::new(ordinal)?;
                 let host = model.load_shard(options, Arc::new(CpuBackend::new(1)))?;

@@ -38,7 +38,6 @@ use computepool_axl::transport::{
     describe_close, load_or_create_secret_key,
 };
 use computepool_engine::DType;
-use computepool_engine::backend::cpu::CpuBackend;
 use computepool_engine::model::{Device, DeviceShard, LoadOptions, ModelSource};
 use computepool_engine::sampling::SamplingParams;
 use computepool_engine::shard::LayerRange;
@@ -108,14 +107,13 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let dtype: DType = args.dtype.parse()?;
     let device: Device = args.device.parse()?;
     let threads = args.threads.unwrap_or_else(crate::generate::default_threads);
-    let backend = Arc::new(CpuBackend::new(threads));
     let source = ModelSource::from_path(&args.model)?;
     let config = source.config()?;
     if config.num_layers != topology.num_layers as usize {
         bail!("the model has {} layers, the topology {}", config.num_layers, topology.num_layers);
     }
     let range = LayerRange::new(layers.start as usize, layers.end as usize, config.num_layers)?;
-    let shard = DeviceShard::load(&source, &LoadOptions { dtype, range: Some(range), progress: false }, device, backend)
+    let shard = DeviceShard::load(&source, &LoadOptions { dtype, range: Some(range), progress: false }, device, threads)
         .with_context(|| format!("loading layers {layers} of {} on {device}", args.model.display()))?;
     tracing::info!(layers = %layers, device = %shard.device_name(), "shard loaded");
     let tokenizer = if me == 0 { Some(Arc::new(source.tokenizer()?)) } else { None };

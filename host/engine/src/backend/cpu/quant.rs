@@ -61,14 +61,24 @@ fn f16_at(bytes: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
 }
 
-/// Σ over the blocks of one weight row (`w`: its blocks' bytes) against one quantized input row.
-fn dot_row(kind: QuantKind, isa: Isa, w: &[u8], x: &Q8Row) -> f32 {
+/// Whether the AVX2 row kernel can run: a non-scalar `isa` (which includes AVX2 and FMA) and F16C.
+/// Decided once per product, not per row.
+fn avx2_rows(isa: Isa) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if !matches!(isa, Isa::Scalar) && std::arch::is_x86_feature_detected!("f16c") {
-        // SAFETY: every non-scalar Isa includes AVX2 and FMA, F16C was just detected; `w` holds whole
-        // blocks of `kind`, `x` as many.
+    return !matches!(isa, Isa::Scalar) && std::arch::is_x86_feature_detected!("f16c");
+    #[cfg(not(target_arch = "x86_64"))]
+    return false;
+}
+
+/// Σ over the blocks of one weight row (`w`: its blocks' bytes) against one quantized input row.
+/// `avx2` is [`avx2_rows`]`(isa)`.
+fn dot_row(kind: QuantKind, isa: Isa, avx2: bool, w: &[u8], x: &Q8Row) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: `avx2_rows` found AVX2, FMA and F16C; `w` holds whole blocks of `kind`, `x` as many.
         return unsafe { avx2::dot_row(kind, w, x) };
     }
+    let _ = avx2;
     dot_row_portable(kind, isa, w, x)
 }
 
@@ -284,6 +294,7 @@ pub(crate) fn matmul(
         return matmul_dequantized(pool, isa, kind, x, n, blocks, rows, cols, y);
     }
     let xq: Vec<Q8Row> = x.chunks_exact(cols).map(quantize_row).collect();
+    let avx2 = avx2_rows(isa);
     let per_task = rows.div_ceil(pool.threads() * 4).max(16);
     let tasks = rows.div_ceil(per_task);
     let out = OutPtr(y.as_mut_ptr());
@@ -294,7 +305,7 @@ pub(crate) fn matmul(
             for (t, xr) in xq.iter().enumerate() {
                 // SAFETY: t < n and r < rows, so the index is inside y; each (t, r) is written by the one
                 // task that owns row r.
-                unsafe { *out.0.add(t * rows + r) = dot_row(kind, isa, w, xr) };
+                unsafe { *out.0.add(t * rows + r) = dot_row(kind, isa, avx2, w, xr) };
             }
         }
     });

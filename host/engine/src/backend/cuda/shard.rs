@@ -210,6 +210,12 @@ impl std::fmt::Debug for CudaShard {
     }
 }
 
+/// Whether a decode step can be captured: every product on the mat-vec path (rows of whole 16-byte
+/// chunks), since cuBLAS calls are not captured.
+fn graphs_possible(cfg: &ModelConfig) -> bool {
+    [cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.intermediate_size].iter().all(|k| k % 8 == 0)
+}
+
 fn ptr<T>(s: &CudaSlice<T>, dev: &CudaDevice) -> u64 {
     let (p, _sync) = s.device_ptr(&dev.stream);
     p
@@ -284,10 +290,7 @@ impl CudaShard {
         };
         let inv_freq = upload_vec(&host.inv_freq)?;
         let small = Scratch::new(&dev, &cfg, EXACT_MAX_ROWS, EXACT_MAX_ROWS, host.range().is_exit())?;
-        // Graphs need every product on the mat-vec path (cuBLAS calls are not captured).
-        let q_dim = cfg.num_heads * cfg.head_dim;
-        let use_graphs = [cfg.hidden_size, q_dim, cfg.intermediate_size].iter().all(|k| k % 8 == 0)
-            && std::env::var_os("COMPUTEPOOL_CUDA_NO_GRAPHS").is_none();
+        let use_graphs = graphs_possible(&cfg) && std::env::var_os("COMPUTEPOOL_CUDA_NO_GRAPHS").is_none();
         Ok(Self {
             range: host.range(),
             weight_bytes: host.weight_bytes(),
@@ -308,8 +311,7 @@ impl CudaShard {
     /// `COMPUTEPOOL_CUDA_NO_GRAPHS` in the environment turns them off at load). Off, every step launches
     /// its kernels one by one — the baseline that shows what graphs save.
     pub fn with_graphs(mut self, on: bool) -> Self {
-        let q_dim = self.cfg.num_heads * self.cfg.head_dim;
-        self.use_graphs = on && [self.cfg.hidden_size, q_dim, self.cfg.intermediate_size].iter().all(|k| k % 8 == 0);
+        self.use_graphs = on && graphs_possible(&self.cfg);
         self.state.get_mut().unwrap_or_else(|p| p.into_inner()).graphs.clear();
         self
     }
