@@ -15,6 +15,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--anchors", required=True)
     ap.add_argument("--ours", required=True)
+    ap.add_argument("--paired", help="paired.py's lines: ours and llama.cpp decode in alternating rounds")
     ap.add_argument("--pipeline", help="`computepool bench --shards` lines (and the 1-shard run beside them)")
     ap.add_argument("--netns", help="stderr of `cargo test --test netns -- --nocapture`")
     args = ap.parse_args()
@@ -80,6 +81,8 @@ def main():
         p(f"- For reference, llama.cpp on the original Q4_1 GGUF: pp512 {fmt(rows[('llama_cpp', 'q4_1', 'pp512')])}, "
           f"tg128 {fmt(q4)} (our quantized path is issue 7).")
     p("")
+    if args.paired:
+        paired_section(p, [json.loads(line) for line in open(args.paired) if line.strip()])
     if args.pipeline:
         pipeline_section(p, [json.loads(line) for line in open(args.pipeline) if line.strip()],
                          open(args.netns).read() if args.netns else "")
@@ -126,6 +129,29 @@ def main():
         p("")
         p("Anchor errors in this run: " + "; ".join(str(e) for e in anchors["errors"]))
     print("\n".join(out))
+
+
+def paired_section(p, runs):
+    """Single-stream decode against llama.cpp in alternating back-to-back rounds (scripts/bench/paired.py)."""
+    if not runs:
+        return
+
+    def f(s):
+        return f"{s['median']:.1f} ({s['min']:.1f}–{s['max']:.1f})"
+
+    p("### Decode against llama.cpp, round by round")
+    p("")
+    p("The table above measures the anchors minutes before our engine. Here each round runs llama-bench tg128")
+    p("and our tg128 back to back on the same weights and threads (the order alternates between rounds), and")
+    p("the ratio is taken within the round; its spread over the rounds is the honest error bar.")
+    p("")
+    p("| weights | rounds | ComputePool tok/s | llama.cpp tok/s | ours ÷ llama.cpp per round | rounds ours ≥ llama.cpp |")
+    p("|---|---|---|---|---|---|")
+    for r in runs:
+        q = r["ratio"]
+        p(f"| {r['dtype']} | {r['rounds']} | {f(r['ours'])} | {f(r['llama_cpp'])} | "
+          f"{q['median']:.2f}× ({q['min']:.2f}–{q['max']:.2f}) | {r['rounds_won']} of {r['rounds']} |")
+    p("")
 
 
 def pipeline_section(p, runs, netns_log):

@@ -2,7 +2,7 @@
 # Reproduces docs/BENCHMARKS.md: our engine and every anchor (llama.cpp, candle, the bandwidth roofline)
 # measured in ONE run on this machine, then rendered as a table of medians, spreads and ratios.
 #
-#   scripts/bench/run.sh [--repeats N] [--wait-idle SECONDS] [--out DIR]
+#   scripts/bench/run.sh [--repeats N] [--rounds N] [--wait-idle SECONDS] [--out DIR]
 #
 # Needs the default model (make model) and builds the anchors on first use (see scripts/bench/README.md).
 set -euo pipefail
@@ -11,11 +11,13 @@ root=$(cd "$here/../.." && pwd)
 cd "$root"
 
 repeats=5
+rounds=7
 wait_idle=900
 out=bench-out
 while [ $# -gt 0 ]; do
   case "$1" in
     --repeats) repeats=$2; shift 2 ;;
+    --rounds) rounds=$2; shift 2 ;;
     --wait-idle) wait_idle=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
@@ -35,6 +37,12 @@ env -u CARGO_TARGET_DIR bash "$here/anchors.sh" --out "$out/anchors.json" --hf "
   "$bin" bench --model "$model" --pp 512 --tg 128 --threads 2 --dtype f32,bf16 --repeats "$repeats" --json
   "$bin" bench --model "$model" --pp 0 --tg 128 --batch 8 --threads 2 --dtype f32,bf16 --repeats "$repeats" --json
 } > "$out/computepool.jsonl"
+# Single-stream decode against llama.cpp once more, in alternating back-to-back rounds: the table above
+# compares passes minutes apart, these ratios compare moments seconds apart (see paired.py).
+(source "$here/common.sh"
+ LD_LIBRARY_PATH="$LLAMA_BIN${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" python3 "$here/paired.py" \
+   --computepool "$bin" --model "$model" --llama-bench "$LLAMA_BIN/llama-bench" \
+   --gguf "bf16=$GGUF_BF16" --gguf "f32=$GGUF_F32" --rounds "$rounds" --threads 2) > "$out/paired.jsonl"
 # The pipeline (issue 3): the same model as 2 and 3 worker processes on loopback, bf16, measured through
 # the entry's request API. Single stream: 2 threads per worker (only one shard computes at a time), beside
 # the one-process engine on 2 threads. Concurrent requests keep both shards busy at once, so there each
@@ -52,5 +60,5 @@ env -u CARGO_TARGET_DIR bash "$here/anchors.sh" --out "$out/anchors.json" --hf "
 } > "$out/pipeline.jsonl"
 # Shards in separate network namespaces with 5 ms one-way delay per link (needs root; skips otherwise).
 cargo test --release --locked -p computepool-node --test netns -- --nocapture --test-threads 1 2> "$out/netns.log" || true
-python3 "$here/report.py" --anchors "$out/anchors.json" --ours "$out/computepool.jsonl" --pipeline "$out/pipeline.jsonl" --netns "$out/netns.log" > docs/BENCHMARKS.md
+python3 "$here/report.py" --anchors "$out/anchors.json" --ours "$out/computepool.jsonl" --paired "$out/paired.jsonl" --pipeline "$out/pipeline.jsonl" --netns "$out/netns.log" > docs/BENCHMARKS.md
 echo "wrote docs/BENCHMARKS.md"

@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""Single-stream decode, ours against llama.cpp, in alternating rounds.
+
+On this shared VM the memory bandwidth moves 20-25% from one minute to the next, so two engines measured
+minutes apart cannot settle a ±5% question. Here each round times both engines back to back on the same
+weights and thread count (llama-bench tg128, then `computepool bench --tg 128`, or the reverse: the order
+alternates so that a drift within a round favours neither), and the per-round ratio is what we report:
+its median and its spread over the rounds.
+
+    paired.py --computepool BIN --model DIR --llama-bench BIN --gguf bf16=PATH --gguf f32=PATH
+              [--rounds 7] [--tg 128] [--threads 2] > paired.jsonl
+
+One JSON line per dtype: both engines' per-round tokens/s and the per-round ratios.
+"""
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+
+def llama_tg(binary, gguf, tg, threads):
+    # -r 1: one timed run (llama-bench warms up first on its own).
+    cmd = [binary, "-m", gguf, "-p", "0", "-n", str(tg), "-t", str(threads), "-r", "1", "-o", "json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=900).stdout
+    rows = [r for r in json.loads(out) if r["n_gen"] == tg and r["n_prompt"] == 0]
+    if len(rows) != 1:
+        raise RuntimeError(f"llama-bench printed {len(rows)} tg{tg} rows: {out[:400]}")
+    return float(rows[0]["avg_ts"])
+
+
+def ours_tg(binary, model, dtype, tg, threads):
+    # --repeats 1: one timed run after the bench's own warm-up, as llama-bench does.
+    cmd = [binary, "bench", "--model", model, "--pp", "0", "--tg", str(tg), "--threads", str(threads),
+           "--dtype", dtype, "--repeats", "1", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=900).stdout
+    rows = [json.loads(l) for l in out.splitlines() if l.startswith("{")]
+    rows = [r for r in rows if r["test"] == f"tg{tg}" and r["batch"] == 1]
+    if len(rows) != 1:
+        raise RuntimeError(f"computepool bench printed {len(rows)} tg{tg} rows: {out[:400]}")
+    return float(rows[0]["tokens_per_s_median"])
+
+
+def spread(xs):
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--computepool", required=True)
+    ap.add_argument("--model", required=True, help="HF layout directory of the same weights")
+    ap.add_argument("--llama-bench", required=True)
+    ap.add_argument("--gguf", action="append", required=True, help="DTYPE=PATH, e.g. bf16=model.BF16.gguf")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--tg", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    if a.rounds < 1:
+        ap.error("--rounds must be at least 1")
+    for spec in a.gguf:
+        dtype, _, gguf = spec.partition("=")
+        if not gguf:
+            ap.error(f"--gguf wants DTYPE=PATH, got {spec!r}")
+        ours, llama, ratios = [], [], []
+        for r in range(a.rounds):
+            first_ours = r % 2 == 1
+            if first_ours:
+                o = ours_tg(a.computepool, a.model, dtype, a.tg, a.threads)
+                l = llama_tg(a.llama_bench, gguf, a.tg, a.threads)
+            else:
+                l = llama_tg(a.llama_bench, gguf, a.tg, a.threads)
+                o = ours_tg(a.computepool, a.model, dtype, a.tg, a.threads)
+            ours.append(o)
+            llama.append(l)
+            ratios.append(o / l)
+            print(f"[paired {time.strftime('%H:%M:%S')}] {dtype} round {r + 1}/{a.rounds}: ours {o:.1f}, "
+                  f"llama.cpp {l:.1f} tok/s, ratio {o / l:.3f}", file=sys.stderr)
+        print(json.dumps({
+            "dtype": dtype, "test": f"tg{a.tg}", "threads": a.threads, "rounds": a.rounds,
+            "ours_ts": ours, "llama_cpp_ts": llama, "ratios": ratios,
+            "ours": spread(ours), "llama_cpp": spread(llama), "ratio": spread(ratios),
+            "rounds_won": sum(1 for x in ratios if x >= 1.0),
+        }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
