@@ -3,7 +3,7 @@
 
 On this shared VM the memory bandwidth moves 20-25% from one minute to the next, so two engines measured
 minutes apart cannot settle a ±5% question. Here each round times both engines back to back on the same
-weights and thread count (llama-bench tg128, then `computepool bench --tg 128`, or the reverse: the order
+weights and thread count (quantized types: the same GGUF file) (llama-bench tg128, then `computepool bench --tg 128`, or the reverse: the order
 alternates so that a drift within a round favours neither), and the per-round ratio is what we report:
 its median and its spread over the rounds.
 
@@ -30,8 +30,16 @@ def llama_tg(binary, gguf, tg, threads):
     return float(rows[0]["avg_ts"])
 
 
-def ours_tg(binary, model, dtype, tg, threads):
+# Weight types that our engine runs from the GGUF file itself (kept quantized in memory); bf16 and f32 run
+# from the HF-layout import of the same weights.
+QUANTIZED = {"q4_0", "q4_1", "q8_0", "q4_k", "q4_k_m", "q6_k"}
+
+
+def ours_tg(binary, model, gguf, dtype, tg, threads):
     # --repeats 1: one timed run after the bench's own warm-up, as llama-bench does.
+    if dtype in QUANTIZED:
+        # The very file llama.cpp reads; --dtype only sets the type of its few unquantized tensors.
+        model, dtype = gguf, "f32"
     cmd = [binary, "bench", "--model", model, "--pp", "0", "--tg", str(tg), "--threads", str(threads),
            "--dtype", dtype, "--repeats", "1", "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=900).stdout
@@ -66,11 +74,11 @@ def main():
         for r in range(a.rounds):
             first_ours = r % 2 == 1
             if first_ours:
-                o = ours_tg(a.computepool, a.model, dtype, a.tg, a.threads)
+                o = ours_tg(a.computepool, a.model, gguf, dtype, a.tg, a.threads)
                 l = llama_tg(a.llama_bench, gguf, a.tg, a.threads)
             else:
                 l = llama_tg(a.llama_bench, gguf, a.tg, a.threads)
-                o = ours_tg(a.computepool, a.model, dtype, a.tg, a.threads)
+                o = ours_tg(a.computepool, a.model, gguf, dtype, a.tg, a.threads)
             ours.append(o)
             llama.append(l)
             ratios.append(o / l)

@@ -7,6 +7,7 @@
 # Needs the default model (make model) and builds the anchors on first use (see scripts/bench/README.md).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
+source "$here/common.sh"   # the anchors' paths: LLAMA_BIN, GGUF_Q4_1, GGUF_BF16, GGUF_F32
 root=$(cd "$here/../.." && pwd)
 cd "$root"
 
@@ -37,12 +38,16 @@ env -u CARGO_TARGET_DIR bash "$here/anchors.sh" --out "$out/anchors.json" --hf "
   "$bin" bench --model "$model" --pp 512 --tg 128 --threads 2 --dtype f32,bf16 --repeats "$repeats" --json
   "$bin" bench --model "$model" --pp 0 --tg 128 --batch 8 --threads 2 --dtype f32,bf16 --repeats "$repeats" --json
 } > "$out/computepool.jsonl"
+# Quantized (issue 7): the Q4_1 GGUF that llama.cpp and candle read, loaded natively (weights stay 4-bit).
+{
+  "$bin" bench --model "$GGUF_Q4_1" --pp 512 --tg 128 --threads 2 --dtype f32 --repeats "$repeats" --json
+  "$bin" bench --model "$GGUF_Q4_1" --pp 0 --tg 128 --batch 8 --threads 2 --dtype f32 --repeats "$repeats" --json
+} > "$out/computepool-q4_1.jsonl"
 # Single-stream decode against llama.cpp once more, in alternating back-to-back rounds: the table above
 # compares passes minutes apart, these ratios compare moments seconds apart (see paired.py).
-(source "$here/common.sh"
- LD_LIBRARY_PATH="$LLAMA_BIN${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" python3 "$here/paired.py" \
+(LD_LIBRARY_PATH="$LLAMA_BIN${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" python3 "$here/paired.py" \
    --computepool "$bin" --model "$model" --llama-bench "$LLAMA_BIN/llama-bench" \
-   --gguf "bf16=$GGUF_BF16" --gguf "f32=$GGUF_F32" --rounds "$rounds" --threads 2) > "$out/paired.jsonl"
+   --gguf "bf16=$GGUF_BF16" --gguf "f32=$GGUF_F32" --gguf "q4_1=$GGUF_Q4_1" --rounds "$rounds" --threads 2) > "$out/paired.jsonl"
 # The pipeline (issue 3): the same model as 2 and 3 worker processes on loopback, bf16, measured through
 # the entry's request API. Single stream: 2 threads per worker (only one shard computes at a time), beside
 # the one-process engine on 2 threads. Concurrent requests keep both shards busy at once, so there each
@@ -60,5 +65,5 @@ env -u CARGO_TARGET_DIR bash "$here/anchors.sh" --out "$out/anchors.json" --hf "
 } > "$out/pipeline.jsonl"
 # Shards in separate network namespaces with 5 ms one-way delay per link (needs root; skips otherwise).
 cargo test --release --locked -p computepool-node --test netns -- --nocapture --test-threads 1 2> "$out/netns.log" || true
-python3 "$here/report.py" --anchors "$out/anchors.json" --ours "$out/computepool.jsonl" --paired "$out/paired.jsonl" --pipeline "$out/pipeline.jsonl" --netns "$out/netns.log" > docs/BENCHMARKS.md
+python3 "$here/report.py" --anchors "$out/anchors.json" --ours "$out/computepool.jsonl" --quantized "q4_1=$out/computepool-q4_1.jsonl" --paired "$out/paired.jsonl" --pipeline "$out/pipeline.jsonl" --netns "$out/netns.log" > docs/BENCHMARKS.md
 echo "wrote docs/BENCHMARKS.md"
