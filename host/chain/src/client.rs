@@ -1,13 +1,17 @@
 //! The `Chain` client: one JSON-RPC endpoint, its chain id, and one signing key.
 //!
-//! Nonces, gas and the chain id are filled by alloy's recommended fillers (a cached nonce per sender, so
-//! back-to-back transactions from one `Chain` do not race on `eth_getTransactionCount`; `eth_estimateGas`
-//! for every transaction, which also turns a revert into an error before anything is sent). Every
-//! transaction waits for its receipt and a failed status is an error. The key is never logged or
+//! Nonces are the client's own: one lock per `Chain` (clones share it) hands out the next nonce, counted
+//! locally after the first `eth_getTransactionCount(pending)`, and advances it only once the node has
+//! accepted the transaction. alloy's cached nonce filler advances before gas estimation, so a call that
+//! reverts in `eth_estimateGas` would leave a gap and every later transaction would wait behind it
+//! forever. Gas and the chain id come from alloy's fillers (`eth_estimateGas` for every transaction,
+//! which also turns a revert into an error before anything is sent). Every transaction waits for its
+//! receipt and a failed status is an error. Use one `Chain` (or its clones) per key and process. The key is never logged or
 //! displayed: `Chain`'s `Debug` shows the signer's address only.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use alloy::contract::{CallBuilder, CallDecoder};
@@ -112,6 +116,8 @@ pub struct Chain {
     chain_id: u64,
     address: Address,
     rpc_url: String,
+    /// The next nonce, once known; `None` makes the next send ask the node.
+    next_nonce: Arc<tokio::sync::Mutex<Option<u64>>>,
 }
 
 impl fmt::Debug for Chain {
@@ -135,8 +141,7 @@ impl Chain {
         let url = reqwest::Url::parse(rpc_url)
             .map_err(|e| ChainError::InvalidRpcUrl { url: rpc_url.into(), reason: e.to_string() })?;
         match url.scheme() {
-            "http" => {}
-            "https" => install_tls_provider(),
+            "http" | "https" => install_tls_provider(),
             other => {
                 return Err(ChainError::InvalidRpcUrl {
                     url: rpc_url.into(),
@@ -153,7 +158,7 @@ impl Chain {
             return Err(ChainError::WrongChain { expected, got: chain_id });
         }
         tracing::debug!(rpc_url, chain_id, %address, "connected");
-        Ok(Self { provider, chain_id, address, rpc_url: rpc_url.to_string() })
+        Ok(Self { provider, chain_id, address, rpc_url: rpc_url.to_string(), next_nonce: Arc::default() })
     }
 
     pub fn provider(&self) -> &DynProvider {
@@ -180,15 +185,62 @@ impl Chain {
         P: Provider,
         D: CallDecoder,
     {
-        let pending = call.send().await.map_err(|e| contract_error(what, e))?;
+        let mut next = self.next_nonce.lock().await;
+        let nonce = self.nonce_from(*next).await?;
+        let pending = match call.nonce(nonce).send().await {
+            Ok(pending) => pending,
+            Err(e) => {
+                let error = contract_error(what, e);
+                Self::after_failed_send(&mut next, &error);
+                return Err(error);
+            }
+        };
+        *next = Some(nonce + 1);
+        drop(next);
         self.wait(what, pending.with_timeout(Some(RECEIPT_TIMEOUT))).await
+    }
+
+    /// Sends a raw transaction request (nonce from the client's counter, gas and chain id filled).
+    pub async fn send_transaction(&self, what: &str, tx: TransactionRequest) -> Result<TransactionReceipt, ChainError> {
+        let mut next = self.next_nonce.lock().await;
+        let nonce = self.nonce_from(*next).await?;
+        let pending = match self.provider.send_transaction(tx.with_nonce(nonce)).await {
+            Ok(pending) => pending,
+            Err(e) => {
+                let error = revert_or_rpc(what, e);
+                Self::after_failed_send(&mut next, &error);
+                return Err(error);
+            }
+        };
+        *next = Some(nonce + 1);
+        drop(next);
+        self.wait(what, pending.with_timeout(Some(RECEIPT_TIMEOUT))).await
+    }
+
+    async fn nonce_from(&self, cached: Option<u64>) -> Result<u64, ChainError> {
+        match cached {
+            Some(n) => Ok(n),
+            None => self
+                .provider
+                .get_transaction_count(self.address)
+                .pending()
+                .await
+                .map_err(|e| rpc_error("eth_getTransactionCount", e)),
+        }
+    }
+
+    /// A revert was caught before broadcasting: the nonce is still free. Anything else may or may not
+    /// have reached the node: ask it again next time.
+    fn after_failed_send(next: &mut Option<u64>, error: &ChainError) {
+        if !matches!(error, ChainError::Reverted { .. }) {
+            *next = None;
+        }
     }
 
     /// Deploys `creation_code` (constructor arguments appended) and returns the new contract's address.
     pub async fn deploy(&self, what: &str, creation_code: Vec<u8>) -> Result<(Address, TransactionReceipt), ChainError> {
         let tx = TransactionRequest::default().with_deploy_code(creation_code);
-        let pending = self.provider.send_transaction(tx).await.map_err(|e| revert_or_rpc(what, e))?;
-        let receipt = self.wait(what, pending.with_timeout(Some(RECEIPT_TIMEOUT))).await?;
+        let receipt = self.send_transaction(what, tx).await?;
         let address = receipt
             .contract_address
             .ok_or_else(|| ChainError::MissingInReceipt { what: what.into(), missing: "contract address" })?;
@@ -199,8 +251,7 @@ impl Chain {
     pub async fn send_value(&self, to: Address, wei: U256) -> Result<TransactionReceipt, ChainError> {
         let what = format!("sending {wei} wei to {to}");
         let tx = TransactionRequest::default().with_to(to).with_value(wei);
-        let pending = self.provider.send_transaction(tx).await.map_err(|e| revert_or_rpc(&what, e))?;
-        self.wait(&what, pending.with_timeout(Some(RECEIPT_TIMEOUT))).await
+        self.send_transaction(&what, tx).await
     }
 
     async fn wait(
@@ -241,8 +292,9 @@ impl Chain {
     }
 }
 
-/// reqwest is built without a TLS provider of its own (the workspace's rustls uses ring): install ring as
-/// the process default once, unless something else already did.
+/// reqwest is built without a TLS provider of its own (the workspace's rustls uses ring) and refuses to
+/// build a client, even for plain http, until a process default exists: install ring, unless something
+/// else already did.
 fn install_tls_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }

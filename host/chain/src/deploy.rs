@@ -180,7 +180,8 @@ pub async fn deploy_coalition(
     Ok(address)
 }
 
-fn creation_code(bytecode: &[u8], constructor: impl SolConstructor) -> Vec<u8> {
+/// A contract's creation code: its bytecode followed by the ABI-encoded constructor arguments.
+pub fn creation_code(bytecode: &[u8], constructor: impl SolConstructor) -> Vec<u8> {
     let mut code = bytecode.to_vec();
     code.extend_from_slice(&constructor.abi_encode());
     code
