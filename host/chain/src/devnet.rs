@@ -31,7 +31,9 @@ impl ChainTools {
         }
         let Some(repo) = repo else {
             return Err(ChainError::Anvil(
-                "the chain toolchain was not found: set COMPUTEPOOL_CHAIN_TOOLS=$(bash scripts/contracts.sh)".into(),
+                "the chain toolchain (anvil, Superfluid's artifacts) was not found: run from the repository root, \
+                 or set COMPUTEPOOL_CHAIN_TOOLS=$(bash scripts/contracts.sh)"
+                    .into(),
             ));
         };
         let script = repo.join("scripts/contracts.sh");
@@ -133,9 +135,9 @@ impl Anvil {
         &self.keys
     }
 
-    /// Waits for anvil to exit (e.g. on Ctrl-C, which reaches it too).
-    pub fn wait(&mut self) -> Result<std::process::ExitStatus, ChainError> {
-        self.child.wait().map_err(|e| ChainError::Anvil(e.to_string()))
+    /// anvil's exit status if it has exited (e.g. on a Ctrl-C, which reaches it too).
+    pub fn try_wait(&mut self) -> Result<Option<std::process::ExitStatus>, ChainError> {
+        self.child.try_wait().map_err(|e| ChainError::Anvil(e.to_string()))
     }
 }
 

@@ -17,6 +17,8 @@ pub mod oracle;
 pub mod pools;
 pub mod superfluid;
 
+/// The alloy this crate is built with, for callers that name its types (addresses, signers).
+pub use alloy;
 pub use client::{Chain, ChainError, KeySource};
 pub use deploy::{DeployOptions, Deployment, deploy_all, deploy_coalition};
 pub use devnet::{Anvil, ChainTools, DEVNET_CHAIN_ID};
