@@ -72,9 +72,23 @@ contract PoolINFTTest is TestBase {
 
     function test_mint_refuses_replayed_proof() public {
         bytes[] memory p = _one(_preimage(ORACLE_KEY, keccak256("x"), 0));
+        bytes32 proofId = verifier.preimageDigest(keccak256("x"), 0);
         inft.mint(p, _desc(), ALICE);
-        vm.expectRevert();
+        assertTrue(inft.proofUsed(proofId), "proof recorded");
+        vm.expectRevert(abi.encodeWithSelector(PoolINFT.ProofAlreadyUsed.selector, proofId));
         inft.mint(p, _desc(), BOB);
+    }
+
+    function test_constructors_reject_zero_addresses() public {
+        vm.expectRevert(PoolINFT.ZeroAddress.selector);
+        new PoolINFT("x", "X", OracleVerifier(address(0)));
+        vm.expectRevert(OracleVerifier.ZeroOracle.selector);
+        new OracleVerifier(address(0), address(this));
+    }
+
+    function test_verifier_reports_malformed_signature_as_invalid() public view {
+        bytes[] memory p = _one(abi.encode(keccak256("x"), bytes32(0), hex"00"));
+        assertTrue(!verifier.verifyPreimage(p)[0].isValid, "a malformed signature is an invalid proof");
     }
 
     function test_mint_refuses_bad_shapes() public {
