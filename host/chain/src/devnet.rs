@@ -82,7 +82,21 @@ struct AnvilConfig {
 impl Anvil {
     /// Starts anvil on 127.0.0.1:`port` (0: a free port) and waits until it answers.
     pub fn spawn(tools: &ChainTools, port: u16, chain_id: u64) -> Result<Self, ChainError> {
-        let port = if port == 0 { free_port()? } else { port };
+        if port != 0 {
+            return Self::spawn_on(tools, port, chain_id);
+        }
+        // A port found free may be taken by someone else before anvil binds it: try a few.
+        let mut last = None;
+        for _ in 0..3 {
+            match Self::spawn_on(tools, free_port()?, chain_id) {
+                Ok(anvil) => return Ok(anvil),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("three attempts were made"))
+    }
+
+    fn spawn_on(tools: &ChainTools, port: u16, chain_id: u64) -> Result<Self, ChainError> {
         let config_dir = tempfile::tempdir().map_err(|e| ChainError::Anvil(format!("temporary folder: {e}")))?;
         let config_path = config_dir.path().join("anvil.json");
         let child = Command::new(tools.anvil())
