@@ -14,13 +14,15 @@ MODEL_DIR := $(MODELS_DIR)/$(MODEL)
 BIN := $(CARGO_TARGET_DIR)/release/computepool
 LISTEN ?= 127.0.0.1:8000
 
-.PHONY: help up test build model bench gpu-check clean-model
+.PHONY: help up test build model bench gpu-check clean-model contracts-test devnet
 
 help:
 	@echo "make up     run ComputePool on the default model ($(MODEL)): $(SHARDS) workers behind an OpenAI-compatible API on $(LISTEN)"
 	@echo "make test   run every test"
 	@echo "make bench  reproduce docs/BENCHMARKS.md"
 	@echo "make gpu-check  the CUDA backend against the CPU backend, and its speed (needs an NVIDIA GPU)"
+	@echo "make devnet a local chain (anvil, chain id 16602) with Superfluid and ComputePool's contracts deployed"
+	@echo "make contracts-test  the forge suites of contracts/"
 
 build:
 	cargo build --release --locked -p computepool-node
@@ -38,12 +40,23 @@ up: model
 	$(BIN) up --model $(MODEL) --models-dir $(MODELS_DIR) --workers $(SHARDS) --listen $(LISTEN) \
 		--state-dir $(COMPUTEPOOL_CACHE)/state
 
+# The forge suites (forge, anvil and solc-js from npm, pinned: scripts/contracts.sh).
+contracts-test:
+	bash scripts/forge.sh test --offline
+
+# A local anvil with Superfluid, the test USDC and its USDCx wrapper, and the INFT deployed; until Ctrl-C.
+devnet: build
+	$(BIN) chain devnet
+
 # NVRTC (a library from PyPI, no GPU needed) lets the CUDA kernels compile to PTX in every test run; the
-# official `openai` Python package (PyPI, pinned) is the real client tested against `computepool up`.
-test: model
+# official `openai` Python package (PyPI, pinned) is the real client tested against `computepool up`;
+# anvil (npm) runs the chain tests, which COMPUTEPOOL_REQUIRE_ANVIL=1 keeps from skipping.
+test: model contracts-test
 	bash scripts/build-plugins.sh
+	CHAIN_TOOLS="$$(bash scripts/contracts.sh)" && \
 	NVRTC_LIB="$$(bash scripts/nvrtc.sh)" && \
 	OPENAI_PYTHON="$$(bash scripts/openai-client.sh)" && \
+	COMPUTEPOOL_CHAIN_TOOLS="$$CHAIN_TOOLS" COMPUTEPOOL_REQUIRE_ANVIL=1 \
 	COMPUTEPOOL_OPENAI_PYTHON="$$OPENAI_PYTHON" COMPUTEPOOL_REQUIRE_OPENAI=1 \
 	LD_LIBRARY_PATH="$$NVRTC_LIB$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}" COMPUTEPOOL_REQUIRE_NVRTC=1 \
 	COMPUTEPOOL_MODEL_DIR=$(CURDIR)/$(MODEL_DIR) COMPUTEPOOL_REQUIRE_MODEL=1 \

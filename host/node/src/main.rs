@@ -2,6 +2,7 @@
 //! lives in the library crates.
 
 mod bench;
+mod chain;
 mod client;
 mod generate;
 mod memory;
@@ -39,6 +40,11 @@ enum Command {
     Up(up::UpArgs),
     /// Serve pools through an OpenAI-compatible HTTP API (and the pool REST API).
     Orchestrator(orchestrator::OrchestratorArgs),
+    /// The chain side: a local devnet with everything deployed, or a deployment to a network.
+    Chain {
+        #[command(subcommand)]
+        command: chain::ChainCommand,
+    },
     /// Make a new secret key file and print its peer id (the public key).
     Keygen {
         /// Where to write the key (refuses to overwrite).
@@ -82,6 +88,7 @@ fn main() -> anyhow::Result<()> {
         Command::Worker(args) => worker::run(args),
         Command::Orchestrator(args) => orchestrator::run(args),
         Command::Up(args) => up::run(args),
+        Command::Chain { command } => chain::run(command),
         Command::Keygen { out } => {
             let key = computepool_axl::transport::SecretKey::generate();
             computepool_axl::transport::write_secret_key(&out, &key)?;
