@@ -22,6 +22,7 @@ pub mod types;
 pub mod writer;
 
 pub use dequant::{dequantize, dequantize_into};
+pub(crate) use dequant::scale_min_k4;
 pub use native::GgufWeights;
 pub use import::{IMPORTED_FILES, ImportSummary, LlamaParams, import_gguf, import_gguf_file};
 pub use reader::{GgufFile, MetadataArray, MetadataValue, TensorInfo};
