@@ -11,6 +11,7 @@
 
 mod common;
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use computepool_engine::backend::cpu::CpuBackend;
@@ -26,20 +27,85 @@ fn smollm2_q4_1_native_tracks_its_dequantized_f32_weights() {
         eprintln!("skipping: no SmolLM2 GGUF or imported model");
         return;
     };
+    native_tracks_dequantized_f32(&gguf, &dir, 1e-1);
+}
+
+/// The SmolLM2 Q4_K_M GGUF that scripts/quantize-gguf.sh makes with llama.cpp's own llama-quantize from
+/// the F32 GGUF: `COMPUTEPOOL_Q4_K_M_GGUF`, else `$COMPUTEPOOL_CACHE/gguf/SmolLM2-135M-Instruct.Q4_K_M.gguf`.
+///
+/// Why a file made by llama-quantize and not one quantized in the test: the files users run come from
+/// ggml's quantizer (its scale/min search), and what matters is reading those; a quantizer of our own
+/// would check our reading of our own writing. The llama.cpp build is not part of `make test`, so the test
+/// skips with this message when the file is missing, unless `COMPUTEPOOL_REQUIRE_Q4_K_M=1`.
+fn smollm2_q4_k_m_gguf() -> Option<PathBuf> {
+    let path = std::env::var_os("COMPUTEPOOL_Q4_K_M_GGUF").map(PathBuf::from).unwrap_or_else(|| {
+        let cache = std::env::var_os("COMPUTEPOOL_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/computepool"));
+        cache.join("gguf/SmolLM2-135M-Instruct.Q4_K_M.gguf")
+    });
+    if path.is_file() {
+        return Some(path);
+    }
+    if std::env::var("COMPUTEPOOL_REQUIRE_Q4_K_M").is_ok_and(|v| v == "1") {
+        panic!("COMPUTEPOOL_REQUIRE_Q4_K_M=1 but {} is missing: run scripts/quantize-gguf.sh", path.display());
+    }
+    eprintln!("skipping: no {} (make it with scripts/quantize-gguf.sh)", path.display());
+    None
+}
+
+/// SmolLM2 requantized to Q4_K_M by llama-quantize: its 576-column matrices are not whole 256-value
+/// super-blocks, so llama-quantize falls back to Q5_0 (for Q4_K) and Q8_0 (for Q6_K) there, and the
+/// 1536-column down projections are Q4_K or Q6_K — every natively kept kind but Q4_1 in one file. The
+/// reference is the same file imported (dequantized exactly) to f32.
+///
+/// Tolerance: looser than Q4_1's because the K-quant products round their inputs to 8 bits per 256
+/// values with one scale (ggml's Q8_K, as llama.cpp does), not per 32, and the down projection's input
+/// (the SwiGLU product) has outliers that set that scale. Measured: 1.2–12.3% relative L2 on the logits
+/// (first prompt, step 2, the worst); bound 20%, and at least 4 greedy tokens agree on each prompt. The
+/// products themselves equal their dequantized weights against those activations to 1e-4
+/// (backend/cpu/quant.rs).
+#[test]
+fn smollm2_q4_k_m_native_tracks_its_dequantized_f32_weights() {
+    let Some(gguf) = smollm2_q4_k_m_gguf() else { return };
+    let kinds = tensor_kinds(&gguf);
+    eprintln!("tensor kinds: {kinds:?}");
+    for kind in ["q4_K", "q6_K", "q5_0"] {
+        assert!(kinds.iter().any(|(k, _)| k == kind), "the file has no {kind} tensor: {kinds:?}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    computepool_engine::gguf::import_gguf(&gguf, dir.path(), DType::F32, false).unwrap();
+    native_tracks_dequantized_f32(&gguf, dir.path(), 2e-1);
+}
+
+/// How many tensors of each ggml type the file holds.
+fn tensor_kinds(gguf: &Path) -> Vec<(String, usize)> {
+    let file = computepool_engine::gguf::GgufFile::open(gguf).unwrap();
+    let mut counts = std::collections::BTreeMap::new();
+    for t in file.tensors() {
+        *counts.entry(t.ggml_type.to_string()).or_insert(0) += 1;
+    }
+    counts.into_iter().collect()
+}
+
+/// The GGUF loaded natively against `reference_dir` (the same file dequantized to f32): logits within
+/// `bound` relative L2 for 8 greedy steps of 3 prompts, at least 4 greedy tokens agreeing on each, and
+/// the native run's 16-token greedy text printed.
+fn native_tracks_dequantized_f32(gguf: &Path, reference_dir: &Path, bound: f64) {
     let backend = Arc::new(CpuBackend::new(2));
-    let native = Shard::load_gguf(&gguf, &LoadOptions::default(), backend.clone()).unwrap();
+    let native = Shard::load_gguf(gguf, &LoadOptions::default(), backend.clone()).unwrap();
     let f32_opts = LoadOptions { dtype: DType::F32, ..Default::default() };
-    let reference = Shard::load(&dir, &f32_opts, backend).unwrap();
+    let reference = Shard::load(reference_dir, &f32_opts, backend).unwrap();
     assert_eq!(native.config(), reference.config(), "the native config is the importer's");
-    // Q4_1 in memory: about 5 bits per weight instead of 32 (the embedding may be another kind).
+    // 4.5–8.5 bits per weight in memory instead of 32 (the embedding may be another kind).
     eprintln!(
         "native weights {:.1} MB, f32 {:.1} MB",
         native.weight_bytes() as f64 / 1e6,
         reference.weight_bytes() as f64 / 1e6
     );
-    assert!(native.weight_bytes() * 4 < reference.weight_bytes());
+    assert!(native.weight_bytes() * 3 < reference.weight_bytes());
 
-    let tok = Tokenizer::from_dir(&dir).unwrap();
+    let tok = Tokenizer::from_dir(reference_dir).unwrap();
     for text in ["The capital of France is", "def fibonacci(n):", "Water boils at"] {
         let prompt = tok.encode(text, false).unwrap();
         let (mut cn, mut cr) = (native.new_cache(), reference.new_cache());
@@ -49,7 +115,7 @@ fn smollm2_q4_1_native_tracks_its_dequantized_f32_weights() {
         for step in 0..8 {
             let e = common::rel_err(&got, &want);
             eprintln!("{text:?} step {step}: logits relative error {e:.2e}");
-            assert!(e < 1e-1, "{text:?} step {step}: logits relative error {e:.2e}");
+            assert!(e < bound, "{text:?} step {step}: logits relative error {e:.2e}");
             let (a, b) = (argmax(&got), argmax(&want));
             if a != b {
                 break;
@@ -60,6 +126,14 @@ fn smollm2_q4_1_native_tracks_its_dequantized_f32_weights() {
         }
         eprintln!("{text:?}: {agreed} greedy tokens agree");
         assert!(agreed >= 4, "{text:?}: only {agreed} greedy tokens agree");
+        let mut cache = native.new_cache();
+        let mut ids = Vec::new();
+        let mut next = argmax(&common::logits(native.forward(StepInput::Tokens(&prompt), &mut cache).unwrap()));
+        for _ in 0..16 {
+            ids.push(next);
+            next = argmax(&common::logits(native.forward(StepInput::Tokens(&[next]), &mut cache).unwrap()));
+        }
+        eprintln!("{text:?} → {:?}", tok.decode(&ids, false).unwrap());
     }
 }
 

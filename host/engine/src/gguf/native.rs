@@ -31,7 +31,8 @@ impl std::fmt::Debug for GgufWeights {
 }
 
 impl GgufWeights {
-    /// Opens and validates a llama-architecture GGUF: its hyper-parameters, every tensor's dims and type.
+    /// Opens and validates a llama- or qwen2-architecture GGUF: its hyper-parameters, every tensor's dims
+    /// and type.
     pub fn open(path: &Path) -> Result<Self> {
         let file = GgufFile::open(path)?;
         let params = LlamaParams::from_gguf(&file)?;
