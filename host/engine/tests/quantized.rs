@@ -11,7 +11,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use computepool_engine::backend::cpu::CpuBackend;
@@ -30,30 +30,6 @@ fn smollm2_q4_1_native_tracks_its_dequantized_f32_weights() {
     native_tracks_dequantized_f32(&gguf, &dir, 1e-1);
 }
 
-/// The SmolLM2 Q4_K_M GGUF that scripts/quantize-gguf.sh makes with llama.cpp's own llama-quantize from
-/// the F32 GGUF: `COMPUTEPOOL_Q4_K_M_GGUF`, else `$COMPUTEPOOL_CACHE/gguf/SmolLM2-135M-Instruct.Q4_K_M.gguf`.
-///
-/// Why a file made by llama-quantize and not one quantized in the test: the files users run come from
-/// ggml's quantizer (its scale/min search), and what matters is reading those; a quantizer of our own
-/// would check our reading of our own writing. The llama.cpp build is not part of `make test`, so the test
-/// skips with this message when the file is missing, unless `COMPUTEPOOL_REQUIRE_Q4_K_M=1`.
-fn smollm2_q4_k_m_gguf() -> Option<PathBuf> {
-    let path = std::env::var_os("COMPUTEPOOL_Q4_K_M_GGUF").map(PathBuf::from).unwrap_or_else(|| {
-        let cache = std::env::var_os("COMPUTEPOOL_CACHE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/computepool"));
-        cache.join("gguf/SmolLM2-135M-Instruct.Q4_K_M.gguf")
-    });
-    if path.is_file() {
-        return Some(path);
-    }
-    if std::env::var("COMPUTEPOOL_REQUIRE_Q4_K_M").is_ok_and(|v| v == "1") {
-        panic!("COMPUTEPOOL_REQUIRE_Q4_K_M=1 but {} is missing: run scripts/quantize-gguf.sh", path.display());
-    }
-    eprintln!("skipping: no {} (make it with scripts/quantize-gguf.sh)", path.display());
-    None
-}
-
 /// SmolLM2 requantized to Q4_K_M by llama-quantize: its 576-column matrices are not whole 256-value
 /// super-blocks, so llama-quantize falls back to Q5_0 (for Q4_K) and Q8_0 (for Q6_K) there, and the
 /// 1536-column down projections are Q4_K or Q6_K — every natively kept kind but Q4_1 in one file. The
@@ -67,7 +43,7 @@ fn smollm2_q4_k_m_gguf() -> Option<PathBuf> {
 /// (backend/cpu/quant.rs).
 #[test]
 fn smollm2_q4_k_m_native_tracks_its_dequantized_f32_weights() {
-    let Some(gguf) = smollm2_q4_k_m_gguf() else { return };
+    let Some(gguf) = common::smollm2_q4_k_m_gguf() else { return };
     let kinds = tensor_kinds(&gguf);
     eprintln!("tensor kinds: {kinds:?}");
     for kind in ["q4_K", "q6_K", "q5_0"] {
