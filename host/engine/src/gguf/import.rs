@@ -535,11 +535,9 @@ pub fn hf_config(p: &LlamaParams, tied: bool, dtype: DType, ids: super::tokenize
         GgufArchitecture::Llama => ("LlamaForCausalLM", "llama"),
         GgufArchitecture::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
     };
-    json!({
+    let mut config = json!({
         "architectures": [class],
         "model_type": model_type,
-        // Qwen2's sliding window is off in its released configs; GGUF has no key for it.
-        "use_sliding_window": false,
         "hidden_size": p.hidden_size,
         "intermediate_size": p.intermediate_size,
         "num_hidden_layers": p.n_layers,
@@ -560,7 +558,14 @@ pub fn hf_config(p: &LlamaParams, tied: bool, dtype: DType, ids: super::tokenize
         "pad_token_id": ids.pad,
         "torch_dtype": match dtype { DType::F32 => "float32", DType::Bf16 => "bfloat16" },
         "use_cache": true,
-    })
+    });
+    if p.architecture == GgufArchitecture::Qwen2
+        && let Some(obj) = config.as_object_mut()
+    {
+        // Qwen2's sliding window is off in its released configs; GGUF has no key for it.
+        obj.insert("use_sliding_window".into(), json!(false));
+    }
+    config
 }
 
 /// HF `generation_config.json`: the special token ids (sampling defaults are the server's business).
