@@ -5,10 +5,14 @@
 # tg128 / pp512 for SmolLM2 and a seeded random Llama-3-8B-shaped checkpoint, and decode bandwidth
 # against the card's peak. Finishes in a few minutes on an H100.
 #
-#   scripts/gpu-check.sh [--model-dir DIR] [--gguf FILE] [--bin-dir DIR] [--no-8b] [--no-smollm2]
+#   scripts/gpu-check.sh [--model-dir DIR] [--gguf FILE] [--q4km FILE] [--bin-dir DIR] [--no-8b] [--no-smollm2]
 #
 # --model-dir  SmolLM2 in HF layout (default: models/smollm2-135m-instruct, as `make model` writes it)
-# --gguf       the SmolLM2 Q4_1 GGUF instead; imported into --model-dir first
+# --gguf       the SmolLM2 Q4_1 GGUF (default: $COMPUTEPOOL_CACHE/gguf/SmolLM2-135M-Instruct.Q4_1.gguf, if
+#              there): imported into --model-dir if that has no model, and run natively with its weights
+#              kept quantized on the device (the GPU tests and a cuda-check row against the CPU's f32 path)
+# --q4km       SmolLM2 Q4_K_M (scripts/quantize-gguf.sh makes it; default: its cache path, if there): the
+#              same native checks for Q4_K, Q6_K, Q5_0 and Q8_0 matrices
 # --bin-dir    prebuilt `cuda-check`, `cuda-tests` and `computepool` (for GPU machines without a Rust toolchain);
 #              otherwise both are built here with cargo
 # --no-8b      skip the Llama-3-8B-shaped checkpoint (it needs ~17 GB of GPU and ~33 GB of host memory)
@@ -17,6 +21,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 MODEL_DIR="$ROOT/models/smollm2-135m-instruct"
 GGUF=""
+Q4KM=""
 BIN_DIR=""
 EIGHT_B=(--llama8b)
 SMOLLM2=yes
@@ -27,7 +32,8 @@ while [[ $# -gt 0 ]]; do
         --bin-dir) BIN_DIR="$(cd "$2" && pwd)"; shift 2 ;;
         --no-8b) EIGHT_B=(); shift ;;
         --no-smollm2) SMOLLM2=no; shift ;;
-        -h|--help) sed -n 2,18p "$0"; exit 0 ;;
+        --q4km) Q4KM="$2"; shift 2 ;;
+        -h|--help) sed -n 2,22p "$0"; exit 0 ;;
         *) echo "gpu-check: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -76,14 +82,20 @@ if [[ -z "$BIN_DIR" ]]; then
 fi
 
 SMOL_ARGS=()
+QUANT_ARGS=()
 MODEL_ENV=(COMPUTEPOOL_REQUIRE_MODEL=0 COMPUTEPOOL_MODEL_DIR=/nonexistent)
+CACHE="${COMPUTEPOOL_CACHE:-$HOME/.cache/computepool}"
 if [[ $SMOLLM2 == yes ]]; then
-    if [[ -n "$GGUF" ]]; then
+    [[ -n "$GGUF" || ! -f "$CACHE/gguf/SmolLM2-135M-Instruct.Q4_1.gguf" ]] || GGUF="$CACHE/gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
+    [[ -n "$Q4KM" || ! -f "$CACHE/gguf/SmolLM2-135M-Instruct.Q4_K_M.gguf" ]] || Q4KM="$CACHE/gguf/SmolLM2-135M-Instruct.Q4_K_M.gguf"
+    if [[ -n "$GGUF" && ! -f "$MODEL_DIR/model.safetensors" ]]; then
         "$BIN_DIR/cuda-check" --gguf "$GGUF" --model-dir "$MODEL_DIR" --import-only
     fi
+    if [[ -n "$GGUF" ]]; then QUANT_ARGS+=(--quantized "$GGUF"); MODEL_ENV+=(COMPUTEPOOL_GGUF="$GGUF"); fi
+    if [[ -n "$Q4KM" ]]; then QUANT_ARGS+=(--quantized "$Q4KM"); MODEL_ENV+=(COMPUTEPOOL_Q4_K_M_GGUF="$Q4KM"); fi
     [[ -f "$MODEL_DIR/model.safetensors" ]] || { echo "gpu-check: no SmolLM2 in $MODEL_DIR (run make model, or pass --gguf)" >&2; exit 1; }
     SMOL_ARGS=(--smollm2 "$MODEL_DIR")
-    MODEL_ENV=(COMPUTEPOOL_REQUIRE_MODEL=1 COMPUTEPOOL_MODEL_DIR="$MODEL_DIR")
+    MODEL_ENV+=(COMPUTEPOOL_REQUIRE_MODEL=1 COMPUTEPOOL_MODEL_DIR="$MODEL_DIR")
 fi
 
 # A failing test does not stop the measurements; the script's status reports both.
@@ -110,5 +122,5 @@ if [[ $SMOLLM2 == yes && -x "$COMPUTEPOOL_BIN" ]]; then
 fi
 
 echo "== cuda-check"
-"$BIN_DIR/cuda-check" "${SMOL_ARGS[@]}" "${EIGHT_B[@]}" || status=1
+"$BIN_DIR/cuda-check" "${SMOL_ARGS[@]}" "${QUANT_ARGS[@]}" "${EIGHT_B[@]}" || status=1
 exit $status

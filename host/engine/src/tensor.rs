@@ -43,15 +43,26 @@ impl std::fmt::Display for DType {
     }
 }
 
-/// The quantized block formats the engine computes with directly (ggml's layouts, 32 values a block).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// The quantized block formats the engine computes with directly (ggml's layouts: 32-value blocks,
+/// and the K-quants' 256-value super-blocks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuantKind {
     /// f16 scale, 16 bytes of 4-bit values offset by 8: 18 bytes per block (4.5 bits per weight).
     Q4_0,
     /// f16 scale and f16 minimum, 16 bytes of 4-bit values: 20 bytes per block (5 bits per weight).
     Q4_1,
+    /// f16 scale, 32 high bits, 16 bytes of low nibbles; 5-bit values offset by 16: 22 bytes per block
+    /// (5.5 bits per weight). llama-quantize's fallback for Q4_K tensors whose rows are not whole
+    /// super-blocks (SmolLM2's 576 columns), so most of a small model's "Q4_K_M" file.
+    Q5_0,
     /// f16 scale, 32 signed bytes: 34 bytes per block (8.5 bits per weight).
     Q8_0,
+    /// 256-value super-block: f16 d and dmin, eight 6-bit scales and mins packed in 12 bytes, 128 bytes
+    /// of 4-bit values: 144 bytes (4.5 bits per weight).
+    Q4K,
+    /// 256-value super-block: 128 bytes of low nibbles, 64 of high 2-bit pairs, sixteen signed 8-bit
+    /// scales and an f16 d; 6-bit values offset by 32: 210 bytes (6.5625 bits per weight).
+    Q6K,
 }
 
 impl QuantKind {
@@ -59,15 +70,37 @@ impl QuantKind {
         match self {
             QuantKind::Q4_0 => 18,
             QuantKind::Q4_1 => 20,
+            QuantKind::Q5_0 => 22,
             QuantKind::Q8_0 => 34,
+            QuantKind::Q4K => 144,
+            QuantKind::Q6K => 210,
         }
+    }
+
+    /// Values per block: 32, or 256 for the K-quants. A row of `cols` values is `cols / block_values`
+    /// blocks; a tensor whose rows are not whole blocks cannot be kept in this kind.
+    pub fn block_values(self) -> usize {
+        if self.is_k() { 256 } else { 32 }
+    }
+
+    /// Whether this is a 256-value K-quant (its products use activations quantized per 256 values).
+    pub fn is_k(self) -> bool {
+        matches!(self, QuantKind::Q4K | QuantKind::Q6K)
+    }
+
+    /// Bytes of one row of `cols` values (`cols` a multiple of [`Self::block_values`]).
+    pub fn row_bytes(self, cols: usize) -> usize {
+        cols / self.block_values() * self.block_bytes()
     }
 
     pub fn name(self) -> &'static str {
         match self {
             QuantKind::Q4_0 => "q4_0",
             QuantKind::Q4_1 => "q4_1",
+            QuantKind::Q5_0 => "q5_0",
             QuantKind::Q8_0 => "q8_0",
+            QuantKind::Q4K => "q4_K",
+            QuantKind::Q6K => "q6_K",
         }
     }
 
@@ -75,7 +108,10 @@ impl QuantKind {
         match self {
             QuantKind::Q4_0 => crate::gguf::GgmlType::Q4_0,
             QuantKind::Q4_1 => crate::gguf::GgmlType::Q4_1,
+            QuantKind::Q5_0 => crate::gguf::GgmlType::Q5_0,
             QuantKind::Q8_0 => crate::gguf::GgmlType::Q8_0,
+            QuantKind::Q4K => crate::gguf::GgmlType::Q4_K,
+            QuantKind::Q6K => crate::gguf::GgmlType::Q6_K,
         }
     }
 
@@ -84,7 +120,10 @@ impl QuantKind {
         match t {
             crate::gguf::GgmlType::Q4_0 => Some(QuantKind::Q4_0),
             crate::gguf::GgmlType::Q4_1 => Some(QuantKind::Q4_1),
+            crate::gguf::GgmlType::Q5_0 => Some(QuantKind::Q5_0),
             crate::gguf::GgmlType::Q8_0 => Some(QuantKind::Q8_0),
+            crate::gguf::GgmlType::Q4_K => Some(QuantKind::Q4K),
+            crate::gguf::GgmlType::Q6_K => Some(QuantKind::Q6K),
             _ => None,
         }
     }
@@ -95,7 +134,7 @@ impl QuantKind {
 pub enum WeightData {
     F32(Vec<f32>),
     Bf16(Vec<bf16>),
-    /// Rows of quantized blocks, row-major: each row is `cols / 32` blocks of `kind`.
+    /// Rows of quantized blocks, row-major: each row is `cols / kind.block_values()` blocks of `kind`.
     Quant { kind: QuantKind, blocks: Vec<u8> },
 }
 
@@ -108,7 +147,7 @@ pub struct Weight {
 }
 
 impl Weight {
-    /// How the values are stored: `f32`, `bf16`, `q4_0`, `q4_1` or `q8_0`.
+    /// How the values are stored: `f32`, `bf16` or a [`QuantKind::name`].
     pub fn storage_name(&self) -> &'static str {
         match &self.data {
             WeightData::F32(_) => "f32",
@@ -148,7 +187,7 @@ impl Weight {
                 }
             }
             WeightData::Quant { kind, blocks } => {
-                let row_bytes = self.cols / 32 * kind.block_bytes();
+                let row_bytes = kind.row_bytes(self.cols);
                 crate::gguf::dequantize_into(kind.ggml_type(), &blocks[r * row_bytes..(r + 1) * row_bytes], out)
                     .expect("quantized weights hold whole blocks of their kind (checked at load)");
             }

@@ -331,3 +331,66 @@ fn smollm2_greedy_tokens_equal_the_cpu_backend_for_32_steps() {
         assert_eq!(tb, ta, "{text:?}: CUDA greedy tokens differ from the CPU's");
     }
 }
+
+/// A GGUF's quantized matrices kept in their blocks on the device (`matvec_<kind>`, dequantized in
+/// registers, f32 activations) against the same file dequantized exactly to f32 and run on the CPU
+/// backend's f32 path — the same products up to summation order. The one other difference: the device
+/// holds the embedding table (SmolLM2's tied lm_head too) widened to bf16, which the embedding kernel
+/// reads (~2^-9 relative per value). Bound: 2e-2 relative L2 on the logits of each step; the CPU's greedy
+/// tokens are fed to both (teacher forcing), and the device's argmax must be the CPU's except at near ties
+/// (the CPU's two logits within 0.05), at most 2 in 48 steps. A 40-token prompt takes the prefill path
+/// (blocks widened to bf16 for cuBLAS, activations rounded to bf16): 3e-2.
+fn quantized_gguf_matches_the_cpu_f32_path(gguf: &std::path::Path) {
+    let Some(dev) = gpu() else { return };
+    use computepool_engine::backend::cpu::CpuBackend;
+    use computepool_engine::model::{LoadOptions, Shard};
+    let backend = Arc::new(CpuBackend::new(4));
+    let native = Shard::load_gguf(gguf, &LoadOptions::default(), backend.clone()).unwrap();
+    let cuda = CudaShard::from_shard(&native, dev).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    computepool_engine::gguf::import_gguf(gguf, dir.path(), DType::F32, false).unwrap();
+    let cpu = Shard::load(dir.path(), &LoadOptions { dtype: DType::F32, ..Default::default() }, backend).unwrap();
+    let tok = computepool_engine::tokenizer::Tokenizer::from_dir(dir.path()).unwrap();
+    let mut near_ties = 0;
+    for text in ["The capital of France is", "def fibonacci(n):", "Water boils at"] {
+        let prompt = tok.encode(text, false).unwrap();
+        let (mut cc, mut gc) = (cpu.new_cache(), cuda.new_cache());
+        let mut want = logits(cpu.forward(StepInput::Tokens(&prompt), &mut cc).unwrap());
+        let mut got = logits(cuda.forward(StepInput::Tokens(&prompt), &mut gc).unwrap());
+        for step in 0..16 {
+            let e = common::rel_err(&got, &want);
+            assert!(e < 2e-2, "{text:?} step {step}: logits relative error {e:.2e}");
+            let (a, b) = (argmax(&want), argmax(&got));
+            if a != b {
+                let gap = want[a as usize] - want[b as usize];
+                eprintln!("{text:?} step {step}: CPU {a}, CUDA {b}, CPU gap {gap:.4}");
+                assert!(gap < 0.05, "{text:?} step {step}: CUDA chose {b} over the CPU's {a} (gap {gap:.4})");
+                near_ties += 1;
+            }
+            want = logits(cpu.forward(StepInput::Tokens(&[a]), &mut cc).unwrap());
+            got = logits(cuda.forward(StepInput::Tokens(&[a]), &mut gc).unwrap());
+        }
+    }
+    assert!(near_ties <= 2, "{near_ties} near ties");
+    let long: Vec<u32> = TestRng::new(9).tokens(40).into_iter().map(|t| t + 100).collect();
+    let want = logits(cpu.forward(StepInput::Tokens(&long), &mut cpu.new_cache()).unwrap());
+    let got = logits(cuda.forward(StepInput::Tokens(&long), &mut cuda.new_cache()).unwrap());
+    let e = common::rel_err(&got, &want);
+    assert!(e < 3e-2, "prefill of 40 tokens: logits relative error {e:.2e}");
+}
+
+#[test]
+fn smollm2_q4_1_quantized_on_the_device_matches_the_cpu() {
+    let Some(gguf) = common::smollm2_gguf() else {
+        eprintln!("skipping: no SmolLM2 Q4_1 GGUF");
+        return;
+    };
+    quantized_gguf_matches_the_cpu_f32_path(&gguf);
+}
+
+/// Q4_K, Q6_K, Q5_0 and Q8_0 matrices (llama-quantize's Q4_K_M of SmolLM2; see common::smollm2_q4_k_m_gguf).
+#[test]
+fn smollm2_q4_k_m_quantized_on_the_device_matches_the_cpu() {
+    let Some(gguf) = common::smollm2_q4_k_m_gguf() else { return };
+    quantized_gguf_matches_the_cpu_f32_path(&gguf);
+}

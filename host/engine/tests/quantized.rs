@@ -11,6 +11,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::sync::Arc;
 
 use computepool_engine::backend::cpu::CpuBackend;
@@ -26,20 +27,63 @@ fn smollm2_q4_1_native_tracks_its_dequantized_f32_weights() {
         eprintln!("skipping: no SmolLM2 GGUF or imported model");
         return;
     };
+    native_tracks_dequantized_f32(&gguf, &dir, 1e-1);
+}
+
+/// SmolLM2 requantized to Q4_K_M by llama-quantize: its 576-column matrices are not whole 256-value
+/// super-blocks, so llama-quantize falls back to Q5_0 (for Q4_K) and Q8_0 (for Q6_K) there, and the
+/// 1536-column down projections are Q4_K or Q6_K — every natively kept kind but Q4_1 in one file. The
+/// reference is the same file imported (dequantized exactly) to f32.
+///
+/// Tolerance: much looser than Q4_1's because the K-quant products round their inputs to 8 bits per 256
+/// values with one scale (ggml's Q8_K, as llama.cpp does), not per 32, and the down projection's input
+/// (the SwiGLU product) has outliers that set that scale, rounding the rest of its 256 values coarsely.
+/// Measured: 1.1–27.8% relative L2 on the logits (first prompt, step 6, the worst; most steps 1–7%);
+/// bound 40%, and at least 4 greedy tokens agree on each prompt (7–8 measured). That the rest is the
+/// scheme's rounding and not ours: our greedy choices on this file equal llama.cpp's, which rounds the
+/// same way, in 73 of 76 steps, the rest near ties (the next test); each product equals its dequantized
+/// weights against those activations to 1e-4 (backend/cpu/quant.rs).
+#[test]
+fn smollm2_q4_k_m_native_tracks_its_dequantized_f32_weights() {
+    let Some(gguf) = common::smollm2_q4_k_m_gguf() else { return };
+    let kinds = tensor_kinds(&gguf);
+    eprintln!("tensor kinds: {kinds:?}");
+    for kind in ["q4_K", "q6_K", "q5_0"] {
+        assert!(kinds.iter().any(|(k, _)| k == kind), "the file has no {kind} tensor: {kinds:?}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    computepool_engine::gguf::import_gguf(&gguf, dir.path(), DType::F32, false).unwrap();
+    native_tracks_dequantized_f32(&gguf, dir.path(), 4e-1);
+}
+
+/// How many tensors of each ggml type the file holds.
+fn tensor_kinds(gguf: &Path) -> Vec<(String, usize)> {
+    let file = computepool_engine::gguf::GgufFile::open(gguf).unwrap();
+    let mut counts = std::collections::BTreeMap::new();
+    for t in file.tensors() {
+        *counts.entry(t.ggml_type.to_string()).or_insert(0) += 1;
+    }
+    counts.into_iter().collect()
+}
+
+/// The GGUF loaded natively against `reference_dir` (the same file dequantized to f32): logits within
+/// `bound` relative L2 for 8 greedy steps of 3 prompts, at least 4 greedy tokens agreeing on each, and
+/// the native run's 16-token greedy text printed.
+fn native_tracks_dequantized_f32(gguf: &Path, reference_dir: &Path, bound: f64) {
     let backend = Arc::new(CpuBackend::new(2));
-    let native = Shard::load_gguf(&gguf, &LoadOptions::default(), backend.clone()).unwrap();
+    let native = Shard::load_gguf(gguf, &LoadOptions::default(), backend.clone()).unwrap();
     let f32_opts = LoadOptions { dtype: DType::F32, ..Default::default() };
-    let reference = Shard::load(&dir, &f32_opts, backend).unwrap();
+    let reference = Shard::load(reference_dir, &f32_opts, backend).unwrap();
     assert_eq!(native.config(), reference.config(), "the native config is the importer's");
-    // Q4_1 in memory: about 5 bits per weight instead of 32 (the embedding may be another kind).
+    // 4.5–8.5 bits per weight in memory instead of 32 (the embedding may be another kind).
     eprintln!(
         "native weights {:.1} MB, f32 {:.1} MB",
         native.weight_bytes() as f64 / 1e6,
         reference.weight_bytes() as f64 / 1e6
     );
-    assert!(native.weight_bytes() * 4 < reference.weight_bytes());
+    assert!(native.weight_bytes() * 3 < reference.weight_bytes());
 
-    let tok = Tokenizer::from_dir(&dir).unwrap();
+    let tok = Tokenizer::from_dir(reference_dir).unwrap();
     for text in ["The capital of France is", "def fibonacci(n):", "Water boils at"] {
         let prompt = tok.encode(text, false).unwrap();
         let (mut cn, mut cr) = (native.new_cache(), reference.new_cache());
@@ -49,7 +93,7 @@ fn smollm2_q4_1_native_tracks_its_dequantized_f32_weights() {
         for step in 0..8 {
             let e = common::rel_err(&got, &want);
             eprintln!("{text:?} step {step}: logits relative error {e:.2e}");
-            assert!(e < 1e-1, "{text:?} step {step}: logits relative error {e:.2e}");
+            assert!(e < bound, "{text:?} step {step}: logits relative error {e:.2e}");
             let (a, b) = (argmax(&got), argmax(&want));
             if a != b {
                 break;
@@ -60,6 +104,14 @@ fn smollm2_q4_1_native_tracks_its_dequantized_f32_weights() {
         }
         eprintln!("{text:?}: {agreed} greedy tokens agree");
         assert!(agreed >= 4, "{text:?}: only {agreed} greedy tokens agree");
+        let mut cache = native.new_cache();
+        let mut ids = Vec::new();
+        let mut next = argmax(&common::logits(native.forward(StepInput::Tokens(&prompt), &mut cache).unwrap()));
+        for _ in 0..16 {
+            ids.push(next);
+            next = argmax(&common::logits(native.forward(StepInput::Tokens(&[next]), &mut cache).unwrap()));
+        }
+        eprintln!("{text:?} → {:?}", tok.decode(&ids, false).unwrap());
     }
 }
 
@@ -105,14 +157,31 @@ fn smollm2_q4_1_greedy_text_equals_llama_cpp_on_the_same_file() {
         return;
     };
     let fixture: serde_json::Value = serde_json::from_str(include_str!("data/llama_cpp_greedy_smollm2_q4_1.json")).unwrap();
+    replay_llama_cpp_greedy(&gguf, &fixture, 2);
+}
+
+/// The same check on llama-quantize's Q4_K_M of SmolLM2 (Q4_K, Q6_K, Q5_0 and Q8_0 matrices), against
+/// llama.cpp's completions on that file (recorded by scripts/quantize-gguf.sh --record, with its sha256;
+/// one completion ends early at an end-of-generation token). Measured with the AVX2 kernels: 73 of 76
+/// steps are our argmax; the 3 near ties are decided by 0.065, 0.013 and 0.001 logits. Bound: 4.
+#[test]
+fn smollm2_q4_k_m_greedy_text_equals_llama_cpp_on_the_same_file() {
+    let Some(gguf) = common::smollm2_q4_k_m_gguf() else { return };
+    let fixture: serde_json::Value = serde_json::from_str(include_str!("data/llama_cpp_greedy_smollm2_q4_k_m.json")).unwrap();
+    replay_llama_cpp_greedy(&gguf, &fixture, 4);
+}
+
+/// Replays llama.cpp's greedy completions (teacher forcing): llama.cpp's token must be our argmax except
+/// at near ties (within 0.1 logits), at most `max_near_ties` of them.
+fn replay_llama_cpp_greedy(gguf: &Path, fixture: &serde_json::Value, max_near_ties: usize) {
     let sha = fixture["gguf_sha256"].as_str().unwrap();
-    let bytes = std::fs::read(&gguf).unwrap();
+    let bytes = std::fs::read(gguf).unwrap();
     let digest: String = {
         use sha2::Digest;
         sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()
     };
     assert_eq!(digest, sha, "the recorded completions belong to another file");
-    let source = ModelSource::Gguf(gguf);
+    let source = ModelSource::Gguf(gguf.to_path_buf());
     let tok = source.tokenizer().unwrap();
     let shard = source.load_shard(&LoadOptions::default(), Arc::new(CpuBackend::new(2))).unwrap();
     let n = fixture["tokens"].as_u64().unwrap() as usize;
@@ -124,7 +193,8 @@ fn smollm2_q4_1_greedy_text_equals_llama_cpp_on_the_same_file() {
         let all = tok.encode(&format!("{prompt}{completion}"), false).unwrap();
         assert_eq!(&all[..prompt_ids.len()], &prompt_ids[..], "{prompt:?}: the completion re-tokenizes across the prompt");
         let reference = &all[prompt_ids.len()..];
-        assert_eq!(reference.len(), n, "{prompt:?}: llama.cpp's completion re-tokenizes to {} tokens", reference.len());
+        // Fewer tokens than asked for: llama-simple stopped at an end-of-generation token (printed as nothing).
+        assert!(reference.len() <= n, "{prompt:?}: llama.cpp's completion re-tokenizes to {} tokens", reference.len());
         let mut cache = shard.new_cache();
         let mut logits = common::logits(shard.forward(StepInput::Tokens(&prompt_ids), &mut cache).unwrap());
         for (step, &want) in reference.iter().enumerate() {
@@ -140,7 +210,22 @@ fn smollm2_q4_1_greedy_text_equals_llama_cpp_on_the_same_file() {
             }
             logits = common::logits(shard.forward(StepInput::Tokens(&[want]), &mut cache).unwrap());
         }
+        if reference.len() < n {
+            // Our choice must end generation too: an end-of-sequence id (or a near tie with the best one).
+            let eos = &shard.config().eos_token_ids;
+            let ours = argmax(&logits);
+            steps += 1;
+            if eos.contains(&ours) {
+                agreed += 1;
+            } else {
+                let best_eos = eos.iter().map(|&e| logits[e as usize]).fold(f32::NEG_INFINITY, f32::max);
+                let gap = logits[ours as usize] - best_eos;
+                eprintln!("{prompt:?} step {}: llama.cpp ends generation, ours {ours} ({:?}), gap {gap:.4}", reference.len(), tok.decode(&[ours], false).unwrap());
+                assert!(gap < 0.1, "{prompt:?}: llama.cpp ends generation after {} tokens, we choose {ours} by {gap:.4} logits", reference.len());
+                near_ties += 1;
+            }
+        }
     }
     eprintln!("{agreed} of {steps} steps choose llama.cpp's token, {near_ties} near ties");
-    assert!(near_ties <= 2, "{near_ties} near ties in {steps} steps");
+    assert!(near_ties <= max_near_ties, "{near_ties} near ties in {steps} steps");
 }

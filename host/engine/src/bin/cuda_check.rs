@@ -7,9 +7,14 @@
 //! tg128 and pp512 on the GPU (three runs each, median [min-max]), and the achieved weight bandwidth of
 //! decode against the device's peak.
 //!
+//! With `--quantized FILE.gguf` (repeatable): the file loaded natively, its quantized matrices kept in
+//! their blocks on the device (`matvec_<kind>`), against the same file dequantized exactly to f32 on the
+//! CPU (the CPU's 8-bit-activation path would add its own rounding to the comparison); target 2e-2
+//! (the device widens the embedding table to bf16), greedy agreement reported.
+//!
 //! Usage: cuda-check [--smollm2 DIR | --gguf FILE [--model-dir DIR] [--import-only]] [--llama8b]
-//! [--threads N]. `--gguf` imports the file into `--model-dir` (default a temporary directory) first;
-//! `--import-only` stops there.
+//! [--quantized FILE.gguf]... [--threads N]. `--gguf` imports the file into `--model-dir` (default a
+//! temporary directory) first; `--import-only` stops there.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -185,17 +190,18 @@ fn llama3_8b_config() -> Result<ModelConfig> {
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let (mut smollm2, mut gguf, mut llama8b, mut threads) = (None, None, false, None);
-    let (mut model_dir, mut import_only) = (None, false);
+    let (mut model_dir, mut import_only, mut quantized) = (None, false, Vec::new());
     while let Some(a) = args.next() {
         match a.as_str() {
             "--smollm2" => smollm2 = Some(std::path::PathBuf::from(args.next().context("--smollm2 DIR")?)),
             "--gguf" => gguf = Some(std::path::PathBuf::from(args.next().context("--gguf FILE")?)),
             "--model-dir" => model_dir = Some(std::path::PathBuf::from(args.next().context("--model-dir DIR")?)),
             "--import-only" => import_only = true,
+            "--quantized" => quantized.push(std::path::PathBuf::from(args.next().context("--quantized FILE.gguf")?)),
             "--llama8b" => llama8b = true,
             "--threads" => threads = Some(args.next().context("--threads N")?.parse::<usize>()?),
             "-h" | "--help" => {
-                println!("usage: cuda-check [--smollm2 DIR | --gguf FILE [--model-dir DIR] [--import-only]] [--llama8b] [--threads N]");
+                println!("usage: cuda-check [--smollm2 DIR | --gguf FILE [--model-dir DIR] [--import-only]] [--llama8b] [--quantized FILE.gguf]... [--threads N]");
                 return Ok(());
             }
             other => bail!("unknown argument {other:?} (try --help)"),
@@ -236,6 +242,20 @@ fn main() -> Result<()> {
         let prompt = tok.encode("The capital of France is Paris. The capital of Germany is", false)?;
         reports.push(check("SmolLM2-135M bf16", &cpu, cuda, &prompt, true)?);
     }
+    for (i, file) in quantized.iter().enumerate() {
+        let name = file.file_name().map_or_else(|| file.display().to_string(), |n| n.to_string_lossy().into_owned());
+        let dir = tempdir()?.join(format!("quantized-{i}"));
+        eprintln!("importing {} into {} (f32, the CPU reference)", file.display(), dir.display());
+        computepool_engine::gguf::import_gguf(file, &dir, computepool_engine::DType::F32, false)?;
+        let f32_opts = LoadOptions { dtype: computepool_engine::DType::F32, ..Default::default() };
+        let cpu = Shard::load(&dir, &f32_opts, Arc::new(CpuBackend::new(threads)))?;
+        let native = Shard::load_gguf(file, &LoadOptions::default(), Arc::new(CpuBackend::new(threads)))?;
+        let cuda = CudaShard::from_shard(&native, dev.clone())?;
+        drop(native);
+        let tok = Tokenizer::from_dir(&dir)?;
+        let prompt = tok.encode("The capital of France is Paris. The capital of Germany is", false)?;
+        reports.push(check(&format!("{name} (quantized on the device)"), &cpu, cuda, &prompt, true)?);
+    }
     if llama8b {
         let cfg = llama3_8b_config()?;
         eprintln!("generating a seeded random Llama-3-8B-shaped checkpoint (bf16) on {threads} threads");
@@ -268,13 +288,15 @@ fn main() -> Result<()> {
             "| {} | {:.1e} / {:.1e} / {} | {}/{} | {} | {} | {} |",
             r.model, r.prefill_err, r.decode_err, pp_err, r.same_tokens, r.steps, tg_text, r.pp, bw_text
         );
-        failed |= r.prefill_err >= 1e-2 || r.decode_err >= 1e-2 || r.pp_err.is_some_and(|e| e >= 1e-2);
+        // Quantized rows: the embedding table is widened to bf16 on the device, the CPU reference is f32.
+        let target = if r.model.contains("quantized") { 2e-2 } else { 1e-2 };
+        failed |= r.prefill_err >= target || r.decode_err >= target || r.pp_err.is_some_and(|e| e >= target);
         if r.model.starts_with("SmolLM2") {
             failed |= r.same_tokens != r.steps;
         }
     }
     println!();
-    println!("targets: relative error < 1e-2 (bf16); SmolLM2 greedy ids equal over {GREEDY_STEPS} steps; 8B decode >= 60% of peak bandwidth");
+    println!("targets: relative error < 1e-2 (bf16), < 2e-2 (quantized GGUFs); SmolLM2 greedy ids equal over {GREEDY_STEPS} steps; 8B decode >= 60% of peak bandwidth");
     if failed {
         bail!("a correctness target was missed (see the table)");
     }

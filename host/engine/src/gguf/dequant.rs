@@ -220,7 +220,7 @@ fn q3_k(b: &[u8], y: &mut [f32]) {
 }
 
 /// ggml's `get_scale_min_k4`: the j-th 6-bit scale and min packed in 12 bytes.
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
@@ -542,5 +542,31 @@ mod tests {
         assert!(dequantize(GgmlType::Q4_1, &[0u8; 20], 31).is_err());
         let e = dequantize(GgmlType::IQ2_XXS, &[0u8; 66], 256).unwrap_err().to_string();
         assert!(e.contains("cannot dequantize ggml type iq2_xxs"), "{e}");
+    }
+
+    /// Q4_K, Q6_K and Q5_0 blocks (seeded random bytes with finite f16 scales: every packed scale, min
+    /// and high-bit pattern) dequantize bit for bit as gguf-py's numpy dequantizers do, an implementation
+    /// independent of this one that mirrors ggml-quants.c (testdata/make_kquant_dequant_fixture.py).
+    #[test]
+    fn k_quant_blocks_match_gguf_py() {
+        let fixture: serde_json::Value = serde_json::from_str(include_str!("testdata/kquant_dequant.json")).unwrap();
+        let cases = fixture["cases"].as_array().unwrap();
+        assert_eq!(cases.len(), 3);
+        for case in cases {
+            let ty = match case["type"].as_str().unwrap() {
+                "Q4_K" => GgmlType::Q4_K,
+                "Q6_K" => GgmlType::Q6_K,
+                "Q5_0" => GgmlType::Q5_0,
+                other => panic!("unexpected type {other}"),
+            };
+            let hex = case["blocks_hex"].as_str().unwrap();
+            let bytes: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+            let want: Vec<u32> = case["f32_bits"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            let got = dequantize(ty, &bytes, want.len() as u64).unwrap();
+            assert!(want.iter().any(|&w| f32::from_bits(w) != 0.0), "{ty}: fixture is not all zeros");
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.to_bits(), *w, "{ty} value {i}: {g} vs {}", f32::from_bits(*w));
+            }
+        }
     }
 }

@@ -1,4 +1,4 @@
-//! GGUF (llama architecture) → Hugging Face layout directory.
+//! GGUF (llama and qwen2 architectures) → Hugging Face layout directory.
 //!
 //! Writes `model.safetensors` (dequantized weights under HF names, f32 or bf16), `config.json`,
 //! `generation_config.json`, `tokenizer.json` and `tokenizer_config.json`. Three things differ
@@ -6,9 +6,13 @@
 //!
 //! - names: `blk.{i}.attn_q.weight` ↔ `model.layers.{i}.self_attn.q_proj.weight` and so on;
 //! - shapes: GGUF lists dims fastest-first, so `[ne0, ne1]` is HF's `[ne1, ne0]` (same bytes);
-//! - Q and K rows: llama.cpp's converter interleaves each head's two rotary halves
+//! - Q and K rows (llama only): llama.cpp's converter interleaves each head's two rotary halves
 //!   (`w.reshape(n_head, 2, head_dim / 2, cols).swapaxes(1, 2)`, with `n_head = n_kv_head` for K)
-//!   so that its RoPE can rotate adjacent pairs; HF rotates halves, so we put the rows back.
+//!   so that its RoPE can rotate adjacent pairs; HF rotates halves, so we put the rows back. Qwen2
+//!   files keep HF's order (llama.cpp runs them with NeoX-style RoPE, which rotates halves as HF does).
+//!
+//! Qwen2 files differ from llama ones only in their metadata prefix (`qwen2.*`), in having q/k/v
+//! biases (`blk.{i}.attn_{q,k,v}.bias`), and in the Q/K row order above.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -34,9 +38,28 @@ pub const IMPORTED_FILES: [&str; 5] = [
     "tokenizer_config.json",
 ];
 
-/// A llama model's hyper-parameters, from the `llama.*` metadata.
+/// The `general.architecture` values this crate reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufArchitecture {
+    Llama,
+    /// Qwen2 / Qwen2.5: llama with q/k/v biases and HF's Q/K row order.
+    Qwen2,
+}
+
+impl GgufArchitecture {
+    /// The metadata key prefix (`llama.block_count`, `qwen2.block_count`).
+    pub fn prefix(self) -> &'static str {
+        match self {
+            GgufArchitecture::Llama => "llama",
+            GgufArchitecture::Qwen2 => "qwen2",
+        }
+    }
+}
+
+/// A llama-family model's hyper-parameters, from the `llama.*` or `qwen2.*` metadata.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaParams {
+    pub architecture: GgufArchitecture,
     pub n_layers: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -52,35 +75,43 @@ pub struct LlamaParams {
 }
 
 impl LlamaParams {
-    /// Reads and checks the hyper-parameters of a `general.architecture = "llama"` file.
+    /// Reads and checks the hyper-parameters of a `general.architecture = "llama"` or `"qwen2"` file.
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
-        let arch = file.require_str("general.architecture")?;
-        if arch != "llama" {
-            return Err(EngineError::UnsupportedArchitecture(format!(
-                "GGUF general.architecture {arch:?}"
-            )));
+        let architecture = match file.require_str("general.architecture")? {
+            "llama" => GgufArchitecture::Llama,
+            "qwen2" => GgufArchitecture::Qwen2,
+            arch => {
+                return Err(EngineError::UnsupportedArchitecture(format!(
+                    "GGUF general.architecture {arch:?} (supported: llama, qwen2)"
+                )));
+            }
+        };
+        let prefix = architecture.prefix();
+        // Every hyper-parameter key is the architecture's: `llama.block_count`, `qwen2.block_count`.
+        let key = |suffix: &str| format!("{prefix}.{suffix}");
+        if file.opt_u64(&key("expert_count"))?.unwrap_or(0) > 0 {
+            return Err(file.error(format!("mixture-of-experts files ({prefix}.expert_count > 0) are not supported")));
         }
-        if file.opt_u64("llama.expert_count")?.unwrap_or(0) > 0 {
-            return Err(file.error("mixture-of-experts llama files (llama.expert_count > 0) are not supported"));
-        }
-        let usize_of = |key: &str| -> Result<usize> {
+        let usize_of = |suffix: &str| -> Result<usize> {
+            let key = key(suffix);
+            let key = key.as_str();
             let v = file.require_u64(key)?;
             usize::try_from(v)
                 .ok()
                 .filter(|&v| v > 0 && v <= 1 << 24)
                 .ok_or_else(|| file.error(format!("{key} is {v}, expected a positive size of at most 2^24")))
         };
-        let n_layers = usize_of("llama.block_count")?;
-        let hidden_size = usize_of("llama.embedding_length")?;
-        let intermediate_size = usize_of("llama.feed_forward_length")?;
-        let n_heads = usize_of("llama.attention.head_count")?;
-        let n_kv_heads = if file.get("llama.attention.head_count_kv").is_some() {
-            usize_of("llama.attention.head_count_kv")?
+        let n_layers = usize_of("block_count")?;
+        let hidden_size = usize_of("embedding_length")?;
+        let intermediate_size = usize_of("feed_forward_length")?;
+        let n_heads = usize_of("attention.head_count")?;
+        let n_kv_heads = if file.get(&key("attention.head_count_kv")).is_some() {
+            usize_of("attention.head_count_kv")?
         } else {
             n_heads
         };
-        let head_dim = if file.get("llama.attention.key_length").is_some() {
-            usize_of("llama.attention.key_length")?
+        let head_dim = if file.get(&key("attention.key_length")).is_some() {
+            usize_of("attention.key_length")?
         } else {
             if hidden_size % n_heads != 0 {
                 return Err(file.error(format!(
@@ -97,22 +128,22 @@ impl LlamaParams {
                 "{n_heads} attention heads are not a multiple of {n_kv_heads} KV heads"
             )));
         }
-        if let Some(v) = file.opt_u64("llama.attention.value_length")?
+        if let Some(v) = file.opt_u64(&key("attention.value_length"))?
             && v as usize != head_dim
         {
             return Err(file.error(format!("value head size {v} differs from key head size {head_dim}")));
         }
-        if let Some(rot) = file.opt_u64("llama.rope.dimension_count")?
+        if let Some(rot) = file.opt_u64(&key("rope.dimension_count"))?
             && rot as usize != head_dim
         {
             return Err(file.error(format!(
                 "partial rotary embeddings (rope.dimension_count {rot}, head dim {head_dim}) are not supported"
             )));
         }
-        let rope_linear_factor = match file.opt_str("llama.rope.scaling.type")? {
+        let rope_linear_factor = match file.opt_str(&key("rope.scaling.type"))? {
             None | Some("none") => None,
             Some("linear") => {
-                let f = file.opt_f64("llama.rope.scaling.factor")?.unwrap_or(1.0);
+                let f = file.opt_f64(&key("rope.scaling.factor"))?.unwrap_or(1.0);
                 (f != 1.0).then_some(f)
             }
             Some(other) => return Err(file.error(format!("RoPE scaling {other:?} is not supported (only linear)"))),
@@ -124,9 +155,9 @@ impl LlamaParams {
                 None => default.ok_or_else(|| file.error(format!("metadata key {key} is missing"))),
             }
         };
-        let context_length = usize_of("llama.context_length")?;
-        let vocab_size = match file.opt_u64("llama.vocab_size")? {
-            Some(_) => usize_of("llama.vocab_size")?,
+        let context_length = usize_of("context_length")?;
+        let vocab_size = match file.opt_u64(&key("vocab_size"))? {
+            Some(_) => usize_of("vocab_size")?,
             None => file
                 .opt_str_array("tokenizer.ggml.tokens")?
                 .map(<[String]>::len)
@@ -136,10 +167,11 @@ impl LlamaParams {
                         .map(|&d| d as usize)
                 })
                 .ok_or_else(|| {
-                    file.error("cannot tell the vocabulary size (no llama.vocab_size, tokens or token_embd)")
+                    file.error(format!("cannot tell the vocabulary size (no {prefix}.vocab_size, tokens or token_embd)"))
                 })?,
         };
         Ok(LlamaParams {
+            architecture,
             n_layers,
             hidden_size,
             intermediate_size,
@@ -147,8 +179,8 @@ impl LlamaParams {
             n_kv_heads,
             head_dim,
             context_length,
-            rope_theta: float("llama.rope.freq_base", Some(10_000.0))?,
-            rms_norm_eps: float("llama.attention.layer_norm_rms_epsilon", None)?,
+            rope_theta: float(&key("rope.freq_base"), Some(10_000.0))?,
+            rms_norm_eps: float(&key("attention.layer_norm_rms_epsilon"), None)?,
             rope_linear_factor,
             vocab_size,
         })
@@ -172,7 +204,7 @@ pub(crate) struct PlannedTensor {
     pub(crate) rows: RowOrder,
 }
 
-/// The GGUF name, expected ggml dims, HF name and row order of every tensor a llama model has.
+/// The GGUF name, expected ggml dims, HF name and row order of every tensor a llama or qwen2 model has.
 fn expected_tensors(p: &LlamaParams, with_output: bool) -> Vec<(String, Vec<u64>, String, RowOrder)> {
     let h = p.hidden_size as u64;
     let f = p.intermediate_size as u64;
@@ -185,6 +217,12 @@ fn expected_tensors(p: &LlamaParams, with_output: bool) -> Vec<(String, Vec<u64>
         "model.embed_tokens.weight".to_string(),
         RowOrder::AsIs,
     )];
+    let qwen2 = p.architecture == GgufArchitecture::Qwen2;
+    let (q_rows, k_rows) = if qwen2 {
+        (RowOrder::AsIs, RowOrder::AsIs)
+    } else {
+        (RowOrder::UnpermuteHeads(p.n_heads), RowOrder::UnpermuteHeads(p.n_kv_heads))
+    };
     for i in 0..p.n_layers {
         let layer = |gguf: &str, dims: Vec<u64>, hf: &str, rows: RowOrder| {
             (
@@ -195,19 +233,14 @@ fn expected_tensors(p: &LlamaParams, with_output: bool) -> Vec<(String, Vec<u64>
             )
         };
         out.push(layer("attn_norm", vec![h], "input_layernorm", RowOrder::AsIs));
-        out.push(layer(
-            "attn_q",
-            vec![h, q],
-            "self_attn.q_proj",
-            RowOrder::UnpermuteHeads(p.n_heads),
-        ));
-        out.push(layer(
-            "attn_k",
-            vec![h, kv],
-            "self_attn.k_proj",
-            RowOrder::UnpermuteHeads(p.n_kv_heads),
-        ));
+        out.push(layer("attn_q", vec![h, q], "self_attn.q_proj", q_rows));
+        out.push(layer("attn_k", vec![h, kv], "self_attn.k_proj", k_rows));
         out.push(layer("attn_v", vec![h, kv], "self_attn.v_proj", RowOrder::AsIs));
+        if qwen2 {
+            for (gguf, dims, hf) in [("attn_q", q, "self_attn.q_proj"), ("attn_k", kv, "self_attn.k_proj"), ("attn_v", kv, "self_attn.v_proj")] {
+                out.push((format!("blk.{i}.{gguf}.bias"), vec![dims], format!("model.layers.{i}.{hf}.bias"), RowOrder::AsIs));
+            }
+        }
         out.push(layer("attn_output", vec![q, h], "self_attn.o_proj", RowOrder::AsIs));
         out.push(layer("ffn_norm", vec![h], "post_attention_layernorm", RowOrder::AsIs));
         out.push(layer("ffn_gate", vec![h, f], "mlp.gate_proj", RowOrder::AsIs));
@@ -276,7 +309,8 @@ pub(crate) fn plan(file: &GgufFile, p: &LlamaParams) -> Result<Vec<PlannedTensor
             ""
         };
         return Err(file.error(format!(
-            "unexpected tensors for a llama model: {}{hint}",
+            "unexpected tensors for a {} model: {}{hint}",
+            p.architecture.prefix(),
             extra.join(", ")
         )));
     }
@@ -491,15 +525,19 @@ fn float_json(v: f64) -> Value {
     serde_json::Number::from_f64(shortest).map_or(Value::Null, Value::Number)
 }
 
-/// HF `config.json` for `LlamaForCausalLM`.
+/// HF `config.json` for `LlamaForCausalLM` or `Qwen2ForCausalLM`.
 pub fn hf_config(p: &LlamaParams, tied: bool, dtype: DType, ids: super::tokenizer::SpecialIds) -> Value {
     let rope_scaling = match p.rope_linear_factor {
         Some(f) => json!({"rope_type": "linear", "factor": float_json(f)}),
         None => Value::Null,
     };
-    json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    let (class, model_type) = match p.architecture {
+        GgufArchitecture::Llama => ("LlamaForCausalLM", "llama"),
+        GgufArchitecture::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+    };
+    let mut config = json!({
+        "architectures": [class],
+        "model_type": model_type,
         "hidden_size": p.hidden_size,
         "intermediate_size": p.intermediate_size,
         "num_hidden_layers": p.n_layers,
@@ -520,7 +558,14 @@ pub fn hf_config(p: &LlamaParams, tied: bool, dtype: DType, ids: super::tokenize
         "pad_token_id": ids.pad,
         "torch_dtype": match dtype { DType::F32 => "float32", DType::Bf16 => "bfloat16" },
         "use_cache": true,
-    })
+    });
+    if p.architecture == GgufArchitecture::Qwen2
+        && let Some(obj) = config.as_object_mut()
+    {
+        // Qwen2's sliding window is off in its released configs; GGUF has no key for it.
+        obj.insert("use_sliding_window".into(), json!(false));
+    }
+    config
 }
 
 /// HF `generation_config.json`: the special token ids (sampling defaults are the server's business).
@@ -739,7 +784,7 @@ mod tests {
     #[test]
     fn other_architectures_are_refused() {
         let mut w = GgufWriter::new();
-        w.add_string("general.architecture", "qwen2");
+        w.add_string("general.architecture", "gemma2");
         let f = GgufFile::from_bytes("q.gguf", w.to_bytes()).unwrap();
         let e = LlamaParams::from_gguf(&f).unwrap_err();
         assert!(matches!(e, EngineError::UnsupportedArchitecture(_)), "{e}");

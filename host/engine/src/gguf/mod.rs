@@ -6,8 +6,9 @@
 //! - [`reader`]: a strict, bounds-checked parser of GGUF v2/v3 over a memory map ([`GgufFile`]).
 //! - [`types`] and [`dequant`]: ggml's tensor types and their exact dequantization to f32.
 //! - [`tokenizer`]: `tokenizer.json` / `tokenizer_config.json` rebuilt from `tokenizer.ggml.*`.
-//! - [`import`]: llama-architecture GGUF → `model.safetensors` (f32 or bf16) + configs, undoing
-//!   llama.cpp's tensor naming, dim order and Q/K row permutation ([`import_gguf`]).
+//! - [`import`]: llama- and qwen2-architecture GGUF → `model.safetensors` (f32 or bf16) + configs,
+//!   undoing llama.cpp's tensor naming, dim order and (llama) Q/K row permutation ([`import_gguf`]).
+//! - [`native`]: the same mapping as a shard's weight source, quantized blocks kept as they are.
 //! - [`writer`]: a minimal GGUF writer for building test files.
 //!
 //! Import in f32 keeps every dequantized value exactly; bf16 halves the files but rounds (Q4_1's
@@ -22,8 +23,9 @@ pub mod types;
 pub mod writer;
 
 pub use dequant::{dequantize, dequantize_into};
+pub(crate) use dequant::scale_min_k4;
 pub use native::GgufWeights;
-pub use import::{IMPORTED_FILES, ImportSummary, LlamaParams, import_gguf, import_gguf_file};
+pub use import::{GgufArchitecture, IMPORTED_FILES, ImportSummary, LlamaParams, import_gguf, import_gguf_file};
 pub use reader::{GgufFile, MetadataArray, MetadataValue, TensorInfo};
 pub use tokenizer::GgufVocab;
 pub use types::GgmlType;

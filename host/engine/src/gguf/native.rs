@@ -1,4 +1,4 @@
-//! A GGUF file as a shard's weight source, without an import: Q4_0, Q4_1 and Q8_0 tensors stay in their
+//! A GGUF file as a shard's weight source, without an import: Q4_0, Q4_1, Q5_0, Q8_0, Q4_K and Q6_K tensors stay in their
 //! blocks (the CPU backend multiplies them as they are), every other type is dequantized to the shard's
 //! dtype. Names, shapes and the Q/K row order are mapped to HF's exactly as the importer maps them, so a
 //! natively loaded shard is the imported model with its weights kept quantized.
@@ -31,7 +31,8 @@ impl std::fmt::Debug for GgufWeights {
 }
 
 impl GgufWeights {
-    /// Opens and validates a llama-architecture GGUF: its hyper-parameters, every tensor's dims and type.
+    /// Opens and validates a llama- or qwen2-architecture GGUF: its hyper-parameters, every tensor's dims
+    /// and type.
     pub fn open(path: &Path) -> Result<Self> {
         let file = GgufFile::open(path)?;
         let params = LlamaParams::from_gguf(&file)?;
@@ -87,10 +88,10 @@ impl WeightSource for GgufWeights {
         let info = self.file.tensor(&t.gguf_name).expect("planned tensors exist in the file");
         let [rows, cols] = expect;
         if let Some(kind) = QuantKind::from_ggml(info.ggml_type)
-            && cols % 32 == 0
+            && cols % kind.block_values() == 0
         {
             let raw = self.file.tensor_data(info)?;
-            let row_bytes = cols / 32 * kind.block_bytes();
+            let row_bytes = kind.row_bytes(cols);
             if raw.len() != rows * row_bytes {
                 return Err(EngineError::Tensor { name: name.into(), message: "block data does not match its shape".into() });
             }

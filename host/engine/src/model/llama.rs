@@ -148,7 +148,7 @@ impl Shard {
         Self::from_weights(cfg, &files, options, backend)
     }
 
-    /// Loads a layer range straight from a GGUF file: Q4_0, Q4_1 and Q8_0 matrices stay quantized in
+    /// Loads a layer range straight from a GGUF file: Q4_0, Q4_1, Q5_0, Q8_0, Q4_K and Q6_K matrices stay quantized in
     /// memory (computed as such by the CPU backend), other tensors come in `options.dtype`.
     pub fn load_gguf(path: &Path, options: &LoadOptions, backend: Arc<CpuBackend>) -> Result<Self> {
         let weights = crate::gguf::GgufWeights::open(path)?;

@@ -67,7 +67,7 @@ impl ModelSource {
         }
     }
 
-    /// Loads a layer range on the CPU backend (GGUF: Q4_0/Q4_1/Q8_0 weights stay quantized).
+    /// Loads a layer range on the CPU backend (GGUF: Q4_0/Q4_1/Q5_0/Q8_0/Q4_K/Q6_K weights stay quantized).
     pub fn load_shard(&self, options: &LoadOptions, backend: Arc<CpuBackend>) -> Result<Shard> {
         match self {
             ModelSource::HfDir(dir) => Shard::load(dir, options, backend),

@@ -477,6 +477,30 @@ pub fn smollm2_gguf() -> Option<PathBuf> {
     None
 }
 
+/// The SmolLM2 Q4_K_M GGUF that scripts/quantize-gguf.sh makes with llama.cpp's own llama-quantize from
+/// the F32 GGUF: `COMPUTEPOOL_Q4_K_M_GGUF`, else `$COMPUTEPOOL_CACHE/gguf/SmolLM2-135M-Instruct.Q4_K_M.gguf`.
+///
+/// Why a file made by llama-quantize and not one quantized in the test: the files users run come from
+/// ggml's quantizer (its scale/min search), and what matters is reading those; a quantizer of our own
+/// would check our reading of our own writing. The llama.cpp build is not part of `make test`, so callers
+/// skip (with this message) when the file is missing, unless `COMPUTEPOOL_REQUIRE_Q4_K_M=1`.
+pub fn smollm2_q4_k_m_gguf() -> Option<PathBuf> {
+    let path = std::env::var_os("COMPUTEPOOL_Q4_K_M_GGUF").map(PathBuf::from).unwrap_or_else(|| {
+        let cache = std::env::var_os("COMPUTEPOOL_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/computepool"));
+        cache.join("gguf/SmolLM2-135M-Instruct.Q4_K_M.gguf")
+    });
+    if path.is_file() {
+        return Some(path);
+    }
+    if std::env::var("COMPUTEPOOL_REQUIRE_Q4_K_M").is_ok_and(|v| v == "1") {
+        panic!("COMPUTEPOOL_REQUIRE_Q4_K_M=1 but {} is missing: run scripts/quantize-gguf.sh", path.display());
+    }
+    eprintln!("skipping: no {} (make it with scripts/quantize-gguf.sh)", path.display());
+    None
+}
+
 /// Relative L2 error of `got` against `want`: ‖got − want‖ / ‖want‖, in f64.
 pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len(), "compared vectors differ in length");

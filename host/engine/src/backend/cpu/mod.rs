@@ -23,6 +23,7 @@ mod gemm;
 mod matvec;
 mod ops;
 mod pool;
+mod kquant;
 pub mod quant;
 #[cfg(test)]
 mod reference;

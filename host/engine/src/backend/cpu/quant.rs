@@ -1,11 +1,13 @@
-//! Products with weights kept quantized in memory (ggml's Q4_0, Q4_1 and Q8_0 blocks of 32 values), as
-//! llama.cpp computes them: each input row is quantized to 8 bits per 32-value block (a scale and 32
-//! signed bytes, plus the block's scaled sum for Q4_1's offset term), and each block's dot product is
-//! an exact integer sum, scaled once:
+//! Products with weights kept quantized in memory (ggml's Q4_0, Q4_1, Q5_0 and Q8_0 blocks of 32
+//! values here; the K-quants' 256-value super-blocks in [`super::kquant`]), as llama.cpp computes them:
+//! each input row is quantized to 8 bits per 32-value block (a scale and 32 signed bytes, plus the
+//! block's scaled sum for the offset terms), and each block's dot product is an exact integer sum,
+//! scaled once:
 //!
 //! - Q8_0: `d_w · d_x · Σ q_w q_x`
 //! - Q4_0: `d_w · d_x · (Σ n_w q_x − 8 Σ q_x)` (nibbles `n_w` stored with an offset of 8)
 //! - Q4_1: `d_w · d_x · Σ n_w q_x + m_w · s_x` (`s_x = d_x Σ q_x`)
+//! - Q5_0: `d_w · d_x · (Σ n_w q_x − 16 Σ q_x)` (5-bit values: a nibble plus a bit from `qh`)
 //!
 //! Decode reads 0.56–1.06 bytes per weight instead of bf16's 2, which is the whole point: decode is
 //! memory-bound. Numerics: the 8-bit activations add a relative error of about 2⁻⁸ per block (the same
@@ -16,12 +18,13 @@
 use half::f16;
 
 use super::dot::{TileArgs, block_streams_for};
+use super::kquant::{self, Q8KRow};
 use super::pool::ThreadPool;
 use super::simd::Isa;
 use super::CpuBackend;
 use crate::tensor::QuantKind;
 
-/// Values per block, for every supported kind.
+/// Values per block of the 32-value kinds (Q4_0, Q4_1, Q5_0, Q8_0).
 pub const BLOCK: usize = 32;
 
 /// One input row quantized to 8 bits per block.
@@ -107,6 +110,15 @@ fn dot_row_portable(kind: QuantKind, isa: Isa, w: &[u8], x: &Q8Row) -> f32 {
                 let s = unsafe { dot_nibbles(isa, &block[4..20], qx) };
                 d * x.d[b] * s as f32 + m * (x.d[b] * x.sum[b] as f32)
             }
+            QuantKind::Q5_0 => {
+                let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+                // SAFETY: as above.
+                let low = unsafe { dot_nibbles(isa, &block[6..22], qx) };
+                // The fifth bits: bit j of qh is value j's 16s bit.
+                let high: i32 = (0..32).filter(|j| qh >> j & 1 == 1).map(|j| 16 * qx[j] as i32).sum();
+                d * x.d[b] * (low + high - 16 * x.sum[b]) as f32
+            }
+            QuantKind::Q4K | QuantKind::Q6K => unreachable!("K-quants are multiplied in kquant"),
         };
     }
     acc
@@ -186,25 +198,48 @@ mod avx2 {
                         let p = _mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw));
                         (_mm256_madd_epi16(p, ones), f16_at(block, 0) * dx)
                     }
-                    QuantKind::Q4_0 | QuantKind::Q4_1 => {
-                        let at = if kind == QuantKind::Q4_0 { 2 } else { 4 };
+                    QuantKind::Q4_0 | QuantKind::Q4_1 | QuantKind::Q5_0 => {
+                        let at = match kind {
+                            QuantKind::Q4_0 => 2,
+                            QuantKind::Q4_1 => 4,
+                            _ => 6,
+                        };
                         let packed = _mm_loadu_si128(block.as_ptr().add(at) as *const __m128i);
-                        let n = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), low), _mm_and_si128(packed, low));
+                        let mut n = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), low), _mm_and_si128(packed, low));
+                        if kind == QuantKind::Q5_0 {
+                            // Byte j gains 16 where bit j of qh is set (values 0..31: still a valid
+                            // unsigned maddubs operand, 2·31·127 fits i16).
+                            let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+                            n = _mm256_or_si256(n, _mm256_and_si256(bytes_from_bits(qh), _mm256_set1_epi8(16)));
+                        }
                         let p = _mm256_madd_epi16(_mm256_maddubs_epi16(n, qx), ones);
                         let d = f16_at(block, 0);
-                        if kind == QuantKind::Q4_0 {
-                            // Σ (n − 8) q = Σ n q − 8 Σ q, the offset taken out of the integer sum.
-                            offset -= d * dx * (8 * x.sum[b]) as f32;
-                        } else {
-                            offset += f16_at(block, 2) * (dx * x.sum[b] as f32);
+                        match kind {
+                            // Σ (n − o) q = Σ n q − o Σ q, the offset taken out of the integer sum.
+                            QuantKind::Q4_0 => offset -= d * dx * (8 * x.sum[b]) as f32,
+                            QuantKind::Q5_0 => offset -= d * dx * (16 * x.sum[b]) as f32,
+                            _ => offset += f16_at(block, 2) * (dx * x.sum[b] as f32),
                         }
                         (p, d * dx)
                     }
+                    QuantKind::Q4K | QuantKind::Q6K => unreachable!("K-quants are multiplied in kquant"),
                 };
                 acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(scale), acc);
             }
         }
         hsum_ps(acc) + offset
+    }
+
+    /// 0xFF in byte j where bit j of `bits` is set, else 0 (ggml's `bytes_from_bits_32`).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn bytes_from_bits(bits: u32) -> __m256i {
+        let spread = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(bits as i32),
+            _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0),
+        );
+        let others = _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+        _mm256_cmpeq_epi8(others, _mm256_set1_epi64x(-1))
     }
 
     #[target_feature(enable = "avx2")]
@@ -285,16 +320,24 @@ pub(crate) fn matmul(
     cols: usize,
     y: &mut [f32],
 ) {
-    assert_eq!(cols % BLOCK, 0, "quantized rows are whole blocks");
+    assert_eq!(cols % kind.block_values(), 0, "quantized rows are whole blocks");
     assert_eq!(x.len(), n * cols, "matmul input shape");
     assert_eq!(y.len(), n * rows, "matmul output shape");
-    let row_bytes = cols / BLOCK * kind.block_bytes();
+    let row_bytes = kind.row_bytes(cols);
     assert_eq!(blocks.len(), rows * row_bytes, "quantized weight shape");
     if n > DEQUANT_ABOVE_ROWS {
         return matmul_dequantized(pool, isa, kind, x, n, blocks, rows, cols, y);
     }
-    let xq: Vec<Q8Row> = x.chunks_exact(cols).map(quantize_row).collect();
     let avx2 = avx2_rows(isa);
+    // The activations quantized once per product, in the blocks the weights' kind pairs with.
+    let (xq, xk): (Vec<Q8Row>, Vec<Q8KRow>) = if kind.is_k() {
+        (Vec::new(), x.chunks_exact(cols).map(kquant::quantize_row).collect())
+    } else {
+        (x.chunks_exact(cols).map(quantize_row).collect(), Vec::new())
+    };
+    let dot = |w: &[u8], t: usize| {
+        if kind.is_k() { kquant::dot_row(kind, avx2, w, &xk[t]) } else { dot_row(kind, isa, avx2, w, &xq[t]) }
+    };
     let per_task = rows.div_ceil(pool.threads() * 4).max(16);
     let tasks = rows.div_ceil(per_task);
     let out = OutPtr(y.as_mut_ptr());
@@ -302,10 +345,10 @@ pub(crate) fn matmul(
         let out = &out;
         for r in i * per_task..((i + 1) * per_task).min(rows) {
             let w = &blocks[r * row_bytes..(r + 1) * row_bytes];
-            for (t, xr) in xq.iter().enumerate() {
+            for t in 0..n {
                 // SAFETY: t < n and r < rows, so the index is inside y; each (t, r) is written by the one
                 // task that owns row r.
-                unsafe { *out.0.add(t * rows + r) = dot_row(kind, isa, avx2, w, xr) };
+                unsafe { *out.0.add(t * rows + r) = dot(w, t) };
             }
         }
     });
@@ -325,7 +368,7 @@ fn matmul_dequantized(
     cols: usize,
     y: &mut [f32],
 ) {
-    let row_bytes = cols / BLOCK * kind.block_bytes();
+    let row_bytes = kind.row_bytes(cols);
     let tile_rows = (TILE_VALUES / cols).clamp(12, 256).next_multiple_of(12);
     let tasks = rows.div_ceil(tile_rows);
     let out = OutPtr(y.as_mut_ptr());
@@ -360,10 +403,32 @@ mod tests {
     use super::*;
     use crate::gguf::GgmlType;
 
-    /// ggml's own quantizer output for a row, via the engine's dequantizer as the reference.
-    fn blocks_for(kind: QuantKind, values: &[f32]) -> Vec<u8> {
+    /// Blocks of `kind` for `values`: ggml's reference quantizers for Q4_0, Q4_1 and Q8_0; for Q5_0 and
+    /// the K-quants, seeded random bytes with sane f16 scales (every bit pattern of the values, scales,
+    /// mins and high bits is a valid block, so random bytes reach corners a quantizer rarely writes).
+    pub(crate) fn blocks_for(kind: QuantKind, weights: &[f32]) -> Vec<u8> {
+        if matches!(kind, QuantKind::Q5_0 | QuantKind::Q4K | QuantKind::Q6K) {
+            let blocks = weights.len() / kind.block_values();
+            let bytes: Vec<u8> = values(weights.len() as u64 ^ 0x5eed, blocks * kind.block_bytes())
+                .iter()
+                .map(|v| ((v + 1.0) * 127.9) as u8)
+                .collect();
+            let mut out = bytes;
+            for (b, block) in out.chunks_exact_mut(kind.block_bytes()).enumerate() {
+                let scale = 0.001 + 0.0005 * (b % 7) as f32;
+                let at = match kind {
+                    QuantKind::Q6K => 208,
+                    _ => 0,
+                };
+                block[at..at + 2].copy_from_slice(&f16::from_f32(scale).to_le_bytes());
+                if kind == QuantKind::Q4K {
+                    block[2..4].copy_from_slice(&f16::from_f32(scale * 0.7).to_le_bytes());
+                }
+            }
+            return out;
+        }
         let mut out = Vec::new();
-        for xs in values.chunks_exact(BLOCK) {
+        for xs in weights.chunks_exact(BLOCK) {
             match kind {
                 QuantKind::Q8_0 => {
                     let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -396,12 +461,13 @@ mod tests {
                         out.push(a | (b << 4));
                     }
                 }
+                QuantKind::Q5_0 | QuantKind::Q4K | QuantKind::Q6K => unreachable!("handled above"),
             }
         }
         out
     }
 
-    fn values(seed: u64, n: usize) -> Vec<f32> {
+    pub(crate) fn values(seed: u64, n: usize) -> Vec<f32> {
         let mut s = seed;
         (0..n)
             .map(|_| {
@@ -414,14 +480,14 @@ mod tests {
     /// Runs `matmul` on every supported ISA for each kind and checks it against `reference(kind's
     /// dequantized weights, x)` computed in f64; `reference_x` maps the inputs the way the path under
     /// test sees them (8-bit rounding, or none).
-    fn check_products(rows: usize, cols: usize, n: usize, seed: u64, reference_x: impl Fn(&[f32]) -> Vec<f32>) {
+    fn check_products(rows: usize, cols: usize, n: usize, seed: u64, reference_x: impl Fn(QuantKind, &[f32]) -> Vec<f32>) {
         let pool = ThreadPool::new(2);
-        for kind in [QuantKind::Q4_0, QuantKind::Q4_1, QuantKind::Q8_0] {
+        for kind in ALL_KINDS {
             let blocks = blocks_for(kind, &values(seed, rows * cols));
             let ggml: GgmlType = kind.ggml_type();
             let deq = crate::gguf::dequantize(ggml, &blocks, (rows * cols) as u64).unwrap();
             let x = values(seed + 1, n * cols);
-            let xr = reference_x(&x);
+            let xr = reference_x(kind, &x);
             for isa in Isa::all_supported() {
                 let mut y = vec![0f32; n * rows];
                 matmul(&pool, isa, kind, &x, n, &blocks, rows, cols, &mut y);
@@ -436,22 +502,52 @@ mod tests {
         }
     }
 
+    const ALL_KINDS: [QuantKind; 6] =
+        [QuantKind::Q4_0, QuantKind::Q4_1, QuantKind::Q5_0, QuantKind::Q8_0, QuantKind::Q4K, QuantKind::Q6K];
+
+    /// The inputs as the 8-bit path sees them: quantized per 32 values (ggml's Q8_0/Q8_1) or, for the
+    /// K-quants, per 256 (ggml's Q8_K), and widened back.
+    fn as_8_bit(kind: QuantKind, x: &[f32], cols: usize) -> Vec<f32> {
+        x.chunks_exact(cols)
+            .flat_map(|r| -> Vec<f32> {
+                if kind.is_k() {
+                    let q = kquant::quantize_row(r);
+                    (0..cols).map(|c| q.q[c] as f32 * q.d[c / kquant::QK]).collect()
+                } else {
+                    let q = quantize_row(r);
+                    (0..cols).map(|c| q.q[c] as f32 * q.d[c / BLOCK]).collect()
+                }
+            })
+            .collect()
+    }
+
     #[test]
     fn quantized_products_match_dequantized_weights_against_8_bit_activations() {
-        let cols = 256;
-        check_products(37, cols, 3, 1, |x| {
-            x.chunks_exact(cols)
-                .flat_map(|r| {
-                    let q = quantize_row(r);
-                    (0..cols).map(move |c| q.q[c] as f32 * q.d[c / BLOCK]).collect::<Vec<_>>()
-                })
-                .collect()
-        });
+        let cols = 512;
+        check_products(37, cols, 3, 1, |kind, x| as_8_bit(kind, x, cols));
     }
 
     #[test]
     fn prefill_sized_products_use_the_dequantized_weights_exactly() {
-        check_products(50, 128, DEQUANT_ABOVE_ROWS + 3, 3, |x| x.to_vec());
+        check_products(50, 256, DEQUANT_ABOVE_ROWS + 3, 3, |_, x| x.to_vec());
+    }
+
+    /// A row's result is the same whatever else is in the batch and however the rows are split over
+    /// threads: the integer block sums are exact and each row's f32 accumulation order is fixed.
+    #[test]
+    fn products_do_not_depend_on_batch_or_threads() {
+        let (rows, cols) = (70, 768);
+        let x = values(11, 5 * cols);
+        for kind in ALL_KINDS {
+            let blocks = blocks_for(kind, &values(10, rows * cols));
+            for isa in Isa::all_supported() {
+                let mut alone = vec![0f32; rows];
+                matmul(&ThreadPool::new(1), isa, kind, &x[2 * cols..3 * cols], 1, &blocks, rows, cols, &mut alone);
+                let mut batch = vec![0f32; 5 * rows];
+                matmul(&ThreadPool::new(2), isa, kind, &x, 5, &blocks, rows, cols, &mut batch);
+                assert_eq!(alone, batch[2 * rows..3 * rows], "{kind:?} {isa:?}");
+            }
+        }
     }
 
     #[test]

@@ -39,6 +39,14 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     kernel_file!("rope.cu", ["rope_kv_append_f32"]),
     kernel_file!("attention.cu", ["attention_f32"]),
     kernel_file!("matvec.cu", ["matvec_bf16", "matvec_swiglu_bf16"]),
+    kernel_file!(
+        "matvec_quant.cu",
+        [
+            "matvec_q4_0", "matvec_q4_1", "matvec_q5_0", "matvec_q8_0", "matvec_q4_k", "matvec_q6_k",
+            "dequantize_q4_0_bf16", "dequantize_q4_1_bf16", "dequantize_q5_0_bf16", "dequantize_q8_0_bf16",
+            "dequantize_q4_k_bf16", "dequantize_q6_k_bf16",
+        ]
+    ),
     kernel_file!("mlp.cu", ["silu_mul_f32"]),
     kernel_file!("elementwise.cu", ["add_bias_f32", "f32_to_bf16"]),
     kernel_file!("sampling.cu", ["argmax_f32", "topk_f32"]),

@@ -63,6 +63,25 @@ pub(crate) struct Kernels {
     pub to_bf16: CudaFunction,
     pub argmax: CudaFunction,
     pub topk: CudaFunction,
+    /// Per quantized kind (indexed by [`quant_index`]): the decode mat-vec and the prefill widening.
+    pub matvec_quant: [CudaFunction; 6],
+    pub dequantize_quant: [CudaFunction; 6],
+}
+
+/// The kernels' name suffix of each quantized kind, in [`Kernels::matvec_quant`] order.
+const QUANT_NAMES: [&str; 6] = ["q4_0", "q4_1", "q5_0", "q8_0", "q4_k", "q6_k"];
+
+/// A quantized kind's slot in [`Kernels::matvec_quant`] and [`Kernels::dequantize_quant`].
+pub(crate) fn quant_index(kind: crate::tensor::QuantKind) -> usize {
+    use crate::tensor::QuantKind;
+    match kind {
+        QuantKind::Q4_0 => 0,
+        QuantKind::Q4_1 => 1,
+        QuantKind::Q5_0 => 2,
+        QuantKind::Q8_0 => 3,
+        QuantKind::Q4K => 4,
+        QuantKind::Q6K => 5,
+    }
 }
 
 /// One GPU: its context, the stream every operation of this backend runs on, cuBLAS, and the kernels
@@ -125,7 +144,16 @@ impl CudaDevice {
             modules.push(module);
         }
         let mut take = |n: &str| functions.remove(n).ok_or_else(|| EngineError::Cuda(format!("kernel {n} is not compiled")));
+        let mut per_kind = |prefix: &str, suffix: &str| -> Result<[CudaFunction; 6]> {
+            let v: Vec<CudaFunction> =
+                QUANT_NAMES.iter().map(|q| take(&format!("{prefix}{q}{suffix}"))).collect::<Result<_>>()?;
+            Ok(v.try_into().unwrap_or_else(|_| unreachable!("six names, six functions")))
+        };
+        let matvec_quant = per_kind("matvec_", "")?;
+        let dequantize_quant = per_kind("dequantize_", "_bf16")?;
         let k = Kernels {
+            matvec_quant,
+            dequantize_quant,
             embedding: take("embedding_bf16")?,
             rms_norm: take("rms_norm_f32")?,
             rope_kv_append: take("rope_kv_append_f32")?,

@@ -1,4 +1,5 @@
-//! A layer range of a model on the GPU: weights in bf16, KV caches and activations on the device.
+//! A layer range of a model on the GPU: weights in bf16 or kept in ggml's quantized blocks (a GGUF's
+//! Q4_0, Q4_1, Q5_0, Q8_0, Q4_K and Q6_K matrices), KV caches and activations on the device.
 //!
 //! A step runs the same math as the CPU shard ([`crate::model::Shard`]) in the same order: embedding
 //! (entry), per layer RMSNorm → fused qkv product (+ bias) → RoPE on q and k → cache append → attention
@@ -9,7 +10,10 @@
 //! activations, [`MATVEC_MAX_ROWS`] rows per launch, so every row is the same f32 dot product whatever
 //! the batch; larger ones (prefill) round activations to bf16 and run in cuBLAS with f32 accumulation.
 //! The CPU backend draws the same line at the same row count ([`CpuBackend::BF16_EXACT_MAX_ROWS`]), so
-//! both backends are exact, or both round, for a given step. A decode step (every request one new row, at
+//! both backends are exact, or both round, for a given step. Quantized matrices take `matvec_<kind>`
+//! (the blocks dequantized in registers, f32 activations) up to the same row count, and above it are
+//! widened to bf16 into one scratch matrix per product for cuBLAS; the embedding table is always held in
+//! bf16 (the embedding kernel reads bf16 rows). A decode step (every request one new row, at
 //! most `EXACT_MAX_ROWS` requests) is captured once per batch size into a CUDA graph and replayed:
 //! everything a step changes (token ids, hidden rows, cache pointers and positions) lives in fixed device
 //! buffers that are filled before the replay.
@@ -28,7 +32,7 @@ use crate::error::{EngineError, Result};
 use crate::model::llama::validate_step;
 use crate::model::{LoadOptions, Shard, StepInput, StepOutput};
 use crate::shard::LayerRange;
-use crate::tensor::{DType, Weight, WeightData};
+use crate::tensor::{DType, QuantKind, Weight, WeightData};
 
 /// The most rows one launch of the mat-vec kernel multiplies (its largest template instance).
 pub const MATVEC_MAX_ROWS: usize = 8;
@@ -127,11 +131,27 @@ impl CudaKvCache {
     }
 }
 
-/// A bf16 matrix on the device, `[rows, cols]` row-major.
+/// A matrix on the device, `[rows, cols]` row-major.
 struct DevMatrix {
-    data: CudaSlice<u16>,
+    data: DevWeights,
     rows: usize,
     cols: usize,
+}
+
+enum DevWeights {
+    Bf16(CudaSlice<u16>),
+    /// Rows of ggml blocks of `kind`, as [`WeightData::Quant`] holds them on the host.
+    Quant { kind: QuantKind, blocks: CudaSlice<u8> },
+}
+
+impl DevMatrix {
+    /// The bf16 data, for kernels that read only bf16 (the embedding, the fused SwiGLU mat-vec).
+    fn bf16(&self) -> Option<&CudaSlice<u16>> {
+        match &self.data {
+            DevWeights::Bf16(d) => Some(d),
+            DevWeights::Quant { .. } => None,
+        }
+    }
 }
 
 struct DevBlock {
@@ -198,6 +218,8 @@ pub struct CudaShard {
     norm: Option<CudaSlice<f32>>,
     lm_head: Option<Arc<DevMatrix>>,
     inv_freq: CudaSlice<f32>,
+    /// bf16 scratch for prefill products of quantized matrices (`None` when no matrix is quantized).
+    widened: Option<CudaSlice<u16>>,
     weight_bytes: usize,
     bytes_read_per_token: usize,
     state: Mutex<State>,
@@ -246,13 +268,16 @@ impl CudaShard {
     /// Uploads a loaded CPU shard's weights (bf16) to `dev`.
     pub fn from_shard(host: &Shard, dev: Arc<CudaDevice>) -> Result<Self> {
         let cfg = host.config().clone();
-        let upload_matrix = |w: &Weight| -> Result<DevMatrix> {
+        // Quantized matrices stay quantized (`widen` false) except the embedding table.
+        let upload = |w: &Weight, widen: bool| -> Result<DevMatrix> {
             let data = match &w.data {
-                WeightData::Bf16(d) => dev.stream.clone_htod(bytemuck::cast_slice::<_, u16>(d)),
-                // No quantized CUDA kernels yet: quantized weights are widened to bf16 on the device.
+                WeightData::Bf16(d) => dev.stream.clone_htod(bytemuck::cast_slice::<_, u16>(d)).map(DevWeights::Bf16),
+                WeightData::Quant { kind, blocks } if !widen => {
+                    dev.stream.clone_htod(blocks).map(|blocks| DevWeights::Quant { kind: *kind, blocks })
+                }
                 WeightData::Quant { .. } => {
                     let widened: Vec<u16> = w.to_f32().into_iter().map(|v| half::bf16::from_f32(v).to_bits()).collect();
-                    dev.stream.clone_htod(&widened)
+                    dev.stream.clone_htod(&widened).map(DevWeights::Bf16)
                 }
                 WeightData::F32(_) => {
                     return Err(EngineError::Invalid(
@@ -263,10 +288,11 @@ impl CudaShard {
             .map_err(driver_err("uploading weights"))?;
             Ok(DevMatrix { data, rows: w.rows, cols: w.cols })
         };
+        let upload_matrix = |w: &Weight| upload(w, false);
         let upload_vec = |v: &[f32]| dev.stream.clone_htod(v).map_err(driver_err("uploading weights"));
         let upload_opt = |v: &Option<Vec<f32>>| v.as_deref().map(upload_vec).transpose();
 
-        let embed = host.embed.as_deref().map(upload_matrix).transpose()?.map(Arc::new);
+        let embed = host.embed.as_deref().map(|w| upload(w, true)).transpose()?.map(Arc::new);
         let mut blocks = Vec::with_capacity(host.blocks.len());
         for b in &host.blocks {
             blocks.push(DevBlock {
@@ -289,6 +315,17 @@ impl CudaShard {
             (None, _, _) => None,
         };
         let inv_freq = upload_vec(&host.inv_freq)?;
+        // Prefill products of quantized matrices widen them here first: room for the largest.
+        let widest = blocks
+            .iter()
+            .flat_map(|b| [&b.qkv, &b.o, &b.gate_up, &b.down])
+            .chain(lm_head.as_deref())
+            .filter(|m| m.bf16().is_none())
+            .map(|m| m.rows * m.cols)
+            .max();
+        let widened = widest
+            .map(|n| dev.stream.alloc_zeros::<u16>(n).map_err(driver_err("allocating the dequantization scratch")))
+            .transpose()?;
         let small = Scratch::new(&dev, &cfg, EXACT_MAX_ROWS, EXACT_MAX_ROWS, host.range().is_exit())?;
         let use_graphs = graphs_possible(&cfg) && std::env::var_os("COMPUTEPOOL_CUDA_NO_GRAPHS").is_none();
         Ok(Self {
@@ -303,6 +340,7 @@ impl CudaShard {
             norm,
             lm_head,
             inv_freq,
+            widened,
             use_graphs,
         })
     }
@@ -555,7 +593,8 @@ impl CudaShard {
         let h_i = h as i32;
 
         if let Some(embed) = &self.embed {
-            let (table, tokens) = (ptr(&embed.data, dev), ptr(&s.tokens, dev));
+            let table = ptr(embed.bf16().expect("the embedding table is uploaded in bf16"), dev);
+            let tokens = ptr(&s.tokens, dev);
             let mut b = st.launch_builder(&k.embedding);
             b.arg(&table).arg(&tokens).arg(&x).arg(&h_i);
             // SAFETY: embedding_bf16(table, tokens, out, hidden); ids were validated < vocab.
@@ -587,7 +626,7 @@ impl CudaShard {
                 self.add_bias(x, bias, rows, h)?;
             }
 
-            if b.gate_up_bias.is_none() && rows <= EXACT_MAX_ROWS && h % 8 == 0 {
+            if b.gate_up_bias.is_none() && rows <= EXACT_MAX_ROWS && h % 8 == 0 && b.gate_up.bf16().is_some() {
                 self.swiglu(x, rows, &b.gate_up, act, &b.post_norm)?;
             } else {
                 self.rms_norm(x, &b.post_norm, normed, rows)?;
@@ -666,7 +705,8 @@ impl CudaShard {
     fn swiglu(&self, x: u64, rows: usize, gate_up: &DevMatrix, act: u64, norm: &CudaSlice<f32>) -> Result<()> {
         let dev = &*self.dev;
         let ffn = gate_up.rows / 2;
-        let (wp, ffn_i, kk) = (ptr(&gate_up.data, dev), ffn as i32, gate_up.cols as i32);
+        let w = gate_up.bf16().expect("the caller checked the gate/up matrix is bf16");
+        let (wp, ffn_i, kk) = (ptr(w, dev), ffn as i32, gate_up.cols as i32);
         let (np, eps) = (ptr(norm, dev), self.cfg.rms_norm_eps);
         for first in (0..rows).step_by(MATVEC_MAX_ROWS) {
             let b = (rows - first).min(MATVEC_MAX_ROWS) as i32;
@@ -686,7 +726,37 @@ impl CudaShard {
     #[allow(clippy::too_many_arguments)]
     fn matmul(&self, s: &Scratch, x: u64, rows: usize, w: &DevMatrix, y: u64, accumulate: bool, norm: Option<Norm<'_>>) -> Result<()> {
         let dev = &*self.dev;
-        let wp = ptr(&w.data, dev);
+        if let DevWeights::Quant { kind, blocks } = &w.data {
+            let wq = ptr(blocks, dev);
+            if rows <= EXACT_MAX_ROWS {
+                let (n, kk, acc) = (w.rows as i32, w.cols as i32, accumulate as i32);
+                let (np, eps) = (norm.map_or(0, |n| ptr(n.weight, dev)), self.cfg.rms_norm_eps);
+                let f = &dev.k.matvec_quant[super::quant_index(*kind)];
+                for first in (0..rows).step_by(MATVEC_MAX_ROWS) {
+                    let b = (rows - first).min(MATVEC_MAX_ROWS) as i32;
+                    let xs = x + (first * w.cols * 4) as u64;
+                    let ys = y + (first * w.rows * 4) as u64;
+                    let mut l = dev.stream.launch_builder(f);
+                    l.arg(&wq).arg(&xs).arg(&ys).arg(&n).arg(&kk).arg(&b).arg(&acc).arg(&np).arg(&eps);
+                    // SAFETY: matvec_<kind>(w [n rows of k / block_values blocks], x [b, k], y [b, n], n, k,
+                    // b <= 8, accumulate, norm [k] or null, eps); k is a whole number of blocks (checked when
+                    // the host loaded the weights); rows first..first + b of x and y lie inside their buffers.
+                    unsafe { l.launch(grid1(w.rows * 32, WARPS_PER_MATVEC_BLOCK * 32)) }
+                        .map_err(driver_err("matvec on quantized weights"))?;
+                }
+                return Ok(());
+            }
+            let wide = self.widened.as_ref().expect("the scratch is sized for every quantized matrix");
+            let wb = ptr(wide, dev);
+            let (rows_i, k_i) = (w.rows as i32, w.cols as i32);
+            let mut l = dev.stream.launch_builder(&dev.k.dequantize_quant[super::quant_index(*kind)]);
+            l.arg(&wq).arg(&wb).arg(&rows_i).arg(&k_i);
+            // SAFETY: dequantize_<kind>_bf16(w, out [rows, k], rows, k): one thread per 32 values; the
+            // scratch holds the largest quantized matrix.
+            unsafe { l.launch(grid1(w.rows * w.cols / 32, 256)) }.map_err(driver_err("widening quantized weights"))?;
+            return self.gemm(s, x, rows, wb, w.rows, w.cols, y, accumulate, norm);
+        }
+        let wp = ptr(w.bf16().expect("not quantized"), dev);
         if rows <= EXACT_MAX_ROWS && w.cols % 8 == 0 {
             let (n, kk, acc) = (w.rows as i32, w.cols as i32, accumulate as i32);
             let (np, eps) = (norm.map_or(0, |n| ptr(n.weight, dev)), self.cfg.rms_norm_eps);
@@ -702,6 +772,14 @@ impl CudaShard {
             }
             return Ok(());
         }
+        self.gemm(s, x, rows, wp, w.rows, w.cols, y, accumulate, norm)
+    }
+
+    /// y[rows, n] (+)= x'[rows, k] · wᵀ in cuBLAS for a bf16 `[n, k]` matrix at device address `wp`.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(&self, s: &Scratch, x: u64, rows: usize, wp: u64, n: usize, k: usize, y: u64, accumulate: bool, norm: Option<Norm<'_>>) -> Result<()> {
+        let dev = &*self.dev;
+        let w = Shape { rows: n, cols: k };
         let x = match norm {
             Some(n) => {
                 self.rms_norm(x, n.weight, n.scratch, rows)?;
@@ -743,6 +821,12 @@ impl CudaShard {
         };
         status.map_err(|e| EngineError::Cuda(format!("cuBLAS GemmEx [{rows}x{}]·[{}x{}]ᵀ: {e:?}", w.cols, w.rows, w.cols)))
     }
+}
+
+/// A weight matrix's shape, for the cuBLAS call.
+struct Shape {
+    rows: usize,
+    cols: usize,
 }
 
 /// An RMSNorm to apply to a product's input: its weights, and where the normed rows go when the product
