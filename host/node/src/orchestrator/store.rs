@@ -1,11 +1,13 @@
-//! Durable state in SQLite (WAL): the pools this orchestrator serves, and every request with its usage.
-//! A restarted orchestrator reads its pools back from here. Secrets never go in: a pool row holds the
+//! Durable state in SQLite (WAL): the pools this orchestrator serves, the workers that registered, and
+//! every request with its usage. A restarted orchestrator reads its pools and workers back from here. Secrets never go in: a pool row holds the
 //! topology (public peer ids and addresses), not the orchestrator's key.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use computepool_axl::transport::Topology;
+
+use super::workers::{WorkerRecord, WorkerStats};
 use rusqlite::{Connection, params};
 
 /// A registered pool, as stored.
@@ -89,6 +91,13 @@ CREATE TABLE IF NOT EXISTS requests (
     error                   TEXT
 );
 CREATE INDEX IF NOT EXISTS requests_by_pool ON requests (pool_id, started_at_ms);
+CREATE TABLE IF NOT EXISTS workers (
+    peer              TEXT PRIMARY KEY,
+    registration      TEXT NOT NULL,
+    registered_at_ms  INTEGER NOT NULL,
+    last_seen_ms      INTEGER NOT NULL,
+    stats             TEXT NOT NULL
+);
 ";
 
 impl Store {
@@ -151,6 +160,47 @@ impl Store {
             params![pool.id, pool.model, pool.model_dir.to_string_lossy(), pool.topology.to_json(), pool.created_at],
         )?;
         tx.commit()
+    }
+
+    /// Every stored worker.
+    pub fn workers(&self) -> rusqlite::Result<Vec<WorkerRecord>> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT registration, registered_at_ms, last_seen_ms, stats FROM workers ORDER BY peer")?;
+        let json_column = |i: usize, text: String| -> rusqlite::Result<serde_json::Value> {
+            serde_json::from_str(&text)
+                .map_err(|e| rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e)))
+        };
+        let rows = stmt.query_map([], |row| {
+            let registration = serde_json::from_value(json_column(0, row.get(0)?)?)
+                .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))?;
+            let stats = serde_json::from_value(json_column(3, row.get(3)?)?)
+                .map_err(|e| rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Text, Box::new(e)))?;
+            Ok(WorkerRecord { registration, registered_at_ms: row.get(1)?, last_seen_ms: row.get(2)?, stats })
+        })?;
+        rows.collect()
+    }
+
+    /// Stores a worker's registration (replacing an earlier one of the same peer).
+    pub fn put_worker(&self, w: &WorkerRecord) -> rusqlite::Result<()> {
+        let registration = serde_json::to_string(&w.registration).expect("registrations serialise");
+        let stats = serde_json::to_string(&w.stats).expect("stats serialise");
+        self.conn().execute(
+            "INSERT OR REPLACE INTO workers (peer, registration, registered_at_ms, last_seen_ms, stats)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![w.registration.peer, registration, w.registered_at_ms, w.last_seen_ms, stats],
+        )?;
+        Ok(())
+    }
+
+    /// Records a heartbeat.
+    pub fn touch_worker(&self, peer: &str, last_seen_ms: i64, stats: &WorkerStats) -> rusqlite::Result<()> {
+        let stats = serde_json::to_string(stats).expect("stats serialise");
+        self.conn().execute(
+            "UPDATE workers SET last_seen_ms = ?2, stats = ?3 WHERE peer = ?1",
+            params![peer, last_seen_ms, stats],
+        )?;
+        Ok(())
     }
 
     /// Records a finished (or failed, or cancelled) request.

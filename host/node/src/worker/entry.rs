@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, watch};
 use super::api::{ErrorKind, Event, FinishReason, GenerateRequest, MAX_REQUEST_BYTES};
 use super::engine_loop::{EngineJob, StepData};
 use super::links::{LinkState, Outbound};
+use super::report::ShardStats;
 
 /// What reaches a live request from the pipeline.
 #[derive(Debug)]
@@ -55,6 +56,7 @@ pub struct Entry {
     upstream: watch::Receiver<LinkState>,
     next_id: AtomicU64,
     id_prefix: String,
+    stats: Arc<ShardStats>,
 }
 
 impl Entry {
@@ -63,8 +65,8 @@ impl Entry {
         config: EntryConfig,
         engine: mpsc::Sender<EngineJob>,
         outbound: mpsc::Sender<Outbound>,
-        downstream: watch::Receiver<LinkState>,
-        upstream: watch::Receiver<LinkState>,
+        (downstream, upstream): (watch::Receiver<LinkState>, watch::Receiver<LinkState>),
+        stats: Arc<ShardStats>,
     ) -> Self {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         Self {
@@ -77,6 +79,7 @@ impl Entry {
             upstream,
             next_id: AtomicU64::new(0),
             id_prefix: format!("req-{:x}", nanos as u64),
+            stats,
         }
     }
 
@@ -140,12 +143,23 @@ impl Entry {
                 return Err(invalid(format!("request id {id} is already in use")));
             }
             requests.insert(id.clone(), LiveRequest { tx, tracker: SequenceTracker::new() });
+            self.publish_live(requests.len());
         }
         let result = self.drive(send, &id, &prompt, &engine_req, &mut rx).await;
-        self.requests.lock().expect("entry state lock").remove(&id);
+        {
+            let mut requests = self.requests.lock().expect("entry state lock");
+            requests.remove(&id);
+            self.publish_live(requests.len());
+        }
         let _ = self.engine.send(EngineJob::End { request: id.clone() }).await;
         let _ = self.outbound.send(Outbound::Frame(Frame::end(id.clone(), 0))).await;
         result
+    }
+
+    fn publish_live(&self, n: usize) {
+        if let Some(live) = &self.stats.entry_requests {
+            live.store(n as u64, Ordering::Relaxed);
+        }
     }
 
     /// Checks and tokenizes a request.
