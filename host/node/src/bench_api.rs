@@ -92,20 +92,30 @@ pub fn run(model: &Path, shards: usize, dtype: &str, threads: usize, tg: usize, 
         let (mut direct, mut openai, mut infer) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..=repeats {
             for prompt in PROMPTS {
-                let done = client.generate(&request(prompt), |_| {}).await?.map_err(anyhow::Error::new)?;
-                ensure!(done.tokens.len() == tg, "a direct request stopped after {} tokens", done.tokens.len());
-                let d = Timing {
-                    ttft_ms: done.time_to_first_token.as_secs_f64() * 1e3,
-                    decode_tps: (tg - 1) as f64 / done.decode_time.as_secs_f64(),
+                let direct_run = async {
+                    let done = client.generate(&request(prompt), |_| {}).await?.map_err(anyhow::Error::new)?;
+                    ensure!(done.tokens.len() == tg, "a direct request stopped after {} tokens", done.tokens.len());
+                    anyhow::Ok(Timing {
+                        ttft_ms: done.time_to_first_token.as_secs_f64() * 1e3,
+                        decode_tps: (tg - 1) as f64 / done.decode_time.as_secs_f64(),
+                    })
                 };
-                let body = json!({"model": model_name, "prompt": prompt, "max_tokens": tg, "temperature": 0,
-                                  "ignore_eos": true, "stream": true});
-                let o = sse_timing(&addr, "/v1/completions", &body, tg, |v| {
+                let openai_body = json!({"model": model_name, "prompt": prompt, "max_tokens": tg, "temperature": 0,
+                                         "ignore_eos": true, "stream": true});
+                let openai_run = sse_timing(&addr, "/v1/completions", &openai_body, tg, |v| {
                     v["choices"][0]["text"].as_str().is_some_and(|t| !t.is_empty())
-                })
-                .await?;
-                let body = json!({"prompt": prompt, "max_tokens": tg, "temperature": 0, "ignore_eos": true});
-                let i = sse_timing(&addr, "/pools/bench/infer", &body, tg, |v| v.get("token").is_some()).await?;
+                });
+                let infer_body = json!({"prompt": prompt, "max_tokens": tg, "temperature": 0, "ignore_eos": true});
+                let infer_run = sse_timing(&addr, "/pools/bench/infer", &infer_body, tg, |v| v.get("token").is_some());
+                // Alternate the order round by round, so no route always runs first (on a warmer or
+                // colder machine).
+                let (d, o, i) = if round % 2 == 0 {
+                    let d = direct_run.await?;
+                    (d, openai_run.await?, infer_run.await?)
+                } else {
+                    let (o, i) = (openai_run.await?, infer_run.await?);
+                    (direct_run.await?, o, i)
+                };
                 // Round 0 warms the HTTP paths and the prompts' first runs.
                 if round > 0 {
                     direct.push(d);
