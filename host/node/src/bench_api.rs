@@ -62,6 +62,7 @@ pub fn run(model: &Path, shards: usize, dtype: &str, threads: usize, tg: usize, 
         model: model_name.clone(),
         model_dir: model.clone(),
         topology: pipeline.topology().clone(),
+        replicas: Vec::new(),
     };
     state.pools.register(&state.store, spec, true).map_err(|e| anyhow::anyhow!("registering the pool: {e}"))?;
 

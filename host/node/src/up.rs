@@ -86,6 +86,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         model: args.model.clone(),
         model_dir,
         topology: pipeline.topology().clone(),
+        replicas: Vec::new(),
     };
     state.pools.register(&state.store, spec, true).map_err(|e| anyhow::anyhow!("registering the pool: {e}"))?;
 
@@ -132,9 +133,9 @@ async fn wait_until_ready(state: &AppState, model: &str, timeout: Duration) -> a
     let deadline = Instant::now() + timeout;
     let mut last = String::new();
     while Instant::now() < deadline {
-        match pool.start(&GenerateRequest::text("ready?", 1)).await {
+        match pool.start(&GenerateRequest::text("ready?", 1), state.workers.clone()).await {
             Ok(mut request) => loop {
-                match request.events.next_event().await {
+                match request.next_event().await {
                     Some(Event::Done { .. }) => return Ok(()),
                     Some(Event::Error { code: ErrorKind::Unavailable, message }) => {
                         last = message;

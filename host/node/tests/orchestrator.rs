@@ -646,3 +646,108 @@ fn workers_register_heartbeat_go_down_and_come_back_after_a_restart() {
     eprintln!("both workers registered again {:?} after the restart", restarted.elapsed());
     assert_eq!(post_when_ready(&again.addr, "/v1/completions", &request).status, 200);
 }
+
+/// A pool with a replica pipeline: SIGKILL the exit worker of the route a stream is on, mid-stream, and
+/// the stream goes on through the replica with exactly the tokens of an undisturbed run (no error, no
+/// token repeated or missing). Then, with no replica left, the same kill gives the client a clear error
+/// within 2 s; and a pool with no live route answers 503 at once.
+#[test]
+fn a_stream_survives_its_exit_worker_dying_when_a_replica_exists() {
+    let Some(model) = smollm2_dir() else {
+        eprintln!("skipped: SmolLM2 is not downloaded (run `make model`)");
+        return;
+    };
+    let mut rings = [Cluster::local(&model, 30, 2, &[]), Cluster::local(&model, 30, 2, &[])];
+    // Both pipelines take requests from the same client: the orchestrator, with the first ring's key.
+    let client = rings[0].client_peer.clone();
+    let mut replica: Value = serde_json::from_str(&std::fs::read_to_string(rings[1].topology_path()).expect("read")).expect("JSON");
+    replica["clients"] = json!([client]);
+    std::fs::write(rings[1].topology_path(), replica.to_string()).expect("write");
+    let state_dir = rings[0].dir.path().join("orchestrator");
+    std::fs::create_dir_all(&state_dir).expect("state dir");
+    std::fs::copy(rings[0].dir.path().join("client.key"), state_dir.join("orchestrator.key")).expect("key");
+    let orchestrator = Orchestrator::start(&state_dir);
+    let addr = orchestrator.addr.clone();
+    let token_file = state_dir.join("token");
+    std::fs::write(&token_file, TOKEN).expect("token file");
+    let topology: Value = serde_json::from_str(&std::fs::read_to_string(rings[0].topology_path()).expect("read")).expect("JSON");
+    let spec = json!({"id": "smol", "model": MODEL, "model_dir": model, "topology": topology, "replicas": [replica]});
+    let r = http::post_as(&addr, "/pools", &spec, TOKEN);
+    assert_eq!(r.status, 201, "{}", r.body);
+    for ring in &mut rings {
+        ring.extra_args = vec![
+            "--orchestrator".into(),
+            format!("http://{addr}"),
+            "--operator-token-file".into(),
+            token_file.to_string_lossy().into_owned(),
+        ];
+        ring.start_all();
+    }
+    let logs = |rings: &[Cluster; 2]| (0..4).map(|i| rings[i / 2].log(i % 2)).collect::<Vec<_>>().join("\n---\n");
+
+    const TOKENS: usize = 120;
+    let body = json!({"prompt": "Once upon a time, in a village by the sea,", "max_tokens": TOKENS, "ignore_eos": true, "temperature": 0});
+    // (route, token ids, text, final event) of one streamed request, reading `before_kill` tokens
+    // and then calling `kill` with the route.
+    let run = |rings: &mut [Cluster; 2], before_kill: Option<usize>| -> (usize, Vec<u64>, String, Value, Option<Instant>) {
+        let mut stream = EventStream::open(&addr, "/pools/smol/infer", &body);
+        assert_eq!(stream.status, 200);
+        let started: Value = serde_json::from_str(&stream.next_data().expect("started")).expect("JSON");
+        let route = started["route"].as_u64().expect("route") as usize;
+        let (mut ids, mut text, mut killed) = (Vec::new(), String::new(), None);
+        loop {
+            let event: Value = serde_json::from_str(&stream.next_data().expect("an event")).expect("JSON");
+            if let Some(id) = event["token"].as_u64() {
+                ids.push(id);
+                text.push_str(event["text"].as_str().expect("text"));
+                if before_kill == Some(ids.len()) {
+                    rings[route].kill(1);
+                    killed = Some(Instant::now());
+                }
+                continue;
+            }
+            return (route, ids, text, event, killed);
+        }
+    };
+    // The rings come up; then the undisturbed run.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http::post(&addr, "/pools/smol/infer", &json!({"prompt": "Hi", "max_tokens": 1})).status != 200 {
+        assert!(Instant::now() < deadline, "the pool never served:\n{}", logs(&rings));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (_, want_ids, want_text, done, _) = run(&mut rings, None);
+    assert_eq!(done["completion_tokens"], TOKENS as u64, "{done}");
+
+    // The exit of the stream's route dies after 20 tokens: the stream goes on through the replica.
+    let (route, ids, text, done, killed) = run(&mut rings, Some(20));
+    assert!(done.get("error").is_none(), "the client saw an error: {done}\n{}", logs(&rings));
+    assert_eq!(done["completion_tokens"], TOKENS as u64, "{done}");
+    assert_eq!(ids, want_ids, "the token ids differ from the undisturbed run");
+    assert_eq!(text, want_text);
+    eprintln!("route {route}'s exit was killed; the stream finished on the replica {:?} later", killed.map(|k| k.elapsed()));
+    let other = 1 - route;
+    assert!(rings[other].log(0).contains("resuming a request"), "the replica's entry replayed it:\n{}", rings[other].log(0));
+
+    // Wait until the killed worker is marked down; the next stream takes the one live route, whose
+    // exit then dies too: no replica is left, and the client hears so within 2 s.
+    let down = || http::get(&addr, "/workers").json()["data"].as_array().expect("data").iter().any(|w| w["status"] == "down");
+    assert!(wait_for(Duration::from_secs(3), down), "{}", http::get(&addr, "/workers").body);
+    let (second_route, ids, _, end, killed) = run(&mut rings, Some(10));
+    assert_eq!(second_route, other, "the request went to the live route");
+    let killed = killed.expect("killed");
+    let took = killed.elapsed();
+    assert!(end.get("error").is_some(), "expected an error event, got {end}");
+    assert!(ids.len() < TOKENS);
+    let message = end["error"]["message"].as_str().expect("message");
+    assert!(message.contains("no replica route is left"), "{message}");
+    assert_eq!(end["error"]["code"], "pool_unavailable", "{end}");
+    assert!(took < Duration::from_secs(2), "the error came {took:?} after the kill");
+    eprintln!("without a replica the client got the error {took:?} after the kill: {message}");
+
+    // Both exits down: no live route, 503 at once.
+    let all_down = || http::get(&addr, "/topology").json()["pools"][0]["ready"] == false;
+    assert!(wait_for(Duration::from_secs(3), all_down));
+    let r = http::post(&addr, "/pools/smol/infer", &body);
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.contains("no live route"), "{}", r.body);
+}

@@ -46,7 +46,7 @@ use workers::Workers;
 /// Shared state of the HTTP handlers.
 pub struct AppState {
     pub pools: Pools,
-    pub workers: Workers,
+    pub workers: Arc<Workers>,
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
     /// Required on the write routes.
@@ -76,7 +76,7 @@ impl AppState {
             Workers::load(&store, settings.heartbeat).with_context(|| format!("reading workers from {}", db.display()))?;
         Ok(Self {
             pools,
-            workers,
+            workers: Arc::new(workers),
             store: Arc::new(store),
             metrics: Arc::new(Metrics::default()),
             token: settings.token,
@@ -84,40 +84,48 @@ impl AppState {
         })
     }
 
-    /// The pools whose plan lists `peer`, with the layers each gives it.
+    /// The pools whose plan (topology or replicas) lists `peer`, with the layers each gives it.
     pub fn assignments(&self, peer: &str) -> Vec<(String, computepool_axl::transport::Layers)> {
         let mut found = Vec::new();
         for pool in self.pools.all() {
-            for shard in &pool.record.topology.shards {
-                if shard.peer.to_string() == peer {
-                    found.push((pool.record.id.clone(), shard.layers));
+            for route in &pool.routes {
+                for shard in &route.topology.shards {
+                    if shard.peer.to_string() == peer {
+                        found.push((pool.record.id.clone(), shard.layers));
+                    }
                 }
             }
         }
         found
     }
 
-    /// `Err(503)` when a shard of `pool` has a registered worker that stopped heartbeating: a request
-    /// would only fail later, after the data plane's own timeout. A shard whose worker never
+    /// `Err(503)` when every route of `pool` has a registered worker that stopped heartbeating: a
+    /// request would only fail later, after the data plane's own timeout. A worker that never
     /// registered (started without `--orchestrator`) is not judged here.
     pub fn check_route(&self, pool: &Pool) -> Result<(), ApiError> {
-        for shard in &pool.record.topology.shards {
-            if let Some(worker) = self.workers.get(&shard.peer.to_string())
-                && !self.workers.is_up(&worker)
-            {
-                let silent = workers::now_ms() - worker.last_seen_ms;
-                return Err(ApiError::Unavailable {
-                    model: pool.record.model.clone(),
-                    reason: format!(
-                        "no live route: the worker for layers {} (peer {}) has sent no heartbeat for {:.1} s",
+        if pool.has_live_route(&self.workers) {
+            return Ok(());
+        }
+        let mut silent = Vec::new();
+        for route in &pool.routes {
+            for shard in &route.topology.shards {
+                if let Some(worker) = self.workers.get(&shard.peer.to_string())
+                    && !self.workers.is_up(&worker)
+                {
+                    let ms = workers::now_ms() - worker.last_seen_ms;
+                    silent.push(format!(
+                        "the worker for layers {} (peer {}) has sent no heartbeat for {:.1} s",
                         shard.layers,
                         shard.peer.fmt_short(),
-                        silent as f64 / 1e3
-                    ),
-                });
+                        ms as f64 / 1e3
+                    ));
+                }
             }
         }
-        Ok(())
+        Err(ApiError::Unavailable {
+            model: pool.record.model.clone(),
+            reason: format!("no live route: {}", silent.join("; ")),
+        })
     }
 }
 

@@ -136,37 +136,44 @@ pub async fn list_workers(State(state): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({"object": "list", "data": data}))
 }
 
-/// Per pool, its layer ranges in order and the workers serving each (up, down, or never registered);
-/// a pool is `ready` when no range is without a live worker.
+/// Per pool, its layer ranges in order and the workers serving each (up, down, or never registered;
+/// a range has several with replicas), and its routes (complete pipelines) with their load; a pool is
+/// `ready` while some route has no worker down.
 pub async fn topology(State(state): State<Arc<AppState>>) -> Json<Value> {
     let mut assigned = std::collections::BTreeSet::new();
+    let describe = |peer: &str, addrs: &[std::net::SocketAddr]| {
+        let (status, last) = match state.workers.get(peer) {
+            Some(w) if state.workers.is_up(&w) => ("up", Some(w.last_seen_ms)),
+            Some(w) => ("down", Some(w.last_seen_ms)),
+            None => ("unregistered", None),
+        };
+        let ago = last.map(|t| (super::workers::now_ms() - t).max(0));
+        json!({"peer": peer, "status": status, "addrs": addrs, "last_heartbeat_ms_ago": ago})
+    };
     let pools: Vec<Value> = state
         .pools
         .all()
         .iter()
         .map(|pool| {
-            let shards: Vec<Value> = pool
-                .record
-                .topology
-                .shards
-                .iter()
-                .map(|shard| {
+            let mut ranges: std::collections::BTreeMap<(u32, u32), Vec<Value>> = Default::default();
+            let mut routes = Vec::new();
+            for route in &pool.routes {
+                for shard in &route.topology.shards {
                     let peer = shard.peer.to_string();
-                    assigned.insert(peer.clone());
-                    let (status, last) = match state.workers.get(&peer) {
-                        Some(w) if state.workers.is_up(&w) => ("up", Some(w.last_seen_ms)),
-                        Some(w) => ("down", Some(w.last_seen_ms)),
-                        None => ("unregistered", None),
-                    };
-                    let ago = last.map(|t| (super::workers::now_ms() - t).max(0));
-                    json!({"layers": shard.layers.to_string(), "workers": [
-                        {"peer": peer, "status": status, "addrs": shard.addrs, "last_heartbeat_ms_ago": ago}
-                    ]})
-                })
+                    ranges.entry((shard.layers.start, shard.layers.end)).or_default().push(describe(&peer, &shard.addrs));
+                    assigned.insert(peer);
+                }
+                let layers: Vec<String> = route.topology.shards.iter().map(|s| s.layers.to_string()).collect();
+                routes.push(json!({"entry": route.topology.entry().peer.to_string(), "layers": layers,
+                                   "in_flight": route.in_flight()}));
+            }
+            let shards: Vec<Value> = ranges
+                .into_iter()
+                .map(|((start, end), workers)| json!({"layers": format!("{start}..{end}"), "workers": workers}))
                 .collect();
-            let ready = state.check_route(pool).is_ok();
             json!({"pool": pool.record.id, "model": pool.record.model, "num_layers": pool.record.topology.num_layers,
-                   "ready": ready, "queue_depth": state.metrics.queue_depth(&pool.record.id), "shards": shards})
+                   "ready": state.check_route(pool).is_ok(), "queue_depth": state.metrics.queue_depth(&pool.record.id),
+                   "shards": shards, "routes": routes})
         })
         .collect();
     let unassigned: Vec<String> =

@@ -26,7 +26,7 @@ use crate::worker::api::{ErrorKind, Event, FinishReason, GenerateRequest};
 /// can still get a proper status code. `prompt_param` names the prompt in context-length errors.
 async fn begin(
     state: &AppState,
-    pool: &Pool,
+    pool: &Arc<Pool>,
     entry: &GenerateRequest,
     log: &mut RequestLog,
     prompt_param: &'static str,
@@ -34,11 +34,11 @@ async fn begin(
     if let Err(e) = state.check_route(pool) {
         return Err(log.fail(e));
     }
-    let mut request = match pool.start(entry).await {
+    let mut request = match pool.start(entry, state.workers.clone()).await {
         Ok(request) => request,
         Err(e) => return Err(log.fail(e)),
     };
-    match request.events.next_event().await {
+    match request.next_event().await {
         Some(Event::Started { prompt_tokens, .. }) => log.record.prompt_tokens = Some(prompt_tokens),
         Some(Event::Error { code, message }) => return Err(log.fail(entry_error(pool, prompt_param, code, message))),
         other => return Err(log.fail(ApiError::Internal(format!("the entry answered {other:?} before `started`")))),
@@ -65,7 +65,7 @@ pub async fn complete(state: &AppState, prepared: Prepared) -> Result<Response, 
 async fn collect(mut request: PoolRequest, mut log: RequestLog, meta: ResponseMeta) -> Result<Response, ApiError> {
     let mut text = String::new();
     loop {
-        match request.events.next_event().await {
+        match request.next_event().await {
             Some(Event::Token { text: piece, .. }) => {
                 log.token();
                 text.push_str(&piece);
@@ -101,7 +101,7 @@ impl Relay {
 
     /// Waits for the next entry event and queues the SSE events it makes.
     async fn advance(&mut self) {
-        match self.request.events.next_event().await {
+        match self.request.next_event().await {
             Some(Event::Token { text, .. }) => {
                 self.log.token();
                 // Text held back (inside a character or a possible stop string) comes with a later token.
@@ -176,9 +176,11 @@ pub async fn infer(state: &AppState, pool_id: &str, InferRequest(mut entry): Inf
     let prompt_param = if entry.messages.is_some() { "messages" } else { "prompt" };
     let mut log = RequestLog::new(state, &pool, &id, "infer", true);
     let request = begin(state, &pool, &entry, &mut log, prompt_param).await?;
-    let started = SseEvent::default()
-        .event("started")
-        .data(serde_json::json!({"id": id, "pool": pool.record.id, "prompt_tokens": log.record.prompt_tokens}).to_string());
+    // `route`: which of the pool's pipelines took the request (0 its topology, then its replicas).
+    let started = SseEvent::default().event("started").data(
+        serde_json::json!({"id": id, "pool": pool.record.id, "route": request.route(), "prompt_tokens": log.record.prompt_tokens})
+            .to_string(),
+    );
     let model = pool.record.model.clone();
     // The state is (request, log, what to send first, over); dropping it cancels and records.
     let events = futures_util::stream::unfold((request, log, Some(started), model, false), |st| async move {
@@ -189,7 +191,7 @@ pub async fn infer(state: &AppState, pool_id: &str, InferRequest(mut entry): Inf
         if over {
             return None;
         }
-        let (event, over) = match request.events.next_event().await {
+        let (event, over) = match request.next_event().await {
             Some(Event::Token { token, text }) => {
                 log.token();
                 (SseEvent::default().event("token").data(serde_json::json!({"token": token, "text": text}).to_string()), false)
