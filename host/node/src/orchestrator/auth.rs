@@ -43,7 +43,7 @@ impl OperatorToken {
     /// The environment's token, else the state directory's (made if missing).
     pub fn load_or_create(state_dir: &Path) -> anyhow::Result<Self> {
         if let Ok(token) = std::env::var(TOKEN_ENV) {
-            return Self::new(token).with_context(|| format!("{TOKEN_ENV}"));
+            return Self::new(token).context(TOKEN_ENV);
         }
         let path = token_path(state_dir);
         match std::fs::read_to_string(&path) {
