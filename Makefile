@@ -14,10 +14,11 @@ MODEL_DIR := $(MODELS_DIR)/$(MODEL)
 BIN := $(CARGO_TARGET_DIR)/release/computepool
 LISTEN ?= 127.0.0.1:8000
 
-.PHONY: help up test build model bench gpu-check clean-model contracts-test devnet
+.PHONY: help up demo test build model bench gpu-check clean-model contracts-test devnet
 
 help:
 	@echo "make up     run ComputePool on the default model ($(MODEL)): $(SHARDS) workers behind an OpenAI-compatible API on $(LISTEN)"
+	@echo "make demo   bring up a pool, stream one chat completion through it, stop (scripts/e2e_demo.sh)"
 	@echo "make test   run every test"
 	@echo "make bench  reproduce docs/BENCHMARKS.md"
 	@echo "make gpu-check  the CUDA backend against the CPU backend, and its speed (needs an NVIDIA GPU)"
@@ -47,6 +48,9 @@ contracts-test:
 # A local anvil with Superfluid, the test USDC and its USDCx wrapper, and the INFT deployed; until Ctrl-C.
 devnet: build
 	$(BIN) chain devnet
+# The end-to-end demo: `computepool up`, one streamed chat completion through the sharded pool, a clean stop.
+demo: model
+	BIN=$(BIN) MODEL=$(MODEL) MODELS_DIR=$(MODELS_DIR) SHARDS=$(SHARDS) bash scripts/e2e_demo.sh
 
 # NVRTC (a library from PyPI, no GPU needed) lets the CUDA kernels compile to PTX in every test run; the
 # official `openai` Python package (PyPI, pinned) is the real client tested against `computepool up`;

@@ -13,14 +13,24 @@ def fmt(row):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--anchors", required=True)
-    ap.add_argument("--ours", required=True)
+    ap.add_argument("--anchors")
+    ap.add_argument("--ours")
+    ap.add_argument("--api", help="`computepool bench --shards 2 --api` lines: the orchestrator's API against the "
+                                  "same pipeline reached directly")
+    ap.add_argument("--api-only", action="store_true", help="print only the API section (from --api)")
     ap.add_argument("--quantized", action="append", default=[],
                     help="WEIGHTS=FILE: `computepool bench --json` lines of a GGUF run natively, e.g. q4_1=...")
     ap.add_argument("--paired", help="paired.py's lines: ours and llama.cpp decode in alternating rounds")
     ap.add_argument("--pipeline", help="`computepool bench --shards` lines (and the 1-shard run beside them)")
     ap.add_argument("--netns", help="stderr of `cargo test --test netns -- --nocapture`")
     args = ap.parse_args()
+    if args.api_only:
+        out = []
+        api_section(out.append, [json.loads(line) for line in open(args.api) if line.strip()])
+        print("\n".join(out))
+        return
+    if not (args.anchors and args.ours):
+        ap.error("--anchors and --ours are needed (or --api with --api-only)")
     anchors = json.load(open(args.anchors))
     ours = [json.loads(line) for line in open(args.ours) if line.strip()]
     for spec in args.quantized:
@@ -92,6 +102,8 @@ def main():
     if args.pipeline:
         pipeline_section(p, [json.loads(line) for line in open(args.pipeline) if line.strip()],
                          open(args.netns).read() if args.netns else "")
+    if args.api:
+        api_section(p, [json.loads(line) for line in open(args.api) if line.strip()])
     p("## Roofline")
     p("")
     p("Decode is memory-bound: every weight is read once per generated token (the tied embedding in full, as")
@@ -135,6 +147,44 @@ def main():
         p("")
         p("Anchor errors in this run: " + "; ".join(str(e) for e in anchors["errors"]))
     print("\n".join(out))
+
+
+def api_section(p, runs):
+    """What the orchestrator's HTTP API adds, against the same pipeline reached through the entry directly."""
+    by = {r["route"]: r for r in runs}
+    d, o, i = by.get("direct"), by.get("openai"), by.get("infer")
+    if not (d and o and i):
+        return
+
+    def s(x, unit="", digits=1):
+        return f"{x['median']:.{digits}f}{unit} ({x['min']:.{digits}f}–{x['max']:.{digits}f})"
+
+    p("## The orchestrator's API against the direct engine")
+    p("")
+    p(f"`computepool bench --shards {d['shards']} --api --tg {d['test'][2:]}`: one pipeline of {d['shards']} worker "
+      f"processes ({d['dtype']}, {d['threads']} threads each) and one orchestrator serve every request. Each round sends "
+      f"the same {d['prompts']} prompts three ways back to back (direct first in even rounds, last in odd ones): directly to the entry (the request API that "
+      "`computepool generate --topology` uses), through `POST /v1/completions` (SSE) and through "
+      f"`POST /pools/{{id}}/infer` (SSE). {d['runs']} timed requests per route after a warm-up round; the client "
+      "times the first token from sending the request (a fresh TCP connection included for HTTP) and decode "
+      "as (tokens − 1) ÷ (last token − first token). Median (min–max).")
+    p("")
+    p("| route | time to first token, ms | decode tokens/s |")
+    p("|---|---|---|")
+    for name, r in (("direct (entry request API)", d), ("OpenAI `/v1/completions`", o), ("native `/pools/{id}/infer`", i)):
+        p(f"| {name} | {s(r['ttft_ms'], digits=2)} | {s(r['decode_tokens_per_s'])} |")
+    p("")
+    p("Paired against the direct request sent just before it (same prompt, same moment):")
+    p("")
+    p("| route | TTFT added, ms | decode ÷ direct | target (issue 4) |")
+    p("|---|---|---|---|")
+    for name, key in (("OpenAI", "openai-vs-direct"), ("infer", "infer-vs-direct")):
+        r = by.get(key)
+        if r:
+            added, ratio = r["ttft_added_ms"], r["decode_ratio"]
+            holds = "holds" if added["median"] < 2.0 and ratio["median"] > 0.98 else "does not hold"
+            p(f"| {name} | {s(added, digits=2)} | {s(ratio, digits=3)} | < 2 ms and < 2% slower: {holds} (medians) |")
+    p("")
 
 
 def paired_section(p, runs):

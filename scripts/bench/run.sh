@@ -63,7 +63,10 @@ env -u CARGO_TARGET_DIR bash "$here/anchors.sh" --out "$out/anchors.json" --hf "
   # Baseline for the delayed-link runs below, whose workers have one thread each.
   "$bin" bench --model "$model" --pp 0 --tg 128 --threads 1 --dtype bf16 --repeats "$repeats" --json
 } > "$out/pipeline.jsonl"
+# The orchestrator (issue 4): what its HTTP API adds to time to first token and decode, against the same
+# 2-worker pipeline reached directly, in alternating back-to-back requests (bench_api.rs).
+"$bin" bench --model "$model" --shards 2 --api --tg 128 --threads 1 --dtype bf16 --repeats "$repeats" > "$out/api.jsonl"
 # Shards in separate network namespaces with 5 ms one-way delay per link (needs root; skips otherwise).
 cargo test --release --locked -p computepool-node --test netns -- --nocapture --test-threads 1 2> "$out/netns.log" || true
-python3 "$here/report.py" --anchors "$out/anchors.json" --ours "$out/computepool.jsonl" --quantized "q4_1=$out/computepool-q4_1.jsonl" --paired "$out/paired.jsonl" --pipeline "$out/pipeline.jsonl" --netns "$out/netns.log" > docs/BENCHMARKS.md
+python3 "$here/report.py" --anchors "$out/anchors.json" --ours "$out/computepool.jsonl" --quantized "q4_1=$out/computepool-q4_1.jsonl" --paired "$out/paired.jsonl" --pipeline "$out/pipeline.jsonl" --netns "$out/netns.log" --api "$out/api.jsonl" > docs/BENCHMARKS.md
 echo "wrote docs/BENCHMARKS.md"

@@ -42,6 +42,11 @@ pub struct BenchArgs {
     /// entry's request API, as a client sees it. --threads is then per worker.
     #[arg(long)]
     shards: Option<usize>,
+    /// With --shards: what the orchestrator's HTTP API adds, measured against the same pipeline reached
+    /// directly, in alternating back-to-back requests (time to first token and decode speed of --tg
+    /// tokens; JSON lines). See bench_api.rs.
+    #[arg(long, requires = "shards")]
+    api: bool,
 }
 
 #[derive(Serialize)]
@@ -80,6 +85,10 @@ fn random_tokens(rng: &mut Rng, n: usize, vocab: usize) -> Vec<u32> {
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.repeats > 0, "--repeats must be at least 1");
     anyhow::ensure!(args.batch > 0, "--batch must be at least 1");
+    if let (Some(shards), true) = (args.shards, args.api) {
+        let threads = args.threads.unwrap_or_else(crate::generate::default_threads);
+        return crate::bench_api::run(&args.model, shards, &args.dtype, threads, args.tg, args.repeats);
+    }
     if args.shards.is_some() {
         return run_sharded(args);
     }
@@ -201,6 +210,7 @@ fn run_sharded(args: BenchArgs) -> anyhow::Result<()> {
             threads,
             peer_timeout_ms: 1000,
             devices: Vec::new(),
+            orchestrator: None,
             client_key: None,
         };
         let pipeline = LocalPipeline::start(&options)?;

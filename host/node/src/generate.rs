@@ -175,6 +175,7 @@ fn run_pipeline(args: GenerateArgs) -> anyhow::Result<()> {
                 threads,
                 peer_timeout_ms: args.peer_timeout_ms,
                 devices: args.devices.clone(),
+                orchestrator: None,
                 client_key: None,
             };
             Some(LocalPipeline::start(&options)?)

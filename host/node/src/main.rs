@@ -2,6 +2,7 @@
 //! lives in the library crates.
 
 mod bench;
+mod bench_api;
 mod chain;
 mod client;
 mod generate;

@@ -27,6 +27,8 @@ pub struct PipelineOptions {
     pub devices: Vec<String>,
     /// The key of the client the topology allows (an orchestrator's); a fresh one when `None`.
     pub client_key: Option<SecretKey>,
+    /// An orchestrator the workers register with and heartbeat to: its URL and operator token.
+    pub orchestrator: Option<(String, String)>,
 }
 
 /// What a worker reported when it was ready.
@@ -109,7 +111,8 @@ impl LocalPipeline {
     fn spawn_worker(&self, i: usize, options: &PipelineOptions) -> anyhow::Result<Child> {
         let exe = std::env::current_exe().context("finding the computepool binary")?;
         let log = std::fs::File::create(self.log_path(i))?;
-        let child = Command::new(exe)
+        let mut command = Command::new(exe);
+        command
             .arg("worker")
             .arg("--model")
             .arg(&options.model)
@@ -122,7 +125,12 @@ impl LocalPipeline {
             .args(["--dtype", &options.dtype])
             .args(["--threads", &options.threads.to_string()])
             .args(["--peer-timeout-ms", &options.peer_timeout_ms.to_string()])
-            .args(["--device", options.devices.get(i).or(options.devices.first()).map_or("cpu", String::as_str)])
+            .args(["--device", options.devices.get(i).or(options.devices.first()).map_or("cpu", String::as_str)]);
+        if let Some((url, token)) = &options.orchestrator {
+            // The token goes in the environment, not on the command line (which any local user can read).
+            command.args(["--orchestrator", url]).env(crate::orchestrator::auth::TOKEN_ENV, token);
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))

@@ -11,8 +11,9 @@ use anyhow::{Context, bail};
 use clap::Args;
 use computepool_axl::transport::load_or_create_secret_key;
 
+use crate::orchestrator::auth::OperatorToken;
 use crate::orchestrator::pools::PoolSpec;
-use crate::orchestrator::{self, AppState};
+use crate::orchestrator::{self, AppState, Settings};
 use crate::pipeline::{LocalPipeline, PipelineOptions};
 use crate::worker::api::{ErrorKind, Event, GenerateRequest};
 
@@ -45,6 +46,9 @@ pub struct UpArgs {
     /// How long the pool may take to answer its first request, in seconds.
     #[arg(long, default_value_t = 300)]
     ready_timeout_s: u64,
+    /// How often the workers heartbeat to the orchestrator, in ms.
+    #[arg(long, default_value_t = 2000)]
+    heartbeat_ms: u64,
 }
 
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
@@ -55,10 +59,17 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let model_dir = std::fs::canonicalize(&model_dir).with_context(|| format!("finding {}", model_dir.display()))?;
     std::fs::create_dir_all(&args.state_dir).with_context(|| format!("creating {}", args.state_dir.display()))?;
     let key = load_or_create_secret_key(&orchestrator::key_path(&args.state_dir))?;
+    let token = OperatorToken::load_or_create(&args.state_dir)?;
+    // Bound before the workers start, so they know where to register (they retry until it serves).
+    let listener = std::net::TcpListener::bind(args.listen)
+        .with_context(|| format!("listening on {} (another server there? pass --listen)", args.listen))?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
     let threads = args.threads.unwrap_or_else(|| (crate::generate::default_threads() / args.workers).max(1));
     eprintln!("starting {} workers for {} ({threads} threads each)…", args.workers, args.model);
     // Dropping the pipeline stops its workers, on every path out of this function.
     let pipeline = LocalPipeline::start(&PipelineOptions {
+        orchestrator: Some((format!("http://{addr}"), token.as_str().to_string())),
         model: model_dir.clone(),
         shards: args.workers,
         dtype: args.dtype.clone(),
@@ -67,22 +78,21 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         devices: args.devices.clone(),
         client_key: Some(key.clone()),
     })?;
-    let state = Arc::new(AppState::open(&args.state_dir, key)?);
+    let settings = Settings { heartbeat: Duration::from_millis(args.heartbeat_ms.max(10)), token };
+    let state = Arc::new(AppState::open(&args.state_dir, key, settings)?);
     // The pool of a previous `up` had other workers (new keys, new ports): this one replaces it.
     let spec = PoolSpec {
         id: Some(args.model.clone()),
         model: args.model.clone(),
         model_dir,
         topology: pipeline.topology().clone(),
+        replicas: Vec::new(),
     };
     state.pools.register(&state.store, spec, true).map_err(|e| anyhow::anyhow!("registering the pool: {e}"))?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(args.listen)
-            .await
-            .with_context(|| format!("listening on {} (another server there? pass --listen)", args.listen))?;
-        let addr = listener.local_addr()?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(orchestrator::serve(
             listener,
@@ -123,9 +133,9 @@ async fn wait_until_ready(state: &AppState, model: &str, timeout: Duration) -> a
     let deadline = Instant::now() + timeout;
     let mut last = String::new();
     while Instant::now() < deadline {
-        match pool.start(&GenerateRequest::text("ready?", 1)).await {
+        match pool.start(&GenerateRequest::text("ready?", 1), state.workers.clone()).await {
             Ok(mut request) => loop {
-                match request.events.next_event().await {
+                match request.next_event().await {
                     Some(Event::Done { .. }) => return Ok(()),
                     Some(Event::Error { code: ErrorKind::Unavailable, message }) => {
                         last = message;
@@ -150,6 +160,8 @@ ComputePool is up: {model} split across {workers} worker processes.
 
   OpenAI-compatible API:  {url}/v1
   pools:                  {url}/pools
+  workers, topology:      {url}/workers  {url}/topology
+  Prometheus metrics:     {url}/metrics
 
 Try it (streaming):
 

@@ -1,7 +1,10 @@
 //! The orchestrator as a separate process in front of a pipeline of real worker processes: its
 //! OpenAI-compatible API returns exactly the tokens of a direct run, in OpenAI's shapes (JSON and SSE),
 //! turns bad input into OpenAI-style 4xx errors and keeps serving, cancels a request at the entry when
-//! its client hangs up, records usage in SQLite, and gets its pools back after a restart.
+//! its client hangs up (every shard's KV cache freed, seen in /metrics), records usage in SQLite, gets
+//! its pools back after a restart, knows its workers from their registrations and heartbeats (down
+//! when they stop; a pool without a live route answers 503 at once), and guards its write routes with
+//! the operator token.
 
 mod common;
 
@@ -15,6 +18,10 @@ use common::{Cluster, bin, smollm2_dir, wait_for};
 use serde_json::{Value, json};
 
 const MODEL: &str = "smollm2-135m-instruct";
+/// The operator token the test orchestrators run with.
+const TOKEN: &str = "test-operator-token";
+/// The test orchestrators' heartbeat interval: short, so a dead worker shows within a second.
+const HEARTBEAT_MS: u64 = 200;
 
 /// A `computepool orchestrator` process.
 struct Orchestrator {
@@ -27,13 +34,19 @@ struct Orchestrator {
 impl Orchestrator {
     /// Starts one on a free port with its state in `state_dir`, and waits for its ready line.
     fn start(state_dir: &Path) -> Self {
+        Self::start_at(state_dir, "127.0.0.1:0")
+    }
+
+    /// Starts one listening on `listen`.
+    fn start_at(state_dir: &Path, listen: &str) -> Self {
         let log = state_dir.join("orchestrator.log");
         std::fs::create_dir_all(state_dir).expect("state dir");
         let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log");
         let mut child = Command::new(bin())
-            .args(["orchestrator", "--listen", "127.0.0.1:0", "--state-dir"])
+            .args(["orchestrator", "--listen", listen, "--heartbeat-ms", &HEARTBEAT_MS.to_string(), "--state-dir"])
             .arg(state_dir)
             .env("RUST_LOG", "info")
+            .env("COMPUTEPOOL_OPERATOR_TOKEN", TOKEN)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr))
@@ -65,15 +78,23 @@ impl Drop for Orchestrator {
 }
 
 /// Two SmolLM2 workers and an orchestrator serving them as a pool (the orchestrator's key is the
-/// topology's client).
+/// topology's client); the workers register with the orchestrator and heartbeat every 200 ms.
 fn setup(model: &Path) -> (Cluster, Orchestrator) {
     let mut cluster = Cluster::local(model, 30, 2, &[]);
-    cluster.start_all();
     let state_dir = cluster.dir.path().join("orchestrator");
     std::fs::create_dir_all(&state_dir).expect("state dir");
     std::fs::copy(cluster.dir.path().join("client.key"), state_dir.join("orchestrator.key")).expect("key");
     let orchestrator = Orchestrator::start(&state_dir);
+    let token_file = cluster.dir.path().join("operator.token");
+    std::fs::write(&token_file, TOKEN).expect("token file");
+    cluster.extra_args = vec![
+        "--orchestrator".into(),
+        format!("http://{}", orchestrator.addr),
+        "--operator-token-file".into(),
+        token_file.to_string_lossy().into_owned(),
+    ];
     register(&cluster, &orchestrator, model);
+    cluster.start_all();
     (cluster, orchestrator)
 }
 
@@ -81,7 +102,7 @@ fn register(cluster: &Cluster, orchestrator: &Orchestrator, model: &Path) {
     let topology: Value =
         serde_json::from_str(&std::fs::read_to_string(cluster.topology_path()).expect("topology")).expect("JSON");
     let spec = json!({"id": "smol", "model": MODEL, "model_dir": model, "topology": topology});
-    let r = http::post(&orchestrator.addr, "/pools", &spec);
+    let r = http::post_as(&orchestrator.addr, "/pools", &spec, TOKEN);
     assert_eq!(r.status, 201, "{}", r.body);
     assert_eq!(r.json()["model"], MODEL);
 }
@@ -96,6 +117,25 @@ fn post_when_ready(addr: &str, path: &str, body: &Value) -> http::Response {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The value of the sample `series` (name and labels, exactly as exposed) in a /metrics text.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+        .parse()
+        .expect("a number")
+}
+
+/// Every worker's value of a per-worker metric: (labels, value).
+fn worker_metric(addr: &str, name: &str) -> Vec<(String, f64)> {
+    let text = http::get(addr, "/metrics").body;
+    text.lines()
+        .filter_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix('{')))
+        .filter_map(|rest| rest.split_once("} "))
+        .map(|(labels, v)| (labels.to_string(), v.parse().expect("a number")))
+        .collect()
 }
 
 /// What a direct one-process `computepool generate` run printed.
@@ -232,6 +272,25 @@ fn the_openai_api_returns_the_direct_runs_tokens_in_openai_shapes() {
     assert_eq!((text.as_str(), finish.as_str()), (want_text.text.as_str(), "length"));
     assert_eq!(usage.expect("usage")["completion_tokens"], 24);
 
+    // The native route streams the same tokens as SSE events named like the entry's.
+    let r = http::post(addr, "/pools/smol/infer", &json!({"prompt": story, "max_tokens": 24, "temperature": 0}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let names: Vec<&str> = r.body.lines().filter_map(|l| l.strip_prefix("event: ")).collect();
+    assert_eq!(names.first(), Some(&"started"), "{}", r.body);
+    assert_eq!(names.last(), Some(&"done"), "{}", r.body);
+    assert_eq!(names.iter().filter(|n| **n == "token").count(), 24, "{}", r.body);
+    let data: Vec<Value> = r.sse_data().iter().map(|d| serde_json::from_str(d).expect("JSON")).collect();
+    let text: String = data[1..data.len() - 1].iter().map(|t| t["text"].as_str().expect("text")).collect();
+    assert_eq!(text, want_text.text);
+    let done = data.last().expect("done");
+    assert_eq!((done["finish_reason"].as_str(), done["completion_tokens"].as_u64()), (Some("length"), Some(24)));
+    assert!(done["time_to_first_token_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{done}");
+    // Token ids in, too.
+    let ids: Vec<u64> = data[1..data.len() - 1].iter().take(3).map(|t| t["token"].as_u64().expect("id")).collect();
+    let r = http::post(addr, "/pools/smol/infer", &json!({"prompt_tokens": ids, "max_tokens": 2}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("event: done"), "{}", r.body);
+
     // A stop string ends the text before it, with finish_reason "stop", as in the direct run.
     let stop = json!({"model": MODEL, "prompt": story, "max_tokens": 40, "temperature": 0, "stop": [","]});
     let v = http::post(addr, "/v1/completions", &stop).json();
@@ -252,11 +311,23 @@ fn the_openai_api_returns_the_direct_runs_tokens_in_openai_shapes() {
             .expect("rows")
     };
     // Rows are written as each request ends, off the serving threads: give the last one a moment.
-    assert!(wait_for(Duration::from_secs(2), || rows_query().len() >= 6), "{:?}", rows_query());
+    assert!(wait_for(Duration::from_secs(2), || rows_query().len() >= 8), "{:?}", rows_query());
     let rows = rows_query();
-    let tail: Vec<(&str, i64)> = rows.iter().rev().take(6).rev().map(|r| (r.0.as_str(), r.1)).collect();
+    let tail: Vec<(&str, i64)> = rows.iter().rev().take(8).rev().map(|r| (r.0.as_str(), r.1)).collect();
     let (c, t) = (want_chat.tokens as i64, want_stop.tokens as i64);
-    assert_eq!(tail, [("chat.completions", c), ("chat.completions", c), ("chat.completions", c), ("completions", 24), ("completions", 24), ("completions", t)]);
+    assert_eq!(
+        tail,
+        [
+            ("chat.completions", c),
+            ("chat.completions", c),
+            ("chat.completions", c),
+            ("completions", 24),
+            ("completions", 24),
+            ("infer", 24),
+            ("infer", 2),
+            ("completions", t)
+        ]
+    );
     assert!(rows.iter().all(|r| r.3.is_some_and(|ms| ms > 0.0)), "time to first token recorded: {rows:?}");
 }
 
@@ -287,9 +358,16 @@ fn bad_input_gets_openai_errors_and_the_server_keeps_serving() {
         ("temperature 5", "/v1/completions", json!({"model": MODEL, "prompt": "a", "temperature": 5}).to_string().into_bytes(), 400, "invalid_value", Some("temperature")),
         ("a 10 MB body", "/v1/completions", [b"{\"model\":\"x\",\"prompt\":\"".as_slice(), &vec![b'a'; 10 << 20], b"\"}"].concat(), 413, "request_too_large", None),
         ("bad pool", "/pools", json!({"model": "m", "model_dir": "/nonexistent", "topology": {"num_layers": 1, "shards": []}}).to_string().into_bytes(), 400, "invalid_value", Some("topology")),
+        ("infer: unknown pool", "/pools/nope/infer", json!({"prompt": "hi"}).to_string().into_bytes(), 404, "not_found", None),
+        ("infer: an id", "/pools/smol/infer", json!({"prompt": "hi", "id": "mine"}).to_string().into_bytes(), 400, "invalid_value", Some("id")),
+        ("infer: unknown field", "/pools/smol/infer", json!({"prompt": "hi", "n": 2}).to_string().into_bytes(), 400, "invalid_value", None),
+        ("infer: max_tokens 0", "/pools/smol/infer", json!({"prompt": "hi", "max_tokens": 0}).to_string().into_bytes(), 400, "invalid_value", None),
+        ("heartbeat: unknown worker", "/workers/nobody/heartbeat", json!({"active_requests": 0, "kv_caches": 0, "kv_cache_bytes": 0}).to_string().into_bytes(), 404, "worker_not_found", None),
+        ("register: bad peer", "/workers", json!({"peer": "x", "addrs": ["127.0.0.1:1"], "model": "m", "layers": "0..1", "device": "cpu", "weight_bytes": 1, "speed": 1.0}).to_string().into_bytes(), 400, "invalid_value", Some("peer")),
     ];
+    let auth = format!("Bearer {TOKEN}");
     for (what, path, body, status, code, param) in &cases {
-        let r = http::request(addr, "POST", path, body);
+        let r = http::request_with(addr, "POST", path, body, &[("Authorization", &auth)]);
         assert_eq!(r.status, *status, "{what}: {}", r.body);
         let e = &r.json()["error"];
         assert_eq!(e["code"], *code, "{what}: {e}");
@@ -304,11 +382,23 @@ fn bad_input_gets_openai_errors_and_the_server_keeps_serving() {
     let topology: Value = serde_json::from_str(&std::fs::read_to_string(_cluster.topology_path()).expect("read")).expect("JSON");
     let mut stranger = topology.clone();
     stranger["clients"] = json!([]);
-    let r = http::post(addr, "/pools", &json!({"id": "other", "model": "other", "model_dir": model, "topology": stranger}));
+    let r = http::post_as(addr, "/pools", &json!({"id": "other", "model": "other", "model_dir": model, "topology": stranger}), TOKEN);
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.body.contains("add its peer id"), "{}", r.body);
-    let r = http::post(addr, "/pools", &json!({"id": "smol", "model": MODEL, "model_dir": model, "topology": topology}));
+    let spec = json!({"id": "smol", "model": MODEL, "model_dir": model, "topology": topology});
+    let r = http::post_as(addr, "/pools", &spec, TOKEN);
     assert_eq!(r.status, 409, "the same pool twice: {}", r.body);
+    // The write routes want the operator token: none, or a wrong one, is a 401 in OpenAI's shape.
+    let registration = json!({"peer": _cluster.peers[0], "addrs": ["127.0.0.1:1"], "model": "m", "layers": "0..15",
+                              "device": "cpu", "weight_bytes": 1, "speed": 1.0});
+    let beat = json!({"active_requests": 0, "kv_caches": 0, "kv_cache_bytes": 0});
+    let heartbeat_path = format!("/workers/{}/heartbeat", _cluster.peers[0]);
+    for (path, body) in [("/pools", &spec), ("/workers", &registration), (heartbeat_path.as_str(), &beat)] {
+        for r in [http::post(addr, path, body), http::post_as(addr, path, body, "not-the-token")] {
+            assert_eq!(r.status, 401, "{path}: {}", r.body);
+            assert_eq!(r.json()["error"]["code"], "invalid_api_key", "{path}: {}", r.body);
+        }
+    }
     assert_eq!(http::get(addr, "/v1/nothing").status, 404);
     assert_eq!(http::get(addr, "/pools/nope").status, 404);
 }
@@ -333,6 +423,18 @@ fn a_client_that_hangs_up_mid_stream_cancels_its_request_on_every_shard() {
     }
     let freed = |i: usize| cluster.log(i).lines().any(|l| l.contains(&id) && l.contains("KV cache freed"));
     assert!(!freed(0) && !freed(1), "nothing is freed while the client reads");
+    // While the stream runs, both workers' heartbeats report the request's cache.
+    let caches = || worker_metric(addr, "computepool_worker_kv_caches");
+    let mut held = Vec::new();
+    for _ in 0..200 {
+        stream.next_data().expect("more chunks");
+        held = caches();
+        if held.len() == 2 && held.iter().all(|(_, n)| *n >= 1.0) {
+            break;
+        }
+    }
+    assert!(held.len() == 2 && held.iter().all(|(_, n)| *n >= 1.0), "caches held mid-stream per /metrics: {held:?}");
+    assert!(worker_metric(addr, "computepool_worker_kv_cache_bytes").iter().all(|(_, b)| *b > 0.0));
     let hung_up = Instant::now();
     drop(stream);
     assert!(
@@ -342,6 +444,19 @@ fn a_client_that_hangs_up_mid_stream_cancels_its_request_on_every_shard() {
         cluster.log(1)
     );
     eprintln!("freed on both shards {:?} after the hang-up", hung_up.elapsed());
+    // /metrics shows it: every worker reports 0 caches within 1 s plus one heartbeat.
+    let limit = Duration::from_secs(1) + Duration::from_millis(HEARTBEAT_MS);
+    let zero = || {
+        let c = caches();
+        c.len() == 2 && c.iter().all(|(_, n)| *n == 0.0)
+    };
+    assert!(wait_for(limit.saturating_sub(hung_up.elapsed()), zero), "after {:?}: {:?}", hung_up.elapsed(), caches());
+    eprintln!("/metrics showed 0 caches on every worker {:?} after the hang-up", hung_up.elapsed());
+    let text = http::get(addr, "/metrics").body;
+    assert!(metric(&text, "computepool_requests_total{outcome=\"cancelled\"}") >= 1.0, "{text}");
+    assert!(metric(&text, "computepool_tokens_generated_total") >= 10.0, "{text}");
+    assert!(metric(&text, "computepool_time_to_first_token_seconds_count") >= 2.0, "{text}");
+    assert_eq!(metric(&text, "computepool_queue_depth{pool=\"smol\"}"), 0.0, "{text}");
     let outcome = || -> Option<(String, i64)> {
         orchestrator
             .db()
@@ -445,4 +560,194 @@ fn concurrent_streaming_clients_each_get_their_own_single_run() {
     ms.sort_by(f64::total_cmp);
     let pct = |p: f64| ms[((ms.len() as f64 * p).ceil() as usize).clamp(1, ms.len()) - 1];
     eprintln!("{CLIENTS} concurrent streams: time to first token p50 {:.1} ms, p99 {:.1} ms", pct(0.50), pct(0.99));
+}
+
+/// Workers register and heartbeat; /workers and /topology show them per pool; a worker that stops
+/// beating is down within 3 beats, and its pool then answers 503 at once (no live route) until it is
+/// back; after the orchestrator is killed and restarted, the workers register again on their own.
+#[test]
+fn workers_register_heartbeat_go_down_and_come_back_after_a_restart() {
+    let Some(model) = smollm2_dir() else {
+        eprintln!("skipped: SmolLM2 is not downloaded (run `make model`)");
+        return;
+    };
+    let (mut cluster, mut orchestrator) = setup(&model);
+    let addr = orchestrator.addr.clone();
+    let request = json!({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0});
+    assert_eq!(post_when_ready(&addr, "/v1/completions", &request).status, 200);
+    let statuses = |addr: &str| -> Vec<(String, String)> {
+        let v = http::get(addr, "/workers").json();
+        v["data"].as_array().expect("data").iter().map(|w| {
+            (w["peer"].as_str().expect("peer").to_string(), w["status"].as_str().expect("status").to_string())
+        }).collect()
+    };
+    let all_up = |addr: &str| {
+        let s = statuses(addr);
+        s.len() == 2 && s.iter().all(|(_, st)| st == "up")
+    };
+    assert!(wait_for(Duration::from_secs(5), || all_up(&addr)), "{:?}", statuses(&addr));
+    let workers = http::get(&addr, "/workers").json();
+    for w in workers["data"].as_array().expect("data") {
+        let i = cluster.peers.iter().position(|p| w["peer"] == p.as_str()).expect("one of ours");
+        assert_eq!(w["pools"], json!(["smol"]));
+        assert_eq!(w["layers"], ["0..15", "15..30"][i]);
+        assert!(w["device"].as_str().is_some_and(|d| d.starts_with("cpu")), "{w}");
+        assert_eq!(w["model"], MODEL);
+        assert!(w["speed"].as_f64().is_some_and(|s| s > 0.0), "measured speed: {w}");
+        assert!(w["weight_bytes"].as_u64().is_some_and(|b| b > 1_000_000), "{w}");
+        assert!(w["last_heartbeat_ms_ago"].as_i64().is_some_and(|ms| ms < 3 * HEARTBEAT_MS as i64), "{w}");
+    }
+    let topology = http::get(&addr, "/topology").json();
+    let pool = &topology["pools"][0];
+    assert_eq!((pool["pool"].as_str(), pool["ready"].as_bool()), (Some("smol"), Some(true)), "{topology}");
+    let ranges: Vec<&str> = pool["shards"].as_array().expect("shards").iter().map(|s| s["layers"].as_str().expect("layers")).collect();
+    assert_eq!(ranges, ["0..15", "15..30"]);
+    assert!(pool["shards"].as_array().expect("shards").iter().all(|s| s["workers"][0]["status"] == "up"), "{topology}");
+    let up_metrics = worker_metric(&addr, "computepool_worker_up");
+    assert_eq!(up_metrics.iter().map(|(_, v)| *v).collect::<Vec<_>>(), [1.0, 1.0], "{up_metrics:?}");
+
+    // The exit worker dies: down within 3 missed beats, and the pool has no live route.
+    cluster.kill(1);
+    let killed = Instant::now();
+    let exit_down = |addr: &str| statuses(addr).iter().any(|(p, st)| p == &cluster.peers[1] && st == "down");
+    assert!(wait_for(Duration::from_secs(3), || exit_down(&addr)), "{:?}", statuses(&addr));
+    eprintln!("the killed worker was marked down after {:?}", killed.elapsed());
+    assert_eq!(http::get(&addr, "/topology").json()["pools"][0]["ready"], false);
+    let asked = Instant::now();
+    let r = http::post(&addr, "/v1/completions", &request);
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "pool_unavailable");
+    assert!(r.body.contains("no live route") && r.body.contains("15..30"), "{}", r.body);
+    assert!(asked.elapsed() < Duration::from_millis(500), "the 503 took {:?}", asked.elapsed());
+    let r = http::post(&addr, "/pools/smol/infer", &json!({"prompt": "Hi", "max_tokens": 2}));
+    assert_eq!(r.status, 503, "{}", r.body);
+
+    // It comes back (same key and address): up again, and the pool serves.
+    cluster.start(1);
+    assert!(wait_for(Duration::from_secs(10), || all_up(&addr)), "{:?}", statuses(&addr));
+    assert_eq!(post_when_ready(&addr, "/v1/completions", &request).status, 200);
+
+    // The orchestrator is killed; the workers' heartbeats fail meanwhile. Restarted, it knows its
+    // workers from the database, and they register again on their own.
+    let registrations = |i: usize| cluster.log(i).matches("registered with the orchestrator").count();
+    let before = [registrations(0), registrations(1)];
+    orchestrator.kill();
+    std::thread::sleep(Duration::from_millis(4 * HEARTBEAT_MS));
+    // On the same address: that is where the workers were told to report.
+    let again = Orchestrator::start_at(&orchestrator.state_dir, &addr);
+    let restarted = Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(5), || registrations(0) > before[0] && registrations(1) > before[1]),
+        "the workers did not register again:\n{}\n{}",
+        cluster.log(0),
+        cluster.log(1)
+    );
+    assert!(wait_for(Duration::from_secs(5), || all_up(&again.addr)), "{:?}", statuses(&again.addr));
+    eprintln!("both workers registered again {:?} after the restart", restarted.elapsed());
+    assert_eq!(post_when_ready(&again.addr, "/v1/completions", &request).status, 200);
+}
+
+/// A pool with a replica pipeline: SIGKILL the exit worker of the route a stream is on, mid-stream, and
+/// the stream goes on through the replica with exactly the tokens of an undisturbed run (no error, no
+/// token repeated or missing). Then, with no replica left, the same kill gives the client a clear error
+/// within 2 s; and a pool with no live route answers 503 at once.
+#[test]
+fn a_stream_survives_its_exit_worker_dying_when_a_replica_exists() {
+    let Some(model) = smollm2_dir() else {
+        eprintln!("skipped: SmolLM2 is not downloaded (run `make model`)");
+        return;
+    };
+    let mut rings = [Cluster::local(&model, 30, 2, &[]), Cluster::local(&model, 30, 2, &[])];
+    // Both pipelines take requests from the same client: the orchestrator, with the first ring's key.
+    let client = rings[0].client_peer.clone();
+    let mut replica: Value = serde_json::from_str(&std::fs::read_to_string(rings[1].topology_path()).expect("read")).expect("JSON");
+    replica["clients"] = json!([client]);
+    std::fs::write(rings[1].topology_path(), replica.to_string()).expect("write");
+    let state_dir = rings[0].dir.path().join("orchestrator");
+    std::fs::create_dir_all(&state_dir).expect("state dir");
+    std::fs::copy(rings[0].dir.path().join("client.key"), state_dir.join("orchestrator.key")).expect("key");
+    let orchestrator = Orchestrator::start(&state_dir);
+    let addr = orchestrator.addr.clone();
+    let token_file = state_dir.join("token");
+    std::fs::write(&token_file, TOKEN).expect("token file");
+    let topology: Value = serde_json::from_str(&std::fs::read_to_string(rings[0].topology_path()).expect("read")).expect("JSON");
+    let spec = json!({"id": "smol", "model": MODEL, "model_dir": model, "topology": topology, "replicas": [replica]});
+    let r = http::post_as(&addr, "/pools", &spec, TOKEN);
+    assert_eq!(r.status, 201, "{}", r.body);
+    for ring in &mut rings {
+        ring.extra_args = vec![
+            "--orchestrator".into(),
+            format!("http://{addr}"),
+            "--operator-token-file".into(),
+            token_file.to_string_lossy().into_owned(),
+        ];
+        ring.start_all();
+    }
+    let logs = |rings: &[Cluster; 2]| (0..4).map(|i| rings[i / 2].log(i % 2)).collect::<Vec<_>>().join("\n---\n");
+
+    const TOKENS: usize = 120;
+    let body = json!({"prompt": "Once upon a time, in a village by the sea,", "max_tokens": TOKENS, "ignore_eos": true, "temperature": 0});
+    // (route, token ids, text, final event) of one streamed request, reading `before_kill` tokens
+    // and then calling `kill` with the route.
+    let run = |rings: &mut [Cluster; 2], before_kill: Option<usize>| -> (usize, Vec<u64>, String, Value, Option<Instant>) {
+        let mut stream = EventStream::open(&addr, "/pools/smol/infer", &body);
+        assert_eq!(stream.status, 200);
+        let started: Value = serde_json::from_str(&stream.next_data().expect("started")).expect("JSON");
+        let route = started["route"].as_u64().expect("route") as usize;
+        let (mut ids, mut text, mut killed) = (Vec::new(), String::new(), None);
+        loop {
+            let event: Value = serde_json::from_str(&stream.next_data().expect("an event")).expect("JSON");
+            if let Some(id) = event["token"].as_u64() {
+                ids.push(id);
+                text.push_str(event["text"].as_str().expect("text"));
+                if before_kill == Some(ids.len()) {
+                    rings[route].kill(1);
+                    killed = Some(Instant::now());
+                }
+                continue;
+            }
+            return (route, ids, text, event, killed);
+        }
+    };
+    // The rings come up; then the undisturbed run.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http::post(&addr, "/pools/smol/infer", &json!({"prompt": "Hi", "max_tokens": 1})).status != 200 {
+        assert!(Instant::now() < deadline, "the pool never served:\n{}", logs(&rings));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (_, want_ids, want_text, done, _) = run(&mut rings, None);
+    assert_eq!(done["completion_tokens"], TOKENS as u64, "{done}");
+
+    // The exit of the stream's route dies after 20 tokens: the stream goes on through the replica.
+    let (route, ids, text, done, killed) = run(&mut rings, Some(20));
+    assert!(done.get("error").is_none(), "the client saw an error: {done}\n{}", logs(&rings));
+    assert_eq!(done["completion_tokens"], TOKENS as u64, "{done}");
+    assert_eq!(ids, want_ids, "the token ids differ from the undisturbed run");
+    assert_eq!(text, want_text);
+    eprintln!("route {route}'s exit was killed; the stream finished on the replica {:?} later", killed.map(|k| k.elapsed()));
+    let other = 1 - route;
+    assert!(rings[other].log(0).contains("resuming a request"), "the replica's entry replayed it:\n{}", rings[other].log(0));
+
+    // Wait until the killed worker is marked down; the next stream takes the one live route, whose
+    // exit then dies too: no replica is left, and the client hears so within 2 s.
+    let down = || http::get(&addr, "/workers").json()["data"].as_array().expect("data").iter().any(|w| w["status"] == "down");
+    assert!(wait_for(Duration::from_secs(3), down), "{}", http::get(&addr, "/workers").body);
+    let (second_route, ids, _, end, killed) = run(&mut rings, Some(10));
+    assert_eq!(second_route, other, "the request went to the live route");
+    let killed = killed.expect("killed");
+    let took = killed.elapsed();
+    assert!(end.get("error").is_some(), "expected an error event, got {end}");
+    assert!(ids.len() < TOKENS);
+    let message = end["error"]["message"].as_str().expect("message");
+    assert!(message.contains("no replica route is left"), "{message}");
+    assert_eq!(end["error"]["code"], "pool_unavailable", "{end}");
+    assert!(took < Duration::from_secs(2), "the error came {took:?} after the kill");
+    eprintln!("without a replica the client got the error {took:?} after the kill: {message}");
+
+    // Both exits down: no live route, 503 at once.
+    let all_down = || http::get(&addr, "/topology").json()["pools"][0]["ready"] == false;
+    assert!(wait_for(Duration::from_secs(3), all_down));
+    let r = http::post(&addr, "/pools/smol/infer", &body);
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.contains("no live route"), "{}", r.body);
 }

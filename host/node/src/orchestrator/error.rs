@@ -38,6 +38,12 @@ pub enum ApiError {
     /// The route does not exist.
     #[error("no route for {0}")]
     NoRoute(String),
+    /// The operator token is missing or wrong (write routes: pools, worker registration).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// No registered worker has this peer id (it should register again).
+    #[error("no worker with peer id `{0}` is registered: register it with POST /workers")]
+    WorkerNotFound(String),
 }
 
 impl ApiError {
@@ -50,7 +56,10 @@ impl ApiError {
             Self::MalformedJson(_) | Self::InvalidParameter { .. } | Self::ContextLengthExceeded { .. } => {
                 StatusCode::BAD_REQUEST
             }
-            Self::ModelNotFound(_) | Self::PoolNotFound(_) | Self::NoRoute(_) => StatusCode::NOT_FOUND,
+            Self::ModelNotFound(_) | Self::PoolNotFound(_) | Self::NoRoute(_) | Self::WorkerNotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -66,6 +75,8 @@ impl ApiError {
             Self::ModelNotFound(_) => ("invalid_request_error", Some("model"), Some("model_not_found")),
             Self::PoolNotFound(_) => ("invalid_request_error", None, Some("not_found")),
             Self::NoRoute(_) => ("invalid_request_error", None, Some("unknown_url")),
+            Self::WorkerNotFound(_) => ("invalid_request_error", None, Some("worker_not_found")),
+            Self::Unauthorized(_) => ("invalid_request_error", None, Some("invalid_api_key")),
             Self::Conflict(_) => ("invalid_request_error", None, Some("conflict")),
             Self::BodyTooLarge { .. } => ("invalid_request_error", None, Some("request_too_large")),
             Self::ContextLengthExceeded { param, .. } => ("invalid_request_error", Some(param), Some("context_length_exceeded")),

@@ -7,15 +7,21 @@
 //! - [`service`]: a completion request from pool choice to JSON or SSE, with its usage recorded.
 //! - [`openai`]: OpenAI request and response shapes.
 //! - [`pools`]: pools and their entry connections.
-//! - [`store`]: SQLite (WAL): pools and requests.
+//! - [`workers`]: worker registration and heartbeats; which are up.
+//! - [`metrics`]: `GET /metrics` (Prometheus text).
+//! - [`auth`]: the operator token on the write routes.
+//! - [`store`]: SQLite (WAL): pools, workers and requests.
 //! - [`error`]: errors as OpenAI-shaped bodies with their status codes.
 
+pub mod auth;
 pub mod error;
+pub mod metrics;
 pub mod openai;
 pub mod pools;
 pub mod routes;
 pub mod service;
 pub mod store;
+pub mod workers;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -30,26 +36,96 @@ use axum::routing::{get, post};
 use clap::Args;
 use computepool_axl::transport::{SecretKey, load_or_create_secret_key};
 
-use pools::Pools;
+use auth::OperatorToken;
+use error::ApiError;
+use metrics::Metrics;
+use pools::{Pool, Pools};
 use store::Store;
+use workers::Workers;
 
 /// Shared state of the HTTP handlers.
 pub struct AppState {
     pub pools: Pools,
+    pub workers: Arc<Workers>,
     pub store: Arc<Store>,
+    pub metrics: Arc<Metrics>,
+    /// Required on the write routes.
+    pub token: OperatorToken,
     /// This orchestrator's peer id (pools' topologies list it as a client).
     pub peer: String,
 }
 
+/// How the orchestrator runs, apart from where its state lives.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// How often workers heartbeat; one missing [`workers::MISSED_HEARTBEATS`] in a row is down.
+    pub heartbeat: Duration,
+    pub token: OperatorToken,
+}
+
 impl AppState {
-    /// Opens the database in `state_dir` and restores its pools; `key` is the orchestrator's identity.
-    pub fn open(state_dir: &Path, key: SecretKey) -> anyhow::Result<Self> {
+    /// Opens the database in `state_dir` and restores its pools and workers; `key` is the
+    /// orchestrator's identity.
+    pub fn open(state_dir: &Path, key: SecretKey, settings: Settings) -> anyhow::Result<Self> {
         std::fs::create_dir_all(state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
         let db = state_dir.join("orchestrator.db");
         let store = Store::open(&db).with_context(|| format!("opening {}", db.display()))?;
         let peer = key.public().to_string();
         let pools = Pools::load(&store, key).with_context(|| format!("reading pools from {}", db.display()))?;
-        Ok(Self { pools, store: Arc::new(store), peer })
+        let workers =
+            Workers::load(&store, settings.heartbeat).with_context(|| format!("reading workers from {}", db.display()))?;
+        Ok(Self {
+            pools,
+            workers: Arc::new(workers),
+            store: Arc::new(store),
+            metrics: Arc::new(Metrics::default()),
+            token: settings.token,
+            peer,
+        })
+    }
+
+    /// The pools whose plan (topology or replicas) lists `peer`, with the layers each gives it.
+    pub fn assignments(&self, peer: &str) -> Vec<(String, computepool_axl::transport::Layers)> {
+        let mut found = Vec::new();
+        for pool in self.pools.all() {
+            for route in &pool.routes {
+                for shard in &route.topology.shards {
+                    if shard.peer.to_string() == peer {
+                        found.push((pool.record.id.clone(), shard.layers));
+                    }
+                }
+            }
+        }
+        found
+    }
+
+    /// `Err(503)` when every route of `pool` has a registered worker that stopped heartbeating: a
+    /// request would only fail later, after the data plane's own timeout. A worker that never
+    /// registered (started without `--orchestrator`) is not judged here.
+    pub fn check_route(&self, pool: &Pool) -> Result<(), ApiError> {
+        if pool.has_live_route(&self.workers) {
+            return Ok(());
+        }
+        let mut silent = Vec::new();
+        for route in &pool.routes {
+            for shard in &route.topology.shards {
+                if let Some(worker) = self.workers.get(&shard.peer.to_string())
+                    && !self.workers.is_up(&worker)
+                {
+                    let ms = workers::now_ms() - worker.last_seen_ms;
+                    silent.push(format!(
+                        "the worker for layers {} (peer {}) has sent no heartbeat for {:.1} s",
+                        shard.layers,
+                        shard.peer.fmt_short(),
+                        ms as f64 / 1e3
+                    ));
+                }
+            }
+        }
+        Err(ApiError::Unavailable {
+            model: pool.record.model.clone(),
+            reason: format!("no live route: {}", silent.join("; ")),
+        })
     }
 }
 
@@ -62,6 +138,10 @@ pub struct OrchestratorArgs {
     /// missing) live.
     #[arg(long, default_value = "computepool-state")]
     pub state_dir: PathBuf,
+    /// How often workers heartbeat, in ms (they are told when they register); a worker that misses 3 in
+    /// a row is down. Shorter notices a dead worker sooner, at one small HTTP request per beat.
+    #[arg(long, default_value_t = 2000)]
+    pub heartbeat_ms: u64,
 }
 
 /// The key file of an orchestrator whose state lives in `state_dir`.
@@ -75,6 +155,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(routes::healthz))
         .route("/pools", get(routes::list_pools).post(routes::create_pool))
         .route("/pools/{id}", get(routes::get_pool))
+        .route("/pools/{id}/infer", post(routes::infer))
+        .route("/workers", get(routes::list_workers).post(routes::register_worker))
+        .route("/workers/{peer}/heartbeat", post(routes::heartbeat))
+        .route("/topology", get(routes::topology))
+        .route("/metrics", get(routes::metrics))
         .route("/v1/models", get(routes::list_models))
         .route("/v1/models/{model}", get(routes::get_model))
         .route("/v1/chat/completions", post(routes::chat_completions))
@@ -131,8 +216,13 @@ pub async fn shutdown_signal() {
 
 /// Runs the orchestrator until Ctrl-C or SIGTERM.
 pub fn run(args: OrchestratorArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.state_dir).with_context(|| format!("creating {}", args.state_dir.display()))?;
     let key = load_or_create_secret_key(&key_path(&args.state_dir))?;
-    let state = Arc::new(AppState::open(&args.state_dir, key)?);
+    let settings = Settings {
+        heartbeat: Duration::from_millis(args.heartbeat_ms.max(10)),
+        token: OperatorToken::load_or_create(&args.state_dir)?,
+    };
+    let state = Arc::new(AppState::open(&args.state_dir, key, settings)?);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(args.listen)

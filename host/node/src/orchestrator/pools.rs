@@ -1,9 +1,17 @@
-//! Pools: a model served by a pipeline of shards, reached only through its entry shard's request API
-//! (`client::EntryClient`). The orchestrator never sees activations; it sends text or messages and
-//! reads token events back.
+//! Pools: a model served by one or more pipelines of shards (routes), each reached only through its
+//! entry shard's request API (`client::EntryClient`). The orchestrator never sees activations; it sends
+//! text or messages and reads token events back.
+//!
+//! Replicas: a pool's `replicas` are more complete pipelines of the same model, each a ring of its own
+//! workers. Each request goes to one route, picked by the requests already in flight there and the
+//! route's measured speed (its workers' registrations). When a route breaks under a request (a shard
+//! dies), the request moves to another live route: the new entry replays the prompt and the tokens
+//! generated so far (`resume_tokens`) to rebuild the caches, and the client's stream goes on with no
+//! error and no token repeated or missing. Without another route the client gets the error.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -13,8 +21,9 @@ use serde_json::{Value, json};
 
 use super::error::ApiError;
 use super::store::{PoolRecord, Store};
+use super::workers::Workers;
 use crate::client::{EntryClient, RequestStream};
-use crate::worker::api::GenerateRequest;
+use crate::worker::api::{ErrorKind, Event, GenerateRequest};
 
 /// How long connecting to an entry may take before the pool counts as unavailable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -32,6 +41,10 @@ pub struct PoolSpec {
     pub model_dir: PathBuf,
     /// The pool's topology (the workers' topology file); it must list this orchestrator as a client.
     pub topology: Topology,
+    /// More pipelines of the same model (each its own workers' topology file), for load spreading and
+    /// failover. Default: none.
+    #[serde(default)]
+    pub replicas: Vec<Topology>,
 }
 
 /// The parts of a model's `config.json` the orchestrator reads.
@@ -47,43 +60,111 @@ fn read_limits(dir: &Path) -> Result<ModelLimits, String> {
     serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// One pool and its (lazily made, remade when broken) connection to the entry.
+/// One pipeline of a pool and its (lazily made, remade when broken) connection to the entry.
+pub struct Route {
+    pub topology: Topology,
+    entry: tokio::sync::Mutex<Option<Arc<EntryClient>>>,
+    /// Requests on this route now.
+    in_flight: AtomicI64,
+}
+
+/// One pool: its routes (the topology first, then the replicas).
 pub struct Pool {
     pub record: PoolRecord,
     /// The model's context window in tokens.
     pub context_window: usize,
     key: SecretKey,
-    entry: tokio::sync::Mutex<Option<Arc<EntryClient>>>,
+    pub routes: Vec<Route>,
 }
 
-/// A request in flight on a pool. Dropping it cancels the request at the entry.
+/// Counts a request on a route while it lives there.
+struct OnRoute {
+    pool: Arc<Pool>,
+    route: usize,
+}
+
+impl Drop for OnRoute {
+    fn drop(&mut self) {
+        self.pool.routes[self.route].in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A request in flight on a pool. Dropping it cancels the request at its entry.
 pub struct PoolRequest {
     // Dropped first: stopping the stream is the cancel signal, and it needs the connection alive.
-    pub events: RequestStream,
+    events: RequestStream,
     _client: Arc<EntryClient>,
+    on_route: OnRoute,
+    workers: Arc<Workers>,
+    request: GenerateRequest,
+    /// Token ids streamed so far (what a failover replays).
+    generated: Vec<u32>,
+    /// Routes that broke under this request.
+    failed: Vec<usize>,
+    /// The caller has seen `started`: a new route's is not passed on.
+    started: bool,
 }
 
-impl Pool {
-    fn new(record: PoolRecord, key: SecretKey) -> Result<Self, String> {
-        let limits = read_limits(&record.model_dir)?;
-        if limits.num_hidden_layers != record.topology.num_layers {
-            return Err(format!(
-                "the model in {} has {} layers, the topology {}",
-                record.model_dir.display(),
-                limits.num_hidden_layers,
-                record.topology.num_layers
-            ));
-        }
-        if !record.topology.clients.contains(&key.public()) {
-            return Err(format!(
-                "the topology does not list this orchestrator as a client: add its peer id {} to `clients`",
-                key.public()
-            ));
-        }
-        Ok(Self { record, context_window: limits.max_position_embeddings, key, entry: tokio::sync::Mutex::new(None) })
+impl PoolRequest {
+    /// The route serving the request now (its index in the pool's routes).
+    pub fn route(&self) -> usize {
+        self.on_route.route
     }
 
-    async fn client(&self, fresh: bool) -> Result<Arc<EntryClient>, String> {
+    /// The next event; a route that breaks under the request (`unavailable` or `sequence`) is replaced
+    /// by another live one, invisibly to the caller. `None` after the final event.
+    pub async fn next_event(&mut self) -> Option<Event> {
+        loop {
+            let event = self.events.next_event().await;
+            match &event {
+                Some(Event::Started { .. }) if self.started => continue,
+                Some(Event::Started { .. }) => self.started = true,
+                Some(Event::Token { token, .. }) => self.generated.push(*token),
+                Some(Event::Error { code: code @ (ErrorKind::Unavailable | ErrorKind::Sequence), message }) => {
+                    let (code, message) = (*code, message.clone());
+                    match self.failover(&message).await {
+                        Ok(()) => continue,
+                        Err(why) => return Some(Event::Error { code, message: format!("{message} ({why})") }),
+                    }
+                }
+                _ => {}
+            }
+            return event;
+        }
+    }
+
+    /// Moves the request to another live route, replaying what it generated.
+    async fn failover(&mut self, message: &str) -> Result<(), String> {
+        let pool = self.on_route.pool.clone();
+        self.failed.push(self.on_route.route);
+        let mut request = self.request.clone();
+        request.resume_tokens = self.generated.clone();
+        loop {
+            let Some(route) = pool.pick_route(&self.workers, &self.failed) else {
+                return Err("no replica route is left to continue on".into());
+            };
+            tracing::warn!(
+                pool = %pool.record.id, from = self.on_route.route, to = route, tokens = self.generated.len(),
+                "a route broke under a request ({message}); moving it"
+            );
+            match pool.start_on(route, &request, self.workers.clone()).await {
+                Ok(moved) => {
+                    self.events = moved.events;
+                    self._client = moved._client;
+                    self.on_route = moved.on_route;
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(pool = %pool.record.id, route, "the replica route failed too: {e}");
+                    self.failed.push(route);
+                }
+            }
+        }
+    }
+}
+
+impl Route {
+    async fn client(&self, key: &SecretKey, fresh: bool) -> Result<Arc<EntryClient>, String> {
         let mut entry = self.entry.lock().await;
         if let Some(client) = entry.as_ref()
             && !fresh
@@ -91,7 +172,7 @@ impl Pool {
         {
             return Ok(client.clone());
         }
-        let connect = EntryClient::connect(self.key.clone(), self.record.topology.entry());
+        let connect = EntryClient::connect(key.clone(), self.topology.entry());
         let client = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
             Ok(Ok(client)) => Arc::new(client),
             Ok(Err(e)) => return Err(format!("cannot connect to the entry shard: {e:#}")),
@@ -101,25 +182,133 @@ impl Pool {
         Ok(client)
     }
 
-    /// Sends `request` to the entry, reconnecting once if the cached connection turns out to be dead.
-    pub async fn start(&self, request: &GenerateRequest) -> Result<PoolRequest, ApiError> {
-        let unavailable = |reason: String| ApiError::Unavailable { model: self.record.model.clone(), reason };
-        let mut last = String::new();
-        for fresh in [false, true] {
-            let client = self.client(fresh).await.map_err(unavailable)?;
-            match client.start(request).await {
-                Ok(events) => return Ok(PoolRequest { events, _client: client }),
-                Err(e) => last = format!("{e:#}"),
+    /// Seconds per token of one request alone here, by the workers' measured speeds (a worker that has
+    /// not registered counts as the average of those that have; none registered: 1).
+    fn step_seconds(&self, workers: &Workers) -> f64 {
+        let speeds: Vec<Option<f64>> = self
+            .topology
+            .shards
+            .iter()
+            .map(|s| workers.get(&s.peer.to_string()).map(|w| w.registration.speed).filter(|v| *v > 0.0))
+            .collect();
+        let known: Vec<f64> = speeds.iter().flatten().copied().collect();
+        if known.is_empty() {
+            return 1.0;
+        }
+        let average = known.iter().sum::<f64>() / known.len() as f64;
+        self.topology
+            .shards
+            .iter()
+            .zip(&speeds)
+            .map(|(s, v)| s.layers.len() as f64 / v.unwrap_or(average))
+            .sum()
+    }
+
+    /// Whether no worker of the route is known to be down.
+    fn live(&self, workers: &Workers) -> bool {
+        self.topology.shards.iter().all(|s| workers.get(&s.peer.to_string()).is_none_or(|w| workers.is_up(&w)))
+    }
+
+    pub fn in_flight(&self) -> i64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+impl Pool {
+    fn new(record: PoolRecord, key: SecretKey) -> Result<Self, String> {
+        let limits = read_limits(&record.model_dir)?;
+        let mut routes = Vec::new();
+        for (i, topology) in std::iter::once(&record.topology).chain(&record.replicas).enumerate() {
+            let which = if i == 0 { "the topology".to_string() } else { format!("replica {i}") };
+            if limits.num_hidden_layers != topology.num_layers {
+                return Err(format!(
+                    "the model in {} has {} layers, {which} {}",
+                    record.model_dir.display(),
+                    limits.num_hidden_layers,
+                    topology.num_layers
+                ));
             }
+            if !topology.clients.contains(&key.public()) {
+                return Err(format!(
+                    "{which} does not list this orchestrator as a client: add its peer id {} to `clients`",
+                    key.public()
+                ));
+            }
+            routes.push(Route { topology: topology.clone(), entry: tokio::sync::Mutex::new(None), in_flight: AtomicI64::new(0) });
+        }
+        Ok(Self { record, context_window: limits.max_position_embeddings, key, routes })
+    }
+
+    /// The route a new request should take: among the live routes not in `exclude`, the one where it
+    /// would finish soonest — (requests in flight + 1) × seconds per token; ties go to the first listed.
+    pub fn pick_route(&self, workers: &Workers, exclude: &[usize]) -> Option<usize> {
+        let mut best: Option<(usize, f64)> = None;
+        for (i, route) in self.routes.iter().enumerate() {
+            if exclude.contains(&i) || !route.live(workers) {
+                continue;
+            }
+            let cost = (route.in_flight() + 1) as f64 * route.step_seconds(workers);
+            if best.is_none_or(|(_, c)| cost < c) {
+                best = Some((i, cost));
+            }
+        }
+        best.map(|(i, _)| i)
+    }
+
+    /// Whether some route has no worker known to be down.
+    pub fn has_live_route(&self, workers: &Workers) -> bool {
+        self.routes.iter().any(|r| r.live(workers))
+    }
+
+    /// Sends `request` on a route picked for it (another one if the entry cannot be reached).
+    pub async fn start(self: &Arc<Self>, request: &GenerateRequest, workers: Arc<Workers>) -> Result<PoolRequest, ApiError> {
+        let unavailable = |reason: String| ApiError::Unavailable { model: self.record.model.clone(), reason };
+        let mut tried = Vec::new();
+        let mut last = String::from("no live route");
+        while let Some(route) = self.pick_route(&workers, &tried) {
+            match self.start_on(route, request, workers.clone()).await {
+                Ok(started) => return Ok(started),
+                Err(e) => last = e,
+            }
+            tried.push(route);
         }
         Err(unavailable(last))
     }
 
-    /// Closes the connection to the entry (when no request holds it any more).
+    /// Sends `request` to the entry of route `route`, reconnecting once if the cached connection turns
+    /// out to be dead.
+    async fn start_on(self: &Arc<Self>, route: usize, request: &GenerateRequest, workers: Arc<Workers>) -> Result<PoolRequest, String> {
+        let r = &self.routes[route];
+        let mut last = String::new();
+        for fresh in [false, true] {
+            let client = r.client(&self.key, fresh).await?;
+            match client.start(request).await {
+                Ok(events) => {
+                    r.in_flight.fetch_add(1, Ordering::Relaxed);
+                    return Ok(PoolRequest {
+                        events,
+                        _client: client,
+                        on_route: OnRoute { pool: self.clone(), route },
+                        workers,
+                        request: request.clone(),
+                        generated: Vec::new(),
+                        failed: Vec::new(),
+                        started: false,
+                    });
+                }
+                Err(e) => last = format!("{e:#}"),
+            }
+        }
+        Err(last)
+    }
+
+    /// Closes the connections to the entries (when no request holds them any more).
     pub async fn disconnect(&self) {
-        let client = self.entry.lock().await.take();
-        if let Some(client) = client.and_then(Arc::into_inner) {
-            client.close().await;
+        for route in &self.routes {
+            let client = route.entry.lock().await.take();
+            if let Some(client) = client.and_then(Arc::into_inner) {
+                client.close().await;
+            }
         }
     }
 
@@ -135,6 +324,7 @@ impl Pool {
             "num_layers": r.topology.num_layers,
             "entry": r.topology.entry().peer.to_string(),
             "shards": r.topology.shards,
+            "replicas": r.replicas.iter().map(|t| &t.shards).collect::<Vec<_>>(),
             "created_at": r.created_at,
         })
     }
@@ -188,11 +378,21 @@ impl Pools {
             return Err(ApiError::invalid("model", "model must not be empty"));
         }
         spec.topology.validate().map_err(|e| ApiError::invalid("topology", e.to_string()))?;
+        for (i, replica) in spec.replicas.iter().enumerate() {
+            replica.validate().map_err(|e| ApiError::invalid(format!("replicas[{i}]"), e.to_string()))?;
+        }
         let created_at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
-        let record = PoolRecord { id: id.clone(), model: spec.model, model_dir: spec.model_dir, topology: spec.topology, created_at };
+        let record = PoolRecord {
+            id: id.clone(),
+            model: spec.model,
+            model_dir: spec.model_dir,
+            topology: spec.topology,
+            replicas: spec.replicas,
+            created_at,
+        };
         let pool = Arc::new(Pool::new(record, self.key.clone()).map_err(|e| ApiError::invalid("topology", e))?);
         let mut pools = self.write();
         let clash = pools.values().find(|p| p.record.id == id || p.record.model == pool.record.model);
@@ -226,5 +426,72 @@ impl Pools {
 
     pub fn all(&self) -> Vec<Arc<Pool>> {
         self.read().values().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::orchestrator::workers::WorkerRegistration;
+    use computepool_axl::transport::{Layers, ShardPeer};
+
+    fn ring(key: &SecretKey) -> (Topology, Vec<SecretKey>) {
+        let keys: Vec<SecretKey> = (0..2).map(|_| SecretKey::generate()).collect();
+        let shards = keys
+            .iter()
+            .zip([(0, 2), (2, 4)])
+            .map(|(k, (start, end))| ShardPeer {
+                peer: k.public(),
+                layers: Layers { start, end },
+                addrs: vec!["127.0.0.1:4000".parse().expect("address")],
+            })
+            .collect();
+        (Topology { num_layers: 4, shards, clients: vec![key.public()] }, keys)
+    }
+
+    #[test]
+    fn routes_are_picked_by_load_and_measured_speed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("config.json"), r#"{"num_hidden_layers": 4, "max_position_embeddings": 64}"#)
+            .expect("config");
+        let key = SecretKey::generate();
+        let ((fast, fast_keys), (slow, slow_keys)) = (ring(&key), ring(&key));
+        let record = PoolRecord {
+            id: "p".into(),
+            model: "m".into(),
+            model_dir: dir.path().to_path_buf(),
+            topology: fast,
+            replicas: vec![slow],
+            created_at: 0,
+        };
+        let pool = Pool::new(record, key).expect("valid pool");
+        let store = Store::in_memory().expect("store");
+        let workers = Workers::load(&store, Duration::from_secs(60)).expect("workers");
+        // Unregistered workers: equal routes, the first wins.
+        assert_eq!(pool.pick_route(&workers, &[]), Some(0));
+        pool.routes[0].in_flight.store(1, Ordering::Relaxed);
+        assert_eq!(pool.pick_route(&workers, &[]), Some(1), "the idle route");
+        for (keys, speed) in [(&fast_keys, 100.0), (&slow_keys, 50.0)] {
+            for (k, layers) in keys.iter().zip(["0..2", "2..4"]) {
+                let registration = WorkerRegistration {
+                    peer: k.public().to_string(),
+                    addrs: vec!["127.0.0.1:4000".parse().expect("address")],
+                    model: "m".into(),
+                    layers: layers.into(),
+                    device: "cpu".into(),
+                    weight_bytes: 1,
+                    rss_bytes: None,
+                    speed,
+                };
+                workers.register(&store, registration, None).expect("registers");
+            }
+        }
+        // Twice as fast: one request in flight costs the same as none on the slow route (a tie: first).
+        assert_eq!(pool.pick_route(&workers, &[]), Some(0));
+        pool.routes[0].in_flight.store(2, Ordering::Relaxed);
+        assert_eq!(pool.pick_route(&workers, &[]), Some(1));
+        assert_eq!(pool.pick_route(&workers, &[1]), Some(0), "a broken route is not picked again");
+        assert_eq!(pool.pick_route(&workers, &[0, 1]), None);
+        assert!(pool.has_live_route(&workers));
     }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Path, Request, State};
-use axum::http::{StatusCode, Uri};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -13,8 +13,10 @@ use serde_json::{Value, json};
 use super::AppState;
 use super::error::ApiError;
 use super::openai::{ChatCompletionRequest, CompletionRequest, parse_body};
+use super::metrics::WorkerSample;
 use super::pools::PoolSpec;
 use super::service;
+use super::workers::{WorkerRegistration, WorkerStats};
 
 /// Largest request body taken, in bytes (OpenAI-compatible servers commonly allow a few MiB; a prompt
 /// that needs more would not fit a context window anyway).
@@ -54,8 +56,10 @@ pub async fn get_pool(State(state): State<Arc<AppState>>, Path(id): Path<String>
 
 pub async fn create_pool(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
     JsonBody(spec): JsonBody<PoolSpec>,
 ) -> Result<Response, ApiError> {
+    state.token.check(&headers)?;
     let pool = state.pools.register(&state.store, spec, false)?;
     Ok((StatusCode::CREATED, Json(pool.describe())).into_response())
 }
@@ -86,6 +90,119 @@ pub async fn completions(
     JsonBody(request): JsonBody<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     service::complete(&state, request.prepare()?).await
+}
+
+pub async fn infer(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    JsonBody(request): JsonBody<service::InferRequest>,
+) -> Result<Response, ApiError> {
+    service::infer(&state, &id, request).await
+}
+
+pub async fn register_worker(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    JsonBody(registration): JsonBody<WorkerRegistration>,
+) -> Result<Json<Value>, ApiError> {
+    state.token.check(&headers)?;
+    // A pool's plan fixes the layers of the peers it lists.
+    let expected = state.assignments(&registration.peer).into_iter().next();
+    let answer = state.workers.register(&state.store, registration, expected)?;
+    Ok(Json(json!(answer)))
+}
+
+pub async fn heartbeat(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(peer): Path<String>,
+    JsonBody(stats): JsonBody<WorkerStats>,
+) -> Result<StatusCode, ApiError> {
+    state.token.check(&headers)?;
+    state.workers.heartbeat(&state.store, &peer, stats)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn list_workers(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let data: Vec<Value> = state
+        .workers
+        .all()
+        .iter()
+        .map(|w| {
+            let pools: Vec<String> = state.assignments(&w.registration.peer).into_iter().map(|(p, _)| p).collect();
+            state.workers.describe(w, &pools)
+        })
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+/// Per pool, its layer ranges in order and the workers serving each (up, down, or never registered;
+/// a range has several with replicas), and its routes (complete pipelines) with their load; a pool is
+/// `ready` while some route has no worker down.
+pub async fn topology(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let mut assigned = std::collections::BTreeSet::new();
+    let describe = |peer: &str, addrs: &[std::net::SocketAddr]| {
+        let (status, last) = match state.workers.get(peer) {
+            Some(w) if state.workers.is_up(&w) => ("up", Some(w.last_seen_ms)),
+            Some(w) => ("down", Some(w.last_seen_ms)),
+            None => ("unregistered", None),
+        };
+        let ago = last.map(|t| (super::workers::now_ms() - t).max(0));
+        json!({"peer": peer, "status": status, "addrs": addrs, "last_heartbeat_ms_ago": ago})
+    };
+    let pools: Vec<Value> = state
+        .pools
+        .all()
+        .iter()
+        .map(|pool| {
+            let mut ranges: std::collections::BTreeMap<(u32, u32), Vec<Value>> = Default::default();
+            let mut routes = Vec::new();
+            for route in &pool.routes {
+                for shard in &route.topology.shards {
+                    let peer = shard.peer.to_string();
+                    ranges.entry((shard.layers.start, shard.layers.end)).or_default().push(describe(&peer, &shard.addrs));
+                    assigned.insert(peer);
+                }
+                let layers: Vec<String> = route.topology.shards.iter().map(|s| s.layers.to_string()).collect();
+                routes.push(json!({"entry": route.topology.entry().peer.to_string(), "layers": layers,
+                                   "in_flight": route.in_flight()}));
+            }
+            let shards: Vec<Value> = ranges
+                .into_iter()
+                .map(|((start, end), workers)| json!({"layers": format!("{start}..{end}"), "workers": workers}))
+                .collect();
+            json!({"pool": pool.record.id, "model": pool.record.model, "num_layers": pool.record.topology.num_layers,
+                   "ready": state.check_route(pool).is_ok(), "queue_depth": state.metrics.queue_depth(&pool.record.id),
+                   "shards": shards, "routes": routes})
+        })
+        .collect();
+    let unassigned: Vec<String> =
+        state.workers.all().into_iter().map(|w| w.registration.peer).filter(|p| !assigned.contains(p)).collect();
+    Json(json!({"pools": pools, "unassigned_workers": unassigned}))
+}
+
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let workers = state.workers.all();
+    let pools: Vec<String> = workers
+        .iter()
+        .map(|w| state.assignments(&w.registration.peer).into_iter().map(|(p, _)| p).collect::<Vec<_>>().join(","))
+        .collect();
+    let samples: Vec<WorkerSample<'_>> = workers
+        .iter()
+        .zip(&pools)
+        .map(|(w, pool)| WorkerSample {
+            peer: &w.registration.peer,
+            layers: &w.registration.layers,
+            pool,
+            up: state.workers.is_up(w),
+            active_requests: w.stats.active_requests,
+            kv_caches: w.stats.kv_caches,
+            kv_cache_bytes: w.stats.kv_cache_bytes,
+            speed: w.registration.speed,
+        })
+        .collect();
+    let body = state.metrics.render(&samples);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 
 pub async fn no_route(uri: Uri) -> ApiError {

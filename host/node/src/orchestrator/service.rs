@@ -1,6 +1,7 @@
-//! The work behind the OpenAI routes: pick the pool by model, send the request to its entry, and
-//! relay the token events as one JSON response or as an SSE stream. Every request leaves a row with
-//! its usage in the store, however it ends (finished, failed, or cancelled by the client going away).
+//! The work behind the completion routes: pick the pool (by model for the OpenAI routes, by id for
+//! `POST /pools/{id}/infer`), send the request to its entry, and relay the token events as one JSON
+//! response or as an SSE stream. Every request leaves a row with its usage in the store and its counts
+//! in the metrics, however it ends (finished, failed, or cancelled by the client going away).
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -11,12 +12,39 @@ use axum::Json;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 
+use serde::Deserialize;
+
 use super::AppState;
 use super::error::ApiError;
+use super::metrics::Metrics;
 use super::openai::{Endpoint, Prepared, ResponseMeta, Usage};
 use super::pools::{Pool, PoolRequest};
 use super::store::{Outcome, RequestRecord, Store};
-use crate::worker::api::{ErrorKind, Event, FinishReason};
+use crate::worker::api::{ErrorKind, Event, FinishReason, GenerateRequest};
+
+/// Sends `entry` to `pool` and waits for the entry's `started` (or its refusal): until then the client
+/// can still get a proper status code. `prompt_param` names the prompt in context-length errors.
+async fn begin(
+    state: &AppState,
+    pool: &Arc<Pool>,
+    entry: &GenerateRequest,
+    log: &mut RequestLog,
+    prompt_param: &'static str,
+) -> Result<PoolRequest, ApiError> {
+    if let Err(e) = state.check_route(pool) {
+        return Err(log.fail(e));
+    }
+    let mut request = match pool.start(entry, state.workers.clone()).await {
+        Ok(request) => request,
+        Err(e) => return Err(log.fail(e)),
+    };
+    match request.next_event().await {
+        Some(Event::Started { prompt_tokens, .. }) => log.record.prompt_tokens = Some(prompt_tokens),
+        Some(Event::Error { code, message }) => return Err(log.fail(entry_error(pool, prompt_param, code, message))),
+        other => return Err(log.fail(ApiError::Internal(format!("the entry answered {other:?} before `started`")))),
+    }
+    Ok(request)
+}
 
 /// Serves one checked completion request.
 pub async fn complete(state: &AppState, prepared: Prepared) -> Result<Response, ApiError> {
@@ -24,18 +52,8 @@ pub async fn complete(state: &AppState, prepared: Prepared) -> Result<Response, 
     let meta = ResponseMeta::new(prepared.endpoint, prepared.model.clone());
     let mut entry = prepared.entry;
     entry.id = Some(meta.id.clone());
-    let mut log = RequestLog::new(state.store.clone(), &pool, &meta, prepared.stream);
-    let mut request = match pool.start(&entry).await {
-        Ok(request) => request,
-        Err(e) => return Err(log.fail(e)),
-    };
-    // The entry checks the request and says `started` (or why not) before any token: until then the
-    // client can still get a proper status code.
-    match request.events.next_event().await {
-        Some(Event::Started { prompt_tokens, .. }) => log.record.prompt_tokens = Some(prompt_tokens),
-        Some(Event::Error { code, message }) => return Err(log.fail(entry_error(&pool, meta.endpoint, code, message))),
-        other => return Err(log.fail(ApiError::Internal(format!("the entry answered {other:?} before `started`")))),
-    }
+    let mut log = RequestLog::new(state, &pool, &meta.id, meta.endpoint.name(), prepared.stream);
+    let request = begin(state, &pool, &entry, &mut log, meta.endpoint.prompt_param()).await?;
     if prepared.stream {
         Ok(stream(request, log, meta, prepared.include_usage))
     } else {
@@ -47,7 +65,7 @@ pub async fn complete(state: &AppState, prepared: Prepared) -> Result<Response, 
 async fn collect(mut request: PoolRequest, mut log: RequestLog, meta: ResponseMeta) -> Result<Response, ApiError> {
     let mut text = String::new();
     loop {
-        match request.events.next_event().await {
+        match request.next_event().await {
             Some(Event::Token { text: piece, .. }) => {
                 log.token();
                 text.push_str(&piece);
@@ -83,7 +101,7 @@ impl Relay {
 
     /// Waits for the next entry event and queues the SSE events it makes.
     async fn advance(&mut self) {
-        match self.request.events.next_event().await {
+        match self.request.next_event().await {
             Some(Event::Token { text, .. }) => {
                 self.log.token();
                 // Text held back (inside a character or a possible stop string) comes with a later token.
@@ -136,11 +154,73 @@ fn stream(request: PoolRequest, log: RequestLog, meta: ResponseMeta, include_usa
     Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(5))).into_response()
 }
 
+/// `POST /pools/{id}/infer`: the entry's own request shape (prompt text, chat messages or token ids;
+/// sampling parameters), answered as SSE events named like the entry's events: `started`, `token`
+/// (`{"token", "text"}`), then `done` (finish reason and usage) or `error` (an OpenAI-shaped error body).
+#[derive(Debug, Deserialize)]
+#[serde(transparent)]
+pub struct InferRequest(pub GenerateRequest);
+
+pub async fn infer(state: &AppState, pool_id: &str, InferRequest(mut entry): InferRequest) -> Result<Response, ApiError> {
+    let pool = state.pools.get(pool_id).ok_or_else(|| ApiError::PoolNotFound(pool_id.to_string()))?;
+    if entry.id.is_some() {
+        return Err(ApiError::invalid("id", "the request id is assigned here: leave `id` out"));
+    }
+    let id = {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        format!("infer-{:x}{:06x}", now.as_micros(), NEXT.fetch_add(1, Ordering::Relaxed))
+    };
+    entry.id = Some(id.clone());
+    let prompt_param = if entry.messages.is_some() { "messages" } else { "prompt" };
+    let mut log = RequestLog::new(state, &pool, &id, "infer", true);
+    let request = begin(state, &pool, &entry, &mut log, prompt_param).await?;
+    // `route`: which of the pool's pipelines took the request (0 its topology, then its replicas).
+    let started = SseEvent::default().event("started").data(
+        serde_json::json!({"id": id, "pool": pool.record.id, "route": request.route(), "prompt_tokens": log.record.prompt_tokens})
+            .to_string(),
+    );
+    let model = pool.record.model.clone();
+    // The state is (request, log, what to send first, over); dropping it cancels and records.
+    let events = futures_util::stream::unfold((request, log, Some(started), model, false), |st| async move {
+        let (mut request, mut log, first, model, over) = st;
+        if let Some(event) = first {
+            return Some((Ok::<_, Infallible>(event), (request, log, None, model, over)));
+        }
+        if over {
+            return None;
+        }
+        let (event, over) = match request.next_event().await {
+            Some(Event::Token { token, text }) => {
+                log.token();
+                (SseEvent::default().event("token").data(serde_json::json!({"token": token, "text": text}).to_string()), false)
+            }
+            Some(Event::Done { finish_reason, prompt_tokens, completion_tokens }) => {
+                log.finish(finish_reason, Usage { prompt_tokens, completion_tokens });
+                let done = serde_json::json!({"finish_reason": finish_reason, "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens, "time_to_first_token_ms": log.ttft_ms()});
+                (SseEvent::default().event("done").data(done.to_string()), true)
+            }
+            Some(Event::Error { code, message }) => {
+                let error = log.fail(midway_error(&model, code, message));
+                (SseEvent::default().event("error").data(error.body().to_string()), true)
+            }
+            other => {
+                let error = log.fail(ApiError::Internal(format!("unexpected event from the entry: {other:?}")));
+                (SseEvent::default().event("error").data(error.body().to_string()), true)
+            }
+        };
+        Some((Ok(event), (request, log, None, model, over)))
+    });
+    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(5))).into_response())
+}
+
 /// An entry error before the request started: the client's fault or the pool's.
-fn entry_error(pool: &Pool, endpoint: Endpoint, code: ErrorKind, message: String) -> ApiError {
+fn entry_error(pool: &Pool, prompt_param: &'static str, code: ErrorKind, message: String) -> ApiError {
     match code {
         ErrorKind::InvalidRequest => ApiError::InvalidParameter { param: None, message },
-        ErrorKind::ContextLengthExceeded => ApiError::ContextLengthExceeded { param: endpoint.prompt_param(), message },
+        ErrorKind::ContextLengthExceeded => ApiError::ContextLengthExceeded { param: prompt_param, message },
         ErrorKind::Unavailable | ErrorKind::Sequence => {
             ApiError::Unavailable { model: pool.record.model.clone(), reason: message }
         }
@@ -161,6 +241,7 @@ fn midway_error(model: &str, code: ErrorKind, message: String) -> ApiError {
 /// the handler or the stream (finished, failed, client gone), it is recorded exactly once.
 struct RequestLog {
     store: Arc<Store>,
+    metrics: Arc<Metrics>,
     record: RequestRecord,
     started: Instant,
     first_token: Option<Instant>,
@@ -168,13 +249,14 @@ struct RequestLog {
 }
 
 impl RequestLog {
-    fn new(store: Arc<Store>, pool: &Pool, meta: &ResponseMeta, stream: bool) -> Self {
+    fn new(state: &AppState, pool: &Pool, id: &str, endpoint: &'static str, stream: bool) -> Self {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        state.metrics.request_started(&pool.record.id);
         let record = RequestRecord {
-            id: meta.id.clone(),
+            id: id.to_string(),
             pool_id: pool.record.id.clone(),
-            model: meta.model.clone(),
-            endpoint: meta.endpoint.name(),
+            model: pool.record.model.clone(),
+            endpoint,
             stream,
             started_at_ms: now.as_millis() as i64,
             prompt_tokens: None,
@@ -184,12 +266,22 @@ impl RequestLog {
             outcome: Outcome::Cancelled,
             error: None,
         };
-        Self { store, record, started: Instant::now(), first_token: None, ended: false }
+        let (store, metrics) = (state.store.clone(), state.metrics.clone());
+        Self { store, metrics, record, started: Instant::now(), first_token: None, ended: false }
     }
 
     fn token(&mut self) {
-        self.first_token.get_or_insert_with(Instant::now);
+        if self.first_token.is_none() {
+            let now = Instant::now();
+            self.first_token = Some(now);
+            self.metrics.first_token(now - self.started);
+        }
+        self.metrics.token();
         self.record.completion_tokens += 1;
+    }
+
+    fn ttft_ms(&self) -> Option<f64> {
+        self.first_token.map(|t| (t - self.started).as_secs_f64() * 1e3)
     }
 
     fn finish(&mut self, reason: FinishReason, usage: Usage) {
@@ -216,7 +308,8 @@ impl Drop for RequestLog {
             tracing::info!(request = %self.record.id, "the client went away: request cancelled");
         }
         self.record.duration_ms = self.started.elapsed().as_secs_f64() * 1e3;
-        self.record.time_to_first_token_ms = self.first_token.map(|t| (t - self.started).as_secs_f64() * 1e3);
+        self.record.time_to_first_token_ms = self.ttft_ms();
+        self.metrics.request_ended(&self.record.pool_id, self.record.outcome);
         let (store, record) = (self.store.clone(), self.record.clone());
         let write = move || {
             if let Err(e) = store.record_request(&record) {

@@ -1,11 +1,13 @@
-//! Durable state in SQLite (WAL): the pools this orchestrator serves, and every request with its usage.
-//! A restarted orchestrator reads its pools back from here. Secrets never go in: a pool row holds the
+//! Durable state in SQLite (WAL): the pools this orchestrator serves, the workers that registered, and
+//! every request with its usage. A restarted orchestrator reads its pools and workers back from here. Secrets never go in: a pool row holds the
 //! topology (public peer ids and addresses), not the orchestrator's key.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use computepool_axl::transport::Topology;
+
+use super::workers::{WorkerRecord, WorkerStats};
 use rusqlite::{Connection, params};
 
 /// A registered pool, as stored.
@@ -17,6 +19,8 @@ pub struct PoolRecord {
     /// The model's Hugging Face layout directory (config, tokenizer, chat template).
     pub model_dir: PathBuf,
     pub topology: Topology,
+    /// More pipelines of the same model (failover and load spreading).
+    pub replicas: Vec<Topology>,
     /// Unix seconds.
     pub created_at: i64,
 }
@@ -61,6 +65,18 @@ pub struct RequestRecord {
     pub error: Option<String>,
 }
 
+/// The topology column: the topology alone (as before replicas existed), or an array with the replicas.
+fn topologies_json(pool: &PoolRecord) -> String {
+    if pool.replicas.is_empty() {
+        return pool.topology.to_json();
+    }
+    let all: Vec<serde_json::Value> = std::iter::once(&pool.topology)
+        .chain(&pool.replicas)
+        .map(|t| serde_json::from_str(&t.to_json()).expect("a topology serialises to JSON"))
+        .collect();
+    serde_json::Value::Array(all).to_string()
+}
+
 /// The database. One connection behind a mutex: writes are a row per request, far below SQLite's limits.
 pub struct Store {
     conn: Mutex<Connection>,
@@ -89,6 +105,13 @@ CREATE TABLE IF NOT EXISTS requests (
     error                   TEXT
 );
 CREATE INDEX IF NOT EXISTS requests_by_pool ON requests (pool_id, started_at_ms);
+CREATE TABLE IF NOT EXISTS workers (
+    peer              TEXT PRIMARY KEY,
+    registration      TEXT NOT NULL,
+    registered_at_ms  INTEGER NOT NULL,
+    last_seen_ms      INTEGER NOT NULL,
+    stats             TEXT NOT NULL
+);
 ";
 
 impl Store {
@@ -124,15 +147,28 @@ impl Store {
         let conn = self.conn();
         let mut stmt = conn.prepare("SELECT id, model, model_dir, topology, created_at FROM pools ORDER BY created_at, id")?;
         let rows = stmt.query_map([], |row| {
-            let topology: String = row.get(3)?;
-            let topology = Topology::from_json(&topology).map_err(|e| {
-                rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Text, Box::new(e))
-            })?;
+            // One topology object, or (with replicas) an array of them, the pool's own first.
+            let text: String = row.get(3)?;
+            let bad = |e: String| rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Text, e.into());
+            let mut topologies = if text.trim_start().starts_with('[') {
+                let values: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+                values
+                    .iter()
+                    .map(|v| Topology::from_json(&v.to_string()).map_err(|e| bad(e.to_string())))
+                    .collect::<rusqlite::Result<Vec<_>>>()?
+            } else {
+                vec![Topology::from_json(&text).map_err(|e| bad(e.to_string()))?]
+            };
+            if topologies.is_empty() {
+                return Err(bad("no topology".into()));
+            }
+            let topology = topologies.remove(0);
             Ok(PoolRecord {
                 id: row.get(0)?,
                 model: row.get(1)?,
                 model_dir: PathBuf::from(row.get::<_, String>(2)?),
                 topology,
+                replicas: topologies,
                 created_at: row.get(4)?,
             })
         })?;
@@ -148,9 +184,50 @@ impl Store {
         }
         tx.execute(
             "INSERT INTO pools (id, model, model_dir, topology, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![pool.id, pool.model, pool.model_dir.to_string_lossy(), pool.topology.to_json(), pool.created_at],
+            params![pool.id, pool.model, pool.model_dir.to_string_lossy(), topologies_json(pool), pool.created_at],
         )?;
         tx.commit()
+    }
+
+    /// Every stored worker.
+    pub fn workers(&self) -> rusqlite::Result<Vec<WorkerRecord>> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT registration, registered_at_ms, last_seen_ms, stats FROM workers ORDER BY peer")?;
+        let json_column = |i: usize, text: String| -> rusqlite::Result<serde_json::Value> {
+            serde_json::from_str(&text)
+                .map_err(|e| rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e)))
+        };
+        let rows = stmt.query_map([], |row| {
+            let registration = serde_json::from_value(json_column(0, row.get(0)?)?)
+                .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))?;
+            let stats = serde_json::from_value(json_column(3, row.get(3)?)?)
+                .map_err(|e| rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Text, Box::new(e)))?;
+            Ok(WorkerRecord { registration, registered_at_ms: row.get(1)?, last_seen_ms: row.get(2)?, stats })
+        })?;
+        rows.collect()
+    }
+
+    /// Stores a worker's registration (replacing an earlier one of the same peer).
+    pub fn put_worker(&self, w: &WorkerRecord) -> rusqlite::Result<()> {
+        let registration = serde_json::to_string(&w.registration).expect("registrations serialise");
+        let stats = serde_json::to_string(&w.stats).expect("stats serialise");
+        self.conn().execute(
+            "INSERT OR REPLACE INTO workers (peer, registration, registered_at_ms, last_seen_ms, stats)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![w.registration.peer, registration, w.registered_at_ms, w.last_seen_ms, stats],
+        )?;
+        Ok(())
+    }
+
+    /// Records a heartbeat.
+    pub fn touch_worker(&self, peer: &str, last_seen_ms: i64, stats: &WorkerStats) -> rusqlite::Result<()> {
+        let stats = serde_json::to_string(stats).expect("stats serialise");
+        self.conn().execute(
+            "UPDATE workers SET last_seen_ms = ?2, stats = ?3 WHERE peer = ?1",
+            params![peer, last_seen_ms, stats],
+        )?;
+        Ok(())
     }
 
     /// Records a finished (or failed, or cancelled) request.
@@ -214,6 +291,7 @@ mod tests {
             model: "m".into(),
             model_dir: "/models/m".into(),
             topology: topology(),
+            replicas: vec![],
             created_at: 7,
         };
         {
@@ -227,6 +305,11 @@ mod tests {
         assert_eq!(pools.len(), 1);
         assert_eq!(pools[0].topology, pool.topology);
         assert_eq!(pools[0].model_dir, PathBuf::from("/models/m"));
+        assert!(pools[0].replicas.is_empty());
+        let with_replicas = PoolRecord { id: "p2".into(), model: "m2".into(), replicas: vec![topology(), topology()], ..pool.clone() };
+        store.put_pool(&with_replicas, false).expect("stores");
+        let back = store.pools().expect("reads").into_iter().find(|p| p.id == "p2").expect("stored");
+        assert_eq!((back.topology, back.replicas), (with_replicas.topology, with_replicas.replicas));
         let mode: String = store.conn().query_row("PRAGMA journal_mode", [], |r| r.get(0)).expect("mode");
         assert_eq!(mode, "wal");
     }

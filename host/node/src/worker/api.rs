@@ -57,6 +57,12 @@ pub struct GenerateRequest {
     /// Generate through end-of-sequence tokens (benchmarks). Default false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub ignore_eos: bool,
+    /// Tokens this request already generated elsewhere (a failover from a broken pipeline): the entry
+    /// replays them after the prompt to rebuild every shard's KV cache, then generates on from there.
+    /// Their events are not sent again, and they count towards `max_tokens` and `completion_tokens`.
+    /// Greedy requests continue exactly as if nothing happened; a seeded sampler restarts its stream.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resume_tokens: Vec<u32>,
 }
 
 fn default_top_p() -> f32 {
@@ -78,6 +84,7 @@ impl GenerateRequest {
             seed: 0,
             stop: Vec::new(),
             ignore_eos: false,
+            resume_tokens: Vec::new(),
         }
     }
 }

@@ -20,6 +20,7 @@ use computepool_engine::sampling::{Sampler, SamplingParams};
 use tokio::sync::mpsc;
 
 use super::Outbound;
+use super::report::ShardStats;
 
 /// Work for the compute thread.
 #[derive(Debug)]
@@ -66,6 +67,8 @@ pub struct EngineLoopConfig {
     pub limits: FrameLimits,
     /// A request that has seen no job for this long is freed (its entry is presumably gone).
     pub request_idle_timeout: Duration,
+    /// Where the caches held are published (heartbeats and metrics read them).
+    pub stats: std::sync::Arc<ShardStats>,
 }
 
 /// Runs until the job channel closes. Every frame it produces goes to `out`, in order.
@@ -115,6 +118,7 @@ pub fn run(shard: DeviceShard, mut jobs: mpsc::Receiver<EngineJob>, out: mpsc::S
             tracing::debug!(rows, elapsed_us = started.elapsed().as_micros() as u64, "decode step");
         }
         state.sweep_idle();
+        state.publish_stats();
         if state.out.is_closed() {
             break;
         }
@@ -290,6 +294,13 @@ impl EngineState {
             }
             Err(e) => self.fail(request, ErrorCode::Internal, format!("cannot frame activations: {e}")),
         }
+    }
+
+    fn publish_stats(&self) {
+        use std::sync::atomic::Ordering;
+        let bytes: usize = self.requests.values().map(|st| st.cache.size_in_bytes()).sum();
+        self.config.stats.kv_caches.store(self.requests.len() as u64, Ordering::Relaxed);
+        self.config.stats.kv_cache_bytes.store(bytes as u64, Ordering::Relaxed);
     }
 
     fn sweep_idle(&mut self) {

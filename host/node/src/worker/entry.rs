@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, watch};
 use super::api::{ErrorKind, Event, FinishReason, GenerateRequest, MAX_REQUEST_BYTES};
 use super::engine_loop::{EngineJob, StepData};
 use super::links::{LinkState, Outbound};
+use super::report::ShardStats;
 
 /// What reaches a live request from the pipeline.
 #[derive(Debug)]
@@ -55,6 +56,7 @@ pub struct Entry {
     upstream: watch::Receiver<LinkState>,
     next_id: AtomicU64,
     id_prefix: String,
+    stats: Arc<ShardStats>,
 }
 
 impl Entry {
@@ -63,8 +65,8 @@ impl Entry {
         config: EntryConfig,
         engine: mpsc::Sender<EngineJob>,
         outbound: mpsc::Sender<Outbound>,
-        downstream: watch::Receiver<LinkState>,
-        upstream: watch::Receiver<LinkState>,
+        (downstream, upstream): (watch::Receiver<LinkState>, watch::Receiver<LinkState>),
+        stats: Arc<ShardStats>,
     ) -> Self {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         Self {
@@ -77,6 +79,7 @@ impl Entry {
             upstream,
             next_id: AtomicU64::new(0),
             id_prefix: format!("req-{:x}", nanos as u64),
+            stats,
         }
     }
 
@@ -140,12 +143,23 @@ impl Entry {
                 return Err(invalid(format!("request id {id} is already in use")));
             }
             requests.insert(id.clone(), LiveRequest { tx, tracker: SequenceTracker::new() });
+            self.publish_live(requests.len());
         }
-        let result = self.drive(send, &id, &prompt, &engine_req, &mut rx).await;
-        self.requests.lock().expect("entry state lock").remove(&id);
+        let result = self.drive(send, &id, &prompt, &req.resume_tokens, &engine_req, &mut rx).await;
+        {
+            let mut requests = self.requests.lock().expect("entry state lock");
+            requests.remove(&id);
+            self.publish_live(requests.len());
+        }
         let _ = self.engine.send(EngineJob::End { request: id.clone() }).await;
         let _ = self.outbound.send(Outbound::Frame(Frame::end(id.clone(), 0))).await;
         result
+    }
+
+    fn publish_live(&self, n: usize) {
+        if let Some(live) = &self.stats.entry_requests {
+            live.store(n as u64, Ordering::Relaxed);
+        }
     }
 
     /// Checks and tokenizes a request.
@@ -178,12 +192,21 @@ impl Entry {
         if prompt.is_empty() {
             return Err(invalid("empty prompt: at least one token is needed".into()));
         }
+        if let Some(bad) = req.resume_tokens.iter().find(|&&t| t as usize >= self.config.vocab) {
+            return Err(invalid(format!("resume token id {bad} is outside the vocabulary of {}", self.config.vocab)));
+        }
         let room = self.config.context.saturating_sub(prompt.len());
         let max_tokens = match req.max_tokens {
             Some(0) => return Err(invalid("max_tokens must be at least 1".into())),
             Some(n) => n,
             None => room,
         };
+        if max_tokens <= req.resume_tokens.len() && !req.resume_tokens.is_empty() {
+            return Err(invalid(format!(
+                "{} resume tokens leave nothing to generate within max_tokens {max_tokens}",
+                req.resume_tokens.len()
+            )));
+        }
         if max_tokens == 0 || max_tokens > room {
             let asked = match req.max_tokens {
                 Some(n) => format!(" plus {n} new ones"),
@@ -217,6 +240,7 @@ impl Entry {
         send: &mut SendStream,
         id: &RequestId,
         prompt: &[u32],
+        resume: &[u32],
         engine_req: &generate::GenerateRequest,
         rx: &mut mpsc::UnboundedReceiver<Delivery>,
     ) -> Result<(), Event> {
@@ -231,10 +255,29 @@ impl Entry {
             .send(EngineJob::Step { request: id.clone(), start_pos: 0, input: StepData::Tokens(prompt.to_vec()) })
             .await
             .map_err(|_| gone())?;
+        // A resumed request replays what it generated before, in steps of at most RESUME_CHUNK rows: up
+        // to that many rows the products keep f32 activations (bf16 rounds them above), so each row is
+        // computed as in the one-row steps that built the lost caches, and the prompt goes in as one step
+        // both times; the failover test checks that the tokens after a replay are the undisturbed ones.
+        let mut pos = prompt.len() as u64;
+        for chunk in resume.chunks(RESUME_CHUNK) {
+            let input = StepData::Tokens(chunk.to_vec());
+            self.engine.send(EngineJob::Step { request: id.clone(), start_pos: pos, input }).await.map_err(|_| gone())?;
+            pos += chunk.len() as u64;
+        }
+        // Each step samples one token at the exit; only the last step's is new.
+        let mut replayed_samples = resume.chunks(RESUME_CHUNK).count();
         write_event(send, &Event::Started { id: id.to_string(), prompt_tokens: prompt.len() }).await?;
 
         let mut output = RequestOutput::new(&self.tokenizer, engine_req);
-        let mut pos = prompt.len() as u64;
+        for &token in resume {
+            // Their text reached the client through the route that broke (what it held back is held
+            // back here the same way, and comes out with a later token).
+            output.push(token).map_err(|e| Event::Error { code: ErrorKind::Internal, message: e.to_string() })?;
+        }
+        if !resume.is_empty() {
+            tracing::info!(request = %id, tokens = resume.len(), "resuming a request: replaying its tokens");
+        }
         loop {
             let delivery = tokio::select! {
                 d = rx.recv() => d.ok_or_else(gone)?,
@@ -248,6 +291,7 @@ impl Entry {
             };
             match delivery {
                 Delivery::Failed(code, message) => return Err(Event::Error { code, message }),
+                Delivery::Token(_) if replayed_samples > 0 => replayed_samples -= 1,
                 Delivery::Token(token) => {
                     let text = output.push(token).map_err(|e| Event::Error { code: ErrorKind::Internal, message: e.to_string() })?;
                     let text = text.to_string();
@@ -275,6 +319,9 @@ impl Entry {
         }
     }
 }
+
+/// Most positions one replay step of a resumed request carries (the workers' exact decode batch).
+const RESUME_CHUNK: usize = computepool_engine::backend::cpu::CpuBackend::BF16_EXACT_MAX_ROWS;
 
 fn invalid(message: String) -> Event {
     Event::Error { code: ErrorKind::InvalidRequest, message }

@@ -14,11 +14,13 @@
 //! - [`links`]: the downstream link (dial, redial, numbering) and link states.
 //! - [`entry`]: the entry's requests: tokenize, feed tokens back, stop rules, stream to the client.
 //! - [`api`]: the JSON-lines request API clients speak to the entry.
+//! - [`report`]: registration and heartbeats to an orchestrator (`--orchestrator`).
 
 pub mod api;
 pub mod engine_loop;
 pub mod entry;
 pub mod links;
+pub mod report;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -86,6 +88,13 @@ pub struct WorkerArgs {
     /// (Entry) a request that gets no token for this long fails, in seconds.
     #[arg(long, default_value_t = 120)]
     pub step_timeout_s: u64,
+    /// The orchestrator to register with and heartbeat to (`http://HOST:PORT`); its operator token
+    /// comes from COMPUTEPOOL_OPERATOR_TOKEN or --operator-token-file.
+    #[arg(long)]
+    pub orchestrator: Option<String>,
+    /// A file holding the orchestrator's operator token (instead of the environment variable).
+    #[arg(long, requires = "orchestrator")]
+    pub operator_token_file: Option<PathBuf>,
 }
 
 /// Runs a worker until it is interrupted.
@@ -117,6 +126,15 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         .with_context(|| format!("loading layers {layers} of {} on {device}", args.model.display()))?;
     tracing::info!(layers = %layers, device = %shard.device_name(), "shard loaded");
     let tokenizer = if me == 0 { Some(Arc::new(source.tokenizer()?)) } else { None };
+    let report = match &args.orchestrator {
+        Some(url) => {
+            let target = report::ReportTarget::new(url, args.operator_token_file.as_ref())?;
+            let speed = report::measure_speed(&shard);
+            tracing::info!(speed_layers_per_s = speed, "measured this shard's speed");
+            Some((target, speed))
+        }
+        None => None,
+    };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -124,7 +142,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         .thread_name("net")
         .build()
         .context("starting the network runtime")?;
-    runtime.block_on(serve(args, topology, key, me, shard, tokenizer))
+    runtime.block_on(serve(args, topology, key, me, shard, tokenizer, report))
 }
 
 /// What the upstream reader needs to act on frames.
@@ -148,6 +166,7 @@ async fn serve(
     me: usize,
     shard: DeviceShard,
     tokenizer: Option<Arc<Tokenizer>>,
+    report: Option<(report::ReportTarget, f64)>,
 ) -> anyhow::Result<()> {
     let mut tconfig = TransportConfig::new(key);
     tconfig.bind = args.listen.clone();
@@ -159,10 +178,15 @@ async fn serve(
     let cfg = shard.config().clone();
     let is_exit = shard.range().is_exit();
     let weight_bytes = shard.weight_bytes();
+    let device_name = shard.device_name();
+    let stats = Arc::new(report::ShardStats::new(me == 0));
 
     let (out_tx, out_rx) = mpsc::channel::<Outbound>(1024);
-    let engine_config =
-        EngineLoopConfig { limits, request_idle_timeout: Duration::from_secs(args.request_idle_timeout_s) };
+    let engine_config = EngineLoopConfig {
+        limits,
+        request_idle_timeout: Duration::from_secs(args.request_idle_timeout_s),
+        stats: stats.clone(),
+    };
     let (engine_tx, engine_thread) = engine_loop::spawn(shard, out_tx.clone(), engine_config);
 
     let (down_tx, down_rx) = watch::channel(LinkState::Down("not connected yet".into()));
@@ -174,7 +198,8 @@ async fn serve(
             vocab: cfg.vocab_size,
             step_timeout: Duration::from_secs(args.step_timeout_s),
         };
-        Arc::new(Entry::new(tokenizer, entry_config, engine_tx.clone(), out_tx.clone(), down_rx.clone(), up_rx.clone()))
+        let links = (down_rx.clone(), up_rx.clone());
+        Arc::new(Entry::new(tokenizer, entry_config, engine_tx.clone(), out_tx.clone(), links, stats.clone()))
     });
     tokio::spawn(links::run_downstream(
         transport.clone(),
@@ -229,6 +254,20 @@ async fn serve(
     println!("{ready}");
     use std::io::Write;
     let _ = std::io::stdout().flush();
+    if let Some((target, speed)) = report {
+        let model = args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let registration = crate::orchestrator::workers::WorkerRegistration {
+            peer: transport.id().to_string(),
+            addrs: topology.shards[me].addrs.clone(),
+            model,
+            layers: topology.shards[me].layers.to_string(),
+            device: device_name,
+            weight_bytes: weight_bytes as u64,
+            rss_bytes: crate::memory::resident_bytes(),
+            speed,
+        };
+        report::spawn(target, registration, stats);
+    }
 
     // The ring comes up from the entry backwards: a worker takes its upstream link only while its own
     // downstream link is up, and drops it when that goes down (see `upstream_link`). So the entry's

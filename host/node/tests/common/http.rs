@@ -34,19 +34,31 @@ pub fn sse_data(body: &str) -> Vec<String> {
     body.lines().filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:"))).map(str::to_string).collect()
 }
 
-fn head(method: &str, host: &str, path: &str, body_len: usize) -> String {
+fn head(method: &str, host: &str, path: &str, body_len: usize, extra: &[(&str, &str)]) -> String {
+    let extra: String = extra.iter().map(|(n, v)| format!("{n}: {v}\r\n")).collect();
     format!(
-        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {body_len}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {body_len}\r\n{extra}Connection: close\r\n\r\n"
     )
 }
 
 /// Sends one request and reads the whole response. The body is written from a second thread, so a
 /// server that answers (413) before reading a large body is still heard.
 pub fn request(addr: &str, method: &str, path: &str, body: &[u8]) -> Response {
+    request_with(addr, method, path, body, &[])
+}
+
+/// A POST with the operator token as its bearer token.
+pub fn post_as(addr: &str, path: &str, body: &Value, token: &str) -> Response {
+    let auth = format!("Bearer {token}");
+    request_with(addr, "POST", path, body.to_string().as_bytes(), &[("Authorization", &auth)])
+}
+
+/// [`request`] with extra headers.
+pub fn request_with(addr: &str, method: &str, path: &str, body: &[u8], headers: &[(&str, &str)]) -> Response {
     let stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     stream.set_read_timeout(Some(Duration::from_secs(300))).expect("timeout");
     let mut writer = stream.try_clone().expect("clone");
-    let mut message = head(method, addr, path, body.len()).into_bytes();
+    let mut message = head(method, addr, path, body.len(), headers).into_bytes();
     message.extend_from_slice(body);
     let sender = std::thread::spawn(move || {
         // The server may close early (a refused body): not an error here.
@@ -119,7 +131,7 @@ impl EventStream {
         let mut stream = TcpStream::connect(addr).expect("connect");
         stream.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
         let body = body.to_string();
-        stream.write_all(head("POST", addr, path, body.len()).as_bytes()).expect("write head");
+        stream.write_all(head("POST", addr, path, body.len(), &[]).as_bytes()).expect("write head");
         stream.write_all(body.as_bytes()).expect("write body");
         let mut reader = BufReader::new(stream);
         let mut line = String::new();
