@@ -202,6 +202,7 @@ fn run_sharded(args: BenchArgs) -> anyhow::Result<()> {
             peer_timeout_ms: 1000,
             devices: Vec::new(),
             client_key: None,
+            samplers: Default::default(),
         };
         let pipeline = LocalPipeline::start(&options)?;
         let mut rng = Rng::new(1234);

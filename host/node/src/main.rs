@@ -8,6 +8,9 @@ mod memory;
 mod model_fetch;
 mod orchestrator;
 mod pipeline;
+mod plugin_cli;
+mod sampler_bench;
+mod samplers;
 mod up;
 mod worker;
 
@@ -39,6 +42,11 @@ enum Command {
     Up(up::UpArgs),
     /// Serve pools through an OpenAI-compatible HTTP API (and the pool REST API).
     Orchestrator(orchestrator::OrchestratorArgs),
+    /// Sandboxed WebAssembly plugins: conformance tests, listing, inspection.
+    Plugin {
+        #[command(subcommand)]
+        command: plugin_cli::PluginCommand,
+    },
     /// Make a new secret key file and print its peer id (the public key).
     Keygen {
         /// Where to write the key (refuses to overwrite).
@@ -82,6 +90,12 @@ fn main() -> anyhow::Result<()> {
         Command::Worker(args) => worker::run(args),
         Command::Orchestrator(args) => orchestrator::run(args),
         Command::Up(args) => up::run(args),
+        Command::Plugin { command } => {
+            if !plugin_cli::run(command)? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Keygen { out } => {
             let key = computepool_axl::transport::SecretKey::generate();
             computepool_axl::transport::write_secret_key(&out, &key)?;

@@ -27,6 +27,8 @@ pub struct PipelineOptions {
     pub devices: Vec<String>,
     /// The key of the client the topology allows (an orchestrator's); a fresh one when `None`.
     pub client_key: Option<SecretKey>,
+    /// Every worker's sampler plugins (`--plugins`, `--plugin-config`, `--default-sampler`).
+    pub samplers: crate::samplers::SamplerArgs,
 }
 
 /// What a worker reported when it was ready.
@@ -123,6 +125,7 @@ impl LocalPipeline {
             .args(["--threads", &options.threads.to_string()])
             .args(["--peer-timeout-ms", &options.peer_timeout_ms.to_string()])
             .args(["--device", options.devices.get(i).or(options.devices.first()).map_or("cpu", String::as_str)])
+            .args(options.samplers.to_args())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))

@@ -45,6 +45,9 @@ pub struct UpArgs {
     /// How long the pool may take to answer its first request, in seconds.
     #[arg(long, default_value_t = 300)]
     ready_timeout_s: u64,
+    /// Sampler plugins for every worker of the pool.
+    #[command(flatten)]
+    samplers: crate::samplers::SamplerArgs,
 }
 
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
@@ -66,6 +69,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         peer_timeout_ms: 1000,
         devices: args.devices.clone(),
         client_key: Some(key.clone()),
+        samplers: args.samplers.clone(),
     })?;
     let state = Arc::new(AppState::open(&args.state_dir, key)?);
     // The pool of a previous `up` had other workers (new keys, new ports): this one replaces it.

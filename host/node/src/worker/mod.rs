@@ -39,7 +39,6 @@ use computepool_axl::transport::{
 };
 use computepool_engine::DType;
 use computepool_engine::model::{Device, DeviceShard, LoadOptions, ModelSource};
-use computepool_engine::sampling::SamplingParams;
 use computepool_engine::shard::LayerRange;
 use computepool_engine::tokenizer::Tokenizer;
 use iroh::endpoint::{Connection, VarInt};
@@ -86,6 +85,8 @@ pub struct WorkerArgs {
     /// (Entry) a request that gets no token for this long fails, in seconds.
     #[arg(long, default_value_t = 120)]
     pub step_timeout_s: u64,
+    #[command(flatten)]
+    pub samplers: crate::samplers::SamplerArgs,
 }
 
 /// Runs a worker until it is interrupted.
@@ -160,9 +161,10 @@ async fn serve(
     let is_exit = shard.range().is_exit();
     let weight_bytes = shard.weight_bytes();
 
+    let samplers = Arc::new(crate::samplers::Samplers::start(&args.samplers)?);
     let (out_tx, out_rx) = mpsc::channel::<Outbound>(1024);
     let engine_config =
-        EngineLoopConfig { limits, request_idle_timeout: Duration::from_secs(args.request_idle_timeout_s) };
+        EngineLoopConfig { limits, request_idle_timeout: Duration::from_secs(args.request_idle_timeout_s), samplers: samplers.clone() };
     let (engine_tx, engine_thread) = engine_loop::spawn(shard, out_tx.clone(), engine_config);
 
     let (down_tx, down_rx) = watch::channel(LinkState::Down("not connected yet".into()));
@@ -173,6 +175,7 @@ async fn serve(
             context: cfg.max_position_embeddings,
             vocab: cfg.vocab_size,
             step_timeout: Duration::from_secs(args.step_timeout_s),
+            samplers: samplers.clone(),
         };
         Arc::new(Entry::new(tokenizer, entry_config, engine_tx.clone(), out_tx.clone(), down_rx.clone(), up_rx.clone()))
     });
@@ -403,16 +406,11 @@ impl Ctx {
                 let mut tracker = SequenceTracker::new();
                 tracker.check(0).expect("a fresh tracker takes 0");
                 inbound.insert(request.clone(), Inbound { tracker, cursor: ActivationCursor::new(0), pending: Vec::new() });
-                let params = SamplingParams {
-                    temperature: sampling.temperature,
-                    top_k: sampling.top_k as usize,
-                    top_p: sampling.top_p,
-                    seed: sampling.seed,
-                };
+                let (params, sampler) = crate::samplers::from_header(&sampling);
                 if !self.is_exit {
                     self.send_out(forward(Frame::start(request.clone(), sampling))).await;
                 }
-                self.job(EngineJob::Start { request, sampling: params }).await;
+                self.job(EngineJob::Start { request, sampling: params, sampler }).await;
             }
             FrameHeader::Activations(h) => {
                 let Some(state) = inbound.get_mut(&h.request) else {
