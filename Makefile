@@ -36,10 +36,11 @@ model: build $(MODEL_DIR)/.computepool-import.json
 
 SHARDS ?= 2
 
-# The orchestrator and SHARDS worker processes on this machine, serving MODEL until Ctrl-C.
+# The orchestrator and SHARDS worker processes on this machine, serving MODEL until Ctrl-C (PLUGINS=DIR:
+# sampler plugins on every worker, e.g. PLUGINS=plugins/samplers).
 up: model
 	$(BIN) up --model $(MODEL) --models-dir $(MODELS_DIR) --workers $(SHARDS) --listen $(LISTEN) \
-		--state-dir $(COMPUTEPOOL_CACHE)/state
+		--state-dir $(COMPUTEPOOL_CACHE)/state $(if $(PLUGINS),--plugins $(PLUGINS))
 
 # The forge suites (forge, anvil and solc-js from npm, pinned: scripts/contracts.sh).
 contracts-test:

@@ -23,6 +23,7 @@ def main():
     ap.add_argument("--paired", help="paired.py's lines: ours and llama.cpp decode in alternating rounds")
     ap.add_argument("--pipeline", help="`computepool bench --shards` lines (and the 1-shard run beside them)")
     ap.add_argument("--netns", help="stderr of `cargo test --test netns -- --nocapture`")
+    ap.add_argument("--samplers", help="`computepool plugin bench --json` lines: sampler plugins vs native sampling")
     args = ap.parse_args()
     if args.api_only:
         out = []
@@ -121,6 +122,8 @@ def main():
         r = anchors["roofline"].get(w)
         if r:
             p(f"| {w} | {r['bytes_per_token']:,} | {r['tg_ts_range'][0]:.0f}–{r['tg_ts_range'][1]:.0f} |")
+    if args.samplers:
+        samplers_section(p, [json.loads(line) for line in open(args.samplers) if line.strip()])
     gpu_runs = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../docs/gpu/*.md")))
     if gpu_runs:
         # GPU runs are not part of this script (it runs on the CPU machine): each is the output of
@@ -185,6 +188,38 @@ def api_section(p, runs):
             holds = "holds" if added["median"] < 2.0 and ratio["median"] > 0.98 else "does not hold"
             p(f"| {name} | {s(added, digits=2)} | {s(ratio, digits=3)} | < 2 ms and < 2% slower: {holds} (medians) |")
     p("")
+
+
+def samplers_section(p, rows):
+    """Per-token cost of the sampler plugins against native sampling, beside a decode step (issue 5)."""
+    if not rows:
+        return
+    r0 = rows[0]
+    p("")
+    p("## Sampler plugins against native sampling")
+    p("")
+    p(f"`computepool plugin bench`: {r0['rounds']} alternating rounds; each round times a SmolLM2 single-stream")
+    p(f"decode step ({r0['dtype']}, {r0['threads']} threads, mean of the round's tg steps) and then every sampler")
+    p(f"variant (mean of its calls) back to back, so the share of the decode step is a per-round ratio. Decode")
+    p(f"step: {r0['decode_step_ms_median']:.2f} ms (median). Plugin calls include copying the logits into the guest;")
+    p("top-p is temperature 0.8, top-p 0.95 (the shared algorithm of `host/sampling-core`, native or compiled")
+    p("to WebAssembly). Target: a plugin's per-token cost under 2% of the decode step.")
+    p("")
+    p("| sampler | vocab | µs/token median (min–max) | % of decode step median (min–max) | fuel/call |")
+    p("|---|---|---|---|---|")
+    for r in rows:
+        fuel = f"{r['fuel_per_call']:,}" if r.get("fuel_per_call") else "–"
+        p(f"| {r['sampler']} | {r['vocab']:,} | {r['us_per_token_median']:.1f} ({r['us_per_token_min']:.1f}–{r['us_per_token_max']:.1f})"
+          f" | {r['share_of_decode_step_pct_median']:.2f} ({r['share_of_decode_step_pct_min']:.2f}–{r['share_of_decode_step_pct_max']:.2f}) | {fuel} |")
+    by = {(r["sampler"], r["vocab"]): r for r in rows}
+    notes = []
+    for (name, vocab), r in sorted(by.items()):
+        if name == "plugin top-p" and ("plugin top-p (no fuel)", vocab) in by:
+            off = by[("plugin top-p (no fuel)", vocab)]["us_per_token_median"]
+            notes.append(f"{vocab:,}: {100 * (r['us_per_token_median'] / off - 1):+.0f}%")
+    if notes:
+        p("")
+        p("Fuel metering's cost on the top-p plugin (metered against unmetered, medians): " + ", ".join(notes) + ".")
 
 
 def paired_section(p, runs):

@@ -68,5 +68,9 @@ env -u CARGO_TARGET_DIR bash "$here/anchors.sh" --out "$out/anchors.json" --hf "
 "$bin" bench --model "$model" --shards 2 --api --tg 128 --threads 1 --dtype bf16 --repeats "$repeats" > "$out/api.jsonl"
 # Shards in separate network namespaces with 5 ms one-way delay per link (needs root; skips otherwise).
 cargo test --release --locked -p computepool-node --test netns -- --nocapture --test-threads 1 2> "$out/netns.log" || true
-python3 "$here/report.py" --anchors "$out/anchors.json" --ours "$out/computepool.jsonl" --quantized "q4_1=$out/computepool-q4_1.jsonl" --paired "$out/paired.jsonl" --pipeline "$out/pipeline.jsonl" --netns "$out/netns.log" --api "$out/api.jsonl" > docs/BENCHMARKS.md
+# Sampler plugins (issue 5): per-token cost of the greedy and top-p plugins against native sampling at
+# 49,152 and 128,256 vocabularies, beside a SmolLM2 decode step measured in the same rounds.
+bash scripts/build-plugins.sh
+"$bin" plugin bench --model "$model" --plugins plugins/samplers --threads 2 --json > "$out/samplers.jsonl"
+python3 "$here/report.py" --anchors "$out/anchors.json" --ours "$out/computepool.jsonl" --quantized "q4_1=$out/computepool-q4_1.jsonl" --paired "$out/paired.jsonl" --pipeline "$out/pipeline.jsonl" --netns "$out/netns.log" --api "$out/api.jsonl" --samplers "$out/samplers.jsonl" > docs/BENCHMARKS.md
 echo "wrote docs/BENCHMARKS.md"

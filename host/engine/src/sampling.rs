@@ -1,16 +1,15 @@
-//! Native sampling: greedy, temperature, top-k, top-p, seeded. This is the reference the sampler plugins
-//! are checked against, so the algorithm is specified exactly:
+//! Native sampling: greedy, temperature, top-k, top-p, min-p, repetition/presence/frequency penalties,
+//! seeded. The algorithm is `computepool_sampling_core`'s, which specifies it exactly and which the
+//! sampler plugins compile too, so native sampling and the greedy/top-p plugins give the same bits.
 //!
-//! 1. `temperature == 0` → greedy: the index of the largest logit (the lowest index on ties). No random
-//!    number is drawn.
-//! 2. Otherwise the candidates are all tokens, ordered by logit descending (lower index first on ties).
-//!    Top-k keeps the first `k` (`k == 0`: no limit). Probabilities are the softmax of
-//!    `logit / temperature` over the kept candidates, computed in f64. Top-p keeps the shortest prefix
-//!    whose cumulative probability reaches `p` (at least one token), then renormalises.
-//! 3. One number `u = (next_u64() >> 11) · 2⁻⁵³` in `[0, 1)` is drawn from the request's [`Rng`], and the
-//!    first candidate whose cumulative probability exceeds `u · total` is chosen.
+//! The history a sampler sees is the tokens it has sampled for the request (not the prompt): on a
+//! pipeline the exit shard never sees the prompt's token ids, and an unsharded run must sample what a
+//! sharded one does. Presence and frequency penalties are defined over sampled tokens by OpenAI too.
 //!
-//! [`Rng`] is xoshiro256** seeded through SplitMix64, so any language can reproduce a stream.
+//! [`Rng`] is xoshiro256** seeded through SplitMix64, so any language can reproduce a stream; a draw is
+//! `(next_u64() >> 11) · 2⁻⁵³`.
+
+use computepool_sampling_core as core_sampling;
 
 use crate::error::{EngineError, Result};
 
@@ -23,13 +22,30 @@ pub struct SamplingParams {
     pub top_k: usize,
     /// Nucleus sampling threshold in (0, 1]; 1 keeps all. Default 1.
     pub top_p: f32,
+    /// Minimum probability relative to the most likely token, in [0, 1]. Default 0 (off).
+    pub min_p: f32,
+    /// Multiplicative penalty on sampled tokens, > 0. Default 1 (off).
+    pub repetition_penalty: f32,
+    /// Subtracted once from the logit of each sampled token. Default 0 (off).
+    pub presence_penalty: f32,
+    /// Subtracted per occurrence from the logit of each sampled token. Default 0 (off).
+    pub frequency_penalty: f32,
     /// Seed of the request's random stream. Default 0.
     pub seed: u64,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: 0,
+        }
     }
 }
 
@@ -38,14 +54,21 @@ impl SamplingParams {
         Self::default()
     }
 
+    /// The shared algorithm's parameters (a `top_k` past u32 keeps every token, as 0 does).
+    pub fn core(&self) -> core_sampling::Params {
+        core_sampling::Params {
+            temperature: self.temperature,
+            top_k: u32::try_from(self.top_k).unwrap_or(0),
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
-        if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return Err(EngineError::Sampling(format!("temperature must be ≥ 0, got {}", self.temperature)));
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(EngineError::Sampling(format!("top_p must be in (0, 1], got {}", self.top_p)));
-        }
-        Ok(())
+        self.core().validate().map_err(|e| EngineError::Sampling(e.to_string()))
     }
 }
 
@@ -87,84 +110,43 @@ impl Rng {
     }
 }
 
-/// The sampler of one request: its parameters and its random stream.
+/// The sampler of one request: its parameters, its random stream and the tokens it has sampled.
 #[derive(Debug, Clone)]
 pub struct Sampler {
     params: SamplingParams,
+    core: core_sampling::Params,
     rng: Rng,
+    history: Vec<u32>,
+    scratch: core_sampling::Scratch,
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Self> {
         params.validate()?;
-        Ok(Self { params, rng: Rng::new(params.seed) })
+        Ok(Self { params, core: params.core(), rng: Rng::new(params.seed), history: Vec::new(), scratch: Default::default() })
     }
 
     pub fn params(&self) -> &SamplingParams {
         &self.params
     }
 
-    /// Picks the next token from the logits of the last position.
+    /// The tokens sampled so far.
+    pub fn history(&self) -> &[u32] {
+        &self.history
+    }
+
+    /// Picks the next token from the logits of the last position, and remembers it.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        if self.params.temperature == 0.0 {
-            return argmax(logits);
-        }
-        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
-        // NaN logits sort last, so a broken row cannot be chosen over a finite one.
-        let key = |i: u32| {
-            let v = logits[i as usize];
-            if v.is_nan() { f32::NEG_INFINITY } else { v }
-        };
-        let k = if self.params.top_k == 0 { order.len() } else { self.params.top_k.min(order.len()) };
-        let by_logit = |a: &u32, b: &u32| key(*b).total_cmp(&key(*a)).then(a.cmp(b));
-        if k < order.len() {
-            order.select_nth_unstable_by(k - 1, by_logit);
-            order.truncate(k);
-        }
-        order.sort_unstable_by(by_logit);
-        let t = self.params.temperature as f64;
-        let max = key(order[0]) as f64;
-        let mut probs: Vec<f64> = order.iter().map(|&i| ((key(i) as f64 - max) / t).exp()).collect();
-        let sum: f64 = probs.iter().sum();
-        for p in &mut probs {
-            *p /= sum;
-        }
-        if self.params.top_p < 1.0 {
-            let mut cum = 0.0;
-            let mut keep = probs.len();
-            for (i, p) in probs.iter().enumerate() {
-                cum += p;
-                if cum >= self.params.top_p as f64 {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            probs.truncate(keep);
-        }
-        let total: f64 = probs.iter().sum();
-        let u = self.rng.next_f64() * total;
-        let mut cum = 0.0;
-        for (i, p) in probs.iter().enumerate() {
-            cum += p;
-            if cum > u {
-                return order[i];
-            }
-        }
-        order[probs.len() - 1]
+        let rng = &mut self.rng;
+        let token = core_sampling::sample(logits, &self.history, &self.core, &mut self.scratch, || rng.next_f64());
+        self.history.push(token);
+        token
     }
 }
 
 /// Index of the largest value, the lowest index on ties; NaN never wins.
 pub fn argmax(values: &[f32]) -> u32 {
-    let mut best = 0usize;
-    let mut best_v = f32::NEG_INFINITY;
-    for (i, &v) in values.iter().enumerate() {
-        if v > best_v {
-            best_v = v;
-            best = i;
-        }
-    }
-    best as u32
+    core_sampling::argmax(values)
 }
 
 #[cfg(test)]
@@ -191,9 +173,9 @@ mod tests {
     #[test]
     fn top_k_one_is_greedy_and_seeds_repeat() {
         let logits: Vec<f32> = (0..100).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
-        let mut s = Sampler::new(SamplingParams { temperature: 0.8, top_k: 1, top_p: 1.0, seed: 3 }).unwrap();
+        let mut s = Sampler::new(SamplingParams { temperature: 0.8, top_k: 1, seed: 3, ..Default::default() }).unwrap();
         assert_eq!(s.sample(&logits), argmax(&logits));
-        let p = SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.9, seed: 42 };
+        let p = SamplingParams { temperature: 1.0, top_p: 0.9, seed: 42, ..Default::default() };
         let (mut a, mut b) = (Sampler::new(p).unwrap(), Sampler::new(p).unwrap());
         let xs: Vec<u32> = (0..50).map(|_| a.sample(&logits)).collect();
         let ys: Vec<u32> = (0..50).map(|_| b.sample(&logits)).collect();
@@ -205,8 +187,19 @@ mod tests {
     fn top_p_excludes_the_tail() {
         // One token has ~88% of the mass; top_p 0.5 must always choose it.
         let logits = [5.0, 3.0, 0.0, 0.0];
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.5, seed: 7 }).unwrap();
+        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_p: 0.5, seed: 7, ..Default::default() }).unwrap();
         assert!((0..200).all(|_| s.sample(&logits) == 0));
+    }
+
+    #[test]
+    fn penalties_apply_to_the_sampled_history() {
+        // Greedy with a presence penalty: after sampling token 1 it falls below token 2.
+        let p = SamplingParams { presence_penalty: 1.5, ..Default::default() };
+        let mut s = Sampler::new(p).unwrap();
+        let logits = [0.0, 3.0, 2.0];
+        assert_eq!(s.sample(&logits), 1);
+        assert_eq!(s.sample(&logits), 2);
+        assert_eq!(s.history(), &[1, 2]);
     }
 
     #[test]
@@ -214,5 +207,6 @@ mod tests {
         assert!(Sampler::new(SamplingParams { temperature: -1.0, ..Default::default() }).is_err());
         assert!(Sampler::new(SamplingParams { top_p: 0.0, ..Default::default() }).is_err());
         assert!(Sampler::new(SamplingParams { temperature: f32::NAN, ..Default::default() }).is_err());
+        assert!(Sampler::new(SamplingParams { min_p: 2.0, ..Default::default() }).is_err());
     }
 }

@@ -254,6 +254,7 @@ fn sampled(i: usize) -> SamplingParams {
         top_k: [0, 40, 0, 7][i % 4],
         top_p: [1.0, 0.95, 0.9, 1.0][i % 4],
         seed: 1000 + i as u64 * 7919,
+        ..Default::default()
     }
 }
 

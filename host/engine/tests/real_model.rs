@@ -98,7 +98,7 @@ fn batch_of_eight_prompts_matches_each_alone() {
             let mut r = GenerateRequest::new(tok.encode(p, true).unwrap(), 24);
             // Half greedy, half seeded sampling.
             if i % 2 == 1 {
-                r.params = SamplingParams { temperature: 0.8, top_k: 40, top_p: 0.95, seed: i as u64 };
+                r.params = SamplingParams { temperature: 0.8, top_k: 40, top_p: 0.95, seed: i as u64, ..Default::default() };
             }
             r
         })

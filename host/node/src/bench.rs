@@ -212,6 +212,7 @@ fn run_sharded(args: BenchArgs) -> anyhow::Result<()> {
             devices: Vec::new(),
             orchestrator: None,
             client_key: None,
+            samplers: Default::default(),
         };
         let pipeline = LocalPipeline::start(&options)?;
         let mut rng = Rng::new(1234);

@@ -54,6 +54,7 @@ pub fn run(model: &Path, shards: usize, dtype: &str, threads: usize, tg: usize, 
         devices: Vec::new(),
         client_key: Some(key.clone()),
         orchestrator: None,
+        samplers: Default::default(),
     })?;
     let settings = Settings { heartbeat: Duration::from_secs(2), token: OperatorToken::new("bench-operator-token")? };
     let state = Arc::new(AppState::open(state_dir.path(), key.clone(), settings)?);

@@ -111,7 +111,13 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let req = GenerateRequest {
         prompt,
-        params: SamplingParams { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed },
+        params: SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            seed: args.seed,
+            ..Default::default()
+        },
         max_new_tokens: args.max_tokens,
         stop_strings: args.stop.clone(),
         stop_token_ids: Vec::new(),
@@ -177,6 +183,7 @@ fn run_pipeline(args: GenerateArgs) -> anyhow::Result<()> {
                 devices: args.devices.clone(),
                 orchestrator: None,
                 client_key: None,
+                samplers: Default::default(),
             };
             Some(LocalPipeline::start(&options)?)
         }

@@ -10,6 +10,9 @@ mod memory;
 mod model_fetch;
 mod orchestrator;
 mod pipeline;
+mod plugin_cli;
+mod sampler_bench;
+mod samplers;
 mod up;
 mod worker;
 
@@ -45,6 +48,11 @@ enum Command {
     Chain {
         #[command(subcommand)]
         command: chain::ChainCommand,
+    },
+    /// Sandboxed WebAssembly plugins: conformance tests, listing, inspection.
+    Plugin {
+        #[command(subcommand)]
+        command: plugin_cli::PluginCommand,
     },
     /// Make a new secret key file and print its peer id (the public key).
     Keygen {
@@ -90,6 +98,13 @@ fn main() -> anyhow::Result<()> {
         Command::Orchestrator(args) => orchestrator::run(args),
         Command::Up(args) => up::run(args),
         Command::Chain { command } => chain::run(command),
+    },
+        Command::Plugin { command } => {
+            if !plugin_cli::run(command)? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Keygen { out } => {
             let key = computepool_axl::transport::SecretKey::generate();
             computepool_axl::transport::write_secret_key(&out, &key)?;

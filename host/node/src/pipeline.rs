@@ -29,6 +29,8 @@ pub struct PipelineOptions {
     pub client_key: Option<SecretKey>,
     /// An orchestrator the workers register with and heartbeat to: its URL and operator token.
     pub orchestrator: Option<(String, String)>,
+    /// Every worker's sampler plugins (`--plugins`, `--plugin-config`, `--default-sampler`).
+    pub samplers: crate::samplers::SamplerArgs,
 }
 
 /// What a worker reported when it was ready.
@@ -131,6 +133,7 @@ impl LocalPipeline {
             command.args(["--orchestrator", url]).env(crate::orchestrator::auth::TOKEN_ENV, token);
         }
         let child = command
+            .args(options.samplers.to_args())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))

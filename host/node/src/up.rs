@@ -49,6 +49,9 @@ pub struct UpArgs {
     /// How often the workers heartbeat to the orchestrator, in ms.
     #[arg(long, default_value_t = 2000)]
     heartbeat_ms: u64,
+    /// Sampler plugins for every worker of the pool.
+    #[command(flatten)]
+    samplers: crate::samplers::SamplerArgs,
 }
 
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
@@ -77,6 +80,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         peer_timeout_ms: 1000,
         devices: args.devices.clone(),
         client_key: Some(key.clone()),
+        samplers: args.samplers.clone(),
     })?;
     let settings = Settings { heartbeat: Duration::from_millis(args.heartbeat_ms.max(10)), token };
     let state = Arc::new(AppState::open(&args.state_dir, key, settings)?);

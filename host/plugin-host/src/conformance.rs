@@ -255,3 +255,49 @@ mod tests {
         assert_eq!(case.expect.token, Some(best as u32), "{}", dir.display());
     }
 }
+
+/// The kind suites shipped with this crate (`<kind>/<version>/<case>/case.toml`), in its source tree.
+pub const KIND_SUITES_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/conformance");
+
+/// What [`test_plugin`] ran: each suite folder and its report.
+#[derive(Debug, Default)]
+pub struct PluginTestReport {
+    pub id: String,
+    pub suites: Vec<(PathBuf, SuiteReport)>,
+}
+
+impl PluginTestReport {
+    /// Every suite ran at least one case and every case passed.
+    pub fn passed(&self) -> bool {
+        !self.suites.is_empty() && self.suites.iter().all(|(_, r)| r.passed())
+    }
+}
+
+/// Why a plugin could not be tested at all.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginTestError {
+    #[error(transparent)]
+    Load(#[from] crate::error::LoadError),
+    #[error("plugin `{id}` is a {kind}; the kit has suites for samplers only so far")]
+    NoSuite { id: String, kind: crate::manifest::PluginKind },
+}
+
+/// Loads the plugin in `dir` into `host` (the production settings are the host's), then runs its kind's
+/// suite for the WIT version it implements (under `kind_suites`) and the plugin's own `conformance/` cases.
+pub fn test_plugin(host: &crate::PluginHost, dir: &Path, kind_suites: &Path) -> Result<PluginTestReport, PluginTestError> {
+    let plugin = host.load_plugin(dir)?;
+    let manifest = &plugin.manifest;
+    let Some(sampler) = plugin.as_sampler() else {
+        return Err(PluginTestError::NoSuite { id: manifest.id.clone(), kind: manifest.kind });
+    };
+    let mut folders = vec![kind_suites.join(manifest.kind.to_string()).join(manifest.wit.version.to_string())];
+    let own = dir.join("conformance");
+    if own.is_dir() {
+        folders.push(own);
+    }
+    let suites = folders.into_iter().map(|f| {
+        let report = run_sampler_suite(sampler, &f);
+        (f, report)
+    });
+    Ok(PluginTestReport { id: manifest.id.clone(), suites: suites.collect() })
+}

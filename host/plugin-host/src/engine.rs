@@ -18,11 +18,15 @@ pub struct EngineSettings {
     pub optimize: bool,
     /// Most bytes of native stack a call may use before it traps (deep recursion). Default 512 KiB.
     pub max_wasm_stack: usize,
+    /// Fuel metering, the bound on every call. Default `true`. `false` exists only to measure what
+    /// metering costs (`computepool plugin bench`): without it a call's running time has no bound, so a
+    /// host serving requests must never turn it off. Not in the operator's config.
+    pub fuel: bool,
 }
 
 impl Default for EngineSettings {
     fn default() -> Self {
-        Self { optimize: true, max_wasm_stack: 512 << 10 }
+        Self { optimize: true, max_wasm_stack: 512 << 10, fuel: true }
     }
 }
 
@@ -41,12 +45,12 @@ impl Hasher for Sha256Hasher {
 }
 
 impl EngineSettings {
-    /// The wasmtime `Engine` for these settings. Fuel is always on: it is how every call is bounded.
+    /// The wasmtime `Engine` for these settings. Fuel is how every call is bounded (see [`Self::fuel`]).
     pub fn build(&self) -> wasmtime::Result<Engine> {
         let mut config = Config::new();
         config
             .wasm_component_model(true)
-            .consume_fuel(true)
+            .consume_fuel(self.fuel)
             .max_wasm_stack(self.max_wasm_stack)
             .cranelift_opt_level(if self.optimize { OptLevel::Speed } else { OptLevel::None });
         Engine::new(&config)

@@ -294,6 +294,7 @@ impl PluginHost {
                     &manifest,
                     self.kv_scope(&id),
                     self.config.max_idle_instances,
+                    self.config.engine.fuel,
                 )?;
                 KindHandle::Sampler(Arc::new(plugin))
             }
@@ -311,7 +312,9 @@ impl PluginHost {
         Ok(LoadedPlugin { manifest, dir: dir.to_path_buf(), cache, stamp, kind })
     }
 
-    fn kv_scope(&self, id: &str) -> KvScope {
+    /// The key-value scope of plugin `id` (made empty if it has none yet): the host side of what the
+    /// plugin stores through `computepool:host/kv-store`.
+    pub fn kv_scope(&self, id: &str) -> KvScope {
         let mut scopes = self.kv_scopes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         scopes.entry(id.to_string()).or_insert_with(|| KvScope::new(self.config.kv_quota_bytes)).clone()
     }

@@ -201,10 +201,15 @@ fn limits_above_the_operators_ceiling_are_refused() {
 /// error, and the call-time bad ones load (they are stopped when called, above).
 #[test]
 fn loading_the_plugins_folder_refuses_exactly_the_bad_ones() {
-    let host = host();
+    // The operator grants the key-value store to the two plugins that keep state in it.
+    let config = HostConfig::from_toml(
+        "[grants]\ndefault = [\"log\", \"clock\", \"random\"]\n[grants.plugins]\nmirostat = [\"kv-store\"]\ntest-distribution-probe = [\"kv-store\"]\n",
+    )
+    .unwrap();
+    let host = PluginHost::new(config).unwrap();
     let report = host.load_dir(&plugins_dir());
     let loaded: BTreeSet<&str> = report.loaded.iter().map(String::as_str).collect();
-    for id in ["greedy", "top-p", "bad-infinite-loop", "bad-memory-bomb", "bad-out-of-range-token", "test-trap-on-nan"] {
+    for id in ["greedy", "top-p", "mirostat", "test-distribution-probe", "bad-infinite-loop", "bad-memory-bomb", "bad-out-of-range-token", "test-trap-on-nan"] {
         assert!(loaded.contains(id), "{id} should load; report: {report:?}");
     }
     let mut refused: Vec<(String, &'static str)> = report

@@ -5,29 +5,24 @@ mod support;
 
 use std::path::Path;
 
-use computepool_plugin_host::conformance::run_sampler_suite;
+use computepool_plugin_host::conformance::{KIND_SUITES_DIR, run_sampler_suite};
 use support::{host, plugin};
 
 fn kind_suite() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("conformance/sampler/0.1.0")
 }
 
+/// `test_plugin` (what `computepool plugin test` runs; host/node/tests/plugin_cli.rs runs that on every
+/// plugin in plugins/) loads a plugin and runs its kind's suite and its own cases.
 #[test]
-fn every_sampler_plugin_passes_the_sampler_suite_and_its_own_cases() {
+fn test_plugin_runs_the_kind_suite_and_the_plugins_own_cases() {
     let host = host();
-    for (relative, id) in [("samplers/greedy", "greedy"), ("samplers/top-p", "top-p")] {
-        let dir = plugin(relative);
-        host.load_plugin(&dir).unwrap();
-        let sampler = host.sampler(id).unwrap();
-        let report = run_sampler_suite(&sampler, &kind_suite());
-        assert!(report.passed(), "{id}: {:?}", report.failures().collect::<Vec<_>>());
-        assert_eq!(report.cases.len(), 6);
-        let own = dir.join("conformance");
-        if own.is_dir() {
-            let report = run_sampler_suite(&sampler, &own);
-            assert!(report.passed(), "{id} (own cases): {:?}", report.failures().collect::<Vec<_>>());
-        }
-    }
+    let dir = plugin("samplers/top-p");
+    let report = computepool_plugin_host::conformance::test_plugin(&host, &dir, Path::new(KIND_SUITES_DIR)).unwrap();
+    assert!(report.passed(), "{report:?}");
+    assert_eq!(report.suites.len(), 2, "the kind suite and conformance/");
+    assert_eq!(report.suites[0].1.cases.len(), 6);
+    assert!(!report.suites[1].1.cases.is_empty());
 }
 
 #[test]

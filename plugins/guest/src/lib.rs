@@ -52,3 +52,21 @@ macro_rules! guest_runtime {
         }
     };
 }
+
+/// A value kept by one plugin instance between calls. A component instance runs one call at a time on
+/// one thread (wasm32 without threads), so handing out `&mut` to one closure at a time is sound.
+pub struct InstanceCell<T>(core::cell::RefCell<T>);
+
+// SAFETY: wasm32-wasip2 guests have no threads; the host never enters an instance twice at once.
+unsafe impl<T> Sync for InstanceCell<T> {}
+
+impl<T> InstanceCell<T> {
+    pub const fn new(value: T) -> Self {
+        Self(core::cell::RefCell::new(value))
+    }
+
+    /// Runs `f` with the value. Re-entering (impossible for a sampler) would panic, which traps.
+    pub fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        f(&mut self.0.borrow_mut())
+    }
+}

@@ -236,7 +236,7 @@ mod tests {
     #[test]
     fn start_is_counted_like_any_frame_of_its_request() {
         let mut g = gate();
-        let sampling = SamplingHeader { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 1 };
+        let sampling = SamplingHeader { seed: 1, ..SamplingHeader::default() };
         let start = |seq| Frame {
             header: FrameHeader::Control(ControlHeader::Start { request: rid("a"), seq, sampling }),
             payload: Vec::new(),

@@ -310,9 +310,11 @@ impl FromStr for ErrorCode {
 ///
 /// The fields mean what they mean in the engine's native sampler (`temperature` 0 is greedy, `top_k` 0
 /// keeps every token, `top_p` 1 keeps the whole distribution, `seed` starts the request's random
-/// stream), so a sharded run samples exactly the tokens an unsharded one does. The values are checked
-/// for range here; whether a sampler can honour them is the exit shard's business.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+/// stream), so a sharded run samples exactly the tokens an unsharded one does. `sampler` names a sampler
+/// plugin loaded on the exit shard; absent, the exit samples natively. The optional fields were added
+/// after the first four: a header without them means what it always meant (each is "off" when absent).
+/// The values are checked for range here; whether a sampler can honour them is the exit shard's business.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SamplingHeader {
     /// Softmax temperature, finite and ≥ 0; 0 is greedy (argmax).
@@ -323,6 +325,48 @@ pub struct SamplingHeader {
     pub top_p: f32,
     /// Seed of the request's random stream.
     pub seed: u64,
+    /// Minimum probability relative to the most likely token, in [0, 1]. Absent: 0 (off).
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "present")]
+    pub min_p: Option<f32>,
+    /// Multiplicative penalty on sampled tokens, finite and > 0. Absent: 1 (off).
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "present")]
+    pub repetition_penalty: Option<f32>,
+    /// Subtracted once from the logit of each sampled token, finite. Absent: 0 (off).
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "present")]
+    pub presence_penalty: Option<f32>,
+    /// Subtracted per occurrence from the logit of each sampled token, finite. Absent: 0 (off).
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "present")]
+    pub frequency_penalty: Option<f32>,
+    /// Id of the sampler plugin the exit runs (1-64 of `a-z 0-9 - _ .`). Absent: native sampling.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "present")]
+    pub sampler: Option<String>,
+}
+
+impl Default for SamplingHeader {
+    /// Greedy, native, seed 0.
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+            min_p: None,
+            repetition_penalty: None,
+            presence_penalty: None,
+            frequency_penalty: None,
+            sampler: None,
+        }
+    }
+}
+
+/// Longest sampler id, in bytes (the plugin manifests' limit).
+pub const MAX_SAMPLER_ID_LEN: usize = 64;
+
+/// Whether `id` can name a sampler plugin: 1-64 of lowercase letters, digits, `-`, `_`, `.`.
+pub fn is_valid_sampler_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_SAMPLER_ID_LEN
+        && id.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c))
 }
 
 impl SamplingHeader {
@@ -332,6 +376,31 @@ impl SamplingHeader {
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(invalid("sampling", format!("top_p {} is not in (0, 1]", self.top_p)));
+        }
+        if let Some(min_p) = self.min_p
+            && !(0.0..=1.0).contains(&min_p)
+        {
+            return Err(invalid("sampling", format!("min_p {min_p} is not in [0, 1]")));
+        }
+        if let Some(r) = self.repetition_penalty
+            && !(r.is_finite() && r > 0.0)
+        {
+            return Err(invalid("sampling", format!("repetition_penalty {r} is not a finite number > 0")));
+        }
+        for (name, value) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+            if let Some(v) = value
+                && !v.is_finite()
+            {
+                return Err(invalid("sampling", format!("{name} {v} is not finite")));
+            }
+        }
+        if let Some(id) = &self.sampler
+            && !is_valid_sampler_id(id)
+        {
+            return Err(invalid(
+                "sampling",
+                format!("sampler {:?} is not 1-{MAX_SAMPLER_ID_LEN} of a-z, 0-9, '-', '_', '.'", echo(id)),
+            ));
         }
         Ok(())
     }
@@ -345,6 +414,10 @@ impl std::hash::Hash for SamplingHeader {
         self.top_k.hash(state);
         self.top_p.to_bits().hash(state);
         self.seed.hash(state);
+        for v in [self.min_p, self.repetition_penalty, self.presence_penalty, self.frequency_penalty] {
+            v.map(f32::to_bits).hash(state);
+        }
+        self.sampler.hash(state);
     }
 }
 
@@ -1001,13 +1074,25 @@ mod tests {
         );
         let Ok(FrameHeader::Control(ControlHeader::Start { sampling, .. })) = ok else { panic!("{ok:?}") };
         assert_eq!(sampling.temperature, 0.1f32);
+        // A header of the first version (exactly the four fields) means native sampling, penalties off.
+        assert_eq!(sampling, SamplingHeader { temperature: 0.1, seed: 7, ..SamplingHeader::default() });
+        let full = r#"{"v":1,"kind":"control","op":"start","request":"r","seq":0,"sampling":{"temperature":0.7,"top_k":40,"top_p":0.9,"seed":1,"min_p":0.05,"repetition_penalty":1.1,"presence_penalty":0.5,"frequency_penalty":-0.5,"sampler":"top-p"},"payload_len":0}"#;
+        let Ok(FrameHeader::Control(ControlHeader::Start { sampling, .. })) = parse(full) else { panic!() };
+        assert_eq!(sampling.sampler.as_deref(), Some("top-p"));
+        assert_eq!((sampling.min_p, sampling.frequency_penalty), (Some(0.05), Some(-0.5)));
         for bad in [
             r#"{"temperature":-1,"top_k":0,"top_p":1.0,"seed":7}"#,
             r#"{"temperature":0.5,"top_k":0,"top_p":0,"seed":7}"#,
             r#"{"temperature":0.5,"top_k":0,"top_p":1.5,"seed":7}"#,
             r#"{"temperature":0.5,"top_k":0,"top_p":1.0}"#,
-            r#"{"temperature":0.5,"top_k":0,"top_p":1.0,"seed":7,"min_p":0.1}"#,
             r#"{"temperature":0.5,"top_k":-1,"top_p":1.0,"seed":7}"#,
+            r#"{"temperature":0.5,"top_k":0,"top_p":1.0,"seed":7,"min_p":1.5}"#,
+            r#"{"temperature":0.5,"top_k":0,"top_p":1.0,"seed":7,"min_p":null}"#,
+            r#"{"temperature":0.5,"top_k":0,"top_p":1.0,"seed":7,"repetition_penalty":0}"#,
+            r#"{"temperature":0.5,"top_k":0,"top_p":1.0,"seed":7,"sampler":""}"#,
+            r#"{"temperature":0.5,"top_k":0,"top_p":1.0,"seed":7,"sampler":"Top P"}"#,
+            r#"{"temperature":0.5,"top_k":0,"top_p":1.0,"seed":7,"sampler":null}"#,
+            r#"{"temperature":0.5,"top_k":0,"top_p":1.0,"seed":7,"mirostat":2}"#,
         ] {
             let json = format!(r#"{{"v":1,"kind":"control","op":"start","request":"r","seq":0,"sampling":{bad},"payload_len":0}}"#);
             assert!(parse(&json).is_err(), "{bad} was accepted");

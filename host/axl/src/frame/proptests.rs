@@ -48,9 +48,27 @@ fn valid_frame() -> impl Strategy<Value = Frame> {
     let end = (request_id(), any::<u64>()).prop_map(|(r, s)| Frame::end(r, s));
     let error = (request_id(), any::<u64>(), error_code(), "\\PC{0,60}")
         .prop_map(|(r, s, code, message)| Frame::error(r, s, code, message));
-    let start = (request_id(), 0u32..=20, any::<u32>(), 1u32..=100, any::<u64>()).prop_map(|(r, t, top_k, p, seed)| {
-        Frame::start(r, SamplingHeader { temperature: t as f32 / 10.0, top_k, top_p: p as f32 / 100.0, seed })
-    });
+    let extensions = (
+        proptest::option::of(0u32..=100),
+        proptest::option::of(1u32..=300),
+        proptest::option::of(-20i32..=20),
+        proptest::option::of("[a-z0-9._-]{1,64}"),
+    );
+    let start = (request_id(), 0u32..=20, any::<u32>(), 1u32..=100, any::<u64>(), extensions).prop_map(
+        |(r, t, top_k, p, seed, (min_p, repetition, penalty, sampler))| {
+            Frame::start(r, SamplingHeader {
+                temperature: t as f32 / 10.0,
+                top_k,
+                top_p: p as f32 / 100.0,
+                seed,
+                min_p: min_p.map(|m| m as f32 / 100.0),
+                repetition_penalty: repetition.map(|r| r as f32 / 100.0),
+                presence_penalty: penalty.map(|p| p as f32 / 10.0),
+                frequency_penalty: penalty.map(|p| -p as f32 / 10.0),
+                sampler,
+            })
+        },
+    );
     prop_oneof![4 => activations, 2 => token, 1 => start, 1 => end, 1 => error, 1 => Just(Frame::unload())]
 }
 

@@ -137,6 +137,23 @@ pub struct CommonParams {
     /// `max_tokens` are made (benchmarks, tests).
     #[serde(default)]
     pub ignore_eos: Option<bool>,
+    /// OpenAI's penalties, in [-2, 2]; over the tokens sampled so far.
+    #[serde(default)]
+    pub presence_penalty: Option<f64>,
+    #[serde(default)]
+    pub frequency_penalty: Option<f64>,
+    /// Extensions (vLLM and llama.cpp servers take them too): top-k (0 = off), min-p in [0, 1], and a
+    /// multiplicative repetition penalty > 0.
+    #[serde(default)]
+    pub top_k: Option<i64>,
+    #[serde(default)]
+    pub min_p: Option<f64>,
+    #[serde(default)]
+    pub repetition_penalty: Option<f64>,
+    /// Extension: the sampler, `native` or a sampler plugin id the pool loads (docs/PLUGINS.md).
+    /// Default: the pool's. An id the pool does not serve is a 400 before any shard works.
+    #[serde(default)]
+    pub sampler: Option<String>,
 }
 
 /// A checked request, ready for a pool.
@@ -266,6 +283,33 @@ fn prepare_common(
     }
     entry.temperature = temperature as f32;
     entry.top_p = top_p as f32;
+    for (param, value) in [("presence_penalty", common.presence_penalty), ("frequency_penalty", common.frequency_penalty)] {
+        if let Some(v) = value
+            && !(-2.0..=2.0).contains(&v)
+        {
+            return Err(ApiError::invalid(param, format!("{param} must be between -2 and 2, got {v}")));
+        }
+    }
+    entry.presence_penalty = common.presence_penalty.map(|v| v as f32);
+    entry.frequency_penalty = common.frequency_penalty.map(|v| v as f32);
+    entry.top_k = match common.top_k {
+        None => 0,
+        Some(k) if k < 0 => return Err(ApiError::invalid("top_k", format!("top_k must be at least 0 (0 is off), got {k}"))),
+        Some(k) => u32::try_from(k).unwrap_or(u32::MAX),
+    };
+    if let Some(m) = common.min_p
+        && !(0.0..=1.0).contains(&m)
+    {
+        return Err(ApiError::invalid("min_p", format!("min_p must be between 0 and 1, got {m}")));
+    }
+    entry.min_p = common.min_p.map(|v| v as f32);
+    if let Some(r) = common.repetition_penalty
+        && !(r.is_finite() && r > 0.0 && r <= 100.0)
+    {
+        return Err(ApiError::invalid("repetition_penalty", format!("repetition_penalty must be in (0, 100], got {r}")));
+    }
+    entry.repetition_penalty = common.repetition_penalty.map(|v| v as f32);
+    entry.sampler = common.sampler;
     entry.seed = match common.seed {
         // Negative seeds are valid in OpenAI's API; their bits are the seed.
         Some(seed) => seed as u64,
@@ -454,6 +498,13 @@ mod tests {
         let messages = p.entry.messages.expect("messages");
         assert_eq!((messages[0].role.as_str(), messages[1].content.as_str()), ("system", "hi"));
         assert_eq!(p.entry.prompt, None);
+        assert_eq!((p.entry.sampler.as_deref(), p.entry.top_k, p.entry.min_p), (None, 0, None));
+        let p = chat(r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"sampler":"top-p","top_k":40,"min_p":0.05,
+            "presence_penalty":0.5,"frequency_penalty":-0.25,"repetition_penalty":1.1}"#)
+        .expect("valid");
+        assert_eq!((p.entry.sampler.as_deref(), p.entry.top_k, p.entry.min_p), (Some("top-p"), 40, Some(0.05)));
+        assert_eq!((p.entry.presence_penalty, p.entry.frequency_penalty), (Some(0.5), Some(-0.25)));
+        assert_eq!(p.entry.repetition_penalty, Some(1.1));
     }
 
     #[test]
@@ -466,6 +517,11 @@ mod tests {
         assert_eq!(param(&format!("{{{m},\"n\":2}}")), Some("n".into()));
         assert_eq!(param(&format!("{{{m},\"max_tokens\":0}}")), Some("max_tokens".into()));
         assert_eq!(param(&format!("{{{m},\"temperature\":3}}")), Some("temperature".into()));
+        assert_eq!(param(&format!("{{{m},\"presence_penalty\":2.5}}")), Some("presence_penalty".into()));
+        assert_eq!(param(&format!("{{{m},\"frequency_penalty\":-3}}")), Some("frequency_penalty".into()));
+        assert_eq!(param(&format!("{{{m},\"top_k\":-1}}")), Some("top_k".into()));
+        assert_eq!(param(&format!("{{{m},\"min_p\":1.5}}")), Some("min_p".into()));
+        assert_eq!(param(&format!("{{{m},\"repetition_penalty\":0}}")), Some("repetition_penalty".into()));
         assert_eq!(param(&format!("{{{m},\"stop\":[\"a\",\"b\",\"c\",\"d\",\"e\"]}}")), Some("stop".into()));
         assert_eq!(param(r#"{"model":"m","messages":[]}"#), Some("messages".into()));
         assert_eq!(param(r#"{"messages":[{"role":"user","content":"hi"}]}"#), None, "missing model");

@@ -51,6 +51,22 @@ pub struct GenerateRequest {
     /// Default 0.
     #[serde(default)]
     pub seed: u64,
+    /// Minimum probability relative to the most likely token, in [0, 1]. Default off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_p: Option<f32>,
+    /// Multiplicative penalty on sampled tokens, > 0. Default off (1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repetition_penalty: Option<f32>,
+    /// Default off (0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_penalty: Option<f32>,
+    /// Default off (0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frequency_penalty: Option<f32>,
+    /// The sampler: `native` or the id of a sampler plugin the pool's workers load. Default: the entry's
+    /// `--default-sampler`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampler: Option<String>,
     /// Stop strings; not part of the output.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stop: Vec<String>,
@@ -82,6 +98,11 @@ impl GenerateRequest {
             top_p: 1.0,
             top_k: 0,
             seed: 0,
+            min_p: None,
+            repetition_penalty: None,
+            presence_penalty: None,
+            frequency_penalty: None,
+            sampler: None,
             stop: Vec::new(),
             ignore_eos: false,
             resume_tokens: Vec::new(),

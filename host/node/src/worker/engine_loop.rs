@@ -16,17 +16,19 @@ use computepool_axl::frame::{
 };
 use computepool_engine::backend::cpu::CpuBackend;
 use computepool_engine::model::{DeviceCache, DeviceShard, DeviceStepItem, StepInput, StepOutput};
-use computepool_engine::sampling::{Sampler, SamplingParams};
+use computepool_engine::sampling::SamplingParams;
 use tokio::sync::mpsc;
 
 use super::Outbound;
 use super::report::ShardStats;
+use crate::samplers::{RequestSampler, Samplers};
 
 /// Work for the compute thread.
 #[derive(Debug)]
 pub enum EngineJob {
-    /// A new request: make its KV cache (and sampler, on the exit).
-    Start { request: RequestId, sampling: SamplingParams },
+    /// A new request: make its KV cache (and sampler, on the exit: `sampler` names a plugin, `None` is
+    /// native sampling).
+    Start { request: RequestId, sampling: SamplingParams, sampler: Option<String> },
     /// The next positions of a request, starting at `start_pos` (checked against its cache).
     Step { request: RequestId, start_pos: u64, input: StepData },
     /// The request is over: free what it holds here.
@@ -57,7 +59,7 @@ impl StepData {
 struct RequestState {
     cache: DeviceCache,
     /// Only on the exit shard.
-    sampler: Option<Sampler>,
+    sampler: Option<RequestSampler>,
     last_used: Instant,
 }
 
@@ -69,6 +71,8 @@ pub struct EngineLoopConfig {
     pub request_idle_timeout: Duration,
     /// Where the caches held are published (heartbeats and metrics read them).
     pub stats: std::sync::Arc<ShardStats>,
+    /// The samplers the exit can run.
+    pub samplers: std::sync::Arc<Samplers>,
 }
 
 /// Runs until the job channel closes. Every frame it produces goes to `out`, in order.
@@ -179,11 +183,11 @@ impl EngineState {
 
     fn handle(&mut self, job: EngineJob) {
         match job {
-            EngineJob::Start { request, sampling } => {
+            EngineJob::Start { request, sampling, sampler } => {
                 let sampler = if self.shard.range().is_exit() {
-                    match Sampler::new(sampling) {
+                    match self.config.samplers.for_request(sampling, sampler.as_deref()) {
                         Ok(s) => Some(s),
-                        Err(e) => return self.fail(&request, ErrorCode::InvalidRequest, e.to_string()),
+                        Err(e) => return self.fail(&request, ErrorCode::InvalidRequest, e),
                     }
                 } else {
                     None
@@ -265,7 +269,15 @@ impl EngineState {
                 }
                 StepOutput::Logits(logits) => {
                     let st = self.requests.get_mut(&request).expect("present: it just stepped");
-                    let token = st.sampler.as_mut().expect("the exit holds a sampler per request").sample(&logits);
+                    let sampled = st.sampler.as_mut().expect("the exit holds a sampler per request").sample(&logits);
+                    let token = match sampled {
+                        Ok(token) => token,
+                        // The plugin's instance is already replaced; this request fails, others go on.
+                        Err(message) => {
+                            self.fail(&request, ErrorCode::Internal, message);
+                            continue;
+                        }
+                    };
                     let header = TokenHeader { request, seq: 0, tokens: vec![token], finish: None };
                     self.send(Outbound::Frame(Frame::token(header)));
                 }

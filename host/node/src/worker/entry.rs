@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use computepool_axl::frame::{ErrorCode, Frame, RequestId, SamplingHeader, SequenceTracker};
+use computepool_axl::frame::{ErrorCode, Frame, RequestId, SequenceTracker};
 use computepool_engine::generate::{self, RequestOutput};
 use computepool_engine::sampling::SamplingParams;
 use computepool_engine::tokenizer::{ChatMessage, Tokenizer};
@@ -43,6 +43,8 @@ pub struct EntryConfig {
     /// A request that gets no token for this long is failed (a backstop: a lost shard is normally
     /// noticed within the transport's peer timeout).
     pub step_timeout: Duration,
+    /// The samplers a request may name (checked here, run by the exit).
+    pub samplers: Arc<crate::samplers::Samplers>,
 }
 
 /// The entry's shared state.
@@ -132,7 +134,7 @@ impl Entry {
 
     async fn run_request(&self, send: &mut SendStream, recv: RecvStream) -> Result<(), Event> {
         let req = read_request(recv).await?;
-        let (id, prompt, engine_req) = self.prepare(&req)?;
+        let (id, prompt, engine_req, sampler) = self.prepare(&req)?;
         if let Some(why) = self.unavailable() {
             return Err(Event::Error { code: ErrorKind::Unavailable, message: why });
         }
@@ -145,7 +147,7 @@ impl Entry {
             requests.insert(id.clone(), LiveRequest { tx, tracker: SequenceTracker::new() });
             self.publish_live(requests.len());
         }
-        let result = self.drive(send, &id, &prompt, &req.resume_tokens, &engine_req, &mut rx).await;
+        let result = self.drive(send, &id, &prompt, &req.resume_tokens, &engine_req, sampler.as_deref(), &mut rx).await;
         {
             let mut requests = self.requests.lock().expect("entry state lock");
             requests.remove(&id);
@@ -163,7 +165,11 @@ impl Entry {
     }
 
     /// Checks and tokenizes a request.
-    fn prepare(&self, req: &GenerateRequest) -> Result<(RequestId, Vec<u32>, generate::GenerateRequest), Event> {
+    #[allow(clippy::type_complexity, reason = "one private call site")]
+    fn prepare(
+        &self,
+        req: &GenerateRequest,
+    ) -> Result<(RequestId, Vec<u32>, generate::GenerateRequest, Option<String>), Event> {
         let id = match &req.id {
             Some(id) => RequestId::new(id.clone()).map_err(|e| invalid(e.to_string()))?,
             None => {
@@ -221,9 +227,20 @@ impl Entry {
                 ),
             });
         }
-        let params =
-            SamplingParams { temperature: req.temperature, top_k: req.top_k as usize, top_p: req.top_p, seed: req.seed };
+        let off = SamplingParams::default();
+        let params = SamplingParams {
+            temperature: req.temperature,
+            top_k: req.top_k as usize,
+            top_p: req.top_p,
+            min_p: req.min_p.unwrap_or(off.min_p),
+            repetition_penalty: req.repetition_penalty.unwrap_or(off.repetition_penalty),
+            presence_penalty: req.presence_penalty.unwrap_or(off.presence_penalty),
+            frequency_penalty: req.frequency_penalty.unwrap_or(off.frequency_penalty),
+            seed: req.seed,
+        };
         params.validate().map_err(|e| invalid(e.to_string()))?;
+        // Before any frame goes out: an unknown sampler costs no shard any work.
+        let sampler = self.config.samplers.resolve(req.sampler.as_deref()).map_err(invalid)?;
         let engine_req = generate::GenerateRequest {
             prompt: prompt.clone(),
             params,
@@ -232,7 +249,7 @@ impl Entry {
             stop_token_ids: Vec::new(),
             ignore_eos: req.ignore_eos,
         };
-        Ok((id, prompt, engine_req))
+        Ok((id, prompt, engine_req, sampler))
     }
 
     async fn drive(
@@ -242,15 +259,16 @@ impl Entry {
         prompt: &[u32],
         resume: &[u32],
         engine_req: &generate::GenerateRequest,
+        sampler: Option<&str>,
         rx: &mut mpsc::UnboundedReceiver<Delivery>,
     ) -> Result<(), Event> {
         let gone = || Event::Error { code: ErrorKind::Unavailable, message: "the worker is shutting down".into() };
         let p = &engine_req.params;
-        let sampling =
-            SamplingHeader { temperature: p.temperature, top_k: p.top_k as u32, top_p: p.top_p, seed: p.seed };
+        let sampling = crate::samplers::to_header(p, sampler);
         // The start frame goes out before the engine can produce the request's first activations.
         self.outbound.send(Outbound::Frame(Frame::start(id.clone(), sampling))).await.map_err(|_| gone())?;
-        self.engine.send(EngineJob::Start { request: id.clone(), sampling: *p }).await.map_err(|_| gone())?;
+        let start = EngineJob::Start { request: id.clone(), sampling: *p, sampler: sampler.map(str::to_string) };
+        self.engine.send(start).await.map_err(|_| gone())?;
         self.engine
             .send(EngineJob::Step { request: id.clone(), start_pos: 0, input: StepData::Tokens(prompt.to_vec()) })
             .await

@@ -223,10 +223,10 @@ mod tests {
     #[test]
     fn frames_are_numbered_per_request_and_counters_end_with_the_request() {
         let mut n = Numbering::default();
-        let sampling = SamplingHeader { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 };
+        let sampling = SamplingHeader::default();
         let mut seqs = Vec::new();
         for mut f in [
-            Frame::start(rid("a"), sampling),
+            Frame::start(rid("a"), sampling.clone()),
             Frame::start(rid("b"), sampling),
             Frame::token(TokenHeader { request: rid("a"), seq: 99, tokens: vec![1], finish: None }),
             Frame::end(rid("a"), 99),

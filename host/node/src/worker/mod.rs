@@ -41,7 +41,6 @@ use computepool_axl::transport::{
 };
 use computepool_engine::DType;
 use computepool_engine::model::{Device, DeviceShard, LoadOptions, ModelSource};
-use computepool_engine::sampling::SamplingParams;
 use computepool_engine::shard::LayerRange;
 use computepool_engine::tokenizer::Tokenizer;
 use iroh::endpoint::{Connection, VarInt};
@@ -95,6 +94,8 @@ pub struct WorkerArgs {
     /// A file holding the orchestrator's operator token (instead of the environment variable).
     #[arg(long, requires = "orchestrator")]
     pub operator_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub samplers: crate::samplers::SamplerArgs,
 }
 
 /// Runs a worker until it is interrupted.
@@ -181,11 +182,13 @@ async fn serve(
     let device_name = shard.device_name();
     let stats = Arc::new(report::ShardStats::new(me == 0));
 
+    let samplers = Arc::new(crate::samplers::Samplers::start(&args.samplers)?);
     let (out_tx, out_rx) = mpsc::channel::<Outbound>(1024);
     let engine_config = EngineLoopConfig {
         limits,
         request_idle_timeout: Duration::from_secs(args.request_idle_timeout_s),
         stats: stats.clone(),
+        samplers: samplers.clone(),
     };
     let (engine_tx, engine_thread) = engine_loop::spawn(shard, out_tx.clone(), engine_config);
 
@@ -197,6 +200,7 @@ async fn serve(
             context: cfg.max_position_embeddings,
             vocab: cfg.vocab_size,
             step_timeout: Duration::from_secs(args.step_timeout_s),
+            samplers: samplers.clone(),
         };
         let links = (down_rx.clone(), up_rx.clone());
         Arc::new(Entry::new(tokenizer, entry_config, engine_tx.clone(), out_tx.clone(), links, stats.clone()))
@@ -442,16 +446,11 @@ impl Ctx {
                 let mut tracker = SequenceTracker::new();
                 tracker.check(0).expect("a fresh tracker takes 0");
                 inbound.insert(request.clone(), Inbound { tracker, cursor: ActivationCursor::new(0), pending: Vec::new() });
-                let params = SamplingParams {
-                    temperature: sampling.temperature,
-                    top_k: sampling.top_k as usize,
-                    top_p: sampling.top_p,
-                    seed: sampling.seed,
-                };
+                let (params, sampler) = crate::samplers::from_header(&sampling);
                 if !self.is_exit {
                     self.send_out(forward(Frame::start(request.clone(), sampling))).await;
                 }
-                self.job(EngineJob::Start { request, sampling: params }).await;
+                self.job(EngineJob::Start { request, sampling: params, sampler }).await;
             }
             FrameHeader::Activations(h) => {
                 let Some(state) = inbound.get_mut(&h.request) else {

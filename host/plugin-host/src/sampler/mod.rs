@@ -101,7 +101,7 @@ enum SamplerPre {
 }
 
 enum SamplerBindings {
-    V0_1_0(since_v0_1_0::Sampler),
+    V0_1_0(since_v0_1_0::Sampler, since_v0_1_0::InputBuffer),
 }
 
 struct PooledInstance {
@@ -119,6 +119,8 @@ pub struct SamplerPlugin {
     failure_policy: FailurePolicy,
     disable_after: u32,
     kv: KvScope,
+    /// Whether the engine meters fuel (always, outside the metering benchmark).
+    metered: bool,
     idle: Mutex<Vec<PooledInstance>>,
     max_idle: usize,
     consecutive_failures: AtomicU32,
@@ -151,6 +153,7 @@ impl SamplerPlugin {
         manifest: &PluginManifest,
         kv: KvScope,
         max_idle: usize,
+        metered: bool,
     ) -> Result<Self, LoadError> {
         let world_mismatch = |e: wasmtime::Error| LoadError::WorldMismatch {
             id: manifest.id.clone(),
@@ -178,6 +181,7 @@ impl SamplerPlugin {
             failure_policy: manifest.limits.failure_policy,
             disable_after: manifest.limits.disable_after.max(1),
             kv,
+            metered,
             idle: Mutex::new(Vec::new()),
             max_idle,
             consecutive_failures: AtomicU32::new(0),
@@ -212,10 +216,13 @@ impl SamplerPlugin {
     fn instantiate(&self) -> Result<PooledInstance, CallError> {
         let mut store = Store::new(&self.engine, HostState::new(&self.id, self.memory_bytes, self.kv.clone()));
         store.limiter(|state| &mut state.limiter);
-        store.set_fuel(self.fuel_per_call).map_err(|e| self.instantiate_error(&e))?;
+        if self.metered {
+            store.set_fuel(self.fuel_per_call).map_err(|e| self.instantiate_error(&e))?;
+        }
         let bindings = match &self.pre {
             SamplerPre::V0_1_0(pre) => SamplerBindings::V0_1_0(
                 since_v0_1_0::instantiate(pre, &mut store).map_err(|e| self.classify(&store, &e))?,
+                since_v0_1_0::new_buffer(),
             ),
         };
         Ok(PooledInstance { store, bindings })
@@ -296,14 +303,16 @@ impl SamplerPlugin {
             None => self.instantiate()?,
         };
         let store = &mut instance.store;
-        store.set_fuel(self.fuel_per_call).map_err(|e| self.instantiate_error(&e))?;
+        if self.metered {
+            store.set_fuel(self.fuel_per_call).map_err(|e| self.instantiate_error(&e))?;
+        }
         store.data_mut().random = Some(random.clone());
         store.data_mut().begin_call();
-        let outcome = match &instance.bindings {
-            SamplerBindings::V0_1_0(bindings) => since_v0_1_0::call(bindings, store, input),
+        let outcome = match &mut instance.bindings {
+            SamplerBindings::V0_1_0(bindings, buffer) => since_v0_1_0::call(bindings, store, buffer, input),
         };
         store.data_mut().end_call();
-        let fuel_used = self.fuel_per_call.saturating_sub(store.get_fuel().unwrap_or(0));
+        let fuel_used = if self.metered { self.fuel_per_call.saturating_sub(store.get_fuel().unwrap_or(0)) } else { 0 };
         // The stream advances by whatever the plugin drew, even if it then failed.
         if let Some(advanced) = store.data_mut().random.take() {
             *random = advanced;

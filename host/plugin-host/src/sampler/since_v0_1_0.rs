@@ -30,29 +30,52 @@ pub(super) fn instantiate(pre: &SamplerPre<HostState>, store: &mut Store<HostSta
     pre.instantiate(store)
 }
 
+/// The input record, kept per pooled instance and refilled for each call, so a call allocates nothing on
+/// the host side once it has seen the vocabulary (the canonical ABI still copies it into the guest).
+pub(super) type InputBuffer = wit::SampleInput;
+
+pub(super) fn new_buffer() -> InputBuffer {
+    wit::SampleInput {
+        logits: Vec::new(),
+        history: Vec::new(),
+        generated: 0,
+        params: wit::SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: 0,
+        },
+    }
+}
+
 /// One call. The outer error is a trap; the inner one is the plugin's own `sample-error`.
 pub(super) fn call(
     sampler: &Sampler,
     store: &mut Store<HostState>,
+    buffer: &mut InputBuffer,
     input: &super::SampleInput<'_>,
 ) -> wasmtime::Result<Result<u32, String>> {
     let p = &input.params;
-    let input = wit::SampleInput {
-        logits: input.logits.to_vec(),
-        history: input.history.to_vec(),
-        generated: input.generated,
-        params: wit::SamplingParams {
-            temperature: p.temperature,
-            top_k: p.top_k,
-            top_p: p.top_p,
-            min_p: p.min_p,
-            repetition_penalty: p.repetition_penalty,
-            presence_penalty: p.presence_penalty,
-            frequency_penalty: p.frequency_penalty,
-            seed: p.seed,
-        },
+    buffer.logits.clear();
+    buffer.logits.extend_from_slice(input.logits);
+    buffer.history.clear();
+    buffer.history.extend_from_slice(input.history);
+    buffer.generated = input.generated;
+    buffer.params = wit::SamplingParams {
+        temperature: p.temperature,
+        top_k: p.top_k,
+        top_p: p.top_p,
+        min_p: p.min_p,
+        repetition_penalty: p.repetition_penalty,
+        presence_penalty: p.presence_penalty,
+        frequency_penalty: p.frequency_penalty,
+        seed: p.seed,
     };
-    let result = sampler.computepool_sampler_sample().call_sample(store, &input)?;
+    let result = sampler.computepool_sampler_sample().call_sample(store, buffer)?;
     Ok(result.map_err(|e| match e {
         wit::SampleError::InvalidParams(m) => format!("invalid parameters: {m}"),
         wit::SampleError::NoCandidates(m) => format!("no candidates: {m}"),

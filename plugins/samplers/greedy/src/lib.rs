@@ -22,16 +22,7 @@ impl Guest for Greedy {
         if input.logits.is_empty() {
             return Err(SampleError::NoCandidates(format!("greedy: the logits are empty")));
         }
-        let mut best = 0usize;
-        let mut best_value = f32::NEG_INFINITY;
-        for (i, &v) in input.logits.iter().enumerate() {
-            // `>` keeps the first maximum and never takes NaN.
-            if v > best_value {
-                best_value = v;
-                best = i;
-            }
-        }
-        Ok(best as u32)
+        Ok(computepool_sampling_core::argmax(&input.logits))
     }
 }
 
