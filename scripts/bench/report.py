@@ -24,6 +24,7 @@ def main():
     ap.add_argument("--pipeline", help="`computepool bench --shards` lines (and the 1-shard run beside them)")
     ap.add_argument("--netns", help="stderr of `cargo test --test netns -- --nocapture`")
     ap.add_argument("--samplers", help="`computepool plugin bench --json` lines: sampler plugins vs native sampling")
+    ap.add_argument("--samplers-uptime", help="`uptime` before and after the sampler bench (the machine's load)")
     args = ap.parse_args()
     if args.api_only:
         out = []
@@ -123,7 +124,8 @@ def main():
         if r:
             p(f"| {w} | {r['bytes_per_token']:,} | {r['tg_ts_range'][0]:.0f}–{r['tg_ts_range'][1]:.0f} |")
     if args.samplers:
-        samplers_section(p, [json.loads(line) for line in open(args.samplers) if line.strip()])
+        uptime = open(args.samplers_uptime).read().strip().splitlines() if args.samplers_uptime else []
+        samplers_section(p, [json.loads(line) for line in open(args.samplers) if line.strip()], uptime)
     gpu_runs = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../docs/gpu/*.md")))
     if gpu_runs:
         # GPU runs are not part of this script (it runs on the CPU machine): each is the output of
@@ -190,7 +192,7 @@ def api_section(p, runs):
     p("")
 
 
-def samplers_section(p, rows):
+def samplers_section(p, rows, uptime=()):
     """Per-token cost of the sampler plugins against native sampling, beside a decode step (issue 5)."""
     if not rows:
         return
@@ -203,7 +205,12 @@ def samplers_section(p, rows):
     p(f"variant (mean of its calls) back to back, so the share of the decode step is a per-round ratio. Decode")
     p(f"step: {r0['decode_step_ms_median']:.2f} ms (median). Plugin calls include copying the logits into the guest;")
     p("top-p is temperature 0.8, top-p 0.95 (the shared algorithm of `host/sampling-core`, native or compiled")
-    p("to WebAssembly). Target: a plugin's per-token cost under 2% of the decode step.")
+    p("to WebAssembly) on the model's own logits after a short prompt; the 128,256 row is those logits followed")
+    p("by the same values lowered by 10 (more tail, no new head). Target: a plugin's per-token cost under 2% of")
+    p("the decode step.")
+    if uptime:
+        p("")
+        p("Machine load (`uptime` before and after): " + " / ".join(u.split("load average:")[-1].strip() for u in uptime) + ".")
     p("")
     p("| sampler | vocab | µs/token median (min–max) | % of decode step median (min–max) | fuel/call |")
     p("|---|---|---|---|---|")

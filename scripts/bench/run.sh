@@ -71,6 +71,8 @@ cargo test --release --locked -p computepool-node --test netns -- --nocapture --
 # Sampler plugins (issue 5): per-token cost of the greedy and top-p plugins against native sampling at
 # 49,152 and 128,256 vocabularies, beside a SmolLM2 decode step measured in the same rounds.
 bash scripts/build-plugins.sh
+uptime > "$out/samplers.uptime"
 "$bin" plugin bench --model "$model" --plugins plugins/samplers --threads 2 --json > "$out/samplers.jsonl"
-python3 "$here/report.py" --anchors "$out/anchors.json" --ours "$out/computepool.jsonl" --quantized "q4_1=$out/computepool-q4_1.jsonl" --paired "$out/paired.jsonl" --pipeline "$out/pipeline.jsonl" --netns "$out/netns.log" --api "$out/api.jsonl" --samplers "$out/samplers.jsonl" > docs/BENCHMARKS.md
+uptime >> "$out/samplers.uptime"
+python3 "$here/report.py" --anchors "$out/anchors.json" --ours "$out/computepool.jsonl" --quantized "q4_1=$out/computepool-q4_1.jsonl" --paired "$out/paired.jsonl" --pipeline "$out/pipeline.jsonl" --netns "$out/netns.log" --api "$out/api.jsonl" --samplers "$out/samplers.jsonl" --samplers-uptime "$out/samplers.uptime" > docs/BENCHMARKS.md
 echo "wrote docs/BENCHMARKS.md"

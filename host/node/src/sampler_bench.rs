@@ -6,7 +6,8 @@
 //! temperature 0.8, top-p 0.95), the greedy and top-p plugins with the production engine (fuel metered),
 //! and the top-p plugin on an engine without fuel metering — the most that any cheaper bound (epoch
 //! deadlines) could save. A plugin call's time includes copying the logits into the guest. The decode step
-//! is the mean of `--tg` single-token steps from an empty cache (`computepool bench`'s tg).
+//! is the mean of `--tg` single-token steps from an empty cache (`computepool bench`'s tg). The logits are
+//! the model's own after a short prompt (top-p's cost grows with the nucleus: flat rows cost more).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -116,11 +117,20 @@ pub fn run(args: SamplerBenchArgs) -> anyhow::Result<()> {
     let model_vocab = shard.config().vocab_size;
     let mut rng = Rng::new(99);
     let tokens: Vec<u32> = (0..args.tg).map(|_| (rng.next_u64() % model_vocab as u64) as u32).collect();
-    // Logits shaped like a model's: mostly low, a few high; generated once per vocabulary.
+    // The logits sampled are the model's own, after a short story prompt: a peaked head and a long tail,
+    // as sampling sees them. Another vocabulary size gets the model's logits and then the same values
+    // lowered by 10 for the extra entries (more tail, no new head).
+    let source = ModelSource::from_path(&args.model)?;
+    let prompt = source.tokenizer()?.encode("Once upon a time, in a small village by the sea,", true)?;
+    let computepool_engine::model::StepOutput::Logits(out) = shard.forward(StepInput::Tokens(&prompt), &mut shard.new_cache())?
+    else {
+        anyhow::bail!("the whole model's step gives logits");
+    };
+    let real = &out[out.len() - model_vocab..];
     let logits: Vec<Vec<f32>> = args
         .vocab
         .iter()
-        .map(|&v| (0..v).map(|_| ((rng.next_f64() - 0.5) * 20.0) as f32).collect())
+        .map(|&v| (0..v).map(|i| real[i % model_vocab] - if i < model_vocab { 0.0 } else { 10.0 }).collect())
         .collect();
 
     let variants = ["native greedy", "plugin greedy", "native top-p", "plugin top-p", "plugin top-p (no fuel)"];

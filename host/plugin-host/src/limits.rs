@@ -24,7 +24,8 @@ pub enum FailurePolicy {
 pub struct PluginLimits {
     /// Fuel (roughly one unit per WebAssembly instruction) one call may burn before it traps. Default
     /// 1,000,000,000 (about a second of pure compute). Enabling fuel costs a few percent of guest speed;
-    /// the top-p sampler burns about 180 million on a 128,256-entry vocabulary (tests/samplers.rs).
+    /// the top-p sampler burns about 36 million on a 128,256-entry row of flat random logits, its worst case
+    /// (a wide nucleus to sort; tests/samplers.rs), and far less on a model's peaked rows.
     pub fuel_per_call: u64,
     /// Most bytes of linear memory an instance may hold (its initial memory included). Default 64 MiB.
     /// Memory stays allocated while the instance is pooled between calls.

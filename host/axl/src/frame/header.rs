@@ -1121,7 +1121,7 @@ mod tests {
             FrameHeader::Control(ControlHeader::Start {
                 request: rid("a"),
                 seq: 0,
-                sampling: SamplingHeader { temperature: 0.7, top_k: 40, top_p: 0.95, seed: u64::MAX },
+                sampling: SamplingHeader { temperature: 0.7, top_k: 40, top_p: 0.95, seed: u64::MAX, sampler: Some("top-p".into()), min_p: Some(0.05), ..SamplingHeader::default() },
             }),
         ];
         for h in headers {
