@@ -335,3 +335,89 @@ async fn deployment_is_deterministic_and_round_trips() {
     // The note's addresses for the default anvil deployer.
     assert_eq!(d.superfluid.gda_v1_forwarder, "0xBcC58fb72409BA1CdEc5dBcDD3Cd6c42E3e04242".parse::<Address>().unwrap());
 }
+
+/// The model against the contracts over seeded random pools: member counts, units, requested rates, a
+/// re-weighing and durations drawn per case; every balance must agree to the wei after each step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gda_model_matches_the_contracts_on_random_pools() {
+    let Some(tools) = tools() else { return };
+    let anvil = Anvil::spawn(&tools, 0, DEVNET_CHAIN_ID).unwrap();
+    let keys = anvil.keys().to_vec();
+    let deployer = connect(&anvil, &keys[0]).await;
+    let deployment = deploy_all(&deployer, &tools.superfluid().unwrap(), &DeployOptions::usdc_like(keys[9].address())).await.unwrap();
+    let usdcx = deployment.usdcx;
+    let usdc = TestUSD::new(deployment.usdc.address, deployer.provider());
+    deployer.send("mint", usdc.mint(deployer.address(), U256::from(10u64).pow(U256::from(12)))).await.unwrap();
+    deployer.send("approve", usdc.approve(usdcx, U256::MAX)).await.unwrap();
+    let super_token = ISuperToken::new(usdcx, deployer.provider());
+    deployer.send("upgrade", super_token.upgrade(U256::from(10u64).pow(U256::from(24)))).await.unwrap();
+    let gda = Gda::new(&deployer, &deployment.superfluid);
+    let rules = gda.solvency_rules(usdcx).await.unwrap();
+    let members: Vec<Chain> = futures_join(keys[2..8].iter().map(|k| connect(&anvil, k))).await;
+    let admin = connect(&anvil, &keys[1]).await;
+    let admin_gda = Gda::new(&admin, &deployment.superfluid);
+
+    // xorshift64*, fixed seed: the same cases every run, printed on failure.
+    let mut state = 0x5eed_cafe_f00d_u64;
+    let mut next = |bound: u64| {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_f491_4f6c_dd1d) % bound
+    };
+    for case in 0..4 {
+        let n = 1 + next(members.len() as u64) as usize;
+        let units: Vec<u128> = (0..n).map(|_| 1 + next(1000) as u128).collect();
+        let requested = 1 + next(10_000_000_000_000) as i128;
+        let (reweigh_index, reweigh_units) = (next(n as u64) as usize, next(1000) as u128);
+        let (d1, d2, d3) = (1 + next(100_000), 1 + next(100_000), 1 + next(100_000));
+        let what = format!("case {case}: units {units:?}, R {requested}, member {reweigh_index} -> {reweigh_units}, waits {d1}/{d2}/{d3}");
+
+        let (pool, _) = admin_gda.create_pool(usdcx, admin.address(), true).await.unwrap();
+        let mut tracked = vec![deployer.address(), admin.address()];
+        for (m, u) in members.iter().zip(&units) {
+            admin_gda.update_member_units(pool, m.address(), *u).await.unwrap();
+            Gda::new(m, &deployment.superfluid).connect_pool(pool).await.unwrap();
+            tracked.push(m.address());
+        }
+        let (start_block, start_time) = latest_block(&deployer).await;
+        let mut model = GdaModel::new(pool, admin.address(), rules);
+        for &a in &tracked {
+            let b = super_token_balance(&deployer, usdcx, a, Some(start_block)).await.unwrap();
+            model.track(a, i128::try_from(b).unwrap(), start_time);
+        }
+        for (m, u) in members.iter().zip(&units) {
+            model.set_units(m.address(), *u, start_time);
+            model.connect(m.address(), start_time);
+        }
+        let check = |model: &GdaModel, block: u64, time: u64| {
+            let (model, tracked, deployer, what) = (model.clone(), tracked.clone(), deployer.clone(), what.clone());
+            async move {
+                for a in tracked {
+                    let b = super_token_balance(&deployer, usdcx, a, Some(block)).await.unwrap();
+                    assert_eq!(i128::try_from(b).unwrap(), model.available_balance(a, time), "{what}: {a} at {time}");
+                }
+            }
+        };
+
+        let r = gda.distribute_flow(usdcx, pool, requested).await.unwrap();
+        let t = deployer.block_timestamp(&r).await.unwrap();
+        let actual = model.distribute_flow(deployer.address(), requested, t);
+        assert_eq!(gda.flow_rate(usdcx, deployer.address(), pool).await.unwrap(), actual, "{what}");
+        mine_at(&deployer, t + d1).await.unwrap();
+        check(&model, latest_block(&deployer).await.0, t + d1).await;
+
+        let r = admin_gda.update_member_units(pool, members[reweigh_index].address(), reweigh_units).await.unwrap();
+        let t = deployer.block_timestamp(&r).await.unwrap();
+        model.set_units(members[reweigh_index].address(), reweigh_units, t);
+        assert_eq!(gda.adjustment_flow_rate(pool).await.unwrap(), model.flow().adjustment_rate, "{what}");
+        mine_at(&deployer, t + d2).await.unwrap();
+        check(&model, latest_block(&deployer).await.0, t + d2).await;
+
+        let r = gda.distribute_flow(usdcx, pool, 0).await.unwrap();
+        let t = deployer.block_timestamp(&r).await.unwrap();
+        model.distribute_flow(deployer.address(), 0, t);
+        mine_at(&deployer, t + d3).await.unwrap();
+        check(&model, latest_block(&deployer).await.0, t + d3).await;
+    }
+}
