@@ -5,8 +5,9 @@
 // matvec_<kind>: decode products of up to 8 rows, y[b, n] (+)= sum_k W[n, k] * x[b, k], with the same
 // arguments, fused RMSNorm and residual add as matvec_bf16. One warp per output row; lane i takes the
 // row's 32-value chunks i, i + 32, ... (a 32-value block, or one 32-value group of a super-block),
-// dequantizes the chunk into registers exactly as ggml's reference dequantizers compute each value
-// (f32, same operation order: the values are those of `gguf::dequantize`), and multiplies it against
+// dequantizes the chunk into registers with the operations of ggml's reference dequantizers (f32, same
+// order; NVRTC may contract `q * d + m` into one FMA, so a value can differ from `gguf::dequantize`'s in
+// its last bit; the index arithmetic was checked value for value against gguf-py), and multiplies it against
 // every batch row's f32 activations. Decode reads 4.5-8.5 bits per weight instead of bf16's 16.
 // Activations stay f32 (llama.cpp quantizes them to 8 bits; here the product is the dequantized
 // weights' f32 dot product, so it differs from the CPU backend's 8-bit activations by that rounding).
