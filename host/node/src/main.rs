@@ -98,7 +98,6 @@ fn main() -> anyhow::Result<()> {
         Command::Orchestrator(args) => orchestrator::run(args),
         Command::Up(args) => up::run(args),
         Command::Chain { command } => chain::run(command),
-    },
         Command::Plugin { command } => {
             if !plugin_cli::run(command)? {
                 std::process::exit(1);
