@@ -2,7 +2,7 @@
 //! (0G Galileo's, so the same deployment file shape serves both) and no contract size limit (Superfluid's
 //! framework deployer exceeds 24 KB). The process is killed when its `Anvil` is dropped.
 
-use std::net::TcpListener;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -80,51 +80,57 @@ struct AnvilConfig {
 }
 
 impl Anvil {
-    /// Starts anvil on 127.0.0.1:`port` (0: a free port) and waits until it answers.
+    /// Starts anvil on 127.0.0.1:`port` (0: a free port, picked by anvil itself) and waits until it
+    /// listens. The address comes from anvil's own "Listening on" line, not from probing the port: a probe
+    /// can reach another anvil that took the port first (parallel tests did exactly that).
     pub fn spawn(tools: &ChainTools, port: u16, chain_id: u64) -> Result<Self, ChainError> {
-        if port != 0 {
-            return Self::spawn_on(tools, port, chain_id);
-        }
-        // A port found free may be taken by someone else before anvil binds it: try a few.
-        let mut last = None;
-        for _ in 0..3 {
-            match Self::spawn_on(tools, free_port()?, chain_id) {
-                Ok(anvil) => return Ok(anvil),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.expect("three attempts were made"))
-    }
-
-    fn spawn_on(tools: &ChainTools, port: u16, chain_id: u64) -> Result<Self, ChainError> {
         let config_dir = tempfile::tempdir().map_err(|e| ChainError::Anvil(format!("temporary folder: {e}")))?;
         let config_path = config_dir.path().join("anvil.json");
-        let child = Command::new(tools.anvil())
+        let mut child = Command::new(tools.anvil())
             .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--chain-id", &chain_id.to_string()])
             .arg("--disable-code-size-limit")
             .arg("--config-out")
             .arg(&config_path)
-            .arg("--silent")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .map_err(|e| ChainError::Anvil(format!("starting {}: {e}", tools.anvil().display())))?;
-        let mut anvil = Self { child, rpc_url: format!("http://127.0.0.1:{port}"), keys: Vec::new(), _config_dir: config_dir };
-        anvil.wait_ready(&config_path, port)?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let mut anvil = Self { child, rpc_url: String::new(), keys: Vec::new(), _config_dir: config_dir };
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Reads anvil's log for as long as it runs (a full pipe would stall it), passing on the address.
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("Listening on ")
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(addr.trim().to_string());
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let status = anvil.child.try_wait().ok().flatten();
+                return Err(ChainError::Anvil(match status {
+                    Some(status) => format!("exited at start ({status}); is port {port} taken?"),
+                    None => "did not start listening within 30 s".to_string(),
+                }));
+            }
+        };
+        anvil.rpc_url = format!("http://{addr}");
+        anvil.read_keys(&config_path)?;
         Ok(anvil)
     }
 
-    fn wait_ready(&mut self, config_path: &Path, port: u16) -> Result<(), ChainError> {
+    fn read_keys(&mut self, config_path: &Path) -> Result<(), ChainError> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(status) = self.child.try_wait().map_err(|e| ChainError::Anvil(e.to_string()))? {
-                return Err(ChainError::Anvil(format!("exited at start ({status}); is port {port} taken?")));
-            }
-            // anvil writes its config (with the funded keys) once it listens.
+            // anvil writes its config (with the funded keys) as it starts listening.
             if let Ok(text) = std::fs::read_to_string(config_path)
                 && let Ok(config) = serde_json::from_str::<AnvilConfig>(&text)
-                && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
             {
                 self.keys = config
                     .private_keys
@@ -134,9 +140,9 @@ impl Anvil {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(ChainError::Anvil(format!("not ready on port {port} after 30 s")));
+                return Err(ChainError::Anvil(format!("no funded keys in {} after 30 s", config_path.display())));
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -160,11 +166,6 @@ impl Drop for Anvil {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> Result<u16, ChainError> {
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| ChainError::Anvil(format!("finding a free port: {e}")))?;
-    listener.local_addr().map(|a| a.port()).map_err(|e| ChainError::Anvil(e.to_string()))
 }
 
 /// anvil's time travel: the next block is mined at exactly `timestamp`.
