@@ -213,6 +213,7 @@ fn run_sharded(args: BenchArgs) -> anyhow::Result<()> {
             orchestrator: None,
             client_key: None,
             samplers: Default::default(),
+            payouts: Vec::new(),
         };
         let pipeline = LocalPipeline::start(&options)?;
         let mut rng = Rng::new(1234);

@@ -55,6 +55,7 @@ pub fn run(model: &Path, shards: usize, dtype: &str, threads: usize, tg: usize, 
         client_key: Some(key.clone()),
         orchestrator: None,
         samplers: Default::default(),
+        payouts: Vec::new(),
     })?;
     let settings = Settings { heartbeat: Duration::from_secs(2), token: OperatorToken::new("bench-operator-token")? };
     let state = Arc::new(AppState::open(state_dir.path(), key.clone(), settings)?);

@@ -184,6 +184,7 @@ fn run_pipeline(args: GenerateArgs) -> anyhow::Result<()> {
                 orchestrator: None,
                 client_key: None,
                 samplers: Default::default(),
+                payouts: Vec::new(),
             };
             Some(LocalPipeline::start(&options)?)
         }

@@ -29,6 +29,8 @@ pub struct PipelineOptions {
     pub client_key: Option<SecretKey>,
     /// An orchestrator the workers register with and heartbeat to: its URL and operator token.
     pub orchestrator: Option<(String, String)>,
+    /// Each worker's `--payout` address, in shard order (paid pools); empty: none.
+    pub payouts: Vec<String>,
     /// Every worker's sampler plugins (`--plugins`, `--plugin-config`, `--default-sampler`).
     pub samplers: crate::samplers::SamplerArgs,
 }
@@ -131,6 +133,9 @@ impl LocalPipeline {
         if let Some((url, token)) = &options.orchestrator {
             // The token goes in the environment, not on the command line (which any local user can read).
             command.args(["--orchestrator", url]).env(crate::orchestrator::auth::TOKEN_ENV, token);
+            if let Some(payout) = options.payouts.get(i) {
+                command.args(["--payout", payout]);
+            }
         }
         let child = command
             .args(options.samplers.to_args())

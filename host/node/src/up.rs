@@ -81,6 +81,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         devices: args.devices.clone(),
         client_key: Some(key.clone()),
         samplers: args.samplers.clone(),
+        payouts: Vec::new(),
     })?;
     let settings = Settings { heartbeat: Duration::from_millis(args.heartbeat_ms.max(10)), token };
     let state = Arc::new(AppState::open(&args.state_dir, key, settings)?);

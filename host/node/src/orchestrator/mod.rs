@@ -17,6 +17,7 @@ pub mod auth;
 pub mod error;
 pub mod metrics;
 pub mod openai;
+pub mod payments;
 pub mod pools;
 pub mod routes;
 pub mod service;

@@ -482,6 +482,7 @@ mod tests {
                     weight_bytes: 1,
                     rss_bytes: None,
                     speed,
+                    payout: None,
                 };
                 workers.register(&store, registration, None).expect("registers");
             }

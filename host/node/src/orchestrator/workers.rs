@@ -43,6 +43,10 @@ pub struct WorkerRegistration {
     pub rss_bytes: Option<u64>,
     /// Measured speed: layers per second of a one-row decode step over its range (higher is faster).
     pub speed: f64,
+    /// The operator's payout address (0x-prefixed, 20 bytes hex): where the pool's payment stream pays
+    /// this worker's share. A worker without one serves free (it gets no units in paid pools).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payout: Option<String>,
 }
 
 /// What a worker holds now, sent with every heartbeat.
@@ -97,8 +101,18 @@ impl WorkerRegistration {
         if !self.speed.is_finite() || self.speed < 0.0 {
             return Err(ApiError::invalid("speed", "speed must be a finite number, at least 0"));
         }
+        if let Some(payout) = &self.payout
+            && !is_address(payout)
+        {
+            return Err(ApiError::invalid("payout", format!("payout {payout:?} is not a 0x-prefixed 20-byte hex address")));
+        }
         Ok(layers)
     }
+}
+
+/// `0x` and 40 hex digits (either case; EIP-55 checksums are not required).
+pub fn is_address(text: &str) -> bool {
+    text.len() == 42 && text.starts_with("0x") && text[2..].bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// Every registered worker, by peer id.
@@ -192,6 +206,7 @@ impl Workers {
             "weight_bytes": r.weight_bytes,
             "rss_bytes": r.rss_bytes,
             "speed": r.speed,
+            "payout": r.payout,
             "registered_at_ms": record.registered_at_ms,
             "last_heartbeat_ms_ago": (now_ms() - record.last_seen_ms).max(0),
             "active_requests": record.stats.active_requests,
@@ -220,6 +235,19 @@ mod tests {
             weight_bytes: 10,
             rss_bytes: None,
             speed: 100.0,
+            payout: None,
+        }
+    }
+
+    #[test]
+    fn a_payout_must_be_an_address() {
+        let mut r = registration("0..2");
+        r.payout = Some("0x00000000000000000000000000000000000000aB".into());
+        assert!(r.validate().is_ok());
+        for bad in ["", "0x", "00000000000000000000000000000000000000aB00", "0x00000000000000000000000000000000000000zz"] {
+            r.payout = Some(bad.into());
+            let e = r.validate().expect_err("refused");
+            assert!(e.to_string().contains("payout"), "{e}");
         }
     }
 

@@ -94,6 +94,10 @@ pub struct WorkerArgs {
     /// A file holding the orchestrator's operator token (instead of the environment variable).
     #[arg(long, requires = "orchestrator")]
     pub operator_token_file: Option<PathBuf>,
+    /// The operator's payout address (0x…): paid pools stream this worker's share of the pool's rate
+    /// there. Sent to the orchestrator when it registers.
+    #[arg(long, requires = "orchestrator")]
+    pub payout: Option<String>,
     #[command(flatten)]
     pub samplers: crate::samplers::SamplerArgs,
 }
@@ -269,6 +273,7 @@ async fn serve(
             weight_bytes: weight_bytes as u64,
             rss_bytes: crate::memory::resident_bytes(),
             speed,
+            payout: args.payout.clone(),
         };
         report::spawn(target, registration, stats);
     }
