@@ -275,13 +275,6 @@ pub struct ExactVerifier {
     domains: Mutex<HashMap<Address, TokenDomain>>,
 }
 
-/// A payment that passed every check.
-#[derive(Clone, Debug)]
-pub struct Verified {
-    pub requirements: ExactRequirements,
-    pub payment: ExactPayment,
-}
-
 impl ExactVerifier {
     pub fn new(chain: Chain, tokens: Option<Vec<Address>>, expiry_margin_s: u64) -> Self {
         Self { chain, tokens, expiry_margin_s, domains: Mutex::default() }
@@ -317,8 +310,8 @@ impl ExactVerifier {
         Ok(domain)
     }
 
-    /// Every check, pure then on chain. Returns the parsed payment when it would settle.
-    pub async fn verify(&self, requirements: ExactRequirements, payment: ExactPayment) -> Result<Verified, Refusal> {
+    /// Every check, pure then on chain: `Ok` when the payment would settle now.
+    pub async fn verify(&self, requirements: &ExactRequirements, payment: &ExactPayment) -> Result<(), Refusal> {
         if requirements.chain_id != self.chain.chain_id() {
             return Err(Refusal::new(
                 ErrorReason::InvalidNetwork,
@@ -331,7 +324,7 @@ impl ExactVerifier {
             return Err(Refusal::new(ErrorReason::InvalidPaymentRequirements, format!("this facilitator does not settle token {}", requirements.asset)));
         }
         let now = self.now().await?;
-        check_terms(&requirements, &payment, now, self.expiry_margin_s)?;
+        check_terms(requirements, payment, now, self.expiry_margin_s)?;
 
         let token = self.token_domain(requirements.asset).await?;
         if token.name != requirements.domain_name {
@@ -350,7 +343,7 @@ impl ExactVerifier {
         }
 
         let payer = payment.payer();
-        match check_signature(&payment, &requirements.domain()) {
+        match check_signature(payment, &requirements.domain()) {
             SignatureCheck::Valid => {}
             SignatureCheck::WrongSigner { recovered } => {
                 let by = recovered.map(|a| format!("recovers to {a}")).unwrap_or_else(|| "recovers to no address".into());
@@ -387,14 +380,14 @@ impl ExactVerifier {
             return Err(Refusal::new(ErrorReason::InsufficientFunds, format!("{payer} holds {balance}, the payment is {}", a.value)));
         }
 
-        if let Err(e) = simulate_settlement(&contract, &payment, self.chain.address()).await {
+        if let Err(e) = simulate_settlement(&contract, payment, self.chain.address()).await {
             let revert = e.as_revert_data().map(|data| decode_revert(&data)).unwrap_or_else(|| e.to_string());
             return Err(Refusal::new(
                 reason_for_revert(&revert, ErrorReason::TransactionSimulationFailed),
                 format!("transferWithAuthorization would revert: {revert}"),
             ));
         }
-        Ok(Verified { requirements, payment })
+        Ok(())
     }
 }
 

@@ -9,3 +9,4 @@
 
 pub mod x402;
 pub mod exact;
+pub mod facilitator;
