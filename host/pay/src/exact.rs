@@ -669,3 +669,43 @@ mod tests {
         assert_eq!(split_signature(&sig).unwrap().0, 28);
     }
 }
+
+/// A payment made by the official Python SDK (PyPI x402 2.25.0) for a 402 it also encoded, captured
+/// once (host/pay/tests/fixtures): what a real client sends must parse and verify here.
+#[cfg(test)]
+mod real_client {
+    use super::*;
+    use crate::x402::{PaymentRequired, decode_header};
+
+    #[derive(serde::Deserialize)]
+    struct Fixture {
+        payer: String,
+        payment_required_header: String,
+        payment_signature_header: String,
+    }
+
+    #[test]
+    fn a_python_sdk_voucher_verifies() {
+        let fixture: Fixture = serde_json::from_str(include_str!("../tests/fixtures/python-x402-2.25.0.json")).unwrap();
+        let required: PaymentRequired = decode_header(&fixture.payment_required_header).unwrap();
+        let payment: PaymentPayload = decode_header(&fixture.payment_signature_header).unwrap();
+        assert_eq!(payment.x402_version, 2);
+        assert_eq!(payment.accepted, required.accepts[0], "the client echoes the offer it took");
+        let r = ExactRequirements::from_v2(&required.accepts[0]).unwrap();
+        let p = ExactPayment::from_v2(&payment).unwrap();
+        assert_eq!(p.payer(), fixture.payer.parse::<Address>().unwrap());
+        // The client signs validAfter 0 and validBefore = its clock + maxTimeoutSeconds.
+        assert_eq!(p.authorization.validAfter, U256::ZERO);
+        let valid_before: u64 = p.authorization.validBefore.to();
+        let signed_at = valid_before - 300;
+        check_terms(&r, &p, signed_at + 1, DEFAULT_EXPIRY_MARGIN_S).unwrap();
+        assert_eq!(check_signature(&p, &r.domain()), SignatureCheck::Valid);
+        // Past its window it is refused; with another price, too.
+        assert_eq!(check_terms(&r, &p, valid_before, DEFAULT_EXPIRY_MARGIN_S).unwrap_err().reason, ErrorReason::InvalidValidBefore);
+        let mut dearer = required.accepts[0].clone();
+        dearer.amount = "1500001".into();
+        assert_eq!(check_terms(&ExactRequirements::from_v2(&dearer).unwrap(), &p, signed_at + 1, DEFAULT_EXPIRY_MARGIN_S).unwrap_err().reason, ErrorReason::ValueMismatch);
+        // Our own encoding of its payload reads back identically.
+        assert_eq!(decode_header::<PaymentPayload>(&crate::x402::encode_header(&payment)).unwrap(), payment);
+    }
+}
