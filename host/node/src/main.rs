@@ -5,6 +5,7 @@ mod bench;
 mod bench_api;
 mod chain;
 mod client;
+mod facilitator;
 mod generate;
 mod memory;
 mod model_fetch;
@@ -49,6 +50,8 @@ enum Command {
         #[command(subcommand)]
         command: chain::ChainCommand,
     },
+    /// The self-hosted x402 facilitator: verify and settle exact (EIP-3009) payments on one chain.
+    Facilitator(facilitator::FacilitatorArgs),
     /// Sandboxed WebAssembly plugins: conformance tests, listing, inspection.
     Plugin {
         #[command(subcommand)]
@@ -98,6 +101,7 @@ fn main() -> anyhow::Result<()> {
         Command::Orchestrator(args) => orchestrator::run(args),
         Command::Up(args) => up::run(args),
         Command::Chain { command } => chain::run(command),
+        Command::Facilitator(args) => facilitator::run(args),
         Command::Plugin { command } => {
             if !plugin_cli::run(command)? {
                 std::process::exit(1);
