@@ -6,3 +6,5 @@
 //! It never touches activations or tokens, and it holds no rail logic of its own: how money moves (a
 //! Superfluid stream, a private ledger, a facilitator) is a payment-rail plugin's job; this crate decides
 //! when, and records what was paid.
+
+pub mod session;
