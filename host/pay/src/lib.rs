@@ -8,3 +8,4 @@
 //! when, and records what was paid.
 
 pub mod session;
+pub mod meter;

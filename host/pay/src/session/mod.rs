@@ -586,7 +586,9 @@ impl Sessions {
 
 /// Funds of a session, for the meter's draws.
 pub(crate) use store::Money as SessionMoney;
-pub(crate) use store::{money as read_money, set_money as write_money, transition as write_transition};
+pub(crate) use store::{
+    money as read_money, session_state as read_state, set_money as write_money, transition as write_transition,
+};
 
 #[cfg(test)]
 mod tests;

@@ -181,11 +181,6 @@ pub(crate) fn add(a: u128, b: u128) -> Result<u128, SessionError> {
     a.checked_add(b).ok_or(SessionError::Overflow)
 }
 
-pub(crate) fn sub(a: u128, b: u128, what: &str) -> Result<u128, SessionError> {
-    a.checked_sub(b)
-        .ok_or_else(|| SessionError::Corrupt(format!("{what}: {b} taken from {a} would go below zero")))
-}
-
 /// A session's money columns.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Money {
