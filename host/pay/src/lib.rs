@@ -10,3 +10,5 @@
 pub mod x402;
 pub mod exact;
 pub mod facilitator;
+pub mod session;
+pub mod meter;
