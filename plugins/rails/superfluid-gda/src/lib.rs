@@ -12,8 +12,12 @@
 //! Calldata is encoded by hand (five static words and an empty `bytes`): the selectors are the keccak of
 //! the signatures below, and host/plugin-host's devnet test checks them against the real contracts.
 //!
-//! Configuration (JSON): `{"forwarder": "0x…"}` — the GDAv1Forwarder's address (the operator grants it in
-//! `[grants.chain]`). The pool and the token come with each change; quote / verify / settle answer
+//! Every member listed in a change costs one `updateMemberUnits` transaction, so a change of the rate alone
+//! (the meter's, as requests come and go) should list no members: members left out keep their units.
+//!
+//! Configuration (JSON): `{"forwarder": "0x…", "token": "0x…"}` — the GDAv1Forwarder's address (the
+//! operator grants it in `[grants.chain]`) and, optionally, the one Super Token this pool streams (a change
+//! naming another is refused). The pool comes with each change. quote / verify / settle answer
 //! `unsupported` (clients pay through a payment rail such as x402-exact).
 #![no_std]
 
@@ -49,16 +53,21 @@ const MAX_INT96: u128 = (1 << 95) - 1;
 #[serde(deny_unknown_fields)]
 struct Config {
     forwarder: String,
+    #[serde(default)]
+    token: Option<String>,
 }
 
 fn invalid(m: impl Into<String>) -> RailError {
     RailError::InvalidPayment(m.into())
 }
 
-fn config(text: &str) -> Result<(Config, [u8; 20]), RailError> {
+fn config(text: &str) -> Result<Config, RailError> {
     let c: Config = serde_json::from_str(text).map_err(|e| invalid(format!("superfluid-gda config: {e}")))?;
-    let forwarder = parse_address("forwarder", &c.forwarder).map_err(invalid)?;
-    Ok((c, forwarder))
+    parse_address("forwarder", &c.forwarder).map_err(invalid)?;
+    if let Some(token) = &c.token {
+        parse_address("token", token).map_err(invalid)?;
+    }
+    Ok(c)
 }
 
 fn chain_error(what: &str, e: chain::ChainError) -> RailError {
@@ -84,9 +93,14 @@ fn send(forwarder: &str, data: alloc::vec::Vec<u8>, key: String, what: &str) -> 
 }
 
 fn change_flow(config_text: &str, change: FlowChange, stop: bool) -> Result<FlowReceipt, RailError> {
-    let (c, forwarder) = config(config_text)?;
+    let c = config(config_text)?;
     let pool = parse_address("pool", &change.pool).map_err(invalid)?;
     let token = parse_address("token", &change.token).map_err(invalid)?;
+    if let Some(configured) = &c.token
+        && parse_address("token", configured).map_err(invalid)? != token
+    {
+        return Err(invalid(format!("token {}: this pool streams {configured}", change.token)));
+    }
     if change.idempotency_key.is_empty() {
         return Err(invalid("the idempotency key is empty"));
     }
@@ -120,7 +134,6 @@ fn change_flow(config_text: &str, change: FlowChange, stop: bool) -> Result<Flow
     let read = Calldata::new(GET_FLOW_DISTRIBUTION_FLOW_RATE).address(&token).address(&sender).address(&pool).finish();
     let answer = chain::call(&c.forwarder, &read).map_err(|e| chain_error("getFlowDistributionFlowRate", e))?;
     let actual = decode_int(&answer).map_err(|e| RailError::Unavailable(format!("getFlowDistributionFlowRate: {e}")))?;
-    let _ = forwarder;
     if actual < 0 {
         return Err(RailError::Unavailable(format!("getFlowDistributionFlowRate returned a negative rate {actual}")));
     }
@@ -134,13 +147,13 @@ struct Gda;
 
 impl Guest for Gda {
     fn info(config_text: String) -> Result<RailInfo, RailError> {
-        let (c, _) = config(&config_text)?;
+        let c = config(&config_text)?;
         let chain_id = chain::chain_id().map_err(|e| chain_error("reading the chain id", e))?;
         Ok(RailInfo {
             name: "superfluid-gda".into(),
             scheme: "gda-stream".into(),
             network: format!("eip155:{chain_id}"),
-            asset: c.forwarder,
+            asset: c.token.unwrap_or_default(),
             payments: false,
             streams: true,
         })
