@@ -20,9 +20,10 @@ pub enum Capability {
     Random,
     /// `computepool:host/kv-store`: a key-value store scoped to the plugin id.
     KvStore,
-    /// `computepool:host/http`: HTTP to granted hosts. Declared in WIT, not implemented by this host yet.
+    /// `computepool:host/http`: HTTP to granted hosts (`[grants.http]`).
     Http,
-    /// `computepool:host/chain`: chain calls to granted contracts. Declared, not implemented yet.
+    /// `computepool:host/chain`: chain calls and transactions to granted contracts (`[grants.chain]`),
+    /// signed with the host's key.
     Chain,
 }
 
@@ -48,10 +49,10 @@ impl Capability {
         }
     }
 
-    /// Whether this host links an implementation. `http` and `chain` come with the payment and chain
-    /// issues; until then a plugin that requests them is refused, naming them.
+    /// Whether this host links an implementation (all of 0.1.0 since the payment issue). Kept so that a
+    /// capability declared in a future WIT version before its implementation is refused by name.
     pub fn implemented(self) -> bool {
-        matches!(self, Capability::Log | Capability::Clock | Capability::Random | Capability::KvStore)
+        true
     }
 
     /// Whether `kind`'s world imports this capability (the WIT files are the source of truth).

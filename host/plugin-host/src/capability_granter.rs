@@ -7,13 +7,24 @@
 //! default = ["log", "clock", "random"]     # every plugin
 //! [grants.plugins]
 //! top-p = ["kv-store"]                     # added for one plugin id
+//! x402-exact = ["http", "kv-store"]
+//! superfluid-gda = ["chain"]
+//! [grants.http]                            # the hosts (host or host:port) each plugin may reach
+//! x402-exact = ["127.0.0.1:4021", "facilitator.example.com"]
+//! [grants.chain]                           # the contracts each plugin may call and send to
+//! superfluid-gda = ["0xBcC58fb72409BA1CdEc5dBcDD3Cd6c42E3e04242"]
 //! ```
+//!
+//! `http` and `chain` are granted like any capability, and also need their scope: a plugin granted `http`
+//! with no hosts listed (or `chain` with no contracts) is refused at load, naming what is missing.
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use computepool_chain::alloy::primitives::Address;
 use serde::Deserialize;
 
 use crate::capability::Capability;
+use crate::http_capability::HostGrant;
 
 /// The operator's grants.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -23,6 +34,10 @@ pub struct GrantPolicy {
     pub default: BTreeSet<Capability>,
     /// Granted to one plugin id on top of `default`. Default: none.
     pub plugins: BTreeMap<String, BTreeSet<Capability>>,
+    /// The hosts each plugin id may reach through `http`. Default: none.
+    pub http: BTreeMap<String, BTreeSet<HostGrant>>,
+    /// The contracts each plugin id may call and send transactions to through `chain`. Default: none.
+    pub chain: BTreeMap<String, BTreeSet<Address>>,
 }
 
 impl Default for GrantPolicy {
@@ -30,6 +45,8 @@ impl Default for GrantPolicy {
         Self {
             default: BTreeSet::from([Capability::Log, Capability::Clock, Capability::Random]),
             plugins: BTreeMap::new(),
+            http: BTreeMap::new(),
+            chain: BTreeMap::new(),
         }
     }
 }
@@ -43,6 +60,8 @@ pub struct CapabilityDenied {
     pub not_granted: Vec<Capability>,
     /// Requested and granted, but this host does not implement them yet.
     pub not_implemented: Vec<Capability>,
+    /// Requested and granted, but with no scope: `http` without hosts, `chain` without contracts.
+    pub unscoped: Vec<Capability>,
 }
 
 impl CapabilityDenied {
@@ -53,6 +72,13 @@ impl CapabilityDenied {
             parts.push(format!(
                 "the operator's config does not grant {} (add to [grants] default or [grants.plugins] {})",
                 list(&self.not_granted),
+                self.plugin
+            ));
+        }
+        for c in &self.unscoped {
+            let (table, what) = if *c == Capability::Http { ("http", "\"host:port\"") } else { ("chain", "\"0x…contract\"") };
+            parts.push(format!(
+                "`{c}` is granted but with nothing to reach (add [grants.{table}] {} = [{what}])",
                 self.plugin
             ));
         }
@@ -79,11 +105,31 @@ impl GrantPolicy {
         let not_granted: Vec<Capability> = requested.difference(&granted).copied().collect();
         let not_implemented: Vec<Capability> =
             requested.iter().copied().filter(|c| granted.contains(c) && !c.implemented()).collect();
-        if not_granted.is_empty() && not_implemented.is_empty() {
+        let unscoped: Vec<Capability> = requested
+            .iter()
+            .copied()
+            .filter(|c| granted.contains(c))
+            .filter(|c| match c {
+                Capability::Http => self.http_hosts(plugin).is_empty(),
+                Capability::Chain => self.chain_contracts(plugin).is_empty(),
+                _ => false,
+            })
+            .collect();
+        if not_granted.is_empty() && not_implemented.is_empty() && unscoped.is_empty() {
             Ok(requested.clone())
         } else {
-            Err(CapabilityDenied { plugin: plugin.to_string(), not_granted, not_implemented })
+            Err(CapabilityDenied { plugin: plugin.to_string(), not_granted, not_implemented, unscoped })
         }
+    }
+
+    /// The hosts `plugin` may reach through `http`.
+    pub fn http_hosts(&self, plugin: &str) -> Vec<HostGrant> {
+        self.http.get(plugin).map(|s| s.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    /// The contracts `plugin` may reach through `chain`.
+    pub fn chain_contracts(&self, plugin: &str) -> BTreeSet<Address> {
+        self.chain.get(plugin).cloned().unwrap_or_default()
     }
 }
 
@@ -122,12 +168,32 @@ mod tests {
     }
 
     #[test]
-    fn granted_but_unimplemented_capabilities_are_denied_by_name() {
-        let policy = GrantPolicy { default: set(&[Http, Chain, Log]), plugins: BTreeMap::new() };
-        let denied = policy.grant("rail", &set(&[Http, Log])).unwrap_err();
+    fn http_and_chain_need_their_scope() {
+        let mut policy = GrantPolicy { default: set(&[Http, Chain, Log]), ..GrantPolicy::default() };
+        let denied = policy.grant("rail", &set(&[Http, Chain, Log])).unwrap_err();
         assert_eq!(denied.not_granted, vec![]);
-        assert_eq!(denied.not_implemented, vec![Http]);
-        assert!(denied.to_string().contains("does not implement `http`"), "{denied}");
+        assert_eq!(denied.unscoped, vec![Http, Chain]);
+        let message = denied.to_string();
+        assert!(message.contains("[grants.http] rail") && message.contains("[grants.chain] rail"), "{message}");
+        policy.http.insert("rail".into(), BTreeSet::from(["127.0.0.1:4021".parse().unwrap()]));
+        policy.chain.insert("rail".into(), BTreeSet::from([Address::repeat_byte(1)]));
+        assert!(policy.grant("rail", &set(&[Http, Chain, Log])).is_ok());
+        // Another plugin's scope is not this one's.
+        assert_eq!(policy.grant("other", &set(&[Http])).unwrap_err().unscoped, vec![Http]);
+    }
+
+    #[test]
+    fn scopes_parse_from_the_operator_config() {
+        let policy: GrantPolicy = toml::from_str(
+            "[plugins]\nx = [\"http\", \"chain\"]\n[http]\nx = [\"127.0.0.1:4021\", \"f.example.com\"]\n\
+             [chain]\nx = [\"0xBcC58fb72409BA1CdEc5dBcDD3Cd6c42E3e04242\"]",
+        )
+        .unwrap();
+        assert_eq!(policy.http_hosts("x").len(), 2);
+        assert_eq!(policy.chain_contracts("x").len(), 1);
+        assert!(policy.grant("x", &set(&[Http, Chain])).is_ok());
+        assert!(toml::from_str::<GrantPolicy>("[http]\nx = [\"https://f.example.com\"]").is_err());
+        assert!(toml::from_str::<GrantPolicy>("[chain]\nx = [\"0x12\"]").is_err());
     }
 
     #[test]

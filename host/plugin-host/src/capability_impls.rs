@@ -19,7 +19,10 @@ pub(crate) mod since_v0_1_0 {
     });
 }
 
-use since_v0_1_0::computepool::host::{clock, kv_store, log, random};
+use since_v0_1_0::computepool::host::{chain, clock, http, kv_store, log, random};
+
+use crate::chain_capability::{ChainCallError, TxReceipt};
+use crate::http_capability::{HttpError, HttpRequest};
 
 impl log::Host for HostState {
     fn log(&mut self, level: log::Level, message: String) -> wasmtime::Result<()> {
@@ -101,6 +104,86 @@ impl kv_store::Host for HostState {
     }
 }
 
+fn http_error(e: HttpError) -> http::HttpError {
+    match e {
+        HttpError::HostNotGranted(h) => http::HttpError::HostNotGranted(h),
+        HttpError::InvalidRequest(m) => http::HttpError::InvalidRequest(m),
+        HttpError::TooLarge(n) => http::HttpError::TooLarge(n),
+        HttpError::Timeout => http::HttpError::Timeout,
+        HttpError::Transport(m) => http::HttpError::Transport(m),
+    }
+}
+
+impl http::Host for HostState {
+    fn send(&mut self, request: http::Request) -> wasmtime::Result<Result<http::Response, http::HttpError>> {
+        // Linked only for plugins granted `http`, and then `http` is always set: missing is a host bug.
+        let access = self.http.clone().ok_or_else(|| wasmtime::format_err!("computepool:host/http linked without a grant"))?;
+        let request = HttpRequest {
+            method: request.method,
+            url: request.url,
+            headers: request.headers.into_iter().map(|h| (h.name, h.value)).collect(),
+            body: request.body,
+        };
+        let (method, url) = (request.method.clone(), request.url.clone());
+        let result = access.service.send(&access.grants, request);
+        match &result {
+            Ok(r) => tracing::debug!(plugin = %self.plugin_id, %method, %url, status = r.status, "plugin http"),
+            Err(e) => tracing::info!(plugin = %self.plugin_id, %method, %url, error = %e, "plugin http refused or failed"),
+        }
+        Ok(result
+            .map(|r| http::Response {
+                status: r.status,
+                headers: r.headers.into_iter().map(|(name, value)| http::Header { name, value }).collect(),
+                body: r.body,
+            })
+            .map_err(http_error))
+    }
+}
+
+fn chain_error(e: ChainCallError) -> chain::ChainError {
+    match e {
+        ChainCallError::ContractNotGranted(a) => chain::ChainError::ContractNotGranted(a),
+        ChainCallError::Reverted(m) => chain::ChainError::Reverted(m),
+        ChainCallError::InvalidCall(m) => chain::ChainError::InvalidCall(m),
+        ChainCallError::Unavailable(m) => chain::ChainError::Unavailable(m),
+        ChainCallError::InDoubt(m) => chain::ChainError::InDoubt(m),
+    }
+}
+
+impl HostState {
+    fn chain_access(&self) -> wasmtime::Result<crate::chain_capability::ChainAccess> {
+        self.chain.clone().ok_or_else(|| wasmtime::format_err!("computepool:host/chain linked without a grant"))
+    }
+}
+
+impl chain::Host for HostState {
+    fn chain_id(&mut self) -> wasmtime::Result<Result<u64, chain::ChainError>> {
+        Ok(Ok(self.chain_access()?.service.chain_id()))
+    }
+
+    fn sender(&mut self) -> wasmtime::Result<Result<String, chain::ChainError>> {
+        Ok(Ok(format!("{:#x}", self.chain_access()?.service.sender())))
+    }
+
+    fn call(&mut self, to: String, data: Vec<u8>) -> wasmtime::Result<Result<Vec<u8>, chain::ChainError>> {
+        let access = self.chain_access()?;
+        Ok(access.service.call(&access.contracts, &to, data).map_err(chain_error))
+    }
+
+    fn send_transaction(&mut self, tx: chain::Transaction) -> wasmtime::Result<Result<chain::TxReceipt, chain::ChainError>> {
+        let access = self.chain_access()?;
+        let result =
+            access.service.send_transaction(&self.plugin_id, &access.contracts, &tx.to, tx.data, &tx.value_wei, &tx.idempotency_key);
+        match &result {
+            Ok(r) => tracing::info!(plugin = %self.plugin_id, to = %tx.to, key = %tx.idempotency_key, hash = %r.hash, block = r.block_number, success = r.success, "plugin transaction"),
+            Err(e) => tracing::warn!(plugin = %self.plugin_id, to = %tx.to, key = %tx.idempotency_key, error = %e, "plugin transaction refused or failed"),
+        }
+        Ok(result
+            .map(|TxReceipt { hash, block_number, block_timestamp, success }| chain::TxReceipt { hash, block_number, block_timestamp, success })
+            .map_err(chain_error))
+    }
+}
+
 /// Links the implementations of `granted` (and nothing else) into `linker`. A component importing
 /// anything unlinked cannot be instantiated; the loader refuses it earlier with a clear error.
 pub(crate) fn add_granted_to_linker(
@@ -113,10 +196,8 @@ pub(crate) fn add_granted_to_linker(
             Capability::Clock => clock::add_to_linker::<HostState, HasSelf<HostState>>(linker, |s| s)?,
             Capability::Random => random::add_to_linker::<HostState, HasSelf<HostState>>(linker, |s| s)?,
             Capability::KvStore => kv_store::add_to_linker::<HostState, HasSelf<HostState>>(linker, |s| s)?,
-            // The granter denies unimplemented capabilities before linking; reaching here is a host bug.
-            Capability::Http | Capability::Chain => {
-                return Err(wasmtime::format_err!("capability `{capability}` has no implementation in this host"));
-            }
+            Capability::Http => http::add_to_linker::<HostState, HasSelf<HostState>>(linker, |s| s)?,
+            Capability::Chain => chain::add_to_linker::<HostState, HasSelf<HostState>>(linker, |s| s)?,
         }
     }
     Ok(())

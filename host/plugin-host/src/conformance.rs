@@ -132,6 +132,7 @@ pub fn error_name(error: &CallError) -> &'static str {
         CallError::MemoryLimit { .. } => "memory-limit",
         CallError::Trap { .. } => "trap",
         CallError::TokenOutOfRange { .. } => "token-out-of-range",
+        CallError::ContractBreach { .. } => "contract-breach",
         CallError::Rejected { .. } => "rejected",
         CallError::Disabled { .. } => "disabled",
         CallError::InvalidInput { .. } => "invalid-input",

@@ -30,6 +30,9 @@ pub enum LoadError {
     #[error(transparent)]
     CapabilityDenied(#[from] CapabilityDenied),
 
+    #[error("plugin `{id}`: capability `{capability}` is granted but unavailable: {reason}")]
+    CapabilityUnavailable { id: String, capability: Capability, reason: String },
+
     #[error("plugin `{id}`: {file} is not a valid WebAssembly component: {message}")]
     Compile { id: String, file: PathBuf, message: String },
 
@@ -71,6 +74,9 @@ pub enum CallError {
 
     #[error("plugin `{id}` returned token {token}, outside the vocabulary of {vocab}; the instance was replaced")]
     TokenOutOfRange { id: String, token: u32, vocab: usize },
+
+    #[error("plugin `{id}` broke its contract: {message}; the instance was replaced")]
+    ContractBreach { id: String, message: String },
 
     #[error("plugin `{id}` refused the input: {reason}")]
     Rejected { id: String, reason: String },

@@ -1,6 +1,8 @@
 //! What a plugin's store holds: who the plugin is, its memory limiter, and the per-request state its
 //! capabilities act on. One per instance; the request parts are swapped in for each call.
 
+use crate::chain_capability::ChainAccess;
+use crate::http_capability::HttpAccess;
 use crate::kv_store::KvScope;
 use crate::limits::MemoryLimiter;
 use crate::random::RequestRandom;
@@ -20,6 +22,10 @@ pub struct HostState {
     pub(crate) kv: KvScope,
     pub(crate) log_lines: u32,
     pub(crate) log_dropped: u32,
+    /// The `http` grant, when the plugin has one.
+    pub(crate) http: Option<HttpAccess>,
+    /// The `chain` grant, when the plugin has one.
+    pub(crate) chain: Option<ChainAccess>,
 }
 
 impl HostState {
@@ -31,7 +37,16 @@ impl HostState {
             kv,
             log_lines: 0,
             log_dropped: 0,
+            http: None,
+            chain: None,
         }
+    }
+
+    /// Adds the network capabilities the plugin was granted.
+    pub(crate) fn with_network(mut self, http: Option<HttpAccess>, chain: Option<ChainAccess>) -> Self {
+        self.http = http;
+        self.chain = chain;
+        self
     }
 
     /// Clears the per-call counters before a call.

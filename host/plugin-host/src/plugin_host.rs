@@ -22,6 +22,9 @@ use crate::imports::{check_export, check_imports};
 use crate::kv_store::KvScope;
 use crate::limits::LimitCeilings;
 use crate::manifest::{MANIFEST_FILE, PluginKind, PluginManifest};
+use crate::chain_capability::{ChainAccess, ChainService};
+use crate::http_capability::{HttpAccess, HttpLimits, HttpService};
+use crate::rail::{RailNetwork, RailPlugin};
 use crate::sampler::SamplerPlugin;
 use crate::world::{list_versions, supported_versions};
 
@@ -33,9 +36,15 @@ use crate::world::{list_versions, supported_versions};
 /// default = ["log", "clock", "random"]
 /// [grants.plugins]
 /// my-sampler = ["kv-store"]
+/// [grants.http]
+/// x402-exact = ["127.0.0.1:4021"]
+/// [grants.chain]
+/// superfluid-gda = ["0xBcC58fb72409BA1CdEc5dBcDD3Cd6c42E3e04242"]
 /// [ceilings]
 /// max-fuel-per-call = 20_000_000_000
 /// max-memory-bytes = 1_073_741_824
+/// [http]
+/// timeout-ms = 10_000
 /// ```
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
@@ -53,9 +62,15 @@ pub struct HostConfig {
     pub kv_quota_bytes: u64,
     /// Largest plugin file the host reads. Default 64 MiB.
     pub max_wasm_bytes: u64,
+    /// Limits on plugin HTTP (`computepool:host/http`).
+    pub http: HttpLimits,
     /// Compile settings; not in the TOML file (they are the host's, not the operator's).
     #[serde(skip)]
     pub engine: EngineSettings,
+    /// The chain connection and key behind `computepool:host/chain`; not in the TOML file (the node
+    /// connects it). Without it, a plugin granted `chain` is refused at load.
+    #[serde(skip)]
+    pub chain: Option<Arc<ChainService>>,
 }
 
 impl Default for HostConfig {
@@ -67,7 +82,9 @@ impl Default for HostConfig {
             max_idle_instances: 4,
             kv_quota_bytes: 16 << 20,
             max_wasm_bytes: 64 << 20,
+            http: HttpLimits::default(),
             engine: EngineSettings::default(),
+            chain: None,
         }
     }
 }
@@ -138,6 +155,7 @@ pub struct RescanReport {
 
 enum KindHandle {
     Sampler(Arc<SamplerPlugin>),
+    Rail(Arc<RailPlugin>),
 }
 
 impl LoadedPlugin {
@@ -148,6 +166,14 @@ impl LoadedPlugin {
     pub fn as_sampler(&self) -> Option<&Arc<SamplerPlugin>> {
         match &self.kind {
             KindHandle::Sampler(s) => Some(s),
+            KindHandle::Rail(_) => None,
+        }
+    }
+
+    pub fn as_rail(&self) -> Option<&Arc<RailPlugin>> {
+        match &self.kind {
+            KindHandle::Rail(r) => Some(r),
+            KindHandle::Sampler(_) => None,
         }
     }
 }
@@ -183,6 +209,8 @@ pub struct PluginHost {
     cache: CompiledCache,
     plugins: RwLock<BTreeMap<String, Arc<LoadedPlugin>>>,
     kv_scopes: Mutex<HashMap<String, KvScope>>,
+    /// The HTTP client behind `computepool:host/http`, built on first use.
+    http: std::sync::OnceLock<Arc<HttpService>>,
     /// Folders whose current contents were refused by a rescan, so the next one does not retry them.
     refused_stamps: Mutex<HashMap<PathBuf, SourceStamp>>,
 }
@@ -202,6 +230,7 @@ impl PluginHost {
             cache,
             plugins: RwLock::new(BTreeMap::new()),
             kv_scopes: Mutex::new(HashMap::new()),
+            http: std::sync::OnceLock::new(),
             refused_stamps: Mutex::new(HashMap::new()),
         })
     }
@@ -298,8 +327,26 @@ impl PluginHost {
                 )?;
                 KindHandle::Sampler(Arc::new(plugin))
             }
+            PluginKind::PaymentRail => {
+                if let Some(export) = RailPlugin::required_export(manifest.wit.version) {
+                    check_export(&self.engine, &component, &manifest, export)?;
+                }
+                check_imports(&self.engine, &component, &manifest, RailPlugin::type_only_imports(manifest.wit.version))?;
+                let network = self.network_for(&manifest)?;
+                let plugin = RailPlugin::new(
+                    &self.engine,
+                    &linker,
+                    &component,
+                    &manifest,
+                    self.kv_scope(&id),
+                    network,
+                    self.config.max_idle_instances,
+                    self.config.engine.fuel,
+                )?;
+                KindHandle::Rail(Arc::new(plugin))
+            }
             // `supported_versions` is empty for these kinds, so the version check above refused them.
-            PluginKind::PaymentRail | PluginKind::KeeperAdapter | PluginKind::CoalitionVoter => {
+            PluginKind::KeeperAdapter | PluginKind::CoalitionVoter => {
                 return Err(LoadError::UnsupportedWitVersion {
                     id,
                     kind: manifest.kind,
@@ -310,6 +357,36 @@ impl PluginHost {
             }
         };
         Ok(LoadedPlugin { manifest, dir: dir.to_path_buf(), cache, stamp, kind })
+    }
+
+    /// The `http` and `chain` access of a plugin whose grant the granter already checked.
+    fn network_for(&self, manifest: &PluginManifest) -> Result<RailNetwork, LoadError> {
+        use crate::capability::Capability;
+        let id = &manifest.id;
+        let http = if manifest.capabilities.contains(&Capability::Http) {
+            let service = match self.http.get() {
+                Some(s) => s.clone(),
+                None => {
+                    let built = HttpService::new(self.config.http)
+                        .map_err(|message| LoadError::Instantiate { id: id.clone(), message })?;
+                    self.http.get_or_init(|| Arc::new(built)).clone()
+                }
+            };
+            Some(HttpAccess { service, grants: Arc::new(self.config.grants.http_hosts(id)) })
+        } else {
+            None
+        };
+        let chain = if manifest.capabilities.contains(&Capability::Chain) {
+            let service = self.config.chain.clone().ok_or_else(|| LoadError::CapabilityUnavailable {
+                id: id.clone(),
+                capability: Capability::Chain,
+                reason: "this host has no chain connection (start the node with a chain RPC and key)".into(),
+            })?;
+            Some(ChainAccess { service, contracts: Arc::new(self.config.grants.chain_contracts(id)) })
+        } else {
+            None
+        };
+        Ok(RailNetwork { http, chain })
     }
 
     /// The key-value scope of plugin `id` (made empty if it has none yet): the host side of what the
@@ -424,6 +501,11 @@ impl PluginHost {
     /// The loaded sampler `id`, if there is one.
     pub fn sampler(&self, id: &str) -> Option<Arc<SamplerPlugin>> {
         self.get(id).and_then(|p| p.as_sampler().cloned())
+    }
+
+    /// The loaded payment rail `id`, if there is one.
+    pub fn rail(&self, id: &str) -> Option<Arc<RailPlugin>> {
+        self.get(id).and_then(|p| p.as_rail().cloned())
     }
 
     /// Every loaded plugin, by id.

@@ -65,7 +65,8 @@ pub fn world_name(kind: PluginKind) -> &'static str {
 pub fn supported_versions(kind: PluginKind) -> &'static [WitVersion] {
     match kind {
         PluginKind::Sampler => crate::sampler::SUPPORTED_VERSIONS,
-        PluginKind::PaymentRail | PluginKind::KeeperAdapter | PluginKind::CoalitionVoter => &[],
+        PluginKind::PaymentRail => crate::rail::SUPPORTED_VERSIONS,
+        PluginKind::KeeperAdapter | PluginKind::CoalitionVoter => &[],
     }
 }
 
