@@ -35,12 +35,16 @@ $(MODEL_DIR)/.computepool-import.json: | build
 model: build $(MODEL_DIR)/.computepool-import.json
 
 SHARDS ?= 2
+# `on`: a local chain with Superfluid and test USDC, and the pool charges per second (x402); `off`: free.
+PAYMENTS ?= on
 
-# The orchestrator and SHARDS worker processes on this machine, serving MODEL until Ctrl-C (PLUGINS=DIR:
-# sampler plugins on every worker, e.g. PLUGINS=plugins/samplers).
+# The orchestrator and SHARDS worker processes on this machine, serving MODEL until Ctrl-C, paid per second
+# on a local devnet (PAYMENTS=off serves free; PLUGINS=DIR: sampler plugins on every worker).
 up: model
+	bash scripts/build-plugins.sh
+	COMPUTEPOOL_CHAIN_TOOLS="$$(bash scripts/contracts.sh)" \
 	$(BIN) up --model $(MODEL) --models-dir $(MODELS_DIR) --workers $(SHARDS) --listen $(LISTEN) \
-		--state-dir $(COMPUTEPOOL_CACHE)/state $(if $(PLUGINS),--plugins $(PLUGINS))
+		--state-dir $(COMPUTEPOOL_CACHE)/state --payments $(PAYMENTS) $(if $(PLUGINS),--plugins $(PLUGINS))
 
 # The forge suites (forge, anvil and solc-js from npm, pinned: scripts/contracts.sh).
 contracts-test:
@@ -61,8 +65,11 @@ test: model contracts-test
 	CHAIN_TOOLS="$$(bash scripts/contracts.sh)" && \
 	NVRTC_LIB="$$(bash scripts/nvrtc.sh)" && \
 	OPENAI_PYTHON="$$(bash scripts/openai-client.sh)" && \
+	X402_CLIENTS="$$(bash scripts/x402-clients.sh)" && \
 	COMPUTEPOOL_CHAIN_TOOLS="$$CHAIN_TOOLS" COMPUTEPOOL_REQUIRE_ANVIL=1 \
 	COMPUTEPOOL_OPENAI_PYTHON="$$OPENAI_PYTHON" COMPUTEPOOL_REQUIRE_OPENAI=1 \
+	COMPUTEPOOL_X402_PYTHON="$$(sed -n 1p <<< "$$X402_CLIENTS")" \
+	COMPUTEPOOL_X402_NODE_MODULES="$$(sed -n 2p <<< "$$X402_CLIENTS")" COMPUTEPOOL_REQUIRE_X402=1 \
 	LD_LIBRARY_PATH="$$NVRTC_LIB$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}" COMPUTEPOOL_REQUIRE_NVRTC=1 \
 	COMPUTEPOOL_MODEL_DIR=$(CURDIR)/$(MODEL_DIR) COMPUTEPOOL_REQUIRE_MODEL=1 \
 		cargo test --release --locked --workspace

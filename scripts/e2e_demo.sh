@@ -32,7 +32,7 @@ stop() {
 trap 'stop; rm -rf "$work"' EXIT
 
 echo "== starting $SHARDS workers and the orchestrator on $url"
-"$BIN" up --model "$MODEL" --models-dir "$MODELS_DIR" --workers "$SHARDS" --listen "127.0.0.1:$port" \
+"$BIN" up --payments off --model "$MODEL" --models-dir "$MODELS_DIR" --workers "$SHARDS" --listen "127.0.0.1:$port" \
     --state-dir "$work/state" >"$work/up.out" 2>"$work/up.log" &
 up_pid=$!
 for _ in $(seq 1 600); do

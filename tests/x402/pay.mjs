@@ -36,5 +36,6 @@ if (response.status === 200) content = JSON.parse(text).choices[0].message.conte
 console.log(JSON.stringify({
   status: response.status,
   payment_response: header ? JSON.parse(Buffer.from(header, "base64").toString()) : null,
+  session: { id: response.headers.get("x-computepool-session"), token: response.headers.get("x-computepool-session-token") },
   text: content,
 }));

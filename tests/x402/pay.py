@@ -34,6 +34,11 @@ def controls():
     return {"allowed_assets": [{"network": NETWORK, "asset": ASSET, "max_amount_per_payment": MAX_AMOUNT}]}
 
 
+def session(headers):
+    """The ComputePool session the payment credited (its token is shown once, to its payer)."""
+    return {"id": headers.get("x-computepool-session"), "token": headers.get("x-computepool-session-token")}
+
+
 def payment_response(headers):
     raw = headers.get("payment-response") or headers.get("x-payment-response")
     if raw is None:
@@ -57,10 +62,11 @@ def with_requests():
     client = x402ClientSync()
     register_exact_evm_client(client, Account.from_key(KEY))
     client.set_spend_controls(controls())
-    session = wrapRequestsWithPayment(requests.Session(), client)
-    r = session.post(f"{BASE}/v1/chat/completions", json=body(), timeout=120)
+    http = wrapRequestsWithPayment(requests.Session(), client)
+    r = http.post(f"{BASE}/v1/chat/completions", json=body(), timeout=120)
     text = r.json()["choices"][0]["message"]["content"] if r.status_code == 200 else r.text
-    return {"status": r.status_code, "payment_response": payment_response(r.headers), "text": text}
+    return {"status": r.status_code, "payment_response": payment_response(r.headers), "session": session(r.headers),
+            "text": text}
 
 
 async def with_httpx():
@@ -72,7 +78,8 @@ async def with_httpx():
     async with x402HttpxClient(client, timeout=120) as http:
         r = await http.post(f"{BASE}/v1/chat/completions", json=body())
         text = r.json()["choices"][0]["message"]["content"] if r.status_code == 200 else r.text
-        return {"status": r.status_code, "payment_response": payment_response(r.headers), "text": text}
+        return {"status": r.status_code, "payment_response": payment_response(r.headers), "session": session(r.headers),
+            "text": text}
 
 
 async def with_openai():
@@ -91,7 +98,7 @@ async def with_openai():
             if chunk.choices and chunk.choices[0].delta.content:
                 pieces.append(chunk.choices[0].delta.content)
         return {"status": raw.http_response.status_code, "payment_response": payment_response(raw.headers),
-                "text": "".join(pieces)}
+                "session": session(raw.headers), "text": "".join(pieces)}
 
 
 def main():

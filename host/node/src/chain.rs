@@ -66,7 +66,7 @@ pub fn run(command: ChainCommand) -> anyhow::Result<()> {
 
 /// The chain toolchain: COMPUTEPOOL_CHAIN_TOOLS, or scripts/contracts.sh run from the current directory
 /// (the repository root, where `make` runs).
-fn tools() -> anyhow::Result<ChainTools> {
+pub fn tools() -> anyhow::Result<ChainTools> {
     let cwd = std::env::current_dir()?;
     let repo = cwd.join("scripts/contracts.sh").is_file().then_some(cwd.as_path());
     Ok(ChainTools::locate(repo)?)

@@ -11,7 +11,11 @@ use anyhow::{Context, bail};
 use clap::Args;
 use computepool_axl::transport::load_or_create_secret_key;
 
+use computepool_pay::devnet::{PaidDevnet, PaidDevnetOptions, address_of};
+
 use crate::orchestrator::auth::OperatorToken;
+use crate::orchestrator::payments::config::PoolPayments;
+use crate::orchestrator::payments::setup::{PaymentArgs, RailHost};
 use crate::orchestrator::pools::PoolSpec;
 use crate::orchestrator::{self, AppState, Settings};
 use crate::pipeline::{LocalPipeline, PipelineOptions};
@@ -52,17 +56,40 @@ pub struct UpArgs {
     /// Sampler plugins for every worker of the pool.
     #[command(flatten)]
     samplers: crate::samplers::SamplerArgs,
+    /// `on`: a local chain (anvil) with Superfluid, test USDC and a facilitator is started, and the pool
+    /// charges per second (x402 vouchers, operators paid through a Superfluid GDA pool); a funded test
+    /// key is printed. `off`: the pool serves free.
+    #[arg(long, default_value = "on")]
+    payments: String,
+    /// (Payments on) the payment-rail plugins' folder.
+    #[arg(long, default_value = "plugins/rails")]
+    rails: PathBuf,
+    /// (Payments on) the pool's price, in atomic units of USDC (6 decimals) per second a request
+    /// streams; a multiple of the model's layer count (the operators' total units).
+    #[arg(long, default_value_t = 600)]
+    price_per_second: u128,
+    /// (Payments on) the longest one request may stream, in seconds (one voucher pays for this).
+    #[arg(long, default_value_t = 60)]
+    max_seconds_per_request: u32,
 }
 
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
     if args.workers < 2 {
         bail!("--workers must be at least 2 (a pipeline has an entry and an exit shard)");
     }
+    let paid = match args.payments.as_str() {
+        "on" => true,
+        "off" => false,
+        other => bail!("--payments {other}: give on or off"),
+    };
     let model_dir = crate::model_fetch::fetch_model(&args.model, &args.models_dir, "f32", false)?;
     let model_dir = std::fs::canonicalize(&model_dir).with_context(|| format!("finding {}", model_dir.display()))?;
     std::fs::create_dir_all(&args.state_dir).with_context(|| format!("creating {}", args.state_dir.display()))?;
     let key = load_or_create_secret_key(&orchestrator::key_path(&args.state_dir))?;
     let token = OperatorToken::load_or_create(&args.state_dir)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    // The devnet lives as long as this function: dropping it stops anvil and the facilitator.
+    let devnet = if paid { Some(runtime.block_on(start_devnet(&args))?) } else { None };
     // Bound before the workers start, so they know where to register (they retry until it serves).
     let listener = std::net::TcpListener::bind(args.listen)
         .with_context(|| format!("listening on {} (another server there? pass --listen)", args.listen))?;
@@ -81,10 +108,10 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         devices: args.devices.clone(),
         client_key: Some(key.clone()),
         samplers: args.samplers.clone(),
-        payouts: Vec::new(),
+        payouts: devnet.as_ref().map(|d| d.devnet.operators.iter().map(address_of).collect()).unwrap_or_default(),
     })?;
     let settings = Settings { heartbeat: Duration::from_millis(args.heartbeat_ms.max(10)), token };
-    let state = Arc::new(AppState::open(&args.state_dir, key, settings)?);
+    let mut state = AppState::open(&args.state_dir, key, settings)?;
     // The pool of a previous `up` had other workers (new keys, new ports): this one replaces it.
     let spec = PoolSpec {
         id: Some(args.model.clone()),
@@ -94,8 +121,16 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         replicas: Vec::new(),
     };
     state.pools.register(&state.store, spec, true).map_err(|e| anyhow::anyhow!("registering the pool: {e}"))?;
+    let _rails = match &devnet {
+        Some(d) => {
+            let rails = runtime.block_on(RailHost::start(&d.rail_args, &d.state_dir))?;
+            runtime.block_on(state.enable_payments(&d.state_dir, rails.host.clone()))?;
+            Some(rails)
+        }
+        None => None,
+    };
+    let state = Arc::new(state);
 
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -108,7 +143,13 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             Duration::from_secs(1),
         ));
         let ready = tokio::select! {
-            r = wait_until_ready(&state, &args.model, Duration::from_secs(args.ready_timeout_s)) => r,
+            r = async {
+                wait_until_ready(&state, &args.model, Duration::from_secs(args.ready_timeout_s)).await?;
+                if let Some(d) = &devnet {
+                    set_price(&state, &args.model, d, args.price_per_second, args.max_seconds_per_request).await?;
+                }
+                anyhow::Ok(())
+            } => r,
             _ = orchestrator::shutdown_signal() => Err(anyhow::anyhow!("interrupted before the pool was ready")),
         };
         if let Err(e) = ready {
@@ -116,7 +157,11 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             let _ = server.await;
             return Err(e);
         }
-        println!("{}", banner(&format!("http://{addr}"), &args.model, args.workers));
+        let url = format!("http://{addr}");
+        println!("{}", banner(&url, &args.model, args.workers));
+        if let Some(d) = &devnet {
+            println!("{}", payments_banner(&url, &args.model, d, args.price_per_second, args.max_seconds_per_request));
+        }
         use std::io::Write;
         let _ = std::io::stdout().flush();
         orchestrator::shutdown_signal().await;
@@ -128,6 +173,67 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     })?;
     drop(pipeline);
     eprintln!("stopped");
+    Ok(())
+}
+
+/// `up --payments on`: the devnet behind the pool, and where the rails' state of this run lives.
+struct UpDevnet {
+    devnet: PaidDevnet,
+    rail_args: PaymentArgs,
+    /// Payments state of this run (its chain is new each run, so is this folder).
+    state_dir: PathBuf,
+}
+
+async fn start_devnet(args: &UpArgs) -> anyhow::Result<UpDevnet> {
+    let tools = crate::chain::tools()?;
+    eprintln!("starting a local chain (anvil) with Superfluid, test USDC and a facilitator…");
+    let options = PaidDevnetOptions { operators: args.workers, ..PaidDevnetOptions::default() };
+    let devnet = PaidDevnet::start(&tools, &options).await.context("starting the payments devnet")?;
+    // A previous run's payments belong to a chain that is gone.
+    let state_dir = args.state_dir.join("devnet-payments");
+    if state_dir.exists() {
+        std::fs::remove_dir_all(&state_dir).with_context(|| format!("clearing {}", state_dir.display()))?;
+    }
+    std::fs::create_dir_all(&state_dir)?;
+    let key_file = state_dir.join("orchestrator-chain.key");
+    computepool_chain::client::write_key_file(&key_file, &devnet.orchestrator)?;
+    let rail_config = state_dir.join("rails.toml");
+    std::fs::write(&rail_config, devnet.rail_config())?;
+    let rail_args = PaymentArgs {
+        payments: true,
+        rails: Some(args.rails.clone()),
+        rail_config: Some(rail_config),
+        chain_rpc: Some(devnet.rpc_url().to_string()),
+        chain_key_file: Some(key_file),
+        rail_poll_ms: 500,
+    };
+    Ok(UpDevnet { devnet, rail_args, state_dir })
+}
+
+/// Prices the pool once every worker has registered its payout address (the flow's members).
+async fn set_price(state: &AppState, model: &str, d: &UpDevnet, price: u128, max_seconds: u32) -> anyhow::Result<()> {
+    let pool = state.pools.by_model(model).context("the pool is registered")?;
+    let settings: PoolPayments = serde_json::from_value(d.devnet.pool_payments(price, max_seconds))?;
+    let payouts = d.devnet.operators.len();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let registered = pool.routes[0]
+            .topology
+            .shards
+            .iter()
+            .filter(|s| state.workers.get(&s.peer.to_string()).is_some_and(|w| w.registration.payout.is_some()))
+            .count();
+        if registered == payouts {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("only {registered} of {payouts} workers registered a payout address within a minute");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let payments = state.payments.as_ref().context("payments are on")?;
+    payments.configure(&pool, &state.workers, settings.clone()).await.map_err(|e| anyhow::anyhow!("pricing the pool: {e}"))?;
+    state.store.put_pool_payments(&pool.record.id, &settings)?;
     Ok(())
 }
 
@@ -190,5 +296,60 @@ print()
 
 Press Ctrl-C to stop.
 "#
+    )
+}
+
+fn payments_banner(url: &str, model: &str, d: &UpDevnet, price: u128, max_seconds: u32) -> String {
+    let devnet = &d.devnet;
+    let payer = &devnet.payers[0];
+    let key = format!("0x{}", hex::encode(payer.to_bytes()));
+    let asset = format!("{:#x}", devnet.deployment.usdc.address);
+    let worst = price * u128::from(max_seconds);
+    let ready = serde_json::json!({
+        "event": "payments", "url": url, "rpc": devnet.rpc_url(), "network": format!("eip155:{}", computepool_chain::DEVNET_CHAIN_ID),
+        "asset": asset, "usdcx": format!("{:#x}", devnet.deployment.usdcx), "gda_pool": format!("{:#x}", devnet.gda_pool),
+        "pay_to": address_of(&devnet.orchestrator), "payer_key": key, "payer": address_of(payer),
+        "operators": devnet.operators.iter().map(address_of).collect::<Vec<_>>(),
+        "price_per_second": price.to_string(), "max_seconds_per_request": max_seconds, "voucher_amount": worst.to_string(),
+        "facilitator": devnet.facilitator_url,
+    });
+    format!(
+        r#"Payments are on: every request pays {price} USDC atomic units per second it streams (a voucher covers
+{max_seconds} s: {worst} units), streamed to the {n} operators through Superfluid on a local chain.
+
+  chain (anvil):   {rpc}  (chain id {chain_id})
+  test USDC:       {asset}
+  facilitator:     {facilitator}
+  funded test key: {key}   (a public anvil key: devnet only)
+
+Pay with the official x402 client (pip install "x402[httpx,evm]" openai) — allow the test token first:
+
+import asyncio
+from eth_account import Account
+from openai import AsyncOpenAI
+from x402 import x402Client
+from x402.http.clients.httpx import x402HttpxClient
+from x402.mechanisms.evm.exact.register import register_exact_evm_client
+
+async def main():
+    client = x402Client()
+    register_exact_evm_client(client, Account.from_key("{key}"))
+    client.set_spend_controls({{"allowed_assets": [{{"network": "eip155:{chain_id}", "asset": "{asset}", "max_amount_per_payment": "{worst}"}}]}})
+    async with x402HttpxClient(client, timeout=120) as http:
+        api = AsyncOpenAI(base_url="{url}/v1", api_key="unused", http_client=http, max_retries=0)
+        stream = await api.chat.completions.create(model="{model}", stream=True, max_tokens=64,
+            messages=[{{"role": "user", "content": "What is the capital of France?"}}])
+        async for chunk in stream:
+            print(chunk.choices[0].delta.content or "", end="", flush=True)
+    print()
+
+asyncio.run(main())
+
+{ready}
+"#,
+        n = devnet.operators.len(),
+        rpc = devnet.rpc_url(),
+        chain_id = computepool_chain::DEVNET_CHAIN_ID,
+        facilitator = devnet.facilitator_url,
     )
 }

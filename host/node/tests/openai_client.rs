@@ -89,7 +89,7 @@ fn the_official_openai_client_works_against_computepool_up() {
     let models_dir = model.parent().expect("models dir");
     let name = model.file_name().and_then(|n| n.to_str()).expect("model name");
     let mut up = Command::new(bin())
-        .args(["up", "--listen", "127.0.0.1:0", "--threads", "1", "--model", name, "--models-dir"])
+        .args(["up", "--payments", "off", "--listen", "127.0.0.1:0", "--threads", "1", "--model", name, "--models-dir"])
         .arg(models_dir)
         .arg("--state-dir")
         .arg(state.path())

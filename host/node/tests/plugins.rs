@@ -109,7 +109,7 @@ impl Pool {
     fn start(model: &Path, plugins: &Path, state: &Path) -> Self {
         let log = std::fs::File::create(state.with_extension("log")).expect("log");
         let mut child = Command::new(bin())
-            .args(["up", "--workers", "2", "--threads", "1", "--listen", "127.0.0.1:0", "--model", MODEL])
+            .args(["up", "--payments", "off", "--workers", "2", "--threads", "1", "--listen", "127.0.0.1:0", "--model", MODEL])
             .arg("--models-dir")
             .arg(model.parent().expect("models dir"))
             .arg("--state-dir")

@@ -12,3 +12,4 @@ pub mod exact;
 pub mod facilitator;
 pub mod session;
 pub mod meter;
+pub mod devnet;

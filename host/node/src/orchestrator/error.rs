@@ -41,6 +41,13 @@ pub enum ApiError {
     /// The operator token is missing or wrong (write routes: pools, worker registration).
     #[error("{0}")]
     Unauthorized(String),
+    /// The pool is paid and this request's payment is missing, refused or short: an x402 402 (the
+    /// requirements in `PAYMENT-REQUIRED`, x402 v1's body).
+    #[error("{}", .0.challenge.error())]
+    PaymentRequired(Box<super::payments::Challenge402>),
+    /// A payment rail (plugin, facilitator, chain) could not be reached; the request was not served.
+    #[error("payments are unavailable: {0}")]
+    PaymentUnavailable(String),
     /// No registered worker has this peer id (it should register again).
     #[error("no worker with peer id `{0}` is registered: register it with POST /workers")]
     WorkerNotFound(String),
@@ -62,7 +69,8 @@ impl ApiError {
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable { .. } | Self::PaymentUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::PaymentRequired(_) => StatusCode::PAYMENT_REQUIRED,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -81,6 +89,8 @@ impl ApiError {
             Self::BodyTooLarge { .. } => ("invalid_request_error", None, Some("request_too_large")),
             Self::ContextLengthExceeded { param, .. } => ("invalid_request_error", Some(param), Some("context_length_exceeded")),
             Self::Unavailable { .. } => ("service_unavailable", None, Some("pool_unavailable")),
+            Self::PaymentRequired(_) => ("payment_required", None, Some("payment_required")),
+            Self::PaymentUnavailable(_) => ("service_unavailable", None, Some("payment_unavailable")),
             Self::Internal(_) => ("server_error", None, Some("internal_error")),
         }
     }
@@ -95,6 +105,18 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
+        if let Self::PaymentRequired(challenge) = self {
+            // x402: v2 clients read the header, v1 clients the body.
+            let mut response = (status, axum::Json(challenge.challenge.body())).into_response();
+            let headers = response.headers_mut();
+            if let Ok(value) = axum::http::HeaderValue::from_str(&challenge.challenge.header()) {
+                headers.insert(super::payments::PAYMENT_REQUIRED, value);
+            }
+            for (name, value) in challenge.extra_headers {
+                headers.insert(name, value);
+            }
+            return response;
+        }
         if status.is_server_error() {
             tracing::warn!(%status, "{self}");
         } else {

@@ -54,6 +54,8 @@ pub struct AppState {
     pub token: OperatorToken,
     /// This orchestrator's peer id (pools' topologies list it as a client).
     pub peer: String,
+    /// Paid pools' payments; `None` when payments are off (every pool serves free).
+    pub payments: Option<Arc<payments::Payments>>,
 }
 
 /// How the orchestrator runs, apart from where its state lives.
@@ -82,7 +84,25 @@ impl AppState {
             metrics: Arc::new(Metrics::default()),
             token: settings.token,
             peer,
+            payments: None,
         })
+    }
+
+    /// Turns payments on: opens `state_dir/payments.db`, stops what a previous run left streaming, and
+    /// puts back every paid pool's settings (a pool whose rails cannot be set up stays paid and answers
+    /// 503 until they can: it never falls back to serving free).
+    pub async fn enable_payments(&mut self, state_dir: &Path, rails: Arc<computepool_plugin_host::PluginHost>) -> anyhow::Result<()> {
+        let saved = self.store.pool_payments().context("reading the pools' payment settings")?;
+        let payments = payments::Payments::open(&state_dir.join("payments.db"), rails, &saved).await?;
+        for (pool_id, settings) in saved {
+            let Some(pool) = self.pools.get(&pool_id) else { continue };
+            if let Err(e) = payments.configure(&pool, &self.workers, settings.clone()).await {
+                tracing::error!(pool = %pool_id, "payments could not be set up again; the pool answers 503 until they are: {e}");
+                payments.hold(&pool_id, settings);
+            }
+        }
+        self.payments = Some(payments);
+        Ok(())
     }
 
     /// The pools whose plan (topology or replicas) lists `peer`, with the layers each gives it.
@@ -143,6 +163,8 @@ pub struct OrchestratorArgs {
     /// a row is down. Shorter notices a dead worker sooner, at one small HTTP request per beat.
     #[arg(long, default_value_t = 2000)]
     pub heartbeat_ms: u64,
+    #[command(flatten)]
+    pub payments: payments::setup::PaymentArgs,
 }
 
 /// The key file of an orchestrator whose state lives in `state_dir`.
@@ -157,6 +179,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/pools", get(routes::list_pools).post(routes::create_pool))
         .route("/pools/{id}", get(routes::get_pool))
         .route("/pools/{id}/infer", post(routes::infer))
+        .route("/pools/{id}/payments", get(routes::get_pool_payments).put(routes::put_pool_payments))
+        .route("/sessions/{id}", get(routes::get_session))
         .route("/workers", get(routes::list_workers).post(routes::register_worker))
         .route("/workers/{peer}/heartbeat", post(routes::heartbeat))
         .route("/topology", get(routes::topology))
@@ -223,9 +247,18 @@ pub fn run(args: OrchestratorArgs) -> anyhow::Result<()> {
         heartbeat: Duration::from_millis(args.heartbeat_ms.max(10)),
         token: OperatorToken::load_or_create(&args.state_dir)?,
     };
-    let state = Arc::new(AppState::open(&args.state_dir, key, settings)?);
+    let mut state = AppState::open(&args.state_dir, key, settings)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {
+        // Held for the server's life: dropping it stops the rails folder's watcher.
+        let _rails = if args.payments.payments {
+            let rails = payments::setup::RailHost::start(&args.payments, &args.state_dir).await?;
+            state.enable_payments(&args.state_dir, rails.host.clone()).await?;
+            Some(rails)
+        } else {
+            None
+        };
+        let state = Arc::new(state);
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("listening on {}", args.listen))?;

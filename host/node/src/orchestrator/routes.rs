@@ -80,24 +80,74 @@ fn model_json(model: &str, created: i64) -> Value {
 
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    uri: Uri,
     JsonBody(request): JsonBody<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
-    service::complete(&state, request.prepare()?).await
+    service::complete(&state, request.prepare()?, &headers, &resource_url(&headers, &uri)).await
 }
 
 pub async fn completions(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    uri: Uri,
     JsonBody(request): JsonBody<CompletionRequest>,
 ) -> Result<Response, ApiError> {
-    service::complete(&state, request.prepare()?).await
+    service::complete(&state, request.prepare()?, &headers, &resource_url(&headers, &uri)).await
 }
 
 pub async fn infer(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
     JsonBody(request): JsonBody<service::InferRequest>,
 ) -> Result<Response, ApiError> {
-    service::infer(&state, &id, request).await
+    service::infer(&state, &id, request, &headers, &resource_url(&headers, &uri)).await
+}
+
+/// The URL a paid request pays for (x402's `resource`): this server's scheme-less `Host` and the path.
+fn resource_url(headers: &HeaderMap, uri: &Uri) -> String {
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).filter(|h| h.len() <= 255).unwrap_or("localhost");
+    format!("http://{host}{}", uri.path())
+}
+
+/// `GET /sessions/{id}`: a payment session's balance, usage and stream, to the holder of its token.
+pub async fn get_session(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let payments = state.payments.as_ref().ok_or_else(|| ApiError::NoRoute(format!("/sessions/{id} (payments are off)")))?;
+    let view = payments.session(&id, &headers).await?;
+    Ok(Json(serde_json::to_value(view).map_err(|e| ApiError::Internal(e.to_string()))?))
+}
+
+/// `GET /pools/{id}/payments`: the pool's price and rails (404 for a free pool).
+pub async fn get_pool_payments(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let pool = state.pools.get(&id).ok_or_else(|| ApiError::PoolNotFound(id.clone()))?;
+    let settings = state.payments.as_ref().and_then(|p| p.settings(&pool.record.id));
+    let settings = settings.ok_or_else(|| ApiError::NoRoute(format!("/pools/{id}/payments (the pool is free)")))?;
+    Ok(Json(serde_json::to_value(settings).map_err(|e| ApiError::Internal(e.to_string()))?))
+}
+
+/// `PUT /pools/{id}/payments` (operator token): sets the pool's price and rails; the next request uses
+/// them, no restart.
+pub async fn put_pool_payments(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    JsonBody(settings): JsonBody<super::payments::config::PoolPayments>,
+) -> Result<Json<Value>, ApiError> {
+    state.token.check(&headers)?;
+    let payments = state
+        .payments
+        .as_ref()
+        .ok_or_else(|| ApiError::invalid("payments", "payments are off on this orchestrator (start it with --payments)"))?;
+    let pool = state.pools.get(&id).ok_or_else(|| ApiError::PoolNotFound(id.clone()))?;
+    payments.configure(&pool, &state.workers, settings.clone()).await?;
+    state.store.put_pool_payments(&pool.record.id, &settings)?;
+    Ok(Json(serde_json::to_value(settings).map_err(|e| ApiError::Internal(e.to_string()))?))
 }
 
 pub async fn register_worker(

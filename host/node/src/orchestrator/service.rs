@@ -14,8 +14,12 @@ use axum::response::{IntoResponse, Response};
 
 use serde::Deserialize;
 
+use axum::http::HeaderMap;
+use computepool_pay::meter::EndReason;
+
 use super::AppState;
 use super::error::ApiError;
+use super::payments::PaidRequest;
 use super::metrics::Metrics;
 use super::openai::{Endpoint, Prepared, ResponseMeta, Usage};
 use super::pools::{Pool, PoolRequest};
@@ -46,26 +50,109 @@ async fn begin(
     Ok(request)
 }
 
-/// Serves one checked completion request.
-pub async fn complete(state: &AppState, prepared: Prepared) -> Result<Response, ApiError> {
-    let pool = state.pools.by_model(&prepared.model).ok_or_else(|| ApiError::ModelNotFound(prepared.model.clone()))?;
-    let meta = ResponseMeta::new(prepared.endpoint, prepared.model.clone());
-    let mut entry = prepared.entry;
-    entry.id = Some(meta.id.clone());
-    let mut log = RequestLog::new(state, &pool, &meta.id, meta.endpoint.name(), prepared.stream);
-    let request = begin(state, &pool, &entry, &mut log, meta.endpoint.prompt_param()).await?;
-    if prepared.stream {
-        Ok(stream(request, log, meta, prepared.include_usage))
-    } else {
-        collect(request, log, meta).await
+/// How a request is paid for, decided before any shard works (a 402 ends it here, unrecorded: a flood
+/// of unpaid requests writes nothing). `None` for a free pool or with payments off.
+async fn gate(
+    state: &AppState,
+    pool: &Pool,
+    request_id: &str,
+    headers: &HeaderMap,
+    resource: &str,
+) -> Result<Option<PaidRequest>, ApiError> {
+    match &state.payments {
+        Some(payments) => payments.gate(pool, request_id, headers, resource).await,
+        None => Ok(None),
     }
 }
 
+/// The next event of a request, with its payment kept in step: the request joins the pool's flow before
+/// its first token is passed on (nothing is served unpaid), a request whose paid seconds ran out ends as
+/// `length`, and the flow stops (and the request is charged) before its last event is passed on.
+async fn next_event(request: &mut PoolRequest, paid: &mut Option<PaidRequest>, log: &RequestLog) -> Option<Event> {
+    let Some(payment) = paid.as_mut() else { return request.next_event().await };
+    let event = match payment.deadline() {
+        Some(deadline) => match tokio::time::timeout_at(deadline.into(), request.next_event()).await {
+            Ok(event) => event,
+            Err(_) => {
+                payment.ended(EndReason::DeadlineReached).await;
+                return Some(Event::Done {
+                    finish_reason: FinishReason::Length,
+                    prompt_tokens: log.record.prompt_tokens.unwrap_or(0),
+                    completion_tokens: log.record.completion_tokens,
+                });
+            }
+        },
+        None => request.next_event().await,
+    };
+    match &event {
+        Some(Event::Token { .. }) => {
+            if let Err(e) = payment.started().await {
+                payment.ended(EndReason::Error(e.to_string())).await;
+                return Some(Event::Error { code: ErrorKind::Unavailable, message: format!("payments: {e}") });
+            }
+        }
+        Some(Event::Done { .. }) => {
+            payment.ended(EndReason::Completed).await;
+        }
+        Some(Event::Error { code, message }) => {
+            let reason = match code {
+                ErrorKind::Unavailable | ErrorKind::Sequence => EndReason::ShardFault(message.clone()),
+                _ => EndReason::Error(message.clone()),
+            };
+            payment.ended(reason).await;
+        }
+        Some(Event::Started { .. }) => {}
+        None => {
+            payment.ended(EndReason::ShardFault("the entry closed the stream".into())).await;
+        }
+    }
+    event
+}
+
+/// Adds the payment's headers (settlement, session) to a response.
+fn with_payment_headers(mut response: Response, headers: Vec<(axum::http::HeaderName, axum::http::HeaderValue)>) -> Response {
+    response.headers_mut().extend(headers);
+    response
+}
+
+/// Serves one checked completion request; `headers` carry its payment, `resource` is the URL it pays for.
+pub async fn complete(state: &AppState, prepared: Prepared, headers: &HeaderMap, resource: &str) -> Result<Response, ApiError> {
+    let pool = state.pools.by_model(&prepared.model).ok_or_else(|| ApiError::ModelNotFound(prepared.model.clone()))?;
+    let meta = ResponseMeta::new(prepared.endpoint, prepared.model.clone());
+    // A pool known to be down takes no payment.
+    state.check_route(&pool)?;
+    let mut paid = gate(state, &pool, &meta.id, headers, resource).await?;
+    let payment_headers = paid.as_mut().map(|p| std::mem::take(&mut p.headers)).unwrap_or_default();
+    let mut entry = prepared.entry;
+    entry.id = Some(meta.id.clone());
+    let mut log = RequestLog::new(state, &pool, &meta.id, meta.endpoint.name(), prepared.stream);
+    let request = match begin(state, &pool, &entry, &mut log, meta.endpoint.prompt_param()).await {
+        Ok(request) => request,
+        Err(e) => {
+            if let Some(p) = paid.as_mut() {
+                p.ended(EndReason::Error(e.to_string())).await;
+            }
+            return Err(e);
+        }
+    };
+    let response = if prepared.stream {
+        stream(request, paid, log, meta, prepared.include_usage)
+    } else {
+        collect(request, paid, log, meta).await?
+    };
+    Ok(with_payment_headers(response, payment_headers))
+}
+
 /// Reads the whole answer and returns it as one response.
-async fn collect(mut request: PoolRequest, mut log: RequestLog, meta: ResponseMeta) -> Result<Response, ApiError> {
+async fn collect(
+    mut request: PoolRequest,
+    mut paid: Option<PaidRequest>,
+    mut log: RequestLog,
+    meta: ResponseMeta,
+) -> Result<Response, ApiError> {
     let mut text = String::new();
     loop {
-        match request.next_event().await {
+        match next_event(&mut request, &mut paid, &log).await {
             Some(Event::Token { text: piece, .. }) => {
                 log.token();
                 text.push_str(&piece);
@@ -87,6 +174,7 @@ async fn collect(mut request: PoolRequest, mut log: RequestLog, meta: ResponseMe
 /// request, which cancels it at the entry, and records it as cancelled.
 struct Relay {
     request: PoolRequest,
+    paid: Option<PaidRequest>,
     log: RequestLog,
     meta: ResponseMeta,
     include_usage: bool,
@@ -101,7 +189,7 @@ impl Relay {
 
     /// Waits for the next entry event and queues the SSE events it makes.
     async fn advance(&mut self) {
-        match self.request.next_event().await {
+        match next_event(&mut self.request, &mut self.paid, &self.log).await {
             Some(Event::Token { text, .. }) => {
                 self.log.token();
                 // Text held back (inside a character or a possible stop string) comes with a later token.
@@ -134,8 +222,8 @@ impl Relay {
     }
 }
 
-fn stream(request: PoolRequest, log: RequestLog, meta: ResponseMeta, include_usage: bool) -> Response {
-    let mut relay = Relay { request, log, meta, include_usage, queue: VecDeque::new(), over: false };
+fn stream(request: PoolRequest, paid: Option<PaidRequest>, log: RequestLog, meta: ResponseMeta, include_usage: bool) -> Response {
+    let mut relay = Relay { request, paid, log, meta, include_usage, queue: VecDeque::new(), over: false };
     if relay.meta.endpoint == Endpoint::Chat {
         relay.push(relay.meta.chunk("", true, None, include_usage));
     }
@@ -161,7 +249,13 @@ fn stream(request: PoolRequest, log: RequestLog, meta: ResponseMeta, include_usa
 #[serde(transparent)]
 pub struct InferRequest(pub GenerateRequest);
 
-pub async fn infer(state: &AppState, pool_id: &str, InferRequest(mut entry): InferRequest) -> Result<Response, ApiError> {
+pub async fn infer(
+    state: &AppState,
+    pool_id: &str,
+    InferRequest(mut entry): InferRequest,
+    headers: &HeaderMap,
+    resource: &str,
+) -> Result<Response, ApiError> {
     let pool = state.pools.get(pool_id).ok_or_else(|| ApiError::PoolNotFound(pool_id.to_string()))?;
     if entry.id.is_some() {
         return Err(ApiError::invalid("id", "the request id is assigned here: leave `id` out"));
@@ -173,25 +267,36 @@ pub async fn infer(state: &AppState, pool_id: &str, InferRequest(mut entry): Inf
         format!("infer-{:x}{:06x}", now.as_micros(), NEXT.fetch_add(1, Ordering::Relaxed))
     };
     entry.id = Some(id.clone());
+    state.check_route(&pool)?;
+    let mut paid = gate(state, &pool, &id, headers, resource).await?;
+    let payment_headers = paid.as_mut().map(|p| std::mem::take(&mut p.headers)).unwrap_or_default();
     let prompt_param = if entry.messages.is_some() { "messages" } else { "prompt" };
     let mut log = RequestLog::new(state, &pool, &id, "infer", true);
-    let request = begin(state, &pool, &entry, &mut log, prompt_param).await?;
+    let request = match begin(state, &pool, &entry, &mut log, prompt_param).await {
+        Ok(request) => request,
+        Err(e) => {
+            if let Some(p) = paid.as_mut() {
+                p.ended(EndReason::Error(e.to_string())).await;
+            }
+            return Err(e);
+        }
+    };
     // `route`: which of the pool's pipelines took the request (0 its topology, then its replicas).
     let started = SseEvent::default().event("started").data(
         serde_json::json!({"id": id, "pool": pool.record.id, "route": request.route(), "prompt_tokens": log.record.prompt_tokens})
             .to_string(),
     );
     let model = pool.record.model.clone();
-    // The state is (request, log, what to send first, over); dropping it cancels and records.
-    let events = futures_util::stream::unfold((request, log, Some(started), model, false), |st| async move {
-        let (mut request, mut log, first, model, over) = st;
+    // The state is (request, payment, log, what to send first, over); dropping it cancels and records.
+    let events = futures_util::stream::unfold((request, paid, log, Some(started), model, false), |st| async move {
+        let (mut request, mut paid, mut log, first, model, over) = st;
         if let Some(event) = first {
-            return Some((Ok::<_, Infallible>(event), (request, log, None, model, over)));
+            return Some((Ok::<_, Infallible>(event), (request, paid, log, None, model, over)));
         }
         if over {
             return None;
         }
-        let (event, over) = match request.next_event().await {
+        let (event, over) = match next_event(&mut request, &mut paid, &log).await {
             Some(Event::Token { token, text }) => {
                 log.token();
                 (SseEvent::default().event("token").data(serde_json::json!({"token": token, "text": text}).to_string()), false)
@@ -211,9 +316,10 @@ pub async fn infer(state: &AppState, pool_id: &str, InferRequest(mut entry): Inf
                 (SseEvent::default().event("error").data(error.body().to_string()), true)
             }
         };
-        Some((Ok(event), (request, log, None, model, over)))
+        Some((Ok(event), (request, paid, log, None, model, over)))
     });
-    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(5))).into_response())
+    let response = Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(5))).into_response();
+    Ok(with_payment_headers(response, payment_headers))
 }
 
 /// An entry error before the request started: the client's fault or the pool's.

@@ -7,6 +7,7 @@ use std::sync::Mutex;
 
 use computepool_axl::transport::Topology;
 
+use super::payments::config::PoolPayments;
 use super::workers::{WorkerRecord, WorkerStats};
 use rusqlite::{Connection, params};
 
@@ -105,6 +106,11 @@ CREATE TABLE IF NOT EXISTS requests (
     error                   TEXT
 );
 CREATE INDEX IF NOT EXISTS requests_by_pool ON requests (pool_id, started_at_ms);
+CREATE TABLE IF NOT EXISTS pool_payments (
+    pool_id     TEXT PRIMARY KEY,
+    settings    TEXT NOT NULL,
+    updated_at  INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS workers (
     peer              TEXT PRIMARY KEY,
     registration      TEXT NOT NULL,
@@ -206,6 +212,30 @@ impl Store {
             Ok(WorkerRecord { registration, registered_at_ms: row.get(1)?, last_seen_ms: row.get(2)?, stats })
         })?;
         rows.collect()
+    }
+
+    /// Every paid pool's payment settings (`PUT /pools/{id}/payments`).
+    pub fn pool_payments(&self) -> rusqlite::Result<Vec<(String, PoolPayments)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT pool_id, settings FROM pool_payments ORDER BY pool_id")?;
+        let rows = stmt.query_map([], |row| {
+            let text: String = row.get(1)?;
+            let settings = serde_json::from_str(&text)
+                .map_err(|e| rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, Box::new(e)))?;
+            Ok((row.get(0)?, settings))
+        })?;
+        rows.collect()
+    }
+
+    /// Stores a pool's payment settings, replacing what it had.
+    pub fn put_pool_payments(&self, pool_id: &str, settings: &PoolPayments) -> rusqlite::Result<()> {
+        let text = serde_json::to_string(settings).expect("settings serialise");
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+        self.conn().execute(
+            "INSERT OR REPLACE INTO pool_payments (pool_id, settings, updated_at) VALUES (?1, ?2, ?3)",
+            params![pool_id, text, now],
+        )?;
+        Ok(())
     }
 
     /// Stores a worker's registration (replacing an earlier one of the same peer).

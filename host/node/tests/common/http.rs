@@ -128,10 +128,15 @@ pub struct EventStream {
 
 impl EventStream {
     pub fn open(addr: &str, path: &str, body: &Value) -> Self {
+        Self::open_with(addr, path, body, &[])
+    }
+
+    /// Opens it with more request headers.
+    pub fn open_with(addr: &str, path: &str, body: &Value, headers: &[(&str, &str)]) -> Self {
         let mut stream = TcpStream::connect(addr).expect("connect");
         stream.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
         let body = body.to_string();
-        stream.write_all(head("POST", addr, path, body.len(), &[]).as_bytes()).expect("write head");
+        stream.write_all(head("POST", addr, path, body.len(), headers).as_bytes()).expect("write head");
         stream.write_all(body.as_bytes()).expect("write body");
         let mut reader = BufReader::new(stream);
         let mut line = String::new();

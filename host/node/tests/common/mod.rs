@@ -55,6 +55,8 @@ pub struct Cluster {
     pub client_peer: String,
     workers: Vec<Option<Child>>,
     pub extra_args: Vec<String>,
+    /// More arguments for one worker (index = shard), after `extra_args`.
+    pub worker_args: Vec<Vec<String>>,
 }
 
 impl Cluster {
@@ -80,6 +82,7 @@ impl Cluster {
             client_peer,
             workers: (0..n).map(|_| None).collect(),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            worker_args: Vec::new(),
         }
     }
 
@@ -130,6 +133,7 @@ impl Cluster {
             .arg(spec.addr.to_string())
             .args(["--threads", "1"])
             .args(&self.extra_args)
+            .args(self.worker_args.get(i).into_iter().flatten())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

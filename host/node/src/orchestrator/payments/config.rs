@@ -34,14 +34,40 @@ fn default_max_seconds() -> u32 {
     DEFAULT_MAX_SECONDS_PER_REQUEST
 }
 
-/// A rail plugin by id, with the pool's settings for it (passed to the plugin as JSON; each rail's
-/// README lists its keys).
+/// A rail plugin by id, with the pool's settings for it (passed to the plugin as JSON; docs/PLUGINS.md
+/// lists each rail's keys).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RailChoice {
     pub plugin: String,
     #[serde(default)]
     pub config: serde_json::Value,
+    /// (Flow rails) where the flow goes: the Superfluid GDA pool's address for `superfluid-gda`, the
+    /// ledger account for `ledger`. Default: the pool's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// (Flow rails) what the flow pays in: the Super Token's address for `superfluid-gda`, the unit for
+    /// `ledger`. Default: the config's `token`, else its `unit`, else the plugin id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// (Flow rails) units of the flow's token per atomic unit of the price (decimal string): 10^12 when
+    /// the price is in USDC (6 decimals) and the flow in USDCx (18). Default 1. A session's cost is in the
+    /// price's unit; the operators receive cost × scale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<String>,
+}
+
+impl RailChoice {
+    /// [`scale`](Self::scale) as a number (1 when unset).
+    pub fn scale(&self) -> Result<u128, ApiError> {
+        match &self.scale {
+            None => Ok(1),
+            Some(text) => match parse_amount(text) {
+                Ok(0) | Err(_) => Err(ApiError::invalid("flow.scale", format!("flow.scale {text:?} is not a positive decimal number"))),
+                Ok(scale) => Ok(scale),
+            },
+        }
+    }
 }
 
 impl PoolPayments {
@@ -61,6 +87,11 @@ impl PoolPayments {
         price.checked_mul(u128::from(self.max_seconds_per_request)).ok_or_else(|| {
             ApiError::invalid("price_per_second", "price_per_second × max_seconds_per_request overflows 128 bits")
         })?;
+        let scale = self.flow.scale()?;
+        price
+            .checked_mul(u128::from(self.max_seconds_per_request))
+            .and_then(|worst| worst.checked_mul(scale))
+            .ok_or_else(|| ApiError::invalid("flow.scale", "price × max seconds × flow.scale overflows 128 bits"))?;
         for (name, rail) in [("challenge", &self.challenge), ("flow", &self.flow)] {
             if !is_plugin_id(&rail.plugin) {
                 return Err(ApiError::invalid(
@@ -70,11 +101,6 @@ impl PoolPayments {
             }
         }
         Ok(price)
-    }
-
-    /// What one request may cost at most: price × max seconds (checked by [`validate`](Self::validate)).
-    pub fn worst_case(&self, price: u128) -> u128 {
-        price.saturating_mul(u128::from(self.max_seconds_per_request))
     }
 }
 
@@ -100,15 +126,14 @@ mod tests {
         PoolPayments {
             price_per_second: price.into(),
             max_seconds_per_request: seconds,
-            challenge: RailChoice { plugin: "x402-exact".into(), config: serde_json::Value::Null },
-            flow: RailChoice { plugin: "ledger".into(), config: serde_json::Value::Null },
+            challenge: RailChoice { plugin: "x402-exact".into(), config: serde_json::Value::Null, target: None, token: None, scale: None },
+            flow: RailChoice { plugin: "ledger".into(), config: serde_json::Value::Null, target: None, token: None, scale: None },
         }
     }
 
     #[test]
     fn prices_and_limits_are_checked() {
         assert_eq!(payments("3000", 60).validate().expect("valid"), 3000);
-        assert_eq!(payments("3000", 60).worst_case(3000), 180_000);
         for (price, seconds, param) in [
             ("0", 60, "price_per_second"),
             ("-1", 60, "price_per_second"),

@@ -1,0 +1,279 @@
+//! The rail plugins as the orchestrator uses them: the challenge rail's quote / verify / settle around the
+//! session store, and the flow rail behind the meter's [`FlowRail`]. Every call here blocks (a rail waits
+//! for its facilitator or for a mined transaction): callers run them on tokio's blocking pool.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+
+use computepool_pay::meter::{FlowChange, FlowRail, FlowReceipt, RailFailure};
+use computepool_pay::session::Sessions;
+use computepool_pay::x402::{
+    ErrorReason, ExactEvmPayload, PaymentPayload, PaymentPayloadV1, PaymentRequirements, decode_header,
+};
+use computepool_plugin_host::PluginHost;
+use computepool_plugin_host::rail::{self as plugin, RailCallError, RailError, RailPlugin};
+use sha2::{Digest, Sha256};
+
+use super::config::{PoolPayments, RailChoice};
+use crate::orchestrator::error::ApiError;
+
+/// Why a payment was not taken.
+#[derive(Debug)]
+pub enum ChallengeFailure {
+    /// The payment is bad (answer with a 402 carrying the reason).
+    Refused { reason: ErrorReason, message: String },
+    /// Something on our side failed (the rail, the store): a 5xx.
+    Internal(ApiError),
+}
+
+/// A payment taken: settled, and credited to the payer's session.
+#[derive(Debug)]
+pub struct TakenPayment {
+    pub payer: String,
+    pub amount: u128,
+    pub reference: String,
+    pub network: String,
+    pub session_id: String,
+    /// The session's secret, when this payment opened the session.
+    pub secret: Option<String>,
+}
+
+/// The rail plugins of a [`PluginHost`], and which flow rail each pool uses.
+pub struct PluginRails {
+    host: Arc<PluginHost>,
+    flows: RwLock<HashMap<String, RailChoice>>,
+    /// Per pool, the members (with units) the flow rail last confirmed. A change whose members are the
+    /// same lists none (a rail keeps the units it has: on chain each listed member is a transaction).
+    confirmed_members: Mutex<HashMap<String, Vec<plugin::FlowMember>>>,
+}
+
+impl PluginRails {
+    pub fn new(host: Arc<PluginHost>) -> Self {
+        Self { host, flows: RwLock::new(HashMap::new()), confirmed_members: Mutex::new(HashMap::new()) }
+    }
+
+    fn rail(&self, id: &str) -> Result<Arc<RailPlugin>, ApiError> {
+        self.host.rail(id).ok_or_else(|| {
+            ApiError::PaymentUnavailable(format!("the payment rail `{id}` is not loaded"))
+        })
+    }
+
+    /// Both rails are loaded and accept their configs, and each does its part (the challenge rail takes
+    /// payments, the flow rail streams).
+    pub fn check(&self, settings: &PoolPayments) -> Result<(), ApiError> {
+        for (role, choice) in [("challenge", &settings.challenge), ("flow", &settings.flow)] {
+            let rail = self.host.rail(&choice.plugin).ok_or_else(|| {
+                ApiError::invalid(format!("{role}.plugin"), format!("no payment-rail plugin `{}` is loaded", choice.plugin))
+            })?;
+            let info = rail
+                .info(&config_text(choice))
+                .map_err(|e| ApiError::invalid(format!("{role}.config"), format!("rail `{}` refused its config: {e}", choice.plugin)))?;
+            let fits = if role == "challenge" { info.payments } else { info.streams };
+            if !fits {
+                let what = if role == "challenge" { "take client payments" } else { "stream to members" };
+                return Err(ApiError::invalid(format!("{role}.plugin"), format!("rail `{}` does not {what}", choice.plugin)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `choice` the flow rail of `pool` (the meter's rate changes for it go there).
+    pub fn bind_flow(&self, pool: &str, choice: &RailChoice) {
+        self.flows.write().unwrap_or_else(|p| p.into_inner()).insert(pool.to_string(), choice.clone());
+    }
+
+    /// The requirements a client must pay for one request: price × the pool's max seconds.
+    pub fn quote(
+        &self,
+        settings: &PoolPayments,
+        price: u128,
+        model: &str,
+        request_id: &str,
+        resource: &str,
+    ) -> Result<PaymentRequirements, ApiError> {
+        let rail = self.rail(&settings.challenge.plugin)?;
+        let quote = plugin::QuoteRequest {
+            request_id: request_id.to_string(),
+            resource: resource.to_string(),
+            model: model.to_string(),
+            max_seconds: settings.max_seconds_per_request,
+            price_per_second: price,
+            pay_to: String::new(),
+        };
+        let quoted = rail.quote(&config_text(&settings.challenge), &quote).map_err(|e| rail_unavailable(&rail, e))?;
+        serde_json::from_str(&quoted.body)
+            .map_err(|e| ApiError::Internal(format!("rail `{}` quoted requirements that do not parse: {e}", rail.id())))
+    }
+
+    /// Verifies the client's payment, writes the intent to credit it, settles it and credits the payer's
+    /// session: the voucher is credited once however often this runs for it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn take_payment(
+        &self,
+        sessions: &Sessions,
+        settings: &PoolPayments,
+        price: u128,
+        model: &str,
+        request_id: &str,
+        resource: &str,
+        payment: &str,
+    ) -> Result<TakenPayment, ChallengeFailure> {
+        let rail = self.rail(&settings.challenge.plugin).map_err(ChallengeFailure::Internal)?;
+        let config = config_text(&settings.challenge);
+        let plugin_quote = plugin::QuoteRequest {
+            request_id: request_id.to_string(),
+            resource: resource.to_string(),
+            model: model.to_string(),
+            max_seconds: settings.max_seconds_per_request,
+            price_per_second: price,
+            pay_to: String::new(),
+        };
+        let requirements = rail.quote(&config, &plugin_quote).map_err(|e| ChallengeFailure::Internal(rail_unavailable(&rail, e)))?;
+        let verified = rail.verify(&config, &requirements, payment).map_err(|e| refused(&rail, e))?;
+        let voucher = voucher_key(payment, &verified.payer);
+        let ticket = sessions
+            .begin_credit(&verified.payer, &voucher, verified.amount)
+            .map_err(|e| ChallengeFailure::Internal(ApiError::Internal(format!("recording the payment: {e}"))))?;
+        let settlement = match rail.settle(&config, &verified) {
+            Ok(s) => s,
+            Err(e) => {
+                let failure = refused(&rail, e);
+                // Only a definite refusal releases the voucher; an unknown outcome stays pending.
+                if let ChallengeFailure::Refused { message, .. } = &failure
+                    && let Err(e) = sessions.fail_credit(&voucher, message)
+                {
+                    tracing::error!(voucher, "could not record a refused settlement: {e}");
+                }
+                return Err(failure);
+            }
+        };
+        sessions
+            .complete_credit(&voucher, &settlement.reference)
+            .map_err(|e| ChallengeFailure::Internal(ApiError::Internal(format!("crediting the payment: {e}"))))?;
+        Ok(TakenPayment {
+            payer: verified.payer,
+            amount: settlement.amount,
+            reference: settlement.reference,
+            network: settlement.network,
+            session_id: ticket.session_id,
+            secret: ticket.secret,
+        })
+    }
+}
+
+impl FlowRail for PluginRails {
+    fn set_flow(&self, change: &FlowChange) -> Result<FlowReceipt, RailFailure> {
+        let choice = self
+            .flows
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&change.pool)
+            .cloned()
+            .ok_or_else(|| RailFailure::new(format!("pool {} has no flow rail configured", change.pool)))?;
+        let rail = self
+            .host
+            .rail(&choice.plugin)
+            .ok_or_else(|| RailFailure::new(format!("the flow rail `{}` is not loaded", choice.plugin)))?;
+        let members = change
+            .members
+            .iter()
+            .map(|m| {
+                let units = u64::try_from(m.units).map_err(|_| RailFailure::new(format!("{} units do not fit 64 bits", m.operator)))?;
+                Ok(plugin::FlowMember { address: m.operator.clone(), units })
+            })
+            .collect::<Result<Vec<_>, RailFailure>>()?;
+        // Members the rail has that the change leaves out go to 0 units (a rail keeps unlisted members').
+        let listed = {
+            let confirmed = self.confirmed_members.lock().unwrap_or_else(|p| p.into_inner());
+            match confirmed.get(&change.pool) {
+                Some(previous) if *previous == members => Vec::new(),
+                Some(previous) => {
+                    let mut listed = members.clone();
+                    for gone in previous.iter().filter(|p| !members.iter().any(|m| m.address == p.address)) {
+                        listed.push(plugin::FlowMember { address: gone.address.clone(), units: 0 });
+                    }
+                    listed
+                }
+                None => members.clone(),
+            }
+        };
+        let mut plugin_change = plugin::FlowChange {
+            idempotency_key: change.idempotency_key.clone(),
+            pool: choice.target.clone().unwrap_or_else(|| change.pool.clone()),
+            token: change.token.clone(),
+            members: if change.is_stop() { Vec::new() } else { listed },
+            flow_rate: change.flow_rate_per_s,
+        };
+        let scale = choice.scale().map_err(|e| RailFailure::new(e.to_string()))?;
+        plugin_change.flow_rate = change
+            .flow_rate_per_s
+            .checked_mul(scale)
+            .ok_or_else(|| RailFailure::new(format!("rate {} × scale {scale} overflows", change.flow_rate_per_s)))?;
+        let config = config_text(&choice);
+        let receipt = if change.is_stop() { rail.stream_stop(&config, &plugin_change) } else { rail.stream_start(&config, &plugin_change) }
+            .map_err(|e| RailFailure::new(e.to_string()))?;
+        if !change.is_stop() {
+            self.confirmed_members.lock().unwrap_or_else(|p| p.into_inner()).insert(change.pool.clone(), members);
+        }
+        // Back in the price's unit: a rate that is not a whole number of them was rounded by the rail.
+        if receipt.flow_rate % scale != 0 {
+            return Err(RailFailure::new(format!(
+                "rail `{}` flows {} per second, not a multiple of the scale {scale}: its rounding would lose money",
+                choice.plugin, receipt.flow_rate
+            )));
+        }
+        Ok(FlowReceipt { reference: receipt.reference, effective_at_s: receipt.effective_at_s, flow_rate_per_s: receipt.flow_rate / scale })
+    }
+}
+
+/// The JSON config a rail gets (an empty object when the pool gives none).
+fn config_text(choice: &RailChoice) -> String {
+    if choice.config.is_null() { "{}".to_string() } else { choice.config.to_string() }
+}
+
+/// What the flow pays in (see [`RailChoice::token`]).
+pub fn flow_token(choice: &RailChoice) -> String {
+    let from_config = |key: &str| choice.config.get(key).and_then(|t| t.as_str()).map(str::to_string);
+    choice.token.clone().or_else(|| from_config("token")).or_else(|| from_config("unit")).unwrap_or_else(|| choice.plugin.clone())
+}
+
+/// One key per voucher: for exact EVM the network, token, payer and EIP-3009 nonce (what the token itself
+/// refuses to use twice); for anything else the payment's hash.
+fn voucher_key(payment: &str, payer: &str) -> String {
+    let exact = |network: &str, asset: &str, payload: &serde_json::Value| {
+        let auth = ExactEvmPayload::from_value(payload).ok()?.authorization;
+        Some(format!("{network}/{}/{}/{}", asset.to_ascii_lowercase(), auth.from.to_ascii_lowercase(), auth.nonce.to_ascii_lowercase()))
+    };
+    if let Ok(p) = decode_header::<PaymentPayload>(payment)
+        && let Some(key) = exact(&p.accepted.network, &p.accepted.asset, &p.payload)
+    {
+        return key;
+    }
+    if let Ok(p) = decode_header::<PaymentPayloadV1>(payment)
+        && let Some(key) = exact(&p.network, "", &p.payload)
+    {
+        return key;
+    }
+    format!("sha256/{}/{}", payer.to_ascii_lowercase(), hex::encode(Sha256::digest(payment.as_bytes())))
+}
+
+/// A rail's refusal as a 402 reason: the x402-exact rail puts the facilitator's reason first
+/// (`reason: message`); anything else is `invalid_payload`.
+fn refused(rail: &RailPlugin, e: RailCallError) -> ChallengeFailure {
+    match e.rail_error() {
+        Some(RailError::InvalidPayment(m) | RailError::Rejected(m)) => {
+            let (reason, message) = match m.split_once(':') {
+                Some((head, rest)) if head.parse::<ErrorReason>().is_ok_and(|r| !matches!(r, ErrorReason::Other(_))) => {
+                    (head.parse().expect("checked"), rest.trim().to_string())
+                }
+                _ => (ErrorReason::InvalidPayload, m.clone()),
+            };
+            ChallengeFailure::Refused { reason, message }
+        }
+        _ => ChallengeFailure::Internal(rail_unavailable(rail, e)),
+    }
+}
+
+fn rail_unavailable(rail: &RailPlugin, e: RailCallError) -> ApiError {
+    ApiError::PaymentUnavailable(format!("rail `{}`: {e}", rail.id()))
+}
