@@ -404,6 +404,8 @@ pub enum RequestError {
     MissingVersion,
     #[error("x402Version {0} is not supported (1 and 2 are)")]
     UnsupportedVersion(u64),
+    #[error("the request is x402Version {request}, its paymentPayload x402Version {payload}")]
+    VersionMismatch { request: u64, payload: u64 },
     #[error("paymentPayload is missing or malformed: {0}")]
     Payload(serde_json::Error),
     #[error("paymentRequirements is missing or malformed: {0}")]
@@ -414,7 +416,7 @@ impl RequestError {
     pub fn reason(&self) -> ErrorReason {
         match self {
             Self::NotJson(_) | Self::Payload(_) => ErrorReason::InvalidPayload,
-            Self::MissingVersion | Self::UnsupportedVersion(_) => ErrorReason::InvalidX402Version,
+            Self::MissingVersion | Self::UnsupportedVersion(_) | Self::VersionMismatch { .. } => ErrorReason::InvalidX402Version,
             Self::Requirements(_) => ErrorReason::InvalidPaymentRequirements,
         }
     }
@@ -467,7 +469,7 @@ impl FacilitatorRequest {
             Self::V2 { payload, .. } => payload.x402_version,
         };
         if u64::from(payload_version) != version {
-            return Err(RequestError::UnsupportedVersion(payload_version.into()));
+            return Err(RequestError::VersionMismatch { request: version, payload: payload_version.into() });
         }
         Ok(request)
     }

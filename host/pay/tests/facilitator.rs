@@ -232,10 +232,11 @@ async fn a_good_voucher_settles_once_whatever_the_retries() {
     };
     assert_refused(&devnet, "nonce reuse", &reuse, ErrorReason::NonceAlreadyUsed).await;
 
-    // Racing settles of one voucher: one transfer, one transaction for all.
+    // Racing settles of one voucher: one transfer, one transaction for all. (Eight: with the per-nonce
+    // serialisation removed, most runs had some of them refused as a used nonce.)
     let racing = devnet.good_voucher("good-2");
     let before = devnet.token_balances().await;
-    let answers = futures_join(&devnet.client, &racing, 4).await;
+    let answers = futures_join(&devnet.client, &racing, 8).await;
     assert!(answers.iter().all(|a| a.success), "{answers:?}");
     assert!(answers.iter().all(|a| a.transaction == answers[0].transaction), "{answers:?}");
     let after = devnet.token_balances().await;

@@ -180,12 +180,13 @@ impl Facilitator {
 
     fn slot(&self, key: SettlementKey) -> Arc<tokio::sync::Mutex<Option<Settled>>> {
         let mut slots = self.settlements.lock().expect("settlement map lock");
-        // Forget settlements whose vouchers have expired: no retry of them can verify any more, and the
-        // chain's log remains the record. Slots in use (cloned out) are kept.
+        // Forget slots nobody holds that settled nothing (refused attempts), and settlements whose
+        // vouchers have expired: no retry of them can verify any more, and the chain's log remains the
+        // record. This bounds the map by the unexpired vouchers settled, whatever a client sends.
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         slots.retain(|_, slot| {
             Arc::strong_count(slot) > 1
-                || slot.try_lock().map_or(true, |s| s.as_ref().is_none_or(|s| s.payment.authorization.validBefore >= U256::from(now)))
+                || slot.try_lock().map_or(true, |s| s.as_ref().is_some_and(|s| s.payment.authorization.validBefore >= U256::from(now)))
         });
         slots.entry(key).or_default().clone()
     }
