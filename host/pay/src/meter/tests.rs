@@ -744,3 +744,41 @@ fn after_recovery_the_pool_serves_again_with_fresh_keys() {
     assert_eq!(fake.paid("pool-a"), 5_000);
     assert_eq!(charged(&meter), 5_000);
 }
+
+#[test]
+fn a_crash_during_recovery_is_recovered_by_the_next_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("payments.db");
+    let fake = FakeRail::at(500);
+    let sessions = Sessions::open(&path).unwrap();
+    let payers = [fund(&sessions, PAYER, "va", 1_000_000), fund(&sessions, PAYER_B, "vb", 1_000_000)];
+    {
+        // Dies with r1 and r2 flowing, as r1's stop reaches the rail.
+        let rail = Arc::new(CrashingRail { inner: fake.clone(), calls: AtomicUsize::new(0), crash_at: 2, point: CrashPoint::BeforeRail });
+        let meter = meter_with(sessions, rail, 1);
+        assert!(catch_unwind(AssertUnwindSafe(|| workload(&meter, &fake, [&payers[0], &payers[1]]))).is_err());
+    }
+    fake.advance(4);
+    {
+        // The first recovery resolves r1's stop (call 0) and dies after its own stop reached the rail (call 1).
+        let rail = Arc::new(CrashingRail { inner: fake.clone(), calls: AtomicUsize::new(0), crash_at: 1, point: CrashPoint::AfterRail });
+        let meter = Meter::open(Sessions::open(&path).unwrap(), rail, no_wait(1)).unwrap();
+        assert!(catch_unwind(AssertUnwindSafe(|| meter.recover())).is_err());
+    }
+    fake.advance(4);
+    let meter = Meter::open(Sessions::open(&path).unwrap(), fake.clone(), no_wait(1)).unwrap();
+    let report = meter.recover().unwrap();
+    assert_eq!((report.resolved_changes.len(), report.stopped_pools.len()), (1, 0), "only learns the stop's receipt");
+    fake.assert_each_key_applied_once();
+    assert_eq!(unanswered_changes(&meter), 0);
+    // r1 started at 500 and its stop reached the rail at 511 (first recovery); r2 started at 503 and
+    // was stopped by the first recovery's stop, also at 511.
+    let rates: Vec<(u128, u64)> = fake.effects().iter().map(|e| (e.rate, e.at)).collect();
+    assert_eq!(rates, vec![(1_000, 500), (2_000, 503), (1_000, 511), (0, 511)]);
+    assert_eq!(fake.paid("pool-a"), charged(&meter));
+    assert_eq!(charged(&meter), 11_000 + 8_000);
+    let r2 = meter.request_ended("r2", EndReason::Completed).unwrap();
+    assert_eq!((r2.state, r2.reason.as_str(), r2.cost), (RequestState::Failed, "orchestrator restarted", 8_000));
+    let r1 = meter.request_ended("r1", EndReason::Completed).unwrap();
+    assert_eq!((r1.state, r1.cost), (RequestState::Ended, 11_000), "r1 had ended normally before the crash");
+}
