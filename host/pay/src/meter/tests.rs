@@ -782,3 +782,29 @@ fn a_crash_during_recovery_is_recovered_by_the_next_one() {
     let r1 = meter.request_ended("r1", EndReason::Completed).unwrap();
     assert_eq!((r1.state, r1.cost), (RequestState::Ended, 11_000), "r1 had ended normally before the crash");
 }
+
+#[test]
+fn a_start_with_an_unknown_outcome_that_cannot_be_stopped_breaches_a_paid_session() {
+    let sessions = Sessions::in_memory().unwrap();
+    let rail = FakeRail::at(0);
+    let meter = meter_with(sessions.clone(), rail.clone(), 2);
+    let session = fund(&sessions, PAYER, "v", 1_000_000);
+    meter.admit(&session, "r", "pool-a", 100).unwrap();
+    // The start's transaction is mined but both answers are lost.
+    lock(&rail.state).fail_after = 1;
+    lock(&rail.state).fail_before = 3;
+    assert!(matches!(meter.request_started("r"), Err(MeterError::StartFailed { .. })));
+    assert_eq!(sessions.view(&session).unwrap().state, SessionState::Paid);
+    match meter.request_ended("r", EndReason::Error("start failed".into())) {
+        Err(MeterError::StopFailed { breached, .. }) => assert_eq!(breached, vec![session.clone()]),
+        other => panic!("expected a failed stop, got {other:?}"),
+    }
+    assert_eq!(sessions.view(&session).unwrap().state, SessionState::Breached);
+    rail.advance(3);
+    assert!(meter.retry_stuck().is_empty());
+    // It flowed from the lost start (0) to the stop retry_stuck made (3).
+    let ended = meter.request_ended("r", EndReason::Error("start failed".into())).unwrap();
+    assert_eq!((ended.state, ended.seconds, ended.cost), (RequestState::Failed, 3, 3_000));
+    assert_eq!(rail.paid("pool-a"), 3_000);
+    rail.assert_each_key_applied_once();
+}
