@@ -33,9 +33,19 @@
 //! their own keys, stops every flow, charges each open request for exactly the seconds served (up to the
 //! stop's `effective_at_s`) and marks it failed ("orchestrator restarted").
 //!
+//! # Using it (the orchestrator)
+//! 1. At start-up: `Sessions::open(path)`, [`Meter::open`] with the rail adapter, [`Meter::recover`],
+//!    then [`Meter::configure_pool`] for each paid pool (again whenever its terms change).
+//! 2. Per request: [`Meter::admit`] (an `Insufficient` error is a new 402), [`Meter::request_started`] at
+//!    the first token (its `deadline_s` is when to cut it), [`Meter::request_ended`] at the end, whatever
+//!    the end was — every admitted request must be ended, even one whose start failed.
+//! 3. Every few seconds while anything is breached or stuck: [`Meter::retry_stuck`].
+//!    [`StreamController`] wraps these for async code.
+//!
 //! # Timing
-//! The meter adds one SQLite commit before and one after each rail call; the stop latency is the rail's
-//! (one block on chain). Calls on one pool are serialised (the rail sees one change at a time per pool);
+//! The meter adds three SQLite commits around each rail call (the ask, the intent, the receipt), each an
+//! fsync (`synchronous = FULL`: an intent lost to a power cut would be a flow nobody knows to stop); the
+//! stop latency is otherwise the rail's (one block on chain). Calls on one pool are serialised (the rail sees one change at a time per pool);
 //! pools do not wait for each other. [`StreamController`] runs the blocking calls on tokio's blocking pool.
 
 use std::collections::{BTreeSet, HashMap};
@@ -143,7 +153,7 @@ impl PoolFlow {
         if self.price_per_s == 0 {
             return Err(invalid("price per second must be positive".into()));
         }
-        if self.price_per_s % total != 0 {
+        if !self.price_per_s.is_multiple_of(total) {
             return Err(MeterError::PriceNotMultipleOfUnits {
                 pool: self.pool.clone(),
                 price_per_s: self.price_per_s,

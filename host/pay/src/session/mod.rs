@@ -16,6 +16,12 @@
 //! 5. The meter (`crate::meter`) streams while it runs and, when it ends, draws price × seconds streamed
 //!    and releases the reservation (`paid/idle → streaming → idle`).
 //!
+//! Durability: each action with an effect outside this process has its intent committed before it and its
+//! result after — a voucher's settlement in `credits` (pending → settled/failed), a rate change of a
+//! pool's flow in the meter's `flow_changes` (intent → receipt) — and every session state change is a
+//! `transitions` row keyed by its cause, committed in the same transaction as the result that caused it,
+//! so a retried cause changes nothing twice.
+//!
 //! The payer proves ownership of a session with the secret returned at open (stored only as its sha256):
 //! [`Sessions::authenticate`], then [`Sessions::view`] for `GET /sessions/{id}`.
 //!
