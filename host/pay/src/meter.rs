@@ -33,9 +33,19 @@
 //! their own keys, stops every flow, charges each open request for exactly the seconds served (up to the
 //! stop's `effective_at_s`) and marks it failed ("orchestrator restarted").
 //!
+//! # Using it (the orchestrator)
+//! 1. At start-up: `Sessions::open(path)`, [`Meter::open`] with the rail adapter, [`Meter::recover`],
+//!    then [`Meter::configure_pool`] for each paid pool (again whenever its terms change).
+//! 2. Per request: [`Meter::admit`] (an `Insufficient` error is a new 402), [`Meter::request_started`] at
+//!    the first token (its `deadline_s` is when to cut it), [`Meter::request_ended`] at the end, whatever
+//!    the end was — every admitted request must be ended, even one whose start failed.
+//! 3. Every few seconds while anything is breached or stuck: [`Meter::retry_stuck`].
+//!    [`StreamController`] wraps these for async code.
+//!
 //! # Timing
-//! The meter adds one SQLite commit before and one after each rail call; the stop latency is the rail's
-//! (one block on chain). Calls on one pool are serialised (the rail sees one change at a time per pool);
+//! The meter adds three SQLite commits around each rail call (the ask, the intent, the receipt), each an
+//! fsync (`synchronous = FULL`: an intent lost to a power cut would be a flow nobody knows to stop); the
+//! stop latency is otherwise the rail's (one block on chain). Calls on one pool are serialised (the rail sees one change at a time per pool);
 //! pools do not wait for each other. [`StreamController`] runs the blocking calls on tokio's blocking pool.
 
 use std::collections::{BTreeSet, HashMap};
@@ -143,7 +153,7 @@ impl PoolFlow {
         if self.price_per_s == 0 {
             return Err(invalid("price per second must be positive".into()));
         }
-        if self.price_per_s % total != 0 {
+        if !self.price_per_s.is_multiple_of(total) {
             return Err(MeterError::PriceNotMultipleOfUnits {
                 pool: self.pool.clone(),
                 price_per_s: self.price_per_s,
@@ -220,8 +230,8 @@ pub enum MeterError {
     UnknownPool(String),
     #[error("pool {pool} is flowing at {price_per_s} per second; its price changes only while nothing flows")]
     PoolBusy { pool: String, price_per_s: u128 },
-    #[error("request {request_id} belongs to pool {expected}, not {got}, or was admitted at another price")]
-    WrongPool { request_id: String, expected: String, got: String },
+    #[error("request {request_id} was admitted at {admitted} per second; pool {pool} now charges {now}")]
+    PriceChanged { request_id: String, pool: String, admitted: u128, now: u128 },
     #[error("request {request_id} is {state:?} and cannot start")]
     NotStartable { request_id: String, state: RequestState },
     /// An earlier change on the pool has no receipt and the rail still fails: nothing new was attempted.
@@ -327,6 +337,9 @@ pub struct Meter {
     rail: Arc<dyn FlowRail>,
     retry: RetryPolicy,
     pools: Mutex<HashMap<String, Arc<Mutex<PoolState>>>>,
+    /// The configured terms, apart from the pool states so admission and the start of a request never
+    /// wait behind a rail call in flight.
+    terms: Mutex<HashMap<String, PoolFlow>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -394,7 +407,7 @@ impl Meter {
             }
         }
         let pools = pools.into_iter().map(|(pool, state)| (pool, Arc::new(Mutex::new(state)))).collect();
-        Ok(Self { sessions, rail, retry, pools: Mutex::new(pools) })
+        Ok(Self { sessions, rail, retry, pools: Mutex::new(pools), terms: Mutex::new(HashMap::new()) })
     }
 
     pub fn sessions(&self) -> &Sessions {
@@ -403,6 +416,13 @@ impl Meter {
 
     fn store(&self) -> &Store {
         self.sessions.store()
+    }
+
+    fn price(&self, pool: &str) -> Result<u128, MeterError> {
+        lock(&self.terms)
+            .get(pool)
+            .map(|terms| terms.price_per_s)
+            .ok_or_else(|| MeterError::UnknownPool(pool.to_owned()))
     }
 
     fn pool(&self, pool: &str) -> Option<Arc<Mutex<PoolState>>> {
@@ -437,17 +457,14 @@ impl Meter {
             return Err(MeterError::PoolBusy { pool: terms.pool, price_per_s: state.price_per_s });
         }
         state.price_per_s = terms.price_per_s;
-        state.terms = Some(terms);
+        state.terms = Some(terms.clone());
+        lock(&self.terms).insert(terms.pool.clone(), terms);
         Ok(())
     }
 
     /// Admits a request of `session_id` on `pool` at the pool's price (see [`Sessions::admit`]).
     pub fn admit(&self, session_id: &str, request_id: &str, pool: &str, max_seconds: u64) -> Result<Admission, MeterError> {
-        let price_per_s = {
-            let state = self.pool(pool).ok_or_else(|| MeterError::UnknownPool(pool.to_owned()))?;
-            let state = lock(&state);
-            state.terms.as_ref().ok_or_else(|| MeterError::UnknownPool(pool.to_owned()))?.price_per_s
-        };
+        let price_per_s = self.price(pool)?;
         Ok(self.sessions.admit(&AdmitRequest {
             session_id: session_id.to_owned(),
             request_id: request_id.to_owned(),
@@ -458,46 +475,56 @@ impl Meter {
     }
 
     /// The request's first token is ready: add it to its pool's flow (rate = price × requests in flight).
-    /// Idempotent: a request already flowing returns its start.
+    /// Idempotent: a request already flowing returns its start. Starts that arrive while the pool's rail
+    /// call is in flight are batched into the next change (one rail call for all of them).
+    ///
+    /// Every admitted request must end with [`Meter::request_ended`], whatever happened here: a start
+    /// that failed may still take effect when the rail answers later.
     pub fn request_started(&self, request_id: &str) -> Result<Started, MeterError> {
         let row = self.request(request_id)?;
+        if let Some(started) = self.started(request_id, &row) {
+            return Ok(started);
+        }
+        if row.state != RequestState::Admitted {
+            return Err(MeterError::NotStartable { request_id: request_id.to_owned(), state: row.state });
+        }
+        let price_changed = |now: u128| MeterError::PriceChanged {
+            request_id: request_id.to_owned(),
+            pool: row.pool.clone(),
+            admitted: row.price_per_s,
+            now,
+        };
+        let price = self.price(&row.pool)?;
+        if price != row.price_per_s {
+            return Err(price_changed(price));
+        }
         let state = self.pool(&row.pool).ok_or_else(|| MeterError::UnknownPool(row.pool.clone()))?;
+        // Marked before waiting for the pool: a change being prepared by another call takes it along
+        // (`next_target` takes only requests admitted at the pool's current price).
+        self.store().conn().execute(
+            "UPDATE requests SET start_requested = 1 WHERE id = ?1 AND state = 'admitted'",
+            params![request_id],
+        )?;
         let mut state = lock(&state);
-        let terms = state.terms.clone().ok_or_else(|| MeterError::UnknownPool(row.pool.clone()))?;
-        if terms.price_per_s != row.price_per_s {
-            return Err(MeterError::WrongPool {
-                request_id: request_id.to_owned(),
-                expected: row.pool.clone(),
-                got: terms.pool.clone(),
-            });
+        if state.price_per_s != row.price_per_s {
+            return Err(price_changed(state.price_per_s));
         }
         self.resolve_pending(&mut state)
             .map_err(|message| MeterError::RailUnavailable { pool: row.pool.clone(), message })?;
         let row = self.request(request_id)?;
-        if row.state != RequestState::Admitted || state.active.contains(request_id) {
-            return match (row.state, row.start_at_s, row.start_reference) {
-                (RequestState::Streaming, Some(at), Some(reference)) => Ok(Started {
-                    request_id: request_id.to_owned(),
-                    reference,
-                    started_at_s: at,
-                    deadline_s: at.saturating_add(row.max_seconds),
-                }),
-                (state, ..) => Err(MeterError::NotStartable { request_id: request_id.to_owned(), state }),
-            };
+        if let Some(started) = self.started(request_id, &row) {
+            return Ok(started);
         }
-        let mut target = self.without_stopping(&state)?;
-        target.insert(request_id.to_owned());
+        if row.state != RequestState::Admitted {
+            return Err(MeterError::NotStartable { request_id: request_id.to_owned(), state: row.state });
+        }
+        let target = self.next_target(&state)?;
         match self.propose(&mut state, target) {
             Ok(mismatch) => {
-                let row = self.request(request_id)?;
-                let at = row.start_at_s.ok_or_else(|| MeterError::Corrupt(format!("{request_id} started without a time")))?;
                 mismatch.map_or(Ok(()), Err)?;
-                Ok(Started {
-                    request_id: request_id.to_owned(),
-                    reference: row.start_reference.unwrap_or_default(),
-                    started_at_s: at,
-                    deadline_s: at.saturating_add(row.max_seconds),
-                })
+                let row = self.request(request_id)?;
+                self.started(request_id, &row)
+                    .ok_or_else(|| MeterError::Corrupt(format!("{request_id} was proposed but did not start")))
             }
             Err(ProposeError::Meter(e)) => Err(e),
             Err(ProposeError::Rail(message)) => {
@@ -506,14 +533,29 @@ impl Meter {
         }
     }
 
+    fn started(&self, request_id: &str, row: &RequestRow) -> Option<Started> {
+        match (row.state, row.start_at_s, &row.start_reference) {
+            (RequestState::Streaming, Some(at), Some(reference)) => Some(Started {
+                request_id: request_id.to_owned(),
+                reference: reference.clone(),
+                started_at_s: at,
+                deadline_s: at.saturating_add(row.max_seconds),
+            }),
+            _ => None,
+        }
+    }
+
     /// The request ended (end of stream, disconnect, deadline, error, shard fault): remove it from the
     /// flow, charge `price × seconds in the flow`, release its reservation. A request that never started
-    /// is released at no cost. Idempotent: an ended request returns its record.
+    /// is released at no cost. Idempotent: an ended request returns its record. Ends that arrive while the
+    /// pool's rail call is in flight are batched into the next change.
     pub fn request_ended(&self, request_id: &str, reason: EndReason) -> Result<Ended, MeterError> {
         let row = self.request(request_id)?;
         if row.state.is_final() {
             return self.ended(request_id);
         }
+        // Marked before waiting for the pool: a change being prepared by another call takes it along.
+        self.mark_stopping(request_id, &reason)?;
         let state = match self.pool(&row.pool) {
             Some(state) => state,
             // No flow was ever set up for this pool: the request cannot be in one.
@@ -524,21 +566,18 @@ impl Meter {
             s.active.contains(request_id) || s.pending.as_ref().is_some_and(|p| p.active.contains(request_id))
         };
         if !in_flow(&state) {
+            // Never added, or already removed by another call's change (then `release` only reads it back).
             return self.release(request_id, &reason);
         }
-        self.mark_stopping(request_id, &reason)?;
         if let Err(message) = self.resolve_pending(&mut state) {
             let breached = self.breach_stopping(&state, &message)?;
             return Err(MeterError::StopFailed { pool: row.pool, message, breached });
         }
         if !state.active.contains(request_id) {
             // The change that had no receipt removed it (an earlier try), or never added it.
-            if self.request(request_id)?.state.is_final() {
-                return self.ended(request_id);
-            }
             return self.release(request_id, &reason);
         }
-        let target = self.without_stopping(&state)?;
+        let target = self.next_target(&state)?;
         match self.propose(&mut state, target) {
             Ok(mismatch) => {
                 mismatch.map_or(Ok(()), Err)?;
@@ -666,7 +705,7 @@ impl Meter {
             let breached = self.breach_stopping(state, &message)?;
             return Err(MeterError::StopFailed { pool, message, breached });
         }
-        let target = self.without_stopping(state)?;
+        let target = self.next_target(state)?;
         if target != state.active {
             match self.propose(state, target) {
                 Ok(mismatch) => mismatch.map_or(Ok(()), Err)?,
@@ -774,12 +813,29 @@ impl Meter {
         Ok(())
     }
 
-    /// The pool's current flow minus the requests that ended: the set the next change should leave.
-    fn without_stopping(&self, state: &PoolState) -> Result<BTreeSet<String>, MeterError> {
+    /// The set the pool's next change should leave flowing: the current flow minus the requests that
+    /// ended, plus the admitted ones whose start was asked for.
+    fn next_target(&self, state: &PoolState) -> Result<BTreeSet<String>, MeterError> {
+        let conn = self.store().conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, state, start_requested, price_per_s FROM requests
+             WHERE pool = ?1 AND state IN ('admitted', 'streaming', 'stopping')",
+        )?;
+        let rows = stmt.query_map(params![state.pool], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, String>(3)?))
+        })?;
         let mut target = BTreeSet::new();
-        for request_id in &state.active {
-            if self.request(request_id)?.state != RequestState::Stopping {
-                target.insert(request_id.clone());
+        for row in rows {
+            let (id, request_state, start_requested, price) = row?;
+            let keep = match request_state.parse::<RequestState>().map_err(MeterError::Corrupt)? {
+                RequestState::Admitted => {
+                    start_requested != 0 && amount("requests.price_per_s", &price)? == state.price_per_s
+                }
+                RequestState::Streaming => state.active.contains(&id),
+                _ => false,
+            };
+            if keep {
+                target.insert(id);
             }
         }
         Ok(target)

@@ -391,6 +391,101 @@ async fn concurrent_starts_and_stops_reach_the_rail_one_at_a_time_per_pool() {
     assert_eq!(sessions.view(&session).unwrap().reserved, 0);
 }
 
+/// A fake whose calls wait at a gate the test opens, so the test can pile calls up behind one in flight.
+struct GateRail {
+    inner: Arc<FakeRail>,
+    open: Mutex<bool>,
+    turn: std::sync::Condvar,
+    waiting: AtomicUsize,
+}
+
+impl GateRail {
+    fn set(&self, open: bool) {
+        *lock(&self.open) = open;
+        self.turn.notify_all();
+    }
+}
+
+impl FlowRail for GateRail {
+    fn set_flow(&self, change: &FlowChange) -> Result<FlowReceipt, RailFailure> {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        // Bounded, so a failing test fails instead of hanging on a gate nobody opens.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut open = lock(&self.open);
+        while !*open && std::time::Instant::now() < deadline {
+            open = self.turn.wait_timeout(open, Duration::from_millis(50)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        drop(open);
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        self.inner.set_flow(change)
+    }
+}
+
+fn wait_until(what: &str, condition: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn requests_in(meter: &Meter, state: &str, start_requested: bool) -> i64 {
+    meter
+        .store()
+        .conn()
+        .query_row(
+            "SELECT COUNT(*) FROM requests WHERE state = ?1 AND (?2 = 0 OR start_requested = 1)",
+            params![state, i64::from(start_requested)],
+            |r| r.get(0),
+        )
+        .unwrap()
+}
+
+#[test]
+fn starts_and_ends_that_arrive_during_a_rail_call_share_the_next_change() {
+    let sessions = Sessions::in_memory().unwrap();
+    let fake = FakeRail::at(100);
+    let gate = Arc::new(GateRail { inner: fake.clone(), open: Mutex::new(true), turn: Default::default(), waiting: AtomicUsize::new(0) });
+    let meter = &meter_with(sessions.clone(), gate.clone(), 1);
+    let session = fund(&sessions, PAYER, "v", 1_000_000);
+    for id in ["r1", "r2", "r3", "r4"] {
+        meter.admit(&session, id, "pool-a", 100).unwrap();
+    }
+    meter.request_started("r1").unwrap();
+    std::thread::scope(|scope| {
+        gate.set(false);
+        let first = scope.spawn(move || meter.request_started("r2").unwrap());
+        wait_until("r2's change is at the rail", || gate.waiting.load(Ordering::SeqCst) == 1);
+        let later: Vec<_> = ["r3", "r4"].map(|id| scope.spawn(move || meter.request_started(id).unwrap())).into();
+        // r2 (its change at the rail) and r3, r4 (waiting for the pool).
+        wait_until("r3 and r4 asked to start", || requests_in(meter, "admitted", true) == 3);
+        gate.set(true);
+        first.join().unwrap();
+        for started in later {
+            assert_eq!(started.join().unwrap().started_at_s, 100);
+        }
+    });
+    fake.advance(5);
+    std::thread::scope(|scope| {
+        gate.set(false);
+        let first = scope.spawn(move || meter.request_ended("r1", EndReason::Completed).unwrap());
+        wait_until("r1's stop is at the rail", || gate.waiting.load(Ordering::SeqCst) == 1);
+        let later: Vec<_> =
+            ["r2", "r3", "r4"].map(|id| scope.spawn(move || meter.request_ended(id, EndReason::Completed).unwrap())).into();
+        wait_until("r2, r3 and r4 ended", || requests_in(meter, "stopping", false) == 4);
+        gate.set(true);
+        assert_eq!(first.join().unwrap().cost, 5_000);
+        for ended in later {
+            assert_eq!(ended.join().unwrap().cost, 5_000);
+        }
+    });
+    let rates: Vec<u128> = fake.effects().iter().map(|e| e.rate).collect();
+    // r1; r2; r3 and r4 together; r1 out; the other three together.
+    assert_eq!(rates, vec![1_000, 2_000, 4_000, 3_000, 0]);
+    assert_eq!(fake.paid("pool-a"), 20_000);
+    assert_eq!(charged(meter), 20_000);
+}
+
 /// One step of a random workload.
 #[derive(Debug, Clone)]
 enum Step {
@@ -648,4 +743,68 @@ fn after_recovery_the_pool_serves_again_with_fresh_keys() {
     fake.assert_each_key_applied_once();
     assert_eq!(fake.paid("pool-a"), 5_000);
     assert_eq!(charged(&meter), 5_000);
+}
+
+#[test]
+fn a_crash_during_recovery_is_recovered_by_the_next_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("payments.db");
+    let fake = FakeRail::at(500);
+    let sessions = Sessions::open(&path).unwrap();
+    let payers = [fund(&sessions, PAYER, "va", 1_000_000), fund(&sessions, PAYER_B, "vb", 1_000_000)];
+    {
+        // Dies with r1 and r2 flowing, as r1's stop reaches the rail.
+        let rail = Arc::new(CrashingRail { inner: fake.clone(), calls: AtomicUsize::new(0), crash_at: 2, point: CrashPoint::BeforeRail });
+        let meter = meter_with(sessions, rail, 1);
+        assert!(catch_unwind(AssertUnwindSafe(|| workload(&meter, &fake, [&payers[0], &payers[1]]))).is_err());
+    }
+    fake.advance(4);
+    {
+        // The first recovery resolves r1's stop (call 0) and dies after its own stop reached the rail (call 1).
+        let rail = Arc::new(CrashingRail { inner: fake.clone(), calls: AtomicUsize::new(0), crash_at: 1, point: CrashPoint::AfterRail });
+        let meter = Meter::open(Sessions::open(&path).unwrap(), rail, no_wait(1)).unwrap();
+        assert!(catch_unwind(AssertUnwindSafe(|| meter.recover())).is_err());
+    }
+    fake.advance(4);
+    let meter = Meter::open(Sessions::open(&path).unwrap(), fake.clone(), no_wait(1)).unwrap();
+    let report = meter.recover().unwrap();
+    assert_eq!((report.resolved_changes.len(), report.stopped_pools.len()), (1, 0), "only learns the stop's receipt");
+    fake.assert_each_key_applied_once();
+    assert_eq!(unanswered_changes(&meter), 0);
+    // r1 started at 500 and its stop reached the rail at 511 (first recovery); r2 started at 503 and
+    // was stopped by the first recovery's stop, also at 511.
+    let rates: Vec<(u128, u64)> = fake.effects().iter().map(|e| (e.rate, e.at)).collect();
+    assert_eq!(rates, vec![(1_000, 500), (2_000, 503), (1_000, 511), (0, 511)]);
+    assert_eq!(fake.paid("pool-a"), charged(&meter));
+    assert_eq!(charged(&meter), 11_000 + 8_000);
+    let r2 = meter.request_ended("r2", EndReason::Completed).unwrap();
+    assert_eq!((r2.state, r2.reason.as_str(), r2.cost), (RequestState::Failed, "orchestrator restarted", 8_000));
+    let r1 = meter.request_ended("r1", EndReason::Completed).unwrap();
+    assert_eq!((r1.state, r1.cost), (RequestState::Ended, 11_000), "r1 had ended normally before the crash");
+}
+
+#[test]
+fn a_start_with_an_unknown_outcome_that_cannot_be_stopped_breaches_a_paid_session() {
+    let sessions = Sessions::in_memory().unwrap();
+    let rail = FakeRail::at(0);
+    let meter = meter_with(sessions.clone(), rail.clone(), 2);
+    let session = fund(&sessions, PAYER, "v", 1_000_000);
+    meter.admit(&session, "r", "pool-a", 100).unwrap();
+    // The start's transaction is mined but both answers are lost.
+    lock(&rail.state).fail_after = 1;
+    lock(&rail.state).fail_before = 3;
+    assert!(matches!(meter.request_started("r"), Err(MeterError::StartFailed { .. })));
+    assert_eq!(sessions.view(&session).unwrap().state, SessionState::Paid);
+    match meter.request_ended("r", EndReason::Error("start failed".into())) {
+        Err(MeterError::StopFailed { breached, .. }) => assert_eq!(breached, vec![session.clone()]),
+        other => panic!("expected a failed stop, got {other:?}"),
+    }
+    assert_eq!(sessions.view(&session).unwrap().state, SessionState::Breached);
+    rail.advance(3);
+    assert!(meter.retry_stuck().is_empty());
+    // It flowed from the lost start (0) to the stop retry_stuck made (3).
+    let ended = meter.request_ended("r", EndReason::Error("start failed".into())).unwrap();
+    assert_eq!((ended.state, ended.seconds, ended.cost), (RequestState::Failed, 3, 3_000));
+    assert_eq!(rail.paid("pool-a"), 3_000);
+    rail.assert_each_key_applied_once();
 }

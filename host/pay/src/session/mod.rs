@@ -16,6 +16,12 @@
 //! 5. The meter (`crate::meter`) streams while it runs and, when it ends, draws price × seconds streamed
 //!    and releases the reservation (`paid/idle → streaming → idle`).
 //!
+//! Durability: each action with an effect outside this process has its intent committed before it and its
+//! result after — a voucher's settlement in `credits` (pending → settled/failed), a rate change of a
+//! pool's flow in the meter's `flow_changes` (intent → receipt) — and every session state change is a
+//! `transitions` row keyed by its cause, committed in the same transaction as the result that caused it,
+//! so a retried cause changes nothing twice.
+//!
 //! The payer proves ownership of a session with the secret returned at open (stored only as its sha256):
 //! [`Sessions::authenticate`], then [`Sessions::view`] for `GET /sessions/{id}`.
 //!
@@ -56,6 +62,8 @@ pub enum SessionError {
     InvalidPayer(String),
     #[error("invalid amount: {0}")]
     InvalidAmount(String),
+    #[error("voucher key must be 1 to 256 characters")]
+    InvalidVoucherKey,
     #[error("invalid request: {0}")]
     InvalidRequest(String),
     #[error("no session {0:?}")]
@@ -100,6 +108,9 @@ pub struct CreditOutcome {
     pub balance: u128,
     /// False when this voucher had already been credited (the call changed nothing).
     pub newly_credited: bool,
+    /// Set when the session the voucher was meant for closed or breached while it settled, so the money
+    /// went to a session opened for it now (`session_id`): give this secret to the payer.
+    pub secret: Option<String>,
 }
 
 /// A voucher whose settlement was started and never resolved (a restart in between): settle it again
@@ -211,6 +222,32 @@ fn normalize_payer(payer: &str) -> Result<String, SessionError> {
     }
 }
 
+/// The payer's live session (not closed, not breached), or a new one in `quoted` with its secret.
+fn live_or_new_session(tx: &rusqlite::Connection, payer: &str) -> Result<(String, Option<String>), SessionError> {
+    let live: Option<String> = tx
+        .query_row(
+            "SELECT id FROM sessions WHERE payer = ?1 AND state IN ('quoted', 'paid', 'streaming', 'idle')
+             ORDER BY created_at_s DESC LIMIT 1",
+            params![payer],
+            |row| row.get(0),
+        )
+        .optional()?;
+    if let Some(id) = live {
+        return Ok((id, None));
+    }
+    let id = format!("ps_{}", random_hex(16)?);
+    let secret = random_hex(32)?;
+    let now = now_s();
+    tx.execute(
+        "INSERT INTO sessions (id, payer, secret_sha256, state, balance, reserved, overdraft,
+                               requests, seconds, cost, created_at_s, updated_at_s)
+         VALUES (?1, ?2, ?3, 'quoted', '0', '0', '0', 0, 0, '0', ?4, ?4)",
+        params![id, payer, hash_secret(&secret), now],
+    )?;
+    tracing::info!(session = %id, %payer, "payment session opened (quoted)");
+    Ok((id, Some(secret)))
+}
+
 fn hash_secret(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
@@ -242,7 +279,7 @@ impl Sessions {
             return Err(SessionError::InvalidAmount("a voucher for zero credits nothing".into()));
         }
         if voucher_key.is_empty() || voucher_key.len() > 256 {
-            return Err(SessionError::InvalidAmount("voucher key must be 1 to 256 characters".into()));
+            return Err(SessionError::InvalidVoucherKey);
         }
         self.store.write(|tx| {
             let existing: Option<(String, String, String)> = tx
@@ -266,30 +303,8 @@ impl Sessions {
             if pending >= MAX_PENDING_CREDITS {
                 return Err(SessionError::TooManyPending { payer: payer.clone() });
             }
-            let live: Option<String> = tx
-                .query_row(
-                    "SELECT id FROM sessions WHERE payer = ?1 AND state IN ('quoted', 'paid', 'streaming', 'idle')
-                     ORDER BY created_at_s DESC LIMIT 1",
-                    params![payer],
-                    |row| row.get(0),
-                )
-                .optional()?;
+            let (session_id, secret) = live_or_new_session(tx, &payer)?;
             let now = now_s();
-            let (session_id, secret) = match live {
-                Some(id) => (id, None),
-                None => {
-                    let id = format!("ps_{}", random_hex(16)?);
-                    let secret = random_hex(32)?;
-                    tx.execute(
-                        "INSERT INTO sessions (id, payer, secret_sha256, state, balance, reserved, overdraft,
-                                               requests, seconds, cost, created_at_s, updated_at_s)
-                         VALUES (?1, ?2, ?3, 'quoted', '0', '0', '0', 0, 0, '0', ?4, ?4)",
-                        params![id, payer, hash_secret(&secret), now],
-                    )?;
-                    tracing::info!(session = %id, %payer, "payment session opened (quoted)");
-                    (id, Some(secret))
-                }
-            };
             tx.execute(
                 "INSERT INTO credits (voucher_key, session_id, payer, amount, status, created_at_s)
                  VALUES (?1, ?2, ?3, ?4, 'pending', ?5)",
@@ -315,17 +330,25 @@ impl Sessions {
             match status.as_str() {
                 "settled" => {
                     let balance = money(tx, &session_id)?.balance;
-                    return Ok(CreditOutcome { session_id, amount, balance, newly_credited: false });
+                    return Ok(CreditOutcome { session_id, amount, balance, newly_credited: false, secret: None });
                 }
                 "pending" => {}
                 _ => return Err(SessionError::UnknownVoucher(voucher_key.to_owned())),
             }
-            let state = session_state(tx, &session_id)?;
+            let mut state = session_state(tx, &session_id)?;
+            let mut secret = None;
+            let mut session_id = session_id;
             if !state.takes_credit() {
-                // The session closed or breached while the voucher settled: the money arrived, so it
-                // must be credited somewhere the payer can use; that is the payer's next session, which
-                // the orchestrator opens by calling `begin_credit` with a fresh key. Refuse loudly here.
-                return Err(SessionError::IllegalTransition { session_id, from: state, to: SessionState::Paid });
+                // The session closed or breached while the voucher settled. The money arrived, so it is
+                // credited to the payer's live session, or to one opened for it now.
+                let payer: String =
+                    tx.query_row("SELECT payer FROM sessions WHERE id = ?1", params![session_id], |row| row.get(0))?;
+                let (live, new_secret) = live_or_new_session(tx, &payer)?;
+                tracing::warn!(from = %session_id, to = %live, voucher_key, "voucher settled after its session ended; credited to the payer's live session");
+                tx.execute("UPDATE credits SET session_id = ?2 WHERE voucher_key = ?1", params![voucher_key, live])?;
+                session_id = live;
+                secret = new_secret;
+                state = session_state(tx, &session_id)?;
             }
             let mut funds = money(tx, &session_id)?;
             funds.balance = add(funds.balance, amount)?;
@@ -338,7 +361,7 @@ impl Sessions {
                 transition(tx, &session_id, SessionState::Paid, &format!("credit:{voucher_key}"), None)?;
             }
             tracing::info!(session = %session_id, amount = %amount, reference, "voucher credited");
-            Ok(CreditOutcome { session_id, amount, balance: funds.balance, newly_credited: true })
+            Ok(CreditOutcome { session_id, amount, balance: funds.balance, newly_credited: true, secret })
         })
     }
 

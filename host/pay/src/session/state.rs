@@ -5,12 +5,17 @@
 //!            settled               first request flows         last request stopped
 //!  quoted ───────────▶ paid ──────────────────────▶ streaming ─────────────────────▶ idle
 //!    │                  │                            │   ▲                            │
-//!    │ settle failed    │ close                      │   └────────────────────────────┘
-//!    ▼                  ▼                            │ a stop could not be made      │ close
-//!  closed ◀─────────────┴──────────────────────────────────────────────────────────────┘
-//!    ▲                                               ▼
+//!    │ settle failed    │ close                      │   └──── next request flows ────┤
+//!    ▼                  ▼                            │                                │ close
+//!  closed ◀─────────────┴────────────────────────────┼────────────────────────────────┘
+//!    ▲                                               │ a stop could not be made (also from paid or
+//!    │                                               ▼ idle: a start whose outcome is unknown)
 //!    └──────────────── close (operator) ────────── breached
 //! ```
+//!
+//! Legal: quoted→paid, quoted→closed, paid→streaming, paid→closed, paid→breached, streaming→idle,
+//! streaming→breached, idle→streaming, idle→closed, idle→breached, breached→closed. Everything else is
+//! [`super::SessionError::IllegalTransition`].
 
 use std::fmt;
 use std::str::FromStr;
@@ -31,8 +36,9 @@ pub enum SessionState {
     Idle,
     /// Finished: admits nothing and takes no credit. A new voucher from the payer opens a new session.
     Closed,
-    /// A stream that included one of its requests could not be stopped (the rail kept failing after the
-    /// retries), so money may be flowing that no request is using. It admits nothing; the meter still
+    /// A stream that included (or may have included: a start whose outcome is unknown) one of its ended
+    /// requests could not be stopped (the rail kept failing after the retries), so money may be flowing
+    /// that no request is using. It admits nothing; the meter still
     /// records the exact cost once the rail answers (a later retry or `recover`), and an operator closes it.
     Breached,
 }
@@ -67,10 +73,12 @@ impl SessionState {
                 | (Quoted, Closed)
                 | (Paid, Streaming)
                 | (Paid, Closed)
+                | (Paid, Breached)
                 | (Streaming, Idle)
                 | (Streaming, Breached)
                 | (Idle, Streaming)
                 | (Idle, Closed)
+                | (Idle, Breached)
                 | (Breached, Closed)
         )
     }
@@ -163,10 +171,12 @@ mod tests {
                 (Quoted, Closed),
                 (Paid, Streaming),
                 (Paid, Closed),
+                (Paid, Breached),
                 (Streaming, Idle),
                 (Streaming, Breached),
                 (Idle, Streaming),
                 (Idle, Closed),
+                (Idle, Breached),
                 (Breached, Closed),
             ]
         );

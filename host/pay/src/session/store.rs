@@ -68,6 +68,7 @@ CREATE TABLE IF NOT EXISTS requests (
     reserved         TEXT NOT NULL,
     state            TEXT NOT NULL,        -- admitted | streaming | stopping | ended | failed
     final_state      TEXT,                 -- while stopping: ended or failed
+    start_requested  INTEGER NOT NULL DEFAULT 0,  -- its first token is ready: the next change adds it
     start_key        TEXT,                 -- the flow change that added it
     start_reference  TEXT,
     start_at_s       INTEGER,

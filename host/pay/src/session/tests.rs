@@ -183,3 +183,21 @@ fn the_view_serialises_amounts_as_decimal_strings() {
     assert!(matches!(sessions.complete_credit("more", "0x2"), Err(SessionError::Overflow)));
     assert_eq!(sessions.view(&ticket.session_id).unwrap().balance, u128::MAX);
 }
+
+#[test]
+fn a_voucher_that_settles_after_its_session_closed_is_credited_to_a_new_one() {
+    let sessions = Sessions::in_memory().unwrap();
+    let (session_id, _) = funded(&sessions, 100);
+    sessions.begin_credit(PAYER, "late", 40).unwrap();
+    sessions.close(&session_id, "payer left").unwrap();
+    let outcome = sessions.complete_credit("late", "0xlate").unwrap();
+    assert_ne!(outcome.session_id, session_id);
+    let secret = outcome.secret.expect("a session opened for the late voucher hands out its secret");
+    sessions.authenticate(&outcome.session_id, &secret).unwrap();
+    let view = sessions.view(&outcome.session_id).unwrap();
+    assert_eq!((view.state, view.balance), (SessionState::Paid, 40));
+    assert_eq!(sessions.view(&session_id).unwrap().balance, 100, "the closed session keeps what it had");
+    // Still once per voucher.
+    assert!(!sessions.complete_credit("late", "0xlate").unwrap().newly_credited);
+    assert_eq!(sessions.view(&outcome.session_id).unwrap().balance, 40);
+}
