@@ -28,7 +28,10 @@ fn runtime() -> &'static tokio::runtime::Runtime {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Elapsed;
 
-/// Runs `future` on the host's I/O runtime and blocks this thread until it finishes or `deadline` passes
+/// Runs `future` on the host's I/O runtime. It is created on the calling thread, usually outside any
+/// runtime, so it must not touch one before it is polled: wrap client calls in `async move { … .await }`
+/// (reqwest's `send()` and tokio's `sleep()` register timers when called, and would panic there).
+/// Blocks this thread until it finishes or `deadline` passes
 /// (the future is then dropped, which cancels it at its next await point).
 pub fn block_on<F>(future: F, deadline: Duration) -> Result<F::Output, Elapsed>
 where
@@ -59,7 +62,8 @@ mod tests {
     #[test]
     fn blocks_until_done_or_the_deadline() {
         assert_eq!(block_on(async { 7 }, Duration::from_secs(1)), Ok(7));
-        let slow = block_on(tokio::time::sleep(Duration::from_secs(5)), Duration::from_millis(50));
+        // Futures are built by the caller, outside any runtime: they must touch the runtime only when polled.
+        let slow = block_on(async { tokio::time::sleep(Duration::from_secs(5)).await }, Duration::from_millis(50));
         assert_eq!(slow, Err(Elapsed));
     }
 

@@ -87,6 +87,7 @@ fn kv_error(e: KvError) -> kv_store::KvError {
     match e {
         KvError::InvalidKey(limit) => kv_store::KvError::InvalidKey(limit),
         KvError::QuotaExceeded(limit) => kv_store::KvError::QuotaExceeded(limit),
+        KvError::Unavailable(message) => kv_store::KvError::Unavailable(message),
     }
 }
 

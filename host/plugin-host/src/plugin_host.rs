@@ -60,6 +60,9 @@ pub struct HostConfig {
     pub max_idle_instances: usize,
     /// Bytes each plugin's key-value scope may hold. Default 16 MiB.
     pub kv_quota_bytes: u64,
+    /// Where plugins' key-value scopes are kept across restarts (`<state-dir>/kv/<id>.json`). Default: none
+    /// (in memory, one process). The node also keeps the chain capability's send record here.
+    pub state_dir: Option<PathBuf>,
     /// Largest plugin file the host reads. Default 64 MiB.
     pub max_wasm_bytes: u64,
     /// Limits on plugin HTTP (`computepool:host/http`).
@@ -81,6 +84,7 @@ impl Default for HostConfig {
             cache_dir: None,
             max_idle_instances: 4,
             kv_quota_bytes: 16 << 20,
+            state_dir: None,
             max_wasm_bytes: 64 << 20,
             http: HttpLimits::default(),
             engine: EngineSettings::default(),
@@ -306,6 +310,14 @@ impl PluginHost {
             .load_or_compile(&self.engine, &self.fingerprint, &actual, &wasm)
             .map_err(|e| LoadError::Compile { id: id.clone(), file: wasm_path.clone(), message: describe(&e) })?;
 
+        if manifest.capabilities.contains(&crate::capability::Capability::KvStore) {
+            self.try_kv_scope(&id).map_err(|e| LoadError::CapabilityUnavailable {
+                id: id.clone(),
+                capability: crate::capability::Capability::KvStore,
+                reason: e.to_string(),
+            })?;
+        }
+
         let mut linker: Linker<HostState> = Linker::new(&self.engine);
         add_granted_to_linker(&mut linker, &granted)
             .map_err(|e| LoadError::Instantiate { id: id.clone(), message: describe(&e) })?;
@@ -392,8 +404,26 @@ impl PluginHost {
     /// The key-value scope of plugin `id` (made empty if it has none yet): the host side of what the
     /// plugin stores through `computepool:host/kv-store`.
     pub fn kv_scope(&self, id: &str) -> KvScope {
+        self.try_kv_scope(id).unwrap_or_else(|e| {
+            // Only a durable scope whose file cannot be read gets here; the loader refuses the plugin.
+            tracing::error!(plugin = id, error = %e, "kv scope unreadable; an empty in-memory scope stands in");
+            KvScope::new(self.config.kv_quota_bytes)
+        })
+    }
+
+    /// As [`Self::kv_scope`], or why the durable scope could not be read.
+    fn try_kv_scope(&self, id: &str) -> Result<KvScope, crate::kv_store::KvError> {
         let mut scopes = self.kv_scopes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        scopes.entry(id.to_string()).or_insert_with(|| KvScope::new(self.config.kv_quota_bytes)).clone()
+        if let Some(scope) = scopes.get(id) {
+            return Ok(scope.clone());
+        }
+        let scope = match &self.config.state_dir {
+            // Plugin ids are checked to be [a-z0-9._-]: safe as file names.
+            Some(dir) => KvScope::open(&dir.join("kv").join(format!("{id}.json")), self.config.kv_quota_bytes)?,
+            None => KvScope::new(self.config.kv_quota_bytes),
+        };
+        scopes.insert(id.to_string(), scope.clone());
+        Ok(scope)
     }
 
     /// Loads the plugin in `dir`, replacing a loaded plugin with the same id from the same folder (a new

@@ -201,15 +201,18 @@ fn limits_above_the_operators_ceiling_are_refused() {
 /// error, and the call-time bad ones load (they are stopped when called, above).
 #[test]
 fn loading_the_plugins_folder_refuses_exactly_the_bad_ones() {
-    // The operator grants the key-value store to the two plugins that keep state in it.
+    // The operator grants the key-value store to the plugins that keep state in it, and the rails their
+    // network; this host has no chain connection, so the chain rail is refused for that.
     let config = HostConfig::from_toml(
-        "[grants]\ndefault = [\"log\", \"clock\", \"random\"]\n[grants.plugins]\nmirostat = [\"kv-store\"]\ntest-distribution-probe = [\"kv-store\"]\n",
+        "[grants]\ndefault = [\"log\", \"clock\", \"random\"]\n[grants.plugins]\nmirostat = [\"kv-store\"]\ntest-distribution-probe = [\"kv-store\"]\n\
+         ledger = [\"kv-store\"]\nx402-exact = [\"kv-store\", \"http\"]\nsuperfluid-gda = [\"chain\"]\n\
+         [grants.http]\nx402-exact = [\"127.0.0.1:4021\"]\n[grants.chain]\nsuperfluid-gda = [\"0xBcC58fb72409BA1CdEc5dBcDD3Cd6c42E3e04242\"]\n",
     )
     .unwrap();
     let host = PluginHost::new(config).unwrap();
     let report = host.load_dir(&plugins_dir());
     let loaded: BTreeSet<&str> = report.loaded.iter().map(String::as_str).collect();
-    for id in ["greedy", "top-p", "mirostat", "test-distribution-probe", "bad-infinite-loop", "bad-memory-bomb", "bad-out-of-range-token", "test-trap-on-nan"] {
+    for id in ["greedy", "top-p", "mirostat", "test-distribution-probe", "bad-infinite-loop", "bad-memory-bomb", "bad-out-of-range-token", "test-trap-on-nan", "ledger", "x402-exact"] {
         assert!(loaded.contains(id), "{id} should load; report: {report:?}");
     }
     let mut refused: Vec<(String, &'static str)> = report
@@ -223,16 +226,19 @@ fn loading_the_plugins_folder_refuses_exactly_the_bad_ones() {
                 LoadError::UnsupportedWitVersion { .. } => "unknown-wit-version",
                 LoadError::Compile { .. } => "truncated",
                 LoadError::Sha256Mismatch { .. } => "wrong-sha256",
+                LoadError::CapabilityUnavailable { .. } => "chain-unavailable",
                 _ => "other",
             };
             (name, kind)
         })
         .collect();
     refused.sort();
-    let expected: Vec<(String, &str)> = ["extra-import", "truncated", "undeclared-capability", "unknown-wit-version", "wrong-sha256"]
+    let mut expected: Vec<(String, &str)> = ["extra-import", "truncated", "undeclared-capability", "unknown-wit-version", "wrong-sha256"]
         .into_iter()
         .map(|n| (n.to_string(), n))
         .collect();
+    expected.push(("superfluid-gda".to_string(), "chain-unavailable"));
+    expected.sort();
     assert_eq!(refused, expected);
     assert_still_serving(&host);
 }

@@ -1,5 +1,6 @@
-//! The contracts whose hosts come with later issues (payment rail, keeper adapter, coalition voter) must
-//! parse and resolve against `computepool:host@0.1.0` today: these bindings fail to compile otherwise.
+//! The contracts whose hosts come with later issues (keeper adapter, coalition voter), and the payment rail's
+//! (hosted in src/rail/), must parse and resolve against `computepool:host@0.1.0` today: these bindings
+//! fail to compile otherwise.
 
 mod payment_rail {
     wasmtime::component::bindgen!({
@@ -37,6 +38,6 @@ fn the_later_contracts_have_their_documented_shapes() {
     assert_eq!(transition.kind, TransitionKind::StreamStop);
     let ballot = Ballot { decision: Decision::Eject, reason: "missed 3 heartbeats".into() };
     assert_eq!(ballot.decision, Decision::Eject);
-    let rail = RailInfo { name: "x402".into(), scheme: "exact".into(), network: "anvil".into(), asset: "0x0".into() };
+    let rail = RailInfo { name: "x402".into(), scheme: "exact".into(), network: "anvil".into(), asset: "0x0".into(), payments: true, streams: false };
     assert_eq!(rail.scheme, "exact");
 }
