@@ -17,3 +17,5 @@
 pub mod driver;
 pub mod log;
 pub mod transition;
+pub mod webhook;
+pub mod workflows;
