@@ -19,3 +19,4 @@ pub mod log;
 pub mod transition;
 pub mod webhook;
 pub mod workflows;
+pub mod coalition;
