@@ -20,3 +20,5 @@ pub mod transition;
 pub mod webhook;
 pub mod workflows;
 pub mod coalition;
+pub mod keeperhub;
+pub mod standin;
