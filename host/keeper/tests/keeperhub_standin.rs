@@ -294,3 +294,109 @@ fn keeperhub_auth_errors_are_typed_and_final() {
     let err = unreachable.trigger("wf_propose", &json!({})).unwrap_err();
     assert!(matches!(KeeperError::from(err), KeeperError::Unavailable(_)));
 }
+
+// ---- Killing the process (abort, no unwinding, no destructors) at each point, then resuming ----
+
+const CHILD_MODE: &str = "COMPUTEPOOL_KEEPER_KILL_AT";
+
+/// Where the child process aborts.
+const KILL_AFTER_WRITTEN: &str = "written";
+const KILL_AFTER_KEEPER_ACTED: &str = "keeper-acted";
+const KILL_AFTER_ACTED_BEFORE_RECORDED: &str = "acted";
+
+/// A keeper that kills the process right after KeeperHub accepted the run.
+struct KillAfterSubmit(Arc<KeeperHubKeeper>);
+
+impl Keeper for KillAfterSubmit {
+    fn submit(&self, t: &Transition) -> Result<computepool_keeper::transition::Submission, KeeperError> {
+        let _ = self.0.submit(t)?;
+        std::process::abort();
+    }
+    fn status(&self, reference: &str) -> Result<computepool_keeper::transition::RunStatus, KeeperError> {
+        self.0.status(reference)
+    }
+    fn lookup(&self, key: &str) -> Result<Option<computepool_keeper::transition::Submission>, KeeperError> {
+        self.0.lookup(key)
+    }
+}
+
+struct KillInRecord;
+
+impl TransitionSink for KillInRecord {
+    fn record(&self, _: &TransitionRecord) -> Result<(), String> {
+        std::process::abort();
+    }
+}
+
+/// The child process's side of the kill tests (run by them, not on its own).
+#[test]
+#[ignore = "entry point of the child process the kill tests start"]
+fn kill_child() {
+    let mode = std::env::var(CHILD_MODE).expect("started by a kill test");
+    let client = KeeperHubClient::new(&std::env::var("STANDIN_URL").unwrap(), "kh_test_org_key", "wfb_test_user_key");
+    let workflows = TransitionKind::ALL.into_iter().map(|k| (k, workflow_id(k))).collect();
+    let context = DeploymentContext {
+        chain_id: "16602".into(),
+        callback_url: std::env::var("RECEIVER_URL").unwrap(),
+        contracts: json!({"gdaV1Forwarder": "0x01", "coalition": "0x02", "poolInft": "0x03"}),
+    };
+    let keeper = Arc::new(KeeperHubKeeper::new(client, workflows, context));
+    let log = Arc::new(TransitionLog::open(std::path::Path::new(&std::env::var("KEEPER_DB").unwrap())).unwrap());
+    let policy = RetryPolicy { poll_interval: Duration::from_millis(10), ..RetryPolicy::default() };
+    let t = transition(TransitionKind::StreamStart);
+    match mode.as_str() {
+        KILL_AFTER_WRITTEN => {
+            log.write(&t).unwrap();
+            std::process::abort();
+        }
+        KILL_AFTER_KEEPER_ACTED => {
+            let driver = Driver::new(log, Arc::new(KillAfterSubmit(keeper)), Arc::new(Recorded::default()), policy);
+            let _ = driver.run(&t);
+        }
+        KILL_AFTER_ACTED_BEFORE_RECORDED => {
+            let driver = Driver::new(log, keeper, Arc::new(KillInRecord), policy);
+            let _ = driver.run(&t);
+        }
+        other => panic!("unknown kill point {other}"),
+    }
+    unreachable!("the child should have been killed at {mode}");
+}
+
+fn kill_then_resume(kill_at: &str, expected_state: TransitionState) {
+    let h = harness();
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "kill_child", "--ignored", "--test-threads=1", "--nocapture"])
+        .env(CHILD_MODE, kill_at)
+        .env("STANDIN_URL", h.standin.url())
+        .env("RECEIVER_URL", &h.receiver)
+        .env("KEEPER_DB", &h.db)
+        .status()
+        .unwrap();
+    assert!(!status.success(), "the child was not killed");
+    let t = transition(TransitionKind::StreamStart);
+    let state = TransitionLog::open(&h.db).unwrap().find_by_key(&t.idempotency_key).unwrap().unwrap().state;
+    assert_eq!(state, expected_state, "where the kill left the log");
+
+    let sink = Arc::new(Recorded::default());
+    let rec = recorded(h.driver(sink.clone()).resume().unwrap().remove(0));
+    assert_eq!(h.standin.executions().len(), 1, "the transition was triggered twice");
+    assert_eq!(rec.reference.as_deref(), Some("exec_1"));
+    // The run's contract calls, once: both members' units, then the flow.
+    assert_eq!(h.chain.calls_for(&t.idempotency_key), ["updateMemberUnits", "updateMemberUnits", "distributeFlow"]);
+    assert_eq!(*sink.0.lock().unwrap(), [t.idempotency_key.clone()]);
+}
+
+#[test]
+fn killed_after_written_before_acted_resumes_and_acts_once() {
+    kill_then_resume(KILL_AFTER_WRITTEN, TransitionState::Written);
+}
+
+#[test]
+fn killed_after_keeperhub_acted_before_the_log_knew_resumes_without_acting_again() {
+    kill_then_resume(KILL_AFTER_KEEPER_ACTED, TransitionState::Written);
+}
+
+#[test]
+fn killed_after_acted_before_recorded_resumes_and_records_once() {
+    kill_then_resume(KILL_AFTER_ACTED_BEFORE_RECORDED, TransitionState::Acted);
+}
