@@ -274,6 +274,8 @@ mod tests {
         unavailable: u32,
         fail_runs: u32,
         failed: HashSet<String>,
+        /// Status answers `pending` this many times first.
+        pending_polls: u32,
     }
 
     impl CountingKeeper {
@@ -322,7 +324,11 @@ mod tests {
             Ok(Submission { reference })
         }
         fn status(&self, reference: &str) -> Result<RunStatus, KeeperError> {
-            let s = self.state.lock().unwrap();
+            let mut s = self.state.lock().unwrap();
+            if s.pending_polls > 0 {
+                s.pending_polls -= 1;
+                return Ok(RunStatus { state: RunState::Pending, detail: "running".into() });
+            }
             if s.failed.contains(reference) {
                 return Ok(RunStatus { state: RunState::Failed, detail: "execution reverted".into() });
             }
@@ -540,6 +546,22 @@ mod tests {
         assert_eq!(rec.run, 3);
         assert!(rec.detail.unwrap().contains("run 3 of 3 failed: execution reverted"));
         assert_eq!(keeper.state.lock().unwrap().runs.len(), 3);
+    }
+
+    #[test]
+    fn a_long_pending_run_is_handed_back_and_finished_later_without_resubmitting() {
+        let dir = tempfile::tempdir().unwrap();
+        let keeper = CountingKeeper::with(|s| s.pending_polls = u32::MAX);
+        let sink = Arc::new(Sink::default());
+        let log = Arc::new(TransitionLog::open(&dir.path().join("keeper.db")).unwrap());
+        let policy = RetryPolicy { pending_timeout: Duration::from_millis(30), ..policy() };
+        let d = Driver::new(log, keeper.clone(), sink.clone(), policy);
+        let Driven::Pending(rec) = d.run(&stream_start("t1")).unwrap() else { panic!("not handed back") };
+        assert_eq!(rec.state, TransitionState::Submitted);
+        keeper.state.lock().unwrap().pending_polls = 2;
+        recorded(d.resume().unwrap().remove(0));
+        assert_eq!(keeper.state.lock().unwrap().submits, 1);
+        assert_eq!(keeper.effects("t1"), 1);
     }
 
     #[test]

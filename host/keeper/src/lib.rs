@@ -8,12 +8,14 @@
 //! capability (or KeeperHub's wallet). The only keys here are the coalition voters' ballot keys.
 //!
 //! - `transition`: the transition types and the `Keeper` trait (mirrors wit/keeper-adapter).
-//! - `log`: the SQLite transition log; `driver`: retries, backoff and crash-resume over it.
+//! - `log`: the SQLite transition log; `driver`: retries, backoff and crash-resume over it;
+//!   `api`: `GET /transitions`.
 //! - `webhook`: `POST /webhooks/keeperhub` (HMAC, time window, replay guard, on-chain confirmation).
 //! - `keeperhub`: a native client for KeeperHub's REST API; `standin`: a local KeeperHub stand-in.
 //! - `workflows`: the workflow files in keeperhub/workflows/ and the contract calls they name.
 //! - `coalition`: signed ballots and the k-of-n tally.
 
+pub mod api;
 pub mod driver;
 pub mod log;
 pub mod transition;

@@ -28,6 +28,8 @@ pub enum LogError {
     KeyConflict { key: String, existing: String },
     #[error("transition {id} is {state}, cannot move it to {to}")]
     BadState { id: i64, state: TransitionState, to: TransitionState },
+    #[error("invalid idempotency key {0:?}: 1 to 256 printable ASCII characters, no '#' (the log appends #<run> for retried runs)")]
+    InvalidKey(String),
     #[error("corrupt transition log row {id}: {what}")]
     Corrupt { id: i64, what: String },
 }
@@ -218,6 +220,10 @@ impl TransitionLog {
     /// Writes `transition` (state `written`) and returns its id. Writing the same transition again
     /// returns the first id; the same key with a different kind, pool or payload is refused.
     pub fn write(&self, transition: &Transition) -> Result<i64, LogError> {
+        let key = &transition.idempotency_key;
+        if key.is_empty() || key.len() > 256 || !key.bytes().all(|b| b.is_ascii_graphic() && b != b'#') {
+            return Err(LogError::InvalidKey(key.clone()));
+        }
         let conn = self.conn();
         let payload = transition.payload.to_string();
         let existing: Option<(i64, String, String, String)> = conn
@@ -529,6 +535,9 @@ mod tests {
         let mut other = transition("k1", "p");
         other.payload = serde_json::json!({"flowRate": "200"});
         assert!(matches!(log.write(&other), Err(LogError::KeyConflict { .. })));
+        for bad in ["", "a#2", "with space", &"x".repeat(257)] {
+            assert!(matches!(log.write(&transition(bad, "p")), Err(LogError::InvalidKey(_))), "{bad:?}");
+        }
         assert_eq!(log.get(a).unwrap().state, TransitionState::Written);
     }
 

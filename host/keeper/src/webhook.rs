@@ -254,6 +254,13 @@ pub struct WorkflowResult {
     pub error: Option<String>,
 }
 
+impl WorkflowResult {
+    /// The transition's idempotency key: a retried run reports `<key>#<run>` (see `log::run_key`).
+    pub fn transition_key(&self) -> &str {
+        self.idempotency_key.split('#').next().unwrap_or(&self.idempotency_key)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ReportedTransaction {
