@@ -16,8 +16,10 @@ pub struct RetryPolicy {
     pub initial_backoff: Duration,
     /// Longest wait between two calls. Default 30 s.
     pub max_backoff: Duration,
-    /// Consecutive `unavailable` answers (or interrupted attempts) after which the transition fails.
-    /// Default 8 (about 1 min 30 s of waiting with the default delays).
+    /// Consecutive `unavailable` answers (or interrupted attempts) after which `drive` hands the
+    /// transition back unsettled (`Driven::Pending`). It is never failed for this: an earlier submit may
+    /// have reached the keeper, and only a later lookup can tell. Default 8 (about 1 min 30 s of waiting
+    /// with the default delays).
     pub max_unavailable: u32,
     /// Keeper runs (each a full workflow run) before the transition fails. Default 3.
     pub max_runs: u32,
@@ -69,7 +71,8 @@ pub enum DriveError {
 pub enum Driven {
     /// Recorded or failed: nothing more to do.
     Done(TransitionRecord),
-    /// The keeper's run is still going after `pending_timeout`; drive it again later.
+    /// Not settled: the keeper's run was still going after `pending_timeout`, or the keeper could not
+    /// be reached `max_unavailable` times in a row. Drive it again later (`resume` does).
     Pending(TransitionRecord),
 }
 
@@ -125,7 +128,11 @@ impl Driver {
                         }
                     }
                 }
-                TransitionState::Written => self.submit(&rec)?,
+                TransitionState::Written => {
+                    if self.submit(&rec)? {
+                        return Ok(Driven::Pending(self.log.get(id)?));
+                    }
+                }
                 TransitionState::Submitted => {
                     let since = *pending_since.get_or_insert_with(Instant::now);
                     if let Some(outcome) = self.poll(&rec, since)? {
@@ -137,7 +144,8 @@ impl Driver {
     }
 
     /// One step from `written`: adopt the run the keeper already has under this key, else submit.
-    fn submit(&self, rec: &TransitionRecord) -> Result<(), DriveError> {
+    /// `true` when the keeper stayed unreachable and `drive` should hand the transition back.
+    fn submit(&self, rec: &TransitionRecord) -> Result<bool, DriveError> {
         let id = rec.id;
         let transition = rec.for_keeper();
         if self.log.submit_started(id)? {
@@ -149,7 +157,7 @@ impl Driver {
                     self.log.finish_attempt(id, n, "found", Some(&found.reference))?;
                     self.log.mark_submitted(id, &found.reference)?;
                     tracing::info!(id, reference = %found.reference, "adopted the keeper's existing run");
-                    return Ok(());
+                    return Ok(false);
                 }
                 Ok(None) => self.log.finish_attempt(id, n, "none", None)?,
                 Err(e) => return self.keeper_failed(id, n, e),
@@ -160,7 +168,7 @@ impl Driver {
             Ok(sub) => {
                 self.log.finish_attempt(id, n, "ok", Some(&sub.reference))?;
                 self.log.mark_submitted(id, &sub.reference)?;
-                Ok(())
+                Ok(false)
             }
             Err(e) => self.keeper_failed(id, n, e),
         }
@@ -205,8 +213,8 @@ impl Driver {
                 }
             },
             Err(e) => {
-                self.keeper_failed(id, n, e)?;
-                if since.elapsed() >= self.policy.pending_timeout {
+                let unreachable = self.keeper_failed(id, n, e)?;
+                if unreachable || since.elapsed() >= self.policy.pending_timeout {
                     return Ok(Some(Driven::Pending(self.log.get(id)?)));
                 }
                 Ok(None)
@@ -214,29 +222,33 @@ impl Driver {
         }
     }
 
-    /// Logs a keeper error; backs off (unavailable) or fails the transition (rejected, invalid, or
-    /// unavailable too many times in a row).
-    fn keeper_failed(&self, id: i64, attempt: u32, error: KeeperError) -> Result<(), DriveError> {
-        let (outcome, give_up) = match &error {
+    /// Logs a keeper error, then: a rejection (or an invalid transition) fails the transition unless
+    /// a run may already exist; `unavailable` backs off, or after `max_unavailable` in a row returns
+    /// `true` (hand it back unsettled).
+    fn keeper_failed(&self, id: i64, attempt: u32, error: KeeperError) -> Result<bool, DriveError> {
+        let (outcome, final_answer) = match &error {
             KeeperError::Unavailable(_) => ("unavailable", false),
             KeeperError::Rejected(_) => ("rejected", true),
             KeeperError::InvalidTransition(_) => ("invalid", true),
         };
         self.log.finish_attempt(id, attempt, outcome, Some(&error.to_string()))?;
-        let failures = self.log.consecutive_failures(id)?;
-        // A submitted run exists and may still act: never abandon it because the keeper cannot be
-        // reached or will not answer; `poll` hands it back as pending after `pending_timeout`.
+        // A submitted run exists and may still act: never fail it on what the keeper says about
+        // reaching it; `poll` hands it back after `pending_timeout`.
         let submitted = self.log.get(id)?.state == TransitionState::Submitted;
-        if !submitted && (give_up || failures >= self.policy.max_unavailable) {
-            let reason = if give_up { error.to_string() } else { format!("{error} ({failures} times in a row)") };
-            tracing::warn!(id, %reason, "transition failed");
-            self.log.mark_failed(id, &reason)?;
-            return Ok(());
+        if final_answer && !submitted {
+            tracing::warn!(id, reason = %error, "transition failed");
+            self.log.mark_failed(id, &error.to_string())?;
+            return Ok(false);
+        }
+        let failures = self.log.consecutive_failures(id)?;
+        if failures >= self.policy.max_unavailable {
+            tracing::warn!(id, %error, failures, "keeper unreachable, handing the transition back unsettled");
+            return Ok(true);
         }
         let wait = self.policy.backoff(failures);
         tracing::debug!(id, %error, ?wait, "keeper call failed, backing off");
         std::thread::sleep(wait);
-        Ok(())
+        Ok(false)
     }
 }
 
@@ -496,16 +508,21 @@ mod tests {
     }
 
     #[test]
-    fn unavailable_too_often_fails_the_transition_with_the_reason() {
+    fn an_unreachable_keeper_leaves_the_transition_unsettled_not_failed() {
         let dir = tempfile::tempdir().unwrap();
         let keeper = CountingKeeper::with(|s| s.unavailable = 100);
         let sink = Arc::new(Sink::default());
         let d = driver(&dir.path().join("keeper.db"), &keeper, &sink);
-        let Driven::Done(rec) = d.run(&stream_start("t1")).unwrap() else { panic!("not done") };
-        assert_eq!(rec.state, TransitionState::Failed);
-        assert!(rec.detail.unwrap().contains("unavailable"));
+        let Driven::Pending(rec) = d.run(&stream_start("t1")).unwrap() else { panic!("not handed back") };
+        assert_eq!(rec.state, TransitionState::Written);
+        let unavailable = rec.attempts.iter().filter(|a| a.outcome.as_deref() == Some("unavailable")).count();
+        assert_eq!(unavailable, 4, "max_unavailable in a row");
         assert_eq!(keeper.effects("t1"), 0);
-        assert!(sink.applied.lock().unwrap().is_empty());
+        // The keeper comes back: the next resume looks the run up, submits it, and it acts once.
+        keeper.state.lock().unwrap().unavailable = 0;
+        recorded(d.resume().unwrap().remove(0));
+        assert_eq!(keeper.effects("t1"), 1);
+        assert_eq!(sink.applied.lock().unwrap().len(), 1);
     }
 
     #[test]
