@@ -156,11 +156,11 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// `kh_` keys on the REST routes, as KeeperHub's endpoint scope says.
-fn check_api_key(inner: &Inner, headers: &HeaderMap) -> Result<(), Response> {
+fn check_api_key(inner: &Inner, headers: &HeaderMap) -> Result<(), Box<Response>> {
     match bearer(headers) {
         Some(k) if k == inner.config.api_key => Ok(()),
-        Some(_) => Err(error(StatusCode::UNAUTHORIZED, "Invalid API key", json!({}))),
-        None => Err(error(StatusCode::UNAUTHORIZED, "Unauthorized", json!({}))),
+        Some(_) => Err(Box::new(error(StatusCode::UNAUTHORIZED, "Invalid API key", json!({})))),
+        None => Err(Box::new(error(StatusCode::UNAUTHORIZED, "Unauthorized", json!({})))),
     }
 }
 
@@ -204,7 +204,7 @@ async fn trigger(State(inner): State<Arc<Inner>>, Path(workflow_id): Path<String
 
 async fn status(State(inner): State<Arc<Inner>>, Path(execution_id): Path<String>, headers: HeaderMap) -> Response {
     if let Err(r) = check_api_key(&inner, &headers) {
-        return r;
+        return *r;
     }
     let executions = lock(&inner.executions);
     let Some(e) = executions.iter().find(|e| e.id == execution_id) else {
@@ -220,7 +220,7 @@ async fn status(State(inner): State<Arc<Inner>>, Path(execution_id): Path<String
 
 async fn executions(State(inner): State<Arc<Inner>>, Path(workflow_id): Path<String>, headers: HeaderMap) -> Response {
     if let Err(r) = check_api_key(&inner, &headers) {
-        return r;
+        return *r;
     }
     if !inner.config.workflows.contains_key(&workflow_id) {
         return error(StatusCode::NOT_FOUND, "Workflow not found", json!({}));

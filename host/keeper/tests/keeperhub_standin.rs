@@ -203,7 +203,7 @@ fn keeperhub_adapter_drives_all_five_workflows_and_the_receiver_refuses_bad_call
     assert_eq!(h.chain.calls_for(&key(TransitionKind::StreamStart)), ["updateMemberUnits", "updateMemberUnits", "distributeFlow"]);
     assert_eq!(h.chain.calls_for(&key(TransitionKind::StreamStop)), ["distributeFlow"]);
     assert_eq!(h.chain.calls_for(&key(TransitionKind::HandleBreach)), ["updateMemberUnits", "proposeBreach"]);
-    let members: Vec<_> = h.chain.calls.lock().unwrap().iter().filter_map(|(_, f, item)| (f == "updateMemberUnits").then(|| item.clone())).flatten().map(|i| i["operator"].clone()).collect();
+    let members: Vec<_> = h.chain.calls.lock().unwrap().iter().filter(|(_, f, _)| f == "updateMemberUnits").filter_map(|(_, _, item)| item.clone()).map(|i| i["operator"].clone()).collect();
     assert_eq!(members, [json!("0xa1"), json!("0xa2")]);
     assert_eq!(h.standin.executions().iter().filter(|(_, s)| s == "error").count(), 1);
     assert_eq!(sink.0.lock().unwrap().len(), 5);
@@ -276,7 +276,7 @@ fn a_run_started_before_a_crash_is_found_by_its_key_not_triggered_again() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(h.chain.calls_for(&t.idempotency_key), ["distributeFlow"]);
-    assert_eq!(*sink.0.lock().unwrap(), [t.idempotency_key.clone()]);
+    assert_eq!(*sink.0.lock().unwrap(), std::slice::from_ref(&t.idempotency_key));
 }
 
 #[test]
@@ -383,7 +383,7 @@ fn kill_then_resume(kill_at: &str, expected_state: TransitionState) {
     assert_eq!(rec.reference.as_deref(), Some("exec_1"));
     // The run's contract calls, once: both members' units, then the flow.
     assert_eq!(h.chain.calls_for(&t.idempotency_key), ["updateMemberUnits", "updateMemberUnits", "distributeFlow"]);
-    assert_eq!(*sink.0.lock().unwrap(), [t.idempotency_key.clone()]);
+    assert_eq!(*sink.0.lock().unwrap(), std::slice::from_ref(&t.idempotency_key));
 }
 
 #[test]
