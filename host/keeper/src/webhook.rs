@@ -278,6 +278,27 @@ pub struct ClaimedEffect {
     pub tx_hash: String,
 }
 
+impl ClaimedEffect {
+    /// The effects a settled transition claims, from what the keeper reported when its run succeeded
+    /// (the log's `detail`: KeeperHub's `transactionHashes`, a JSON array of `{hash, nodeId, …}`). The
+    /// orchestrator's `TransitionSink` confirms these before the state machine moves, as the webhook
+    /// path does — a transition can settle through either.
+    pub fn of_record(record: &crate::log::TransitionRecord) -> Result<Vec<Self>, String> {
+        let detail = record.detail.as_deref().unwrap_or("[]");
+        let hashes: Vec<ReportedTransaction> =
+            serde_json::from_str(detail).map_err(|e| format!("transition {}: detail is not a list of transactions: {e}", record.id))?;
+        Ok(hashes
+            .into_iter()
+            .map(|t| ClaimedEffect {
+                pool_id: record.pool_id.clone(),
+                idempotency_key: record.idempotency_key.clone(),
+                node_id: t.node_id,
+                tx_hash: t.hash,
+            })
+            .collect())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfirmError {
     #[error("transaction {0} is not known to the chain")]

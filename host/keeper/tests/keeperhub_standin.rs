@@ -72,11 +72,24 @@ impl WebhookSink for Delivered {
     }
 }
 
+/// The pool's state machine on the polling path: it records a transition only once every effect the
+/// keeper reported is one the chain knows (when it has a chain to ask).
 #[derive(Default)]
-struct Recorded(Mutex<Vec<String>>);
+struct Recorded(Mutex<Vec<String>>, Option<Arc<Chain>>);
 
 impl TransitionSink for Recorded {
     fn record(&self, t: &TransitionRecord) -> Result<(), String> {
+        if let Some(chain) = &self.1 {
+            let effects = ClaimedEffect::of_record(t)?;
+            if effects.is_empty() {
+                return Err(format!("{} reports no transaction", t.idempotency_key));
+            }
+            for e in effects {
+                if !chain.issued.lock().unwrap().contains(&e.tx_hash) {
+                    return Err(format!("{} not on chain", e.tx_hash));
+                }
+            }
+        }
         self.0.lock().unwrap().push(t.idempotency_key.clone());
         Ok(())
     }
@@ -186,11 +199,13 @@ fn keeperhub_adapter_drives_all_five_workflows_and_the_receiver_refuses_bad_call
     let h = harness();
     h.standin.fail_next_runs(TransitionKind::StreamStart, 1);
     h.standin.tamper_next_callbacks(&[Tamper::BadSignature, Tamper::StaleTimestamp, Tamper::Replay]);
-    let sink = Arc::new(Recorded::default());
+    let sink = Arc::new(Recorded(Mutex::default(), Some(h.chain.clone())));
     let driver = h.driver(sink.clone());
     for kind in TransitionKind::ALL {
         let rec = recorded(driver.run(&transition(kind)).unwrap());
         assert!(rec.reference.as_deref().is_some_and(|r| r.starts_with("exec_")));
+        let effects = ClaimedEffect::of_record(&rec).unwrap();
+        assert_eq!(effects.len(), h.chain.calls_for(&rec.idempotency_key).len(), "{kind}: one reported transaction per call");
         if kind == TransitionKind::StreamStart {
             assert_eq!(rec.run, 2, "the failed run is retried as a second run");
             assert!(rec.attempts.iter().any(|a| a.action == AttemptAction::Status && a.outcome.as_deref() == Some("failed")));
