@@ -313,7 +313,19 @@ fn the_official_x402_clients_pay_computepool_up_and_the_operators_get_exactly_th
     let at0 = rt.block_on(balances(&chain, usdcx, &operators, Some(b0)));
     let at1 = rt.block_on(balances(&chain, usdcx, &operators, Some(b1)));
     assert_eq!(total(&at1) - total(&at0), U256::from(PRICE * SCALE * u128::from(t1 - t0)), "one request in flight");
-    while stream.next_data().is_some_and(|d| d != "[DONE]") {}
+    // The flow stops between the last token and [DONE]: how long that takes is the metering's stop
+    // latency (one mined transaction), reported here, measured in docs/NOTES.md.
+    let mut last_token = std::time::Instant::now();
+    while let Some(d) = stream.next_data() {
+        if d == "[DONE]" {
+            break;
+        }
+        // The finish chunk comes after the stop; a content chunk before it.
+        if !d.contains("\"finish_reason\":\"") {
+            last_token = std::time::Instant::now();
+        }
+    }
+    eprintln!("stop latency (last token → [DONE], the flow's stop mined in between): {:?}", last_token.elapsed());
     // It ended (the flow was stopped before [DONE] was sent): a block later, nothing more arrives.
     let (stopped, later) = rt.block_on(async {
         let head = chain.provider().get_block(Default::default()).await.expect("rpc").expect("block").header;

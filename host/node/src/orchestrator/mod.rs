@@ -93,7 +93,7 @@ impl AppState {
     /// 503 until they can: it never falls back to serving free).
     pub async fn enable_payments(&mut self, state_dir: &Path, rails: Arc<computepool_plugin_host::PluginHost>) -> anyhow::Result<()> {
         let saved = self.store.pool_payments().context("reading the pools' payment settings")?;
-        let payments = payments::Payments::open(&state_dir.join("payments.db"), rails, &saved).await?;
+        let payments = payments::Payments::open(&state_dir.join("payments.db"), rails, &saved, self.store.clone()).await?;
         for (pool_id, settings) in saved {
             let Some(pool) = self.pools.get(&pool_id) else { continue };
             if let Err(e) = payments.configure(&pool, &self.workers, settings.clone()).await {

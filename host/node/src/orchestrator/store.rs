@@ -111,6 +111,13 @@ CREATE TABLE IF NOT EXISTS pool_payments (
     settings    TEXT NOT NULL,
     updated_at  INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS pending_vouchers (
+    voucher_key  TEXT PRIMARY KEY,
+    rail         TEXT NOT NULL,
+    config       TEXT NOT NULL,
+    payment      TEXT NOT NULL,
+    created_at   INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS workers (
     peer              TEXT PRIMARY KEY,
     registration      TEXT NOT NULL,
@@ -225,6 +232,33 @@ impl Store {
             Ok((row.get(0)?, settings))
         })?;
         rows.collect()
+    }
+
+    /// Records a verified voucher about to be settled (the rail, its config and the verified payment as
+    /// JSON), so a restart can finish what it started.
+    pub fn put_pending_voucher(&self, key: &str, rail: &str, config: &str, payment: &str) -> rusqlite::Result<()> {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+        self.conn().execute(
+            "INSERT OR REPLACE INTO pending_vouchers (voucher_key, rail, config, payment, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![key, rail, config, payment, now],
+        )?;
+        Ok(())
+    }
+
+    /// A voucher recorded by [`put_pending_voucher`](Self::put_pending_voucher): (rail, config, payment).
+    pub fn pending_voucher(&self, key: &str) -> rusqlite::Result<Option<(String, String, String)>> {
+        use rusqlite::OptionalExtension;
+        self.conn()
+            .query_row("SELECT rail, config, payment FROM pending_vouchers WHERE voucher_key = ?1", params![key], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .optional()
+    }
+
+    /// Forgets a voucher whose settlement is resolved (credited or refused).
+    pub fn forget_pending_voucher(&self, key: &str) -> rusqlite::Result<()> {
+        self.conn().execute("DELETE FROM pending_vouchers WHERE voucher_key = ?1", params![key])?;
+        Ok(())
     }
 
     /// Stores a pool's payment settings, replacing what it had.

@@ -95,6 +95,8 @@ struct Terms {
 /// Payments of every paid pool. `None` in [`super::AppState`] when payments are off.
 pub struct Payments {
     rails: Arc<PluginRails>,
+    /// The orchestrator's store: the journal of vouchers being settled.
+    store: Arc<super::store::Store>,
     controller: StreamController,
     terms: RwLock<HashMap<String, Arc<Terms>>>,
 }
@@ -115,7 +117,12 @@ impl Payments {
     /// Opens the payment store at `db`, recovers what a previous run left streaming (every open flow is
     /// stopped and its requests charged for exactly the seconds served) and serves pools' payments
     /// through the rail plugins of `plugins`.
-    pub async fn open(db: &std::path::Path, plugins: Arc<PluginHost>, saved: &[(String, PoolPayments)]) -> anyhow::Result<Arc<Self>> {
+    pub async fn open(
+        db: &std::path::Path,
+        plugins: Arc<PluginHost>,
+        saved: &[(String, PoolPayments)],
+        store: Arc<super::store::Store>,
+    ) -> anyhow::Result<Arc<Self>> {
         let sessions = Sessions::open(db)?;
         let rails = Arc::new(PluginRails::new(plugins));
         // The flows left running are stopped through the rails they were started with.
@@ -132,7 +139,13 @@ impl Payments {
         for (pool, why) in &report.unresolved {
             tracing::error!(%pool, "could not stop the flow left from the last run (retrying): {why}");
         }
-        Ok(Arc::new(Self { rails, controller, terms: RwLock::new(HashMap::new()) }))
+        // Vouchers verified and sent to settle when the last run stopped: finish them (idempotently).
+        let (pending_rails, sessions, journal) = (rails.clone(), controller.meter().sessions().clone(), store.clone());
+        let credited = tokio::task::spawn_blocking(move || pending_rails.settle_pending(&sessions, &journal)).await?;
+        if credited > 0 {
+            tracing::info!(credited, "vouchers left pending by the last run are credited");
+        }
+        Ok(Arc::new(Self { rails, store, controller, terms: RwLock::new(HashMap::new()) }))
     }
 
     fn terms(&self, pool: &str) -> Option<Arc<Terms>> {
@@ -214,9 +227,10 @@ impl Payments {
                 resource.to_string(),
             );
             let sessions = self.controller.meter().sessions().clone();
+            let journal = self.store.clone();
             let price = terms.price;
             let paid = tokio::task::spawn_blocking(move || {
-                rails.take_payment(&sessions, &settings, price, &model, &id, &url, &payment)
+                rails.take_payment(&sessions, &settings, price, &model, &id, &url, &payment, &journal)
             })
             .await
             .map_err(|e| ApiError::Internal(format!("taking the payment: {e}")))?;

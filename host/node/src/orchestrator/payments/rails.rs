@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 
 use super::config::{PoolPayments, RailChoice};
 use crate::orchestrator::error::ApiError;
+use crate::orchestrator::store::Store;
 
 /// Why a payment was not taken.
 #[derive(Debug)]
@@ -117,6 +118,7 @@ impl PluginRails {
         request_id: &str,
         resource: &str,
         payment: &str,
+        journal: &Store,
     ) -> Result<TakenPayment, ChallengeFailure> {
         let rail = self.rail(&settings.challenge.plugin).map_err(ChallengeFailure::Internal)?;
         let config = config_text(&settings.challenge);
@@ -134,31 +136,114 @@ impl PluginRails {
         let ticket = sessions
             .begin_credit(&verified.payer, &voucher, verified.amount)
             .map_err(|e| ChallengeFailure::Internal(ApiError::Internal(format!("recording the payment: {e}"))))?;
+        journal
+            .put_pending_voucher(&voucher, rail.id(), &config, &verified_json(&verified))
+            .map_err(|e| ChallengeFailure::Internal(ApiError::Internal(format!("recording the payment: {e}"))))?;
         let settlement = match rail.settle(&config, &verified) {
             Ok(s) => s,
             Err(e) => {
                 let failure = refused(&rail, e);
                 // Only a definite refusal releases the voucher; an unknown outcome stays pending.
-                if let ChallengeFailure::Refused { message, .. } = &failure
-                    && let Err(e) = sessions.fail_credit(&voucher, message)
-                {
-                    tracing::error!(voucher, "could not record a refused settlement: {e}");
+                if let ChallengeFailure::Refused { message, .. } = &failure {
+                    if let Err(e) = sessions.fail_credit(&voucher, message) {
+                        tracing::error!(voucher, "could not record a refused settlement: {e}");
+                    } else if let Err(e) = journal.forget_pending_voucher(&voucher) {
+                        tracing::warn!(voucher, "could not clear a resolved voucher: {e}");
+                    }
                 }
                 return Err(failure);
             }
         };
-        sessions
+        let credited = sessions
             .complete_credit(&voucher, &settlement.reference)
             .map_err(|e| ChallengeFailure::Internal(ApiError::Internal(format!("crediting the payment: {e}"))))?;
+        if let Err(e) = journal.forget_pending_voucher(&voucher) {
+            tracing::warn!(voucher, "could not clear a resolved voucher: {e}");
+        }
         Ok(TakenPayment {
             payer: verified.payer,
             amount: settlement.amount,
             reference: settlement.reference,
             network: settlement.network,
-            session_id: ticket.session_id,
-            secret: ticket.secret,
+            // The credit may have gone to a session opened just now (the ticket's closed meanwhile).
+            secret: credited.secret.or(ticket.secret),
+            session_id: credited.session_id,
         })
     }
+}
+
+impl PluginRails {
+    /// Settles the vouchers a previous run verified and began to settle but never saw answered (it
+    /// stopped in between): settling is idempotent per voucher (the facilitator returns the first
+    /// transaction if there was one), so the payer is credited exactly once. Returns how many were
+    /// credited.
+    pub fn settle_pending(&self, sessions: &Sessions, journal: &Store) -> usize {
+        let pending = match sessions.pending_credits() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!("reading the vouchers awaiting settlement: {e}");
+                return 0;
+            }
+        };
+        let mut credited = 0;
+        for credit in pending {
+            let key = credit.voucher_key.as_str();
+            let record = match journal.pending_voucher(key) {
+                Ok(Some(record)) => record,
+                Ok(None) => {
+                    tracing::error!(voucher = key, "a voucher awaits settlement but its payment was not recorded: check the chain");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(voucher = key, "reading a pending voucher: {e}");
+                    continue;
+                }
+            };
+            let (rail_id, config, payment) = record;
+            let Some(rail) = self.host.rail(&rail_id) else {
+                tracing::error!(voucher = key, rail = rail_id, "the rail of a pending voucher is not loaded: retried at the next start");
+                continue;
+            };
+            let Some(verified) = verified_from_json(&payment) else {
+                tracing::error!(voucher = key, "a pending voucher's record does not parse");
+                continue;
+            };
+            match rail.settle(&config, &verified) {
+                Ok(settlement) => match sessions.complete_credit(key, &settlement.reference) {
+                    Ok(_) => {
+                        credited += 1;
+                        let _ = journal.forget_pending_voucher(key);
+                        tracing::info!(voucher = key, tx = settlement.reference, "a voucher left pending by the last run is credited");
+                    }
+                    Err(e) => tracing::error!(voucher = key, "crediting a pending voucher: {e}"),
+                },
+                Err(e) if matches!(e.rail_error(), Some(RailError::Rejected(_) | RailError::InvalidPayment(_))) => {
+                    if sessions.fail_credit(key, &e.to_string()).is_ok() {
+                        let _ = journal.forget_pending_voucher(key);
+                    }
+                    tracing::warn!(voucher = key, "a voucher left pending by the last run did not settle: {e}");
+                }
+                Err(e) => tracing::error!(voucher = key, "settling a pending voucher (retried at the next start): {e}"),
+            }
+        }
+        credited
+    }
+}
+
+fn verified_json(v: &plugin::VerifiedPayment) -> String {
+    serde_json::json!({"request_id": v.request_id, "payer": v.payer, "amount": v.amount.to_string(),
+                       "settlement_data": v.settlement_data})
+    .to_string()
+}
+
+fn verified_from_json(text: &str) -> Option<plugin::VerifiedPayment> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    Some(plugin::VerifiedPayment {
+        request_id: v["request_id"].as_str()?.to_string(),
+        payer: v["payer"].as_str()?.to_string(),
+        amount: v["amount"].as_str()?.parse().ok()?,
+        settlement_data: v["settlement_data"].as_str()?.to_string(),
+    })
 }
 
 impl FlowRail for PluginRails {
@@ -276,4 +361,48 @@ fn refused(rail: &RailPlugin, e: RailCallError) -> ChallengeFailure {
 
 fn rail_unavailable(rail: &RailPlugin, e: RailCallError) -> ApiError {
     ApiError::PaymentUnavailable(format!("rail `{}`: {e}", rail.id()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pending_vouchers_record_round_trips() {
+        let v = plugin::VerifiedPayment {
+            request_id: "0xabc".into(),
+            payer: "0x00000000000000000000000000000000000000aa".into(),
+            amount: u128::MAX,
+            settlement_data: r#"{"x402Version":2}"#.into(),
+        };
+        assert_eq!(verified_from_json(&verified_json(&v)), Some(v));
+        assert_eq!(verified_from_json(r#"{"payer": 1}"#), None);
+    }
+
+    #[test]
+    fn vouchers_are_keyed_by_network_token_payer_and_nonce() {
+        let payload = ExactEvmPayload {
+            signature: "0x01".into(),
+            authorization: computepool_pay::x402::ExactEvmAuthorization {
+                from: "0xAA".into(),
+                to: "0xbb".into(),
+                value: "1".into(),
+                valid_after: "0".into(),
+                valid_before: "9".into(),
+                nonce: "0xCC".into(),
+            },
+        };
+        let accepted = PaymentRequirements::exact_evm(16602, "0xDD", "0xbb", 1, 60, "USD Coin", "2");
+        let header = computepool_pay::x402::encode_header(&PaymentPayload {
+            x402_version: 2,
+            resource: None,
+            accepted,
+            payload: payload.to_value(),
+            extensions: None,
+        });
+        assert_eq!(voucher_key(&header, "0xaa"), "eip155:16602/0xdd/0xaa/0xcc");
+        // Anything else is keyed by its hash: the same bytes, the same key.
+        assert_eq!(voucher_key("garbage", "0xaa"), voucher_key("garbage", "0xAA"));
+        assert!(voucher_key("garbage", "0xaa").starts_with("sha256/0xaa/"));
+    }
 }
