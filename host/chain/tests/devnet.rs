@@ -18,16 +18,7 @@ use computepool_chain::{
 };
 
 fn tools() -> Option<ChainTools> {
-    let required = std::env::var("COMPUTEPOOL_REQUIRE_ANVIL").is_ok_and(|v| v == "1");
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    match ChainTools::locate(Some(&repo)) {
-        Ok(tools) => Some(tools),
-        Err(e) if required => panic!("COMPUTEPOOL_REQUIRE_ANVIL=1, but anvil is not available: {e}"),
-        Err(e) => {
-            eprintln!("skipping: anvil is not available ({e}); `make test` installs it");
-            None
-        }
-    }
+    ChainTools::for_tests(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
 }
 
 async fn connect(anvil: &Anvil, key: &PrivateKeySigner) -> Chain {

@@ -43,15 +43,7 @@ fn repo() -> PathBuf {
 }
 
 fn tools() -> Option<ChainTools> {
-    let required = std::env::var("COMPUTEPOOL_REQUIRE_ANVIL").is_ok_and(|v| v == "1");
-    match ChainTools::locate(Some(&repo())) {
-        Ok(tools) => Some(tools),
-        Err(e) if required => panic!("COMPUTEPOOL_REQUIRE_ANVIL=1, but anvil is not available: {e}"),
-        Err(e) => {
-            eprintln!("skipping: anvil is not available ({e}); `make test` installs it");
-            None
-        }
-    }
+    ChainTools::for_tests(&repo())
 }
 
 fn runtime() -> tokio::runtime::Runtime {

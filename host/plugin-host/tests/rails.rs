@@ -377,16 +377,7 @@ mod devnet {
     use computepool_plugin_host::blocking;
 
     fn tools() -> Option<ChainTools> {
-        let required = std::env::var("COMPUTEPOOL_REQUIRE_ANVIL").is_ok_and(|v| v == "1");
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        match ChainTools::locate(Some(&repo)) {
-            Ok(tools) => Some(tools),
-            Err(e) if required => panic!("COMPUTEPOOL_REQUIRE_ANVIL=1, but anvil is not available: {e}"),
-            Err(e) => {
-                eprintln!("skipping: anvil is not available ({e}); `make test` installs it");
-                None
-            }
-        }
+        ChainTools::for_tests(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
     }
 
     fn run<F: std::future::Future + Send + 'static>(f: F) -> F::Output

@@ -93,14 +93,7 @@ impl PluginRails {
         resource: &str,
     ) -> Result<PaymentRequirements, ApiError> {
         let rail = self.rail(&settings.challenge.plugin)?;
-        let quote = plugin::QuoteRequest {
-            request_id: request_id.to_string(),
-            resource: resource.to_string(),
-            model: model.to_string(),
-            max_seconds: settings.max_seconds_per_request,
-            price_per_second: price,
-            pay_to: String::new(),
-        };
+        let quote = quote_request(settings, price, model, request_id, resource);
         let quoted = rail.quote(&config_text(&settings.challenge), &quote).map_err(|e| rail_unavailable(&rail, e))?;
         serde_json::from_str(&quoted.body)
             .map_err(|e| ApiError::Internal(format!("rail `{}` quoted requirements that do not parse: {e}", rail.id())))
@@ -122,14 +115,7 @@ impl PluginRails {
     ) -> Result<TakenPayment, ChallengeFailure> {
         let rail = self.rail(&settings.challenge.plugin).map_err(ChallengeFailure::Internal)?;
         let config = config_text(&settings.challenge);
-        let plugin_quote = plugin::QuoteRequest {
-            request_id: request_id.to_string(),
-            resource: resource.to_string(),
-            model: model.to_string(),
-            max_seconds: settings.max_seconds_per_request,
-            price_per_second: price,
-            pay_to: String::new(),
-        };
+        let plugin_quote = quote_request(settings, price, model, request_id, resource);
         let requirements = rail.quote(&config, &plugin_quote).map_err(|e| ChallengeFailure::Internal(rail_unavailable(&rail, e)))?;
         let verified = rail.verify(&config, &requirements, payment).map_err(|e| refused(&rail, e))?;
         let voucher = voucher_key(payment, &verified.payer);
@@ -308,6 +294,20 @@ impl FlowRail for PluginRails {
             )));
         }
         Ok(FlowReceipt { reference: receipt.reference, effective_at_s: receipt.effective_at_s, flow_rate_per_s: receipt.flow_rate / scale })
+    }
+}
+
+/// What the challenge rail is asked to price: one request of the pool's max seconds, paid to the rail's
+/// configured recipient. The same inputs give the same requirements, so the voucher a client signed for
+/// a 402 is checked against what it was shown.
+fn quote_request(settings: &PoolPayments, price: u128, model: &str, request_id: &str, resource: &str) -> plugin::QuoteRequest {
+    plugin::QuoteRequest {
+        request_id: request_id.to_string(),
+        resource: resource.to_string(),
+        model: model.to_string(),
+        max_seconds: settings.max_seconds_per_request,
+        price_per_second: price,
+        pay_to: String::new(),
     }
 }
 
