@@ -4,7 +4,8 @@
 //!   `@x402/fetch`) pay `computepool up` unchanged, and every voucher settles on chain;
 //! - while a paid request streams the operators' USDCx balances rise at the pool's rate, they stop within
 //!   one block of its end, and the session's recorded cost equals what the operators received to the wei;
-//! - hostile payments get a 402 with their x402 reason and nothing is served;
+//! - hostile payments get a 402 with their x402 reason and nothing is served; a pool's flow rail swapped
+//!   with `PUT /pools/{id}/payments` (Superfluid → ledger) serves the next request, no restart;
 //! - an orchestrator killed mid-stream finds the open flow when it restarts, stops it, and charges the
 //!   session for exactly the seconds served.
 //!
@@ -526,6 +527,34 @@ fn hostile_payments_get_their_x402_reason_and_nothing_is_served() {
     // Exactly one voucher moved money.
     let amount: U256 = required.accepts[0].amount.parse().expect("amount");
     assert_eq!(payer_before - balance(payer.address()), amount);
+
+    // Swapping the flow rail is a config change the next request uses, no restart: the pool now pays
+    // its operators through the ledger rail, and the session is charged the same way.
+    let token = r.header("x-computepool-session-token").expect("the voucher opened a session").to_string();
+    let session = r.header("x-computepool-session").expect("session").to_string();
+    let mut settings = pc.devnet.pool_payments(PRICE, 60);
+    settings["flow"] = json!({"plugin": "ledger", "config": {"unit": "usdc-atomic"}});
+    let put = http::request_with(&addr, "PUT", "/pools/smol/payments", settings.to_string().as_bytes(),
+        &[("authorization", &format!("Bearer {TOKEN}"))]);
+    assert_eq!(put.status, 200, "{}", put.body);
+    assert_eq!(http::get(&addr, "/pools/smol/payments").json()["flow"]["plugin"], "ledger");
+    let before = session_view(&addr, &session, &token);
+    let flow_before = pc.rt.block_on(async {
+        let d = &pc.devnet;
+        Gda::new(&chain, &d.deployment.superfluid).flow_rate(d.deployment.usdcx, d.orchestrator.address(), d.gda_pool).await
+    });
+    assert_eq!(flow_before.expect("rate"), 0);
+    // The session's leftover is under a request's worst case: top it up with a second voucher. On
+    // chain that is one transaction (the settlement); the Superfluid rail would have mined its start and
+    // stop as well.
+    let head = || pc.rt.block_on(chain.provider().get_block_number()).expect("rpc");
+    let blocks_before = head();
+    let second = sign(&required, payer, payer, &voucher_for(&required));
+    let r = post(&addr, &chat(8, false), &[("payment-signature", &second)]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(head() - blocks_before, 1, "only the voucher's settlement reached the chain");
+    let after = session_view(&addr, &session, &token);
+    assert_eq!(after["usage"]["requests"].as_u64(), before["usage"]["requests"].as_u64().map(|n| n + 1), "{after}");
 }
 
 fn base64_of(bytes: &[u8]) -> String {

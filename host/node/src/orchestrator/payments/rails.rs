@@ -78,9 +78,11 @@ impl PluginRails {
         Ok(())
     }
 
-    /// Makes `choice` the flow rail of `pool` (the meter's rate changes for it go there).
+    /// Makes `choice` the flow rail of `pool` (the meter's rate changes for it go there). The next
+    /// change lists the members again: a swapped-in rail (or target) has not seen them.
     pub fn bind_flow(&self, pool: &str, choice: &RailChoice) {
         self.flows.write().unwrap_or_else(|p| p.into_inner()).insert(pool.to_string(), choice.clone());
+        self.confirmed_members.lock().unwrap_or_else(|p| p.into_inner()).remove(pool);
     }
 
     /// The requirements a client must pay for one request: price × the pool's max seconds.
