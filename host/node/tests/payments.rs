@@ -155,7 +155,16 @@ struct Up {
 }
 
 impl Drop for Up {
+    /// Ctrl-C, so `up` stops its workers and its devnet (anvil, the facilitator) too; a kill after 10 s.
     fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
