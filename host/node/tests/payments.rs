@@ -29,7 +29,7 @@ use computepool_chain::eip3009::{sign_transfer, token_domain};
 use computepool_chain::pools::super_token_balance;
 use computepool_chain::{Chain, ChainTools, DEVNET_CHAIN_ID, Gda};
 use computepool_pay::devnet::{PaidDevnet, PaidDevnetOptions, address_of};
-use computepool_pay::x402::{ExactEvmAuthorization, ExactEvmPayload, PaymentPayload, PaymentRequired, decode_header, encode_header};
+use computepool_pay::x402::{ExactEvmPayload, PaymentPayload, PaymentRequired, decode_header, encode_header};
 use serde_json::{Value, json};
 
 const MODEL: &str = "smollm2-135m-instruct";
@@ -111,17 +111,9 @@ fn sign(required: &PaymentRequired, payer: &PrivateKeySigner, signer: &PrivateKe
     let asset: Address = r.asset.parse().expect("asset");
     let domain = token_domain(&v.domain.0, &v.domain.1, v.chain_id, asset);
     let signed = sign_transfer(signer, &domain, v.to, v.value, v.valid_after, v.valid_before, v.nonce).expect("sign");
-    let payload = ExactEvmPayload {
-        signature: format!("0x{}", hex::encode(&signed.signature)),
-        authorization: ExactEvmAuthorization {
-            from: address_of(payer),
-            to: format!("{:#x}", v.to),
-            value: v.value.to_string(),
-            valid_after: v.valid_after.to_string(),
-            valid_before: v.valid_before.to_string(),
-            nonce: format!("{:#x}", v.nonce),
-        },
-    };
+    let mut payload = ExactEvmPayload::from_signed(&signed);
+    // The voucher claims to be the payer's, whoever signed it.
+    payload.authorization.from = address_of(payer);
     encode_header(&PaymentPayload {
         x402_version: 2,
         resource: required.resource.clone(),

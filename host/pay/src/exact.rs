@@ -483,7 +483,7 @@ fn parse_decimal_u128(text: &str) -> Option<u128> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::x402::{ExactEvmAuthorization, encode_header, decode_header};
+    use crate::x402::{encode_header, decode_header};
     use computepool_chain::alloy::signers::local::PrivateKeySigner;
     use computepool_chain::eip3009::sign_transfer;
 
@@ -499,18 +499,7 @@ mod tests {
     fn payment(signer: &PrivateKeySigner, req: &PaymentRequirements, domain: &Eip712Domain, value: u128, valid_after: u64, valid_before: u64) -> PaymentPayload {
         let to = parse_address(&req.pay_to).unwrap();
         let auth = sign_transfer(signer, domain, to, U256::from(value), valid_after, valid_before, B256::repeat_byte(7)).unwrap();
-        let m = &auth.message;
-        let payload = ExactEvmPayload {
-            signature: format!("0x{}", hex::encode(&auth.signature)),
-            authorization: ExactEvmAuthorization {
-                from: m.from.to_string(),
-                to: m.to.to_string(),
-                value: m.value.to_string(),
-                valid_after: m.validAfter.to_string(),
-                valid_before: m.validBefore.to_string(),
-                nonce: m.nonce.to_string(),
-            },
-        };
+        let payload = ExactEvmPayload::from_signed(&auth);
         PaymentPayload { x402_version: 2, resource: None, accepted: req.clone(), payload: payload.to_value(), extensions: None }
     }
 

@@ -224,6 +224,23 @@ pub struct ExactEvmAuthorization {
 }
 
 impl ExactEvmPayload {
+    /// A signed EIP-3009 authorization in the payload's wire form, as the official clients write it:
+    /// addresses and the nonce 0x-hex, numbers decimal, the signature 0x-hex.
+    pub fn from_signed(auth: &computepool_chain::eip3009::SignedAuthorization) -> Self {
+        let m = &auth.message;
+        Self {
+            signature: format!("0x{}", hex::encode(&auth.signature)),
+            authorization: ExactEvmAuthorization {
+                from: m.from.to_string(),
+                to: m.to.to_string(),
+                value: m.value.to_string(),
+                valid_after: m.validAfter.to_string(),
+                valid_before: m.validBefore.to_string(),
+                nonce: m.nonce.to_string(),
+            },
+        }
+    }
+
     /// Reads a payment's scheme payload as exact EVM; `invalid_payload` when it is not one.
     pub fn from_value(payload: &Value) -> Result<Self, serde_json::Error> {
         Self::deserialize(payload)

@@ -19,7 +19,7 @@ use computepool_chain::eip3009::{sign_transfer, token_domain};
 use computepool_chain::{Anvil, Chain, ChainTools, DEVNET_CHAIN_ID};
 use computepool_pay::facilitator::{Facilitator, FacilitatorClient, FacilitatorConfig, router};
 use computepool_pay::x402::{
-    ErrorReason, ExactEvmAuthorization, ExactEvmPayload, FacilitatorRequest, PaymentPayload, PaymentPayloadV1, PaymentRequirements,
+    ErrorReason, ExactEvmPayload, FacilitatorRequest, PaymentPayload, PaymentPayloadV1, PaymentRequirements,
     ResourceInfo, SettleResponse, VerifyResponse,
 };
 
@@ -102,18 +102,7 @@ impl Devnet {
     fn voucher(&self, signer: &PrivateKeySigner, domain: &Eip712Domain, accepted: &PaymentRequirements, value: u128, window: (u64, u64), nonce: &str) -> PaymentPayload {
         let to: Address = accepted.pay_to.parse().unwrap();
         let auth = sign_transfer(signer, domain, to, U256::from(value), window.0, window.1, keccak256(nonce)).unwrap();
-        let m = &auth.message;
-        let payload = ExactEvmPayload {
-            signature: format!("0x{}", hex::encode(&auth.signature)),
-            authorization: ExactEvmAuthorization {
-                from: m.from.to_string(),
-                to: m.to.to_string(),
-                value: m.value.to_string(),
-                valid_after: m.validAfter.to_string(),
-                valid_before: m.validBefore.to_string(),
-                nonce: m.nonce.to_string(),
-            },
-        };
+        let payload = ExactEvmPayload::from_signed(&auth);
         PaymentPayload {
             x402_version: 2,
             resource: Some(ResourceInfo { url: "http://127.0.0.1/v1/chat/completions".into(), description: None, mime_type: None }),
