@@ -62,6 +62,8 @@ demo: model
 # anvil (npm) runs the chain tests, which COMPUTEPOOL_REQUIRE_ANVIL=1 keeps from skipping.
 test: model contracts-test
 	bash scripts/build-plugins.sh
+	# The guests' host-independent parts, natively (the wasm builds have no test harness).
+	cd plugins && CARGO_TARGET_DIR=$(CARGO_TARGET_DIR)/plugins cargo test --release --locked -p computepool-keeper-local
 	CHAIN_TOOLS="$$(bash scripts/contracts.sh)" && \
 	NVRTC_LIB="$$(bash scripts/nvrtc.sh)" && \
 	OPENAI_PYTHON="$$(bash scripts/openai-client.sh)" && \

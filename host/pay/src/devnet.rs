@@ -1,15 +1,25 @@
 //! A paid pool's chain, ready on a local anvil: Superfluid and the test USDC deployed, a GDA pool its
-//! operators are connected to, an orchestrator key holding USDCx to stream from, funded payers, and the
-//! facilitator serving on loopback. `computepool up --payments on` and the payment tests start from it.
+//! operators are connected to, an orchestrator key holding USDCx to stream from, funded payers, the pool's
+//! Coalition with every operator staked in it, and the facilitator serving on loopback. `computepool up
+//! --payments on` and the payment tests start from it.
+//!
+//! The Coalition's voting, on chain and off: breaches are judged off chain by the coalition-voter plugins,
+//! whose ed25519 ballots the orchestrator tallies k of n (host/keeper's `coalition`); only a quorum
+//! triggers the `handle-breach` workflow. On chain, the orchestrator's key — the key the keeper sends
+//! with — is the Coalition's one registered voter and the threshold is 1, so its `proposeBreach` (which
+//! counts as its vote) slashes in the same transaction. The voters' ballot keys are ed25519 and hold no
+//! funds, so they cannot vote on chain themselves; registering them as on-chain voters with a threshold of
+//! k would need k funded secp256k1 accounts and k transactions per breach and add no check the signed
+//! ballots (kept with the breach, their sha256 as the proposal's evidence) do not already give.
 //!
 //! Every key here is one of anvil's public development keys: never use them for real funds.
 
 use std::sync::Arc;
 
-use computepool_chain::alloy::primitives::{Address, U256};
+use computepool_chain::alloy::primitives::{Address, B256, U256};
 use computepool_chain::alloy::signers::local::PrivateKeySigner;
-use computepool_chain::bindings::{ISuperToken, TestUSD};
-use computepool_chain::{Anvil, Chain, ChainTools, DEVNET_CHAIN_ID, DeployOptions, Deployment, Gda, deploy_all};
+use computepool_chain::bindings::{Coalition, ISuperToken, TestUSD};
+use computepool_chain::{Anvil, Chain, ChainTools, DEVNET_CHAIN_ID, DeployOptions, Deployment, Gda, deploy_all, deploy_coalition};
 
 use crate::facilitator::{Facilitator, FacilitatorConfig, router};
 
@@ -25,13 +35,23 @@ pub struct PaidDevnetOptions {
     /// Whole USDC the orchestrator upgrades to USDCx to stream from (its deposits are the rate × 4 h
     /// liquidation period of each flow). Default 100 000.
     pub treasury_usdc: u64,
+    /// Whole USDC each operator stakes in the pool's Coalition (minted to it first). Default 100; the
+    /// Coalition's minimum stake is a tenth of it.
+    pub operator_stake_usdc: u64,
+    /// Each operator's peer id (its worker's ed25519 public key) as it joins the Coalition, in the order of
+    /// `operators`. Missing ones join with zero: not yet bound to a worker key.
+    pub operator_peer_ids: Vec<B256>,
 }
 
 impl Default for PaidDevnetOptions {
     fn default() -> Self {
-        Self { operators: 2, payers: 2, usdc_per_payer: 1000, treasury_usdc: 100_000 }
+        Self { operators: 2, payers: 2, usdc_per_payer: 1000, treasury_usdc: 100_000, operator_stake_usdc: 100, operator_peer_ids: Vec::new() }
     }
 }
+
+/// How long a breach vote stays open on the devnet's Coalition (one day). With the threshold at 1 it is
+/// settled by the proposal itself; the period only bounds a proposal that could not slash.
+pub const COALITION_VOTING_PERIOD_S: u64 = 86_400;
 
 /// A running paid devnet. Dropping it stops anvil and the facilitator.
 pub struct PaidDevnet {
@@ -40,6 +60,9 @@ pub struct PaidDevnet {
     /// The GDA pool the operators are members of (administered by, and distributed to from, the
     /// orchestrator's key).
     pub gda_pool: Address,
+    /// The pool's Coalition: stake in test USDC, every operator joined with `operator_stake_usdc`, the
+    /// orchestrator's key its owner, its one voter (threshold 1: module docs) and its slash recipient.
+    pub coalition: Address,
     /// The orchestrator's key: GDA pool admin and distributor, x402 `payTo`, signer of the rails'
     /// transactions.
     pub orchestrator: PrivateKeySigner,
@@ -99,6 +122,7 @@ impl PaidDevnet {
             let member = Chain::connect(&url, Some(DEVNET_CHAIN_ID), operator.clone()).await?;
             Gda::new(&member, &deployment.superfluid).connect_pool(gda_pool).await?;
         }
+        let coalition = Self::form_coalition(&chain, &url, &deployment, &operators, options).await?;
 
         let settler = Chain::connect(&url, Some(DEVNET_CHAIN_ID), facilitator_key.clone()).await?;
         let config = FacilitatorConfig { tokens: Some(vec![deployment.usdc.address]), ..FacilitatorConfig::default() };
@@ -114,6 +138,7 @@ impl PaidDevnet {
             anvil,
             deployment,
             gda_pool,
+            coalition,
             orchestrator,
             facilitator_key,
             operators,
@@ -123,8 +148,53 @@ impl PaidDevnet {
         })
     }
 
+    /// Deploys the pool's Coalition, registers the orchestrator as its voter with threshold 1, and has
+    /// every operator stake and join.
+    async fn form_coalition(
+        chain: &Chain,
+        url: &str,
+        deployment: &Deployment,
+        operators: &[PrivateKeySigner],
+        options: &PaidDevnetOptions,
+    ) -> anyhow::Result<Address> {
+        let stake = usdc(options.operator_stake_usdc);
+        let min_stake = stake / U256::from(10u64);
+        let address = deploy_coalition(chain, deployment.usdc.address, min_stake, COALITION_VOTING_PERIOD_S, chain.address()).await?;
+        let coalition = Coalition::new(address, chain.provider());
+        chain.send("registering the orchestrator as the coalition's voter", coalition.addVoter(chain.address())).await?;
+        chain.send("setting the coalition's threshold to 1", coalition.setThreshold(1)).await?;
+        let token = TestUSD::new(deployment.usdc.address, chain.provider());
+        for (i, operator) in operators.iter().enumerate() {
+            chain.send("minting an operator's stake", token.mint(operator.address(), stake)).await?;
+            let member = Chain::connect(url, Some(DEVNET_CHAIN_ID), operator.clone()).await?;
+            let peer_id = options.operator_peer_ids.get(i).copied().unwrap_or(B256::ZERO);
+            member.send("approving the coalition stake", TestUSD::new(deployment.usdc.address, member.provider()).approve(address, stake)).await?;
+            member.send("joining the coalition", Coalition::new(address, member.provider()).join(peer_id, 1, stake)).await?;
+        }
+        Ok(address)
+    }
+
     pub fn rpc_url(&self) -> &str {
         self.anvil.rpc_url()
+    }
+
+    /// The contracts the keeper's workflows name (keeperhub/workflows: `contracts.gdaV1Forwarder`,
+    /// `contracts.coalition`, `contracts.poolInft`), as the `contracts` of its deployment context.
+    pub fn keeper_contracts(&self) -> serde_json::Value {
+        serde_json::json!({
+            "gdaV1Forwarder": format!("{:#x}", self.deployment.superfluid.gda_v1_forwarder),
+            "coalition": format!("{:#x}", self.coalition),
+            "poolInft": format!("{:#x}", self.deployment.pool_inft),
+        })
+    }
+
+    /// The operator's grant for the local keeper on this devnet (TOML, the rail config's format): the
+    /// kv-store for its run records, and the three contracts above on chain.
+    pub fn keeper_grants(&self, keeper_id: &str) -> String {
+        format!(
+            "[grants.plugins]\n{keeper_id} = [\"chain\", \"kv-store\"]\n[grants.chain]\n{keeper_id} = [\"{:#x}\", \"{:#x}\", \"{:#x}\"]\n",
+            self.deployment.superfluid.gda_v1_forwarder, self.coalition, self.deployment.pool_inft
+        )
     }
 
     /// The operator's rail grants for this devnet (TOML for `--rail-config`): x402-exact may reach the
