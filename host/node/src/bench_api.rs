@@ -57,7 +57,9 @@ pub fn run(model: &Path, shards: usize, dtype: &str, threads: usize, tg: usize, 
         samplers: Default::default(),
         payouts: Vec::new(),
     })?;
-    let settings = Settings { heartbeat: Duration::from_secs(2), token: OperatorToken::new("bench-operator-token")? };
+    // No audits: the benchmark measures users' requests alone (its one route has no partner anyway).
+    let settings =
+        Settings { heartbeat: Duration::from_secs(2), token: OperatorToken::new("bench-operator-token")?, audit_rate: 0.0 };
     let state = Arc::new(AppState::open(state_dir.path(), key.clone(), settings)?);
     let spec = PoolSpec {
         id: Some("bench".into()),

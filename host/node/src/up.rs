@@ -110,7 +110,11 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         samplers: args.samplers.clone(),
         payouts: devnet.as_ref().map(|d| d.devnet.operators.iter().map(address_of).collect()).unwrap_or_default(),
     })?;
-    let settings = Settings { heartbeat: Duration::from_millis(args.heartbeat_ms.max(10)), token };
+    let settings = Settings {
+        heartbeat: Duration::from_millis(args.heartbeat_ms.max(10)),
+        token,
+        audit_rate: orchestrator::audits::DEFAULT_RATE,
+    };
     let mut state = AppState::open(&args.state_dir, key, settings)?;
     // The pool of a previous `up` had other workers (new keys, new ports): this one replaces it.
     let spec = PoolSpec {
@@ -132,6 +136,9 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let state = Arc::new(state);
 
     runtime.block_on(async {
+        if let Some(reports) = state.take_breach_receiver() {
+            tokio::spawn(orchestrator::audits::log_reports(reports));
+        }
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(orchestrator::serve(

@@ -7,12 +7,14 @@
 //! - [`service`]: a completion request from pool choice to JSON or SSE, with its usage recorded.
 //! - [`openai`]: OpenAI request and response shapes.
 //! - [`pools`]: pools and their entry connections.
-//! - [`workers`]: worker registration and heartbeats; which are up.
+//! - [`workers`]: worker registration and heartbeats; which are up; ejections.
+//! - [`audits`]: output audits (finished requests re-run on other routes) and the breach reports they make.
 //! - [`metrics`]: `GET /metrics` (Prometheus text).
 //! - [`auth`]: the operator token on the write routes.
 //! - [`store`]: SQLite (WAL): pools, workers and requests.
 //! - [`error`]: errors as OpenAI-shaped bodies with their status codes.
 
+pub mod audits;
 pub mod auth;
 pub mod error;
 pub mod metrics;
@@ -37,7 +39,9 @@ use axum::routing::{get, post};
 use clap::Args;
 use computepool_axl::transport::{SecretKey, load_or_create_secret_key};
 
+use audits::Auditor;
 use auth::OperatorToken;
+use computepool_keeper::coalition::BreachReport;
 use error::ApiError;
 use metrics::Metrics;
 use pools::{Pool, Pools};
@@ -56,7 +60,15 @@ pub struct AppState {
     pub peer: String,
     /// Paid pools' payments; `None` when payments are off (every pool serves free).
     pub payments: Option<Arc<payments::Payments>>,
+    /// Picks finished requests for output audits and runs them; it holds the sending end of the breach
+    /// reports' channel.
+    pub audits: Arc<Auditor>,
+    /// The receiving end of the breach reports, until someone takes it ([`AppState::take_breach_receiver`]).
+    breach_receiver: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<BreachReport>>>,
 }
+
+/// Breach reports waiting for the judge; an audit that finds the queue full waits (holding its slot).
+const BREACH_QUEUE: usize = 64;
 
 /// How the orchestrator runs, apart from where its state lives.
 #[derive(Debug, Clone)]
@@ -64,6 +76,8 @@ pub struct Settings {
     /// How often workers heartbeat; one missing [`workers::MISSED_HEARTBEATS`] in a row is down.
     pub heartbeat: Duration,
     pub token: OperatorToken,
+    /// The share of finished requests audited (0 to 1; [`audits::DEFAULT_RATE`] by default).
+    pub audit_rate: f64,
 }
 
 impl AppState {
@@ -77,15 +91,25 @@ impl AppState {
         let pools = Pools::load(&store, key).with_context(|| format!("reading pools from {}", db.display()))?;
         let workers =
             Workers::load(&store, settings.heartbeat).with_context(|| format!("reading workers from {}", db.display()))?;
+        let store = Arc::new(store);
+        let (breaches, breach_receiver) = tokio::sync::mpsc::channel(BREACH_QUEUE);
         Ok(Self {
             pools,
             workers: Arc::new(workers),
-            store: Arc::new(store),
+            audits: Arc::new(Auditor::new(settings.audit_rate, store.clone(), breaches)),
+            store,
             metrics: Arc::new(Metrics::default()),
             token: settings.token,
             peer,
             payments: None,
+            breach_receiver: std::sync::Mutex::new(Some(breach_receiver)),
         })
+    }
+
+    /// The receiving end of the breach reports audits make (once: later calls get `None`). Whoever
+    /// takes it must keep reading, or audits stall once [`BREACH_QUEUE`] reports wait.
+    pub fn take_breach_receiver(&self) -> Option<tokio::sync::mpsc::Receiver<BreachReport>> {
+        self.breach_receiver.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     /// Turns payments on: opens `state_dir/payments.db`, stops what a previous run left streaming, and
@@ -130,7 +154,14 @@ impl AppState {
         let mut silent = Vec::new();
         for route in &pool.routes {
             for shard in &route.topology.shards {
-                if let Some(worker) = self.workers.get(&shard.peer.to_string())
+                if let Some(ejection) = self.workers.ejection(&shard.peer.to_string()) {
+                    silent.push(format!(
+                        "the worker for layers {} (peer {}) is ejected ({})",
+                        shard.layers,
+                        shard.peer.fmt_short(),
+                        ejection.reason
+                    ));
+                } else if let Some(worker) = self.workers.get(&shard.peer.to_string())
                     && !self.workers.is_up(&worker)
                 {
                     let ms = workers::now_ms() - worker.last_seen_ms;
@@ -163,6 +194,11 @@ pub struct OrchestratorArgs {
     /// a row is down. Shorter notices a dead worker sooner, at one small HTTP request per beat.
     #[arg(long, default_value_t = 2000)]
     pub heartbeat_ms: u64,
+    /// The share of finished requests (0 to 1) re-run on up to two other live routes of their pool to
+    /// check their tokens (output audits; unbilled). Each audit costs up to two more runs of the
+    /// request; a route that disagrees with a majority is reported to the coalition's voters.
+    #[arg(long, default_value_t = audits::DEFAULT_RATE, value_parser = audits::parse_rate)]
+    pub audit_rate: f64,
     #[command(flatten)]
     pub payments: payments::setup::PaymentArgs,
 }
@@ -183,6 +219,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/sessions/{id}", get(routes::get_session))
         .route("/workers", get(routes::list_workers).post(routes::register_worker))
         .route("/workers/{peer}/heartbeat", post(routes::heartbeat))
+        .route("/workers/{peer}/eject", post(routes::eject_worker))
+        .route("/audits", get(routes::list_audits))
         .route("/topology", get(routes::topology))
         .route("/metrics", get(routes::metrics))
         .route("/v1/models", get(routes::list_models))
@@ -246,6 +284,7 @@ pub fn run(args: OrchestratorArgs) -> anyhow::Result<()> {
     let settings = Settings {
         heartbeat: Duration::from_millis(args.heartbeat_ms.max(10)),
         token: OperatorToken::load_or_create(&args.state_dir)?,
+        audit_rate: args.audit_rate,
     };
     let mut state = AppState::open(&args.state_dir, key, settings)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -259,6 +298,9 @@ pub fn run(args: OrchestratorArgs) -> anyhow::Result<()> {
             None
         };
         let state = Arc::new(state);
+        if let Some(reports) = state.take_breach_receiver() {
+            tokio::spawn(audits::log_reports(reports));
+        }
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("listening on {}", args.listen))?;

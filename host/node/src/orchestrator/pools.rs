@@ -19,6 +19,7 @@ use computepool_axl::transport::{SecretKey, Topology};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::audits::{Auditor, FinishedRun};
 use super::error::ApiError;
 use super::store::{PoolRecord, Store};
 use super::workers::Workers;
@@ -103,12 +104,20 @@ pub struct PoolRequest {
     failed: Vec<usize>,
     /// The caller has seen `started`: a new route's is not passed on.
     started: bool,
+    /// Told about the request when it finishes on the route it started on (output audits).
+    auditor: Option<Arc<Auditor>>,
 }
 
 impl PoolRequest {
     /// The route serving the request now (its index in the pool's routes).
     pub fn route(&self) -> usize {
         self.on_route.route
+    }
+
+    /// Hands the request to `auditor` when it finishes (not when it fails or is dropped), which may
+    /// re-run it on other routes to check its tokens.
+    pub fn audit_with(&mut self, auditor: Arc<Auditor>) {
+        self.auditor = Some(auditor);
     }
 
     /// The next event; a route that breaks under the request (`unavailable` or `sequence`) is replaced
@@ -120,6 +129,21 @@ impl PoolRequest {
                 Some(Event::Started { .. }) if self.started => continue,
                 Some(Event::Started { .. }) => self.started = true,
                 Some(Event::Token { token, .. }) => self.generated.push(*token),
+                Some(Event::Done { .. }) => {
+                    // One route made every token only without a failover: a mixed run proves nothing
+                    // about either route.
+                    if let Some(auditor) = self.auditor.take()
+                        && self.failed.is_empty()
+                    {
+                        let finished = FinishedRun {
+                            pool: self.on_route.pool.clone(),
+                            route: self.on_route.route,
+                            request: self.request.clone(),
+                            tokens: self.generated.clone(),
+                        };
+                        auditor.finished(finished, self.workers.clone());
+                    }
+                }
                 Some(Event::Error { code: code @ (ErrorKind::Unavailable | ErrorKind::Sequence), message }) => {
                     let (code, message) = (*code, message.clone());
                     match self.failover(&message).await {
@@ -204,9 +228,9 @@ impl Route {
             .sum()
     }
 
-    /// Whether no worker of the route is known to be down.
-    fn live(&self, workers: &Workers) -> bool {
-        self.topology.shards.iter().all(|s| workers.get(&s.peer.to_string()).is_none_or(|w| workers.is_up(&w)))
+    /// Whether every worker of the route may take requests: none ejected, none known to be down.
+    pub fn live(&self, workers: &Workers) -> bool {
+        self.topology.shards.iter().all(|s| workers.routable(&s.peer.to_string()))
     }
 
     pub fn in_flight(&self) -> i64 {
@@ -237,6 +261,24 @@ impl Pool {
             routes.push(Route { topology: topology.clone(), entry: tokio::sync::Mutex::new(None), in_flight: AtomicI64::new(0) });
         }
         Ok(Self { record, context_window: limits.max_position_embeddings, key, routes })
+    }
+
+    /// Runs `request` on route `route` alone, to its end, and returns its token ids: no failover (an
+    /// audit must know which workers made its tokens), nothing recorded or billed. `Err` says why the
+    /// run did not finish.
+    pub async fn run_on(self: &Arc<Self>, route: usize, request: &GenerateRequest, workers: Arc<Workers>) -> Result<Vec<u32>, String> {
+        let mut run = self.start_on(route, request, workers).await?;
+        let mut tokens = Vec::new();
+        loop {
+            // Read below PoolRequest::next_event: that one would move a broken run to another route.
+            match run.events.next_event().await {
+                Some(Event::Started { .. }) => {}
+                Some(Event::Token { token, .. }) => tokens.push(token),
+                Some(Event::Done { .. }) => return Ok(tokens),
+                Some(Event::Error { code, message }) => return Err(format!("{code:?}: {message}")),
+                None => return Err("the entry closed the stream before the end".into()),
+            }
+        }
     }
 
     /// The route a new request should take: among the live routes not in `exclude`, the one where it
@@ -294,6 +336,7 @@ impl Pool {
                         generated: Vec::new(),
                         failed: Vec::new(),
                         started: false,
+                        auditor: None,
                     });
                 }
                 Err(e) => last = format!("{e:#}"),
@@ -494,5 +537,13 @@ mod tests {
         assert_eq!(pool.pick_route(&workers, &[1]), Some(0), "a broken route is not picked again");
         assert_eq!(pool.pick_route(&workers, &[0, 1]), None);
         assert!(pool.has_live_route(&workers));
+
+        // An ejected worker takes its route out, however fast and idle the route is.
+        pool.routes[0].in_flight.store(0, Ordering::Relaxed);
+        workers.eject(&store, &fast_keys[1].public().to_string(), "wrong output").expect("ejects");
+        assert_eq!(pool.pick_route(&workers, &[]), Some(1));
+        assert_eq!(pool.pick_route(&workers, &[1]), None);
+        workers.eject(&store, &slow_keys[0].public().to_string(), "wrong output").expect("ejects");
+        assert!(!pool.has_live_route(&workers));
     }
 }

@@ -173,6 +173,58 @@ pub async fn heartbeat(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// What `POST /workers/{peer}/eject` takes.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EjectRequest {
+    /// Why, for the records (shown in `GET /workers`).
+    pub reason: String,
+}
+
+/// Ejects a worker by hand (operator token): no new request is routed through it from now on, and
+/// after a restart. Answers the ejection (the first one, if it was ejected before).
+pub async fn eject_worker(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(peer): Path<String>,
+    JsonBody(body): JsonBody<EjectRequest>,
+) -> Result<Json<Value>, ApiError> {
+    state.token.check(&headers)?;
+    let ejection = state.workers.eject(&state.store, &peer, &body.reason)?;
+    Ok(Json(json!({"peer": peer, "ejected": ejection})))
+}
+
+/// The latest output audits, newest first (operator token: their evidence holds users' prompts and
+/// outputs). `?limit=N`, 1 to 1000, default 100.
+pub async fn list_audits(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    axum::extract::Query(query): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    state.token.check(&headers)?;
+    let limit = match query.get("limit") {
+        None => 100,
+        Some(text) => match text.parse::<usize>() {
+            Ok(n @ 1..=1000) => n,
+            _ => return Err(ApiError::invalid("limit", format!("limit must be 1 to 1000, got {text:?}"))),
+        },
+    };
+    let store = state.store.clone();
+    let audits = tokio::task::spawn_blocking(move || store.audits(limit))
+        .await
+        .map_err(|e| ApiError::Internal(format!("reading audits: {e}")))??;
+    // Stored by this process as JSON; a row that no longer parses is shown as text rather than hidden.
+    let parse = |text: &str| serde_json::from_str::<Value>(text).unwrap_or_else(|_| Value::String(text.to_string()));
+    let data: Vec<Value> = audits
+        .iter()
+        .map(|(id, a)| {
+            json!({"id": id, "object": "audit", "pool": a.pool_id, "request_id": a.request_id, "at_ms": a.at_ms,
+                   "outcome": a.outcome, "evidence": parse(&a.evidence), "reports": parse(&a.reports)})
+        })
+        .collect();
+    Ok(Json(json!({"object": "list", "audit_rate": state.audits.rate(), "data": data})))
+}
+
 pub async fn list_workers(State(state): State<Arc<AppState>>) -> Json<Value> {
     let data: Vec<Value> = state
         .workers

@@ -42,6 +42,7 @@ async fn begin(
         Ok(request) => request,
         Err(e) => return Err(log.fail(e)),
     };
+    request.audit_with(state.audits.clone());
     match request.next_event().await {
         Some(Event::Started { prompt_tokens, .. }) => log.record.prompt_tokens = Some(prompt_tokens),
         Some(Event::Error { code, message }) => return Err(log.fail(entry_error(pool, prompt_param, code, message))),

@@ -1,5 +1,5 @@
-//! Durable state in SQLite (WAL): the pools this orchestrator serves, the workers that registered, and
-//! every request with its usage. A restarted orchestrator reads its pools and workers back from here. Secrets never go in: a pool row holds the
+//! Durable state in SQLite (WAL): the pools this orchestrator serves, the workers that registered (and
+//! those ejected), every request with its usage, and the output audits with their evidence. A restarted orchestrator reads its pools and workers back from here. Secrets never go in: a pool row holds the
 //! topology (public peer ids and addresses), not the orchestrator's key.
 
 use std::path::{Path, PathBuf};
@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use computepool_axl::transport::Topology;
 
 use super::payments::config::PoolPayments;
-use super::workers::{WorkerRecord, WorkerStats};
+use super::workers::{Ejection, WorkerRecord, WorkerStats};
 use rusqlite::{Connection, params};
 
 /// A registered pool, as stored.
@@ -24,6 +24,22 @@ pub struct PoolRecord {
     pub replicas: Vec<Topology>,
     /// Unix seconds.
     pub created_at: i64,
+}
+
+/// One concluded output audit, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    pub pool_id: String,
+    /// The user's request that was audited.
+    pub request_id: String,
+    /// Unix milliseconds when it concluded.
+    pub at_ms: i64,
+    /// `agreed`, `convicted` or `inconclusive`.
+    pub outcome: String,
+    /// The evidence JSON (the schema in `audits.rs`).
+    pub evidence: String,
+    /// The breach reports it made, a JSON array (empty unless convicted).
+    pub reports: String,
 }
 
 /// How a request ended.
@@ -124,6 +140,20 @@ CREATE TABLE IF NOT EXISTS workers (
     registered_at_ms  INTEGER NOT NULL,
     last_seen_ms      INTEGER NOT NULL,
     stats             TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ejections (
+    peer           TEXT PRIMARY KEY,
+    reason         TEXT NOT NULL,
+    ejected_at_ms  INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audits (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    pool_id      TEXT NOT NULL,
+    request_id   TEXT NOT NULL,
+    at_ms        INTEGER NOT NULL,
+    outcome      TEXT NOT NULL,
+    evidence     TEXT NOT NULL,
+    reports      TEXT NOT NULL
 );
 ";
 
@@ -292,6 +322,54 @@ impl Store {
             params![peer, last_seen_ms, stats],
         )?;
         Ok(())
+    }
+
+    /// Stores an ejection (the first one of a peer stays).
+    pub fn put_ejection(&self, peer: &str, ejection: &Ejection) -> rusqlite::Result<()> {
+        self.conn().execute(
+            "INSERT OR IGNORE INTO ejections (peer, reason, ejected_at_ms) VALUES (?1, ?2, ?3)",
+            params![peer, ejection.reason, ejection.ejected_at_ms],
+        )?;
+        Ok(())
+    }
+
+    /// Every stored ejection, by peer.
+    pub fn ejections(&self) -> rusqlite::Result<Vec<(String, Ejection)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT peer, reason, ejected_at_ms FROM ejections ORDER BY peer")?;
+        let rows = stmt.query_map([], |row| Ok((row.get(0)?, Ejection { reason: row.get(1)?, ejected_at_ms: row.get(2)? })))?;
+        rows.collect()
+    }
+
+    /// Records a concluded output audit: its outcome, its evidence (JSON text, as the reports carry it)
+    /// and the breach reports it made (a JSON array).
+    pub fn record_audit(&self, audit: &AuditRecord) -> rusqlite::Result<i64> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO audits (pool_id, request_id, at_ms, outcome, evidence, reports) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![audit.pool_id, audit.request_id, audit.at_ms, audit.outcome, audit.evidence, audit.reports],
+        )?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    /// The latest `limit` audits, newest first.
+    pub fn audits(&self, limit: usize) -> rusqlite::Result<Vec<(i64, AuditRecord)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, pool_id, request_id, at_ms, outcome, evidence, reports FROM audits ORDER BY id DESC LIMIT ?1",
+        )?;
+        let rows = stmt.query_map([limit as i64], |row| {
+            let record = AuditRecord {
+                pool_id: row.get(1)?,
+                request_id: row.get(2)?,
+                at_ms: row.get(3)?,
+                outcome: row.get(4)?,
+                evidence: row.get(5)?,
+                reports: row.get(6)?,
+            };
+            Ok((row.get(0)?, record))
+        })?;
+        rows.collect()
     }
 
     /// Records a finished (or failed, or cancelled) request.

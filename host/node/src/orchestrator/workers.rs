@@ -6,6 +6,11 @@
 //!
 //! A worker belongs to the pool whose topology lists its peer id (the pool's shard plan names its
 //! workers); a registered worker that no pool lists yet is shown as unassigned.
+//!
+//! A worker can be ejected ([`Workers::eject`]: a coalition's verdict, or an operator by hand): no new
+//! request is routed through it, whatever its heartbeats say, until the orchestrator's database says
+//! otherwise. The ejection is stored by peer id, apart from the registration, so registering again
+//! (or a restart of either side) does not undo it; requests already on its route finish there.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -115,9 +120,22 @@ pub fn is_address(text: &str) -> bool {
     text.len() == 42 && text.starts_with("0x") && text[2..].bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// Every registered worker, by peer id.
+/// Why and when a worker was ejected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ejection {
+    /// For the operator's records (a verdict's digest, an operator's note).
+    pub reason: String,
+    /// Unix milliseconds.
+    pub ejected_at_ms: i64,
+}
+
+/// Longest ejection reason kept, in bytes (it is shown in `GET /workers`).
+pub const MAX_EJECTION_REASON: usize = 1024;
+
+/// Every registered worker, by peer id, and the ejected ones (registered or not).
 pub struct Workers {
     by_peer: RwLock<BTreeMap<String, WorkerRecord>>,
+    ejected: RwLock<BTreeMap<String, Ejection>>,
     heartbeat: Duration,
 }
 
@@ -125,7 +143,39 @@ impl Workers {
     /// The stored workers; they count as up until they miss their beats, like any other.
     pub fn load(store: &Store, heartbeat: Duration) -> rusqlite::Result<Self> {
         let by_peer = store.workers()?.into_iter().map(|w| (w.registration.peer.clone(), w)).collect();
-        Ok(Self { by_peer: RwLock::new(by_peer), heartbeat })
+        let ejected = store.ejections()?.into_iter().collect();
+        Ok(Self { by_peer: RwLock::new(by_peer), ejected: RwLock::new(ejected), heartbeat })
+    }
+
+    /// Ejects `peer`: stored first, then no route through it is picked again. Ejecting an ejected
+    /// worker keeps the first ejection. A peer that never registered can be ejected too (a pool's plan
+    /// may name it before it comes up).
+    pub fn eject(&self, store: &Store, peer: &str, reason: &str) -> Result<Ejection, ApiError> {
+        peer.parse::<computepool_axl::transport::PeerId>()
+            .map_err(|e| ApiError::invalid("peer", format!("peer {peer:?} is not a peer id: {e}")))?;
+        if reason.trim().is_empty() || reason.len() > MAX_EJECTION_REASON {
+            return Err(ApiError::invalid("reason", format!("give a reason of 1 to {MAX_EJECTION_REASON} bytes")));
+        }
+        let mut ejected = self.ejected.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(first) = ejected.get(peer) {
+            return Ok(first.clone());
+        }
+        let ejection = Ejection { reason: reason.to_string(), ejected_at_ms: now_ms() };
+        store.put_ejection(peer, &ejection)?;
+        ejected.insert(peer.to_string(), ejection.clone());
+        tracing::warn!(%peer, %reason, "worker ejected: no new request is routed through it");
+        Ok(ejection)
+    }
+
+    /// Whether (and why) `peer` is ejected.
+    pub fn ejection(&self, peer: &str) -> Option<Ejection> {
+        self.ejected.read().unwrap_or_else(|p| p.into_inner()).get(peer).cloned()
+    }
+
+    /// Whether `peer` may take new requests: not ejected, and not known to be down (a worker that never
+    /// registered is not judged).
+    pub fn routable(&self, peer: &str) -> bool {
+        self.ejection(peer).is_none() && self.get(peer).is_none_or(|w| self.is_up(&w))
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, WorkerRecord>> {
@@ -212,6 +262,8 @@ impl Workers {
             "active_requests": record.stats.active_requests,
             "kv_caches": record.stats.kv_caches,
             "kv_cache_bytes": record.stats.kv_cache_bytes,
+            // `status` stays liveness; an ejected worker takes no new request whatever it says.
+            "ejected": self.ejection(&r.peer),
         })
     }
 }
@@ -273,6 +325,36 @@ mod tests {
         let record = restored.get(&peer).expect("stored");
         assert_eq!(record.registration, reg);
         assert_eq!(record.stats, stats);
+    }
+
+    #[test]
+    fn an_ejection_is_stored_shown_and_outlives_registering_again_and_a_restart() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(&dir.path().join("db")).expect("opens");
+        let workers = Workers::load(&store, Duration::from_secs(60)).expect("loads");
+        let reg = registration("0..2");
+        let peer = reg.peer.clone();
+        workers.register(&store, reg.clone(), None).expect("registers");
+        assert!(workers.routable(&peer));
+        assert!(matches!(workers.eject(&store, "nope", "x"), Err(ApiError::InvalidParameter { .. })));
+        assert!(matches!(workers.eject(&store, &peer, " "), Err(ApiError::InvalidParameter { .. })));
+        let first = workers.eject(&store, &peer, "coalition verdict 1234").expect("ejects");
+        assert!(!workers.routable(&peer), "an ejected worker takes no new request");
+        assert!(workers.is_up(&workers.get(&peer).expect("known")), "it still beats: liveness is apart");
+        let again = workers.eject(&store, &peer, "another reason").expect("ejecting twice is fine");
+        assert_eq!(again, first, "the first ejection stays");
+        workers.register(&store, reg, None).expect("registers again");
+        assert!(!workers.routable(&peer), "registering again does not undo it");
+        let shown = workers.describe(&workers.get(&peer).expect("known"), &[]);
+        assert_eq!(shown["status"], "up");
+        assert_eq!(shown["ejected"]["reason"], "coalition verdict 1234");
+        // A peer that never registered can be ejected too; both survive a restart.
+        let stranger = computepool_axl::transport::SecretKey::generate().public().to_string();
+        assert!(workers.routable(&stranger), "never registered: not judged");
+        workers.eject(&store, &stranger, "named by a verdict").expect("ejects");
+        let restored = Workers::load(&store, Duration::from_secs(60)).expect("reloads");
+        assert_eq!(restored.ejection(&peer), Some(first));
+        assert!(!restored.routable(&peer) && !restored.routable(&stranger));
     }
 
     #[test]

@@ -60,6 +60,8 @@ struct RequestState {
     cache: DeviceCache,
     /// Only on the exit shard.
     sampler: Option<RequestSampler>,
+    /// Tokens sampled for the request so far (a fault drill counts them).
+    sampled: u64,
     last_used: Instant,
 }
 
@@ -73,6 +75,8 @@ pub struct EngineLoopConfig {
     pub stats: std::sync::Arc<ShardStats>,
     /// The samplers the exit can run.
     pub samplers: std::sync::Arc<Samplers>,
+    /// A fault drill the exit runs (`--fault`), if any.
+    pub fault: Option<super::fault::Fault>,
 }
 
 /// Runs until the job channel closes. Every frame it produces goes to `out`, in order.
@@ -193,7 +197,7 @@ impl EngineState {
                     None
                 };
                 let cache = self.shard.new_cache();
-                self.requests.insert(request, RequestState { cache, sampler, last_used: Instant::now() });
+                self.requests.insert(request, RequestState { cache, sampler, sampled: 0, last_used: Instant::now() });
             }
             EngineJob::Step { request, start_pos, input } => self.run_decode(vec![(request, start_pos, input)]),
             EngineJob::End { request } => {
@@ -271,13 +275,17 @@ impl EngineState {
                     let st = self.requests.get_mut(&request).expect("present: it just stepped");
                     let sampled = st.sampler.as_mut().expect("the exit holds a sampler per request").sample(&logits);
                     let token = match sampled {
-                        Ok(token) => token,
+                        Ok(token) => match self.config.fault {
+                            Some(fault) => fault.token(st.sampled, token, self.shard.config().vocab_size),
+                            None => token,
+                        },
                         // The plugin's instance is already replaced; this request fails, others go on.
                         Err(message) => {
                             self.fail(&request, ErrorCode::Internal, message);
                             continue;
                         }
                     };
+                    st.sampled += 1;
                     let header = TokenHeader { request, seq: 0, tokens: vec![token], finish: None };
                     self.send(Outbound::Frame(Frame::token(header)));
                 }

@@ -15,10 +15,12 @@
 //! - [`entry`]: the entry's requests: tokenize, feed tokens back, stop rules, stream to the client.
 //! - [`api`]: the JSON-lines request API clients speak to the entry.
 //! - [`report`]: registration and heartbeats to an orchestrator (`--orchestrator`).
+//! - [`fault`]: fault drills (`--fault`, hidden): a worker that misbehaves on purpose, for tests.
 
 pub mod api;
 pub mod engine_loop;
 pub mod entry;
+pub mod fault;
 pub mod links;
 pub mod report;
 
@@ -100,6 +102,11 @@ pub struct WorkerArgs {
     pub payout: Option<String>,
     #[command(flatten)]
     pub samplers: crate::samplers::SamplerArgs,
+    /// A fault drill, for testing the defences: `--fault wrong-tokens-after N` makes the exit shard emit
+    /// a different valid token in place of each one it samples from the N-th token of every request on.
+    /// Output audits convict such a worker's operator: never run it in a real pool.
+    #[arg(long, hide = true, num_args = 2, value_names = ["KIND", "N"])]
+    pub fault: Option<Vec<String>>,
 }
 
 /// Runs a worker until it is interrupted.
@@ -127,6 +134,13 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         bail!("the model has {} layers, the topology {}", config.num_layers, topology.num_layers);
     }
     let range = LayerRange::new(layers.start as usize, layers.end as usize, config.num_layers)?;
+    let fault = args.fault.as_deref().map(fault::Fault::parse).transpose().map_err(anyhow::Error::msg)?;
+    if let Some(fault) = fault {
+        if !range.is_exit() {
+            bail!("--fault {fault} is a drill for the exit shard (it samples the tokens); this worker serves layers {layers}");
+        }
+        tracing::warn!(%fault, "FAULT DRILL: this worker emits wrong tokens on purpose; output audits will convict its operator");
+    }
     let shard = DeviceShard::load(&source, &LoadOptions { dtype, range: Some(range), progress: false }, device, threads)
         .with_context(|| format!("loading layers {layers} of {} on {device}", args.model.display()))?;
     tracing::info!(layers = %layers, device = %shard.device_name(), "shard loaded");
@@ -193,6 +207,7 @@ async fn serve(
         request_idle_timeout: Duration::from_secs(args.request_idle_timeout_s),
         stats: stats.clone(),
         samplers: samplers.clone(),
+        fault: args.fault.as_deref().map(fault::Fault::parse).transpose().map_err(anyhow::Error::msg)?,
     };
     let (engine_tx, engine_thread) = engine_loop::spawn(shard, out_tx.clone(), engine_config);
 
