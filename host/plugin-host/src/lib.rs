@@ -9,7 +9,7 @@
 //! or signs the transaction (with host/chain's `Chain`), and hands back the answer.
 //!
 //! Entry point: [`PluginHost`] (loading, the registry of loaded plugins); per kind, [`SamplerPlugin`] and
-//! [`RailPlugin`] (payment rails: [`rail`]). Rail calls block on the network: call them from a blocking
+//! [`RailPlugin`] (payment rails: [`rail`]), [`VoterPlugin`] (coalition voters: [`voter`]). Rail calls block on the network: call them from a blocking
 //! thread (`tokio::task::spawn_blocking`).
 
 pub mod blocking;
@@ -31,6 +31,7 @@ pub mod plugin_host;
 pub mod rail;
 pub mod random;
 pub mod sampler;
+pub mod voter;
 pub mod world;
 
 pub use cache::CompiledCache;
@@ -46,4 +47,5 @@ pub use http_capability::{HostGrant, HttpError, HttpLimits};
 pub use rail::{BoundRail, FlowChange, FlowMember, FlowReceipt, RailCallError, RailError, RailInfo, RailPlugin};
 pub use random::RequestRandom;
 pub use sampler::{SampleInput, SamplerPlugin, SamplingParams};
+pub use voter::{VoterCallError, VoterPlugin};
 pub use world::WitVersion;

@@ -25,6 +25,7 @@ use crate::manifest::{MANIFEST_FILE, PluginKind, PluginManifest};
 use crate::chain_capability::{ChainAccess, ChainService};
 use crate::http_capability::{HttpAccess, HttpLimits, HttpService};
 use crate::rail::{RailNetwork, RailPlugin};
+use crate::voter::VoterPlugin;
 use crate::sampler::SamplerPlugin;
 use crate::world::{list_versions, supported_versions};
 
@@ -160,6 +161,7 @@ pub struct RescanReport {
 enum KindHandle {
     Sampler(Arc<SamplerPlugin>),
     Rail(Arc<RailPlugin>),
+    Voter(Arc<VoterPlugin>),
 }
 
 impl LoadedPlugin {
@@ -170,14 +172,21 @@ impl LoadedPlugin {
     pub fn as_sampler(&self) -> Option<&Arc<SamplerPlugin>> {
         match &self.kind {
             KindHandle::Sampler(s) => Some(s),
-            KindHandle::Rail(_) => None,
+            _ => None,
         }
     }
 
     pub fn as_rail(&self) -> Option<&Arc<RailPlugin>> {
         match &self.kind {
             KindHandle::Rail(r) => Some(r),
-            KindHandle::Sampler(_) => None,
+            _ => None,
+        }
+    }
+
+    pub fn as_voter(&self) -> Option<&Arc<VoterPlugin>> {
+        match &self.kind {
+            KindHandle::Voter(v) => Some(v),
+            _ => None,
         }
     }
 }
@@ -357,8 +366,26 @@ impl PluginHost {
                 )?;
                 KindHandle::Rail(Arc::new(plugin))
             }
+            PluginKind::CoalitionVoter => {
+                if let Some(export) = VoterPlugin::required_export(manifest.wit.version) {
+                    check_export(&self.engine, &component, &manifest, export)?;
+                }
+                check_imports(&self.engine, &component, &manifest, VoterPlugin::type_only_imports(manifest.wit.version))?;
+                let network = self.network_for(&manifest)?;
+                let plugin = VoterPlugin::new(
+                    &self.engine,
+                    &linker,
+                    &component,
+                    &manifest,
+                    self.kv_scope(&id),
+                    network.chain,
+                    self.config.max_idle_instances,
+                    self.config.engine.fuel,
+                )?;
+                KindHandle::Voter(Arc::new(plugin))
+            }
             // `supported_versions` is empty for these kinds, so the version check above refused them.
-            PluginKind::KeeperAdapter | PluginKind::CoalitionVoter => {
+            PluginKind::KeeperAdapter => {
                 return Err(LoadError::UnsupportedWitVersion {
                     id,
                     kind: manifest.kind,
@@ -536,6 +563,11 @@ impl PluginHost {
     /// The loaded payment rail `id`, if there is one.
     pub fn rail(&self, id: &str) -> Option<Arc<RailPlugin>> {
         self.get(id).and_then(|p| p.as_rail().cloned())
+    }
+
+    /// The loaded coalition voter `id`, if there is one.
+    pub fn voter(&self, id: &str) -> Option<Arc<VoterPlugin>> {
+        self.get(id).and_then(|p| p.as_voter().cloned())
     }
 
     /// Every loaded plugin, by id.
