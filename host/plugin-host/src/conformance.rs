@@ -22,6 +22,25 @@
 //!
 //! Generated logits: entry `i` is `(next_f64() - 0.5) * 20` from a [`RequestRandom`] seeded with
 //! `logits-seed`, so every host makes the same vector.
+//!
+//! Coalition-voter cases (`computepool:coalition-voter`; kind suite
+//! `host/plugin-host/conformance/coalition-voter/<version>/`, plus the plugin's own `conformance/`):
+//!
+//! ```toml
+//! description = "the accused's route alone disagrees: eject"
+//! [input]                          # the breach report
+//! pool-id = "pool-1"               # default "pool-1"
+//! operator = "0x00000000000000000000000000000000000000aa"
+//! kind = "wrong-output"            # missed-heartbeat | wrong-output | too-slow | stream-cut | other
+//! evidence = '''{"runs": []}'''    # the evidence text, as the voter receives it
+//! observed-at-ms = 1764200000000   # default 0
+//! repeat = 2                       # ask this many times; every answer must be the same
+//! [expect]
+//! decision = "eject"               # or: error = "invalid-report" | "unavailable" | "trap" | …
+//!                                  # or: any-answer = true (a ballot or the voter's own error — never a
+//!                                  #     trap, fuel, memory or contract failure)
+//! max-fuel = 50_000_000            # optional budget per call
+//! ```
 
 use std::path::{Path, PathBuf};
 
@@ -30,6 +49,7 @@ use serde::Deserialize;
 use crate::error::CallError;
 use crate::random::RequestRandom;
 use crate::sampler::{SampleInput, SamplerPlugin, SamplingParams};
+use crate::voter::{self, VoterCallError, VoterError, VoterPlugin};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -148,35 +168,11 @@ fn generated_logits(vocab: usize, seed: u64) -> Vec<f32> {
 /// Runs every case folder under `suite` against `sampler`, in name order. A suite folder that cannot be
 /// read, or holds no case, is one failed case (an empty suite must not pass).
 pub fn run_sampler_suite(sampler: &SamplerPlugin, suite: &Path) -> SuiteReport {
-    let mut report = SuiteReport::default();
-    let mut dirs: Vec<PathBuf> = match std::fs::read_dir(suite) {
-        Ok(entries) => entries.flatten().map(|e| e.path()).filter(|p| p.join("case.toml").is_file()).collect(),
-        Err(e) => {
-            report.cases.push(CaseResult {
-                name: suite.display().to_string(),
-                description: String::new(),
-                failure: Some(format!("cannot read the suite: {e}")),
-            });
-            return report;
-        }
-    };
-    dirs.sort();
-    if dirs.is_empty() {
-        report.cases.push(CaseResult {
-            name: suite.display().to_string(),
-            description: String::new(),
-            failure: Some("the suite holds no case folder with a case.toml".to_string()),
-        });
-    }
-    for dir in dirs {
-        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let (description, failure) = match read_case(&dir) {
-            Ok(case) => (case.description.clone(), run_case(sampler, &case).err()),
-            Err(message) => (String::new(), Some(message)),
-        };
-        report.cases.push(CaseResult { name, description, failure });
-    }
-    report
+    run_cases(suite, |dir| {
+        let case = read_case(dir).map_err(|m| (String::new(), m))?;
+        run_case(sampler, &case).map_err(|m| (case.description.clone(), m))?;
+        Ok(case.description)
+    })
 }
 
 fn read_case(dir: &Path) -> Result<Case, String> {
@@ -225,6 +221,172 @@ fn run_case(sampler: &SamplerPlugin, case: &Case) -> Result<(), String> {
             (Err(error), _, Some(expected)) if error_name(&error) == expected => {}
             (Err(error), _, _) => return Err(format!("run {run}: {error} ({})", error_name(&error))),
         }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VoterCase {
+    #[serde(default)]
+    description: String,
+    input: VoterCaseInput,
+    expect: VoterExpectation,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct VoterCaseInput {
+    #[serde(default = "default_pool")]
+    pool_id: String,
+    operator: String,
+    kind: String,
+    evidence: String,
+    #[serde(default)]
+    observed_at_ms: u64,
+    #[serde(default = "one")]
+    repeat: u32,
+}
+
+fn default_pool() -> String {
+    "pool-1".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct VoterExpectation {
+    decision: Option<String>,
+    error: Option<String>,
+    #[serde(default)]
+    any_answer: bool,
+    max_fuel: Option<u64>,
+}
+
+fn breach_kind(name: &str) -> Option<voter::BreachKind> {
+    use voter::BreachKind::*;
+    Some(match name {
+        "missed-heartbeat" => MissedHeartbeat,
+        "wrong-output" => WrongOutput,
+        "too-slow" => TooSlow,
+        "stream-cut" => StreamCut,
+        "other" => Other,
+        _ => return None,
+    })
+}
+
+fn decision_name(d: voter::Decision) -> &'static str {
+    match d {
+        voter::Decision::Eject => "eject",
+        voter::Decision::Warn => "warn",
+        voter::Decision::Dismiss => "dismiss",
+        voter::Decision::Abstain => "abstain",
+    }
+}
+
+/// The short name of a failed vote, as `expect.error` spells it.
+pub fn voter_error_name(error: &VoterCallError) -> &'static str {
+    match error {
+        VoterCallError::Voter { error: VoterError::InvalidReport(_), .. } => "invalid-report",
+        VoterCallError::Voter { error: VoterError::Unavailable(_), .. } => "unavailable",
+        VoterCallError::Plugin(e) => error_name(e),
+    }
+}
+
+/// Runs every case folder under `suite` against `voter`, in name order (as [`run_sampler_suite`]).
+pub fn run_voter_suite(voter: &VoterPlugin, suite: &Path) -> SuiteReport {
+    run_cases(suite, |dir| {
+        let path = dir.join("case.toml");
+        let text = std::fs::read_to_string(&path).map_err(|e| (String::new(), format!("{}: {e}", path.display())))?;
+        let case: VoterCase = toml::from_str(&text).map_err(|e| (String::new(), format!("{}: {e}", path.display())))?;
+        run_voter_case(voter, &case).map_err(|m| (case.description.clone(), m))?;
+        Ok(case.description)
+    })
+}
+
+/// The suite walk shared by the kinds: each case folder in name order, `run` giving the case's
+/// description or (description, failure).
+fn run_cases(suite: &Path, run: impl Fn(&Path) -> Result<String, (String, String)>) -> SuiteReport {
+    let mut report = SuiteReport::default();
+    let mut dirs: Vec<PathBuf> = match std::fs::read_dir(suite) {
+        Ok(entries) => entries.flatten().map(|e| e.path()).filter(|p| p.join("case.toml").is_file()).collect(),
+        Err(e) => {
+            report.cases.push(CaseResult {
+                name: suite.display().to_string(),
+                description: String::new(),
+                failure: Some(format!("cannot read the suite: {e}")),
+            });
+            return report;
+        }
+    };
+    dirs.sort();
+    if dirs.is_empty() {
+        report.cases.push(CaseResult {
+            name: suite.display().to_string(),
+            description: String::new(),
+            failure: Some("the suite holds no case folder with a case.toml".to_string()),
+        });
+    }
+    for dir in dirs {
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let (description, failure) = match run(&dir) {
+            Ok(description) => (description, None),
+            Err((description, message)) => (description, Some(message)),
+        };
+        report.cases.push(CaseResult { name, description, failure });
+    }
+    report
+}
+
+fn run_voter_case(voter: &VoterPlugin, case: &VoterCase) -> Result<(), String> {
+    let expect = &case.expect;
+    if [expect.decision.is_some(), expect.error.is_some(), expect.any_answer].iter().filter(|b| **b).count() != 1 {
+        return Err("expect needs exactly one of `decision`, `error` and `any-answer`".to_string());
+    }
+    let input = &case.input;
+    let kind = breach_kind(&input.kind).ok_or_else(|| format!("input.kind {:?} is not a breach kind", input.kind))?;
+    let report = voter::BreachReport {
+        pool_id: input.pool_id.clone(),
+        operator: input.operator.clone(),
+        kind,
+        evidence: input.evidence.clone(),
+        observed_at_ms: input.observed_at_ms,
+    };
+    let mut first: Option<String> = None;
+    for run in 0..input.repeat.max(1) {
+        let (answer, fuel) = match voter.vote_metered(&report) {
+            Ok((ballot, fuel)) => {
+                if let Some(want) = &expect.decision
+                    && decision_name(ballot.decision) != want
+                {
+                    return Err(format!("run {run}: expected {want}, got {} ({})", decision_name(ballot.decision), ballot.reason));
+                }
+                if let Some(want) = &expect.error {
+                    return Err(format!("run {run}: expected error `{want}`, got {} ({})", decision_name(ballot.decision), ballot.reason));
+                }
+                (format!("{}: {}", decision_name(ballot.decision), ballot.reason), Some(fuel))
+            }
+            Err(error) => {
+                let name = voter_error_name(&error);
+                let own = error.voter_error().is_some();
+                match &expect.error {
+                    Some(want) if want == name => {}
+                    None if expect.any_answer && own => {}
+                    _ => return Err(format!("run {run}: {error} ({name})")),
+                }
+                (error.to_string(), None)
+            }
+        };
+        if let (Some(budget), Some(fuel)) = (expect.max_fuel, fuel)
+            && fuel > budget
+        {
+            return Err(format!("run {run}: burned {fuel} fuel, over the budget of {budget}"));
+        }
+        if let Some(previous) = &first
+            && *previous != answer
+        {
+            return Err(format!("run {run}: answered {answer:?}, an earlier run answered {previous:?} (not deterministic)"));
+        }
+        first = Some(answer);
     }
     Ok(())
 }
@@ -279,7 +441,7 @@ impl PluginTestReport {
 pub enum PluginTestError {
     #[error(transparent)]
     Load(#[from] crate::error::LoadError),
-    #[error("plugin `{id}` is a {kind}; the kit has suites for samplers only so far")]
+    #[error("plugin `{id}` is a {kind}; the kit has suites for samplers and coalition voters only so far")]
     NoSuite { id: String, kind: crate::manifest::PluginKind },
 }
 
@@ -288,8 +450,10 @@ pub enum PluginTestError {
 pub fn test_plugin(host: &crate::PluginHost, dir: &Path, kind_suites: &Path) -> Result<PluginTestReport, PluginTestError> {
     let plugin = host.load_plugin(dir)?;
     let manifest = &plugin.manifest;
-    let Some(sampler) = plugin.as_sampler() else {
-        return Err(PluginTestError::NoSuite { id: manifest.id.clone(), kind: manifest.kind });
+    let run_suite: Box<dyn Fn(&Path) -> SuiteReport> = match (plugin.as_sampler(), plugin.as_voter()) {
+        (Some(sampler), _) => Box::new(move |f| run_sampler_suite(sampler, f)),
+        (None, Some(voter)) => Box::new(move |f| run_voter_suite(voter, f)),
+        (None, None) => return Err(PluginTestError::NoSuite { id: manifest.id.clone(), kind: manifest.kind }),
     };
     let mut folders = vec![kind_suites.join(manifest.kind.to_string()).join(manifest.wit.version.to_string())];
     let own = dir.join("conformance");
@@ -297,7 +461,7 @@ pub fn test_plugin(host: &crate::PluginHost, dir: &Path, kind_suites: &Path) -> 
         folders.push(own);
     }
     let suites = folders.into_iter().map(|f| {
-        let report = run_sampler_suite(sampler, &f);
+        let report = run_suite(&f);
         (f, report)
     });
     Ok(PluginTestReport { id: manifest.id.clone(), suites: suites.collect() })

@@ -9,8 +9,9 @@
 //! or signs the transaction (with host/chain's `Chain`), and hands back the answer.
 //!
 //! Entry point: [`PluginHost`] (loading, the registry of loaded plugins); per kind, [`SamplerPlugin`] and
-//! [`RailPlugin`] (payment rails: [`rail`]), [`KeeperPlugin`] (keeper adapters: [`keeper`]). Rail and
-//! keeper calls block on the network: call them from a blocking thread (`tokio::task::spawn_blocking`).
+//! [`RailPlugin`] (payment rails: [`rail`]), [`KeeperPlugin`] (keeper adapters: [`keeper`]),
+//! [`VoterPlugin`] (coalition voters: [`voter`]). Rail, keeper and voter calls may block on the network:
+//! call them from a blocking thread (`tokio::task::spawn_blocking`).
 
 pub mod blocking;
 pub mod cache;
@@ -32,6 +33,7 @@ pub mod plugin_host;
 pub mod rail;
 pub mod random;
 pub mod sampler;
+pub mod voter;
 pub mod world;
 
 pub use cache::CompiledCache;
@@ -48,4 +50,5 @@ pub use keeper::{KeeperCallError, KeeperPlugin};
 pub use rail::{BoundRail, FlowChange, FlowMember, FlowReceipt, RailCallError, RailError, RailInfo, RailPlugin};
 pub use random::RequestRandom;
 pub use sampler::{SampleInput, SamplerPlugin, SamplingParams};
+pub use voter::{VoterCallError, VoterPlugin};
 pub use world::WitVersion;

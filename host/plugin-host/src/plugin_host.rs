@@ -26,6 +26,7 @@ use crate::chain_capability::{ChainAccess, ChainService};
 use crate::http_capability::{HttpAccess, HttpLimits, HttpService};
 use crate::keeper::KeeperPlugin;
 use crate::rail::{RailNetwork, RailPlugin};
+use crate::voter::VoterPlugin;
 use crate::sampler::SamplerPlugin;
 use crate::world::{list_versions, supported_versions};
 
@@ -162,6 +163,7 @@ enum KindHandle {
     Sampler(Arc<SamplerPlugin>),
     Rail(Arc<RailPlugin>),
     Keeper(Arc<KeeperPlugin>),
+    Voter(Arc<VoterPlugin>),
 }
 
 impl LoadedPlugin {
@@ -186,6 +188,13 @@ impl LoadedPlugin {
     pub fn as_keeper(&self) -> Option<&Arc<KeeperPlugin>> {
         match &self.kind {
             KindHandle::Keeper(k) => Some(k),
+            _ => None,
+        }
+    }
+
+    pub fn as_voter(&self) -> Option<&Arc<VoterPlugin>> {
+        match &self.kind {
+            KindHandle::Voter(v) => Some(v),
             _ => None,
         }
     }
@@ -384,15 +393,23 @@ impl PluginHost {
                 )?;
                 KindHandle::Keeper(Arc::new(plugin))
             }
-            // `supported_versions` is empty for this kind, so the version check above refused it.
             PluginKind::CoalitionVoter => {
-                return Err(LoadError::UnsupportedWitVersion {
-                    id,
-                    kind: manifest.kind,
-                    world: manifest.wit.world.clone(),
-                    requested: manifest.wit.version.to_string(),
-                    supported: list_versions(&[]),
-                });
+                if let Some(export) = VoterPlugin::required_export(manifest.wit.version) {
+                    check_export(&self.engine, &component, &manifest, export)?;
+                }
+                check_imports(&self.engine, &component, &manifest, VoterPlugin::type_only_imports(manifest.wit.version))?;
+                let network = self.network_for(&manifest)?;
+                let plugin = VoterPlugin::new(
+                    &self.engine,
+                    &linker,
+                    &component,
+                    &manifest,
+                    self.kv_scope(&id),
+                    network.chain,
+                    self.config.max_idle_instances,
+                    self.config.engine.fuel,
+                )?;
+                KindHandle::Voter(Arc::new(plugin))
             }
         };
         Ok(LoadedPlugin { manifest, dir: dir.to_path_buf(), cache, stamp, kind })
@@ -568,6 +585,11 @@ impl PluginHost {
     /// The loaded keeper adapter `id`, if there is one.
     pub fn keeper(&self, id: &str) -> Option<Arc<KeeperPlugin>> {
         self.get(id).and_then(|p| p.as_keeper().cloned())
+    }
+
+    /// The loaded coalition voter `id`, if there is one.
+    pub fn voter(&self, id: &str) -> Option<Arc<VoterPlugin>> {
+        self.get(id).and_then(|p| p.as_voter().cloned())
     }
 
     /// Every loaded plugin, by id.

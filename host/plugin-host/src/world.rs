@@ -67,7 +67,7 @@ pub fn supported_versions(kind: PluginKind) -> &'static [WitVersion] {
         PluginKind::Sampler => crate::sampler::SUPPORTED_VERSIONS,
         PluginKind::PaymentRail => crate::rail::SUPPORTED_VERSIONS,
         PluginKind::KeeperAdapter => crate::keeper::SUPPORTED_VERSIONS,
-        PluginKind::CoalitionVoter => &[],
+        PluginKind::CoalitionVoter => crate::voter::SUPPORTED_VERSIONS,
     }
 }
 

@@ -62,3 +62,39 @@ fn the_kit_fails_wrong_expectations_budgets_and_empty_suites() {
     let empty = tempfile::tempdir().unwrap();
     assert!(!run_sampler_suite(&greedy, empty.path()).passed(), "an empty suite must not pass");
 }
+
+/// Every coalition voter in plugins/ passes the coalition-voter suite and its own cases; the trapping
+/// voter fails the kind suite, and a wrong decision is reported as such.
+#[test]
+fn every_voter_passes_its_suites_and_the_trap_fails() {
+    let host = host();
+    for (relative, own_cases) in
+        [("voters/audit-majority", true), ("voters/audit-unanimous", true), ("voters/liveness", true), ("test/voter-dissent", false)]
+    {
+        let report = computepool_plugin_host::conformance::test_plugin(&host, &plugin(relative), Path::new(KIND_SUITES_DIR)).unwrap();
+        assert!(report.passed(), "{relative}: {report:?}");
+        assert_eq!(report.suites.len(), 1 + own_cases as usize, "{relative}");
+        assert_eq!(report.suites[0].1.cases.len(), 4, "{relative}");
+    }
+    let report = computepool_plugin_host::conformance::test_plugin(&host, &plugin("bad/voter-trap"), Path::new(KIND_SUITES_DIR)).unwrap();
+    assert!(!report.passed());
+    assert!(report.suites[0].1.cases.iter().all(|c| c.failure.as_deref().is_some_and(|f| f.contains("(trap)"))), "{report:?}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let case = |name: &str, text: &str| {
+        std::fs::create_dir_all(tmp.path().join(name)).unwrap();
+        std::fs::write(tmp.path().join(name).join("case.toml"), text).unwrap();
+    };
+    let input = "[input]\noperator = \"0x00000000000000000000000000000000000000aa\"\nkind = \"other\"\nevidence = \"{}\"\n";
+    case("a-wrong-decision", &format!("{input}[expect]\ndecision = \"eject\"\n"));
+    case("b-over-budget", &format!("{input}[expect]\ndecision = \"dismiss\"\nmax-fuel = 1\n"));
+    case("c-bad-kind", "[input]\noperator = \"x\"\nkind = \"slow\"\nevidence = \"\"\n[expect]\nany-answer = true\n");
+    case("d-passes", &format!("{input}[expect]\ndecision = \"dismiss\"\n"));
+    let dissent = host.voter("test-voter-dissent").unwrap();
+    let report = computepool_plugin_host::conformance::run_voter_suite(&dissent, tmp.path());
+    let failures: Vec<&str> = report.cases.iter().map(|c| c.failure.as_deref().unwrap_or("passed")).collect();
+    assert!(failures[0].contains("expected eject, got dismiss"), "{failures:?}");
+    assert!(failures[1].contains("over the budget of 1"), "{failures:?}");
+    assert!(failures[2].contains("not a breach kind"), "{failures:?}");
+    assert_eq!(failures[3], "passed");
+}
