@@ -13,7 +13,8 @@
 //! - `webhook`: `POST /webhooks/keeperhub` (HMAC, time window, replay guard, on-chain confirmation).
 //! - `keeperhub`: a native client for KeeperHub's REST API; `standin`: a local KeeperHub stand-in.
 //! - `workflows`: the workflow files in keeperhub/workflows/ and the contract calls they name.
-//! - `coalition`: signed ballots and the k-of-n tally.
+//! - `coalition`: signed ballots and the k-of-n tally; `judge`: asks the voter plugins, signs, records,
+//!   tallies.
 
 pub mod api;
 pub mod driver;
@@ -22,5 +23,6 @@ pub mod transition;
 pub mod webhook;
 pub mod workflows;
 pub mod coalition;
+pub mod judge;
 pub mod keeperhub;
 pub mod standin;
