@@ -12,6 +12,7 @@
 //!   `api`: `GET /transitions`.
 //! - `webhook`: `POST /webhooks/keeperhub` (HMAC, time window, replay guard, on-chain confirmation).
 //! - `keeperhub`: a native client for KeeperHub's REST API; `standin`: a local KeeperHub stand-in.
+//! - `plugin`: `PluginKeeper`, the `Keeper` over a keeper-adapter plugin (`keeperhub`, `local`).
 //! - `workflows`: the workflow files in keeperhub/workflows/ and the contract calls they name.
 //! - `coalition`: signed ballots and the k-of-n tally; `judge`: asks the voter plugins, signs, records,
 //!   tallies.
@@ -26,3 +27,4 @@ pub mod coalition;
 pub mod judge;
 pub mod keeperhub;
 pub mod standin;
+pub mod plugin;

@@ -214,6 +214,7 @@ fn run_sharded(args: BenchArgs) -> anyhow::Result<()> {
             client_key: None,
             samplers: Default::default(),
             payouts: Vec::new(),
+            worker_args: Vec::new(),
         };
         let pipeline = LocalPipeline::start(&options)?;
         let mut rng = Rng::new(1234);

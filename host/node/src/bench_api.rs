@@ -56,6 +56,7 @@ pub fn run(model: &Path, shards: usize, dtype: &str, threads: usize, tg: usize, 
         orchestrator: None,
         samplers: Default::default(),
         payouts: Vec::new(),
+        worker_args: Vec::new(),
     })?;
     // No audits: the benchmark measures users' requests alone (its one route has no partner anyway).
     let settings =

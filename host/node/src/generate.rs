@@ -185,6 +185,7 @@ fn run_pipeline(args: GenerateArgs) -> anyhow::Result<()> {
                 client_key: None,
                 samplers: Default::default(),
                 payouts: Vec::new(),
+                worker_args: Vec::new(),
             };
             Some(LocalPipeline::start(&options)?)
         }

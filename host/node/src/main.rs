@@ -7,6 +7,7 @@ mod chain;
 mod client;
 mod facilitator;
 mod generate;
+mod keeper_cli;
 mod memory;
 mod model_fetch;
 mod orchestrator;
@@ -52,6 +53,11 @@ enum Command {
     },
     /// The self-hosted x402 facilitator: verify and settle exact (EIP-3009) payments on one chain.
     Facilitator(facilitator::FacilitatorArgs),
+    /// The keepers' transition log: `keeper status` shows a pool's payment transitions.
+    Keeper {
+        #[command(subcommand)]
+        command: keeper_cli::KeeperCommand,
+    },
     /// Sandboxed WebAssembly plugins: conformance tests, listing, inspection.
     Plugin {
         #[command(subcommand)]
@@ -102,6 +108,7 @@ fn main() -> anyhow::Result<()> {
         Command::Up(args) => up::run(args),
         Command::Chain { command } => chain::run(command),
         Command::Facilitator(args) => facilitator::run(args),
+        Command::Keeper { command } => keeper_cli::run(command),
         Command::Plugin { command } => {
             if !plugin_cli::run(command)? {
                 std::process::exit(1);

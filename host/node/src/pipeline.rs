@@ -31,6 +31,8 @@ pub struct PipelineOptions {
     pub orchestrator: Option<(String, String)>,
     /// Each worker's `--payout` address, in shard order (paid pools); empty: none.
     pub payouts: Vec<String>,
+    /// Extra arguments for each worker, in shard order (fault drills); missing entries add none.
+    pub worker_args: Vec<Vec<String>>,
     /// Every worker's sampler plugins (`--plugins`, `--plugin-config`, `--default-sampler`).
     pub samplers: crate::samplers::SamplerArgs,
 }
@@ -136,6 +138,9 @@ impl LocalPipeline {
             if let Some(payout) = options.payouts.get(i) {
                 command.args(["--payout", payout]);
             }
+        }
+        if let Some(extra) = options.worker_args.get(i) {
+            command.args(extra);
         }
         let child = command
             .args(options.samplers.to_args())

@@ -71,6 +71,44 @@ pub struct UpArgs {
     /// (Payments on) the longest one request may stream, in seconds (one voucher pays for this).
     #[arg(long, default_value_t = 60)]
     max_seconds_per_request: u32,
+    /// Pipelines (routes) of --workers shards each. With more than one, each pipeline is one operator's
+    /// (its workers share a payout address), requests are spread over them, and output audits compare
+    /// them.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// The share of finished requests re-run on other routes to check their tokens (0 to 1).
+    #[arg(long, default_value_t = orchestrator::audits::DEFAULT_RATE, value_parser = orchestrator::audits::parse_rate)]
+    audit_rate: f64,
+    /// (Payments on) the keeper the pool's payment transitions run through: a keeper-adapter plugin
+    /// of --keepers (`local` runs the workflows itself on the devnet), or `none` to send flows straight
+    /// to the superfluid-gda rail.
+    #[arg(long, default_value = "local")]
+    keeper: String,
+    /// (Payments on) the keeper-adapter plugins' folder.
+    #[arg(long, default_value = "plugins/keepers")]
+    keepers: PathBuf,
+    /// (Payments on, a keeper) the coalition-voter plugins' folder; the coalition is the voters named
+    /// by --coalition-voters, k of which must agree before anyone is ejected and slashed.
+    #[arg(long, default_value = "plugins/voters")]
+    voters: PathBuf,
+    #[arg(long, value_delimiter = ',', default_value = "audit-majority,audit-unanimous,liveness")]
+    coalition_voters: Vec<String>,
+    /// Ballots needed to act (default: a strict majority of the voters).
+    #[arg(long)]
+    coalition_k: Option<u32>,
+    /// A fault drill, for tests and demos: `PIPELINE:SHARD:FAULT` starts that worker with `--fault FAULT`
+    /// (e.g. `2:1:wrong-tokens-after:3`).
+    #[arg(long, hide = true)]
+    fault_drill: Option<String>,
+}
+
+/// `--fault-drill PIPELINE:SHARD:FAULT`.
+fn parse_drill(text: &str) -> anyhow::Result<(usize, usize, String)> {
+    let mut parts = text.splitn(3, ':');
+    let (Some(p), Some(s), Some(fault)) = (parts.next(), parts.next(), parts.next()) else {
+        bail!("--fault-drill {text:?}: give PIPELINE:SHARD:FAULT");
+    };
+    Ok((p.parse().context("--fault-drill: PIPELINE is a number")?, s.parse().context("--fault-drill: SHARD is a number")?, fault.to_string()))
 }
 
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
@@ -95,39 +133,57 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {} (another server there? pass --listen)", args.listen))?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
-    let threads = args.threads.unwrap_or_else(|| (crate::generate::default_threads() / args.workers).max(1));
-    eprintln!("starting {} workers for {} ({threads} threads each)…", args.workers, args.model);
-    // Dropping the pipeline stops its workers, on every path out of this function.
-    let pipeline = LocalPipeline::start(&PipelineOptions {
-        orchestrator: Some((format!("http://{addr}"), token.as_str().to_string())),
-        model: model_dir.clone(),
-        shards: args.workers,
-        dtype: args.dtype.clone(),
-        threads,
-        peer_timeout_ms: 1000,
-        devices: args.devices.clone(),
-        client_key: Some(key.clone()),
-        samplers: args.samplers.clone(),
-        payouts: devnet.as_ref().map(|d| d.devnet.operators.iter().map(address_of).collect()).unwrap_or_default(),
-    })?;
-    let settings = Settings {
-        heartbeat: Duration::from_millis(args.heartbeat_ms.max(10)),
-        token,
-        audit_rate: orchestrator::audits::DEFAULT_RATE,
-    };
+    let total_workers = args.workers * args.replicas;
+    let threads = args.threads.unwrap_or_else(|| (crate::generate::default_threads() / total_workers).max(1));
+    eprintln!("starting {total_workers} workers for {} ({threads} threads each)…", args.model);
+    let drill = args.fault_drill.as_deref().map(parse_drill).transpose()?;
+    // Dropping the pipelines stops their workers, on every path out of this function.
+    let mut pipelines = Vec::with_capacity(args.replicas);
+    for r in 0..args.replicas {
+        let operators: Vec<String> = devnet.as_ref().map(|d| d.devnet.operators.iter().map(address_of).collect()).unwrap_or_default();
+        // One pipeline: an operator per shard. Several: each pipeline is one operator's.
+        let payouts = match args.replicas {
+            1 => operators,
+            _ => operators.get(r).map(|op| vec![op.clone(); args.workers]).unwrap_or_default(),
+        };
+        let mut worker_args = vec![Vec::new(); args.workers];
+        if let Some((p, shard, fault)) = &drill
+            && *p == r
+        {
+            let slot = worker_args.get_mut(*shard).with_context(|| format!("--fault-drill: no shard {shard}"))?;
+            *slot = vec!["--fault".to_string(), fault.clone()];
+        }
+        pipelines.push(LocalPipeline::start(&PipelineOptions {
+            orchestrator: Some((format!("http://{addr}"), token.as_str().to_string())),
+            model: model_dir.clone(),
+            shards: args.workers,
+            dtype: args.dtype.clone(),
+            threads,
+            peer_timeout_ms: 1000,
+            devices: args.devices.clone(),
+            client_key: Some(key.clone()),
+            samplers: args.samplers.clone(),
+            payouts,
+            worker_args,
+        })?);
+    }
+    let settings = Settings { heartbeat: Duration::from_millis(args.heartbeat_ms.max(10)), token, audit_rate: args.audit_rate };
     let mut state = AppState::open(&args.state_dir, key, settings)?;
     // The pool of a previous `up` had other workers (new keys, new ports): this one replaces it.
     let spec = PoolSpec {
         id: Some(args.model.clone()),
         model: args.model.clone(),
         model_dir,
-        topology: pipeline.topology().clone(),
-        replicas: Vec::new(),
+        topology: pipelines[0].topology().clone(),
+        replicas: pipelines[1..].iter().map(|p| p.topology().clone()).collect(),
     };
     state.pools.register(&state.store, spec, true).map_err(|e| anyhow::anyhow!("registering the pool: {e}"))?;
-    let _rails = match &devnet {
+    let rails_host = match &devnet {
         Some(d) => {
             let rails = runtime.block_on(RailHost::start(&d.rail_args, &d.state_dir))?;
+            if d.rail_args.keepers.is_some() {
+                runtime.block_on(state.enable_keepers(&d.rail_args, &d.state_dir, rails.host.clone()))?;
+            }
             runtime.block_on(state.enable_payments(&d.state_dir, rails.host.clone()))?;
             Some(rails)
         }
@@ -136,9 +192,9 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let state = Arc::new(state);
 
     runtime.block_on(async {
-        if let Some(reports) = state.take_breach_receiver() {
-            tokio::spawn(orchestrator::audits::log_reports(reports));
-        }
+        let coalition = devnet.as_ref().and_then(|d| d.rail_args.coalition.as_deref());
+        let breach_dir = devnet.as_ref().map_or(args.state_dir.as_path(), |d| d.state_dir.as_path());
+        state.start_breach_handler(coalition, rails_host.as_ref().map(|r| r.host.clone()), breach_dir)?;
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(orchestrator::serve(
@@ -165,7 +221,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             return Err(e);
         }
         let url = format!("http://{addr}");
-        println!("{}", banner(&url, &args.model, args.workers));
+        println!("{}", banner(&url, &args.model, total_workers));
         if let Some(d) = &devnet {
             println!("{}", payments_banner(&url, &args.model, d, args.price_per_second, args.max_seconds_per_request));
         }
@@ -178,7 +234,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         state.pools.disconnect_all().await;
         anyhow::Ok(())
     })?;
-    drop(pipeline);
+    drop(pipelines);
     eprintln!("stopped");
     Ok(())
 }
@@ -194,7 +250,8 @@ struct UpDevnet {
 async fn start_devnet(args: &UpArgs) -> anyhow::Result<UpDevnet> {
     let tools = crate::chain::tools()?;
     eprintln!("starting a local chain (anvil) with Superfluid, test USDC and a facilitator…");
-    let options = PaidDevnetOptions { operators: args.workers, ..PaidDevnetOptions::default() };
+    let operators = if args.replicas > 1 { args.replicas } else { args.workers };
+    let options = PaidDevnetOptions { operators, ..PaidDevnetOptions::default() };
     let devnet = PaidDevnet::start(&tools, &options).await.context("starting the payments devnet")?;
     // A previous run's payments belong to a chain that is gone.
     let state_dir = args.state_dir.join("devnet-payments");
@@ -204,30 +261,61 @@ async fn start_devnet(args: &UpArgs) -> anyhow::Result<UpDevnet> {
     std::fs::create_dir_all(&state_dir)?;
     let key_file = state_dir.join("orchestrator-chain.key");
     computepool_chain::client::write_key_file(&key_file, &devnet.orchestrator)?;
+    let keeper = (args.keeper != "none").then(|| args.keeper.clone());
+    // The rails' grants, and the keeper's (the contracts its workflows call) when there is one.
     let rail_config = state_dir.join("rails.toml");
-    std::fs::write(&rail_config, devnet.rail_config())?;
-    let rail_args = PaymentArgs {
+    std::fs::write(&rail_config, devnet.rail_config(keeper.as_deref()))?;
+    let mut rail_args = PaymentArgs {
         payments: true,
         rails: Some(args.rails.clone()),
         rail_config: Some(rail_config),
         chain_rpc: Some(devnet.rpc_url().to_string()),
         chain_key_file: Some(key_file),
         rail_poll_ms: 500,
+        ..PaymentArgs::default()
     };
+    if let Some(keeper) = keeper {
+        let context = state_dir.join("keeper-context.json");
+        let body = serde_json::json!({
+            "chainId": computepool_chain::DEVNET_CHAIN_ID,
+            "callbackUrl": "",
+            "contracts": devnet.keeper_contracts(),
+        });
+        std::fs::write(&context, serde_json::to_vec_pretty(&body)?)?;
+        let k = args.coalition_k.unwrap_or(args.coalition_voters.len() as u32 / 2 + 1);
+        let coalition = state_dir.join("coalition.json");
+        let body = serde_json::json!({
+            "voters": args.coalition_voters,
+            "k": k,
+            // A tenth of each operator's stake per upheld breach.
+            "slash_amount": (u128::from(PaidDevnetOptions::default().operator_stake_usdc) * 100_000).to_string(),
+        });
+        std::fs::write(&coalition, serde_json::to_vec_pretty(&body)?)?;
+        rail_args.keepers = Some(args.keepers.clone());
+        rail_args.keeper_context = Some(context);
+        rail_args.keeper = keeper;
+        rail_args.voters = Some(args.voters.clone());
+        rail_args.coalition = Some(coalition);
+    }
     Ok(UpDevnet { devnet, rail_args, state_dir })
 }
 
 /// Prices the pool once every worker has registered its payout address (the flow's members).
 async fn set_price(state: &AppState, model: &str, d: &UpDevnet, price: u128, max_seconds: u32) -> anyhow::Result<()> {
     let pool = state.pools.by_model(model).context("the pool is registered")?;
-    let settings: PoolPayments = serde_json::from_value(d.devnet.pool_payments(price, max_seconds))?;
-    let payouts = d.devnet.operators.len();
+    let mut settings: PoolPayments = serde_json::from_value(d.devnet.pool_payments(price, max_seconds))?;
+    if d.rail_args.keepers.is_some() {
+        // The same GDA pool and Super Token, through the keeper's stream-start / stream-stop workflows.
+        settings.flow.plugin = d.rail_args.keeper.clone();
+        settings.flow.config = serde_json::Value::Null;
+    }
+    let payouts: usize = pool.routes.iter().map(|r| r.topology.shards.len()).sum();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let registered = pool.routes[0]
-            .topology
-            .shards
+        let registered = pool
+            .routes
             .iter()
+            .flat_map(|r| &r.topology.shards)
             .filter(|s| state.workers.get(&s.peer.to_string()).is_some_and(|w| w.registration.payout.is_some()))
             .count();
         if registered == payouts {

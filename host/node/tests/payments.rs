@@ -360,7 +360,7 @@ impl PaidCluster {
         std::fs::create_dir_all(&state_dir).expect("state dir");
         std::fs::copy(cluster.dir.path().join("client.key"), state_dir.join("orchestrator.key")).expect("key");
         computepool_chain::client::write_key_file(&state_dir.join("chain.key"), &devnet.orchestrator).expect("chain key");
-        std::fs::write(state_dir.join("rails.toml"), devnet.rail_config()).expect("rail config");
+        std::fs::write(state_dir.join("rails.toml"), devnet.rail_config(None)).expect("rail config");
         let mut me = Self { devnet, rt, cluster, state_dir, orchestrator: None, last_addr: None };
         me.start_orchestrator();
         let addr = me.addr();

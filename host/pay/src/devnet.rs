@@ -188,25 +188,23 @@ impl PaidDevnet {
         })
     }
 
-    /// The operator's grant for the local keeper on this devnet (TOML, the rail config's format): the
-    /// kv-store for its run records, and the three contracts above on chain.
-    pub fn keeper_grants(&self, keeper_id: &str) -> String {
-        format!(
-            "[grants.plugins]\n{keeper_id} = [\"chain\", \"kv-store\"]\n[grants.chain]\n{keeper_id} = [\"{:#x}\", \"{:#x}\", \"{:#x}\"]\n",
-            self.deployment.superfluid.gda_v1_forwarder, self.coalition, self.deployment.pool_inft
-        )
-    }
-
-    /// The operator's rail grants for this devnet (TOML for `--rail-config`): x402-exact may reach the
-    /// facilitator, superfluid-gda may send to the GDA forwarder, ledger keeps its kv-store.
-    pub fn rail_config(&self) -> String {
+    /// The operator's plugin grants for this devnet (TOML for `--rail-config`): x402-exact may reach the
+    /// facilitator, superfluid-gda may send to the GDA forwarder, ledger keeps its kv-store; and, given a
+    /// keeper's plugin id, that keeper its kv-store (run records) and the three contracts its workflows
+    /// call (see [`PaidDevnet::keeper_contracts`]).
+    pub fn rail_config(&self, keeper: Option<&str>) -> String {
         let facilitator = self.facilitator_url.trim_start_matches("http://");
-        format!(
-            "[grants.plugins]\nx402-exact = [\"http\", \"kv-store\"]\nsuperfluid-gda = [\"chain\"]\nledger = [\"kv-store\"]\n\
-             [grants.http]\nx402-exact = [\"{facilitator}\"]\n\
-             [grants.chain]\nsuperfluid-gda = [\"{:#x}\"]\n",
-            self.deployment.superfluid.gda_v1_forwarder
-        )
+        let forwarder = format!("{:#x}", self.deployment.superfluid.gda_v1_forwarder);
+        let mut plugins = String::from("x402-exact = [\"http\", \"kv-store\"]\nsuperfluid-gda = [\"chain\"]\nledger = [\"kv-store\"]\n");
+        let mut chain = format!("superfluid-gda = [\"{forwarder}\"]\n");
+        if let Some(keeper) = keeper {
+            plugins.push_str(&format!("{keeper} = [\"chain\", \"kv-store\"]\n"));
+            chain.push_str(&format!(
+                "{keeper} = [\"{forwarder}\", \"{:#x}\", \"{:#x}\"]\n",
+                self.coalition, self.deployment.pool_inft
+            ));
+        }
+        format!("[grants.plugins]\n{plugins}[grants.http]\nx402-exact = [\"{facilitator}\"]\n[grants.chain]\n{chain}")
     }
 
     /// A pool's payment settings on this devnet (the orchestrator's `PUT /pools/{id}/payments` body):

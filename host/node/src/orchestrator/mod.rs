@@ -17,6 +17,7 @@
 pub mod audits;
 pub mod auth;
 pub mod error;
+pub mod keeping;
 pub mod metrics;
 pub mod openai;
 pub mod payments;
@@ -65,6 +66,8 @@ pub struct AppState {
     pub audits: Arc<Auditor>,
     /// The receiving end of the breach reports, until someone takes it ([`AppState::take_breach_receiver`]).
     breach_receiver: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<BreachReport>>>,
+    /// The transition log and keepers; `None` when keepers are off (flows go straight to their rails).
+    pub keepers: Option<Arc<keeping::KeeperService>>,
 }
 
 /// Breach reports waiting for the judge; an audit that finds the queue full waits (holding its slot).
@@ -103,6 +106,7 @@ impl AppState {
             peer,
             payments: None,
             breach_receiver: std::sync::Mutex::new(Some(breach_receiver)),
+            keepers: None,
         })
     }
 
@@ -112,12 +116,57 @@ impl AppState {
         self.breach_receiver.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
+    /// Turns keepers on (before [`AppState::enable_payments`], whose flows then run through them):
+    /// opens the transition log in `state_dir` and settles what the last run left unfinished — first,
+    /// so the meter's recovery finds its stream changes settled under their keys instead of acting again.
+    pub async fn enable_keepers(
+        &mut self,
+        args: &payments::setup::PaymentArgs,
+        state_dir: &Path,
+        host: Arc<computepool_plugin_host::PluginHost>,
+    ) -> anyhow::Result<()> {
+        let keepers = keeping::KeeperService::start(args, state_dir, host).await?;
+        let resuming = keepers.clone();
+        for result in tokio::task::spawn_blocking(move || resuming.resume()).await? {
+            match result {
+                Ok(settled) => tracing::info!(key = %settled.record.idempotency_key, "transition left by the last run settled"),
+                Err(e) => tracing::error!("a transition left by the last run is not settled yet: {e}"),
+            }
+        }
+        self.keepers = Some(keepers);
+        Ok(())
+    }
+
+    /// Starts what reads the audits' breach reports: with a coalition (`--coalition`, keepers on) its
+    /// voters judge them and a quorum's verdict is acted on ([`keeping::breaches`]); without one they are
+    /// logged. Call once, on the runtime, after keepers and payments are on.
+    pub fn start_breach_handler(
+        self: &Arc<Self>,
+        coalition: Option<&Path>,
+        host: Option<Arc<computepool_plugin_host::PluginHost>>,
+        state_dir: &Path,
+    ) -> anyhow::Result<()> {
+        let Some(reports) = self.take_breach_receiver() else { return Ok(()) };
+        match (coalition, &self.keepers, host) {
+            (Some(path), Some(keepers), Some(host)) => {
+                let handler = keeping::breaches::BreachHandler::from_config(path, keepers.clone(), host, state_dir)?;
+                tokio::spawn(Arc::new(handler).run(self.clone(), reports));
+            }
+            (Some(_), _, _) => anyhow::bail!("--coalition needs keepers on (--keepers) to act on its verdicts"),
+            _ => {
+                tokio::spawn(audits::log_reports(reports));
+            }
+        }
+        Ok(())
+    }
+
     /// Turns payments on: opens `state_dir/payments.db`, stops what a previous run left streaming, and
     /// puts back every paid pool's settings (a pool whose rails cannot be set up stays paid and answers
     /// 503 until they can: it never falls back to serving free).
     pub async fn enable_payments(&mut self, state_dir: &Path, rails: Arc<computepool_plugin_host::PluginHost>) -> anyhow::Result<()> {
         let saved = self.store.pool_payments().context("reading the pools' payment settings")?;
-        let payments = payments::Payments::open(&state_dir.join("payments.db"), rails, &saved, self.store.clone()).await?;
+        let payments =
+            payments::Payments::open(&state_dir.join("payments.db"), rails, self.keepers.clone(), &saved, self.store.clone()).await?;
         for (pool_id, settings) in saved {
             let Some(pool) = self.pools.get(&pool_id) else { continue };
             if let Err(e) = payments.configure(&pool, &self.workers, settings.clone()).await {
@@ -127,6 +176,30 @@ impl AppState {
         }
         self.payments = Some(payments);
         Ok(())
+    }
+
+    /// Ejects every worker of `pool` that pays `operator` (a coalition's verdict): stored, and no route
+    /// through them is picked again. Returns their peer ids.
+    pub fn eject_operator(&self, pool: &Pool, operator: &str, reason: &str) -> Result<Vec<String>, String> {
+        let mut ejected = Vec::new();
+        for route in &pool.routes {
+            for shard in &route.topology.shards {
+                let peer = shard.peer.to_string();
+                let pays = self
+                    .workers
+                    .get(&peer)
+                    .and_then(|w| w.registration.payout)
+                    .is_some_and(|payout| payout.eq_ignore_ascii_case(operator));
+                if pays && !ejected.contains(&peer) {
+                    self.workers.eject(&self.store, &peer, reason).map_err(|e| format!("ejecting {peer}: {e}"))?;
+                    ejected.push(peer);
+                }
+            }
+        }
+        if ejected.is_empty() {
+            return Err(format!("no worker of pool {} pays {operator}", pool.record.id));
+        }
+        Ok(ejected)
     }
 
     /// The pools whose plan (topology or replicas) lists `peer`, with the layers each gives it.
@@ -210,7 +283,8 @@ pub fn key_path(state_dir: &Path) -> PathBuf {
 
 /// The HTTP API.
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    let keepers = state.keepers.as_ref().map(|k| k.router());
+    let api = Router::new()
         .route("/healthz", get(routes::healthz))
         .route("/pools", get(routes::list_pools).post(routes::create_pool))
         .route("/pools/{id}", get(routes::get_pool))
@@ -229,7 +303,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(routes::completions))
         .fallback(routes::no_route)
         .layer(DefaultBodyLimit::max(routes::MAX_BODY_BYTES))
-        .with_state(state)
+        .with_state(state);
+    // `GET /transitions` and `POST /webhooks/keeperhub` (the webhook keeps its own, smaller body limit).
+    match keepers {
+        Some(keepers) => api.merge(keepers),
+        None => api,
+    }
 }
 
 /// Serves `state` on `listener` until `shutdown` resolves; streams still open then get `grace` to end.
@@ -290,17 +369,18 @@ pub fn run(args: OrchestratorArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {
         // Held for the server's life: dropping it stops the rails folder's watcher.
-        let _rails = if args.payments.payments {
+        let rails_host = if args.payments.payments {
             let rails = payments::setup::RailHost::start(&args.payments, &args.state_dir).await?;
+            if args.payments.keepers.is_some() {
+                state.enable_keepers(&args.payments, &args.state_dir, rails.host.clone()).await?;
+            }
             state.enable_payments(&args.state_dir, rails.host.clone()).await?;
             Some(rails)
         } else {
             None
         };
         let state = Arc::new(state);
-        if let Some(reports) = state.take_breach_receiver() {
-            tokio::spawn(audits::log_reports(reports));
-        }
+        state.start_breach_handler(args.payments.coalition.as_deref(), rails_host.as_ref().map(|r| r.host.clone()), &args.state_dir)?;
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("listening on {}", args.listen))?;

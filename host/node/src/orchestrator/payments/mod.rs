@@ -120,11 +120,12 @@ impl Payments {
     pub async fn open(
         db: &std::path::Path,
         plugins: Arc<PluginHost>,
+        keepers: Option<Arc<crate::orchestrator::keeping::KeeperService>>,
         saved: &[(String, PoolPayments)],
         store: Arc<super::store::Store>,
     ) -> anyhow::Result<Arc<Self>> {
         let sessions = Sessions::open(db)?;
-        let rails = Arc::new(PluginRails::new(plugins));
+        let rails = Arc::new(PluginRails::new(plugins, keepers));
         // The flows left running are stopped through the rails they were started with.
         for (pool, settings) in saved {
             rails.bind_flow(pool, &settings.flow);
@@ -181,12 +182,24 @@ impl Payments {
         Ok(())
     }
 
+    /// Recomputes a paid pool's flow members (after a worker was ejected) under its current settings.
+    pub async fn reconfigure(&self, pool: &Pool, workers: &Workers) -> Result<(), ApiError> {
+        match self.settings(&pool.record.id) {
+            Some(settings) => self.configure(pool, workers, settings).await,
+            None => Ok(()),
+        }
+    }
+
     /// The pool's flow members: each operator (a worker's payout address) with units = the layers it
     /// serves, over all the pool's pipelines.
     fn pool_flow(&self, pool: &Pool, workers: &Workers, settings: &PoolPayments, price: u128) -> Result<PoolFlow, ApiError> {
         let mut units: std::collections::BTreeMap<String, u128> = Default::default();
         for route in &pool.routes {
             for shard in &route.topology.shards {
+                // An ejected worker's operator is paid no more for it (its units go to 0 on chain too).
+                if workers.ejection(&shard.peer.to_string()).is_some() {
+                    continue;
+                }
                 let Some(worker) = workers.get(&shard.peer.to_string()) else { continue };
                 let Some(payout) = worker.registration.payout.clone() else { continue };
                 *units.entry(payout.to_ascii_lowercase()).or_default() += u128::from(shard.layers.end - shard.layers.start);

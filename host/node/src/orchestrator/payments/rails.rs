@@ -15,6 +15,8 @@ use computepool_plugin_host::rail::{self as plugin, RailCallError, RailError, Ra
 use sha2::{Digest, Sha256};
 
 use super::config::{PoolPayments, RailChoice};
+use crate::orchestrator::keeping::KeeperService;
+use computepool_keeper::transition::{Transition, TransitionKind};
 use crate::orchestrator::error::ApiError;
 use crate::orchestrator::store::Store;
 
@@ -42,6 +44,9 @@ pub struct TakenPayment {
 /// The rail plugins of a [`PluginHost`], and which flow rail each pool uses.
 pub struct PluginRails {
     host: Arc<PluginHost>,
+    /// Set when keepers are on: a flow whose plugin is a keeper-adapter runs each change as a
+    /// stream-start / stream-stop transition through it (logged, confirmed on chain).
+    keepers: Option<Arc<KeeperService>>,
     flows: RwLock<HashMap<String, RailChoice>>,
     /// Per pool, the members (with units) the flow rail last confirmed. A change whose members are the
     /// same lists none (a rail keeps the units it has: on chain each listed member is a transaction).
@@ -49,8 +54,13 @@ pub struct PluginRails {
 }
 
 impl PluginRails {
-    pub fn new(host: Arc<PluginHost>) -> Self {
-        Self { host, flows: RwLock::new(HashMap::new()), confirmed_members: Mutex::new(HashMap::new()) }
+    pub fn new(host: Arc<PluginHost>, keepers: Option<Arc<KeeperService>>) -> Self {
+        Self { host, keepers, flows: RwLock::new(HashMap::new()), confirmed_members: Mutex::new(HashMap::new()) }
+    }
+
+    /// The keeper service, when `id` names one of its keeper plugins.
+    fn keeper_for(&self, id: &str) -> Option<&Arc<KeeperService>> {
+        self.keepers.as_ref().filter(|k| k.is_keeper(id))
     }
 
     fn rail(&self, id: &str) -> Result<Arc<RailPlugin>, ApiError> {
@@ -63,6 +73,16 @@ impl PluginRails {
     /// payments, the flow rail streams).
     pub fn check(&self, settings: &PoolPayments) -> Result<(), ApiError> {
         for (role, choice) in [("challenge", &settings.challenge), ("flow", &settings.flow)] {
+            if role == "flow" && self.keeper_for(&choice.plugin).is_some() {
+                // A keeper runs the pool's stream workflows on its GDA pool and Super Token.
+                if choice.target.is_none() || choice.token.is_none() {
+                    return Err(ApiError::invalid(
+                        "flow",
+                        format!("flow through keeper `{}` needs `target` (the GDA pool) and `token` (the Super Token)", choice.plugin),
+                    ));
+                }
+                continue;
+            }
             let rail = self.host.rail(&choice.plugin).ok_or_else(|| {
                 ApiError::invalid(format!("{role}.plugin"), format!("no payment-rail plugin `{}` is loaded", choice.plugin))
             })?;
@@ -243,10 +263,6 @@ impl FlowRail for PluginRails {
             .get(&change.pool)
             .cloned()
             .ok_or_else(|| RailFailure::new(format!("pool {} has no flow rail configured", change.pool)))?;
-        let rail = self
-            .host
-            .rail(&choice.plugin)
-            .ok_or_else(|| RailFailure::new(format!("the flow rail `{}` is not loaded", choice.plugin)))?;
         let members = change
             .members
             .iter()
@@ -282,9 +298,18 @@ impl FlowRail for PluginRails {
             .flow_rate_per_s
             .checked_mul(scale)
             .ok_or_else(|| RailFailure::new(format!("rate {} × scale {scale} overflows", change.flow_rate_per_s)))?;
-        let config = config_text(&choice);
-        let receipt = if change.is_stop() { rail.stream_stop(&config, &plugin_change) } else { rail.stream_start(&config, &plugin_change) }
-            .map_err(|e| RailFailure::new(e.to_string()))?;
+        let receipt = match self.keeper_for(&choice.plugin) {
+            Some(keepers) => keeper_flow(keepers, &choice.plugin, &change.pool, &plugin_change, change.is_stop())?,
+            None => {
+                let rail = self
+                    .host
+                    .rail(&choice.plugin)
+                    .ok_or_else(|| RailFailure::new(format!("the flow rail `{}` is not loaded", choice.plugin)))?;
+                let config = config_text(&choice);
+                if change.is_stop() { rail.stream_stop(&config, &plugin_change) } else { rail.stream_start(&config, &plugin_change) }
+                    .map_err(|e| RailFailure::new(e.to_string()))?
+            }
+        };
         if !change.is_stop() {
             self.confirmed_members.lock().unwrap_or_else(|p| p.into_inner()).insert(change.pool.clone(), members);
         }
@@ -297,6 +322,39 @@ impl FlowRail for PluginRails {
         }
         Ok(FlowReceipt { reference: receipt.reference, effective_at_s: receipt.effective_at_s, flow_rate_per_s: receipt.flow_rate / scale })
     }
+}
+
+/// One flow change as a keeper transition (stream-start, or stream-stop at rate 0), under the meter's
+/// idempotency key: a retry or a restart picks the logged transition up instead of acting again. The
+/// receipt's time is the block of the last transaction, read back from the chain.
+fn keeper_flow(
+    keepers: &KeeperService,
+    keeper: &str,
+    pool_id: &str,
+    change: &plugin::FlowChange,
+    stop: bool,
+) -> Result<plugin::FlowReceipt, RailFailure> {
+    let members: Vec<serde_json::Value> = change
+        .members
+        .iter()
+        .map(|m| serde_json::json!({"operator": m.address, "units": m.units.to_string()}))
+        .collect();
+    let (kind, payload) = if stop {
+        (TransitionKind::StreamStop, serde_json::json!({"pool": change.pool, "token": change.token, "from": keepers.sender()}))
+    } else {
+        (
+            TransitionKind::StreamStart,
+            serde_json::json!({"pool": change.pool, "token": change.token, "from": keepers.sender(),
+                               "flowRate": change.flow_rate.to_string(), "members": members}),
+        )
+    };
+    let transition = Transition { kind, idempotency_key: change.idempotency_key.clone(), pool_id: pool_id.to_string(), payload };
+    let settled = keepers.run(keeper, &transition).map_err(|e| RailFailure::new(e.to_string()))?;
+    let last = settled
+        .transactions
+        .last()
+        .ok_or_else(|| RailFailure::new(format!("keeper `{keeper}` settled {} without a transaction", change.idempotency_key)))?;
+    Ok(plugin::FlowReceipt { reference: last.hash.clone(), effective_at_s: last.block_timestamp, flow_rate: change.flow_rate })
 }
 
 /// What the challenge rail is asked to price: one request of the pool's max seconds, paid to the rail's

@@ -36,6 +36,29 @@ pub struct PaymentArgs {
     /// How often the rails folder is checked, in ms.
     #[arg(long, default_value_t = 500)]
     pub rail_poll_ms: u64,
+    /// A folder of keeper-adapter plugins (plugins/keepers): with it, every payment transition of a pool
+    /// whose flow names a keeper (`"flow": {"plugin": "local", …}`) runs as a workflow through that
+    /// keeper, logged in `<state-dir>/transitions.db` (`GET /transitions`). Loaded into the rails' host,
+    /// with the same grants file. Needs --keeper-context and the chain (to confirm what keepers claim).
+    #[arg(long, requires_all = ["payments", "keeper_context", "chain_rpc"])]
+    pub keepers: Option<PathBuf>,
+    /// The keepers' deployment context (JSON: `chainId`, `callbackUrl`, `contracts` — `gdaV1Forwarder`,
+    /// `coalition`, `poolInft` addresses), passed to every workflow run as KeeperHub's trigger input.
+    #[arg(long, requires = "keepers")]
+    pub keeper_context: Option<PathBuf>,
+    /// The keeper that resumes transitions left unfinished by the last run and acts on breaches.
+    #[arg(long, default_value = "local")]
+    pub keeper: String,
+    /// KeeperHub callback secrets (JSON object: pool id → hex secret) for `POST /webhooks/keeperhub`.
+    /// Without it every callback is refused (unknown pool).
+    #[arg(long, requires = "keepers")]
+    pub webhook_secrets: Option<PathBuf>,
+    /// A folder of coalition-voter plugins (plugins/voters), for --coalition.
+    #[arg(long, requires = "keepers")]
+    pub voters: Option<PathBuf>,
+    /// The coalition that judges breach reports (output audits): JSON, see `keeping::breaches::CoalitionConfig`.
+    #[arg(long, requires = "voters")]
+    pub coalition: Option<PathBuf>,
 }
 
 /// The rails' plugin host and its folder watcher (stops when dropped).
@@ -70,22 +93,29 @@ impl RailHost {
             config.chain = Some(Arc::new(service));
         }
         let host = Arc::new(PluginHost::new(config)?);
-        let report = host.load_dir(&dir);
-        for refusal in &report.refused {
-            tracing::error!(plugin = %refusal.dir.display(), "rail not loaded: {}", refusal.error);
+        // Rails, keepers and voters share one host (and its grants and chain key); each folder is
+        // watched for swapped plugins.
+        let dirs: Vec<PathBuf> = [Some(dir), args.keepers.clone(), args.voters.clone()].into_iter().flatten().collect();
+        for dir in &dirs {
+            let report = host.load_dir(dir);
+            for refusal in &report.refused {
+                tracing::error!(plugin = %refusal.dir.display(), "plugin not loaded: {}", refusal.error);
+            }
+            tracing::info!(loaded = ?report.loaded, dir = %dir.display(), "payment plugins loaded");
         }
-        tracing::info!(loaded = ?report.loaded, dir = %dir.display(), "payment rails loaded");
         let stop = Arc::new(AtomicBool::new(false));
         let (watched, flag, poll) = (host.clone(), stop.clone(), Duration::from_millis(args.rail_poll_ms.max(50)));
         std::thread::Builder::new().name("rail-watcher".into()).spawn(move || {
             while !flag.load(Ordering::Acquire) {
                 std::thread::sleep(poll);
-                let report = watched.rescan(&dir);
-                for refusal in &report.refused {
-                    tracing::error!(plugin = %refusal.dir.display(), "changed rail refused (the loaded one keeps serving): {}", refusal.error);
-                }
-                if !report.loaded.is_empty() || !report.removed.is_empty() {
-                    tracing::info!(loaded = ?report.loaded, removed = ?report.removed, "payment rails rescanned");
+                for dir in &dirs {
+                    let report = watched.rescan(dir);
+                    for refusal in &report.refused {
+                        tracing::error!(plugin = %refusal.dir.display(), "changed plugin refused (the loaded one keeps serving): {}", refusal.error);
+                    }
+                    if !report.loaded.is_empty() || !report.removed.is_empty() {
+                        tracing::info!(loaded = ?report.loaded, removed = ?report.removed, dir = %dir.display(), "payment plugins rescanned");
+                    }
                 }
             }
         })?;
