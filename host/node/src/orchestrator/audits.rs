@@ -24,7 +24,8 @@
 //!
 //! # Evidence (the `evidence` of every report; version 1)
 //!
-//! One JSON object, the same text in every report of one audit (its digest is what ballots sign):
+//! One JSON object, the same text in every report of one audit (its digest is what ballots sign). A
+//! complete literal example: `audit-evidence-example.json` beside this file. In outline:
 //!
 //! ```json
 //! {
@@ -671,6 +672,24 @@ mod tests {
         assert!(value["request"].get("id").is_none() && value["request"].get("stop").is_none());
         let back: Evidence = serde_json::from_value(value).expect("parses back");
         assert_eq!(back, evidence);
+    }
+
+    /// The literal example of the evidence (the voters' tests use the same one): parsing it, deriving
+    /// its fields again from its runs, and writing it out give it back exactly.
+    #[test]
+    fn the_literal_example_is_what_conclude_writes() {
+        let text = include_str!("audit-evidence-example.json");
+        let literal: serde_json::Value = serde_json::from_str(text).expect("the example is JSON");
+        let example: Evidence = serde_json::from_str(text).expect("the example is evidence");
+        let blank: Vec<RunEvidence> =
+            example.runs.iter().map(|r| RunEvidence { agrees: None, divergence: None, ..r.clone() }).collect();
+        let (derived, outcome) = conclude(&example.pool, &example.request_id, example.request.clone(), blank);
+        assert_eq!(outcome, Outcome::Convicted);
+        assert_eq!(derived, example);
+        assert_eq!(serde_json::to_value(&derived).expect("serialises"), literal);
+        let (reports, unpaid) = reports(&derived, text, 1);
+        assert_eq!(reports.iter().map(|r| r.operator.as_str()).collect::<Vec<_>>(), ["0x00000000000000000000000000000000000000a0"]);
+        assert!(unpaid.is_empty(), "b1's worker without a payout is in an agreeing run: not accused");
     }
 
     #[test]
