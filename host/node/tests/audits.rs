@@ -125,6 +125,15 @@ fn audited_everywhere(orchestrator: &Orchestrator, prompt: &str, logs: impl Fn()
     }
 }
 
+/// The value of the sample `series` (name and labels, exactly as exposed) in `GET /metrics`.
+fn metric(addr: &str, series: &str) -> f64 {
+    let text = http::get(addr, "/metrics").body;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+}
+
 fn run_tokens(run: &Value) -> Vec<u64> {
     run["tokens"].as_array().map(|t| t.iter().map(|v| v.as_u64().expect("id")).collect()).unwrap_or_default()
 }
@@ -185,6 +194,8 @@ fn a_wrong_token_exit_worker_is_reported_once_and_the_pool_serves_on_without_it(
     }
     let all = audits(&addr);
     assert!(all.iter().all(|a| a["reports"] == json!([]) && a["outcome"] != "convicted"), "a clean pool reports nobody: {all:?}");
+    assert_eq!(metric(&addr, "computepool_breach_reports_total"), 0.0);
+    assert!(metric(&addr, "computepool_audits_total{outcome=\"agreed\"}") >= 1.0);
 
     // Route 0's exit comes back with the drill: from its third token on, each is wrong.
     let faulty = rings[0].peers[1].clone();
@@ -236,6 +247,9 @@ fn a_wrong_token_exit_worker_is_reported_once_and_the_pool_serves_on_without_it(
             assert_eq!(r["operator"], OPERATORS[0], "an honest operator was reported: {a}");
         }
     }
+    let convicted = audits(&addr).iter().filter(|a| a["outcome"] == "convicted").count() as f64;
+    assert_eq!(metric(&addr, "computepool_audits_total{outcome=\"convicted\"}"), convicted);
+    assert_eq!(metric(&addr, "computepool_breach_reports_total"), convicted, "one report per convicting audit");
     eprintln!("the drill's wrong token {WRONG_FROM} was caught; accused {accused:?}");
 
     // The verdict's action: the accused are ejected. Requests complete on the other two routes, with the
