@@ -24,7 +24,8 @@
 //!
 //! # Evidence (the `evidence` of every report; version 1)
 //!
-//! One JSON object, the same text in every report of one audit (its digest is what ballots sign):
+//! One JSON object, the same text in every report of one audit (its digest is what ballots sign). A
+//! complete literal example: `audit-evidence-example.json` beside this file. In outline:
 //!
 //! ```json
 //! {
@@ -72,6 +73,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use computepool_keeper::coalition::{BreachKind, BreachReport};
@@ -359,12 +361,42 @@ pub struct Auditor {
     store: Arc<Store>,
     reports: mpsc::Sender<BreachReport>,
     slots: Arc<Semaphore>,
+    /// Concluded audits by outcome (agreed, convicted, inconclusive), and reports sent, for `/metrics`.
+    concluded: [AtomicU64; 3],
+    reported: AtomicU64,
+    /// Requests picked for an audit but not audited because [`MAX_CONCURRENT`] were running.
+    skipped_busy: AtomicU64,
 }
 
 impl Auditor {
     /// Audits a share `rate` (0 to 1) of finished requests, sending reports into `reports`.
     pub fn new(rate: f64, store: Arc<Store>, reports: mpsc::Sender<BreachReport>) -> Self {
-        Self { rate: rate.clamp(0.0, 1.0), store, reports, slots: Arc::new(Semaphore::new(MAX_CONCURRENT)) }
+        Self {
+            rate: rate.clamp(0.0, 1.0),
+            store,
+            reports,
+            slots: Arc::new(Semaphore::new(MAX_CONCURRENT)),
+            concluded: Default::default(),
+            reported: AtomicU64::new(0),
+            skipped_busy: AtomicU64::new(0),
+        }
+    }
+
+    /// Appends the audit counters to a Prometheus text exposition.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let _ = writeln!(out, "# HELP computepool_audits_total Output audits concluded, by outcome.");
+        let _ = writeln!(out, "# TYPE computepool_audits_total counter");
+        for (i, outcome) in [Outcome::Agreed, Outcome::Convicted, Outcome::Inconclusive].iter().enumerate() {
+            let n = self.concluded[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "computepool_audits_total{{outcome=\"{}\"}} {n}", outcome.as_str());
+        }
+        let _ = writeln!(out, "# HELP computepool_audits_skipped_busy_total Requests drawn for an audit but not audited: too many audits running.");
+        let _ = writeln!(out, "# TYPE computepool_audits_skipped_busy_total counter");
+        let _ = writeln!(out, "computepool_audits_skipped_busy_total {}", self.skipped_busy.load(Ordering::Relaxed));
+        let _ = writeln!(out, "# HELP computepool_breach_reports_total Breach reports sent to the coalition's judge.");
+        let _ = writeln!(out, "# TYPE computepool_breach_reports_total counter");
+        let _ = writeln!(out, "computepool_breach_reports_total {}", self.reported.load(Ordering::Relaxed));
     }
 
     pub fn rate(&self) -> f64 {
@@ -387,6 +419,7 @@ impl Auditor {
             return;
         }
         let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            self.skipped_busy.fetch_add(1, Ordering::Relaxed);
             tracing::info!(pool = %run.pool.record.id, "not auditing a request: {MAX_CONCURRENT} audits are running");
             return;
         };
@@ -463,6 +496,12 @@ impl Auditor {
             Ok(Err(e)) => tracing::error!(pool = %pool_id, request = %request_id, "could not store an audit: {e}"),
             Err(e) => tracing::error!(pool = %pool_id, request = %request_id, "storing an audit panicked: {e}"),
         }
+        let counter = match outcome {
+            Outcome::Agreed => 0,
+            Outcome::Convicted => 1,
+            Outcome::Inconclusive => 2,
+        };
+        self.concluded[counter].fetch_add(1, Ordering::Relaxed);
         match outcome {
             Outcome::Convicted => tracing::warn!(pool = %pool_id, request = %request_id, accused = evidence.accused.len(),
                 reports = reports.len(), first_divergence = ?evidence.first_divergence, "an output audit convicts workers"),
@@ -470,7 +509,9 @@ impl Auditor {
             Outcome::Agreed => tracing::debug!(pool = %pool_id, request = %request_id, runs = evidence.voting_runs, "an output audit agrees"),
         }
         for report in reports {
-            if self.reports.send(report).await.is_err() {
+            if self.reports.send(report).await.is_ok() {
+                self.reported.fetch_add(1, Ordering::Relaxed);
+            } else {
                 tracing::error!(pool = %pool_id, request = %request_id, "nobody takes breach reports any more: one is lost (it stays in the audit log)");
             }
         }
@@ -671,6 +712,24 @@ mod tests {
         assert!(value["request"].get("id").is_none() && value["request"].get("stop").is_none());
         let back: Evidence = serde_json::from_value(value).expect("parses back");
         assert_eq!(back, evidence);
+    }
+
+    /// The literal example of the evidence (the voters' tests use the same one): parsing it, deriving
+    /// its fields again from its runs, and writing it out give it back exactly.
+    #[test]
+    fn the_literal_example_is_what_conclude_writes() {
+        let text = include_str!("audit-evidence-example.json");
+        let literal: serde_json::Value = serde_json::from_str(text).expect("the example is JSON");
+        let example: Evidence = serde_json::from_str(text).expect("the example is evidence");
+        let blank: Vec<RunEvidence> =
+            example.runs.iter().map(|r| RunEvidence { agrees: None, divergence: None, ..r.clone() }).collect();
+        let (derived, outcome) = conclude(&example.pool, &example.request_id, example.request.clone(), blank);
+        assert_eq!(outcome, Outcome::Convicted);
+        assert_eq!(derived, example);
+        assert_eq!(serde_json::to_value(&derived).expect("serialises"), literal);
+        let (reports, unpaid) = reports(&derived, text, 1);
+        assert_eq!(reports.iter().map(|r| r.operator.as_str()).collect::<Vec<_>>(), ["0x00000000000000000000000000000000000000a0"]);
+        assert!(unpaid.is_empty(), "b1's worker without a payout is in an agreeing run: not accused");
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! - [`audits`]: output audits (finished requests re-run on other routes) and the breach reports they make.
 //! - [`metrics`]: `GET /metrics` (Prometheus text).
 //! - [`auth`]: the operator token on the write routes.
-//! - [`store`]: SQLite (WAL): pools, workers and requests.
+//! - [`store`]: SQLite (WAL): pools, workers, ejections, requests and audits.
 //! - [`error`]: errors as OpenAI-shaped bodies with their status codes.
 
 pub mod audits;

@@ -229,7 +229,7 @@ impl Route {
     }
 
     /// Whether every worker of the route may take requests: none ejected, none known to be down.
-    pub fn live(&self, workers: &Workers) -> bool {
+    fn live(&self, workers: &Workers) -> bool {
         self.topology.shards.iter().all(|s| workers.routable(&s.peer.to_string()))
     }
 

@@ -303,7 +303,8 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             speed: w.registration.speed,
         })
         .collect();
-    let body = state.metrics.render(&samples);
+    let mut body = state.metrics.render(&samples);
+    state.audits.render_metrics(&mut body);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 
