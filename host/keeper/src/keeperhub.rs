@@ -160,6 +160,22 @@ pub struct DeploymentContext {
     pub contracts: serde_json::Value,
 }
 
+impl DeploymentContext {
+    /// The input a workflow run of `t` gets: the transition and this context, flat (a KeeperHub webhook
+    /// trigger takes the whole body as its input; keeper plugins get the same text as their payload).
+    pub fn trigger_body(&self, t: &Transition) -> serde_json::Value {
+        serde_json::json!({
+            "idempotencyKey": t.idempotency_key,
+            "poolId": t.pool_id,
+            "kind": t.kind.as_str(),
+            "payload": t.payload,
+            "chainId": self.chain_id,
+            "callbackUrl": self.callback_url,
+            "contracts": self.contracts,
+        })
+    }
+}
+
 /// The `Keeper` that runs transitions as KeeperHub workflow runs.
 pub struct KeeperHubKeeper {
     client: KeeperHubClient,
@@ -176,15 +192,7 @@ impl KeeperHubKeeper {
     /// The trigger body: the transition and the deployment context, flat (a webhook trigger takes the
     /// whole body as its input).
     pub fn trigger_body(&self, t: &Transition) -> serde_json::Value {
-        serde_json::json!({
-            "idempotencyKey": t.idempotency_key,
-            "poolId": t.pool_id,
-            "kind": t.kind.as_str(),
-            "payload": t.payload,
-            "chainId": self.context.chain_id,
-            "callbackUrl": self.context.callback_url,
-            "contracts": self.context.contracts,
-        })
+        self.context.trigger_body(t)
     }
 }
 
@@ -231,5 +239,40 @@ impl Keeper for KeeperHubKeeper {
             }
         }
         Ok(None)
+    }
+}
+
+/// What the `keeperhub` keeper-adapter plugin reads from its kv-store (key [`KeeperHubPluginConfig::KV_KEY`]):
+/// where KeeperHub is, the two keys and the workflow ids. The host writes it from the operator's config
+/// before the first transition, so the keys live in the operator's config and the host's state dir, never
+/// in the plugin's component.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeeperHubPluginConfig {
+    /// Like `https://app.keeperhub.com`; the operator grants the plugin http to this host.
+    pub base_url: String,
+    /// The organisation key (`kh_…`): run status and execution lists.
+    pub api_key: String,
+    /// The user key (`wfb_…`): webhook triggers.
+    pub webhook_key: String,
+    /// Transition kind (kebab-case) → the KeeperHub workflow id its file was imported as.
+    pub workflows: std::collections::BTreeMap<String, String>,
+}
+
+impl KeeperHubPluginConfig {
+    pub const KV_KEY: &'static str = "config";
+
+    pub fn new(base_url: &str, api_key: &str, webhook_key: &str, workflows: &HashMap<TransitionKind, String>) -> Self {
+        Self {
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            api_key: api_key.to_owned(),
+            webhook_key: webhook_key.to_owned(),
+            workflows: workflows.iter().map(|(k, id)| (k.as_str().to_owned(), id.clone())).collect(),
+        }
+    }
+
+    /// Writes it into the plugin's kv scope (`PluginHost::kv_scope("keeperhub")`, or `KeeperPlugin::kv`).
+    pub fn store(&self, kv: &computepool_plugin_host::kv_store::KvScope) -> Result<(), computepool_plugin_host::kv_store::KvError> {
+        kv.set(Self::KV_KEY, serde_json::to_vec(self).expect("a config serialises"))
     }
 }

@@ -12,6 +12,7 @@
 //!   `api`: `GET /transitions`.
 //! - `webhook`: `POST /webhooks/keeperhub` (HMAC, time window, replay guard, on-chain confirmation).
 //! - `keeperhub`: a native client for KeeperHub's REST API; `standin`: a local KeeperHub stand-in.
+//! - `plugin`: `PluginKeeper`, the `Keeper` over a keeper-adapter plugin (`keeperhub`, `local`).
 //! - `workflows`: the workflow files in keeperhub/workflows/ and the contract calls they name.
 //! - `coalition`: signed ballots and the k-of-n tally.
 
@@ -24,3 +25,4 @@ pub mod workflows;
 pub mod coalition;
 pub mod keeperhub;
 pub mod standin;
+pub mod plugin;
