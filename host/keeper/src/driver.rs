@@ -571,11 +571,14 @@ mod tests {
         let keeper = CountingKeeper::with(|s| s.pending_polls = u32::MAX);
         let sink = Arc::new(Sink::default());
         let log = Arc::new(TransitionLog::open(&dir.path().join("keeper.db")).unwrap());
-        let policy = RetryPolicy { pending_timeout: Duration::from_millis(30), ..policy() };
-        let d = Driver::new(log, keeper.clone(), sink.clone(), policy);
+        let short = RetryPolicy { pending_timeout: Duration::from_millis(30), ..policy() };
+        let d = Driver::new(log.clone(), keeper.clone(), sink.clone(), short);
         let Driven::Pending(rec) = d.run(&stream_start("t1")).unwrap() else { panic!("not handed back") };
         assert_eq!(rec.state, TransitionState::Submitted);
         keeper.state.lock().unwrap().pending_polls = 2;
+        // Resumed with the default timeout: each poll is logged with a full fsync, and two of them on a
+        // busy disk can take longer than 30 ms, which would hand the run back again.
+        let d = Driver::new(log, keeper.clone(), sink.clone(), policy());
         recorded(d.resume().unwrap().remove(0));
         assert_eq!(keeper.state.lock().unwrap().submits, 1);
         assert_eq!(keeper.effects("t1"), 1);

@@ -74,7 +74,14 @@ impl KvScope {
             std::fs::create_dir_all(dir).map_err(fail)?;
         }
         let tmp = file.with_extension("json.tmp");
-        let mut out = std::fs::File::create(&tmp).map_err(fail)?;
+        // A stale temporary file from a crash would keep its old mode: start afresh.
+        let _ = std::fs::remove_file(&tmp);
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        // Owner-only: a scope can hold what the operator configured for the plugin (a keeper's API keys).
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut out = options.open(&tmp).map_err(fail)?;
         out.write_all(&bytes).and_then(|()| out.sync_all()).map_err(fail)?;
         std::fs::rename(&tmp, file.as_path()).map_err(fail)
     }
@@ -188,5 +195,15 @@ mod tests {
         let kv = KvScope::new(100);
         kv.clone().set("x", vec![7]).unwrap();
         assert_eq!(kv.get("x"), Ok(Some(vec![7])));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_durable_scope_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kv").join("keeperhub.json");
+        KvScope::open(&file, 1000).unwrap().set("config", b"{\"apiKey\": \"kh_secret\"}".to_vec()).unwrap();
+        assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
     }
 }

@@ -205,14 +205,14 @@ fn loading_the_plugins_folder_refuses_exactly_the_bad_ones() {
     // network; this host has no chain connection, so the chain rail is refused for that.
     let config = HostConfig::from_toml(
         "[grants]\ndefault = [\"log\", \"clock\", \"random\"]\n[grants.plugins]\nmirostat = [\"kv-store\"]\ntest-distribution-probe = [\"kv-store\"]\ntest-keeper-memory = [\"kv-store\"]\n\
-         ledger = [\"kv-store\"]\nx402-exact = [\"kv-store\", \"http\"]\nsuperfluid-gda = [\"chain\"]\n\
-         [grants.http]\nx402-exact = [\"127.0.0.1:4021\"]\n[grants.chain]\nsuperfluid-gda = [\"0xBcC58fb72409BA1CdEc5dBcDD3Cd6c42E3e04242\"]\n",
+         ledger = [\"kv-store\"]\nx402-exact = [\"kv-store\", \"http\"]\nsuperfluid-gda = [\"chain\"]\nkeeperhub = [\"kv-store\", \"http\"]\n\
+         [grants.http]\nx402-exact = [\"127.0.0.1:4021\"]\nkeeperhub = [\"app.keeperhub.com\"]\n[grants.chain]\nsuperfluid-gda = [\"0xBcC58fb72409BA1CdEc5dBcDD3Cd6c42E3e04242\"]\n",
     )
     .unwrap();
     let host = PluginHost::new(config).unwrap();
     let report = host.load_dir(&plugins_dir());
     let loaded: BTreeSet<&str> = report.loaded.iter().map(String::as_str).collect();
-    for id in ["greedy", "top-p", "mirostat", "test-distribution-probe", "bad-infinite-loop", "bad-memory-bomb", "bad-out-of-range-token", "test-trap-on-nan", "ledger", "x402-exact", "test-keeper-memory"] {
+    for id in ["greedy", "top-p", "mirostat", "test-distribution-probe", "bad-infinite-loop", "bad-memory-bomb", "bad-out-of-range-token", "test-trap-on-nan", "ledger", "x402-exact", "test-keeper-memory", "keeperhub"] {
         assert!(loaded.contains(id), "{id} should load; report: {report:?}");
     }
     let mut refused: Vec<(String, &'static str)> = report
