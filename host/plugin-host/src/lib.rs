@@ -9,8 +9,8 @@
 //! or signs the transaction (with host/chain's `Chain`), and hands back the answer.
 //!
 //! Entry point: [`PluginHost`] (loading, the registry of loaded plugins); per kind, [`SamplerPlugin`] and
-//! [`RailPlugin`] (payment rails: [`rail`]). Rail calls block on the network: call them from a blocking
-//! thread (`tokio::task::spawn_blocking`).
+//! [`RailPlugin`] (payment rails: [`rail`]), [`KeeperPlugin`] (keeper adapters: [`keeper`]). Rail and
+//! keeper calls block on the network: call them from a blocking thread (`tokio::task::spawn_blocking`).
 
 pub mod blocking;
 pub mod cache;
@@ -24,6 +24,7 @@ pub mod error;
 pub mod host_state;
 pub mod http_capability;
 pub mod imports;
+pub mod keeper;
 pub mod kv_store;
 pub mod limits;
 pub mod manifest;
@@ -43,6 +44,7 @@ pub use limits::{FailurePolicy, LimitCeilings, PluginLimits};
 pub use manifest::{PluginKind, PluginManifest};
 pub use plugin_host::{HostConfig, LoadReport, LoadedPlugin, PluginHost, Refusal, RescanReport};
 pub use http_capability::{HostGrant, HttpError, HttpLimits};
+pub use keeper::{KeeperCallError, KeeperPlugin};
 pub use rail::{BoundRail, FlowChange, FlowMember, FlowReceipt, RailCallError, RailError, RailInfo, RailPlugin};
 pub use random::RequestRandom;
 pub use sampler::{SampleInput, SamplerPlugin, SamplingParams};

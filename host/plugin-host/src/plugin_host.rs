@@ -24,6 +24,7 @@ use crate::limits::LimitCeilings;
 use crate::manifest::{MANIFEST_FILE, PluginKind, PluginManifest};
 use crate::chain_capability::{ChainAccess, ChainService};
 use crate::http_capability::{HttpAccess, HttpLimits, HttpService};
+use crate::keeper::KeeperPlugin;
 use crate::rail::{RailNetwork, RailPlugin};
 use crate::sampler::SamplerPlugin;
 use crate::world::{list_versions, supported_versions};
@@ -160,6 +161,7 @@ pub struct RescanReport {
 enum KindHandle {
     Sampler(Arc<SamplerPlugin>),
     Rail(Arc<RailPlugin>),
+    Keeper(Arc<KeeperPlugin>),
 }
 
 impl LoadedPlugin {
@@ -170,14 +172,21 @@ impl LoadedPlugin {
     pub fn as_sampler(&self) -> Option<&Arc<SamplerPlugin>> {
         match &self.kind {
             KindHandle::Sampler(s) => Some(s),
-            KindHandle::Rail(_) => None,
+            _ => None,
         }
     }
 
     pub fn as_rail(&self) -> Option<&Arc<RailPlugin>> {
         match &self.kind {
             KindHandle::Rail(r) => Some(r),
-            KindHandle::Sampler(_) => None,
+            _ => None,
+        }
+    }
+
+    pub fn as_keeper(&self) -> Option<&Arc<KeeperPlugin>> {
+        match &self.kind {
+            KindHandle::Keeper(k) => Some(k),
+            _ => None,
         }
     }
 }
@@ -357,8 +366,26 @@ impl PluginHost {
                 )?;
                 KindHandle::Rail(Arc::new(plugin))
             }
-            // `supported_versions` is empty for these kinds, so the version check above refused them.
-            PluginKind::KeeperAdapter | PluginKind::CoalitionVoter => {
+            PluginKind::KeeperAdapter => {
+                if let Some(export) = KeeperPlugin::required_export(manifest.wit.version) {
+                    check_export(&self.engine, &component, &manifest, export)?;
+                }
+                check_imports(&self.engine, &component, &manifest, KeeperPlugin::type_only_imports(manifest.wit.version))?;
+                let network = self.network_for(&manifest)?;
+                let plugin = KeeperPlugin::new(
+                    &self.engine,
+                    &linker,
+                    &component,
+                    &manifest,
+                    self.kv_scope(&id),
+                    network,
+                    self.config.max_idle_instances,
+                    self.config.engine.fuel,
+                )?;
+                KindHandle::Keeper(Arc::new(plugin))
+            }
+            // `supported_versions` is empty for this kind, so the version check above refused it.
+            PluginKind::CoalitionVoter => {
                 return Err(LoadError::UnsupportedWitVersion {
                     id,
                     kind: manifest.kind,
@@ -536,6 +563,11 @@ impl PluginHost {
     /// The loaded payment rail `id`, if there is one.
     pub fn rail(&self, id: &str) -> Option<Arc<RailPlugin>> {
         self.get(id).and_then(|p| p.as_rail().cloned())
+    }
+
+    /// The loaded keeper adapter `id`, if there is one.
+    pub fn keeper(&self, id: &str) -> Option<Arc<KeeperPlugin>> {
+        self.get(id).and_then(|p| p.as_keeper().cloned())
     }
 
     /// Every loaded plugin, by id.

@@ -66,7 +66,8 @@ pub fn supported_versions(kind: PluginKind) -> &'static [WitVersion] {
     match kind {
         PluginKind::Sampler => crate::sampler::SUPPORTED_VERSIONS,
         PluginKind::PaymentRail => crate::rail::SUPPORTED_VERSIONS,
-        PluginKind::KeeperAdapter | PluginKind::CoalitionVoter => &[],
+        PluginKind::KeeperAdapter => crate::keeper::SUPPORTED_VERSIONS,
+        PluginKind::CoalitionVoter => &[],
     }
 }
 
