@@ -5,7 +5,9 @@
 //! its stake slashed). Then a child process is killed at each point — after the log wrote the transition,
 //! after the keeper acted on chain but before the log knew, after the log said acted but before it was
 //! recorded — and after the restart each transition happened exactly once on chain: the orchestrator
-//! key's nonce moved by the workflow's number of calls, and one `Slashed` event.
+//! key's nonce moved by the workflow's number of calls, and one `Slashed` event. Killed while a call was
+//! being sent (its intent logged, the transaction never relayed), the transition stays unsettled after the
+//! restart: the host will not send an in-doubt call again and the keeper does not guess.
 //!
 //! `make test` provides anvil (COMPUTEPOOL_CHAIN_TOOLS) and sets COMPUTEPOOL_REQUIRE_ANVIL=1, so these
 //! cannot skip there; scripts/build-plugins.sh builds the plugin first.
@@ -379,6 +381,44 @@ const CHILD_MODE: &str = "COMPUTEPOOL_LOCAL_KEEPER_KILL_AT";
 const KILL_AFTER_WRITTEN: &str = "written";
 const KILL_AFTER_KEEPER_ACTED: &str = "keeper-acted";
 const KILL_AFTER_ACTED_BEFORE_RECORDED: &str = "acted";
+const KILL_WHILE_SENDING_THE_SECOND_CALL: &str = "mid-run";
+
+/// A JSON-RPC relay to anvil that kills the process when the `n`-th `eth_sendRawTransaction` arrives,
+/// before relaying it: the host has logged that send's intent, the chain never sees it.
+fn kill_on_raw_send(anvil: String, n: usize) -> String {
+    use axum::body::Bytes;
+    let sends = Arc::new(Mutex::new(0usize));
+    let relay = move |body: Bytes| {
+        let (anvil, sends) = (anvil.clone(), sends.clone());
+        async move {
+            if String::from_utf8_lossy(&body).contains("eth_sendRawTransaction") {
+                let mut count = sends.lock().unwrap();
+                *count += 1;
+                if *count == n {
+                    std::process::abort();
+                }
+            }
+            let answer = tokio::task::spawn_blocking(move || {
+                let mut response = ureq::post(&anvil).header("Content-Type", "application/json").send(&body[..]).expect("anvil answers");
+                response.body_mut().read_to_vec().expect("anvil's answer")
+            })
+            .await
+            .unwrap();
+            ([(axum::http::header::CONTENT_TYPE, "application/json")], answer)
+        }
+    };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let rt = runtime();
+        rt.block_on(async move {
+            listener.set_nonblocking(true).unwrap();
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            axum::serve(listener, axum::Router::new().fallback(axum::routing::post(relay))).await.unwrap();
+        });
+    });
+    url
+}
 
 /// Kills the process as soon as the keeper's submit returns: the calls are mined, the log does not know.
 struct KillAfterSubmit(Arc<LocalKeeper>);
@@ -424,6 +464,11 @@ fn local_keeper_kill_child() {
         }
         KILL_AFTER_ACTED_BEFORE_RECORDED => {
             let driver = Driver::new(log, keeper, Arc::new(KillInRecord), policy());
+            let _ = driver.run(&t);
+        }
+        KILL_WHILE_SENDING_THE_SECOND_CALL => {
+            let (_host, keeper) = KeeperSetup { rpc: kill_on_raw_send(setup.rpc.clone(), 2), ..setup.clone() }.keeper();
+            let driver = Driver::new(log, keeper, Arc::new(Recorded::default()), policy());
             let _ = driver.run(&t);
         }
         other => panic!("unknown kill point {other}"),
@@ -491,4 +536,46 @@ fn killed_after_the_keeper_acted_on_chain_before_the_log_knew_resumes_without_ac
 #[test]
 fn killed_after_acted_before_recorded_resumes_and_records_once() {
     kill_then_resume(KILL_AFTER_ACTED_BEFORE_RECORDED, TransitionState::Acted, 2);
+}
+
+/// The one window the host cannot close: killed while the second call of the run was being sent (its
+/// intent logged, the transaction not relayed). After the restart the run's first call is not sent again
+/// and the second is in doubt — the host will not send it again and the keeper will not guess — so the
+/// transition stays unsettled for an operator, and nothing happened twice.
+#[test]
+fn killed_while_a_call_was_being_sent_stays_unsettled_and_never_sends_twice() {
+    let Some(tools) = tools() else { return };
+    let rt = runtime();
+    let devnet = rt.block_on(PaidDevnet::start(&tools, &PaidDevnetOptions::default())).expect("devnet");
+    let state = tempfile::tempdir().unwrap();
+    let setup = KeeperSetup::of(&devnet, state.path());
+    let r = reader(&rt, &devnet);
+    let orchestrator = devnet.orchestrator.address();
+    let nonce_before = r.nonce(orchestrator);
+    let t = handle_breach(&devnet, "pool-1/handle-breach/1");
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "local_keeper_kill_child", "--ignored", "--test-threads=1", "--nocapture"])
+        .env(CHILD_MODE, KILL_WHILE_SENDING_THE_SECOND_CALL)
+        .env("LK_TRANSITION", serde_json::to_string(&t).unwrap())
+        .envs(setup.to_env())
+        .status()
+        .unwrap();
+    assert!(!status.success(), "the child was not killed");
+    assert_eq!(r.nonce(orchestrator) - nonce_before, 1, "the units went out, the proposal did not");
+
+    let (_host, keeper) = setup.keeper();
+    let db = state.path().join("keeper.db");
+    let quick = RetryPolicy { pending_timeout: Duration::from_secs(1), ..policy() };
+    let driver = Driver::new(Arc::new(TransitionLog::open(&db).unwrap()), keeper.clone(), Arc::new(Recorded::default()), quick);
+    for _ in 0..2 {
+        let Driven::Pending(rec) = driver.resume().unwrap().remove(0) else { panic!("an in-doubt run was settled") };
+        assert_eq!(rec.state, TransitionState::Submitted, "adopted, not re-submitted");
+        assert_eq!(rec.run, 1);
+    }
+    let status = keeper.status("run/pool-1/handle-breach/1").unwrap();
+    assert_eq!(status.state, RunState::Pending);
+    assert!(status.detail.contains("propose-breach") && status.detail.contains("in doubt"), "{}", status.detail);
+    assert_eq!(r.nonce(orchestrator) - nonce_before, 1, "nothing sent twice, nothing guessed");
+    assert!(r.slashed_events(devnet.coalition).is_empty());
+    assert_eq!(r.stake(devnet.coalition, devnet.operators[1].address()), usdc(100));
 }
