@@ -284,7 +284,10 @@ impl<H: Host> Keeper<'_, H> {
                 }
                 Ok(receipt) => return self.finish(record, RunState::Error, format!("{what}: transaction {} was mined but reverted", receipt.hash)),
                 Err(ChainFailure::Unavailable(m)) => return Err(KeeperFailure::Unavailable(format!("{what}: {m}"))),
-                Err(ChainFailure::InDoubt(m)) => return self.finish(record, RunState::InDoubt, format!("{what}: {m}")),
+                Err(ChainFailure::InDoubt(m)) => {
+                    let reason = format!("in doubt, {what}: {m}; the host will not send it again and an operator must settle it");
+                    return self.finish(record, RunState::InDoubt, reason);
+                }
                 Err(ChainFailure::NotGranted(c)) => {
                     return self.finish(record, RunState::Error, format!("{what}: the operator has not granted this keeper the contract {c} ([grants.chain])"));
                 }
@@ -456,7 +459,7 @@ mod tests {
         *host.fail_next.borrow_mut() = alloc::vec![ChainFailure::InDoubt("no receipt".into())];
         let k = Keeper { host: &host };
         let r = k.submit("stream-stop", "p/3", "pool-1", &trigger("stream-stop", "p/3", json!({"pool": B, "token": C, "from": A}))).unwrap();
-        assert!(matches!(k.status(&r).unwrap(), Outcome::Pending(m) if m.contains("no receipt")));
+        assert!(matches!(k.status(&r).unwrap(), Outcome::Pending(m) if m.contains("no receipt") && m.starts_with("in doubt")));
         assert!(matches!(k.status(&r).unwrap(), Outcome::Pending(_)), "never re-sent");
         assert!(host.mined.borrow().is_empty());
 
