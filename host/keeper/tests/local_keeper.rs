@@ -120,7 +120,7 @@ impl KeeperSetup {
         Self {
             rpc: devnet.rpc_url().to_string(),
             key_hex: hex::encode(devnet.orchestrator.to_bytes()),
-            grants: devnet.keeper_grants(KEEPER_ID),
+            grants: devnet.rail_config(Some(KEEPER_ID)),
             contracts: devnet.keeper_contracts(),
             state: state.to_path_buf(),
         }
