@@ -406,7 +406,8 @@ fn payments_banner(url: &str, model: &str, d: &UpDevnet, price: u128, max_second
         "pay_to": address_of(&devnet.orchestrator), "payer_key": key, "payer": address_of(payer),
         "operators": devnet.operators.iter().map(address_of).collect::<Vec<_>>(),
         "price_per_second": price.to_string(), "max_seconds_per_request": max_seconds, "voucher_amount": worst.to_string(),
-        "facilitator": devnet.facilitator_url,
+        "facilitator": devnet.facilitator_url, "coalition": format!("{:#x}", devnet.coalition),
+        "keeper": d.rail_args.keepers.as_ref().map(|_| d.rail_args.keeper.clone()),
     });
     format!(
         r#"Payments are on: every request pays {price} USDC atomic units per second it streams (a voucher covers

@@ -164,6 +164,11 @@ impl Drop for Up {
 
 impl Up {
     fn start(model: &Path) -> Self {
+        Self::start_with(model, &[])
+    }
+
+    /// `up` with `extra` arguments after the defaults (a later one overrides an earlier one).
+    fn start_with(model: &Path, extra: &[&str]) -> Self {
         let state = tempfile::tempdir().expect("temp dir");
         let models_dir = model.parent().expect("models dir");
         let name = model.file_name().and_then(|n| n.to_str()).expect("model name");
@@ -174,6 +179,7 @@ impl Up {
             .arg("--state-dir")
             .arg(state.path())
             .args(["--price-per-second", &PRICE.to_string(), "--max-seconds-per-request", "60"])
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -610,4 +616,102 @@ fn an_orchestrator_killed_mid_stream_stops_the_flow_on_restart_and_charges_the_s
     // the session is under one request's worst case, so a new voucher tops it up (the same session).
     let (again, _) = pc.open_session();
     assert_eq!(again, session, "the payer's live session is credited");
+}
+
+/// Sends `n` paid requests at once, each with its own voucher from `payer`; their bodies' texts.
+fn concurrent_paid_chats(addr: &str, payer: &PrivateKeySigner, n: usize, max_tokens: u32) -> Vec<String> {
+    let body = chat(max_tokens, false);
+    let required = required_of(&post(addr, &body, &[]));
+    let headers: Vec<String> = (0..n).map(|_| sign(&required, payer, payer, &voucher_for(&required))).collect();
+    let threads: Vec<_> = headers
+        .into_iter()
+        .map(|header| {
+            let (addr, body) = (addr.to_string(), body.clone());
+            std::thread::spawn(move || {
+                let r = post(&addr, &body, &[("payment-signature", &header)]);
+                assert_eq!(r.status, 200, "{}", r.body);
+                let v: Value = serde_json::from_str(&r.body).expect("json");
+                v["choices"][0]["message"]["content"].as_str().expect("content").to_string()
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().expect("request thread")).collect()
+}
+
+/// Issue 10's end-to-end case: three pipelines, each one operator's; pipeline 0's exit worker is made to
+/// return wrong tokens (a fault drill). Output audits (every request) catch it; the coalition — three voter
+/// plugins, two needed — votes its operator out; the local keeper's handle-breach zeroes its GDA units and
+/// slashes its stake on the devnet; the pool's later requests complete on the other two pipelines, with the
+/// honest tokens, paid as before.
+#[test]
+fn a_worker_returning_wrong_tokens_is_audited_voted_out_slashed_and_the_pool_serves_on() {
+    let Some(model) = smollm2_dir() else { return };
+    let Some(_tools) = tools() else { return };
+    // 1800 per second: a multiple of every total of units (30 layers per pipeline: 90, then 60).
+    let up = Up::start_with(
+        &model,
+        &["--replicas", "3", "--audit-rate", "1", "--price-per-second", "1800", "--max-seconds-per-request", "20",
+          "--fault-drill", "0:1:wrong-tokens-after:2"],
+    );
+    assert_eq!(up.info["keeper"], "local", "payments run through the local keeper by default: {}", up.info);
+    let rt = runtime();
+    let payer: PrivateKeySigner = up.str("payer_key").parse().expect("payer key");
+    let chain = rt.block_on(Chain::connect(&up.str("rpc"), Some(DEVNET_CHAIN_ID), payer.clone())).expect("chain");
+    let operators: Vec<Address> =
+        up.info["operators"].as_array().expect("operators").iter().map(|a| a.as_str().expect("addr").parse().expect("addr")).collect();
+    assert_eq!(operators.len(), 3, "one operator per pipeline");
+    let (faulty, honest) = (operators[0], &operators[1..]);
+    let gda_pool: Address = up.str("gda_pool").parse().expect("gda pool");
+    let coalition: Address = up.str("coalition").parse().expect("coalition");
+    let pool = computepool_chain::bindings::ISuperfluidPool::new(gda_pool, chain.provider());
+    let stakes = computepool_chain::bindings::Coalition::new(coalition, chain.provider());
+    let stake_of = |op: Address| rt.block_on(async { stakes.memberOf(op).call().await }).expect("memberOf").stake;
+    let units_of = |op: Address| rt.block_on(async { pool.getUnits(op).call().await }).expect("getUnits");
+    let stake_before = stake_of(faulty);
+    assert!(stake_before > U256::ZERO);
+
+    // Three at once: one per pipeline (a route is picked by load), so the faulty one serves one of them.
+    let texts = concurrent_paid_chats(&up.addr, &payer, 3, 8);
+    let distinct: std::collections::BTreeSet<_> = texts.iter().collect();
+    assert_eq!(distinct.len(), 2, "two pipelines agree, the drilled one differs: {texts:?}");
+
+    // The audit convicts, the voters eject (2 of 3), the keeper acts on chain.
+    let transitions = |addr: &str| -> Value {
+        let r = http::get(addr, &format!("/transitions?pool={MODEL}&limit=200"));
+        assert_eq!(r.status, 200, "{}", r.body);
+        serde_json::from_str(&r.body).expect("json")
+    };
+    let handled = wait_for(Duration::from_secs(120), || {
+        transitions(&up.addr)["transitions"]
+            .as_array()
+            .is_some_and(|ts| ts.iter().any(|t| t["kind"] == "handle-breach" && t["state"] == "recorded"))
+    });
+    assert!(handled, "no handle-breach recorded: {}", transitions(&up.addr));
+    let page = transitions(&up.addr);
+    let all = page["transitions"].as_array().expect("transitions");
+    let breaches: Vec<_> = all.iter().filter(|t| t["kind"] == "handle-breach").collect();
+    assert_eq!(breaches.len(), 1, "one breach, handled once: {page}");
+    assert_eq!(breaches[0]["payload"]["operator"].as_str().map(str::to_ascii_lowercase), Some(format!("{faulty:#x}")));
+    assert!(all.iter().any(|t| t["kind"] == "stream-start" && t["state"] == "recorded"), "flows went through the keeper: {page}");
+    assert!(all.iter().any(|t| t["kind"] == "stream-stop" && t["state"] == "recorded"), "flows went through the keeper: {page}");
+
+    // On chain: the faulty operator's units are 0 and its stake was slashed; the others keep theirs.
+    assert_eq!(units_of(faulty), 0);
+    assert!(stake_of(faulty) < stake_before, "slashed: {} → {}", stake_before, stake_of(faulty));
+    for op in honest {
+        assert!(units_of(*op) > 0, "{op} keeps its units");
+        assert_eq!(stake_of(*op), stake_before, "{op} keeps its stake");
+    }
+
+    // Its workers are ejected; the pool serves on the other two pipelines, with the honest tokens.
+    let workers: Value = serde_json::from_str(&http::get(&up.addr, "/workers").body).expect("workers json");
+    let rows = workers["workers"].as_array().or(workers.as_array()).expect("workers").clone();
+    let faulty_hex = format!("{faulty:#x}");
+    let ejected: Vec<_> = rows.iter().filter(|w| !w["ejected"].is_null()).collect();
+    assert_eq!(ejected.len(), 2, "both workers of the faulty pipeline: {workers}");
+    assert!(ejected.iter().all(|w| w["payout"].as_str().map(str::to_ascii_lowercase) == Some(faulty_hex.clone())), "{workers}");
+    let honest_text = texts.iter().find(|t| texts.iter().filter(|u| u == t).count() == 2).expect("two agree").clone();
+    for text in concurrent_paid_chats(&up.addr, &payer, 3, 8) {
+        assert_eq!(text, honest_text, "after the ejection every request gets the honest tokens");
+    }
 }
