@@ -23,7 +23,14 @@ fi
 
 # Guests build apart from the host's target dir: a different target and profile, nothing shared.
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/plugins"
-(cd "$PLUGINS" && CARGO_TARGET_DIR="$TARGET_DIR" cargo build --release --locked --target wasm32-wasip2 --workspace)
+# Paths compiled into a guest (panic locations of path dependencies such as host/sampling-core, and of
+# registry crates) are remapped to fixed prefixes, so a plugin's digest is the same in every checkout.
+# Given with --config, whose arrays add to plugins/.cargo/config.toml's rustflags (RUSTFLAGS would
+# replace them), and to this build only: the host's builds and cache are untouched.
+CARGO_HOME_DIR="${CARGO_HOME:-$HOME/.cargo}"
+REMAP="target.wasm32-wasip2.rustflags=['--remap-path-prefix=$ROOT=/computepool', '--remap-path-prefix=$CARGO_HOME_DIR=/cargo']"
+(cd "$PLUGINS" && CARGO_TARGET_DIR="$TARGET_DIR" \
+    cargo build --release --locked --target wasm32-wasip2 --workspace --config "$REMAP")
 OUT="$TARGET_DIR/wasm32-wasip2/release"
 
 stale=0

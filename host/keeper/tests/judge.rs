@@ -1,7 +1,8 @@
 //! The judge over real coalition-voter plugins (plugins/voters/, plugins/test/voter-dissent,
 //! plugins/bad/voter-trap; built by scripts/build-plugins.sh): a wrong-output report with a faulty
 //! route is judged 2 of 3 with a dissenter, a crashed voter and a dissenter leave one honest voter short
-//! of a quorum, a lone voter cannot force a verdict, and every signed ballot is in the coalition store.
+//! of a quorum, a lone voter cannot force a verdict, every signed ballot is in the coalition store, and
+//! the orchestrator's literal example evidence (audit-evidence-example.json) convicts its accused.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -37,19 +38,30 @@ fn voters(relatives: &[(&str, &str)]) -> (PluginHost, Vec<Arc<dyn Voter>>) {
     (host, voters)
 }
 
-/// An audit where the accused's route alone disagrees with two routes that agree.
+/// An audit where the accused's route alone disagrees with two routes that agree: version 1 evidence,
+/// as the orchestrator's output audits write it (host/node/src/orchestrator/audits.rs).
 fn faulty_route_report() -> BreachReport {
-    let run = |route: &str, op: &str, tokens: &[u32]| {
-        json!({"route": route, "workers": [{"peer": format!("peer-{route}"), "operator": op, "layers": "0..30"}], "tokens": tokens})
+    let run = |route: u64, op: &str, tokens: &[u32], agrees: bool, divergence: Option<u64>| {
+        json!({
+            "role": if route == 0 { "original" } else { "audit" }, "route": route,
+            "shards": [{"peer": format!("peer-{route}"), "operator": op, "layers": "0..30"}],
+            "tokens": tokens, "error": null, "agrees": agrees, "divergence": divergence,
+        })
     };
     let evidence = json!({
-        "request": {"id": "req-7", "model": "smollm2-135m-instruct"},
+        "version": 1,
+        "pool": "pool-1",
+        "request_id": "chatcmpl-7",
+        "request": {"prompt": "Hello", "max_tokens": 4, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 7},
         "runs": [
-            run("r1", ACCUSED, &[11, 12, 99, 14]),
-            run("r2", "0x00000000000000000000000000000000000000b1", &[11, 12, 13, 14]),
-            run("r3", "0x00000000000000000000000000000000000000b2", &[11, 12, 13, 14]),
+            run(0, ACCUSED, &[11, 12, 99, 14], false, Some(2)),
+            run(1, "0x00000000000000000000000000000000000000b1", &[11, 12, 13, 14], true, None),
+            run(2, "0x00000000000000000000000000000000000000b2", &[11, 12, 13, 14], true, None),
         ],
-        "firstDivergence": 2,
+        "voting_runs": 3,
+        "majority": [1, 2],
+        "accused": [{"peer": "peer-0", "operator": ACCUSED, "layers": "0..30"}],
+        "first_divergence": 2,
     });
     BreachReport {
         pool_id: "pool-1".into(),
@@ -157,9 +169,44 @@ async fn a_clean_audit_is_dismissed() {
     let mut report = faulty_route_report();
     let mut evidence: serde_json::Value = serde_json::from_str(&report.evidence).unwrap();
     evidence["runs"][0]["tokens"] = json!([11, 12, 13, 14]);
-    evidence["firstDivergence"] = serde_json::Value::Null;
+    evidence["majority"] = json!([0, 1, 2]);
+    evidence["accused"] = json!([]);
+    evidence["first_divergence"] = serde_json::Value::Null;
     report.evidence = evidence.to_string();
     let j = judge.judge(report).await.unwrap();
+    assert_eq!(decisions(&j), vec![Some(Decision::Dismiss), Some(Decision::Dismiss), Some(Decision::Abstain)]);
+    assert_eq!(j.tally.outcome, Outcome::Decided(Decision::Dismiss));
+}
+
+/// The orchestrator's literal example evidence (the file its own tests check it writes) through the real
+/// voters: its original route (operator ...a0) alone disagrees with two agreeing audit routes, one of
+/// whose shards has no operator. The reporter's accused is ejected; an operator on an agreeing route is
+/// not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_orchestrators_example_evidence_ejects_the_accused_only() {
+    const EXAMPLE: &str = include_str!("../../node/src/orchestrator/audit-evidence-example.json");
+    let (_host, voters) = voters(&[
+        ("voters/audit-majority", "audit-majority"),
+        ("voters/audit-unanimous", "audit-unanimous"),
+        ("voters/liveness", "liveness"),
+    ]);
+    let majority = voters[0].clone();
+    let dir = tempfile::tempdir().unwrap();
+    let judge = Judge::open(dir.path(), voters, config()).unwrap();
+    let report = |operator: &str| BreachReport {
+        pool_id: "smol".into(),
+        operator: operator.into(),
+        kind: BreachKind::WrongOutput,
+        evidence: EXAMPLE.to_string(),
+        observed_at_ms: 1_764_200_000_000,
+    };
+    let guilty = report("0x00000000000000000000000000000000000000a0");
+    let (decision, reason) = majority.vote(&guilty).unwrap();
+    assert_eq!(decision, Decision::Eject, "audit-majority: {reason}");
+    let j = judge.judge(guilty).await.unwrap();
+    assert_eq!(decisions(&j), vec![Some(Decision::Eject), Some(Decision::Eject), Some(Decision::Abstain)]);
+    assert_eq!(j.tally.outcome, Outcome::Decided(Decision::Eject));
+    let j = judge.judge(report("0x00000000000000000000000000000000000000B1")).await.unwrap();
     assert_eq!(decisions(&j), vec![Some(Decision::Dismiss), Some(Decision::Dismiss), Some(Decision::Abstain)]);
     assert_eq!(j.tally.outcome, Outcome::Decided(Decision::Dismiss));
 }

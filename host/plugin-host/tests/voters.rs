@@ -18,17 +18,37 @@ fn load(host: &PluginHost, relative: &str, id: &str) -> Arc<VoterPlugin> {
     host.voter(id).expect("loaded as a voter")
 }
 
-fn run(route: &str, operators: &[&str], tokens: &[u32]) -> Value {
-    let workers: Vec<Value> = operators
+/// One run of version 1 audit evidence (host/node/src/orchestrator/audits.rs), on route `route`.
+/// `agrees` and `divergence` are left null: the voters recompute them and read neither.
+fn run(route: u64, operators: &[&str], tokens: &[u32]) -> Value {
+    let shards: Vec<Value> = operators
         .iter()
         .enumerate()
         .map(|(i, op)| json!({"peer": format!("peer-{route}-{i}"), "operator": op, "layers": format!("{}..{}", i * 15, i * 15 + 15)}))
         .collect();
-    json!({"route": route, "workers": workers, "tokens": tokens})
+    let role = if route == 0 { "original" } else { "audit" };
+    json!({"role": role, "route": route, "shards": shards, "tokens": tokens, "error": null, "agrees": null, "divergence": null})
 }
 
-fn audit(runs: Vec<Value>, first_divergence: Option<u64>) -> String {
-    json!({"request": {"id": "req-1", "model": "m"}, "runs": runs, "firstDivergence": first_divergence}).to_string()
+/// A run that failed: no tokens, no vote.
+fn failed(route: u64, operators: &[&str]) -> Value {
+    let mut run = run(route, operators, &[]);
+    run["tokens"] = Value::Null;
+    run["error"] = json!("Unavailable: the worker went away");
+    run
+}
+
+/// Version 1 evidence with the reporter's conclusions `majority` and `first_divergence` as given
+/// (`voting_runs`: the runs with tokens) and an `accused` list the voters ignore.
+fn audit(runs: Vec<Value>, majority: &[usize], first_divergence: Option<u64>) -> String {
+    let voting_runs = runs.iter().filter(|r| !r["tokens"].is_null()).count();
+    json!({
+        "version": 1, "pool": "pool-1", "request_id": "chatcmpl-1",
+        "request": {"prompt": "p", "max_tokens": 4, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 7},
+        "runs": runs, "voting_runs": voting_runs, "majority": majority, "accused": [],
+        "first_divergence": first_divergence,
+    })
+    .to_string()
 }
 
 fn report(kind: BreachKind, evidence: String) -> BreachReport {
@@ -60,49 +80,49 @@ fn the_wrong_output_voters_convict_only_on_agreeing_clean_runs() {
     let cases: Vec<(&str, String, Decision, Decision)> = vec![
         (
             "the accused's route alone disagrees with two agreeing routes",
-            audit(vec![run("r1", &[OTHER_1, ACCUSED], &bad), run("r2", &[OTHER_1, OTHER_2], &good), run("r3", &[OTHER_2], &good)], Some(2)),
+            audit(vec![run(0, &[OTHER_1, ACCUSED], &bad), run(1, &[OTHER_1, OTHER_2], &good), run(2, &[OTHER_2], &good)], &[1, 2], Some(2)),
             Decision::Eject,
             Decision::Eject,
         ),
         (
             "all runs agree",
-            audit(vec![run("r1", &[ACCUSED], &good), run("r2", &[OTHER_1], &good), run("r3", &[OTHER_2], &good)], None),
+            audit(vec![run(0, &[ACCUSED], &good), run(1, &[OTHER_1], &good), run(2, &[OTHER_2], &good)], &[0, 1, 2], None),
             Decision::Dismiss,
             Decision::Dismiss,
         ),
         (
             "the accused is also on an agreeing route",
-            audit(vec![run("r1", &[ACCUSED], &bad), run("r2", &[ACCUSED, OTHER_1], &good), run("r3", &[OTHER_2], &good)], Some(2)),
+            audit(vec![run(0, &[ACCUSED], &bad), run(1, &[ACCUSED, OTHER_1], &good), run(2, &[OTHER_2], &good)], &[1, 2], Some(2)),
             Decision::Dismiss,
             Decision::Dismiss,
         ),
         (
             "two runs, one each: nobody can tell who is wrong",
-            audit(vec![run("r1", &[ACCUSED], &bad), run("r2", &[OTHER_1], &good)], Some(2)),
+            audit(vec![run(0, &[ACCUSED], &bad), run(1, &[OTHER_1], &good)], &[], None),
             Decision::Dismiss,
             Decision::Dismiss,
         ),
         (
             "three runs, three answers",
-            audit(vec![run("r1", &[ACCUSED], &bad), run("r2", &[OTHER_1], &good), run("r3", &[OTHER_2], &[5, 1])], Some(1)),
+            audit(vec![run(0, &[ACCUSED], &bad), run(1, &[OTHER_1], &good), run(2, &[OTHER_2], &[5, 1])], &[], None),
             Decision::Dismiss,
             Decision::Dismiss,
         ),
         (
             "the accused is on none of the runs",
-            audit(vec![run("r1", &[OTHER_2], &bad), run("r2", &[OTHER_1], &good), run("r3", &[OTHER_1], &good)], Some(2)),
+            audit(vec![run(0, &[OTHER_2], &bad), run(1, &[OTHER_1], &good), run(2, &[OTHER_1], &good)], &[1, 2], Some(2)),
             Decision::Dismiss,
             Decision::Dismiss,
         ),
         (
             "the claimed first divergence is not what the tokens show",
-            audit(vec![run("r1", &[ACCUSED], &bad), run("r2", &[OTHER_1], &good), run("r3", &[OTHER_2], &good)], Some(0)),
+            audit(vec![run(0, &[ACCUSED], &bad), run(1, &[OTHER_1], &good), run(2, &[OTHER_2], &good)], &[1, 2], Some(0)),
             Decision::Dismiss,
             Decision::Dismiss,
         ),
         (
             "a run that stops early diverges where it stops",
-            audit(vec![run("r1", &[ACCUSED], &good[..2]), run("r2", &[OTHER_1], &good), run("r3", &[OTHER_2], &good)], Some(2)),
+            audit(vec![run(0, &[ACCUSED], &good[..2]), run(1, &[OTHER_1], &good), run(2, &[OTHER_2], &good)], &[1, 2], Some(2)),
             Decision::Eject,
             Decision::Eject,
         ),
@@ -111,15 +131,41 @@ fn the_wrong_output_voters_convict_only_on_agreeing_clean_runs() {
             "four of five agree, the fifth clean run is odd",
             audit(
                 vec![
-                    run("r1", &[ACCUSED], &bad),
-                    run("r2", &[OTHER_1], &good),
-                    run("r3", &[OTHER_2], &good),
-                    run("r4", &[OTHER_1, OTHER_2], &good),
-                    run("r5", &[OTHER_2, OTHER_1], &[5, 9, 2, 8]),
+                    run(0, &[ACCUSED], &bad),
+                    run(1, &[OTHER_1], &good),
+                    run(2, &[OTHER_2], &good),
+                    run(3, &[OTHER_1, OTHER_2], &good),
+                    run(4, &[OTHER_2, OTHER_1], &[5, 9, 2, 8]),
                 ],
+                &[1, 2, 3],
                 Some(2),
             ),
             Decision::Eject,
+            Decision::Dismiss,
+        ),
+        (
+            "a failed run does not vote",
+            audit(vec![run(0, &[ACCUSED], &bad), run(1, &[OTHER_1], &good), run(2, &[OTHER_2], &good), failed(3, &[OTHER_1])], &[1, 2], Some(2)),
+            Decision::Eject,
+            Decision::Eject,
+        ),
+        (
+            "the accused is only on a failed run",
+            audit(vec![failed(0, &[ACCUSED]), run(1, &[OTHER_1], &good), run(2, &[OTHER_2], &good)], &[1, 2], None),
+            Decision::Dismiss,
+            Decision::Dismiss,
+        ),
+        (
+            "the claimed majority is not what the tokens show",
+            audit(vec![run(0, &[ACCUSED], &bad), run(1, &[OTHER_1], &good), run(2, &[OTHER_2], &good)], &[0, 1], Some(2)),
+            Decision::Dismiss,
+            Decision::Dismiss,
+        ),
+        (
+            "the claimed voting runs are not what the tokens show",
+            audit(vec![run(0, &[ACCUSED], &bad), run(1, &[OTHER_1], &good), run(2, &[OTHER_2], &good)], &[1, 2], Some(2))
+                .replace("\"voting_runs\":3", "\"voting_runs\":4"),
+            Decision::Dismiss,
             Decision::Dismiss,
         ),
     ];
@@ -135,14 +181,16 @@ fn the_wrong_output_voters_convict_only_on_agreeing_clean_runs() {
         assert_eq!(decision(&unanimous, &r), Decision::Abstain);
     }
     // Bad evidence: typed refusals, and the voter keeps serving.
-    let one_run = audit(vec![run("r1", &[ACCUSED], &good)], None);
-    let no_workers = audit(vec![run("r1", &[], &good), run("r2", &[OTHER_1], &good)], None);
+    let one_run = audit(vec![run(0, &[ACCUSED], &good)], &[], None);
+    let no_workers = audit(vec![run(0, &[], &good), run(1, &[OTHER_1], &good)], &[0, 1], None);
     for (evidence, accused) in [
         ("not json".to_string(), ACCUSED),
         (one_run, ACCUSED),
         (no_workers, ACCUSED),
-        (r#"{"runs": [{"route": "r", "workers": [{"peer": "p", "operator": "0x"}], "tokens": [-1]}, {"route": "s", "workers": [{"peer": "p", "operator": "0x"}], "tokens": []}]}"#.to_string(), ACCUSED),
-        (audit(vec![run("r1", &[ACCUSED], &good), run("r2", &[OTHER_1], &good)], None), "0x12"),
+        (audit(vec![run(0, &[ACCUSED], &good), json!({"route": 1, "shards": [{"operator": null}], "tokens": [-1]})], &[], None), ACCUSED),
+        (audit(vec![run(0, &[ACCUSED], &good), run(1, &[OTHER_1], &good)], &[0, 1], None).replace("\"version\":1", "\"version\":2"), ACCUSED),
+        (audit(vec![run(0, &[ACCUSED], &good), run(1, &[OTHER_1], &good)], &[0, 1], None).replace("\"shards\"", "\"workers\""), ACCUSED),
+        (audit(vec![run(0, &[ACCUSED], &good), run(1, &[OTHER_1], &good)], &[0, 1], None), "0x12"),
     ] {
         let mut r = report(BreachKind::WrongOutput, evidence);
         r.operator = accused.into();
@@ -204,7 +252,7 @@ fn the_dissenter_always_dismisses_and_the_trap_is_replaced_each_time() {
     let host = support::host();
     let dissent = load(&host, "test/voter-dissent", "test-voter-dissent");
     let trap = load(&host, "bad/voter-trap", "test-voter-trap");
-    let evidence = audit(vec![run("r1", &[ACCUSED], &[1]), run("r2", &[OTHER_1], &[2]), run("r3", &[OTHER_2], &[2])], Some(0));
+    let evidence = audit(vec![run(0, &[ACCUSED], &[1]), run(1, &[OTHER_1], &[2]), run(2, &[OTHER_2], &[2])], &[1, 2], Some(0));
     for kind in [BreachKind::WrongOutput, BreachKind::MissedHeartbeat] {
         assert_eq!(decision(&dissent, &report(kind, evidence.clone())), Decision::Dismiss);
     }

@@ -4,37 +4,45 @@
 //! with a strict majority of runs that agree with one another token for token, and it worked on none of
 //! those agreeing runs; otherwise it dismisses. Every other breach kind: abstain.
 //!
-//! It recomputes agreement and the first divergence from the token lists itself, and trusts nothing the
-//! reporter concluded: a `firstDivergence` that the tokens do not show makes it dismiss (the reporter is
-//! broken, so its conviction is not evidence).
+//! It recomputes the voting runs, the majority and the first divergence from the token lists itself and
+//! trusts nothing the reporter concluded: a `voting_runs`, `majority` or `first_divergence` that the
+//! tokens do not show makes it dismiss (the reporter is broken, so its conviction is not evidence).
 //!
-//! Evidence it accepts (the breach report's `evidence`, JSON; camelCase; unknown fields ignored):
+//! Evidence it accepts: version 1 of the orchestrator's audit evidence, exactly as the doc comment of
+//! host/node/src/orchestrator/audits.rs specifies it (a literal example: audit-evidence-example.json
+//! beside it). snake_case keys; unknown fields ignored. What this voter reads:
 //!
 //! ```json
 //! {
-//!   "request": {"id": "req-1", "model": "smollm2-135m-instruct"},
+//!   "version": 1,
 //!   "runs": [
-//!     {"route": "r-1",
-//!      "workers": [{"peer": "12D3KooW…", "operator": "0x…40 hex…", "layers": "0..15"}],
-//!      "tokens": [2, 17, 9]},
-//!     {"route": "r-2", "workers": [ … ], "tokens": [2, 17, 9]},
-//!     {"route": "r-3", "workers": [ … ], "tokens": [2, 17, 4]}
+//!     {"role": "original", "route": 0,
+//!      "shards": [{"peer": "…", "operator": "0x…40 hex…", "layers": "0..15"},
+//!                 {"peer": "…", "operator": null, "layers": "15..30"}],
+//!      "tokens": [504, 3575, 1085], "error": null, "agrees": false, "divergence": 2},
+//!     {"role": "audit", "route": 1, "shards": [ … ], "tokens": [504, 3575, 314], …},
+//!     {"role": "audit", "route": 2, "shards": [ … ], "tokens": null, "error": "Unavailable: …", …}
 //!   ],
-//!   "firstDivergence": 2
+//!   "voting_runs": 2,
+//!   "majority": [1],
+//!   "first_divergence": 2
 //! }
 //! ```
 //!
-//! - `request`: any JSON; recorded with the report, not judged.
-//! - `runs`: 2 to 16 runs (the user's run first, then the audit re-runs). `route`: a label. `workers`: 1
-//!   to 64, the route's workers in pipeline order; `peer` a string; `operator` the worker's payout
-//!   address, compared without regard to case (`""` for a worker that has none, never matching an
-//!   accused); `layers` any JSON (the worker's `START..END`), not judged. `tokens`: at most 65 536 token
-//!   ids (u32).
-//! - `firstDivergence`: the first position at which any two runs differ (a run that ends first differs
-//!   where it ends), or `null` when all runs agree.
+//! - `version`: must be 1.
+//! - `runs`: 2 to 16 runs. `route`: the route's index in the pool. `shards`: 1 to 64, the route's
+//!   workers; `operator` the worker's payout address, compared without regard to case, or `null` (none
+//!   registered, never matching an accused). `tokens`: at most 65 536 token ids (u32), or `null` for a
+//!   failed run, which does not vote.
+//! - `voting_runs`: the runs with tokens. `majority`: the indices of the runs sharing one token list
+//!   that are a strict majority of the voting runs (at least two voting), `[]` when none is.
+//!   `first_divergence`: the smallest index at which a voting run's tokens differ from the majority's
+//!   (a prefix differs where it ends); `null` when there is no majority or every voting run agrees.
 //!
-//! The accused (the report's `operator`) must be `0x` and 40 hex digits. Evidence that does not parse,
-//! or breaks a bound above, is an `invalid-report` error (no ballot).
+//! Rule: eject iff a strict majority exists, no majority run has a shard paid to the accused, and at
+//! least one disagreeing voting run does. The accused (the report's `operator`) must be `0x` and 40 hex
+//! digits. Evidence that does not parse, has another version, or breaks a bound above is an
+//! `invalid-report` error (no ballot).
 #![no_std]
 
 use alloc::format;
@@ -58,26 +66,31 @@ use computepool_rail_kit as _;
 const MAX_RUNS: usize = 16;
 const MAX_WORKERS: usize = 64;
 const MAX_TOKENS: usize = 65_536;
+/// The evidence version this voter reads (host/node/src/orchestrator/audits.rs, `EVIDENCE_VERSION`).
+const VERSION: u32 = 1;
 
+// serde ignores unknown fields by default: `pool`, `request_id`, `request`, `role`, `error`, `agrees`,
+// `divergence` and `accused` are read by nobody here (the last three are the reporter's conclusions).
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
 struct Evidence {
+    version: u32,
     runs: Vec<Run>,
-    first_divergence: Option<u64>,
+    voting_runs: usize,
+    majority: Vec<usize>,
+    first_divergence: Option<usize>,
 }
 
 #[derive(Deserialize)]
 struct Run {
-    route: String,
-    workers: Vec<Worker>,
-    tokens: Vec<u32>,
+    route: u64,
+    shards: Vec<Shard>,
+    /// `None`: the run failed and does not vote.
+    tokens: Option<Vec<u32>>,
 }
 
 #[derive(Deserialize)]
-struct Worker {
-    #[allow(dead_code)]
-    peer: String,
-    operator: String,
+struct Shard {
+    operator: Option<String>,
 }
 
 struct AuditMajority;
@@ -111,68 +124,85 @@ fn parse(report: &BreachReport) -> Result<Evidence, VoterError> {
     }
     let evidence: Evidence =
         serde_json::from_str(&report.evidence).map_err(|e| invalid(format!("evidence is not the audit's JSON: {e}")))?;
+    if evidence.version != VERSION {
+        return Err(invalid(format!("evidence version {}; this voter reads version {VERSION}", evidence.version)));
+    }
     if evidence.runs.len() < 2 || evidence.runs.len() > MAX_RUNS {
         return Err(invalid(format!("evidence has {} runs; an audit has 2 to {MAX_RUNS}", evidence.runs.len())));
     }
     for run in &evidence.runs {
-        if run.workers.is_empty() || run.workers.len() > MAX_WORKERS {
-            return Err(invalid(format!("route {:?} has {} workers; a route has 1 to {MAX_WORKERS}", run.route, run.workers.len())));
+        if run.shards.is_empty() || run.shards.len() > MAX_WORKERS {
+            return Err(invalid(format!("route {} has {} shards; a route has 1 to {MAX_WORKERS}", run.route, run.shards.len())));
         }
-        if run.tokens.len() > MAX_TOKENS {
-            return Err(invalid(format!("route {:?} has {} tokens, more than {MAX_TOKENS}", run.route, run.tokens.len())));
+        if run.tokens.as_ref().is_some_and(|t| t.len() > MAX_TOKENS) {
+            return Err(invalid(format!("route {} has more than {MAX_TOKENS} tokens", run.route)));
         }
     }
     Ok(evidence)
 }
 
-/// The first position at which any two runs differ (a shorter run differs where it ends), if any.
-fn first_divergence(runs: &[Run]) -> Option<usize> {
-    let first = &runs[0].tokens;
-    runs[1..]
-        .iter()
-        .filter_map(|r| {
-            let common = first.iter().zip(&r.tokens).take_while(|(a, b)| a == b).count();
-            (common < first.len().max(r.tokens.len())).then_some(common)
-        })
-        .min()
+/// Where `a` and `b` first differ (where one is a prefix of the other, the shorter length), if they do.
+fn divergence(a: &[u32], b: &[u32]) -> Option<usize> {
+    let common = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    (common < a.len().max(b.len())).then_some(common)
 }
 
 fn judge(accused: &str, evidence: &Evidence) -> Ballot {
     let runs = &evidence.runs;
-    let actual = first_divergence(runs);
-    if evidence.first_divergence != actual.map(|i| i as u64) {
+    // Failed runs (no tokens) do not vote.
+    let voting: Vec<(usize, &[u32])> =
+        runs.iter().enumerate().filter_map(|(i, r)| r.tokens.as_deref().map(|t| (i, t))).collect();
+    if evidence.voting_runs != voting.len() {
         return ballot(
             Decision::Dismiss,
-            format!("the evidence claims first divergence {:?}, its tokens show {:?}", evidence.first_divergence, actual),
+            format!("the evidence claims {} voting runs, {} runs have tokens", evidence.voting_runs, voting.len()),
         );
     }
-    // The largest group of runs with identical tokens; it convicts only as a strict majority.
-    let (group, size) = (0..runs.len())
-        .map(|i| (i, runs.iter().filter(|r| r.tokens == runs[i].tokens).count()))
-        .max_by_key(|(i, size)| (*size, core::cmp::Reverse(*i)))
-        .unwrap_or((0, 0));
-    if 2 * size <= runs.len() {
-        return ballot(Decision::Dismiss, format!("no strict majority: at most {size} of {} runs agree", runs.len()));
-    }
-    let majority = &runs[group].tokens;
-    let involves = |r: &Run| r.workers.iter().any(|w| w.operator.eq_ignore_ascii_case(accused));
-    let accused_runs: Vec<&Run> = runs.iter().filter(|r| involves(r)).collect();
-    if accused_runs.is_empty() {
-        return ballot(Decision::Dismiss, format!("the accused {accused} worked on none of the {} runs", runs.len()));
-    }
-    if let Some(agreeing) = accused_runs.iter().find(|r| &r.tokens == majority) {
+    // The runs sharing one token list that are a strict majority of the voting runs (at least two vote).
+    let majority: Vec<usize> = voting
+        .iter()
+        .map(|(_, t)| voting.iter().filter(|(_, u)| u == t).map(|(j, _)| *j).collect::<Vec<usize>>())
+        .find(|group| voting.len() >= 2 && 2 * group.len() > voting.len())
+        .unwrap_or_default();
+    if evidence.majority != majority {
         return ballot(
             Decision::Dismiss,
-            format!("the accused {accused} worked on route {:?}, which agrees with the majority", agreeing.route),
+            format!("the evidence claims majority runs {:?}, its tokens show {majority:?}", evidence.majority),
         );
     }
-    let routes: Vec<&str> = accused_runs.iter().map(|r| r.route.as_str()).collect();
+    let truth: Option<&[u32]> = majority.first().and_then(|&i| runs[i].tokens.as_deref());
+    let actual = truth.and_then(|truth| voting.iter().filter_map(|(_, t)| divergence(t, truth)).min());
+    if evidence.first_divergence != actual {
+        return ballot(
+            Decision::Dismiss,
+            format!("the evidence claims first divergence {:?}, its tokens show {actual:?}", evidence.first_divergence),
+        );
+    }
+    let Some(truth) = truth else {
+        return ballot(Decision::Dismiss, format!("no strict majority among {} voting runs", voting.len()));
+    };
+    let involves = |r: &Run| r.shards.iter().any(|s| s.operator.as_deref().is_some_and(|o| o.eq_ignore_ascii_case(accused)));
+    if let Some(&agreeing) = majority.iter().find(|&&i| involves(&runs[i])) {
+        return ballot(
+            Decision::Dismiss,
+            format!("the accused {accused} worked on route {}, which is in the majority", runs[agreeing].route),
+        );
+    }
+    let disagreeing: Vec<u64> = voting
+        .iter()
+        .filter(|(i, t)| *t != truth && involves(&runs[*i]))
+        .map(|(i, _)| runs[*i].route)
+        .collect();
+    if disagreeing.is_empty() {
+        return ballot(Decision::Dismiss, format!("the accused {accused} worked on no disagreeing voting run"));
+    }
     ballot(
         Decision::Eject,
         format!(
-            "{size} of {} runs agree on {} tokens; the accused {accused} worked only on disagreeing routes {routes:?} (first divergence at {})",
-            runs.len(),
+            "{} of {} voting runs agree on {} tokens; the accused {accused} worked only on disagreeing routes {disagreeing:?} (first divergence at {})",
             majority.len(),
+            voting.len(),
+            truth.len(),
             actual.unwrap_or(0)
         ),
     )
