@@ -151,7 +151,8 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             && *p == r
         {
             let slot = worker_args.get_mut(*shard).with_context(|| format!("--fault-drill: no shard {shard}"))?;
-            *slot = vec!["--fault".to_string(), fault.clone()];
+            // `wrong-tokens-after:3` is the worker's `--fault wrong-tokens-after 3`.
+            *slot = std::iter::once("--fault").chain(fault.split(':')).map(str::to_string).collect();
         }
         pipelines.push(LocalPipeline::start(&PipelineOptions {
             orchestrator: Some((format!("http://{addr}"), token.as_str().to_string())),

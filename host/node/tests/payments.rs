@@ -164,11 +164,11 @@ impl Drop for Up {
 
 impl Up {
     fn start(model: &Path) -> Self {
-        Self::start_with(model, &[])
+        Self::start_with(model, PRICE, &[])
     }
 
-    /// `up` with `extra` arguments after the defaults (a later one overrides an earlier one).
-    fn start_with(model: &Path, extra: &[&str]) -> Self {
+    /// `up` at `price` per second, with `extra` arguments.
+    fn start_with(model: &Path, price: u128, extra: &[&str]) -> Self {
         let state = tempfile::tempdir().expect("temp dir");
         let models_dir = model.parent().expect("models dir");
         let name = model.file_name().and_then(|n| n.to_str()).expect("model name");
@@ -178,7 +178,7 @@ impl Up {
             .arg(models_dir)
             .arg("--state-dir")
             .arg(state.path())
-            .args(["--price-per-second", &PRICE.to_string(), "--max-seconds-per-request", "60"])
+            .args(["--price-per-second", &price.to_string()])
             .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -199,6 +199,11 @@ impl Up {
         std::thread::spawn(move || for _ in lines {});
         let addr = info["url"].as_str().expect("url").trim_start_matches("http://").to_string();
         Self { child, info, addr, _state: state }
+    }
+
+    /// What `up` logged so far (for a failing assertion's message).
+    fn log(&self) -> String {
+        std::fs::read_to_string(self._state.path().join("up.log")).unwrap_or_default()
     }
 
     fn str(&self, key: &str) -> String {
@@ -650,8 +655,8 @@ fn a_worker_returning_wrong_tokens_is_audited_voted_out_slashed_and_the_pool_ser
     // 1800 per second: a multiple of every total of units (30 layers per pipeline: 90, then 60).
     let up = Up::start_with(
         &model,
-        &["--replicas", "3", "--audit-rate", "1", "--price-per-second", "1800", "--max-seconds-per-request", "20",
-          "--fault-drill", "0:1:wrong-tokens-after:2"],
+        1800,
+        &["--replicas", "3", "--audit-rate", "1", "--max-seconds-per-request", "20", "--fault-drill", "0:1:wrong-tokens-after:2"],
     );
     assert_eq!(up.info["keeper"], "local", "payments run through the local keeper by default: {}", up.info);
     let rt = runtime();
@@ -670,10 +675,10 @@ fn a_worker_returning_wrong_tokens_is_audited_voted_out_slashed_and_the_pool_ser
     let stake_before = stake_of(faulty);
     assert!(stake_before > U256::ZERO);
 
-    // Three at once: one per pipeline (a route is picked by load), so the faulty one serves one of them.
+    // Paid requests; every one is audited on the two other pipelines, so the drilled pipeline is
+    // outvoted whether it served a user's request or an audit's re-run. (A user it served got its wrong
+    // tokens: audits find a fault after the fact.)
     let texts = concurrent_paid_chats(&up.addr, &payer, 3, 8);
-    let distinct: std::collections::BTreeSet<_> = texts.iter().collect();
-    assert_eq!(distinct.len(), 2, "two pipelines agree, the drilled one differs: {texts:?}");
 
     // The audit convicts, the voters eject (2 of 3), the keeper acts on chain.
     let transitions = |addr: &str| -> Value {
@@ -686,7 +691,7 @@ fn a_worker_returning_wrong_tokens_is_audited_voted_out_slashed_and_the_pool_ser
             .as_array()
             .is_some_and(|ts| ts.iter().any(|t| t["kind"] == "handle-breach" && t["state"] == "recorded"))
     });
-    assert!(handled, "no handle-breach recorded: {}", transitions(&up.addr));
+    assert!(handled, "no handle-breach recorded: {}\n{}", transitions(&up.addr), up.log());
     let page = transitions(&up.addr);
     let all = page["transitions"].as_array().expect("transitions");
     let breaches: Vec<_> = all.iter().filter(|t| t["kind"] == "handle-breach").collect();
@@ -705,12 +710,13 @@ fn a_worker_returning_wrong_tokens_is_audited_voted_out_slashed_and_the_pool_ser
 
     // Its workers are ejected; the pool serves on the other two pipelines, with the honest tokens.
     let workers: Value = serde_json::from_str(&http::get(&up.addr, "/workers").body).expect("workers json");
-    let rows = workers["workers"].as_array().or(workers.as_array()).expect("workers").clone();
+    let rows = workers["data"].as_array().expect("workers").clone();
     let faulty_hex = format!("{faulty:#x}");
     let ejected: Vec<_> = rows.iter().filter(|w| !w["ejected"].is_null()).collect();
     assert_eq!(ejected.len(), 2, "both workers of the faulty pipeline: {workers}");
     assert!(ejected.iter().all(|w| w["payout"].as_str().map(str::to_ascii_lowercase) == Some(faulty_hex.clone())), "{workers}");
-    let honest_text = texts.iter().find(|t| texts.iter().filter(|u| u == t).count() == 2).expect("two agree").clone();
+    let honest_text = texts.iter().max_by_key(|t| texts.iter().filter(|u| u == t).count()).expect("texts").clone();
+    assert!(texts.iter().filter(|t| **t == honest_text).count() >= 2, "at most one request met the drill: {texts:?}");
     for text in concurrent_paid_chats(&up.addr, &payer, 3, 8) {
         assert_eq!(text, honest_text, "after the ejection every request gets the honest tokens");
     }

@@ -202,17 +202,17 @@ fn limits_above_the_operators_ceiling_are_refused() {
 #[test]
 fn loading_the_plugins_folder_refuses_exactly_the_bad_ones() {
     // The operator grants the key-value store to the plugins that keep state in it, and the rails their
-    // network; this host has no chain connection, so the chain rail is refused for that.
+    // network; this host has no chain connection, so the chain rail and the local keeper are refused for that.
     let config = HostConfig::from_toml(
         "[grants]\ndefault = [\"log\", \"clock\", \"random\"]\n[grants.plugins]\nmirostat = [\"kv-store\"]\ntest-distribution-probe = [\"kv-store\"]\ntest-keeper-memory = [\"kv-store\"]\n\
-         ledger = [\"kv-store\"]\nx402-exact = [\"kv-store\", \"http\"]\nsuperfluid-gda = [\"chain\"]\nkeeperhub = [\"kv-store\", \"http\"]\n\
-         [grants.http]\nx402-exact = [\"127.0.0.1:4021\"]\nkeeperhub = [\"app.keeperhub.com\"]\n[grants.chain]\nsuperfluid-gda = [\"0xBcC58fb72409BA1CdEc5dBcDD3Cd6c42E3e04242\"]\n",
+         ledger = [\"kv-store\"]\nx402-exact = [\"kv-store\", \"http\"]\nsuperfluid-gda = [\"chain\"]\nkeeperhub = [\"kv-store\", \"http\"]\nlocal = [\"kv-store\", \"chain\"]\n\
+         [grants.http]\nx402-exact = [\"127.0.0.1:4021\"]\nkeeperhub = [\"app.keeperhub.com\"]\n[grants.chain]\nsuperfluid-gda = [\"0xBcC58fb72409BA1CdEc5dBcDD3Cd6c42E3e04242\"]\nlocal = [\"0xBcC58fb72409BA1CdEc5dBcDD3Cd6c42E3e04242\"]\n",
     )
     .unwrap();
     let host = PluginHost::new(config).unwrap();
     let report = host.load_dir(&plugins_dir());
     let loaded: BTreeSet<&str> = report.loaded.iter().map(String::as_str).collect();
-    for id in ["greedy", "top-p", "mirostat", "test-distribution-probe", "bad-infinite-loop", "bad-memory-bomb", "bad-out-of-range-token", "test-trap-on-nan", "ledger", "x402-exact", "test-keeper-memory", "keeperhub"] {
+    for id in ["greedy", "top-p", "mirostat", "test-distribution-probe", "bad-infinite-loop", "bad-memory-bomb", "bad-out-of-range-token", "test-trap-on-nan", "ledger", "x402-exact", "test-keeper-memory", "keeperhub", "audit-majority", "audit-unanimous", "liveness", "test-voter-dissent", "test-voter-trap"] {
         assert!(loaded.contains(id), "{id} should load; report: {report:?}");
     }
     let mut refused: Vec<(String, &'static str)> = report
@@ -237,7 +237,9 @@ fn loading_the_plugins_folder_refuses_exactly_the_bad_ones() {
         .into_iter()
         .map(|n| (n.to_string(), n))
         .collect();
+    // Both send transactions; this host has no chain connection.
     expected.push(("superfluid-gda".to_string(), "chain-unavailable"));
+    expected.push(("local".to_string(), "chain-unavailable"));
     expected.sort();
     assert_eq!(refused, expected);
     assert_still_serving(&host);

@@ -178,6 +178,22 @@ impl AppState {
         Ok(())
     }
 
+    /// Whether `operator` has workers in `pool` and every one of them is ejected.
+    pub fn operator_ejected(&self, pool: &Pool, operator: &str) -> bool {
+        let mut any = false;
+        for shard in pool.routes.iter().flat_map(|r| &r.topology.shards) {
+            let peer = shard.peer.to_string();
+            let pays = self.workers.get(&peer).and_then(|w| w.registration.payout).is_some_and(|p| p.eq_ignore_ascii_case(operator));
+            if pays {
+                if self.workers.ejection(&peer).is_none() {
+                    return false;
+                }
+                any = true;
+            }
+        }
+        any
+    }
+
     /// Ejects every worker of `pool` that pays `operator` (a coalition's verdict): stored, and no route
     /// through them is picked again. Returns their peer ids.
     pub fn eject_operator(&self, pool: &Pool, operator: &str, reason: &str) -> Result<Vec<String>, String> {

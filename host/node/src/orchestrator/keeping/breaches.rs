@@ -97,12 +97,20 @@ impl BreachHandler {
         Ok(format!("0x{}", hex::encode(hasher.finalize())))
     }
 
-    pub async fn handle(&self, state: &AppState, report: BreachReport) -> Result<Judgement, String> {
+    pub async fn handle(&self, state: &AppState, report: BreachReport) -> Result<Option<Judgement>, String> {
+        // Audits in flight when an operator was voted out report it again: it is out, and one breach is
+        // slashed once (a new report about a re-admitted operator is judged anew).
+        if let Some(pool) = state.pools.get(&report.pool_id)
+            && state.operator_ejected(&pool, &report.operator)
+        {
+            tracing::info!(pool = %report.pool_id, operator = %report.operator, "breach report about an operator already ejected: not judged again");
+            return Ok(None);
+        }
         let judgement = self.judge.judge(report.clone()).await.map_err(|e| e.to_string())?;
         tracing::info!(pool = %report.pool_id, operator = %report.operator, verdict = ?judgement.verdict(),
             eject = judgement.tally.votes_for(Decision::Eject), k = judgement.tally.k, n = judgement.tally.n, "coalition verdict");
         if judgement.verdict() != Some(Decision::Eject) {
-            return Ok(judgement);
+            return Ok(Some(judgement));
         }
         let evidence_hash = self.evidence_hash(&judgement)?;
         let pool = state.pools.get(&report.pool_id).ok_or_else(|| format!("pool {} is gone", report.pool_id))?;
@@ -136,6 +144,6 @@ impl BreachHandler {
             .map_err(|e| e.to_string())?;
         tracing::warn!(pool = %report.pool_id, operator = %report.operator,
             txs = ?settled.transactions.iter().map(|t| &t.hash).collect::<Vec<_>>(), "breach handled on chain");
-        Ok(judgement)
+        Ok(Some(judgement))
     }
 }
