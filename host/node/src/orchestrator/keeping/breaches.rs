@@ -31,7 +31,8 @@ pub struct CoalitionConfig {
     pub voters: Vec<String>,
     /// Ballots for one decision needed to act (a strict majority of `voters` at least).
     pub k: u32,
-    /// How long one voter may take, in ms (a late voter casts nothing). Default 5000.
+    /// How long one voter may take, in ms (a late voter casts nothing). Default 10 000: a voter judges
+    /// the evidence it is handed, but a busy host may take seconds to run it.
     #[serde(default = "default_deadline_ms")]
     pub deadline_ms: u64,
     /// Stake slashed per upheld breach, in the stake token's atomic units (decimal string).
@@ -39,7 +40,7 @@ pub struct CoalitionConfig {
 }
 
 fn default_deadline_ms() -> u64 {
-    5000
+    10_000
 }
 
 /// Acts on verdicts: ejects, recomputes the flow, runs handle-breach.
@@ -117,8 +118,11 @@ impl BreachHandler {
         let reason = format!("ejected by the coalition (breach {})", judgement.digest);
         let ejected = state.eject_operator(&pool, &report.operator, &reason)?;
         tracing::warn!(pool = %report.pool_id, operator = %report.operator, workers = ?ejected, "operator ejected");
-        if let Some(payments) = &state.payments {
-            payments.reconfigure(&pool, &state.workers).await.map_err(|e| format!("recomputing the flow's members: {e}"))?;
+        if let Some(payments) = &state.payments
+            && let Err(e) = payments.reconfigure(&pool, &state.workers).await
+        {
+            // The breach is still handled below: its units go to 0 on chain, which is what pays it.
+            tracing::error!(pool = %report.pool_id, "the flow's members could not be recomputed without the ejected operator: {e}");
         }
         let gda_pool = state
             .payments

@@ -99,7 +99,12 @@ impl RailHost {
         for dir in &dirs {
             let report = host.load_dir(dir);
             for refusal in &report.refused {
-                tracing::error!(plugin = %refusal.dir.display(), "plugin not loaded: {}", refusal.error);
+                // A plugin the operator granted nothing it asks for is one they chose not to run.
+                if matches!(refusal.error, computepool_plugin_host::LoadError::CapabilityDenied(_)) {
+                    tracing::info!(plugin = %refusal.dir.display(), "plugin not loaded: {}", refusal.error);
+                } else {
+                    tracing::error!(plugin = %refusal.dir.display(), "plugin not loaded: {}", refusal.error);
+                }
             }
             tracing::info!(loaded = ?report.loaded, dir = %dir.display(), "payment plugins loaded");
         }
@@ -111,7 +116,9 @@ impl RailHost {
                 for dir in &dirs {
                     let report = watched.rescan(dir);
                     for refusal in &report.refused {
-                        tracing::error!(plugin = %refusal.dir.display(), "changed plugin refused (the loaded one keeps serving): {}", refusal.error);
+                        if !matches!(refusal.error, computepool_plugin_host::LoadError::CapabilityDenied(_)) {
+                            tracing::error!(plugin = %refusal.dir.display(), "changed plugin refused (the loaded one keeps serving): {}", refusal.error);
+                        }
                     }
                     if !report.loaded.is_empty() || !report.removed.is_empty() {
                         tracing::info!(loaded = ?report.loaded, removed = ?report.removed, dir = %dir.display(), "payment plugins rescanned");
