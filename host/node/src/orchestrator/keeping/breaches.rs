@@ -4,7 +4,10 @@
 //! (durably — the pool stops sending them requests at once), the pool's flow members are recomputed
 //! without them, and the `handle-breach` transition runs through the keeper (its units to 0 on the GDA
 //! pool, its stake slashed through Coalition.sol), under the report's digest as idempotency key, so a
-//! report delivered twice, or a restart mid-way, acts once.
+//! report delivered twice acts once, and a handle-breach left unfinished is resumed at start-up. Known
+//! gap: a crash after the ejection and before the transition is written leaves the operator ejected
+//! but not slashed (later reports about an ejected operator are not judged again); keying handle-breach
+//! by the operator's ejection instead of the report would close it.
 
 use std::sync::Arc;
 
