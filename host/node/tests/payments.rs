@@ -36,6 +36,10 @@ const MODEL: &str = "smollm2-135m-instruct";
 const TOKEN: &str = "test-operator-token";
 /// Atomic USDC units per second: a multiple of the 30 layers (the operators' total units).
 const PRICE: u128 = 600;
+
+/// The tests here each start a chain and a pool (up to six worker processes) with sub-second liveness
+/// timeouts: on a 2-core runner, run side by side, they starve one another's heartbeats. One at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// USDCx wei per USDC atomic unit (18 − 6 decimals).
 const SCALE: u128 = 1_000_000_000_000;
 
@@ -249,6 +253,7 @@ fn run_client(up: &Up, program: &Path, args: &[&Path], mode: Option<&str>) -> Va
 
 #[test]
 fn the_official_x402_clients_pay_computepool_up_and_the_operators_get_exactly_the_cost() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let Some(model) = smollm2_dir() else { return };
     let Some(_tools) = tools() else { return };
     let Some((python, node_modules)) = clients() else { return };
@@ -489,6 +494,7 @@ impl Drop for PaidCluster {
 
 #[test]
 fn hostile_payments_get_their_x402_reason_and_nothing_is_served() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let Some(model) = smollm2_dir() else { return };
     let Some(tools) = tools() else { return };
     let pc = PaidCluster::start(&model, &tools);
@@ -576,6 +582,7 @@ fn base64_of(bytes: &[u8]) -> String {
 
 #[test]
 fn an_orchestrator_killed_mid_stream_stops_the_flow_on_restart_and_charges_the_seconds_served() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let Some(model) = smollm2_dir() else { return };
     let Some(tools) = tools() else { return };
     let mut pc = PaidCluster::start(&model, &tools);
@@ -650,6 +657,7 @@ fn concurrent_paid_chats(addr: &str, payer: &PrivateKeySigner, n: usize, max_tok
 /// honest tokens, paid as before.
 #[test]
 fn a_worker_returning_wrong_tokens_is_audited_voted_out_slashed_and_the_pool_serves_on() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let Some(model) = smollm2_dir() else { return };
     let Some(_tools) = tools() else { return };
     // 1800 per second: a multiple of every total of units (30 layers per pipeline: 90, then 60).
