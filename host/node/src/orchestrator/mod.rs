@@ -178,44 +178,36 @@ impl AppState {
         Ok(())
     }
 
-    /// Whether `operator` has workers in `pool` and every one of them is ejected.
-    pub fn operator_ejected(&self, pool: &Pool, operator: &str) -> bool {
-        let mut any = false;
+    /// The peer ids of `pool`'s workers whose payout address is `operator`, each once.
+    fn operator_peers(&self, pool: &Pool, operator: &str) -> Vec<String> {
+        let mut peers: Vec<String> = Vec::new();
         for shard in pool.routes.iter().flat_map(|r| &r.topology.shards) {
             let peer = shard.peer.to_string();
             let pays = self.workers.get(&peer).and_then(|w| w.registration.payout).is_some_and(|p| p.eq_ignore_ascii_case(operator));
-            if pays {
-                if self.workers.ejection(&peer).is_none() {
-                    return false;
-                }
-                any = true;
+            if pays && !peers.contains(&peer) {
+                peers.push(peer);
             }
         }
-        any
+        peers
+    }
+
+    /// Whether `operator` has workers in `pool` and every one of them is ejected.
+    pub fn operator_ejected(&self, pool: &Pool, operator: &str) -> bool {
+        let peers = self.operator_peers(pool, operator);
+        !peers.is_empty() && peers.iter().all(|peer| self.workers.ejection(peer).is_some())
     }
 
     /// Ejects every worker of `pool` that pays `operator` (a coalition's verdict): stored, and no route
     /// through them is picked again. Returns their peer ids.
     pub fn eject_operator(&self, pool: &Pool, operator: &str, reason: &str) -> Result<Vec<String>, String> {
-        let mut ejected = Vec::new();
-        for route in &pool.routes {
-            for shard in &route.topology.shards {
-                let peer = shard.peer.to_string();
-                let pays = self
-                    .workers
-                    .get(&peer)
-                    .and_then(|w| w.registration.payout)
-                    .is_some_and(|payout| payout.eq_ignore_ascii_case(operator));
-                if pays && !ejected.contains(&peer) {
-                    self.workers.eject(&self.store, &peer, reason).map_err(|e| format!("ejecting {peer}: {e}"))?;
-                    ejected.push(peer);
-                }
-            }
-        }
-        if ejected.is_empty() {
+        let peers = self.operator_peers(pool, operator);
+        if peers.is_empty() {
             return Err(format!("no worker of pool {} pays {operator}", pool.record.id));
         }
-        Ok(ejected)
+        for peer in &peers {
+            self.workers.eject(&self.store, peer, reason).map_err(|e| format!("ejecting {peer}: {e}"))?;
+        }
+        Ok(peers)
     }
 
     /// The pools whose plan (topology or replicas) lists `peer`, with the layers each gives it.
