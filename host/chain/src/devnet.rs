@@ -101,15 +101,17 @@ impl Anvil {
     pub fn spawn(tools: &ChainTools, port: u16, chain_id: u64) -> Result<Self, ChainError> {
         let config_dir = tempfile::tempdir().map_err(|e| ChainError::Anvil(format!("temporary folder: {e}")))?;
         let config_path = config_dir.path().join("anvil.json");
-        let mut child = Command::new(tools.anvil())
+        let mut command = Command::new(tools.anvil());
+        command
             .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--chain-id", &chain_id.to_string()])
             .arg("--disable-code-size-limit")
             .arg("--config-out")
             .arg(&config_path)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
+            .stderr(Stdio::inherit());
+        // Tied: a killed test or `computepool up` must not leave a chain running behind it.
+        let mut child = computepool_process::spawn_tied(command)
             .map_err(|e| ChainError::Anvil(format!("starting {}: {e}", tools.anvil().display())))?;
         let stdout = child.stdout.take().expect("stdout is piped");
         let mut anvil = Self { child, rpc_url: String::new(), keys: Vec::new(), _config_dir: config_dir };

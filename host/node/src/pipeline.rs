@@ -142,13 +142,9 @@ impl LocalPipeline {
         if let Some(extra) = options.worker_args.get(i) {
             command.args(extra);
         }
-        let child = command
-            .args(options.samplers.to_args())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .context("starting a worker process")?;
+        command.args(options.samplers.to_args()).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::from(log));
+        // Tied: workers stop with their parent even when it is killed outright (no Drop runs then).
+        let child = computepool_process::spawn_tied(command).context("starting a worker process")?;
         Ok(child)
     }
 
