@@ -506,6 +506,11 @@ impl PluginHost {
                 Ok(plugin) => report.loaded.push(plugin.id().to_string()),
                 Err(error) => {
                     tracing::warn!(dir = %dir.display(), %error, "plugin refused");
+                    // Remembered, so that a later `rescan` does not refuse (and report) it again until
+                    // its folder changes.
+                    if let Ok(stamp) = SourceStamp::read(&dir) {
+                        self.lock_refused().insert(dir.clone(), stamp);
+                    }
                     report.refused.push(Refusal { dir, error });
                 }
             }
@@ -546,7 +551,11 @@ impl PluginHost {
                     report.loaded.push(plugin.id().to_string());
                 }
                 Err(error) => {
-                    tracing::warn!(dir = %dir.display(), %error, "changed plugin refused; the loaded one keeps serving");
+                    if self.plugins().iter().any(|p| &p.dir == dir) {
+                        tracing::warn!(dir = %dir.display(), %error, "changed plugin refused; the loaded one keeps serving");
+                    } else {
+                        tracing::warn!(dir = %dir.display(), %error, "plugin refused");
+                    }
                     self.lock_refused().insert(dir.clone(), stamp);
                     report.refused.push(Refusal { dir: dir.clone(), error });
                 }

@@ -69,3 +69,24 @@ fn a_replaced_plugin_serves_new_requests_and_the_running_one_is_unharmed() {
     assert!(host.sampler("greedy").is_none());
     let _ = plugin("samplers/greedy"); // the repository's own copy is untouched
 }
+
+#[test]
+fn a_folder_refused_at_start_is_not_refused_again_until_it_changes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("plugins");
+    let dir = copy_plugin("samplers/greedy", &root.join("greedy"));
+    let wasm = dir.join("greedy.wasm");
+    let bytes = std::fs::read(&wasm).unwrap();
+    std::fs::write(&wasm, &bytes[..bytes.len() / 2]).unwrap();
+    let host = host();
+
+    let start = host.load_dir(&root);
+    assert!(matches!(start.refused.as_slice(), [r] if matches!(r.error, LoadError::Sha256Mismatch { .. })), "{start:?}");
+    let quiet = host.rescan(&root);
+    assert!(quiet.refused.is_empty() && quiet.loaded.is_empty() && quiet.unchanged == 1, "{quiet:?}");
+
+    // Mended, it loads on the next rescan.
+    std::fs::write(&wasm, &bytes).unwrap();
+    let mended = host.rescan(&root);
+    assert_eq!(mended.loaded, vec!["greedy".to_string()], "{mended:?}");
+}
