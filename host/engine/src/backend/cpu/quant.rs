@@ -107,7 +107,7 @@ fn dot_row(kind: QuantKind, isa: Isa, avx2: bool, w: &[u8], x: &Q8Row) -> f32 {
 
 /// The per-block definition ([`dot_row`]'s reference): each block's integer sum scaled and added in
 /// block order.
-fn dot_row_portable(kind: QuantKind, isa: Isa, w: &[u8], x: &Q8Row) -> f32 {
+pub(super) fn dot_row_portable(kind: QuantKind, isa: Isa, w: &[u8], x: &Q8Row) -> f32 {
     let bb = kind.block_bytes();
     let mut acc = 0f32;
     for (b, block) in w.chunks_exact(bb).enumerate() {

@@ -9,13 +9,14 @@
 //! in registers for up to 8 input rows (a batched decode step), so a batch reads and unpacks each
 //! weight once.
 //!
-//! Numerics, the same on every instruction set, bit for bit: for weight row `r` and input row `t`,
-//! with `S_b` the exact integer sum of block `b` (Q4_0's offset and Q8_0's storage bias taken out in
-//! integers, exact), each step rounded to f32 and never fused:
+//! Numerics, the same on every instruction set, bit for bit, and equal to the per-block definition in
+//! `quant.rs` (`dot_row_portable`): for weight row `r` and input row `t`, with `S_b` the exact integer
+//! sum of block `b` (Q4_0's offset and Q8_0's storage bias taken out in integers, exact), each step
+//! rounded to f32 and never fused, blocks in order:
 //!
-//! - `acc ← acc + f32(S_b) · (d_w · d_x)`, blocks in order;
-//! - Q4_1 also `macc ← macc + m_w · s_x` (`s_x = d_x · Σ q_x`, [`Q8Row::scaled_sum`]), and the
-//!   result is `acc + macc`.
+//! - Q4_0, Q8_0: `acc ← acc + f32(S_b) · (d_w · d_x)`;
+//! - Q4_1: `acc ← acc + (f32(S_b) · (d_w · d_x) + m_w · s_x)` (`s_x = d_x · Σ q_x`,
+//!   [`Q8Row::scaled_sum`]).
 //!
 //! That order depends neither on the batch, nor on the thread split, nor on the row's place in its
 //! group, nor on the instruction set (the tests check all four), so a sharded run equals the unsharded
@@ -160,7 +161,6 @@ fn f16_at(bytes: &[u8], at: usize) -> f32 {
 fn group_portable(kind: QuantKind, tiles: &[u8], nb: usize, xs: &[Q8Row], out: &mut [[f32; GROUP_ROWS]]) {
     let hb = header_bytes(kind);
     let mut acc = [[0f32; GROUP_ROWS]; 8];
-    let mut macc = [[0f32; GROUP_ROWS]; 8];
     for (b, tile) in tiles.chunks_exact(tile_bytes(kind)).enumerate().take(nb) {
         let values = &tile[GROUP_ROWS * hb..];
         for r in 0..GROUP_ROWS {
@@ -189,18 +189,15 @@ fn group_portable(kind: QuantKind, tiles: &[u8], nb: usize, xs: &[Q8Row], out: &
                     }
                     _ => unreachable!("{kind:?} has no interleaved layout"),
                 }
-                acc[t][r] = acc[t][r] + s as f32 * (d * x.d[b]);
+                let mut term = s as f32 * (d * x.d[b]);
                 if kind == QuantKind::Q4_1 {
-                    macc[t][r] = macc[t][r] + f16_at(tile, 32 + 2 * r) * x.scaled_sum[b];
+                    term = term + f16_at(tile, 32 + 2 * r) * x.scaled_sum[b];
                 }
+                acc[t][r] = acc[t][r] + term;
             }
         }
     }
-    for (t, o) in out.iter_mut().enumerate() {
-        for r in 0..GROUP_ROWS {
-            o[r] = if kind == QuantKind::Q4_1 { acc[t][r] + macc[t][r] } else { acc[t][r] };
-        }
-    }
+    out.copy_from_slice(&acc[..out.len()]);
 }
 
 /// Calls `$f::<W, ...>(args)` for the runtime width `$w` in 1..=8.
@@ -304,7 +301,6 @@ mod vnni {
         let tile = header + 256;
         let inputs: [InputPtrs; T] = input_ptrs(xs);
         let mut acc = [_mm512_setzero_ps(); T];
-        let mut macc = [_mm512_setzero_ps(); T];
         for b in 0..nb {
             // SAFETY: tile `b` is inside `tiles` and block `b` inside every input row (contract).
             unsafe {
@@ -327,17 +323,17 @@ mod vnni {
                         s = _mm512_sub_epi32(s, _mm512_set1_epi32(8 * *x.sum.add(b)));
                     }
                     let scale = _mm512_mul_ps(d, _mm512_set1_ps(*x.d.add(b)));
-                    acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(_mm512_cvtepi32_ps(s), scale));
+                    let mut term = _mm512_mul_ps(_mm512_cvtepi32_ps(s), scale);
                     if MIN {
-                        macc[t] = _mm512_add_ps(macc[t], _mm512_mul_ps(m, _mm512_set1_ps(*x.scaled_sum.add(b))));
+                        term = _mm512_add_ps(term, _mm512_mul_ps(m, _mm512_set1_ps(*x.scaled_sum.add(b))));
                     }
+                    acc[t] = _mm512_add_ps(acc[t], term);
                 }
             }
         }
         for t in 0..T {
-            let r = if MIN { _mm512_add_ps(acc[t], macc[t]) } else { acc[t] };
             // SAFETY: out[t] holds 16 f32.
-            unsafe { _mm512_storeu_ps(out[t].as_mut_ptr(), r) };
+            unsafe { _mm512_storeu_ps(out[t].as_mut_ptr(), acc[t]) };
         }
     }
 
@@ -425,7 +421,6 @@ mod avx2 {
         let inputs: [InputPtrs; T] = input_ptrs(xs);
         for half in 0..2 {
             let mut acc = [_mm256_setzero_ps(); T];
-            let mut macc = [_mm256_setzero_ps(); T];
             for b in 0..nb {
                 // SAFETY: tile `b` is inside `tiles` and block `b` inside every input row (contract).
                 unsafe {
@@ -450,17 +445,17 @@ mod avx2 {
                             s = _mm256_sub_epi32(s, _mm256_set1_epi32(8 * *x.sum.add(b)));
                         }
                         let scale = _mm256_mul_ps(d, _mm256_set1_ps(*x.d.add(b)));
-                        acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(_mm256_cvtepi32_ps(s), scale));
+                        let mut term = _mm256_mul_ps(_mm256_cvtepi32_ps(s), scale);
                         if MIN {
-                            macc[t] = _mm256_add_ps(macc[t], _mm256_mul_ps(m, _mm256_set1_ps(*x.scaled_sum.add(b))));
+                            term = _mm256_add_ps(term, _mm256_mul_ps(m, _mm256_set1_ps(*x.scaled_sum.add(b))));
                         }
+                        acc[t] = _mm256_add_ps(acc[t], term);
                     }
                 }
             }
             for t in 0..T {
-                let r = if MIN { _mm256_add_ps(acc[t], macc[t]) } else { acc[t] };
                 // SAFETY: out[t] holds 16 f32; this half writes 8 of them.
-                unsafe { _mm256_storeu_ps(out[t].as_mut_ptr().add(8 * half), r) };
+                unsafe { _mm256_storeu_ps(out[t].as_mut_ptr().add(8 * half), acc[t]) };
             }
         }
     }
@@ -510,7 +505,7 @@ mod avx2 {
 mod tests {
     use super::*;
     use crate::backend::cpu::interleave::interleave;
-    use crate::backend::cpu::quant::quantize_row;
+    use crate::backend::cpu::quant::{dot_row_portable, quantize_row};
     use crate::backend::cpu::quant::tests::{blocks_for, values};
 
     const KINDS: [QuantKind; 3] = [QuantKind::Q4_0, QuantKind::Q4_1, QuantKind::Q8_0];
@@ -574,6 +569,28 @@ mod tests {
                         alone[..n * rows].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                         "{kind:?} {kernel:?} n{n} threads {threads}"
                     );
+                }
+            }
+        }
+    }
+
+    /// The interleaved products equal the per-block definition on ggml's rows (`dot_row_portable`) bit
+    /// for bit.
+    #[test]
+    fn interleaved_products_equal_the_per_block_definition() {
+        let (rows, cols) = (37, 512);
+        let x = values(41, 3 * cols);
+        for kind in KINDS {
+            let blocks = blocks_for(kind, &values(40, rows * cols));
+            let row_bytes = kind.row_bytes(cols);
+            for kernel in Kernel::all_supported() {
+                let y = product(kernel, 2, kind, &x, 3, &blocks, rows, cols);
+                for t in 0..3 {
+                    let xq = quantize_row(&x[t * cols..(t + 1) * cols]);
+                    for r in 0..rows {
+                        let want = dot_row_portable(kind, Isa::Scalar, &blocks[r * row_bytes..(r + 1) * row_bytes], &xq);
+                        assert_eq!(y[t * rows + r].to_bits(), want.to_bits(), "{kind:?} {kernel:?} t{t} r{r}");
+                    }
                 }
             }
         }
