@@ -4,7 +4,9 @@
 //! cargo run --release -p computepool-engine --example kernel_bench \
 //!     [-- [SECTION...] [--threads 1,2] [--batch 4,8] [--cpu-time]]
 //! ```
-//! Sections: `matvec` (GB/s of decode products, weights cycled through a working set larger than the
+//! Sections: `quant` (decode products with Q4_0/Q4_1/Q8_0 weights at SmolLM2's shapes, ggml's row
+//! layout beside the interleaved one `CpuBackend::prepare_weight` makes, batch 1 and `--batch`),
+//! `matvec` (GB/s of decode products, weights cycled through a working set larger than the
 //! last-level cache, as a real model does), `batch` (the same products for batches: time, GB/s and
 //! GFLOP/s), `hot` (batched products whose weights stay in L2: arithmetic throughput, e.g. what a tile
 //! shape or widening bf16 costs), `gemm` (GFLOP/s at n = 512), `attention`, `model` (SmolLM2-135M-shaped
@@ -19,7 +21,7 @@
 //! the core.
 
 use computepool_engine::backend::cpu::{AttentionShape, CpuBackend, KvView, rms_norm, silu_mul};
-use computepool_engine::tensor::{Weight, WeightData};
+use computepool_engine::tensor::{QuantKind, Weight, WeightData};
 use half::bf16;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -189,6 +191,65 @@ fn matvec(threads: &[usize], batch: &[usize]) {
                         stats.show(micros, 1),
                         stats.show(|d| bytes as f64 / d.as_secs_f64() / 1e9, 1),
                         stats.show(|d| flops / d.as_secs_f64() / 1e9, 1),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Random blocks of `kind` for a `[rows, cols]` matrix: random value bytes, small positive f16 scales
+/// (and minimums), in ggml's row layout.
+fn quant_weight(kind: QuantKind, rows: usize, cols: usize, seed: u64) -> Weight {
+    let v = random(rows * kind.row_bytes(cols), seed);
+    let mut blocks: Vec<u8> = v.iter().map(|x| ((x + 0.1) * 1275.0) as u8).collect();
+    for block in blocks.chunks_exact_mut(kind.block_bytes()) {
+        block[0..2].copy_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
+        if kind == QuantKind::Q4_1 {
+            block[2..4].copy_from_slice(&half::f16::from_f32(-0.05).to_le_bytes());
+        }
+    }
+    Weight { rows, cols, data: WeightData::Quant { kind, blocks } }
+}
+
+/// Decode products with quantized weights, ggml's row layout against the interleaved one, side by side
+/// (same run, alternating per repetition set), weights cycled through a working set larger than L3.
+fn quant(threads: &[usize], batch: &[usize]) {
+    println!("\n## quantized decode products (weights cycled through {} MiB)", WORKING_SET >> 20);
+    println!(
+        "{:>14} {:>5} {:>11} {:>3} {:>3} {:>26} {:>22}",
+        "shape", "kind", "layout", "thr", "n", "time µs", "GB/s"
+    );
+    let shapes = [
+        (QuantKind::Q4_1, 960usize, 576usize),
+        (QuantKind::Q4_1, 576, 576),
+        (QuantKind::Q4_1, 3072, 576),
+        (QuantKind::Q4_1, 576, 1536),
+        (QuantKind::Q8_0, 49152, 576),
+        (QuantKind::Q4_0, 3072, 576),
+    ];
+    for (kind, rows, cols) in shapes {
+        let bytes = rows * kind.row_bytes(cols);
+        let copies = WORKING_SET.div_ceil(bytes).max(2);
+        for &t in threads {
+            let backend = CpuBackend::new(t);
+            let row_layout: Vec<Weight> = (0..copies).map(|i| quant_weight(kind, rows, cols, i as u64 + 1)).collect();
+            let interleaved: Vec<Weight> = row_layout.iter().map(|w| backend.prepare_weight(w.clone())).collect();
+            for &n in batch {
+                let x = random(n * cols, 99);
+                let mut y = vec![0f32; n * rows];
+                let iters = (copies * 2).max(8);
+                for (layout, ws) in [("rows", &row_layout), ("interleaved", &interleaved)] {
+                    let stats = timed(9, iters, |k| backend.matmul(&x, n, &ws[k % copies], &mut y));
+                    println!(
+                        "{:>14} {:>5} {:>11} {:>3} {:>3} {:>26} {:>22}",
+                        format!("{rows}x{cols}"),
+                        ws[0].storage_name(),
+                        layout,
+                        t,
+                        n,
+                        stats.show(micros, 1),
+                        stats.show(|d| bytes as f64 / d.as_secs_f64() / 1e9, 1),
                     );
                 }
             }
@@ -493,7 +554,7 @@ fn main() {
     if args.iter().any(|a| a == "--help" || a == "-h") {
         println!(
             "kernel_bench [SECTION...] [--threads 1,2] [--batch 4,8] [--cpu-time]\n\
-             sections: matvec batch hot gemm attention model (default: all)\n\
+             sections: quant matvec batch hot gemm attention model (default: all)\n\
              --threads: thread counts (default 1,2)\n\
              --batch: batch sizes for `batch` and `hot` (default 4,6,7,8,9,12,16,17,32, `hot` also 1)\n\
              \x20        and for `model` (default 8)\n\
@@ -511,6 +572,11 @@ fn main() {
         .any(|a| a == "--batch")
         .then(|| list_option(&mut args, "--batch", &[]));
     let want = |s: &str| args.is_empty() || args.iter().any(|a| a == s);
+    if want("quant") {
+        let mut sizes = vec![1];
+        sizes.extend(batch.clone().unwrap_or_else(|| vec![8]));
+        quant(&threads, &sizes);
+    }
     if want("matvec") {
         matvec(&threads, &[1]);
     }

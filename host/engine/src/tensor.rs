@@ -136,6 +136,10 @@ pub enum WeightData {
     Bf16(Vec<bf16>),
     /// Rows of quantized blocks, row-major: each row is `cols / kind.block_values()` blocks of `kind`.
     Quant { kind: QuantKind, blocks: Vec<u8> },
+    /// The same blocks (Q4_0, Q4_1 or Q8_0) reordered for the CPU kernels: 16 rows interleaved per block
+    /// column, the last group padded with zero blocks (layout: `backend/cpu/interleave.rs`). Made by
+    /// [`crate::backend::cpu::CpuBackend::prepare_weight`]; [`Weight::quant_rows`] gives ggml's rows back.
+    QuantInterleaved { kind: QuantKind, blocks: Vec<u8> },
 }
 
 /// A row-major `[rows, cols]` weight matrix (`nn.Linear` layout: `rows` = out features).
@@ -152,7 +156,7 @@ impl Weight {
         match &self.data {
             WeightData::F32(_) => "f32",
             WeightData::Bf16(_) => "bf16",
-            WeightData::Quant { kind, .. } => kind.name(),
+            WeightData::Quant { kind, .. } | WeightData::QuantInterleaved { kind, .. } => kind.name(),
         }
     }
 
@@ -160,7 +164,20 @@ impl Weight {
         match &self.data {
             WeightData::F32(d) => d.len() * 4,
             WeightData::Bf16(d) => d.len() * 2,
-            WeightData::Quant { blocks, .. } => blocks.len(),
+            WeightData::Quant { blocks, .. } | WeightData::QuantInterleaved { blocks, .. } => blocks.len(),
+        }
+    }
+
+    /// A quantized weight's blocks in ggml's row-major layout (interleaved ones put back in row order,
+    /// a copy); `None` for float weights.
+    pub fn quant_rows(&self) -> Option<(QuantKind, std::borrow::Cow<'_, [u8]>)> {
+        match &self.data {
+            WeightData::Quant { kind, blocks } => Some((*kind, std::borrow::Cow::Borrowed(blocks))),
+            WeightData::QuantInterleaved { kind, blocks } => Some((
+                *kind,
+                std::borrow::Cow::Owned(crate::backend::cpu::interleave::deinterleave(*kind, self.rows, self.cols, blocks)),
+            )),
+            WeightData::F32(_) | WeightData::Bf16(_) => None,
         }
     }
 
@@ -169,8 +186,9 @@ impl Weight {
         match &self.data {
             WeightData::F32(d) => d.clone(),
             WeightData::Bf16(d) => d.iter().map(|v| v.to_f32()).collect(),
-            WeightData::Quant { kind, blocks } => {
-                crate::gguf::dequantize(kind.ggml_type(), blocks, (self.rows * self.cols) as u64)
+            WeightData::Quant { .. } | WeightData::QuantInterleaved { .. } => {
+                let (kind, blocks) = self.quant_rows().expect("a quantized weight");
+                crate::gguf::dequantize(kind.ggml_type(), &blocks, (self.rows * self.cols) as u64)
                     .expect("quantized weights hold whole blocks of their kind (checked at load)")
             }
         }
@@ -189,6 +207,12 @@ impl Weight {
             WeightData::Quant { kind, blocks } => {
                 let row_bytes = kind.row_bytes(self.cols);
                 crate::gguf::dequantize_into(kind.ggml_type(), &blocks[r * row_bytes..(r + 1) * row_bytes], out)
+                    .expect("quantized weights hold whole blocks of their kind (checked at load)");
+            }
+            WeightData::QuantInterleaved { kind, blocks } => {
+                let mut row = vec![0u8; kind.row_bytes(self.cols)];
+                crate::backend::cpu::interleave::deinterleave_rows(*kind, self.cols, blocks, r, &mut row);
+                crate::gguf::dequantize_into(kind.ggml_type(), &row, out)
                     .expect("quantized weights hold whole blocks of their kind (checked at load)");
             }
         }

@@ -147,9 +147,10 @@ fn sharded_quantized_runs_equal_the_unsharded_run_bit_for_bit() {
 /// llama.cpp's token must be our greedy choice, except at a near tie — our best logit within 0.1 of the
 /// logit we give llama.cpp's token (logits here reach ~20) — where the two implementations' remaining
 /// differences decide (llama.cpp keeps the KV cache in f16, we keep it in f32), at most 2 in 80 steps.
-/// Measured with the AVX2 kernels: 79 of 80 steps are our argmax; the one near tie ("The three primary
-/// colors are", step 11) is decided by 0.019 logits. (The portable per-block order meets a different
-/// near tie, " Nova" over " New" by 0.050.)
+/// Measured with the interleaved kernels (per-block order, the same on every instruction set): 79 of 80
+/// steps are our argmax; the one near tie ("Once upon a time", step 4) is " Nova" over " New" by 0.050
+/// logits. (The row layout's AVX2 kernels, 8 lanes per row, met a different one: "The three primary
+/// colors are", step 11, by 0.019.)
 #[test]
 fn smollm2_q4_1_greedy_text_equals_llama_cpp_on_the_same_file() {
     let Some(gguf) = common::smollm2_gguf() else {

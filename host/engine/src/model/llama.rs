@@ -130,7 +130,7 @@ fn stack(name: &str, parts: Vec<Weight>) -> Result<Weight> {
                 _ => p.to_f32(),
             }).collect(),
         ),
-        WeightData::Bf16(_) | WeightData::Quant { .. } => WeightData::Bf16(
+        WeightData::Bf16(_) | WeightData::Quant { .. } | WeightData::QuantInterleaved { .. } => WeightData::Bf16(
             parts.into_iter().flat_map(|p| match p.data {
                 WeightData::Bf16(d) => d,
                 _ => p.to_f32().into_iter().map(half::bf16::from_f32).collect(),
@@ -167,8 +167,12 @@ impl Shard {
         let kv_rows = cfg.num_kv_heads * cfg.head_dim;
         let bar = progress_bar(options.progress, range.len() as u64 + 2);
 
+        // Every matrix this shard multiplies goes through `prepare_weight` (the CPU kernels' layout); the
+        // embedding only when it doubles as the lm_head (its rows are looked up either way).
+        let untied_lm_head = files.contains("lm_head.weight") && !cfg.tie_word_embeddings;
         let embed = if range.is_entry() {
-            Some(Arc::new(files.matrix("model.embed_tokens.weight", [cfg.vocab_size, h], dtype)?))
+            let e = files.matrix("model.embed_tokens.weight", [cfg.vocab_size, h], dtype)?;
+            Some(Arc::new(if range.is_exit() && !untied_lm_head { backend.prepare_weight(e) } else { e }))
         } else {
             None
         };
@@ -177,11 +181,12 @@ impl Shard {
         for i in range.layers() {
             let p = format!("model.layers.{i}");
             let m = |n: &str, shape: [usize; 2]| files.matrix(&format!("{p}.{n}"), shape, dtype);
+            let prepared = |w: Result<Weight>| w.map(|w| backend.prepare_weight(w));
             let v = |n: &str, len: usize| files.vector(&format!("{p}.{n}"), len);
-            let qkv = stack(
+            let qkv = prepared(stack(
                 &format!("{p}.self_attn.qkv"),
                 vec![m("self_attn.q_proj.weight", [q_rows, h])?, m("self_attn.k_proj.weight", [kv_rows, h])?, m("self_attn.v_proj.weight", [kv_rows, h])?],
-            )?;
+            ))?;
             let qkv_bias = if cfg.qkv_bias {
                 let mut b = v("self_attn.q_proj.bias", q_rows)?;
                 b.extend(v("self_attn.k_proj.bias", kv_rows)?);
@@ -190,7 +195,8 @@ impl Shard {
             } else {
                 None
             };
-            let gate_up = stack(&format!("{p}.mlp.gate_up"), vec![m("mlp.gate_proj.weight", [ffn, h])?, m("mlp.up_proj.weight", [ffn, h])?])?;
+            let gate_up =
+                prepared(stack(&format!("{p}.mlp.gate_up"), vec![m("mlp.gate_proj.weight", [ffn, h])?, m("mlp.up_proj.weight", [ffn, h])?]))?;
             let gate_up_bias = if cfg.mlp_bias {
                 let mut b = v("mlp.gate_proj.bias", ffn)?;
                 b.extend(v("mlp.up_proj.bias", ffn)?);
@@ -202,11 +208,11 @@ impl Shard {
                 input_norm: v("input_layernorm.weight", h)?,
                 qkv,
                 qkv_bias,
-                o: m("self_attn.o_proj.weight", [h, q_rows])?,
+                o: prepared(m("self_attn.o_proj.weight", [h, q_rows]))?,
                 o_bias: if cfg.o_bias { Some(v("self_attn.o_proj.bias", h)?) } else { None },
                 post_norm: v("post_attention_layernorm.weight", h)?,
                 gate_up,
-                down: m("mlp.down_proj.weight", [h, ffn])?,
+                down: prepared(m("mlp.down_proj.weight", [h, ffn]))?,
                 gate_up_bias,
                 down_bias: if cfg.mlp_bias { Some(v("mlp.down_proj.bias", h)?) } else { None },
             });
@@ -214,14 +220,14 @@ impl Shard {
         }
         let (norm, lm_head) = if range.is_exit() {
             let norm = files.vector("model.norm.weight", h)?;
-            let lm_head = if files.contains("lm_head.weight") && !cfg.tie_word_embeddings {
-                Arc::new(files.matrix("lm_head.weight", [cfg.vocab_size, h], dtype)?)
+            let lm_head = if untied_lm_head {
+                Arc::new(backend.prepare_weight(files.matrix("lm_head.weight", [cfg.vocab_size, h], dtype)?))
             } else if let Some(e) = &embed {
                 // Tied and this shard is also the entry: one copy serves both.
                 Arc::clone(e)
             } else {
                 // Tied, exit only: this shard keeps its own copy of the embedding as lm_head.
-                Arc::new(files.matrix("model.embed_tokens.weight", [cfg.vocab_size, h], dtype)?)
+                Arc::new(backend.prepare_weight(files.matrix("model.embed_tokens.weight", [cfg.vocab_size, h], dtype)?))
             };
             (Some(norm), Some(lm_head))
         } else {

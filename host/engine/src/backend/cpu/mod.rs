@@ -1,4 +1,5 @@
-//! The CPU backend: matrix products over bf16 and f32 weights and causal attention over a KV cache.
+//! The CPU backend: matrix products over f32, bf16 and ggml-quantized weights and causal attention over
+//! a KV cache.
 //!
 //! Numerics: every sum is accumulated in f32. For a given weight row and input row, `matmul` adds the
 //! products in an order that does not depend on how many rows are in the batch, so a request's tokens
@@ -12,6 +13,10 @@
 //! - `matvec.rs`: exact products for any batch: one pass over the weights for the whole batch, memory
 //!   bound for decode, at ~90% of the FMA peak for prefill.
 //! - `gemm.rs`: the bf16 prefill path with AVX-512 BF16 dot products (activations rounded to bf16).
+//! - `quant.rs`, `kquant.rs`: products with ggml-quantized weights in ggml's row layout (inputs
+//!   quantized to 8 bits, as llama.cpp does), and the prefill path that dequantizes them.
+//! - `interleave.rs`, `quant_interleaved.rs`: Q4_0/Q4_1/Q8_0 weights interleaved 16 rows at a time
+//!   ([`CpuBackend::prepare_weight`]) and their products (AVX-512 VNNI, AVX2, portable).
 //! - `attention.rs`: chunked causal attention with a fixed merge order.
 //! - `ops.rs`: RMSNorm and SwiGLU.
 //! - `scratch.rs`: per-thread aligned scratch buffers.
@@ -20,11 +25,13 @@
 mod attention;
 mod dot;
 mod gemm;
+pub(crate) mod interleave;
 mod matvec;
 mod ops;
 mod pool;
 mod kquant;
 pub mod quant;
+mod quant_interleaved;
 #[cfg(test)]
 mod reference;
 mod scratch;
@@ -158,6 +165,27 @@ impl CpuBackend {
                 }
             }
             WeightData::Quant { kind, blocks } => quant::matmul(&self.pool, self.isa, *kind, x, n, blocks, w.rows, w.cols, y),
+            WeightData::QuantInterleaved { kind, blocks } => {
+                quant::matmul_interleaved(&self.pool, self.isa, *kind, x, n, blocks, w.rows, w.cols, y)
+            }
+        }
+    }
+
+    /// `w` in the layout this backend multiplies fastest: Q4_0, Q4_1 and Q8_0 blocks interleaved 16
+    /// rows at a time ([`WeightData::QuantInterleaved`]: the same bytes reordered, so the same size up
+    /// to the last group's padding, and the same values); everything else as it is. Model loaders call
+    /// it on every matrix they multiply. Cost: one pass over the weight's bytes.
+    ///
+    /// Numerics: interleaved products sum each row's blocks in order, the same on every instruction
+    /// set; a weight left in ggml's row layout sums them in 8 lanes on AVX2 (see `quant.rs`). Either way
+    /// a row's result depends neither on the batch nor on the thread split.
+    pub fn prepare_weight(&self, w: Weight) -> Weight {
+        match w.data {
+            WeightData::Quant { kind, blocks } if interleave::interleavable(kind) => {
+                let blocks = interleave::interleave(kind, w.rows, w.cols, &blocks);
+                Weight { rows: w.rows, cols: w.cols, data: WeightData::QuantInterleaved { kind, blocks } }
+            }
+            data => Weight { data, ..w },
         }
     }
 

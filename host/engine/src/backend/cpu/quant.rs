@@ -18,8 +18,10 @@
 use half::f16;
 
 use super::dot::{TileArgs, block_streams_for};
+use super::interleave;
 use super::kquant::{self, Q8KRow};
 use super::pool::ThreadPool;
+use super::quant_interleaved;
 use super::simd::Isa;
 use super::CpuBackend;
 use crate::tensor::QuantKind;
@@ -35,29 +37,47 @@ pub(crate) struct Q8Row {
     pub d: Vec<f32>,
     /// Per block: `Σ q_x` (exact).
     pub sum: Vec<i32>,
+    /// Per block: `d_x · Σ q_x` rounded to f32 (Q4_1's minimum term; ggml's `s` of a Q8_1 block).
+    pub scaled_sum: Vec<f32>,
 }
 
 /// Quantizes `x` (a multiple of 32 values) as ggml's `quantize_row_q8_0/1`: `d = max|x| / 127`,
-/// `q = round(x / d)`.
+/// `q = round(x · (1 / d))`, rounding half away from zero (ggml's reference `roundf`).
+///
+/// Vectorised on AVX2 with the same result bit for bit (for inputs without NaN): every decode product
+/// quantizes its inputs on the calling thread before the parallel part, and `roundf` is a library call
+/// per value in a portable build.
 pub(crate) fn quantize_row(x: &[f32]) -> Q8Row {
     debug_assert_eq!(x.len() % BLOCK, 0);
     let blocks = x.len() / BLOCK;
-    let mut row = Q8Row { q: vec![0; x.len()], d: vec![0.0; blocks], sum: vec![0; blocks] };
-    for b in 0..blocks {
-        let xs = &x[b * BLOCK..(b + 1) * BLOCK];
-        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        let mut sum = 0i32;
-        for (q, &v) in row.q[b * BLOCK..(b + 1) * BLOCK].iter_mut().zip(xs) {
-            let r = (v * id).round() as i32;
-            *q = r.clamp(-127, 127) as i8;
-            sum += *q as i32;
-        }
+    let mut row = Q8Row { q: vec![0; x.len()], d: vec![0.0; blocks], sum: vec![0; blocks], scaled_sum: vec![0.0; blocks] };
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = std::arch::is_x86_feature_detected!("avx2");
+    for (b, (xs, q)) in x.chunks_exact(BLOCK).zip(row.q.chunks_exact_mut(BLOCK)).enumerate() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2 was detected; both blocks hold 32 values.
+        let (d, sum) = if avx2 { unsafe { avx2::quantize_block(xs, q) } } else { quantize_block(xs, q) };
+        #[cfg(not(target_arch = "x86_64"))]
+        let (d, sum) = quantize_block(xs, q);
         row.d[b] = d;
         row.sum[b] = sum;
+        row.scaled_sum[b] = d * sum as f32;
     }
     row
+}
+
+/// One block of [`quantize_row`]: writes `q`, returns `(d, Σ q)`.
+fn quantize_block(xs: &[f32], q: &mut [i8]) -> (f32, i32) {
+    let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, &v) in q.iter_mut().zip(xs) {
+        let r = (v * id).round() as i32;
+        *q = r.clamp(-127, 127) as i8;
+        sum += *q as i32;
+    }
+    (d, sum)
 }
 
 fn f16_at(bytes: &[u8], at: usize) -> f32 {
@@ -87,7 +107,7 @@ fn dot_row(kind: QuantKind, isa: Isa, avx2: bool, w: &[u8], x: &Q8Row) -> f32 {
 
 /// The per-block definition ([`dot_row`]'s reference): each block's integer sum scaled and added in
 /// block order.
-fn dot_row_portable(kind: QuantKind, isa: Isa, w: &[u8], x: &Q8Row) -> f32 {
+pub(super) fn dot_row_portable(kind: QuantKind, isa: Isa, w: &[u8], x: &Q8Row) -> f32 {
     let bb = kind.block_bytes();
     let mut acc = 0f32;
     for (b, block) in w.chunks_exact(bb).enumerate() {
@@ -250,6 +270,46 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
+    /// [`super::quantize_block`] in 8 lanes. Rounding half away from zero without a library call:
+    /// `t = trunc(a)`, `a − t` is exact, and `t ± 1` where `|a − t| ≥ 0.5`. The pack to bytes is ggml's
+    /// (`packs` work per 128-bit lane, the final permutation restores value order).
+    ///
+    /// # Safety
+    /// AVX2 is available; `xs` and `q` hold 32 values.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn quantize_block(xs: &[f32], q: &mut [i8]) -> (f32, i32) {
+        let sign = _mm256_set1_ps(-0.0);
+        // SAFETY: 32 values each (contract); unaligned loads and store.
+        unsafe {
+            let p = xs.as_ptr();
+            let v = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
+            let mut m = _mm256_andnot_ps(sign, v[0]);
+            for vi in &v[1..] {
+                m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *vi));
+            }
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+            let d = amax / 127.0;
+            let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+            let (half, one) = (_mm256_set1_ps(0.5), _mm256_set1_ps(1.0));
+            let (lo, hi) = (_mm256_set1_epi32(-127), _mm256_set1_epi32(127));
+            let mut ints = [_mm256_setzero_si256(); 4];
+            for (i, vi) in v.iter().enumerate() {
+                let a = _mm256_mul_ps(*vi, id);
+                let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(a);
+                let away = _mm256_cmp_ps::<_CMP_GE_OQ>(_mm256_andnot_ps(sign, _mm256_sub_ps(a, t)), half);
+                let step = _mm256_and_ps(away, _mm256_or_ps(_mm256_and_ps(a, sign), one));
+                ints[i] = _mm256_max_epi32(_mm256_min_epi32(_mm256_cvtps_epi32(_mm256_add_ps(t, step)), hi), lo);
+            }
+            let sum = hsum_i32(_mm256_add_epi32(_mm256_add_epi32(ints[0], ints[1]), _mm256_add_epi32(ints[2], ints[3])));
+            let bytes = _mm256_packs_epi16(_mm256_packs_epi32(ints[0], ints[1]), _mm256_packs_epi32(ints[2], ints[3]));
+            let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, bytes);
+            (d, sum)
+        }
+    }
+
     /// # Safety
     /// AVX2 is available; `nibbles` holds 16 bytes and `q` 32.
     #[target_feature(enable = "avx2")]
@@ -291,7 +351,7 @@ mod avx2 {
 }
 
 /// Raw output pointer shared by the tasks of one product (each writes only its own rows).
-struct OutPtr(*mut f32);
+pub(super) struct OutPtr(pub(super) *mut f32);
 // SAFETY: tasks write disjoint elements, and the product waits for every task before returning.
 unsafe impl Sync for OutPtr {}
 
@@ -326,7 +386,11 @@ pub(crate) fn matmul(
     let row_bytes = kind.row_bytes(cols);
     assert_eq!(blocks.len(), rows * row_bytes, "quantized weight shape");
     if n > DEQUANT_ABOVE_ROWS {
-        return matmul_dequantized(pool, isa, kind, x, n, blocks, rows, cols, y);
+        let dequantize = |start: usize, end: usize, tile: &mut [f32]| {
+            crate::gguf::dequantize_into(kind.ggml_type(), &blocks[start * row_bytes..end * row_bytes], tile)
+                .expect("quantized weights hold whole blocks of their kind (checked above)")
+        };
+        return matmul_dequantized(pool, isa, x, n, rows, cols, y, &dequantize);
     }
     let avx2 = avx2_rows(isa);
     // The activations quantized once per product, in the blocks the weights' kind pairs with.
@@ -354,21 +418,54 @@ pub(crate) fn matmul(
     });
 }
 
-/// Prefill: each task dequantizes tiles of its rows into f32 and runs the exact tiled kernel over every
-/// input row (see [`super::matvec`] for the tile order and numerics).
+/// [`matmul`] for weights in the interleaved layout of [`super::interleave`] (Q4_0, Q4_1, Q8_0):
+/// the same split at [`DEQUANT_ABOVE_ROWS`]; below it the products of [`super::quant_interleaved`]
+/// (their numerics differ from the row kernels' above: blocks summed per row in order, the same on
+/// every instruction set).
 #[allow(clippy::too_many_arguments)]
-fn matmul_dequantized(
+pub(crate) fn matmul_interleaved(
     pool: &ThreadPool,
     isa: Isa,
     kind: QuantKind,
     x: &[f32],
     n: usize,
-    blocks: &[u8],
+    packed: &[u8],
     rows: usize,
     cols: usize,
     y: &mut [f32],
 ) {
-    let row_bytes = kind.row_bytes(cols);
+    assert_eq!(cols % BLOCK, 0, "quantized rows are whole blocks");
+    assert_eq!(x.len(), n * cols, "matmul input shape");
+    assert_eq!(y.len(), n * rows, "matmul output shape");
+    assert_eq!(packed.len(), interleave::interleaved_bytes(kind, rows, cols), "interleaved weight shape");
+    if n > DEQUANT_ABOVE_ROWS {
+        let row_bytes = kind.row_bytes(cols);
+        let dequantize = |start: usize, end: usize, tile: &mut [f32]| {
+            let mut bytes = vec![0u8; (end - start) * row_bytes];
+            interleave::deinterleave_rows(kind, cols, packed, start, &mut bytes);
+            crate::gguf::dequantize_into(kind.ggml_type(), &bytes, tile)
+                .expect("interleaved weights hold whole blocks of their kind (checked above)")
+        };
+        return matmul_dequantized(pool, isa, x, n, rows, cols, y, &dequantize);
+    }
+    let xs: Vec<Q8Row> = x.chunks_exact(cols).map(quantize_row).collect();
+    quant_interleaved::matmul(pool, quant_interleaved::Kernel::for_isa(isa), kind, &xs, packed, rows, cols, y);
+}
+
+/// Prefill: each task dequantizes tiles of its rows into f32 (`dequantize(start, end, tile)` writes
+/// rows `start..end`) and runs the exact tiled kernel over every input row (see [`super::matvec`] for
+/// the tile order and numerics).
+#[allow(clippy::too_many_arguments)]
+fn matmul_dequantized(
+    pool: &ThreadPool,
+    isa: Isa,
+    x: &[f32],
+    n: usize,
+    rows: usize,
+    cols: usize,
+    y: &mut [f32],
+    dequantize: &(dyn Fn(usize, usize, &mut [f32]) + Sync),
+) {
     let tile_rows = (TILE_VALUES / cols).clamp(12, 256).next_multiple_of(12);
     let tasks = rows.div_ceil(tile_rows);
     let out = OutPtr(y.as_mut_ptr());
@@ -376,8 +473,7 @@ fn matmul_dequantized(
         let out = &out;
         let (start, end) = (i * tile_rows, ((i + 1) * tile_rows).min(rows));
         let mut tile = vec![0f32; (end - start) * cols];
-        crate::gguf::dequantize_into(kind.ggml_type(), &blocks[start * row_bytes..end * row_bytes], &mut tile)
-            .expect("quantized weights hold whole blocks of their kind (checked by the caller)");
+        dequantize(start, end, &mut tile);
         let args = TileArgs {
             w: tile.as_ptr(),
             w_stride: cols,
@@ -399,7 +495,7 @@ fn matmul_dequantized(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::gguf::GgmlType;
 
@@ -548,6 +644,31 @@ mod tests {
                 assert_eq!(alone, batch[2 * rows..3 * rows], "{kind:?} {isa:?}");
             }
         }
+    }
+
+    /// The AVX2 quantizer equals the portable one bit for bit, ties (x.5 after scaling) included.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vectorised_quantization_equals_the_portable_one() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let mut x = values(41, 32 * 64);
+        // A block whose scale is exactly 1 (max 127), holding ties and near-ties both ways.
+        let ties = [127.0, 2.5, -2.5, 0.5, -0.5, 126.5, -126.5, 0.49999997, -0.49999997, 1.5, -1.5, 3.5000002, 0.0, -0.0];
+        x[..ties.len()].copy_from_slice(&ties);
+        x[64..96].fill(0.0);
+        for b in 0..x.len() / BLOCK {
+            let xs = &x[b * BLOCK..(b + 1) * BLOCK];
+            let (mut q1, mut q2) = ([0i8; BLOCK], [0i8; BLOCK]);
+            let want = quantize_block(xs, &mut q1);
+            // SAFETY: AVX2 was detected; 32 values each.
+            let got = unsafe { avx2::quantize_block(xs, &mut q2) };
+            assert_eq!((got.0.to_bits(), got.1, q2), (want.0.to_bits(), want.1, q1), "block {b}");
+        }
+        let mut q = [0i8; BLOCK];
+        quantize_block(&x[..BLOCK], &mut q);
+        assert_eq!(&q[..7], &[127, 3, -3, 1, -1, 127, -127], "half away from zero");
     }
 
     #[test]

@@ -26,7 +26,7 @@ pub fn matmul(x: &[f32], n: usize, w: &Weight, y: &mut [f32]) {
                         acc += a.to_f32() * b;
                     }
                 }
-                WeightData::Quant { .. } => {
+                WeightData::Quant { .. } | WeightData::QuantInterleaved { .. } => {
                     let mut row = vec![0f32; w.cols];
                     w.row_f32(r, &mut row);
                     for (a, b) in row.iter().zip(xt) {

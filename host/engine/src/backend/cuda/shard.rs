@@ -272,10 +272,13 @@ impl CudaShard {
         let upload = |w: &Weight, widen: bool| -> Result<DevMatrix> {
             let data = match &w.data {
                 WeightData::Bf16(d) => dev.stream.clone_htod(bytemuck::cast_slice::<_, u16>(d)).map(DevWeights::Bf16),
-                WeightData::Quant { kind, blocks } if !widen => {
-                    dev.stream.clone_htod(blocks).map(|blocks| DevWeights::Quant { kind: *kind, blocks })
+                // The CPU loader interleaves Q4_0/Q4_1/Q8_0 rows for its own kernels; the device kernels
+                // read ggml's row layout.
+                WeightData::Quant { .. } | WeightData::QuantInterleaved { .. } if !widen => {
+                    let (kind, blocks) = w.quant_rows().expect("a quantized weight");
+                    dev.stream.clone_htod(&blocks[..]).map(|blocks| DevWeights::Quant { kind, blocks })
                 }
-                WeightData::Quant { .. } => {
+                WeightData::Quant { .. } | WeightData::QuantInterleaved { .. } => {
                     let widened: Vec<u16> = w.to_f32().into_iter().map(|v| half::bf16::from_f32(v).to_bits()).collect();
                     dev.stream.clone_htod(&widened).map(DevWeights::Bf16)
                 }
