@@ -71,9 +71,11 @@ pub struct UpArgs {
     /// (Payments on) the longest one request may stream, in seconds (one voucher pays for this).
     #[arg(long, default_value_t = 60)]
     max_seconds_per_request: u32,
-    /// Pipelines (routes) of --workers shards each. With more than one, each pipeline is one operator's
-    /// (its workers share a payout address), requests are spread over them, and output audits compare
-    /// them.
+    /// Workers per layer range: --replicas rings of --workers shards, all in one topology, so each
+    /// request's route takes any worker per range (routes mix the rings). With more than one, each ring
+    /// is one operator's (its workers share a payout address), requests are spread over the routes by
+    /// the workers' queues and speeds, a request whose worker dies moves to another route, and output
+    /// audits compare routes.
     #[arg(long, default_value_t = 1)]
     replicas: usize,
     /// The share of finished requests re-run on other routes to check their tokens (0 to 1).
@@ -137,37 +139,36 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let threads = args.threads.unwrap_or_else(|| (crate::generate::default_threads() / total_workers).max(1));
     eprintln!("starting {total_workers} workers for {} ({threads} threads each)…", args.model);
     let drill = args.fault_drill.as_deref().map(parse_drill).transpose()?;
-    // Dropping the pipelines stops their workers, on every path out of this function.
-    let mut pipelines = Vec::with_capacity(args.replicas);
-    for r in 0..args.replicas {
-        let operators: Vec<String> = devnet.as_ref().map(|d| d.devnet.operators.iter().map(address_of).collect()).unwrap_or_default();
-        // One pipeline: an operator per shard. Several: each pipeline is one operator's.
-        let payouts = match args.replicas {
-            1 => operators,
-            _ => operators.get(r).map(|op| vec![op.clone(); args.workers]).unwrap_or_default(),
-        };
-        let mut worker_args = vec![Vec::new(); args.workers];
-        if let Some((p, shard, fault)) = &drill
-            && *p == r
-        {
-            let slot = worker_args.get_mut(*shard).with_context(|| format!("--fault-drill: no shard {shard}"))?;
-            // `wrong-tokens-after:3` is the worker's `--fault wrong-tokens-after 3`.
-            *slot = std::iter::once("--fault").chain(fault.split(':')).map(str::to_string).collect();
+    // Dropping the pipeline stops its workers, on every path out of this function. With replicas, one
+    // topology lists every worker (ring by ring), so a request's route may take any worker per range.
+    let operators: Vec<String> = devnet.as_ref().map(|d| d.devnet.operators.iter().map(address_of).collect()).unwrap_or_default();
+    // One ring: an operator per shard. Several: each ring is one operator's.
+    let payouts: Vec<String> = match args.replicas {
+        1 => operators,
+        _ => (0..total_workers).filter_map(|i| operators.get(i / args.workers).cloned()).collect(),
+    };
+    let mut worker_args = vec![Vec::new(); total_workers];
+    if let Some((p, shard, fault)) = &drill {
+        if *p >= args.replicas || *shard >= args.workers {
+            bail!("--fault-drill: no shard {shard} in ring {p}");
         }
-        pipelines.push(LocalPipeline::start(&PipelineOptions {
-            orchestrator: Some((format!("http://{addr}"), token.as_str().to_string())),
-            model: model_dir.clone(),
-            shards: args.workers,
-            dtype: args.dtype.clone(),
-            threads,
-            peer_timeout_ms: 1000,
-            devices: args.devices.clone(),
-            client_key: Some(key.clone()),
-            samplers: args.samplers.clone(),
-            payouts,
-            worker_args,
-        })?);
+        // `wrong-tokens-after:3` is the worker's `--fault wrong-tokens-after 3`.
+        worker_args[p * args.workers + shard] = std::iter::once("--fault").chain(fault.split(':')).map(str::to_string).collect();
     }
+    let pipeline = LocalPipeline::start(&PipelineOptions {
+        orchestrator: Some((format!("http://{addr}"), token.as_str().to_string())),
+        model: model_dir.clone(),
+        shards: args.workers,
+        replicas: args.replicas,
+        dtype: args.dtype.clone(),
+        threads,
+        peer_timeout_ms: 1000,
+        devices: args.devices.clone(),
+        client_key: Some(key.clone()),
+        samplers: args.samplers.clone(),
+        payouts,
+        worker_args,
+    })?;
     let settings = Settings { heartbeat: Duration::from_millis(args.heartbeat_ms.max(10)), token, audit_rate: args.audit_rate };
     let mut state = AppState::open(&args.state_dir, key, settings)?;
     // The pool of a previous `up` had other workers (new keys, new ports): this one replaces it.
@@ -175,8 +176,8 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         id: Some(args.model.clone()),
         model: args.model.clone(),
         model_dir,
-        topology: pipelines[0].topology().clone(),
-        replicas: pipelines[1..].iter().map(|p| p.topology().clone()).collect(),
+        topology: pipeline.topology().clone(),
+        replicas: Vec::new(),
     };
     state.pools.register(&state.store, spec, true).map_err(|e| anyhow::anyhow!("registering the pool: {e}"))?;
     let rails_host = match &devnet {
@@ -222,7 +223,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             return Err(e);
         }
         let url = format!("http://{addr}");
-        println!("{}", banner(&url, &args.model, total_workers));
+        println!("{}", banner(&url, &args.model, args.workers, args.replicas));
         if let Some(d) = &devnet {
             println!("{}", payments_banner(&url, &args.model, d, args.price_per_second, args.max_seconds_per_request));
         }
@@ -235,7 +236,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         state.pools.disconnect_all().await;
         anyhow::Ok(())
     })?;
-    drop(pipelines);
+    drop(pipeline);
     eprintln!("stopped");
     Ok(())
 }
@@ -310,13 +311,13 @@ async fn set_price(state: &AppState, model: &str, d: &UpDevnet, price: u128, max
         settings.flow.plugin = d.rail_args.keeper.clone();
         settings.flow.config = serde_json::Value::Null;
     }
-    let payouts: usize = pool.routes.iter().map(|r| r.topology.shards.len()).sum();
+    let payouts: usize = pool.members.len();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let registered = pool
-            .routes
+            .members
             .iter()
-            .flat_map(|r| &r.topology.shards)
+            .map(|m| &m.shard)
             .filter(|s| state.workers.get(&s.peer.to_string()).is_some_and(|w| w.registration.payout.is_some()))
             .count();
         if registered == payouts {
@@ -360,10 +361,20 @@ async fn wait_until_ready(state: &AppState, model: &str, timeout: Duration) -> a
     bail!("the pool was not ready within {timeout:?}: {last}")
 }
 
-fn banner(url: &str, model: &str, workers: usize) -> String {
+fn banner(url: &str, model: &str, shards: usize, replicas: usize) -> String {
+    let split = match replicas {
+        1 => format!("{model} split across {shards} worker processes."),
+        n => format!(
+            "{model} split into {shards} layer ranges, {n} workers each ({} worker processes):\n\
+             each request takes one worker per range (routes mix the workers; {} routes), and moves to\n\
+             another route if one of its workers dies.",
+            shards * n,
+            n.pow(shards as u32)
+        ),
+    };
     format!(
         r#"
-ComputePool is up: {model} split across {workers} worker processes.
+ComputePool is up: {split}
 
   OpenAI-compatible API:  {url}/v1
   pools:                  {url}/pools
