@@ -233,8 +233,9 @@ fn hostile_start_frames_fail_their_request_and_the_worker_serves_on() {
         ack.read_exact(&mut byte).await.expect("confirmation");
         assert_eq!(byte, [1]);
         let mut writer = FrameWriter::new(conn.open_uni().await.expect("stream"), FrameLimits::DEFAULT);
-        let stranger = "ab".repeat(32);
+        let stranger = computepool_axl::transport::SecretKey::generate().public().to_string();
         let routes = [
+            ("bad-key", vec!["ab".repeat(32)], me.clone()),
             ("bad-stranger", vec![stranger], me.clone()),
             ("bad-chain", vec![cluster.peers[0].clone()], me.clone()),
             ("bad-entry", vec![], cluster.peers[1].clone()),
@@ -267,7 +268,9 @@ fn hostile_start_frames_fail_their_request_and_the_worker_serves_on() {
         transport.close().await;
         answers
     });
+    assert_eq!(answers.len(), 4);
     for ((id, code, message), (want_id, needle)) in answers.iter().zip([
+        ("bad-key", "not a peer id"),
         ("bad-stranger", "not in this pool's topology"),
         ("bad-chain", "does not chain"),
         ("bad-entry", "not an entry's"),
