@@ -71,11 +71,10 @@ pub struct UpArgs {
     /// (Payments on) the longest one request may stream, in seconds (one voucher pays for this).
     #[arg(long, default_value_t = 60)]
     max_seconds_per_request: u32,
-    /// Workers per layer range: --replicas rings of --workers shards, all in one topology, so each
-    /// request's route takes any worker per range (routes mix the rings). With more than one, each ring
-    /// is one operator's (its workers share a payout address), requests are spread over the routes by
-    /// the workers' queues and speeds, a request whose worker dies moves to another route, and output
-    /// audits compare routes.
+    /// Pipelines of --workers shards each, each its own topology file (so routes do not mix them: the
+    /// coalition voters judge by operator, and each pipeline is one operator's — its workers share a
+    /// payout address). Requests are spread over them, fail over between them, and output audits compare
+    /// them. A pool whose topology lists several workers per range mixes them (POST /pools).
     #[arg(long, default_value_t = 1)]
     replicas: usize,
     /// The share of finished requests re-run on other routes to check their tokens (0 to 1).
@@ -139,36 +138,38 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let threads = args.threads.unwrap_or_else(|| (crate::generate::default_threads() / total_workers).max(1));
     eprintln!("starting {total_workers} workers for {} ({threads} threads each)…", args.model);
     let drill = args.fault_drill.as_deref().map(parse_drill).transpose()?;
-    // Dropping the pipeline stops its workers, on every path out of this function. With replicas, one
-    // topology lists every worker (ring by ring), so a request's route may take any worker per range.
-    let operators: Vec<String> = devnet.as_ref().map(|d| d.devnet.operators.iter().map(address_of).collect()).unwrap_or_default();
-    // One ring: an operator per shard. Several: each ring is one operator's.
-    let payouts: Vec<String> = match args.replicas {
-        1 => operators,
-        _ => (0..total_workers).filter_map(|i| operators.get(i / args.workers).cloned()).collect(),
-    };
-    let mut worker_args = vec![Vec::new(); total_workers];
-    if let Some((p, shard, fault)) = &drill {
-        if *p >= args.replicas || *shard >= args.workers {
-            bail!("--fault-drill: no shard {shard} in ring {p}");
+    // Dropping the pipelines stops their workers, on every path out of this function.
+    let mut pipelines = Vec::with_capacity(args.replicas);
+    for r in 0..args.replicas {
+        let operators: Vec<String> = devnet.as_ref().map(|d| d.devnet.operators.iter().map(address_of).collect()).unwrap_or_default();
+        // One pipeline: an operator per shard. Several: each pipeline is one operator's.
+        let payouts = match args.replicas {
+            1 => operators,
+            _ => operators.get(r).map(|op| vec![op.clone(); args.workers]).unwrap_or_default(),
+        };
+        let mut worker_args = vec![Vec::new(); args.workers];
+        if let Some((p, shard, fault)) = &drill
+            && *p == r
+        {
+            let slot = worker_args.get_mut(*shard).with_context(|| format!("--fault-drill: no shard {shard}"))?;
+            // `wrong-tokens-after:3` is the worker's `--fault wrong-tokens-after 3`.
+            *slot = std::iter::once("--fault").chain(fault.split(':')).map(str::to_string).collect();
         }
-        // `wrong-tokens-after:3` is the worker's `--fault wrong-tokens-after 3`.
-        worker_args[p * args.workers + shard] = std::iter::once("--fault").chain(fault.split(':')).map(str::to_string).collect();
+        pipelines.push(LocalPipeline::start(&PipelineOptions {
+            replicas: 1,
+            orchestrator: Some((format!("http://{addr}"), token.as_str().to_string())),
+            model: model_dir.clone(),
+            shards: args.workers,
+            dtype: args.dtype.clone(),
+            threads,
+            peer_timeout_ms: 1000,
+            devices: args.devices.clone(),
+            client_key: Some(key.clone()),
+            samplers: args.samplers.clone(),
+            payouts,
+            worker_args,
+        })?);
     }
-    let pipeline = LocalPipeline::start(&PipelineOptions {
-        orchestrator: Some((format!("http://{addr}"), token.as_str().to_string())),
-        model: model_dir.clone(),
-        shards: args.workers,
-        replicas: args.replicas,
-        dtype: args.dtype.clone(),
-        threads,
-        peer_timeout_ms: 1000,
-        devices: args.devices.clone(),
-        client_key: Some(key.clone()),
-        samplers: args.samplers.clone(),
-        payouts,
-        worker_args,
-    })?;
     let settings = Settings { heartbeat: Duration::from_millis(args.heartbeat_ms.max(10)), token, audit_rate: args.audit_rate };
     let mut state = AppState::open(&args.state_dir, key, settings)?;
     // The pool of a previous `up` had other workers (new keys, new ports): this one replaces it.
@@ -176,8 +177,8 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         id: Some(args.model.clone()),
         model: args.model.clone(),
         model_dir,
-        topology: pipeline.topology().clone(),
-        replicas: Vec::new(),
+        topology: pipelines[0].topology().clone(),
+        replicas: pipelines[1..].iter().map(|p| p.topology().clone()).collect(),
     };
     state.pools.register(&state.store, spec, true).map_err(|e| anyhow::anyhow!("registering the pool: {e}"))?;
     let rails_host = match &devnet {
@@ -223,7 +224,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             return Err(e);
         }
         let url = format!("http://{addr}");
-        println!("{}", banner(&url, &args.model, args.workers, args.replicas));
+        println!("{}", banner(&url, &args.model, total_workers));
         if let Some(d) = &devnet {
             println!("{}", payments_banner(&url, &args.model, d, args.price_per_second, args.max_seconds_per_request));
         }
@@ -236,7 +237,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         state.pools.disconnect_all().await;
         anyhow::Ok(())
     })?;
-    drop(pipeline);
+    drop(pipelines);
     eprintln!("stopped");
     Ok(())
 }
@@ -361,20 +362,10 @@ async fn wait_until_ready(state: &AppState, model: &str, timeout: Duration) -> a
     bail!("the pool was not ready within {timeout:?}: {last}")
 }
 
-fn banner(url: &str, model: &str, shards: usize, replicas: usize) -> String {
-    let split = match replicas {
-        1 => format!("{model} split across {shards} worker processes."),
-        n => format!(
-            "{model} split into {shards} layer ranges, {n} workers each ({} worker processes):\n\
-             each request takes one worker per range (routes mix the workers; {} routes), and moves to\n\
-             another route if one of its workers dies.",
-            shards * n,
-            n.pow(shards as u32)
-        ),
-    };
+fn banner(url: &str, model: &str, workers: usize) -> String {
     format!(
         r#"
-ComputePool is up: {split}
+ComputePool is up: {model} split across {workers} worker processes.
 
   OpenAI-compatible API:  {url}/v1
   pools:                  {url}/pools
