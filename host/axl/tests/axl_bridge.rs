@@ -80,6 +80,8 @@ async fn frames_round_trip_between_two_standin_nodes() {
             request: rid("req-1"),
             seq: 0,
             sampling: SamplingHeader { temperature: 0.7, top_k: 40, top_p: 0.9, seed: 7, ..SamplingHeader::default() },
+            route: None,
+            resumed: None,
         }),
         payload: Vec::new(),
     };

@@ -136,11 +136,34 @@ impl Sampler {
     }
 
     /// Picks the next token from the logits of the last position, and remembers it.
+    ///
+    /// With a temperature above 0, every token takes exactly one draw from the stream, also when the
+    /// algorithm needs none (a row whose largest logit is not finite): the stream's position is then
+    /// the number of tokens sampled, so a pipeline whose exit changes mid-request continues it with
+    /// [`Sampler::skip`] and samples what an undisturbed run does.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let rng = &mut self.rng;
-        let token = core_sampling::sample(logits, &self.history, &self.core, &mut self.scratch, || rng.next_f64());
+        let mut drew = false;
+        let token = core_sampling::sample(logits, &self.history, &self.core, &mut self.scratch, || {
+            drew = true;
+            rng.next_f64()
+        });
+        if !drew && self.params.temperature > 0.0 {
+            self.rng.next_f64();
+        }
         self.history.push(token);
         token
+    }
+
+    /// Moves the stream past the draws of `tokens` tokens sampled elsewhere (one each above
+    /// temperature 0, none when greedy). The history (penalties) is not rebuilt: it holds only what
+    /// this sampler sampled.
+    pub fn skip(&mut self, tokens: u64) {
+        if self.params.temperature > 0.0 {
+            for _ in 0..tokens {
+                self.rng.next_f64();
+            }
+        }
     }
 }
 
@@ -189,6 +212,26 @@ mod tests {
         let logits = [5.0, 3.0, 0.0, 0.0];
         let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_p: 0.5, seed: 7, ..Default::default() }).unwrap();
         assert!((0..200).all(|_| s.sample(&logits) == 0));
+    }
+
+    #[test]
+    fn a_sampler_that_skips_the_draws_of_n_tokens_continues_the_stream() {
+        let params = SamplingParams { temperature: 0.9, seed: 7, ..SamplingParams::default() };
+        let logits: Vec<Vec<f32>> = (0..12).map(|i| (0..50).map(|j| ((i * 7 + j * 13) % 17) as f32 * 0.3).collect()).collect();
+        let mut whole = Sampler::new(params).expect("valid");
+        let all: Vec<u32> = logits.iter().map(|l| whole.sample(l)).collect();
+        let mut resumed = Sampler::new(params).expect("valid");
+        resumed.skip(5);
+        let rest: Vec<u32> = logits[5..].iter().map(|l| resumed.sample(l)).collect();
+        assert_eq!(rest, all[5..]);
+        // A row that needs no draw (its largest logit is infinite) still takes one.
+        let mut a = Sampler::new(params).expect("valid");
+        let mut b = Sampler::new(params).expect("valid");
+        let mut inf = logits[0].clone();
+        inf[3] = f32::INFINITY;
+        assert_eq!(a.sample(&inf), 3);
+        b.skip(1);
+        assert_eq!(a.sample(&logits[1]), b.sample(&logits[1]));
     }
 
     #[test]

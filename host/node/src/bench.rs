@@ -204,6 +204,7 @@ fn run_sharded(args: BenchArgs) -> anyhow::Result<()> {
     for dtype in args.dtype.split(',') {
         let dtype = dtype.trim().to_string();
         let options = PipelineOptions {
+            replicas: 1,
             model: args.model.clone(),
             shards,
             dtype: dtype.clone(),

@@ -46,6 +46,7 @@ pub fn run(model: &Path, shards: usize, dtype: &str, threads: usize, tg: usize, 
     let state_dir = tempfile::Builder::new().prefix("computepool-bench-api-").tempdir()?;
     let key = SecretKey::generate();
     let pipeline = LocalPipeline::start(&PipelineOptions {
+        replicas: 1,
         model: model.clone(),
         shards,
         dtype: dtype.to_string(),

@@ -175,6 +175,7 @@ fn run_pipeline(args: GenerateArgs) -> anyhow::Result<()> {
             let model = args.model.clone().context("--model is required with --shards")?;
             let threads = args.threads.unwrap_or_else(default_threads);
             let options = PipelineOptions {
+                replicas: 1,
                 model,
                 shards: n,
                 dtype: args.dtype.clone(),

@@ -18,6 +18,9 @@ use crate::client::EntryClient;
 pub struct PipelineOptions {
     pub model: PathBuf,
     pub shards: usize,
+    /// Workers per layer range (1 or more): the topology lists `shards × replicas` workers, ring by
+    /// ring, so routes may mix them.
+    pub replicas: usize,
     pub dtype: String,
     /// Compute threads per worker.
     pub threads: usize,
@@ -29,9 +32,10 @@ pub struct PipelineOptions {
     pub client_key: Option<SecretKey>,
     /// An orchestrator the workers register with and heartbeat to: its URL and operator token.
     pub orchestrator: Option<(String, String)>,
-    /// Each worker's `--payout` address, in shard order (paid pools); empty: none.
+    /// Each worker's `--payout` address, in worker order (ring by ring; paid pools); empty: none.
     pub payouts: Vec<String>,
-    /// Extra arguments for each worker, in shard order (fault drills); missing entries add none.
+    /// Extra arguments for each worker, in worker order (ring by ring; fault drills); missing entries
+    /// add none.
     pub worker_args: Vec<Vec<String>>,
     /// Every worker's sampler plugins (`--plugins`, `--plugin-config`, `--default-sampler`).
     pub samplers: crate::samplers::SamplerArgs,
@@ -90,10 +94,11 @@ impl LocalPipeline {
         let config = computepool_engine::model::ModelSource::from_path(&options.model)?.config()?;
         let ranges = even_split(config.num_layers as u32, options.shards)?;
         let dir = tempfile::Builder::new().prefix("computepool-pipeline-").tempdir()?;
-        let keys: Vec<SecretKey> = (0..options.shards).map(|_| SecretKey::generate()).collect();
+        let workers = options.shards * options.replicas.max(1);
+        let keys: Vec<SecretKey> = (0..workers).map(|_| SecretKey::generate()).collect();
         let client_key = options.client_key.clone().unwrap_or_else(SecretKey::generate);
         let mut shards = Vec::new();
-        for (i, (key, layers)) in keys.iter().zip(&ranges).enumerate() {
+        for (i, (key, layers)) in keys.iter().zip(ranges.iter().cycle()).enumerate() {
             write_secret_key(&dir.path().join(format!("worker-{i}.key")), key)?;
             shards.push(ShardPeer { peer: key.public(), layers: *layers, addrs: vec![free_udp_addr()?] });
         }
@@ -102,12 +107,12 @@ impl LocalPipeline {
         let topology_path = dir.path().join("topology.json");
         std::fs::write(&topology_path, topology.to_json())?;
         let mut pipeline = Self { dir, children: Vec::new(), topology, client_key, ready: Vec::new() };
-        for i in 0..options.shards {
+        for i in 0..workers {
             let child = pipeline.spawn_worker(i, options)?;
             pipeline.children.push(child);
         }
         let mut ready = Vec::new();
-        for i in 0..options.shards {
+        for i in 0..workers {
             ready.push(pipeline.wait_ready(i)?);
         }
         pipeline.ready = ready;
@@ -131,7 +136,7 @@ impl LocalPipeline {
             .args(["--dtype", &options.dtype])
             .args(["--threads", &options.threads.to_string()])
             .args(["--peer-timeout-ms", &options.peer_timeout_ms.to_string()])
-            .args(["--device", options.devices.get(i).or(options.devices.first()).map_or("cpu", String::as_str)]);
+            .args(["--device", options.devices.get(i % options.shards).or(options.devices.first()).map_or("cpu", String::as_str)]);
         if let Some((url, token)) = &options.orchestrator {
             // The token goes in the environment, not on the command line (which any local user can read).
             command.args(["--orchestrator", url]).env(crate::orchestrator::auth::TOKEN_ENV, token);

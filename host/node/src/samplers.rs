@@ -199,15 +199,39 @@ pub enum RequestSampler {
 
 impl RequestSampler {
     /// The next token, or why the plugin could not give one (the request fails; the worker serves on).
+    ///
+    /// With a temperature above 0 each token takes exactly one draw of the request's stream, whether
+    /// the sampler needed it or not (the engine's `Sampler::sample` does the same), so an exit that
+    /// takes over a request after `n` tokens continues the stream by skipping `n` draws ([`Self::skip`]).
     pub fn sample(&mut self, logits: &[f32]) -> Result<u32, String> {
         match self {
             RequestSampler::Native(s) => Ok(s.sample(logits)),
             RequestSampler::Plugin { plugin, random, params, history } => {
                 let generated = u32::try_from(history.len()).map_err(|_| "history too long".to_string())?;
                 let input = SampleInput { logits, history, generated, params: *params };
+                let before = random.draws();
                 let token = plugin.sample(random, &input).map_err(|e| format!("sampler plugin failed: {e}"))?;
+                if params.temperature > 0.0 && random.draws() == before {
+                    random.next_f64();
+                }
                 history.push(token);
                 Ok(token)
+            }
+        }
+    }
+
+    /// Advances the request's random stream past the draws of `tokens` tokens sampled elsewhere (a
+    /// request that moved here from a broken route). A plugin that draws more than once per token
+    /// cannot be continued exactly; greedy requests draw nothing.
+    pub fn skip(&mut self, tokens: u64) {
+        match self {
+            RequestSampler::Native(s) => s.skip(tokens),
+            RequestSampler::Plugin { random, params, .. } => {
+                if params.temperature > 0.0 {
+                    for _ in 0..tokens {
+                        random.next_f64();
+                    }
+                }
             }
         }
     }

@@ -71,9 +71,10 @@ pub struct UpArgs {
     /// (Payments on) the longest one request may stream, in seconds (one voucher pays for this).
     #[arg(long, default_value_t = 60)]
     max_seconds_per_request: u32,
-    /// Pipelines (routes) of --workers shards each. With more than one, each pipeline is one operator's
-    /// (its workers share a payout address), requests are spread over them, and output audits compare
-    /// them.
+    /// Pipelines of --workers shards each, each its own topology file (so routes do not mix them: the
+    /// coalition voters judge by operator, and each pipeline is one operator's — its workers share a
+    /// payout address). Requests are spread over them, fail over between them, and output audits compare
+    /// them. A pool whose topology lists several workers per range mixes them (POST /pools).
     #[arg(long, default_value_t = 1)]
     replicas: usize,
     /// The share of finished requests re-run on other routes to check their tokens (0 to 1).
@@ -155,6 +156,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             *slot = std::iter::once("--fault").chain(fault.split(':')).map(str::to_string).collect();
         }
         pipelines.push(LocalPipeline::start(&PipelineOptions {
+            replicas: 1,
             orchestrator: Some((format!("http://{addr}"), token.as_str().to_string())),
             model: model_dir.clone(),
             shards: args.workers,
@@ -310,13 +312,13 @@ async fn set_price(state: &AppState, model: &str, d: &UpDevnet, price: u128, max
         settings.flow.plugin = d.rail_args.keeper.clone();
         settings.flow.config = serde_json::Value::Null;
     }
-    let payouts: usize = pool.routes.iter().map(|r| r.topology.shards.len()).sum();
+    let payouts: usize = pool.members.len();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let registered = pool
-            .routes
+            .members
             .iter()
-            .flat_map(|r| &r.topology.shards)
+            .map(|m| &m.shard)
             .filter(|s| state.workers.get(&s.peer.to_string()).is_some_and(|w| w.registration.payout.is_some()))
             .count();
         if registered == payouts {

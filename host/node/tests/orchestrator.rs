@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::http::{self, EventStream};
-use common::{Cluster, bin, smollm2_dir, wait_for};
+use common::{Cluster, WorkerSpec, bin, free_port, smollm2_dir, wait_for};
 use serde_json::{Value, json};
 
 const MODEL: &str = "smollm2-135m-instruct";
@@ -647,107 +647,162 @@ fn workers_register_heartbeat_go_down_and_come_back_after_a_restart() {
     assert_eq!(post_when_ready(&again.addr, "/v1/completions", &request).status, 200);
 }
 
-/// A pool with a replica pipeline: SIGKILL the exit worker of the route a stream is on, mid-stream, and
-/// the stream goes on through the replica with exactly the tokens of an undisturbed run (no error, no
-/// token repeated or missing). Then, with no replica left, the same kill gives the client a clear error
-/// within 2 s; and a pool with no live route answers 503 at once.
+/// One topology with two workers per layer range (two rings' worth: a1 b1 a2 b2): SIGKILL the exit of
+/// the route a stream is on, mid-stream, and the stream goes on through another route with exactly the
+/// tokens of an undisturbed run (no error, no token repeated or missing) — greedy, and seeded sampling
+/// (temperature 0.9, seed 7). A route mixing the rings (a1 → b2) gives the undisturbed tokens too. Then,
+/// with no other exit left, the same kill gives the client a clear error within 2 s; and a pool with no
+/// live route answers 503 at once.
 #[test]
-fn a_stream_survives_its_exit_worker_dying_when_a_replica_exists() {
+fn streams_survive_their_exit_dying_and_routes_mix_workers_per_range() {
     let Some(model) = smollm2_dir() else {
         eprintln!("skipped: SmolLM2 is not downloaded (run `make model`)");
         return;
     };
-    let mut rings = [Cluster::local(&model, 30, 2, &[]), Cluster::local(&model, 30, 2, &[])];
-    // Both pipelines take requests from the same client: the orchestrator, with the first ring's key.
-    let client = rings[0].client_peer.clone();
-    let mut replica: Value = serde_json::from_str(&std::fs::read_to_string(rings[1].topology_path()).expect("read")).expect("JSON");
-    replica["clients"] = json!([client]);
-    std::fs::write(rings[1].topology_path(), replica.to_string()).expect("write");
-    let state_dir = rings[0].dir.path().join("orchestrator");
+    let specs: Vec<WorkerSpec> = [(0, 15), (15, 30), (0, 15), (15, 30)]
+        .into_iter()
+        .map(|layers| WorkerSpec { layers, addr: free_port("127.0.0.1"), netns: None })
+        .collect();
+    let mut cluster = Cluster::new(&model, 30, specs, &[]);
+    let state_dir = cluster.dir.path().join("orchestrator");
     std::fs::create_dir_all(&state_dir).expect("state dir");
-    std::fs::copy(rings[0].dir.path().join("client.key"), state_dir.join("orchestrator.key")).expect("key");
+    std::fs::copy(cluster.dir.path().join("client.key"), state_dir.join("orchestrator.key")).expect("key");
     let orchestrator = Orchestrator::start(&state_dir);
     let addr = orchestrator.addr.clone();
     let token_file = state_dir.join("token");
     std::fs::write(&token_file, TOKEN).expect("token file");
-    let topology: Value = serde_json::from_str(&std::fs::read_to_string(rings[0].topology_path()).expect("read")).expect("JSON");
-    let spec = json!({"id": "smol", "model": MODEL, "model_dir": model, "topology": topology, "replicas": [replica]});
-    let r = http::post_as(&addr, "/pools", &spec, TOKEN);
-    assert_eq!(r.status, 201, "{}", r.body);
-    for ring in &mut rings {
-        ring.extra_args = vec![
-            "--orchestrator".into(),
-            format!("http://{addr}"),
-            "--operator-token-file".into(),
-            token_file.to_string_lossy().into_owned(),
-        ];
-        ring.start_all();
-    }
-    let logs = |rings: &[Cluster; 2]| (0..4).map(|i| rings[i / 2].log(i % 2)).collect::<Vec<_>>().join("\n---\n");
+    cluster.extra_args = vec![
+        "--orchestrator".into(),
+        format!("http://{addr}"),
+        "--operator-token-file".into(),
+        token_file.to_string_lossy().into_owned(),
+    ];
+    register(&cluster, &orchestrator, &model);
+    cluster.start_all();
+    let logs = |cluster: &Cluster| (0..4).map(|i| cluster.log(i)).collect::<Vec<_>>().join("\n---\n");
+    let index = |cluster: &Cluster, peer: &str| cluster.peers.iter().position(|p| p == peer).expect("a pool worker");
+    // The original rings: workers 0 and 1, workers 2 and 3.
+    let ring = |i: usize| i / 2;
 
     const TOKENS: usize = 120;
-    let body = json!({"prompt": "Once upon a time, in a village by the sea,", "max_tokens": TOKENS, "ignore_eos": true, "temperature": 0});
-    // (route, token ids, text, final event) of one streamed request, reading `before_kill` tokens
-    // and then calling `kill` with the route.
-    let run = |rings: &mut [Cluster; 2], before_kill: Option<usize>| -> (usize, Vec<u64>, String, Value, Option<Instant>) {
-        let mut stream = EventStream::open(&addr, "/pools/smol/infer", &body);
+    let prompt = "Once upon a time, in a village by the sea,";
+    let greedy = json!({"prompt": prompt, "max_tokens": TOKENS, "ignore_eos": true, "temperature": 0});
+    let seeded = json!({"prompt": prompt, "max_tokens": TOKENS, "ignore_eos": true, "temperature": 0.9, "seed": 7});
+    struct Run {
+        /// The route's workers (cluster indices), entry first.
+        route: Vec<usize>,
+        ids: Vec<u64>,
+        text: String,
+        end: Value,
+        killed: Option<Instant>,
+        /// From the kill to the first token after it.
+        resumed_after: Option<Duration>,
+    }
+    // One streamed request; after `before_kill` tokens, SIGKILL the exit of its route.
+    let run = |cluster: &mut Cluster, body: &Value, before_kill: Option<usize>| -> Run {
+        let mut stream = EventStream::open(&addr, "/pools/smol/infer", body);
         assert_eq!(stream.status, 200);
         let started: Value = serde_json::from_str(&stream.next_data().expect("started")).expect("JSON");
-        let route = started["route"].as_u64().expect("route") as usize;
-        let (mut ids, mut text, mut killed) = (Vec::new(), String::new(), None);
+        let route: Vec<usize> = started["workers"]
+            .as_array()
+            .expect("workers")
+            .iter()
+            .map(|p| index(cluster, p.as_str().expect("peer id")))
+            .collect();
+        let (mut ids, mut text, mut killed, mut resumed_after) = (Vec::new(), String::new(), None, None);
         loop {
             let event: Value = serde_json::from_str(&stream.next_data().expect("an event")).expect("JSON");
             if let Some(id) = event["token"].as_u64() {
+                if let (Some(k), None) = (killed, resumed_after) {
+                    resumed_after = Some(Instant::now().duration_since(k));
+                }
                 ids.push(id);
                 text.push_str(event["text"].as_str().expect("text"));
                 if before_kill == Some(ids.len()) {
-                    rings[route].kill(1);
+                    cluster.kill(route[1]);
                     killed = Some(Instant::now());
                 }
                 continue;
             }
-            return (route, ids, text, event, killed);
+            return Run { route, ids, text, end: event, killed, resumed_after };
         }
     };
-    // The rings come up; then the undisturbed run.
+    let statuses = |addr: &str| -> Vec<(String, String)> {
+        http::get(addr, "/workers").json()["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .map(|w| (w["peer"].as_str().unwrap_or_default().to_string(), w["status"].as_str().unwrap_or_default().to_string()))
+            .collect()
+    };
+    let status_of = |cluster: &Cluster, i: usize| statuses(&addr).into_iter().find(|(p, _)| p == &cluster.peers[i]).map(|(_, s)| s);
+    // The workers come up; then the undisturbed runs.
     let deadline = Instant::now() + Duration::from_secs(30);
     while http::post(&addr, "/pools/smol/infer", &json!({"prompt": "Hi", "max_tokens": 1})).status != 200 {
-        assert!(Instant::now() < deadline, "the pool never served:\n{}", logs(&rings));
+        assert!(Instant::now() < deadline, "the pool never served:\n{}", logs(&cluster));
         std::thread::sleep(Duration::from_millis(200));
     }
-    let (_, want_ids, want_text, done, _) = run(&mut rings, None);
-    assert_eq!(done["completion_tokens"], TOKENS as u64, "{done}");
+    let want_greedy = run(&mut cluster, &greedy, None);
+    assert_eq!(want_greedy.end["completion_tokens"], TOKENS as u64, "{}", want_greedy.end);
+    let want_seeded = run(&mut cluster, &seeded, None);
+    assert_eq!(want_seeded.end["completion_tokens"], TOKENS as u64, "{}", want_seeded.end);
+    assert_ne!(want_seeded.ids, want_greedy.ids, "temperature 0.9 samples something else than greedy");
 
-    // The exit of the stream's route dies after 20 tokens: the stream goes on through the replica.
-    let (route, ids, text, done, killed) = run(&mut rings, Some(20));
-    assert!(done.get("error").is_none(), "the client saw an error: {done}\n{}", logs(&rings));
-    assert_eq!(done["completion_tokens"], TOKENS as u64, "{done}");
-    assert_eq!(ids, want_ids, "the token ids differ from the undisturbed run");
-    assert_eq!(text, want_text);
-    eprintln!("route {route}'s exit was killed; the stream finished on the replica {:?} later", killed.map(|k| k.elapsed()));
-    let other = 1 - route;
-    assert!(rings[other].log(0).contains("resuming a request"), "the replica's entry replayed it:\n{}", rings[other].log(0));
+    // Greedy, then seeded: the exit of the stream's route dies after 20 tokens; the stream goes on
+    // through another route with the undisturbed tokens. The killed exit comes back in between.
+    for (body, want, name) in [(&greedy, &want_greedy, "greedy"), (&seeded, &want_seeded, "seeded")] {
+        assert!(wait_for(Duration::from_secs(10), || (0..4).all(|i| status_of(&cluster, i).as_deref() == Some("up"))), "{:?}", statuses(&addr));
+        let replays = |cluster: &Cluster| (0..4).map(|i| cluster.log(i).matches("resuming a request").count()).sum::<usize>();
+        let before = replays(&cluster);
+        let moved = run(&mut cluster, body, Some(20));
+        assert!(moved.end.get("error").is_none(), "{name}: the client saw an error: {}\n{}", moved.end, logs(&cluster));
+        assert_eq!(moved.end["completion_tokens"], TOKENS as u64, "{}", moved.end);
+        assert_eq!(moved.ids, want.ids, "{name}: the token ids differ from the undisturbed run");
+        assert_eq!(moved.text, want.text);
+        let exit = moved.route[1];
+        let took = moved.resumed_after.expect("tokens came after the kill");
+        eprintln!("{name}: route {:?}'s exit was killed; the next token came {took:?} later, through another route", moved.route);
+        assert_eq!(replays(&cluster), before + 1, "an entry replayed it once:\n{}", logs(&cluster));
+        cluster.start(exit);
+    }
 
-    // Wait until the killed worker is marked down; the next stream takes the one live route, whose
-    // exit then dies too: no replica is left, and the client hears so within 2 s.
-    let down = || http::get(&addr, "/workers").json()["data"].as_array().expect("data").iter().any(|w| w["status"] == "down");
-    assert!(wait_for(Duration::from_secs(3), down), "{}", http::get(&addr, "/workers").body);
-    let (second_route, ids, _, end, killed) = run(&mut rings, Some(10));
-    assert_eq!(second_route, other, "the request went to the live route");
-    let killed = killed.expect("killed");
+    assert!(wait_for(Duration::from_secs(10), || (0..4).all(|i| status_of(&cluster, i).as_deref() == Some("up"))), "{:?}", statuses(&addr));
+    // Route a1 → b2 mixes the rings: eject a2 and b1 (no new request is routed through them), so the
+    // only route left is the mixed one, and it gives the undisturbed tokens.
+    for i in [1, 2] {
+        let r = http::post_as(&addr, &format!("/workers/{}/eject", cluster.peers[i]), &json!({"reason": "test: force the mixed route"}), TOKEN);
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let mixed = run(&mut cluster, &greedy, None);
+    assert_eq!(mixed.route, [0, 3], "the one live route");
+    assert_ne!(ring(mixed.route[0]), ring(mixed.route[1]), "entry and exit from different rings");
+    assert_eq!(mixed.ids, want_greedy.ids, "a mixed route gives the same tokens");
+    let topology = http::get(&addr, "/topology").json();
+    let routed: Vec<u64> = topology["pools"][0]["shards"]
+        .as_array()
+        .expect("shards")
+        .iter()
+        .flat_map(|s| s["workers"].as_array().expect("workers").iter().map(|w| w["routed"].as_u64().expect("routed")))
+        .collect();
+    assert!(routed.iter().all(|&n| n > 0), "every worker took requests: {topology}");
+
+    // Its exit then dies too: no exit is left, and the client hears so within 2 s.
+    let last = run(&mut cluster, &greedy, Some(10));
+    let killed = last.killed.expect("killed");
     let took = killed.elapsed();
-    assert!(end.get("error").is_some(), "expected an error event, got {end}");
-    assert!(ids.len() < TOKENS);
-    let message = end["error"]["message"].as_str().expect("message");
+    assert!(last.end.get("error").is_some(), "expected an error event, got {}", last.end);
+    assert!(last.ids.len() < TOKENS);
+    assert_eq!(last.ids[..], want_greedy.ids[..last.ids.len()]);
+    let message = last.end["error"]["message"].as_str().expect("message");
     assert!(message.contains("no replica route is left"), "{message}");
-    assert_eq!(end["error"]["code"], "pool_unavailable", "{end}");
+    assert_eq!(last.end["error"]["code"], "pool_unavailable", "{}", last.end);
     assert!(took < Duration::from_secs(2), "the error came {took:?} after the kill");
-    eprintln!("without a replica the client got the error {took:?} after the kill: {message}");
+    eprintln!("without another route the client got the error {took:?} after the kill: {message}");
 
-    // Both exits down: no live route, 503 at once.
+    // No live route: 503 at once.
     let all_down = || http::get(&addr, "/topology").json()["pools"][0]["ready"] == false;
     assert!(wait_for(Duration::from_secs(3), all_down));
-    let r = http::post(&addr, "/pools/smol/infer", &body);
+    let r = http::post(&addr, "/pools/smol/infer", &greedy);
     assert_eq!(r.status, 503, "{}", r.body);
     assert!(r.body.contains("no live route"), "{}", r.body);
 }

@@ -196,3 +196,88 @@ fn a_cuda_worker_without_a_gpu_says_cuda_is_not_available() {
     assert!(!out.status.success());
     assert!(stderr.contains("2 devices given for 3 shards"), "{stderr}");
 }
+
+/// Start frames whose route names a stranger, does not chain, or names a non-entry as the entry fail
+/// their request with an `invalid_request` error frame sent to the request's entry; the link stays
+/// open and the worker serves on. The test plays a second entry of the pool over real QUIC.
+#[test]
+fn hostile_start_frames_fail_their_request_and_the_worker_serves_on() {
+    use computepool_axl::frame::{ControlHeader, ErrorCode, Frame, FrameHeader, FrameLimits, RequestId, RouteHeader, SamplingHeader};
+    use computepool_axl::transport::{FRAMES_ALPN, FrameReader, FrameWriter, Transport, TransportConfig, read_secret_key};
+
+    let ckpt = tiny::checkpoint(tiny::Family::Llama3);
+    let layers = tiny::LAYERS as u32;
+    let half = layers / 2;
+    // An entry, an exit, and a second entry that the test itself plays.
+    let specs = [(0, half), (half, layers), (0, half)]
+        .into_iter()
+        .map(|layers| common::WorkerSpec { layers, addr: common::free_port("127.0.0.1"), netns: None })
+        .collect();
+    let mut cluster = Cluster::new(ckpt.dir(), layers, specs, &[]);
+    cluster.start(0);
+    cluster.start(1);
+    let ok = ["--prompt", "w5", "--max-tokens", "4", "--ignore-eos", "--wait-ready-s", "20"];
+    assert_eq!(cluster.tokens(&ok).len(), 4, "the pool serves before");
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+    let answers = runtime.block_on(async {
+        let key = read_secret_key(&cluster.dir.path().join("worker-2.key")).expect("key");
+        let mut config = TransportConfig::new(key);
+        config.bind = vec![cluster.specs[2].addr];
+        let transport = Transport::bind(config).await.expect("bind");
+        let me = transport.id().to_string();
+        let exit: computepool_axl::transport::PeerId = cluster.peers[1].parse().expect("peer id");
+        let conn = transport.connect(exit, &[cluster.specs[1].addr], FRAMES_ALPN).await.expect("the exit takes a pool member");
+        let mut ack = conn.accept_uni().await.expect("confirmation stream");
+        let mut byte = [0u8; 1];
+        ack.read_exact(&mut byte).await.expect("confirmation");
+        assert_eq!(byte, [1]);
+        let mut writer = FrameWriter::new(conn.open_uni().await.expect("stream"), FrameLimits::DEFAULT);
+        let stranger = computepool_axl::transport::SecretKey::generate().public().to_string();
+        let routes = [
+            ("bad-key", vec!["ab".repeat(32)], me.clone()),
+            ("bad-stranger", vec![stranger], me.clone()),
+            ("bad-chain", vec![cluster.peers[0].clone()], me.clone()),
+            ("bad-entry", vec![], cluster.peers[1].clone()),
+        ];
+        for (id, next, entry) in &routes {
+            let route = RouteHeader { next: next.clone(), entry: entry.clone() };
+            let frame = Frame::start_routed(RequestId::new(*id).expect("id"), SamplingHeader::default(), Some(route), None);
+            writer.send(&frame).await.expect("sent");
+        }
+        // The exit answers each over a link of its own to the request's entry: us.
+        let incoming = tokio::time::timeout(Duration::from_secs(5), transport.accept(|_, _| Ok(())))
+            .await
+            .expect("the exit dials the entry")
+            .expect("a connection");
+        let mut confirm = incoming.open_uni().await.expect("confirmation stream");
+        confirm.write_all(&[1]).await.expect("confirm");
+        let _ = confirm.finish();
+        let mut reader = FrameReader::new(incoming.accept_uni().await.expect("frames"), FrameLimits::DEFAULT);
+        let mut answers = Vec::new();
+        for _ in 0..routes.len() {
+            let frame = tokio::time::timeout(Duration::from_secs(5), reader.next()).await.expect("in time").expect("a frame").expect("open");
+            match frame.header {
+                FrameHeader::Control(ControlHeader::Error { request, code, message, .. }) => {
+                    answers.push((request.to_string(), code, message))
+                }
+                other => panic!("expected an error frame, got {other:?}"),
+            }
+        }
+        assert!(conn.close_reason().is_none(), "a bad route fails its request, not the link");
+        transport.close().await;
+        answers
+    });
+    assert_eq!(answers.len(), 4);
+    for ((id, code, message), (want_id, needle)) in answers.iter().zip([
+        ("bad-key", "not a peer id"),
+        ("bad-stranger", "not in this pool's topology"),
+        ("bad-chain", "does not chain"),
+        ("bad-entry", "not an entry's"),
+    ]) {
+        assert_eq!(id, want_id);
+        assert_eq!(*code, ErrorCode::InvalidRequest);
+        assert!(message.contains(needle), "{id}: {message}");
+    }
+    assert_eq!(cluster.tokens(&ok).len(), 4, "the pool serves after");
+}

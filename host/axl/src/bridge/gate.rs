@@ -238,7 +238,7 @@ mod tests {
         let mut g = gate();
         let sampling = SamplingHeader { seed: 1, ..SamplingHeader::default() };
         let start = |seq| Frame {
-            header: FrameHeader::Control(ControlHeader::Start { request: rid("a"), seq, sampling: sampling.clone() }),
+            header: FrameHeader::Control(ControlHeader::Start { request: rid("a"), seq, sampling: sampling.clone(), route: None, resumed: None }),
             payload: Vec::new(),
         };
         assert_eq!(g.admit(&peer(1), &start(0)), Verdict::Deliver);

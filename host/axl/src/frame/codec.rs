@@ -5,8 +5,8 @@ use std::io::{self, IoSlice, Write};
 
 use super::error::FrameError;
 use super::header::{
-    ActivationsHeader, ControlHeader, ErrorCode, FrameHeader, MAX_ERROR_MESSAGE_LEN, RequestId, SamplingHeader,
-    TokenHeader,
+    ActivationsHeader, ControlHeader, ErrorCode, FrameHeader, MAX_ERROR_MESSAGE_LEN, RequestId, RouteHeader,
+    SamplingHeader, TokenHeader,
     WireHeaderOut, parse_wire,
 };
 
@@ -96,9 +96,17 @@ impl Frame {
         Frame { header: FrameHeader::Token(header), payload: Vec::new() }
     }
 
-    /// A `start` control frame: a new request and how the exit samples it.
+    /// A `start` control frame: a new request and how the exit samples it, on the receiver's default
+    /// route.
     pub fn start(request: RequestId, sampling: SamplingHeader) -> Self {
-        Frame { header: FrameHeader::Control(ControlHeader::Start { request, seq: 0, sampling }), payload: Vec::new() }
+        Self::start_routed(request, sampling, None, None)
+    }
+
+    /// A `start` control frame with the request's route after the receiver and, for a request that
+    /// moved here from a broken route, how many tokens it generated there.
+    pub fn start_routed(request: RequestId, sampling: SamplingHeader, route: Option<RouteHeader>, resumed: Option<u64>) -> Self {
+        let header = FrameHeader::Control(ControlHeader::Start { request, seq: 0, sampling, route, resumed });
+        Frame { header, payload: Vec::new() }
     }
 
     /// An `end` control frame: free `request` everywhere.

@@ -421,6 +421,42 @@ impl std::hash::Hash for SamplingHeader {
     }
 }
 
+/// Most shards a route may name after the receiver of a `start` frame.
+pub const MAX_ROUTE_LEN: usize = 256;
+
+/// Where a request goes after the receiver of its `start` frame (docs/PROTOCOL.md §3): the peer ids of
+/// the shards after the receiver, in layer order, and the entry shard that gets the request's tokens.
+/// Peer ids are the workers' ed25519 public keys, 64 lowercase hex digits. Whether they belong to the
+/// pool and their layer ranges chain is the receiving worker's business (it knows the topology): a
+/// route that does not fails the request, never the link.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteHeader {
+    /// The shards after the receiver, in order; empty when the receiver is the exit.
+    pub next: Vec<String>,
+    /// The entry shard: the exit sends the request's token frames to it.
+    pub entry: String,
+}
+
+/// Whether `id` has the form of a peer id: 64 lowercase hex digits.
+pub fn is_peer_id(id: &str) -> bool {
+    id.len() == 64 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+impl RouteHeader {
+    fn validate(&self) -> Result<(), FrameError> {
+        if self.next.len() > MAX_ROUTE_LEN {
+            return Err(invalid("route", format!("{} shards, the limit is {MAX_ROUTE_LEN}", self.next.len())));
+        }
+        for id in self.next.iter().chain(std::iter::once(&self.entry)) {
+            if !is_peer_id(id) {
+                return Err(invalid("route", format!("{:?} is not a peer id (64 lowercase hex digits)", echo(id))));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A control frame: the lifecycle of a request or of a shard. Control frames carry no payload.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum ControlHeader {
@@ -433,6 +469,14 @@ pub enum ControlHeader {
         seq: u64,
         /// How to sample.
         sampling: SamplingHeader,
+        /// The shards after the receiver and the entry. Absent: the receiver's default route, the
+        /// first worker its topology lists for each following layer range and its first entry
+        /// (what a one-ring topology always meant).
+        route: Option<RouteHeader>,
+        /// Tokens the request generated on another route before it moved here (a failover): the
+        /// entry replays them, and the exit samples nothing until the replay is done, then skips this
+        /// many draws of the request's random stream. Absent: 0.
+        resumed: Option<u64>,
     },
     /// The request is over (finished, cancelled or failed): free its KV cache and forward the `end`
     /// down the pipeline so every shard frees it.
@@ -552,8 +596,11 @@ impl FrameHeader {
                 no_payload(FrameKind::Token, payload_len)?;
             }
             FrameHeader::Control(c) => {
-                if let ControlHeader::Start { sampling, .. } = c {
+                if let ControlHeader::Start { sampling, route, .. } = c {
                     sampling.validate()?;
+                    if let Some(route) = route {
+                        route.validate()?;
+                    }
                 }
                 if let ControlHeader::Error { message, .. } = c
                     && message.len() > MAX_ERROR_MESSAGE_LEN
@@ -607,6 +654,10 @@ pub(crate) struct WireHeaderOut<'a> {
     message: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     sampling: Option<&'a SamplingHeader>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    route: Option<&'a RouteHeader>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resumed: Option<u64>,
     payload_len: u64,
 }
 
@@ -627,6 +678,8 @@ impl<'a> WireHeaderOut<'a> {
             code: None,
             message: None,
             sampling: None,
+            route: None,
+            resumed: None,
             payload_len,
         };
         match header {
@@ -640,9 +693,11 @@ impl<'a> WireHeaderOut<'a> {
                 w.tokens = Some(&h.tokens);
                 w.finish = h.finish.map(FinishReason::name);
             }
-            FrameHeader::Control(ControlHeader::Start { sampling, .. }) => {
+            FrameHeader::Control(ControlHeader::Start { sampling, route, resumed, .. }) => {
                 w.op = Some("start");
                 w.sampling = Some(sampling);
+                w.route = route.as_ref();
+                w.resumed = *resumed;
             }
             FrameHeader::Control(ControlHeader::End { .. }) => w.op = Some("end"),
             FrameHeader::Control(ControlHeader::Unload) => w.op = Some("unload"),
@@ -697,6 +752,10 @@ pub(crate) struct WireHeaderIn {
     message: Option<String>,
     #[serde(default, deserialize_with = "present")]
     sampling: Option<SamplingHeader>,
+    #[serde(default, deserialize_with = "present")]
+    route: Option<RouteHeader>,
+    #[serde(default, deserialize_with = "present")]
+    resumed: Option<u64>,
     pub(crate) payload_len: u64,
 }
 
@@ -725,7 +784,7 @@ pub(crate) fn parse_wire(bytes: &[u8]) -> Result<WireHeaderIn, FrameError> {
 
 impl WireHeaderIn {
     /// Which optional fields are present, by wire name.
-    fn optional_fields(&self) -> [(&'static str, bool); 12] {
+    fn optional_fields(&self) -> [(&'static str, bool); 14] {
         [
             ("op", self.op.is_some()),
             ("request", self.request.is_some()),
@@ -739,6 +798,8 @@ impl WireHeaderIn {
             ("code", self.code.is_some()),
             ("message", self.message.is_some()),
             ("sampling", self.sampling.is_some()),
+            ("route", self.route.is_some()),
+            ("resumed", self.resumed.is_some()),
         ]
     }
 
@@ -785,11 +846,13 @@ impl WireHeaderIn {
                 match op.as_str() {
                     "start" => {
                         const KIND: &str = "control start";
-                        self.allow_only(KIND, &["op", "request", "seq", "sampling"])?;
+                        self.allow_only(KIND, &["op", "request", "seq", "sampling", "route", "resumed"])?;
                         FrameHeader::Control(ControlHeader::Start {
                             request: RequestId::new(need(KIND, "request", self.request)?)?,
                             seq: need(KIND, "seq", self.seq)?,
                             sampling: need(KIND, "sampling", self.sampling)?,
+                            route: self.route,
+                            resumed: self.resumed,
                         })
                     }
                     "end" => {
@@ -838,6 +901,47 @@ mod tests {
 
     fn parse(json: &str) -> Result<FrameHeader, FrameError> {
         parse_wire(json.as_bytes())?.into_header()
+    }
+
+    #[test]
+    fn a_start_frame_may_carry_a_route_and_a_resume_count() {
+        let (a, b) = ("ab".repeat(32), "cd".repeat(32));
+        let json = format!(
+            r#"{{"v":1,"kind":"control","op":"start","request":"r","seq":0,"sampling":{{"temperature":0,"top_k":0,"top_p":1,"seed":0}},"route":{{"next":["{a}"],"entry":"{b}"}},"resumed":3,"payload_len":0}}"#
+        );
+        let Ok(FrameHeader::Control(ControlHeader::Start { route: Some(route), resumed: Some(3), .. })) = parse(&json) else {
+            panic!("{:?}", parse(&json))
+        };
+        assert_eq!((route.next, route.entry), (vec![a.clone()], b.clone()));
+        // Without them: the default route, nothing resumed (the header an older entry sends).
+        let plain = r#"{"v":1,"kind":"control","op":"start","request":"r","seq":0,"sampling":{"temperature":0,"top_k":0,"top_p":1,"seed":0},"payload_len":0}"#;
+        assert!(matches!(parse(plain), Ok(FrameHeader::Control(ControlHeader::Start { route: None, resumed: None, .. }))));
+        let upper = a.to_uppercase();
+        for (bad, field) in [
+            (format!(r#""route":{{"next":["{a}"],"entry":"xyz"}}"#), "route"),
+            (format!(r#""route":{{"next":["{upper}"],"entry":"{b}"}}"#), "route"),
+            (format!(r#""route":{{"next":[],"entry":"{b}","extra":1}}"#), "json"),
+            (format!(r#""route":{{"next":["{a}"]}}"#), "json"),
+            (r#""route":null"#.to_string(), "json"),
+            (r#""resumed":-1"#.to_string(), "json"),
+        ] {
+            let json = format!(
+                r#"{{"v":1,"kind":"control","op":"start","request":"r","seq":0,"sampling":{{"temperature":0,"top_k":0,"top_p":1,"seed":0}},{bad},"payload_len":0}}"#
+            );
+            let e = parse(&json).expect_err(&bad);
+            match field {
+                "route" => assert!(matches!(e, FrameError::InvalidField { field: "route", .. }), "{bad}: {e:?}"),
+                _ => assert!(matches!(e, FrameError::InvalidJson { .. }), "{bad}: {e:?}"),
+            }
+        }
+        let long = format!(
+            r#"{{"v":1,"kind":"control","op":"start","request":"r","seq":0,"sampling":{{"temperature":0,"top_k":0,"top_p":1,"seed":0}},"route":{{"next":[{}],"entry":"{b}"}},"payload_len":0}}"#,
+            vec![format!("\"{a}\""); MAX_ROUTE_LEN + 1].join(",")
+        );
+        assert!(matches!(parse(&long), Err(FrameError::InvalidField { field: "route", .. })));
+        // Only start frames carry them.
+        let end = format!(r#"{{"v":1,"kind":"control","op":"end","request":"r","seq":1,"route":{{"next":[],"entry":"{b}"}},"payload_len":0}}"#);
+        assert!(matches!(parse(&end), Err(FrameError::UnexpectedField { field: "route", .. })));
     }
 
     #[test]
@@ -1122,6 +1226,15 @@ mod tests {
                 request: rid("a"),
                 seq: 0,
                 sampling: SamplingHeader { temperature: 0.7, top_k: 40, top_p: 0.95, seed: u64::MAX, sampler: Some("top-p".into()), min_p: Some(0.05), ..SamplingHeader::default() },
+                route: None,
+                resumed: None,
+            }),
+            FrameHeader::Control(ControlHeader::Start {
+                request: rid("b"),
+                seq: 0,
+                sampling: SamplingHeader::default(),
+                route: Some(RouteHeader { next: vec!["ab".repeat(32), "0".repeat(64)], entry: "f1".repeat(32) }),
+                resumed: Some(17),
             }),
         ];
         for h in headers {

@@ -1,10 +1,14 @@
-//! Topology: which peer serves which layer range of a pool's model, where to reach it, and who may
-//! submit requests. Every worker of a pool gets the same topology; links follow from it.
+//! Topology: which peers serve which layer ranges of a pool's model, where to reach them, and who may
+//! submit requests. Every worker of a pool gets the same topology.
 //!
-//! The pipeline is a ring: shard `i` sends activations to shard `i + 1`, and the exit (the last shard)
-//! sends tokens back to the entry (shard 0). So every shard has exactly one upstream peer (whose
-//! connection it accepts) and one downstream peer (which it dials), and a peer that is neither, nor a
-//! listed client, is refused.
+//! A topology lists every worker of the pool with its layer range; a range may have several workers
+//! (replicas). A request's **route** is one worker per range, chained from layer 0 to the last layer:
+//! the entry (layers from 0) names it in the request's `start` frame, each shard sends to the next one
+//! the route names, and the exit sends the tokens back to the route's entry. So any worker may send to
+//! any worker of the pool, and a peer that is not in the pool, nor a listed client, is refused.
+//!
+//! A one-ring topology (one worker per range, in layer order) is the special case every earlier file
+//! is: its only route is the ring.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -84,15 +88,17 @@ pub struct ShardPeer {
     pub addrs: Vec<SocketAddr>,
 }
 
-/// A pool's pipeline: shards in layer order, plus the peers allowed to submit requests to the entry.
+/// A pool's workers and their layer ranges, plus the peers allowed to submit requests to the entries.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Topology {
-    /// Layers of the whole model; the shards must cover `0..num_layers` exactly.
+    /// Layers of the whole model; from layer 0, the ranges must chain to `num_layers`.
     pub num_layers: u32,
-    /// The shards, entry first, exit last.
+    /// The workers. Order matters only for defaults: the first worker of a range is the one a route
+    /// gets when a request names none ([`Topology::default_route`]); a one-ring file lists the entry
+    /// first and the exit last.
     pub shards: Vec<ShardPeer>,
-    /// Peers (orchestrators, CLI clients) that may open generation streams on the entry.
+    /// Peers (orchestrators, CLI clients) that may open generation streams on the entries.
     #[serde(default)]
     pub clients: Vec<PeerId>,
 }
@@ -100,9 +106,9 @@ pub struct Topology {
 /// What a peer is to this worker, decided by the topology when its connection arrives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PeerRole {
-    /// The shard that sends this worker its frames.
-    Upstream,
-    /// A client allowed to submit requests (only on the entry).
+    /// Another worker of the pool: it may send this worker frames of the requests routed through both.
+    Member,
+    /// A client allowed to submit requests (only on an entry).
     Client,
 }
 
@@ -130,28 +136,33 @@ impl Topology {
         serde_json::to_string_pretty(self).expect("a topology always serialises")
     }
 
-    /// Checks the invariants: at least one shard, ranges contiguous from 0 to `num_layers`, every peer
-    /// id used once, clients distinct from shards.
+    /// Checks the invariants: at least one shard; every worker on some complete route (its range
+    /// starts at 0 or where another worker's ends, and ends at `num_layers` or where another's starts);
+    /// every peer id used once; clients distinct from shards.
     pub fn validate(&self) -> Result<(), TransportError> {
         let err = |m: String| Err(TransportError::Topology(m));
         if self.shards.is_empty() {
             return err("a topology needs at least one shard".into());
         }
-        let mut next = 0;
         for (i, s) in self.shards.iter().enumerate() {
             if s.layers.is_empty() {
                 return err(format!("shard {i} has an empty layer range {}", s.layers));
             }
-            if s.layers.start != next {
+            if s.layers.end > self.num_layers {
+                return err(format!("shard {i} (layers {}) ends past the model's {} layers", s.layers, self.num_layers));
+            }
+            if s.layers.start != 0 && !self.shards.iter().any(|o| o.layers.end == s.layers.start) {
                 return err(format!(
-                    "shard {i} starts at layer {} but the previous shard ends at {next}: ranges must be contiguous",
-                    s.layers.start
+                    "shard {i} (layers {}) starts at layer {}, where no shard ends: ranges must be contiguous",
+                    s.layers, s.layers.start
                 ));
             }
-            next = s.layers.end;
-        }
-        if next != self.num_layers {
-            return err(format!("the shards cover layers 0..{next}, the model has {}", self.num_layers));
+            if s.layers.end != self.num_layers && !self.shards.iter().any(|o| o.layers.start == s.layers.end) {
+                return err(format!(
+                    "shard {i} (layers {}) ends at layer {}, where no shard starts and the model ({} layers) does not end: ranges must be contiguous",
+                    s.layers, s.layers.end, self.num_layers
+                ));
+            }
         }
         for (i, s) in self.shards.iter().enumerate() {
             if self.shards[..i].iter().any(|o| o.peer == s.peer) {
@@ -169,28 +180,70 @@ impl Topology {
         self.shards.iter().position(|s| &s.peer == peer)
     }
 
-    /// The shard after shard `i` in the ring (the entry after the exit).
-    pub fn downstream_of(&self, i: usize) -> &ShardPeer {
-        &self.shards[(i + 1) % self.shards.len()]
+    /// `peer`'s shard.
+    pub fn shard(&self, peer: &PeerId) -> Option<&ShardPeer> {
+        self.shards.iter().find(|s| &s.peer == peer)
     }
 
-    /// The shard before shard `i` in the ring (the exit before the entry).
-    pub fn upstream_of(&self, i: usize) -> &ShardPeer {
-        &self.shards[(i + self.shards.len() - 1) % self.shards.len()]
-    }
-
-    /// The entry shard.
+    /// The first listed entry shard (layers from 0): where a client that does not choose goes.
     pub fn entry(&self) -> &ShardPeer {
-        &self.shards[0]
+        self.entries().next().expect("a valid topology has an entry")
     }
 
-    /// What `remote` may be to the worker at shard `me`: its upstream shard, a client (entry only), or
-    /// nothing (`None`: refuse the connection).
-    pub fn role_of(&self, me: usize, remote: &PeerId) -> Option<PeerRole> {
-        if &self.upstream_of(me).peer == remote && self.shards.len() > 1 {
-            return Some(PeerRole::Upstream);
+    /// Every entry shard, in listed order.
+    pub fn entries(&self) -> impl Iterator<Item = &ShardPeer> {
+        self.shards.iter().filter(|s| s.layers.start == 0)
+    }
+
+    /// The route after `from` when a request names none: for each following range, the first listed
+    /// worker that starts where the route so far ends. In a one-ring topology, the ring.
+    pub fn default_route(&self, from: &ShardPeer) -> Vec<&ShardPeer> {
+        let mut route = Vec::new();
+        let mut end = from.layers.end;
+        while end < self.num_layers {
+            // Validation guarantees a next worker wherever a worker's range ends short of the model's.
+            let Some(next) = self.shards.iter().find(|s| s.layers.start == end) else { break };
+            route.push(next);
+            end = next.layers.end;
         }
-        if me == 0 && self.clients.contains(remote) {
+        route
+    }
+
+    /// Checks a route a request names after the worker `from`: every peer in the topology, the ranges
+    /// chaining from `from`'s end to the model's last layer, and `entry` an entry shard. Returns the
+    /// shards after `from` and the entry; `Err` says what is wrong, for the request's error frame.
+    pub fn resolve_route<'a>(&'a self, from: &ShardPeer, next: &[PeerId], entry: &PeerId) -> Result<(Vec<&'a ShardPeer>, &'a ShardPeer), String> {
+        let mut end = from.layers.end;
+        let mut route = Vec::with_capacity(next.len());
+        for peer in next {
+            let shard = self.shard(peer).ok_or_else(|| format!("the route names peer {}, which is not in this pool's topology", peer.fmt_short()))?;
+            if shard.layers.start != end {
+                return Err(format!(
+                    "the route does not chain: peer {} serves layers {}, but the route so far ends at layer {end}",
+                    peer.fmt_short(),
+                    shard.layers
+                ));
+            }
+            end = shard.layers.end;
+            route.push(shard);
+        }
+        if end != self.num_layers {
+            return Err(format!("the route ends at layer {end}, short of the model's {} layers", self.num_layers));
+        }
+        let entry = self.shard(entry).ok_or_else(|| format!("the route's entry {} is not in this pool's topology", entry.fmt_short()))?;
+        if entry.layers.start != 0 {
+            return Err(format!("the route's entry {} serves layers {}, not an entry's", entry.peer.fmt_short(), entry.layers));
+        }
+        Ok((route, entry))
+    }
+
+    /// What `remote` may be to the worker at shard `me`: another worker of the pool, a client (entries
+    /// only), or nothing (`None`: refuse the connection).
+    pub fn role_of(&self, me: usize, remote: &PeerId) -> Option<PeerRole> {
+        if self.shards[me].peer != *remote && self.position(remote).is_some() {
+            return Some(PeerRole::Member);
+        }
+        if self.shards[me].layers.start == 0 && self.clients.contains(remote) {
             return Some(PeerRole::Client);
         }
         None
@@ -221,24 +274,57 @@ mod tests {
     fn a_ring_of_three() {
         let t = topology(&[(0, 10), (10, 20), (20, 30)], 30);
         t.validate().expect("valid");
-        assert_eq!(t.downstream_of(2).peer, t.shards[0].peer);
-        assert_eq!(t.upstream_of(0).peer, t.shards[2].peer);
-        assert_eq!(t.role_of(1, &t.shards[0].peer), Some(PeerRole::Upstream));
-        assert_eq!(t.role_of(0, &t.shards[2].peer), Some(PeerRole::Upstream));
+        let route: Vec<PeerId> = t.default_route(&t.shards[0]).iter().map(|s| s.peer).collect();
+        assert_eq!(route, [t.shards[1].peer, t.shards[2].peer]);
+        assert!(t.default_route(&t.shards[2]).is_empty(), "nothing after the exit");
+        assert_eq!(t.role_of(1, &t.shards[0].peer), Some(PeerRole::Member));
+        assert_eq!(t.role_of(0, &t.shards[2].peer), Some(PeerRole::Member));
         assert_eq!(t.role_of(0, &t.clients[0]), Some(PeerRole::Client));
         assert_eq!(t.role_of(1, &t.clients[0]), None, "clients talk to the entry only");
-        assert_eq!(t.role_of(0, &t.shards[1].peer), None, "only the exit feeds the entry");
+        assert_eq!(t.role_of(0, &t.shards[0].peer), None, "not itself");
         assert_eq!(t.role_of(0, &peer()), None);
         let back = Topology::from_json(&t.to_json()).expect("round trips");
         assert_eq!(back, t);
     }
 
     #[test]
+    fn several_workers_per_range_make_mixed_routes() {
+        // Two rings of a 0..15 / 15..30 split, and a third entry that splits at 10 (its own exit too).
+        let t = topology(&[(0, 15), (15, 30), (0, 15), (15, 30), (0, 10), (10, 30)], 30);
+        t.validate().expect("valid");
+        assert_eq!(t.entries().count(), 3);
+        assert_eq!(t.entry().peer, t.shards[0].peer);
+        // Any 15..30 worker continues either 0..15 entry.
+        let (route, entry) = t.resolve_route(&t.shards[2], &[t.shards[1].peer], &t.shards[2].peer).expect("mixed route");
+        assert_eq!((route[0].peer, entry.peer), (t.shards[1].peer, t.shards[2].peer));
+        assert_eq!(t.default_route(&t.shards[2]).iter().map(|s| s.peer).collect::<Vec<_>>(), [t.shards[1].peer]);
+        assert_eq!(t.default_route(&t.shards[4]).iter().map(|s| s.peer).collect::<Vec<_>>(), [t.shards[5].peer]);
+        // Routes that do not chain, stop short, name strangers or a non-entry are refused with why.
+        let stranger = peer();
+        for (from, next, entry, needle) in [
+            (0, vec![t.shards[5].peer], t.shards[0].peer, "does not chain"),
+            (4, vec![t.shards[1].peer], t.shards[4].peer, "does not chain"),
+            (0, vec![], t.shards[0].peer, "short of the model's 30 layers"),
+            (0, vec![stranger], t.shards[0].peer, "not in this pool's topology"),
+            (0, vec![t.shards[1].peer], stranger, "entry"),
+            (0, vec![t.shards[1].peer], t.shards[1].peer, "not an entry's"),
+            (0, vec![t.shards[1].peer, t.shards[3].peer], t.shards[0].peer, "does not chain"),
+        ] {
+            let e = t.resolve_route(&t.shards[from], &next, &entry).expect_err(needle);
+            assert!(e.contains(needle), "{e}");
+        }
+        // The exit's (empty) route back to its entry.
+        assert!(t.resolve_route(&t.shards[3], &[], &t.shards[0].peer).is_ok());
+    }
+
+    #[test]
     fn invalid_topologies_say_why() {
         for (ranges, n, needle) in [
             (&[(0, 10), (11, 30)][..], 30, "contiguous"),
-            (&[(0, 10), (10, 29)][..], 30, "cover layers 0..29"),
+            (&[(0, 10), (10, 29)][..], 30, "the model (30 layers) does not end"),
             (&[(1, 30)][..], 30, "starts at layer 1"),
+            (&[(0, 10), (10, 31)][..], 30, "past the model's 30 layers"),
+            (&[(0, 10), (10, 30), (5, 30)][..], 30, "starts at layer 5"),
             (&[][..], 30, "at least one shard"),
         ] {
             let e = topology(ranges, n).validate().unwrap_err().to_string();

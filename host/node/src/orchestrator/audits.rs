@@ -2,8 +2,12 @@
 //! orchestrator runs the same request again on up to [`MAX_PARTNERS`] other live routes of the pool and
 //! compares the token ids. Every request is reproducible (greedy, or seeded: a request without a seed
 //! was given one before it went out), and a sharded run gives exactly the tokens of any other split on
-//! the same backend (ARCHITECTURE.md, invariant 2), so honest routes agree token for token. A strict
-//! majority of agreeing runs convicts the workers found only in disagreeing runs; each accused operator
+//! the same backend (ARCHITECTURE.md, invariant 2), so honest routes agree token for token. The
+//! partner routes share as few workers as possible with the user's route and with each other. A strict
+//! majority of agreeing runs convicts the workers found only in disagreeing runs; when that is more than
+//! one worker, each of them is run once more on a route whose other workers the majority cleared (a run
+//! that tests it alone: agreeing clears it, disagreeing pins it), and the evidence is concluded again
+//! over every run; each accused operator
 //! (the worker's payout address) gets a [`BreachReport`] of kind `WrongOutput`, sent to the coalition's
 //! judge through the channel [`AppState`](super::AppState) owns. The voters decide; an audit ejects
 //! nobody by itself.
@@ -16,7 +20,9 @@
 //! What an audit cannot do, and so does not try:
 //! - Tell apart the workers of one route. It sees tokens only (the orchestrator never touches
 //!   activations), so when a route disagrees alone every worker of it that serves in no agreeing route
-//!   is accused; a pool whose routes share workers narrows the blame.
+//!   is accused; a pool whose routes share workers narrows the blame (the partners are picked to share
+//!   as few workers as possible with the user's route, so in a pool with several workers per range the
+//!   agreeing runs clear the workers they share).
 //! - Compare runs on different numerics. Only routes whose workers run on the same kind of device as
 //!   the user's route are partners (all on CPU, or all on one GPU model; a mixed route only with a route
 //!   that has the same device per layer range). Every worker of both must be registered.
@@ -54,7 +60,8 @@
 //!   the user's, with `max_tokens` = the tokens the user's run produced, and no `id`, `stop` or
 //!   `resume_tokens`.
 //! - `runs[0]` is the user's own run (`role` `original`), the rest are the audit runs (`audit`). `route`
-//!   is the index in the pool's routes (0 its topology, then its replicas). `shards` lists the route's
+//!   is the route's number in the pool (its topologies that are single rings first: 0 the topology, then
+//!   the replicas; then the routes that mix workers of one topology). `shards` lists the route's
 //!   workers, entry first: peer id, payout address (`null`: none registered), layer range.
 //! - `tokens`: the run's token ids; `null` when it failed (`error` says why), and then it does not vote.
 //! - `agrees`: the run's tokens equal the majority's (`null`: failed, or there is no majority).
@@ -306,10 +313,7 @@ fn device_class(device: &str) -> &str {
 
 /// Each shard's (layers, device class) of a route, or `None` if a worker never registered.
 fn numerics(pool: &Pool, route: usize, workers: &Workers) -> Option<Vec<(String, String)>> {
-    pool.routes[route]
-        .topology
-        .shards
-        .iter()
+    pool.route_shards(route)
         .map(|s| {
             let worker = workers.get(&s.peer.to_string())?;
             Some((s.layers.to_string(), device_class(&worker.registration.device).to_string()))
@@ -325,28 +329,41 @@ fn comparable(a: &[(String, String)], b: &[(String, String)]) -> bool {
     (ca.len() == 1 && ca == cb) || a == b
 }
 
-/// Up to [`MAX_PARTNERS`] live routes to re-run on, cheapest first (as a user's request would be
-/// routed), comparable with `route`.
+/// Up to [`MAX_PARTNERS`] live routes to re-run on, comparable with `route`: each shares as few
+/// workers as it can with the user's route and the partners picked before it (so a bad worker is
+/// outvoted by runs it took no part in), cheapest first among equals (as a user's request would be
+/// routed).
 fn partners(pool: &Pool, route: usize, workers: &Workers) -> Vec<usize> {
     let Some(original) = numerics(pool, route, workers) else { return Vec::new() };
-    let mut exclude: Vec<usize> = (0..pool.routes.len())
-        .filter(|&r| r == route || numerics(pool, r, workers).is_none_or(|n| !comparable(&original, &n)))
+    let exclude: Vec<usize> = (0..pool.routes.len())
+        .filter(|&r| numerics(pool, r, workers).is_none_or(|n| !comparable(&original, &n)))
         .collect();
-    let mut picked = Vec::new();
-    while picked.len() < MAX_PARTNERS {
-        let Some(r) = pool.pick_route(workers, &exclude) else { break };
+    let mut picked = vec![route];
+    while picked.len() <= MAX_PARTNERS {
+        let Some(r) = pool.pick_route(workers, &exclude, &picked) else { break };
         picked.push(r);
-        exclude.push(r);
     }
-    picked
+    picked.split_off(1)
+}
+
+/// A live route through `peer` whose other workers are all in `cleared`, if the pool has one: a run on
+/// it tests `peer` alone.
+fn isolating_route(pool: &Pool, peer: &str, cleared: &BTreeSet<String>, workers: &Workers) -> Option<usize> {
+    let peers = |r: usize| pool.route_peers(r);
+    let candidates: Vec<usize> = (0..pool.routes.len())
+        .filter(|&r| {
+            let p = peers(r);
+            p.iter().any(|x| x == peer) && p.iter().all(|x| x == peer || cleared.contains(x))
+        })
+        .collect();
+    // Among them, the one a request would take now (live, cheapest).
+    let exclude: Vec<usize> = (0..pool.routes.len()).filter(|r| !candidates.contains(r)).collect();
+    pool.pick_route(workers, &exclude, &[])
 }
 
 /// A route's workers as the evidence names them.
 fn shards_of(pool: &Pool, route: usize, workers: &Workers) -> Vec<ShardEvidence> {
-    pool.routes[route]
-        .topology
-        .shards
-        .iter()
+    pool.route_shards(route)
         .map(|s| {
             let peer = s.peer.to_string();
             let operator = workers.get(&peer).and_then(|w| w.registration.payout);
@@ -474,7 +491,37 @@ impl Auditor {
             };
             runs.push(RunEvidence { role: Role::Audit, route, shards, tokens, error, agrees: None, divergence: None });
         }
-        let (evidence, outcome) = conclude(&pool_id, &request_id, request, runs);
+        let (mut evidence, mut outcome) = conclude(&pool_id, &request_id, request.clone(), runs.clone());
+        // Several accused workers: each one may be innocent, only sharing a route with the one that is
+        // not. Run each of them once more among workers the majority cleared: its run agreeing clears
+        // it, disagreeing pins it (one unverified worker per run).
+        if outcome == Outcome::Convicted && evidence.accused.len() > 1 {
+            let cleared: BTreeSet<String> =
+                evidence.majority.iter().flat_map(|&i| evidence.runs[i].shards.iter().map(|s| s.peer.clone())).collect();
+            let isolating = evidence.accused.iter().filter_map(|a| isolating_route(&pool, &a.peer, &cleared, &workers));
+            let reruns = isolating.collect::<BTreeSet<usize>>().into_iter().map(|route| {
+                let (pool, workers) = (pool.clone(), workers.clone());
+                let mut request = request.clone();
+                request.id = Some(fresh_id(run.request.id.as_deref()));
+                async move {
+                    let shards = shards_of(&pool, route, &workers);
+                    let result = match tokio::time::timeout(RUN_DEADLINE, pool.run_on(route, &request, workers)).await {
+                        Ok(result) => result,
+                        Err(_) => Err(format!("no end within {RUN_DEADLINE:?}")),
+                    };
+                    (route, shards, result)
+                }
+            });
+            let mut more = runs;
+            for (route, shards, result) in futures_util::future::join_all(reruns).await {
+                let (tokens, error) = match result {
+                    Ok(tokens) => (Some(tokens), None),
+                    Err(e) => (None, Some(e)),
+                };
+                more.push(RunEvidence { role: Role::Audit, route, shards, tokens, error, agrees: None, divergence: None });
+            }
+            (evidence, outcome) = conclude(&pool_id, &request_id, request, more);
+        }
         let text = serde_json::to_string(&evidence).expect("evidence serialises");
         let at_ms = now_ms();
         let (reports, unpaid) = reports(&evidence, &text, at_ms.max(0) as u64);
@@ -748,6 +795,69 @@ mod tests {
         assert!(id.starts_with("chatcmpl-") && id != user.id.clone().unwrap_or_default(), "{id}");
         assert!(computepool_axl::frame::RequestId::new(id.clone()).is_ok(), "{id} is a valid request id");
         assert!(fresh_id(None).starts_with("req-"));
+    }
+
+    /// Three workers per range in one topology: the partners share no worker with the user's route nor
+    /// with each other, and an accused entry is re-run with workers the majority cleared.
+    #[test]
+    fn partners_avoid_the_users_workers_and_isolating_runs_test_one_worker() {
+        use crate::orchestrator::store::PoolRecord;
+        use crate::orchestrator::workers::WorkerRegistration;
+        use computepool_axl::transport::{Layers, SecretKey, ShardPeer, Topology};
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("config.json"), r#"{"num_hidden_layers": 4, "max_position_embeddings": 64}"#)
+            .expect("config");
+        let key = SecretKey::generate();
+        let keys: Vec<SecretKey> = (0..6).map(|_| SecretKey::generate()).collect();
+        let layers = |i: usize| if i % 2 == 0 { Layers { start: 0, end: 2 } } else { Layers { start: 2, end: 4 } };
+        let shards = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| ShardPeer { peer: k.public(), layers: layers(i), addrs: vec!["127.0.0.1:4000".parse().expect("address")] })
+            .collect();
+        let topology = Topology { num_layers: 4, shards, clients: vec![key.public()] };
+        let record = PoolRecord {
+            id: "p".into(),
+            model: "m".into(),
+            model_dir: dir.path().to_path_buf(),
+            topology,
+            replicas: vec![],
+            created_at: 0,
+        };
+        let pool = Pool::new(record, key).expect("valid pool");
+        assert_eq!(pool.routes.len(), 9);
+        let store = Store::in_memory().expect("store");
+        let workers = Workers::load(&store, Duration::from_secs(60)).expect("workers");
+        for (i, k) in keys.iter().enumerate() {
+            let registration = WorkerRegistration {
+                peer: k.public().to_string(),
+                addrs: vec!["127.0.0.1:4000".parse().expect("address")],
+                model: "m".into(),
+                layers: layers(i).to_string(),
+                device: "cpu (2 threads)".into(),
+                weight_bytes: 1,
+                rss_bytes: None,
+                speed: 100.0,
+                payout: None,
+            };
+            workers.register(&store, registration, None).expect("registers");
+        }
+        let p = |i: usize| keys[i].public().to_string();
+        let user = (0..9).find(|&r| pool.route_peers(r) == [p(0), p(1)]).expect("a1 → b1");
+        let picked = partners(&pool, user, &workers);
+        assert_eq!(picked.len(), MAX_PARTNERS);
+        for (n, &r) in picked.iter().enumerate() {
+            assert_eq!(pool.shared(r, user), 0, "{:?}", pool.route_peers(r));
+            for &other in &picked[..n] {
+                assert_eq!(pool.shared(r, other), 0, "partners share no worker either");
+            }
+        }
+        let cleared: BTreeSet<String> = picked.iter().flat_map(|&r| pool.route_peers(r)).collect();
+        let alone = isolating_route(&pool, &p(0), &cleared, &workers).expect("a route testing a1 alone");
+        let peers = pool.route_peers(alone);
+        assert_eq!(peers[0], p(0));
+        assert!(cleared.contains(&peers[1]), "its exit was cleared: {peers:?}");
+        assert!(isolating_route(&pool, &p(0), &BTreeSet::new(), &workers).is_none(), "nobody cleared: no such route");
     }
 
     #[test]

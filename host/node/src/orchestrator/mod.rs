@@ -181,7 +181,7 @@ impl AppState {
     /// The peer ids of `pool`'s workers whose payout address is `operator`, each once.
     fn operator_peers(&self, pool: &Pool, operator: &str) -> Vec<String> {
         let mut peers: Vec<String> = Vec::new();
-        for shard in pool.routes.iter().flat_map(|r| &r.topology.shards) {
+        for shard in pool.members.iter().map(|m| &m.shard) {
             let peer = shard.peer.to_string();
             let pays = self.workers.get(&peer).and_then(|w| w.registration.payout).is_some_and(|p| p.eq_ignore_ascii_case(operator));
             if pays && !peers.contains(&peer) {
@@ -214,11 +214,9 @@ impl AppState {
     pub fn assignments(&self, peer: &str) -> Vec<(String, computepool_axl::transport::Layers)> {
         let mut found = Vec::new();
         for pool in self.pools.all() {
-            for route in &pool.routes {
-                for shard in &route.topology.shards {
-                    if shard.peer.to_string() == peer {
-                        found.push((pool.record.id.clone(), shard.layers));
-                    }
+            for shard in pool.members.iter().map(|m| &m.shard) {
+                if shard.peer.to_string() == peer {
+                    found.push((pool.record.id.clone(), shard.layers));
                 }
             }
         }
@@ -233,26 +231,24 @@ impl AppState {
             return Ok(());
         }
         let mut silent = Vec::new();
-        for route in &pool.routes {
-            for shard in &route.topology.shards {
-                if let Some(ejection) = self.workers.ejection(&shard.peer.to_string()) {
-                    silent.push(format!(
-                        "the worker for layers {} (peer {}) is ejected ({})",
-                        shard.layers,
-                        shard.peer.fmt_short(),
-                        ejection.reason
-                    ));
-                } else if let Some(worker) = self.workers.get(&shard.peer.to_string())
-                    && !self.workers.is_up(&worker)
-                {
-                    let ms = workers::now_ms() - worker.last_seen_ms;
-                    silent.push(format!(
-                        "the worker for layers {} (peer {}) has sent no heartbeat for {:.1} s",
-                        shard.layers,
-                        shard.peer.fmt_short(),
-                        ms as f64 / 1e3
-                    ));
-                }
+        for shard in pool.members.iter().map(|m| &m.shard) {
+            if let Some(ejection) = self.workers.ejection(&shard.peer.to_string()) {
+                silent.push(format!(
+                    "the worker for layers {} (peer {}) is ejected ({})",
+                    shard.layers,
+                    shard.peer.fmt_short(),
+                    ejection.reason
+                ));
+            } else if let Some(worker) = self.workers.get(&shard.peer.to_string())
+                && !self.workers.is_up(&worker)
+            {
+                let ms = workers::now_ms() - worker.last_seen_ms;
+                silent.push(format!(
+                    "the worker for layers {} (peer {}) has sent no heartbeat for {:.1} s",
+                    shard.layers,
+                    shard.peer.fmt_short(),
+                    ms as f64 / 1e3
+                ));
             }
         }
         Err(ApiError::Unavailable {

@@ -1,21 +1,24 @@
-//! Pools: a model served by one or more pipelines of shards (routes), each reached only through its
-//! entry shard's request API (`client::EntryClient`). The orchestrator never sees activations; it sends
-//! text or messages and reads token events back.
+//! Pools: a model served by workers that each run one layer range, reached only through the entry
+//! shards' request API (`client::EntryClient`). The orchestrator never sees activations; it sends text
+//! or messages and reads token events back.
 //!
-//! Replicas: a pool's `replicas` are more complete pipelines of the same model, each a ring of its own
-//! workers. Each request goes to one route, picked by the requests already in flight there and the
-//! route's measured speed (its workers' registrations). When a route breaks under a request (a shard
-//! dies), the request moves to another live route: the new entry replays the prompt and the tokens
-//! generated so far (`resume_tokens`) to rebuild the caches, and the client's stream goes on with no
-//! error and no token repeated or missing. Without another route the client gets the error.
+//! Routes: a pool's topology (and its `replicas`, more topologies of the same model) lists its workers;
+//! a range may have several. A **route** is one worker per range, chained from the first layer to the
+//! last, each hop between workers that share a topology (a worker accepts frames only from the peers of
+//! its own topology file, so rings given as separate files stay whole routes, and a file that lists
+//! every worker lets routes mix them). Each request gets the route where it would finish soonest by the
+//! workers' queues and measured speeds; when a worker dies under a request, the request moves to a
+//! live route that avoids the broken one's workers where it can: the new entry replays the prompt and
+//! the tokens generated so far (`resume_tokens`) to rebuild the caches, and the client's stream goes on
+//! with no error and no token repeated or missing. Without another route the client gets the error.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use computepool_axl::transport::{SecretKey, Topology};
+use computepool_axl::transport::{SecretKey, ShardPeer, Topology};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -42,8 +45,9 @@ pub struct PoolSpec {
     pub model_dir: PathBuf,
     /// The pool's topology (the workers' topology file); it must list this orchestrator as a client.
     pub topology: Topology,
-    /// More pipelines of the same model (each its own workers' topology file), for load spreading and
-    /// failover. Default: none.
+    /// More topologies of the same model (each its workers' topology file), for load spreading and
+    /// failover. Default: none. Workers of different topologies are never chained in one route (they do
+    /// not know each other); one topology that lists several workers per range mixes them freely.
     #[serde(default)]
     pub replicas: Vec<Topology>,
 }
@@ -61,24 +65,49 @@ fn read_limits(dir: &Path) -> Result<ModelLimits, String> {
     serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// One pipeline of a pool and its (lazily made, remade when broken) connection to the entry.
-pub struct Route {
-    pub topology: Topology,
+/// Most routes a pool enumerates (a pool of `w` workers per range over `r` ranges has `w^r`).
+const MAX_ROUTES: usize = 4096;
+
+/// One worker of a pool.
+pub struct Member {
+    pub shard: ShardPeer,
+    /// The pool's topologies that list it (0: the topology, then the replicas).
+    topologies: Vec<usize>,
+    /// (Entries) the connection to its request API, made lazily and remade when broken.
     entry: tokio::sync::Mutex<Option<Arc<EntryClient>>>,
-    /// Requests on this route now.
+    /// Requests routed through it now.
     in_flight: AtomicI64,
+    /// Requests routed through it since the orchestrator started (failovers count again).
+    routed: AtomicU64,
 }
 
-/// One pool: its routes (the topology first, then the replicas).
+impl Member {
+    pub fn in_flight(&self) -> i64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn routed(&self) -> u64 {
+        self.routed.load(Ordering::Relaxed)
+    }
+}
+
+/// A route: indices into the pool's members, the entry first and the exit last.
+pub type Route = Vec<usize>;
+
+/// One pool: its workers and every route through them.
 pub struct Pool {
     pub record: PoolRecord,
     /// The model's context window in tokens.
     pub context_window: usize,
     key: SecretKey,
+    /// Every worker of the pool's topologies, each once, in listed order.
+    pub members: Vec<Member>,
+    /// Every route, numbered: first each topology that is a single ring (in spec order: 0 the
+    /// topology, then the replicas), then the routes that mix workers.
     pub routes: Vec<Route>,
 }
 
-/// Counts a request on a route while it lives there.
+/// Counts a request on its route's workers while it lives there.
 struct OnRoute {
     pool: Arc<Pool>,
     route: usize,
@@ -86,7 +115,9 @@ struct OnRoute {
 
 impl Drop for OnRoute {
     fn drop(&mut self) {
-        self.pool.routes[self.route].in_flight.fetch_sub(1, Ordering::Relaxed);
+        for &m in &self.pool.routes[self.route] {
+            self.pool.members[m].in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -109,9 +140,14 @@ pub struct PoolRequest {
 }
 
 impl PoolRequest {
-    /// The route serving the request now (its index in the pool's routes).
+    /// The route serving the request now (its number in the pool's routes).
     pub fn route(&self) -> usize {
         self.on_route.route
+    }
+
+    /// The peer ids of the route serving the request now, entry first.
+    pub fn route_peers(&self) -> Vec<String> {
+        self.on_route.pool.route_peers(self.on_route.route)
     }
 
     /// Hands the request to `auditor` when it finishes (not when it fails or is dropped), which may
@@ -164,7 +200,9 @@ impl PoolRequest {
         let mut request = self.request.clone();
         request.resume_tokens = self.generated.clone();
         loop {
-            let Some(route) = pool.pick_route(&self.workers, &self.failed) else {
+            // Which worker broke is not known here; a route that shares none of the broken routes'
+            // workers (or the fewest) avoids it for sure where the pool has one.
+            let Some(route) = pool.pick_route(&self.workers, &[], &self.failed) else {
                 return Err("no replica route is left to continue on".into());
             };
             tracing::warn!(
@@ -187,7 +225,7 @@ impl PoolRequest {
     }
 }
 
-impl Route {
+impl Member {
     async fn client(&self, key: &SecretKey, fresh: bool) -> Result<Arc<EntryClient>, String> {
         let mut entry = self.entry.lock().await;
         if let Some(client) = entry.as_ref()
@@ -196,7 +234,7 @@ impl Route {
         {
             return Ok(client.clone());
         }
-        let connect = EntryClient::connect(key.clone(), self.topology.entry());
+        let connect = EntryClient::connect(key.clone(), &self.shard);
         let client = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
             Ok(Ok(client)) => Arc::new(client),
             Ok(Err(e)) => return Err(format!("cannot connect to the entry shard: {e:#}")),
@@ -205,44 +243,14 @@ impl Route {
         *entry = Some(client.clone());
         Ok(client)
     }
-
-    /// Seconds per token of one request alone here, by the workers' measured speeds (a worker that has
-    /// not registered counts as the average of those that have; none registered: 1).
-    fn step_seconds(&self, workers: &Workers) -> f64 {
-        let speeds: Vec<Option<f64>> = self
-            .topology
-            .shards
-            .iter()
-            .map(|s| workers.get(&s.peer.to_string()).map(|w| w.registration.speed).filter(|v| *v > 0.0))
-            .collect();
-        let known: Vec<f64> = speeds.iter().flatten().copied().collect();
-        if known.is_empty() {
-            return 1.0;
-        }
-        let average = known.iter().sum::<f64>() / known.len() as f64;
-        self.topology
-            .shards
-            .iter()
-            .zip(&speeds)
-            .map(|(s, v)| s.layers.len() as f64 / v.unwrap_or(average))
-            .sum()
-    }
-
-    /// Whether every worker of the route may take requests: none ejected, none known to be down.
-    fn live(&self, workers: &Workers) -> bool {
-        self.topology.shards.iter().all(|s| workers.routable(&s.peer.to_string()))
-    }
-
-    pub fn in_flight(&self) -> i64 {
-        self.in_flight.load(Ordering::Relaxed)
-    }
 }
 
 impl Pool {
-    fn new(record: PoolRecord, key: SecretKey) -> Result<Self, String> {
+    pub(crate) fn new(record: PoolRecord, key: SecretKey) -> Result<Self, String> {
         let limits = read_limits(&record.model_dir)?;
-        let mut routes = Vec::new();
-        for (i, topology) in std::iter::once(&record.topology).chain(&record.replicas).enumerate() {
+        let mut members: Vec<Member> = Vec::new();
+        let topologies: Vec<&Topology> = std::iter::once(&record.topology).chain(&record.replicas).collect();
+        for (i, topology) in topologies.iter().enumerate() {
             let which = if i == 0 { "the topology".to_string() } else { format!("replica {i}") };
             if limits.num_hidden_layers != topology.num_layers {
                 return Err(format!(
@@ -258,9 +266,72 @@ impl Pool {
                     key.public()
                 ));
             }
-            routes.push(Route { topology: topology.clone(), entry: tokio::sync::Mutex::new(None), in_flight: AtomicI64::new(0) });
+            for shard in &topology.shards {
+                match members.iter_mut().find(|m| m.shard.peer == shard.peer) {
+                    Some(m) if m.shard.layers != shard.layers => {
+                        return Err(format!(
+                            "peer {} serves layers {} in one topology and {} in {which}",
+                            shard.peer.fmt_short(),
+                            m.shard.layers,
+                            shard.layers
+                        ));
+                    }
+                    Some(m) => m.topologies.push(i),
+                    None => members.push(Member {
+                        shard: shard.clone(),
+                        topologies: vec![i],
+                        entry: tokio::sync::Mutex::new(None),
+                        in_flight: AtomicI64::new(0),
+                        routed: AtomicU64::new(0),
+                    }),
+                }
+            }
         }
-        Ok(Self { record, context_window: limits.max_position_embeddings, key, routes })
+        let routes = enumerate_routes(&members, &topologies, limits.num_hidden_layers);
+        if routes.len() >= MAX_ROUTES {
+            tracing::warn!(pool = %record.id, "the pool has more than {MAX_ROUTES} routes: only the first {MAX_ROUTES} are used");
+        }
+        Ok(Self { record, context_window: limits.max_position_embeddings, key, members, routes })
+    }
+
+    /// The peer ids of route `route`, entry first.
+    pub fn route_peers(&self, route: usize) -> Vec<String> {
+        self.routes[route].iter().map(|&m| self.members[m].shard.peer.to_string()).collect()
+    }
+
+    /// The shards of route `route`, entry first.
+    pub fn route_shards(&self, route: usize) -> impl Iterator<Item = &ShardPeer> {
+        self.routes[route].iter().map(|&m| &self.members[m].shard)
+    }
+
+    /// Seconds per token of one more request on route `route`: for each of its workers, (its requests
+    /// in flight + 1) × its layers ÷ its measured speed (a worker that has not registered counts as the
+    /// average of those that have; none registered: 1 layer per second).
+    fn cost(&self, route: usize, workers: &Workers) -> f64 {
+        let speeds: Vec<Option<f64>> = self
+            .members
+            .iter()
+            .map(|m| workers.get(&m.shard.peer.to_string()).map(|w| w.registration.speed).filter(|v| *v > 0.0))
+            .collect();
+        let known: Vec<f64> = speeds.iter().flatten().copied().collect();
+        let average = if known.is_empty() { 1.0 } else { known.iter().sum::<f64>() / known.len() as f64 };
+        self.routes[route]
+            .iter()
+            .map(|&m| {
+                let member = &self.members[m];
+                (member.in_flight() + 1) as f64 * member.shard.layers.len() as f64 / speeds[m].unwrap_or(average)
+            })
+            .sum()
+    }
+
+    /// Whether every worker of route `route` may take requests: none ejected, none known to be down.
+    fn live(&self, route: usize, workers: &Workers) -> bool {
+        self.routes[route].iter().all(|&m| workers.routable(&self.members[m].shard.peer.to_string()))
+    }
+
+    /// How many workers two routes share.
+    pub fn shared(&self, a: usize, b: usize) -> usize {
+        self.routes[a].iter().filter(|m| self.routes[b].contains(m)).count()
     }
 
     /// Runs `request` on route `route` alone, to its end, and returns its token ids: no failover (an
@@ -281,25 +352,28 @@ impl Pool {
         }
     }
 
-    /// The route a new request should take: among the live routes not in `exclude`, the one where it
-    /// would finish soonest — (requests in flight + 1) × seconds per token; ties go to the first listed.
-    pub fn pick_route(&self, workers: &Workers, exclude: &[usize]) -> Option<usize> {
-        let mut best: Option<(usize, f64)> = None;
-        for (i, route) in self.routes.iter().enumerate() {
-            if exclude.contains(&i) || !route.live(workers) {
+    /// The route a new request should take: among the live routes not in `exclude`, the one that shares
+    /// the fewest workers with the routes in `avoid` (the routes that broke under it), and among those
+    /// the one where it would finish soonest by its workers' queues and speeds ([`Self::cost`]); ties go
+    /// to the lower route number.
+    pub fn pick_route(&self, workers: &Workers, exclude: &[usize], avoid: &[usize]) -> Option<usize> {
+        let mut best: Option<(usize, usize, f64)> = None;
+        for route in 0..self.routes.len() {
+            if exclude.contains(&route) || avoid.contains(&route) || !self.live(route, workers) {
                 continue;
             }
-            let cost = (route.in_flight() + 1) as f64 * route.step_seconds(workers);
-            if best.is_none_or(|(_, c)| cost < c) {
-                best = Some((i, cost));
+            let shared = avoid.iter().map(|&a| self.shared(route, a)).sum::<usize>();
+            let cost = self.cost(route, workers);
+            if best.is_none_or(|(_, s, c)| shared < s || (shared == s && cost < c)) {
+                best = Some((route, shared, cost));
             }
         }
-        best.map(|(i, _)| i)
+        best.map(|(route, _, _)| route)
     }
 
-    /// Whether some route has no worker known to be down.
+    /// Whether some route has no worker known to be down or ejected.
     pub fn has_live_route(&self, workers: &Workers) -> bool {
-        self.routes.iter().any(|r| r.live(workers))
+        (0..self.routes.len()).any(|r| self.live(r, workers))
     }
 
     /// Sends `request` on a route picked for it (another one if the entry cannot be reached).
@@ -307,7 +381,7 @@ impl Pool {
         let unavailable = |reason: String| ApiError::Unavailable { model: self.record.model.clone(), reason };
         let mut tried = Vec::new();
         let mut last = String::from("no live route");
-        while let Some(route) = self.pick_route(&workers, &tried) {
+        while let Some(route) = self.pick_route(&workers, &tried, &[]) {
             match self.start_on(route, request, workers.clone()).await {
                 Ok(started) => return Ok(started),
                 Err(e) => last = e,
@@ -317,16 +391,21 @@ impl Pool {
         Err(unavailable(last))
     }
 
-    /// Sends `request` to the entry of route `route`, reconnecting once if the cached connection turns
-    /// out to be dead.
+    /// Sends `request` to the entry of route `route`, naming the route's other workers, reconnecting
+    /// once if the cached connection turns out to be dead.
     async fn start_on(self: &Arc<Self>, route: usize, request: &GenerateRequest, workers: Arc<Workers>) -> Result<PoolRequest, String> {
-        let r = &self.routes[route];
+        let entry = &self.members[self.routes[route][0]];
+        let mut routed = request.clone();
+        routed.route = Some(self.route_peers(route).split_off(1));
         let mut last = String::new();
         for fresh in [false, true] {
-            let client = r.client(&self.key, fresh).await?;
-            match client.start(request).await {
+            let client = entry.client(&self.key, fresh).await?;
+            match client.start(&routed).await {
                 Ok(events) => {
-                    r.in_flight.fetch_add(1, Ordering::Relaxed);
+                    for &m in &self.routes[route] {
+                        self.members[m].in_flight.fetch_add(1, Ordering::Relaxed);
+                        self.members[m].routed.fetch_add(1, Ordering::Relaxed);
+                    }
                     return Ok(PoolRequest {
                         events,
                         _client: client,
@@ -347,8 +426,8 @@ impl Pool {
 
     /// Closes the connections to the entries (when no request holds them any more).
     pub async fn disconnect(&self) {
-        for route in &self.routes {
-            let client = route.entry.lock().await.take();
+        for member in &self.members {
+            let client = member.entry.lock().await.take();
             if let Some(client) = client.and_then(Arc::into_inner) {
                 client.close().await;
             }
@@ -368,9 +447,65 @@ impl Pool {
             "entry": r.topology.entry().peer.to_string(),
             "shards": r.topology.shards,
             "replicas": r.replicas.iter().map(|t| &t.shards).collect::<Vec<_>>(),
+            "routes": self.routes.len(),
             "created_at": r.created_at,
         })
     }
+}
+
+/// Every route through `members`: one worker per range from layer 0 to `num_layers`, each hop (and the
+/// exit's hop back to the entry) between workers that share a topology. The topologies that are single
+/// rings come first, in order, so a pool of rings numbers its routes as its spec lists them.
+fn enumerate_routes(members: &[Member], topologies: &[&Topology], num_layers: u32) -> Vec<Route> {
+    let index = |s: &ShardPeer| members.iter().position(|m| m.shard.peer == s.peer).expect("every shard is a member");
+    let mut routes: Vec<Route> = Vec::new();
+    for topology in topologies {
+        let ring = &topology.shards;
+        let chained = ring.first().is_some_and(|s| s.layers.start == 0)
+            && ring.windows(2).all(|w| w[0].layers.end == w[1].layers.start)
+            && ring.last().is_some_and(|s| s.layers.end == num_layers);
+        if chained {
+            let route: Route = ring.iter().map(index).collect();
+            if !routes.contains(&route) {
+                routes.push(route);
+            }
+        }
+    }
+    let share = |a: usize, b: usize| members[a].topologies.iter().any(|t| members[b].topologies.contains(t));
+    // Depth first from each entry, in listed order.
+    fn extend(
+        members: &[Member],
+        share: &dyn Fn(usize, usize) -> bool,
+        num_layers: u32,
+        path: &mut Route,
+        routes: &mut Vec<Route>,
+    ) {
+        if routes.len() >= MAX_ROUTES {
+            return;
+        }
+        let last = *path.last().expect("a path starts with its entry");
+        let end = members[last].shard.layers.end;
+        if end == num_layers {
+            if share(last, path[0]) && !routes.contains(path) {
+                routes.push(path.clone());
+            }
+            return;
+        }
+        for next in 0..members.len() {
+            if members[next].shard.layers.start == end && share(last, next) {
+                path.push(next);
+                extend(members, share, num_layers, path, routes);
+                path.pop();
+            }
+        }
+    }
+    for entry in 0..members.len() {
+        if members[entry].shard.layers.start == 0 {
+            let mut path = vec![entry];
+            extend(members, &share, num_layers, &mut path, &mut routes);
+        }
+    }
+    routes
 }
 
 /// Every pool, by id; the model name picks a pool for OpenAI requests.
@@ -476,74 +611,116 @@ impl Pools {
 mod tests {
     use super::*;
     use crate::orchestrator::workers::WorkerRegistration;
-    use computepool_axl::transport::{Layers, ShardPeer};
+    use computepool_axl::transport::Layers;
+
+    fn shard(k: &SecretKey, (start, end): (u32, u32)) -> ShardPeer {
+        ShardPeer { peer: k.public(), layers: Layers { start, end }, addrs: vec!["127.0.0.1:4000".parse().expect("address")] }
+    }
 
     fn ring(key: &SecretKey) -> (Topology, Vec<SecretKey>) {
         let keys: Vec<SecretKey> = (0..2).map(|_| SecretKey::generate()).collect();
-        let shards = keys
-            .iter()
-            .zip([(0, 2), (2, 4)])
-            .map(|(k, (start, end))| ShardPeer {
-                peer: k.public(),
-                layers: Layers { start, end },
-                addrs: vec!["127.0.0.1:4000".parse().expect("address")],
-            })
-            .collect();
+        let shards = keys.iter().zip([(0, 2), (2, 4)]).map(|(k, r)| shard(k, r)).collect();
         (Topology { num_layers: 4, shards, clients: vec![key.public()] }, keys)
+    }
+
+    fn model_dir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("config.json"), r#"{"num_hidden_layers": 4, "max_position_embeddings": 64}"#)
+            .expect("config");
+        dir
+    }
+
+    fn record(dir: &tempfile::TempDir, topology: Topology, replicas: Vec<Topology>) -> PoolRecord {
+        PoolRecord { id: "p".into(), model: "m".into(), model_dir: dir.path().to_path_buf(), topology, replicas, created_at: 0 }
+    }
+
+    fn register(workers: &Workers, store: &Store, k: &SecretKey, layers: &str, speed: f64) {
+        let registration = WorkerRegistration {
+            peer: k.public().to_string(),
+            addrs: vec!["127.0.0.1:4000".parse().expect("address")],
+            model: "m".into(),
+            layers: layers.into(),
+            device: "cpu".into(),
+            weight_bytes: 1,
+            rss_bytes: None,
+            speed,
+            payout: None,
+        };
+        workers.register(store, registration, None).expect("registers");
     }
 
     #[test]
     fn routes_are_picked_by_load_and_measured_speed() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        std::fs::write(dir.path().join("config.json"), r#"{"num_hidden_layers": 4, "max_position_embeddings": 64}"#)
-            .expect("config");
+        let dir = model_dir();
         let key = SecretKey::generate();
         let ((fast, fast_keys), (slow, slow_keys)) = (ring(&key), ring(&key));
-        let record = PoolRecord {
-            id: "p".into(),
-            model: "m".into(),
-            model_dir: dir.path().to_path_buf(),
-            topology: fast,
-            replicas: vec![slow],
-            created_at: 0,
-        };
-        let pool = Pool::new(record, key).expect("valid pool");
+        let pool = Pool::new(record(&dir, fast, vec![slow]), key).expect("valid pool");
+        assert_eq!(pool.routes.len(), 2, "separate topologies stay whole rings: {:?}", pool.routes);
         let store = Store::in_memory().expect("store");
         let workers = Workers::load(&store, Duration::from_secs(60)).expect("workers");
         // Unregistered workers: equal routes, the first wins.
-        assert_eq!(pool.pick_route(&workers, &[]), Some(0));
-        pool.routes[0].in_flight.store(1, Ordering::Relaxed);
-        assert_eq!(pool.pick_route(&workers, &[]), Some(1), "the idle route");
+        assert_eq!(pool.pick_route(&workers, &[], &[]), Some(0));
+        pool.members[pool.routes[0][0]].in_flight.store(1, Ordering::Relaxed);
+        pool.members[pool.routes[0][1]].in_flight.store(1, Ordering::Relaxed);
+        assert_eq!(pool.pick_route(&workers, &[], &[]), Some(1), "the idle route");
         for (keys, speed) in [(&fast_keys, 100.0), (&slow_keys, 50.0)] {
             for (k, layers) in keys.iter().zip(["0..2", "2..4"]) {
-                let registration = WorkerRegistration {
-                    peer: k.public().to_string(),
-                    addrs: vec!["127.0.0.1:4000".parse().expect("address")],
-                    model: "m".into(),
-                    layers: layers.into(),
-                    device: "cpu".into(),
-                    weight_bytes: 1,
-                    rss_bytes: None,
-                    speed,
-                    payout: None,
-                };
-                workers.register(&store, registration, None).expect("registers");
+                register(&workers, &store, k, layers, speed);
             }
         }
         // Twice as fast: one request in flight costs the same as none on the slow route (a tie: first).
-        assert_eq!(pool.pick_route(&workers, &[]), Some(0));
-        pool.routes[0].in_flight.store(2, Ordering::Relaxed);
-        assert_eq!(pool.pick_route(&workers, &[]), Some(1));
-        assert_eq!(pool.pick_route(&workers, &[1]), Some(0), "a broken route is not picked again");
-        assert_eq!(pool.pick_route(&workers, &[0, 1]), None);
+        assert_eq!(pool.pick_route(&workers, &[], &[]), Some(0));
+        for &m in &pool.routes[0] {
+            pool.members[m].in_flight.store(2, Ordering::Relaxed);
+        }
+        assert_eq!(pool.pick_route(&workers, &[], &[]), Some(1));
+        assert_eq!(pool.pick_route(&workers, &[1], &[]), Some(0), "an excluded route is not picked");
+        assert_eq!(pool.pick_route(&workers, &[], &[1]), Some(0), "nor a broken one");
+        assert_eq!(pool.pick_route(&workers, &[0, 1], &[]), None);
         assert!(pool.has_live_route(&workers));
 
-        // An ejected worker takes its route out, however fast and idle the route is.
-        pool.routes[0].in_flight.store(0, Ordering::Relaxed);
+        // An ejected worker takes its routes out, however fast and idle they are.
+        for &m in &pool.routes[0] {
+            pool.members[m].in_flight.store(0, Ordering::Relaxed);
+        }
         workers.eject(&store, &fast_keys[1].public().to_string(), "wrong output").expect("ejects");
-        assert_eq!(pool.pick_route(&workers, &[]), Some(1));
-        assert_eq!(pool.pick_route(&workers, &[1]), None);
+        assert_eq!(pool.pick_route(&workers, &[], &[]), Some(1));
+        assert_eq!(pool.pick_route(&workers, &[1], &[]), None);
         workers.eject(&store, &slow_keys[0].public().to_string(), "wrong output").expect("ejects");
         assert!(!pool.has_live_route(&workers));
+    }
+
+    /// One topology listing two workers per range: four routes, the two rings first; load on one
+    /// worker moves new requests to routes without it, mixing the rings; a failover avoids the broken
+    /// route's workers; a down worker is never picked.
+    #[test]
+    fn one_topology_with_two_workers_per_range_mixes_routes() {
+        let dir = model_dir();
+        let key = SecretKey::generate();
+        let k: Vec<SecretKey> = (0..4).map(|_| SecretKey::generate()).collect();
+        // Listed as two rings back to back: a1 b1 a2 b2.
+        let shards = vec![shard(&k[0], (0, 2)), shard(&k[1], (2, 4)), shard(&k[2], (0, 2)), shard(&k[3], (2, 4))];
+        let topology = Topology { num_layers: 4, shards, clients: vec![key.public()] };
+        let pool = Pool::new(record(&dir, topology, vec![]), key).expect("valid pool");
+        let names: Vec<Vec<String>> = (0..pool.routes.len()).map(|r| pool.route_peers(r)).collect();
+        let p = |i: usize| k[i].public().to_string();
+        assert_eq!(names, [vec![p(0), p(1)], vec![p(0), p(3)], vec![p(2), p(1)], vec![p(2), p(3)]]);
+        let store = Store::in_memory().expect("store");
+        let workers = Workers::load(&store, Duration::from_secs(60)).expect("workers");
+        for (i, layers) in [(0, "0..2"), (1, "2..4"), (2, "0..2"), (3, "2..4")] {
+            register(&workers, &store, &k[i], layers, 100.0);
+        }
+        assert_eq!(pool.pick_route(&workers, &[], &[]), Some(0));
+        // b1 is busy: a1's requests go on through b2.
+        pool.members[1].in_flight.store(3, Ordering::Relaxed);
+        assert_eq!(pool.route_peers(pool.pick_route(&workers, &[], &[]).expect("a route")), [p(0), p(3)]);
+        pool.members[1].in_flight.store(0, Ordering::Relaxed);
+        // Route a1→b1 broke: the route sharing none of its workers is taken.
+        assert_eq!(pool.route_peers(pool.pick_route(&workers, &[], &[0]).expect("a route")), [p(2), p(3)]);
+        // b1 ejected: only the routes through b2.
+        workers.eject(&store, &p(1), "down").expect("ejects");
+        assert_eq!(pool.route_peers(pool.pick_route(&workers, &[], &[]).expect("a route")), [p(0), p(3)]);
+        assert_eq!(pool.route_peers(pool.pick_route(&workers, &[], &[1]).expect("a route")), [p(2), p(3)]);
+        assert_eq!(pool.pick_route(&workers, &[], &[1, 3]), None);
     }
 }

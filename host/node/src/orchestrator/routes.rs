@@ -239,8 +239,8 @@ pub async fn list_workers(State(state): State<Arc<AppState>>) -> Json<Value> {
 }
 
 /// Per pool, its layer ranges in order and the workers serving each (up, down, or never registered;
-/// a range has several with replicas), and its routes (complete pipelines) with their load; a pool is
-/// `ready` while some route has no worker down.
+/// a range may have several; each with its requests in flight and routed so far), and its routes (one
+/// worker per range, numbered); a pool is `ready` while some route has no worker down.
 pub async fn topology(State(state): State<Arc<AppState>>) -> Json<Value> {
     let mut assigned = std::collections::BTreeSet::new();
     let describe = |peer: &str, addrs: &[std::net::SocketAddr]| {
@@ -258,17 +258,18 @@ pub async fn topology(State(state): State<Arc<AppState>>) -> Json<Value> {
         .iter()
         .map(|pool| {
             let mut ranges: std::collections::BTreeMap<(u32, u32), Vec<Value>> = Default::default();
-            let mut routes = Vec::new();
-            for route in &pool.routes {
-                for shard in &route.topology.shards {
-                    let peer = shard.peer.to_string();
-                    ranges.entry((shard.layers.start, shard.layers.end)).or_default().push(describe(&peer, &shard.addrs));
-                    assigned.insert(peer);
-                }
-                let layers: Vec<String> = route.topology.shards.iter().map(|s| s.layers.to_string()).collect();
-                routes.push(json!({"entry": route.topology.entry().peer.to_string(), "layers": layers,
-                                   "in_flight": route.in_flight()}));
+            for member in &pool.members {
+                let shard = &member.shard;
+                let peer = shard.peer.to_string();
+                let mut worker = describe(&peer, &shard.addrs);
+                worker["in_flight"] = json!(member.in_flight());
+                worker["routed"] = json!(member.routed());
+                ranges.entry((shard.layers.start, shard.layers.end)).or_default().push(worker);
+                assigned.insert(peer);
             }
+            let routes: Vec<Value> = (0..pool.routes.len())
+                .map(|r| json!({"route": r, "workers": pool.route_peers(r)}))
+                .collect();
             let shards: Vec<Value> = ranges
                 .into_iter()
                 .map(|((start, end), workers)| json!({"layers": format!("{start}..{end}"), "workers": workers}))

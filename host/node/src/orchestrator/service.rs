@@ -282,9 +282,11 @@ pub async fn infer(
             return Err(e);
         }
     };
-    // `route`: which of the pool's pipelines took the request (0 its topology, then its replicas).
+    // `route`: the number of the route that took the request (its topologies that are rings first: 0 the
+    // topology, then its replicas; then the routes that mix workers); `workers`: its peer ids, entry first.
     let started = SseEvent::default().event("started").data(
-        serde_json::json!({"id": id, "pool": pool.record.id, "route": request.route(), "prompt_tokens": log.record.prompt_tokens})
+        serde_json::json!({"id": id, "pool": pool.record.id, "route": request.route(), "workers": request.route_peers(),
+            "prompt_tokens": log.record.prompt_tokens})
             .to_string(),
     );
     let model = pool.record.model.clone();

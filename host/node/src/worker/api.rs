@@ -76,9 +76,15 @@ pub struct GenerateRequest {
     /// Tokens this request already generated elsewhere (a failover from a broken pipeline): the entry
     /// replays them after the prompt to rebuild every shard's KV cache, then generates on from there.
     /// Their events are not sent again, and they count towards `max_tokens` and `completion_tokens`.
-    /// Greedy requests continue exactly as if nothing happened; a seeded sampler restarts its stream.
+    /// Greedy and seeded requests continue exactly as if nothing happened (the exit skips the random
+    /// draws of the replayed tokens); penalties count only the tokens sampled after the move.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub resume_tokens: Vec<u32>,
+    /// The shards after the entry, one per layer range in order, as peer ids: the request's route
+    /// (the orchestrator picks one worker per range). Default: the topology's default route (for
+    /// each range, the first worker it lists).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<Vec<String>>,
 }
 
 fn default_top_p() -> f32 {
@@ -106,6 +112,7 @@ impl GenerateRequest {
             stop: Vec::new(),
             ignore_eos: false,
             resume_tokens: Vec::new(),
+            route: None,
         }
     }
 }

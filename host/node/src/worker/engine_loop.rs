@@ -27,15 +27,16 @@ use crate::samplers::{RequestSampler, Samplers};
 #[derive(Debug)]
 pub enum EngineJob {
     /// A new request: make its KV cache (and sampler, on the exit: `sampler` names a plugin, `None` is
-    /// native sampling).
-    Start { request: RequestId, sampling: SamplingParams, sampler: Option<String> },
+    /// native sampling). `resumed`: tokens it generated on a route that broke (the exit samples nothing
+    /// while they are replayed, then skips that many draws of the request's random stream).
+    Start { request: RequestId, sampling: SamplingParams, sampler: Option<String>, resumed: u64 },
     /// The next positions of a request, starting at `start_pos` (checked against its cache).
     Step { request: RequestId, start_pos: u64, input: StepData },
     /// The request is over: free what it holds here.
     End { request: RequestId },
-    /// The link the requests came over is gone: free every request, and report each one failed
-    /// downstream with `reason` so the entry learns of it even when it is several hops away.
-    FailAll { reason: String },
+    /// The link these requests came over is gone: free each, and report it failed towards its entry
+    /// with `reason`.
+    Fail { requests: Vec<RequestId>, reason: String },
 }
 
 /// The new positions of a step.
@@ -62,6 +63,11 @@ struct RequestState {
     sampler: Option<RequestSampler>,
     /// Tokens sampled for the request so far (a fault drill counts them).
     sampled: u64,
+    /// Tokens it generated on another route before it moved here (exit: what the replay rebuilds).
+    resumed: u64,
+    /// (Exit, resumed requests) the position the replay ends at, once the prompt step gave the prompt's
+    /// length: steps that end before it are replay and sample nothing.
+    replay_until: Option<u64>,
     last_used: Instant,
 }
 
@@ -187,7 +193,7 @@ impl EngineState {
 
     fn handle(&mut self, job: EngineJob) {
         match job {
-            EngineJob::Start { request, sampling, sampler } => {
+            EngineJob::Start { request, sampling, sampler, resumed } => {
                 let sampler = if self.shard.range().is_exit() {
                     match self.config.samplers.for_request(sampling, sampler.as_deref()) {
                         Ok(s) => Some(s),
@@ -197,7 +203,8 @@ impl EngineState {
                     None
                 };
                 let cache = self.shard.new_cache();
-                self.requests.insert(request, RequestState { cache, sampler, sampled: 0, last_used: Instant::now() });
+                let state = RequestState { cache, sampler, sampled: 0, resumed, replay_until: None, last_used: Instant::now() };
+                self.requests.insert(request, state);
             }
             EngineJob::Step { request, start_pos, input } => self.run_decode(vec![(request, start_pos, input)]),
             EngineJob::End { request } => {
@@ -205,9 +212,8 @@ impl EngineState {
                     tracing::info!(%request, positions = st.cache.len(), "request ended, KV cache freed");
                 }
             }
-            EngineJob::FailAll { reason } => {
-                let ids: Vec<RequestId> = self.requests.keys().cloned().collect();
-                for id in ids {
+            EngineJob::Fail { requests, reason } => {
+                for id in requests {
                     self.fail(&id, ErrorCode::Unavailable, reason.clone());
                 }
             }
@@ -273,6 +279,19 @@ impl EngineState {
                 }
                 StepOutput::Logits(logits) => {
                     let st = self.requests.get_mut(&request).expect("present: it just stepped");
+                    let positions = st.cache.len() as u64;
+                    if st.resumed > 0 {
+                        // The first step is the prompt: the replay of the tokens generated elsewhere
+                        // ends `resumed` positions after it. Its steps sample nothing; the step that
+                        // ends it samples the next token with the stream where the lost exit left it.
+                        let until = *st.replay_until.get_or_insert(positions + st.resumed);
+                        if positions < until {
+                            continue;
+                        }
+                        let skipped = std::mem::take(&mut st.resumed);
+                        st.sampler.as_mut().expect("the exit holds a sampler per request").skip(skipped);
+                        st.sampled = skipped;
+                    }
                     let sampled = st.sampler.as_mut().expect("the exit holds a sampler per request").sample(&logits);
                     let token = match sampled {
                         Ok(token) => match self.config.fault {

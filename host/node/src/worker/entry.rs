@@ -1,6 +1,7 @@
-//! The entry shard's side of requests: it takes them from clients, tokenizes, starts them down the
-//! pipeline, feeds each sampled token back in, applies the stop rules, streams text to the client,
-//! and ends the request everywhere when it is over (finished, failed or cancelled).
+//! The entry shard's side of requests: it takes them from clients, tokenizes, picks the request's route
+//! (the client's, or the topology's default), starts it down that route, feeds each sampled token back
+//! in, applies the stop rules, streams text to the client, and ends the request everywhere when it is
+//! over (finished, failed or cancelled).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -8,17 +9,18 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use computepool_axl::frame::{ErrorCode, Frame, RequestId, SequenceTracker};
+use computepool_axl::frame::{ErrorCode, Frame, RequestId, RouteHeader, SequenceTracker};
+use computepool_axl::transport::{PeerId, Topology};
 use computepool_engine::generate::{self, RequestOutput};
 use computepool_engine::sampling::SamplingParams;
 use computepool_engine::tokenizer::{ChatMessage, Tokenizer};
 use iroh::endpoint::{RecvStream, SendStream};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use super::api::{ErrorKind, Event, FinishReason, GenerateRequest, MAX_REQUEST_BYTES};
 use super::engine_loop::{EngineJob, StepData};
-use super::links::{LinkState, Outbound};
+use super::links::{Links, Outbound};
 use super::report::ShardStats;
 
 /// What reaches a live request from the pipeline.
@@ -31,7 +33,21 @@ enum Delivery {
 struct LiveRequest {
     tx: mpsc::UnboundedSender<Delivery>,
     tracker: SequenceTracker,
+    /// The shards after the entry, the exit last.
+    route: Vec<PeerId>,
 }
+
+/// Where the entry's requests can go: the pool's topology, this worker's place in it, and its links.
+pub struct Routing {
+    pub topology: Arc<Topology>,
+    /// This worker's index in the topology.
+    pub me: usize,
+    pub links: Arc<Links>,
+}
+
+/// How long a request waits for the link to its route's first shard when this worker has not dialled
+/// it yet (a link known to be down fails the request at once).
+const FIRST_HOP_WAIT: Duration = Duration::from_secs(3);
 
 /// Settings of the entry.
 #[derive(Debug, Clone)]
@@ -54,8 +70,7 @@ pub struct Entry {
     requests: Mutex<HashMap<RequestId, LiveRequest>>,
     engine: mpsc::Sender<EngineJob>,
     outbound: mpsc::Sender<Outbound>,
-    downstream: watch::Receiver<LinkState>,
-    upstream: watch::Receiver<LinkState>,
+    routing: Routing,
     next_id: AtomicU64,
     id_prefix: String,
     stats: Arc<ShardStats>,
@@ -67,7 +82,7 @@ impl Entry {
         config: EntryConfig,
         engine: mpsc::Sender<EngineJob>,
         outbound: mpsc::Sender<Outbound>,
-        (downstream, upstream): (watch::Receiver<LinkState>, watch::Receiver<LinkState>),
+        routing: Routing,
         stats: Arc<ShardStats>,
     ) -> Self {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
@@ -77,35 +92,65 @@ impl Entry {
             requests: Mutex::new(HashMap::new()),
             engine,
             outbound,
-            downstream,
-            upstream,
+            routing,
             next_id: AtomicU64::new(0),
             id_prefix: format!("req-{:x}", nanos as u64),
             stats,
         }
     }
 
-    /// Why the pipeline cannot take requests now, if it cannot.
-    fn unavailable(&self) -> Option<String> {
-        let down = self.downstream.borrow().clone();
-        let up = self.upstream.borrow().clone();
-        match (down, up) {
-            (LinkState::Up, LinkState::Up) => None,
-            (LinkState::Down(why), _) => Some(format!("the pipeline is incomplete: {why}")),
-            (_, LinkState::Down(why)) => Some(format!("the pipeline is incomplete: {why}")),
+    /// The shards after this entry for a request: the route it names (checked against the topology),
+    /// or the topology's default route.
+    fn route(&self, named: Option<&[String]>) -> Result<Vec<PeerId>, String> {
+        let topology = &self.routing.topology;
+        let me = &topology.shards[self.routing.me];
+        let Some(named) = named else {
+            return Ok(topology.default_route(me).iter().map(|s| s.peer).collect());
+        };
+        let next: Vec<PeerId> = named
+            .iter()
+            .map(|id| id.parse::<PeerId>().map_err(|e| format!("route: {:.16}… is not a peer id: {e}", id)))
+            .collect::<Result<_, _>>()?;
+        let (shards, _) = topology.resolve_route(me, &next, &me.peer)?;
+        Ok(shards.iter().map(|s| s.peer).collect())
+    }
+
+    /// Why the route cannot take the request now, if it cannot: the link to its first shard is down
+    /// (or does not come up). Shards further on report their own links' failures.
+    async fn unavailable(&self, route: &[PeerId]) -> Option<String> {
+        let first = route.first()?;
+        match self.routing.links.ready(first, FIRST_HOP_WAIT).await {
+            Ok(()) => None,
+            Err(why) => Some(format!("the pipeline is incomplete: {why}")),
         }
     }
 
-    /// A token frame (or an error) from the exit shard for `request`, with its sequence number.
-    pub fn deliver_tokens(&self, request: &RequestId, seq: u64, tokens: &[u32]) {
+    /// A token frame from `from` (an exit) for `request`, with its sequence number.
+    pub fn deliver_tokens(&self, request: &RequestId, from: &PeerId, seq: u64, tokens: &[u32]) {
         let mut requests = self.requests.lock().expect("entry state lock");
         let Some(live) = requests.get_mut(request) else { return }; // over already: late frames are normal
+        if live.route.last() != Some(from) {
+            let _ = live.tx.send(Delivery::Failed(
+                ErrorKind::Internal,
+                format!("token frames from peer {}, which is not this request's exit", from.fmt_short()),
+            ));
+            return;
+        }
         if let Err(e) = live.tracker.check(seq) {
             let _ = live.tx.send(Delivery::Failed(ErrorKind::Sequence, format!("token frames from the exit shard: {e}")));
             return;
         }
         for &t in tokens {
             let _ = live.tx.send(Delivery::Token(t));
+        }
+    }
+
+    /// A link with `peer` broke: every live request routed through it fails.
+    pub fn fail_through(&self, peer: &PeerId, message: &str) {
+        for live in self.requests.lock().expect("entry state lock").values() {
+            if live.route.contains(peer) {
+                let _ = live.tx.send(Delivery::Failed(ErrorKind::Unavailable, message.to_string()));
+            }
         }
     }
 
@@ -135,7 +180,8 @@ impl Entry {
     async fn run_request(&self, send: &mut SendStream, recv: RecvStream) -> Result<(), Event> {
         let req = read_request(recv).await?;
         let (id, prompt, engine_req, sampler) = self.prepare(&req)?;
-        if let Some(why) = self.unavailable() {
+        let route = self.route(req.route.as_deref()).map_err(invalid)?;
+        if let Some(why) = self.unavailable(&route).await {
             return Err(Event::Error { code: ErrorKind::Unavailable, message: why });
         }
         let (tx, mut rx) = mpsc::unbounded_channel();
@@ -144,10 +190,11 @@ impl Entry {
             if requests.contains_key(&id) {
                 return Err(invalid(format!("request id {id} is already in use")));
             }
-            requests.insert(id.clone(), LiveRequest { tx, tracker: SequenceTracker::new() });
+            requests.insert(id.clone(), LiveRequest { tx, tracker: SequenceTracker::new(), route: route.clone() });
             self.publish_live(requests.len());
         }
-        let result = self.drive(send, &id, &prompt, &req.resume_tokens, &engine_req, sampler.as_deref(), &mut rx).await;
+        let result =
+            self.drive(send, &id, &route, &prompt, &req.resume_tokens, &engine_req, sampler.as_deref(), &mut rx).await;
         {
             let mut requests = self.requests.lock().expect("entry state lock");
             requests.remove(&id);
@@ -252,10 +299,12 @@ impl Entry {
         Ok((id, prompt, engine_req, sampler))
     }
 
+    #[allow(clippy::too_many_arguments, reason = "one private call site")]
     async fn drive(
         &self,
         send: &mut SendStream,
         id: &RequestId,
+        route: &[PeerId],
         prompt: &[u32],
         resume: &[u32],
         engine_req: &generate::GenerateRequest,
@@ -265,9 +314,17 @@ impl Entry {
         let gone = || Event::Error { code: ErrorKind::Unavailable, message: "the worker is shutting down".into() };
         let p = &engine_req.params;
         let sampling = crate::samplers::to_header(p, sampler);
-        // The start frame goes out before the engine can produce the request's first activations.
-        self.outbound.send(Outbound::Frame(Frame::start(id.clone(), sampling))).await.map_err(|_| gone())?;
-        let start = EngineJob::Start { request: id.clone(), sampling: *p, sampler: sampler.map(str::to_string) };
+        // The route and the start frame go out before the engine can produce the request's first
+        // activations. The start frame names the shards after the first one, and this entry for the
+        // exit's tokens; a resumed request says how many tokens it had, for the exit's random stream.
+        let me = self.routing.topology.shards[self.routing.me].peer;
+        let (first, rest) = route.split_first().ok_or_else(|| invalid("the route is empty".into()))?;
+        let header = RouteHeader { next: rest.iter().map(|p| p.to_string()).collect(), entry: me.to_string() };
+        let resumed = (!resume.is_empty()).then_some(resume.len() as u64);
+        self.outbound.send(Outbound::Route { request: id.clone(), next: *first, entry: me }).await.map_err(|_| gone())?;
+        let start = Frame::start_routed(id.clone(), sampling, Some(header), resumed);
+        self.outbound.send(Outbound::Frame(start)).await.map_err(|_| gone())?;
+        let start = EngineJob::Start { request: id.clone(), sampling: *p, sampler: sampler.map(str::to_string), resumed: 0 };
         self.engine.send(start).await.map_err(|_| gone())?;
         self.engine
             .send(EngineJob::Step { request: id.clone(), start_pos: 0, input: StepData::Tokens(prompt.to_vec()) })
@@ -283,8 +340,8 @@ impl Entry {
             self.engine.send(EngineJob::Step { request: id.clone(), start_pos: pos, input }).await.map_err(|_| gone())?;
             pos += chunk.len() as u64;
         }
-        // Each step samples one token at the exit; only the last step's is new.
-        let mut replayed_samples = resume.chunks(RESUME_CHUNK).count();
+        // The exit samples nothing during the replay (the start frame told it how long it is): the
+        // first token that comes back is the next new one.
         write_event(send, &Event::Started { id: id.to_string(), prompt_tokens: prompt.len() }).await?;
 
         let mut output = RequestOutput::new(&self.tokenizer, engine_req);
@@ -309,7 +366,6 @@ impl Entry {
             };
             match delivery {
                 Delivery::Failed(code, message) => return Err(Event::Error { code, message }),
-                Delivery::Token(_) if replayed_samples > 0 => replayed_samples -= 1,
                 Delivery::Token(token) => {
                     let text = output.push(token).map_err(|e| Event::Error { code: ErrorKind::Internal, message: e.to_string() })?;
                     let text = text.to_string();

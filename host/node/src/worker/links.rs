@@ -1,26 +1,48 @@
-//! A worker's two links: the downstream one it dials (and keeps dialling), and the upstream one it
-//! accepts. Frames are numbered per request on each link here, on the way out, and checked on the way in.
+//! A worker's outgoing side: one persistent link per peer it sends to (dialled on first use, kept,
+//! redialled with backoff), and the router that sends each request's frames to the next hop its route
+//! names. Frames are numbered per request on each link here, on the way out, and checked on the way in.
+//!
+//! ```text
+//!   compute thread ─┐                          ┌─▶ link to peer A ─▶ QUIC stream
+//!   request handlers├─▶ outbound ─▶ router ────┼─▶ link to peer B ─▶ QUIC stream
+//!   upstream readers┘   (in order)  (routes)   └─▶ …
+//! ```
+//!
+//! Every frame of a request goes through one channel and one router task, so the frames a worker sends
+//! for a request keep their order; the router hands each to the link of the request's next hop (for
+//! the exit, its entry). When a link goes down, every request routed over it fails at once: its KV cache
+//! here is freed and an `error` frame goes to its entry (docs/PROTOCOL.md §11).
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use computepool_axl::frame::{ControlHeader, ErrorCode, Frame, FrameHeader, FrameLimits, RequestId, SequenceCounter};
-use computepool_axl::transport::{FRAMES_ALPN, FrameWriter, ShardPeer, Transport, describe_close};
+use computepool_axl::transport::{FRAMES_ALPN, FrameWriter, PeerId, ShardPeer, Topology, Transport, describe_close};
 use tokio::sync::{mpsc, watch};
 
-/// What the compute thread and the request handlers hand to the downstream link.
+use super::engine_loop::EngineJob;
+
+/// What the compute thread and the request handlers hand to the router.
 #[derive(Debug)]
 pub enum Outbound {
-    /// A frame for the next peer; its `seq` is assigned on the way out.
+    /// A request's next hop from this worker (for the exit: its entry) and its entry. Sent before the
+    /// request's first frame leaves this worker.
+    Route { request: RequestId, next: PeerId, entry: PeerId },
+    /// A frame of a request for its next hop; its `seq` is assigned on the way out. An `end` or `error`
+    /// frame is the request's last here: its route is forgotten after it.
     Frame(Frame),
-    /// The request is over on this link: drop its sequence counter.
+    /// The request is over here without a last frame to send (the exit, after `end`): forget its route
+    /// and its numbering.
     Forget(RequestId),
 }
 
 /// The state of one link, watched by whoever must react to it going down.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LinkState {
-    /// Not connected yet, or reconnecting; the string says why, for error messages.
+    /// Dialling for the first time: frames wait for the connection.
+    Connecting,
+    /// Not connected (lost, refused or unreachable) and redialling; the string says why, for errors.
     Down(String),
     /// Connected.
     Up,
@@ -51,7 +73,7 @@ impl Numbering {
         if matches!(frame.header, FrameHeader::Control(ControlHeader::Start { .. })) {
             self.counters.insert(request.clone(), SequenceCounter::new());
         }
-        let last = matches!(frame.header, FrameHeader::Control(ControlHeader::End { .. } | ControlHeader::Error { .. }));
+        let last = is_last(&frame.header);
         let seq = self.counters.entry(request.clone()).or_default().next_seq();
         if last {
             self.counters.remove(&request);
@@ -66,100 +88,305 @@ impl Numbering {
     }
 }
 
-/// Where failures of requests go instead of the downstream link (the entry handles its own requests'
-/// failures; every other worker reports them downstream, towards the entry).
+/// Whether a frame is its request's last on a link (`end` or `error`).
+fn is_last(header: &FrameHeader) -> bool {
+    matches!(header, FrameHeader::Control(ControlHeader::End { .. } | ControlHeader::Error { .. }))
+}
+
+/// Where failures of an entry's own requests go (instead of a link): the entry answers its client.
 pub type FailureSink = mpsc::UnboundedSender<(RequestId, ErrorCode, String)>;
 
-/// Keeps the downstream connection up and writes every outbound frame to it, in order. While the link
-/// is down, frames are discarded (their requests are failed by whoever watches `state`) and the peer is
-/// redialled with backoff. Returns when `outbound` closes.
-pub async fn run_downstream(
+/// What a link task takes.
+#[derive(Debug)]
+enum LinkMsg {
+    Frame(Frame),
+    /// Drop the request's sequence counter (it is over on this link, or starts afresh).
+    Forget(RequestId),
+}
+
+/// One peer's link: its task's mailbox and state.
+#[derive(Clone)]
+struct Link {
+    tx: mpsc::Sender<LinkMsg>,
+    state: watch::Receiver<LinkState>,
+}
+
+/// Every link this worker has dialled, by peer. Links are made on first use and kept.
+pub struct Links {
+    transport: Transport,
+    limits: FrameLimits,
+    topology: Arc<Topology>,
+    map: Mutex<HashMap<PeerId, Link>>,
+    /// Link tasks report each loss here (the router fails the requests routed over it).
+    lost: mpsc::UnboundedSender<(PeerId, String)>,
+}
+
+impl Links {
+    fn link(&self, peer: &PeerId) -> Option<Link> {
+        let mut map = self.map.lock().expect("links lock");
+        if let Some(link) = map.get(peer) {
+            return Some(link.clone());
+        }
+        let shard = self.topology.shard(peer)?.clone();
+        let (tx, rx) = mpsc::channel(1024);
+        let (state_tx, state) = watch::channel(LinkState::Connecting);
+        tokio::spawn(run_link(self.transport.clone(), shard, rx, state_tx, self.limits, self.lost.clone()));
+        let link = Link { tx, state };
+        map.insert(*peer, link.clone());
+        Some(link)
+    }
+
+    /// Waits (at most `wait`) until the link to `peer` is up, dialling it if this worker never has;
+    /// `Err` says why it is not.
+    pub async fn ready(&self, peer: &PeerId, wait: Duration) -> Result<(), String> {
+        let Some(link) = self.link(peer) else { return Err(format!("peer {} is not in this pool", peer.fmt_short())) };
+        let mut state = link.state;
+        let check = async {
+            loop {
+                match &*state.borrow_and_update() {
+                    LinkState::Up => return Ok(()),
+                    LinkState::Down(why) => return Err(why.clone()),
+                    LinkState::Connecting => {}
+                }
+                if state.changed().await.is_err() {
+                    return Err("the worker is shutting down".to_string());
+                }
+            }
+        };
+        match tokio::time::timeout(wait, check).await {
+            Ok(result) => result,
+            Err(_) => Err(format!("peer {} did not connect within {wait:?}", peer.fmt_short())),
+        }
+    }
+}
+
+/// A request's route through this worker.
+#[derive(Debug, Clone, Copy)]
+struct Hop {
+    next: PeerId,
+    entry: PeerId,
+}
+
+/// The router: sends each request's frames to its next hop, and fails the requests of a lost link.
+pub struct Router {
+    me: PeerId,
+    links: Arc<Links>,
+    routes: HashMap<RequestId, Hop>,
+    engine: mpsc::Sender<EngineJob>,
+    /// The entry's own requests' failures (only on an entry).
+    local: Option<FailureSink>,
+}
+
+/// Starts the router; returns the links (the entry waits on them) and the router's task handle.
+pub fn spawn_router(
+    transport: Transport,
+    topology: Arc<Topology>,
+    limits: FrameLimits,
+    outbound: mpsc::Receiver<Outbound>,
+    engine: mpsc::Sender<EngineJob>,
+    local: Option<FailureSink>,
+) -> Arc<Links> {
+    let (lost_tx, lost_rx) = mpsc::unbounded_channel();
+    let me = transport.id();
+    let links = Arc::new(Links { transport, limits, topology, map: Mutex::new(HashMap::new()), lost: lost_tx });
+    let router = Router { me, links: links.clone(), routes: HashMap::new(), engine, local };
+    tokio::spawn(router.run(outbound, lost_rx));
+    links
+}
+
+impl Router {
+    async fn run(mut self, mut outbound: mpsc::Receiver<Outbound>, mut lost: mpsc::UnboundedReceiver<(PeerId, String)>) {
+        loop {
+            tokio::select! {
+                msg = outbound.recv() => match msg {
+                    Some(msg) => self.handle(msg).await,
+                    None => return,
+                },
+                Some((peer, why)) = lost.recv() => self.peer_lost(peer, &why).await,
+            }
+        }
+    }
+
+    async fn handle(&mut self, msg: Outbound) {
+        match msg {
+            Outbound::Route { request, next, entry } => {
+                if let Some(link) = self.links.link(&next) {
+                    // A request id may come back (a failover to a route through this worker): its
+                    // numbering on the new hop starts afresh.
+                    let _ = link.tx.send(LinkMsg::Forget(request.clone())).await;
+                }
+                self.routes.insert(request, Hop { next, entry });
+            }
+            Outbound::Forget(request) => {
+                if let Some(hop) = self.routes.remove(&request)
+                    && let Some(link) = self.links.link(&hop.next)
+                {
+                    let _ = link.tx.send(LinkMsg::Forget(request)).await;
+                }
+            }
+            Outbound::Frame(frame) => {
+                let Some(request) = frame.header.request().cloned() else {
+                    return; // `unload` is not forwarded: it concerns the link it came over
+                };
+                let Some(hop) = self.routes.get(&request).copied() else {
+                    return; // over here already (ended or failed): what is still on its way is dropped
+                };
+                if is_last(&frame.header) {
+                    self.routes.remove(&request);
+                }
+                if let FrameHeader::Control(ControlHeader::Error { code, message, .. }) = &frame.header {
+                    // Towards the entry: down the route while the next hop is there (it frees the
+                    // request on every shard on the way), else straight to the entry.
+                    if hop.entry == self.me {
+                        if let Some(local) = &self.local {
+                            let _ = local.send((request, *code, message.clone()));
+                        }
+                        return;
+                    }
+                    let to = if self.down(&hop.next).is_none() { hop.next } else { hop.entry };
+                    self.send(&to, frame).await;
+                    return;
+                }
+                if let Some(why) = self.down(&hop.next) {
+                    self.routes.remove(&request);
+                    self.fail(request, hop, &why).await;
+                    return;
+                }
+                self.send(&hop.next, frame).await;
+            }
+        }
+    }
+
+    /// Why the link to `peer` is down, if it is.
+    fn down(&self, peer: &PeerId) -> Option<String> {
+        match self.links.link(peer) {
+            Some(link) => match &*link.state.borrow() {
+                LinkState::Down(why) => Some(why.clone()),
+                _ => None,
+            },
+            None => Some(format!("peer {} is not in this pool's topology", peer.fmt_short())),
+        }
+    }
+
+    async fn send(&self, peer: &PeerId, frame: Frame) {
+        if let Some(link) = self.links.link(peer) {
+            let _ = link.tx.send(LinkMsg::Frame(frame)).await;
+        }
+    }
+
+    /// Fails a request whose next hop is unreachable: frees it here and tells its entry.
+    async fn fail(&mut self, request: RequestId, hop: Hop, why: &str) {
+        // Not awaited here: the compute thread may itself be waiting for this router to take its
+        // output, and the router must never wait on it.
+        if let Err(mpsc::error::TrySendError::Full(job)) = self.engine.try_send(EngineJob::End { request: request.clone() }) {
+            let engine = self.engine.clone();
+            tokio::spawn(async move { engine.send(job).await });
+        }
+        let message = format!("the pipeline broke: {why}");
+        if hop.entry == self.me {
+            if let Some(local) = &self.local {
+                let _ = local.send((request, ErrorCode::Unavailable, message));
+            }
+        } else if hop.entry != hop.next && self.down(&hop.entry).is_none() {
+            self.send(&hop.entry, Frame::error(request, 0, ErrorCode::Unavailable, message)).await;
+        }
+    }
+
+    /// A link went down: every request routed over it fails.
+    async fn peer_lost(&mut self, peer: PeerId, why: &str) {
+        let broken: Vec<(RequestId, Hop)> =
+            self.routes.iter().filter(|(_, hop)| hop.next == peer).map(|(r, hop)| (r.clone(), *hop)).collect();
+        if !broken.is_empty() {
+            tracing::warn!(peer = %peer.fmt_short(), requests = broken.len(), "failing the requests routed over a lost link");
+        }
+        for (request, hop) in broken {
+            self.routes.remove(&request);
+            self.fail(request, hop, why).await;
+        }
+    }
+}
+
+/// Keeps the link to `peer` up and writes every frame handed to it, in order. While the link is down,
+/// frames are discarded (the router fails their requests when it hears of the loss) and the peer is
+/// redialled with backoff. Returns when the router goes away.
+async fn run_link(
     transport: Transport,
     peer: ShardPeer,
-    mut outbound: mpsc::Receiver<Outbound>,
+    mut inbox: mpsc::Receiver<LinkMsg>,
     state: watch::Sender<LinkState>,
     limits: FrameLimits,
-    failures: Option<FailureSink>,
+    lost: mpsc::UnboundedSender<(PeerId, String)>,
 ) {
     let short = peer.peer.fmt_short().to_string();
     let mut backoff = Duration::from_millis(50);
+    let down = |why: String| {
+        let first = !matches!(&*state.borrow(), LinkState::Down(_));
+        state.send_replace(LinkState::Down(why.clone()));
+        // Report a loss once per outage (redials that fail again change only the reason).
+        if first {
+            let _ = lost.send((peer.peer, why));
+        }
+    };
     loop {
-        // Dial, discarding what arrives meanwhile (it belongs to requests that are being failed).
+        // Dial, discarding what arrives meanwhile only while the link is known down (while it is
+        // connecting for the first time, frames wait in the inbox).
         let dial = transport.connect(peer.peer, &peer.addrs, FRAMES_ALPN);
-        tokio::pin!(dial);
-        let conn = loop {
-            tokio::select! {
-                result = tokio::time::timeout(Duration::from_secs(3), &mut dial) => match result {
-                    Ok(Ok(conn)) => break Some(conn),
-                    Ok(Err(e)) => {
-                        tracing::debug!("dialling downstream {short}: {e}");
-                        state.send_replace(LinkState::Down(format!("shard {} (peer {short}) is unreachable: {e}", peer.layers)));
-                        break None;
-                    }
-                    Err(_) => {
-                        state.send_replace(LinkState::Down(format!("shard {} (peer {short}) is unreachable: dial timed out", peer.layers)));
-                        break None;
-                    }
-                },
-                msg = outbound.recv() => match msg {
-                    None => return,
-                    Some(msg) => fail_discarded(msg, &failures, &peer, &short),
-                },
-            }
+        let connected = match tokio::time::timeout(Duration::from_secs(3), dial).await {
+            Ok(Ok(conn)) => match await_link_ack(&conn).await {
+                Ok(()) => Ok(conn),
+                Err(why) => Err(format!("shard {} (peer {short}) {why}", peer.layers)),
+            },
+            Ok(Err(e)) => Err(format!("shard {} (peer {short}) is unreachable: {e}", peer.layers)),
+            Err(_) => Err(format!("shard {} (peer {short}) is unreachable: dial timed out", peer.layers)),
         };
-        let Some(conn) = conn else {
-            // Wait out the backoff, still draining.
-            let sleep = tokio::time::sleep(backoff);
-            tokio::pin!(sleep);
-            loop {
-                tokio::select! {
-                    _ = &mut sleep => break,
-                    msg = outbound.recv() => match msg {
-                        None => return,
-                        Some(msg) => fail_discarded(msg, &failures, &peer, &short),
-                    },
+        let stream = match connected {
+            Ok(conn) => {
+                let opened = conn.open_uni().await;
+                match opened {
+                    Ok(s) => Ok((conn, s)),
+                    Err(e) => Err(format!("shard {} (peer {short}): {e}", peer.layers)),
                 }
             }
-            backoff = (backoff * 2).min(Duration::from_millis(500));
-            continue;
+            Err(why) => Err(why),
         };
-        // The peer may still refuse the link (it is not ready itself): it is up only once the peer
-        // confirms it with one byte on a stream of its own (docs/PROTOCOL.md §11).
-        if let Err(why) = await_link_ack(&conn).await {
-            state.send_replace(LinkState::Down(format!("shard {} (peer {short}) {why}", peer.layers)));
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_millis(500));
-            continue;
-        }
-        backoff = Duration::from_millis(50);
-        let stream = match conn.open_uni().await {
-            Ok(s) => s,
-            Err(e) => {
-                state.send_replace(LinkState::Down(format!("shard {} (peer {short}): {e}", peer.layers)));
+        let (conn, stream) = match stream {
+            Ok(pair) => pair,
+            Err(why) => {
+                tracing::debug!("link to {short}: {why}");
+                down(why);
+                // Wait out the backoff, discarding what arrives (its requests are being failed).
+                let sleep = tokio::time::sleep(backoff);
+                tokio::pin!(sleep);
+                loop {
+                    tokio::select! {
+                        _ = &mut sleep => break,
+                        msg = inbox.recv() => if msg.is_none() { return },
+                    }
+                }
+                backoff = (backoff * 2).min(Duration::from_millis(500));
                 continue;
             }
         };
-        tracing::info!(peer = %short, layers = %peer.layers, "downstream link up");
+        backoff = Duration::from_millis(50);
+        // What arrived while the link was down belongs to requests that are failed already.
+        if matches!(&*state.borrow(), LinkState::Down(_)) {
+            while inbox.try_recv().is_ok() {}
+        }
+        tracing::info!(peer = %short, layers = %peer.layers, "link up");
         state.send_replace(LinkState::Up);
         let mut writer = FrameWriter::new(stream, limits);
         let mut numbering = Numbering::default();
         let reason = loop {
             tokio::select! {
-                msg = outbound.recv() => match msg {
+                msg = inbox.recv() => match msg {
                     None => {
                         let _ = writer.finish().await;
                         return;
                     }
-                    Some(Outbound::Forget(request)) => {
+                    Some(LinkMsg::Forget(request)) => {
                         numbering.counters.remove(&request);
                     }
-                    Some(Outbound::Frame(mut frame)) => {
-                        if let (FrameHeader::Control(ControlHeader::Error { request, code, message, .. }), Some(sink)) =
-                            (&frame.header, &failures)
-                        {
-                            let _ = sink.send((request.clone(), *code, message.clone()));
-                            continue;
-                        }
+                    Some(LinkMsg::Frame(mut frame)) => {
                         if !numbering.stamp(&mut frame) {
                             continue;
                         }
@@ -171,8 +398,8 @@ pub async fn run_downstream(
                 e = conn.closed() => break describe_close(&e),
             }
         };
-        tracing::warn!(peer = %short, "downstream link lost: {reason}");
-        state.send_replace(LinkState::Down(format!("shard {} (peer {short}) was lost: {reason}", peer.layers)));
+        tracing::warn!(peer = %short, "link lost: {reason}");
+        down(format!("shard {} (peer {short}) was lost: {reason}", peer.layers));
     }
 }
 
@@ -194,20 +421,6 @@ async fn await_link_ack(conn: &iroh::endpoint::Connection) -> Result<(), String>
     match tokio::time::timeout(Duration::from_secs(3), ack).await {
         Ok(result) => result.map_err(|why| format!("refused the link: {why}")),
         Err(_) => Err("did not confirm the link within 3 s".into()),
-    }
-}
-
-/// A frame that cannot be sent because the link is down: a failure meant for the entry still reaches
-/// it when this worker is the entry.
-fn fail_discarded(msg: Outbound, failures: &Option<FailureSink>, peer: &ShardPeer, short: &str) {
-    if let (Outbound::Frame(frame), Some(sink)) = (msg, failures)
-        && let Some(request) = frame.header.request()
-    {
-        let _ = sink.send((
-            request.clone(),
-            ErrorCode::Unavailable,
-            format!("shard {} (peer {short}) is unreachable", peer.layers),
-        ));
     }
 }
 

@@ -1,4 +1,4 @@
-//! `computepool worker`: one shard of a pipeline, serving its layer range to its neighbours.
+//! `computepool worker`: one shard of a pool, serving its layer range to the requests routed through it.
 //!
 //! ```text
 //!   client ──generate stream──▶ entry ──frames──▶ middle … ──frames──▶ exit
@@ -6,13 +6,16 @@
 //!                                 └──────────── token frames ───────────┘
 //! ```
 //!
-//! Each worker accepts one upstream link (from the shard before it in the ring; the entry's is the
-//! exit) and dials one downstream link. It owns the KV caches of the requests that cross it; an `end`
-//! frame, a lost upstream link, an `unload` or an idle timeout frees them.
+//! A pool may have several workers per layer range. Each request carries its route (one worker per
+//! range) in its `start` frame; every worker accepts links from any worker of the pool and dials, on
+//! first use, the peers its requests are routed to (one persistent link per peer). It owns the KV
+//! caches of the requests that cross it; an `end` frame, a lost link, an `unload` or an idle timeout
+//! frees them.
 //!
 //! - [`engine_loop`]: the compute thread (batching, KV caches, sampling on the exit).
-//! - [`links`]: the downstream link (dial, redial, numbering) and link states.
-//! - [`entry`]: the entry's requests: tokenize, feed tokens back, stop rules, stream to the client.
+//! - [`links`]: the outgoing links (dial, redial, numbering) and the router that sends each request's
+//!   frames to its next hop.
+//! - [`entry`]: the entry's requests: tokenize, route, feed tokens back, stop rules, stream to the client.
 //! - [`api`]: the JSON-lines request API clients speak to the entry.
 //! - [`report`]: registration and heartbeats to an orchestrator (`--orchestrator`).
 //! - [`fault`]: fault drills (`--fault`, hidden): a worker that misbehaves on purpose, for tests.
@@ -35,10 +38,10 @@ use anyhow::{Context, bail};
 use clap::Args;
 use computepool_axl::frame::{
     ActivationCursor, ControlHeader, DType as WireDType, ErrorCode, Frame, FrameHeader, FrameLimits, RequestId,
-    SequenceTracker,
+    RouteHeader, SequenceTracker,
 };
 use computepool_axl::transport::{
-    FRAMES_ALPN, FrameReader, GENERATE_ALPN, LinkError, PeerRole, Topology, Transport, TransportConfig,
+    FRAMES_ALPN, FrameReader, GENERATE_ALPN, LinkError, PeerId, PeerRole, Topology, Transport, TransportConfig,
     describe_close, load_or_create_secret_key,
 };
 use computepool_engine::DType;
@@ -46,18 +49,19 @@ use computepool_engine::model::{Device, DeviceShard, LoadOptions, ModelSource};
 use computepool_engine::shard::LayerRange;
 use computepool_engine::tokenizer::Tokenizer;
 use iroh::endpoint::{Connection, VarInt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use engine_loop::{EngineJob, EngineLoopConfig, StepData};
 use entry::{Entry, EntryConfig};
-use links::{LinkState, Outbound};
+use links::{Links, Outbound};
 
 #[derive(Args, Debug, Clone)]
 pub struct WorkerArgs {
     /// A Hugging Face layout model directory (every worker of a pool has the same model).
     #[arg(long)]
     pub model: PathBuf,
-    /// The pool's topology (JSON): shards in order, their peer ids, layer ranges and addresses.
+    /// The pool's topology (JSON): every worker of the pool (several may serve one layer range), their
+    /// peer ids, layer ranges and addresses, and the clients.
     #[arg(long)]
     pub topology: PathBuf,
     /// This worker's secret key file (made if missing); its public key must be one of the shards.
@@ -122,7 +126,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     {
         bail!("--layers {given} does not match the topology, which gives this worker layers {layers}");
     }
-    if topology.shards.len() < 2 {
+    if layers.start == 0 && layers.end == topology.num_layers {
         bail!("a pipeline needs at least 2 shards; run `computepool generate` for the whole model in one process");
     }
     let dtype: DType = args.dtype.parse()?;
@@ -144,7 +148,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let shard = DeviceShard::load(&source, &LoadOptions { dtype, range: Some(range), progress: false }, device, threads)
         .with_context(|| format!("loading layers {layers} of {} on {device}", args.model.display()))?;
     tracing::info!(layers = %layers, device = %shard.device_name(), "shard loaded");
-    let tokenizer = if me == 0 { Some(Arc::new(source.tokenizer()?)) } else { None };
+    let tokenizer = if layers.start == 0 { Some(Arc::new(source.tokenizer()?)) } else { None };
     let report = match &args.orchestrator {
         Some(url) => {
             let target = report::ReportTarget::new(url, args.operator_token_file.as_ref())?;
@@ -164,18 +168,20 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     runtime.block_on(serve(args, topology, key, me, shard, tokenizer, report))
 }
 
-/// What the upstream reader needs to act on frames.
+/// What the readers of incoming links need to act on frames.
 struct Ctx {
     me: usize,
+    topology: Arc<Topology>,
     is_exit: bool,
     hidden: usize,
     limits: FrameLimits,
     engine: mpsc::Sender<EngineJob>,
     outbound: mpsc::Sender<Outbound>,
     entry: Option<Arc<Entry>>,
-    upstream_state: watch::Sender<LinkState>,
-    /// Generation of the current upstream connection; an older one going down changes nothing.
-    upstream_generation: AtomicU64,
+    /// Generation of the current incoming connection per peer; an older one going down after a newer
+    /// one replaced it still fails its own requests, but leaves the peer's state alone.
+    generations: std::sync::Mutex<HashMap<PeerId, u64>>,
+    next_generation: AtomicU64,
 }
 
 async fn serve(
@@ -201,6 +207,7 @@ async fn serve(
     let stats = Arc::new(report::ShardStats::new(me == 0));
 
     let samplers = Arc::new(crate::samplers::Samplers::start(&args.samplers)?);
+    let topology = Arc::new(topology);
     let (out_tx, out_rx) = mpsc::channel::<Outbound>(1024);
     let engine_config = EngineLoopConfig {
         limits,
@@ -211,9 +218,16 @@ async fn serve(
     };
     let (engine_tx, engine_thread) = engine_loop::spawn(shard, out_tx.clone(), engine_config);
 
-    let (down_tx, down_rx) = watch::channel(LinkState::Down("not connected yet".into()));
-    let (up_tx, up_rx) = watch::channel(LinkState::Down("the upstream shard has not connected yet".into()));
+    let is_entry = tokenizer.is_some();
     let (fail_tx, mut fail_rx) = mpsc::unbounded_channel();
+    let links: Arc<Links> = links::spawn_router(
+        transport.clone(),
+        topology.clone(),
+        limits,
+        out_rx,
+        engine_tx.clone(),
+        is_entry.then_some(fail_tx),
+    );
     let entry = tokenizer.map(|tokenizer| {
         let entry_config = EntryConfig {
             context: cfg.max_position_embeddings,
@@ -221,48 +235,29 @@ async fn serve(
             step_timeout: Duration::from_secs(args.step_timeout_s),
             samplers: samplers.clone(),
         };
-        let links = (down_rx.clone(), up_rx.clone());
-        Arc::new(Entry::new(tokenizer, entry_config, engine_tx.clone(), out_tx.clone(), links, stats.clone()))
+        let routing = entry::Routing { topology: topology.clone(), me, links: links.clone() };
+        Arc::new(Entry::new(tokenizer, entry_config, engine_tx.clone(), out_tx.clone(), routing, stats.clone()))
     });
-    tokio::spawn(links::run_downstream(
-        transport.clone(),
-        topology.downstream_of(me).clone(),
-        out_rx,
-        down_tx,
-        limits,
-        entry.as_ref().map(|_| fail_tx),
-    ));
     if let Some(entry) = &entry {
-        // Failures of the entry's own requests (its compute thread, or its downstream link being down).
+        // Failures of the entry's own requests (its compute thread, or a link of theirs being down).
         let e = entry.clone();
         tokio::spawn(async move {
             while let Some((request, code, message)) = fail_rx.recv().await {
                 e.deliver_failure(&request, code, message);
             }
         });
-        // A link going down fails every request in flight at once.
-        for mut state in [down_rx.clone(), up_rx.clone()] {
-            let e = entry.clone();
-            tokio::spawn(async move {
-                while state.changed().await.is_ok() {
-                    let current = state.borrow_and_update().clone();
-                    if let LinkState::Down(why) = current {
-                        e.fail_all(&format!("the pipeline broke: {why}"));
-                    }
-                }
-            });
-        }
     }
     let ctx = Arc::new(Ctx {
         me,
+        topology: topology.clone(),
         is_exit,
         hidden,
         limits,
         engine: engine_tx,
         outbound: out_tx,
         entry,
-        upstream_state: up_tx,
-        upstream_generation: AtomicU64::new(0),
+        generations: std::sync::Mutex::new(HashMap::new()),
+        next_generation: AtomicU64::new(0),
     });
 
     // Tell whoever started us that we are ready (the local launcher waits for this line).
@@ -293,26 +288,19 @@ async fn serve(
         report::spawn(target, registration, stats);
     }
 
-    // The ring comes up from the entry backwards: a worker takes its upstream link only while its own
-    // downstream link is up, and drops it when that goes down (see `upstream_link`). So the entry's
-    // upstream being up means every link of the ring is, and a break anywhere reaches the entry at once.
-    // The entry is the anchor: it takes its upstream (the exit) unconditionally.
+    // Any worker of the pool may send this worker frames (the routes of its requests decide who);
+    // clients may open requests on an entry. Everyone else is refused during the handshake.
     let allow = {
         let topology = topology.clone();
-        let downstream = down_rx.clone();
         move |peer: &iroh::PublicKey, alpn: &[u8]| -> Result<(), String> {
-            let unknown = || Err("unknown peer: not in this pool's topology".to_string());
             match topology.role_of(me, peer) {
-                Some(PeerRole::Upstream) if alpn == FRAMES_ALPN => match &*downstream.borrow() {
-                    LinkState::Down(why) if me != 0 => Err(format!("not ready: {why}")),
-                    _ => Ok(()),
-                },
+                Some(PeerRole::Member) if alpn == FRAMES_ALPN => Ok(()),
                 Some(PeerRole::Client) if alpn == GENERATE_ALPN => Ok(()),
-                _ => unknown(),
+                _ => Err("unknown peer: not in this pool's topology".to_string()),
             }
         }
     };
-    let mut current_upstream: Option<Connection> = None;
+    let mut current: HashMap<PeerId, Connection> = HashMap::new();
     loop {
         let conn = tokio::select! {
             conn = transport.accept(&allow) => match conn {
@@ -327,18 +315,20 @@ async fn serve(
             }
             continue;
         }
-        if let Some(old) = current_upstream.take() {
+        let peer = conn.remote_id();
+        current.retain(|_, c| c.close_reason().is_none());
+        if let Some(old) = current.insert(peer, conn.clone()) {
             old.close(VarInt::from_u32(computepool_axl::transport::endpoint::CLOSE_SHUTDOWN), b"replaced by a new connection");
         }
-        current_upstream = Some(conn.clone());
-        let generation = ctx.upstream_generation.fetch_add(1, Ordering::SeqCst) + 1;
-        tokio::spawn(upstream_link(conn, ctx.clone(), generation, (me != 0).then(|| down_rx.clone())));
+        let generation = ctx.next_generation.fetch_add(1, Ordering::SeqCst) + 1;
+        ctx.generations.lock().expect("generations lock").insert(peer, generation);
+        tokio::spawn(incoming_link(conn, ctx.clone(), generation));
     }
     if let Some(entry) = &ctx.entry {
         // The pool is going away: answer the requests in flight, and tell every shard to free what it
         // holds rather than wait for timeouts.
+        // Each request's handler sends `end` down its route as it fails, so every shard frees it.
         entry.fail_all("the entry worker is shutting down");
-        let _ = ctx.outbound.send(Outbound::Frame(Frame::unload())).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     transport.close().await;
@@ -354,57 +344,43 @@ async fn serve_client(conn: Connection, entry: Arc<Entry>) {
     }
 }
 
-/// Per-request receive state of the upstream link.
+/// Per-request receive state of an incoming link.
 struct Inbound {
     tracker: SequenceTracker,
     cursor: ActivationCursor,
     pending: Vec<f32>,
 }
 
-/// Reads the upstream link until it ends, acting on each frame.
-async fn upstream_link(
-    conn: Connection,
-    ctx: Arc<Ctx>,
-    generation: u64,
-    mut downstream: Option<watch::Receiver<LinkState>>,
-) {
-    let peer = conn.remote_id().fmt_short().to_string();
-    tracing::info!(%peer, "upstream link up");
-    ctx.upstream_state.send_replace(LinkState::Up);
+/// Reads an incoming link (from another worker of the pool) until it ends, acting on each frame; then
+/// fails the requests that came over it.
+async fn incoming_link(conn: Connection, ctx: Arc<Ctx>, generation: u64) {
+    let peer_id = conn.remote_id();
+    let peer = peer_id.fmt_short().to_string();
+    tracing::info!(%peer, "incoming link up");
+    let mut inbound: HashMap<RequestId, Inbound> = HashMap::new();
     let result: Result<(), String> = async {
-        // Confirm the link to the dialer: only now does it count its downstream as up.
+        // Confirm the link to the dialer: only now does it count it as up.
         let mut ack = conn.open_uni().await.map_err(|e| describe_close(&e))?;
         ack.write_all(&[links::LINK_ACK]).await.map_err(|e| e.to_string())?;
         let _ = ack.finish();
         let recv = tokio::select! {
             s = conn.accept_uni() => s.map_err(|e| describe_close(&e))?,
             e = conn.closed() => return Err(describe_close(&e)),
-            why = downstream_lost(&mut downstream) => {
-                let reason = format!("this shard's downstream link broke: {why}");
-                conn.close(VarInt::from_u32(computepool_axl::transport::endpoint::CLOSE_SHUTDOWN), reason.as_bytes());
-                return Err(reason);
-            }
         };
         let mut reader = FrameReader::new(recv, ctx.limits);
-        let mut inbound: HashMap<RequestId, Inbound> = HashMap::new();
         loop {
             let frame = tokio::select! {
                 f = reader.next() => f,
                 e = conn.closed() => return Err(describe_close(&e)),
-                why = downstream_lost(&mut downstream) => {
-                    let reason = format!("this shard's downstream link broke: {why}");
-                    conn.close(VarInt::from_u32(computepool_axl::transport::endpoint::CLOSE_SHUTDOWN), reason.as_bytes());
-                    return Err(reason);
-                }
             };
             match frame {
                 Ok(Some(frame)) => {
-                    if let Err(violation) = ctx.dispatch(&mut inbound, frame).await {
+                    if let Err(violation) = ctx.dispatch(&peer_id, &mut inbound, frame).await {
                         conn.close(VarInt::from_u32(computepool_axl::transport::endpoint::CLOSE_PROTOCOL), violation.as_bytes());
                         return Err(format!("protocol violation: {violation}"));
                     }
                 }
-                Ok(None) => return Err("the upstream peer closed the link".into()),
+                Ok(None) => return Err("the peer closed the link".into()),
                 Err(LinkError::Frame(e)) => {
                     let reason = format!("bad frame: {e}");
                     conn.close(VarInt::from_u32(computepool_axl::transport::endpoint::CLOSE_PROTOCOL), reason.as_bytes());
@@ -416,61 +392,84 @@ async fn upstream_link(
     }
     .await;
     let reason = result.err().unwrap_or_default();
-    if ctx.upstream_generation.load(Ordering::SeqCst) != generation {
-        return; // a newer connection from the same peer took over
+    let replaced = ctx.generations.lock().expect("generations lock").get(&peer_id) != Some(&generation);
+    let layers = ctx.topology.shard(&peer_id).map(|s| s.layers.to_string()).unwrap_or_default();
+    let why = format!("shard {layers} (peer {peer}) was lost: {reason}");
+    if !replaced {
+        tracing::warn!(%peer, "incoming link lost: {reason}");
     }
-    tracing::warn!(%peer, "upstream link lost: {reason}");
-    let why = format!("upstream peer {peer} was lost: {reason}");
-    ctx.upstream_state.send_replace(LinkState::Down(why.clone()));
-    if ctx.entry.is_none() {
-        // Free every request that came over the link, and tell the entry (downstream, around the ring).
-        let _ = ctx.engine.send(EngineJob::FailAll { reason: why }).await;
-    }
-}
-
-/// Resolves when the watched downstream link goes down (never, when there is nothing to watch).
-async fn downstream_lost(downstream: &mut Option<watch::Receiver<LinkState>>) -> String {
-    let Some(state) = downstream else { return std::future::pending().await };
-    loop {
-        if let LinkState::Down(why) = &*state.borrow_and_update() {
-            return why.clone();
-        }
-        if state.changed().await.is_err() {
-            return "the worker is shutting down".into();
+    match &ctx.entry {
+        // The entry: its requests routed through that peer cannot finish.
+        Some(entry) if !replaced => entry.fail_through(&peer_id, &format!("the pipeline broke: {why}")),
+        Some(_) => {}
+        // Every request that came over the link is freed here and reported towards its entry.
+        None => {
+            if !inbound.is_empty() {
+                let requests: Vec<RequestId> = inbound.into_keys().collect();
+                let _ = ctx.engine.send(EngineJob::Fail { requests, reason: format!("the pipeline broke: {why}") }).await;
+            }
         }
     }
 }
 
 impl Ctx {
-    /// Acts on one frame from upstream. `Err` is a protocol violation: the link is dropped.
-    async fn dispatch(&self, inbound: &mut HashMap<RequestId, Inbound>, frame: Frame) -> Result<(), String> {
+    /// Acts on one frame from `from`. `Err` is a protocol violation: the link is dropped.
+    async fn dispatch(&self, from: &PeerId, inbound: &mut HashMap<RequestId, Inbound>, frame: Frame) -> Result<(), String> {
         if let Some(entry) = &self.entry {
             return match frame.header {
                 FrameHeader::Token(h) => {
-                    entry.deliver_tokens(&h.request, h.seq, &h.tokens);
+                    entry.deliver_tokens(&h.request, from, h.seq, &h.tokens);
                     Ok(())
                 }
                 FrameHeader::Control(ControlHeader::Error { request, code, message, .. }) => {
                     entry.deliver_failure(&request, code, message);
                     Ok(())
                 }
-                other => Err(format!("the entry takes token and error frames from the exit, not {} frames", other.kind())),
+                other => Err(format!("an entry takes token and error frames, not {} frames", other.kind())),
             };
         }
         let forward = |f: Frame| Outbound::Frame(f);
         match frame.header {
-            FrameHeader::Control(ControlHeader::Start { request, seq, sampling }) => {
+            FrameHeader::Control(ControlHeader::Start { request, seq, sampling, route, resumed }) => {
                 if seq != 0 {
                     return Err(format!("start frame of request {request} has seq {seq}, not 0"));
                 }
+                // A request that starts again (a failover through this worker) starts afresh.
+                inbound.remove(&request);
+                let me = &self.topology.shards[self.me];
+                let (next, entry) = match self.resolve(me, route.as_ref()) {
+                    Ok(resolved) => resolved,
+                    Err(message) => {
+                        // Fails the request, not the link: tell its entry if it names a real one, else
+                        // the sender when that is an entry (a route of two shards).
+                        tracing::warn!(%request, "refused a start frame: {message}");
+                        let entry = route
+                            .as_ref()
+                            .and_then(|r| r.entry.parse::<PeerId>().ok())
+                            .filter(|p| self.topology.shard(p).is_some_and(|s| s.layers.start == 0))
+                            .or_else(|| self.topology.shard(from).filter(|s| s.layers.start == 0).map(|s| s.peer));
+                        if let Some(entry) = entry {
+                            self.send_out(Outbound::Route { request: request.clone(), next: entry, entry }).await;
+                            self.send_out(forward(Frame::error(request, 0, ErrorCode::InvalidRequest, message))).await;
+                        }
+                        return Ok(());
+                    }
+                };
                 let mut tracker = SequenceTracker::new();
                 tracker.check(0).expect("a fresh tracker takes 0");
                 inbound.insert(request.clone(), Inbound { tracker, cursor: ActivationCursor::new(0), pending: Vec::new() });
                 let (params, sampler) = crate::samplers::from_header(&sampling);
-                if !self.is_exit {
-                    self.send_out(forward(Frame::start(request.clone(), sampling))).await;
+                match next.split_first() {
+                    Some((hop, rest)) => {
+                        self.send_out(Outbound::Route { request: request.clone(), next: *hop, entry }).await;
+                        let route = RouteHeader { next: rest.iter().map(|p| p.to_string()).collect(), entry: entry.to_string() };
+                        self.send_out(forward(Frame::start_routed(request.clone(), sampling, Some(route), resumed))).await;
+                    }
+                    // The exit: its tokens go to the entry.
+                    None => self.send_out(Outbound::Route { request: request.clone(), next: entry, entry }).await,
                 }
-                self.job(EngineJob::Start { request, sampling: params, sampler }).await;
+                let resumed = resumed.unwrap_or(0);
+                self.job(EngineJob::Start { request, sampling: params, sampler, resumed }).await;
             }
             FrameHeader::Activations(h) => {
                 let Some(state) = inbound.get_mut(&h.request) else {
@@ -515,7 +514,9 @@ impl Ctx {
                 }
             }
             FrameHeader::Control(ControlHeader::End { request, .. }) => {
-                inbound.remove(&request);
+                if inbound.remove(&request).is_none() {
+                    return Ok(()); // failed here already: its route is gone, nothing to forward
+                }
                 self.job(EngineJob::End { request: request.clone() }).await;
                 if self.is_exit {
                     self.send_out(Outbound::Forget(request)).await;
@@ -529,20 +530,36 @@ impl Ctx {
                 self.send_out(forward(Frame::error(request, 0, code, message))).await;
             }
             FrameHeader::Control(ControlHeader::Unload) => {
-                inbound.clear();
-                self.job(EngineJob::FailAll { reason: "the pipeline is unloading".into() }).await;
-                if !self.is_exit {
-                    self.send_out(forward(Frame::unload())).await;
-                }
+                // The sender is going away: every request that came over this link ends.
+                let requests: Vec<RequestId> = inbound.drain().map(|(r, _)| r).collect();
+                self.job(EngineJob::Fail { requests, reason: "the upstream shard is unloading".into() }).await;
             }
             FrameHeader::Token(h) => {
                 return Err(format!(
-                    "token frames flow from the exit to the entry only; shard {} got one for {}",
-                    self.me, h.request
+                    "token frames flow from an exit to an entry only; shard {} got one for {}",
+                    self.topology.shards[self.me].layers, h.request
                 ));
             }
         }
         Ok(())
+    }
+
+    /// The shards after `me` and the entry of a request, from its start frame's route (checked against
+    /// the topology) or, without one, the topology's default route.
+    fn resolve(&self, me: &computepool_axl::transport::ShardPeer, route: Option<&RouteHeader>) -> Result<(Vec<PeerId>, PeerId), String> {
+        match route {
+            None => {
+                let next = self.topology.default_route(me).iter().map(|s| s.peer).collect();
+                Ok((next, self.topology.entry().peer))
+            }
+            Some(route) => {
+                let parse = |id: &str| id.parse::<PeerId>().map_err(|e| format!("the route names {id:.16}…, not a peer id: {e}"));
+                let next: Vec<PeerId> = route.next.iter().map(|id| parse(id)).collect::<Result<_, _>>()?;
+                let entry = parse(&route.entry)?;
+                let (shards, entry) = self.topology.resolve_route(me, &next, &entry)?;
+                Ok((shards.iter().map(|s| s.peer).collect(), entry.peer))
+            }
+        }
     }
 
     async fn job(&self, job: EngineJob) {

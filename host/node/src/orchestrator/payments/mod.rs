@@ -194,16 +194,15 @@ impl Payments {
     /// serves, over all the pool's pipelines.
     fn pool_flow(&self, pool: &Pool, workers: &Workers, settings: &PoolPayments, price: u128) -> Result<PoolFlow, ApiError> {
         let mut units: std::collections::BTreeMap<String, u128> = Default::default();
-        for route in &pool.routes {
-            for shard in &route.topology.shards {
-                // An ejected worker's operator is paid no more for it (its units go to 0 on chain too).
-                if workers.ejection(&shard.peer.to_string()).is_some() {
-                    continue;
-                }
-                let Some(worker) = workers.get(&shard.peer.to_string()) else { continue };
-                let Some(payout) = worker.registration.payout.clone() else { continue };
-                *units.entry(payout.to_ascii_lowercase()).or_default() += u128::from(shard.layers.end - shard.layers.start);
+        // Each worker once, however many routes it is on.
+        for shard in pool.members.iter().map(|m| &m.shard) {
+            // An ejected worker's operator is paid no more for it (its units go to 0 on chain too).
+            if workers.ejection(&shard.peer.to_string()).is_some() {
+                continue;
             }
+            let Some(worker) = workers.get(&shard.peer.to_string()) else { continue };
+            let Some(payout) = worker.registration.payout.clone() else { continue };
+            *units.entry(payout.to_ascii_lowercase()).or_default() += u128::from(shard.layers.end - shard.layers.start);
         }
         if units.is_empty() {
             return Err(ApiError::invalid(
