@@ -161,6 +161,7 @@ async fn collect(
             Some(Event::Done { finish_reason, prompt_tokens, completion_tokens }) => {
                 let usage = Usage { prompt_tokens, completion_tokens };
                 log.finish(finish_reason, usage);
+                log.write().await;
                 return Ok(Json(meta.response(&text, finish_reason, usage)).into_response());
             }
             Some(Event::Error { code, message }) => {
@@ -201,6 +202,7 @@ impl Relay {
             Some(Event::Done { finish_reason, prompt_tokens, completion_tokens }) => {
                 let usage = Usage { prompt_tokens, completion_tokens };
                 self.log.finish(finish_reason, usage);
+                self.log.write().await;
                 self.push(self.meta.chunk("", false, Some(finish_reason), self.include_usage));
                 if self.include_usage {
                     self.push(self.meta.usage_chunk(usage));
@@ -306,6 +308,7 @@ pub async fn infer(
             }
             Some(Event::Done { finish_reason, prompt_tokens, completion_tokens }) => {
                 log.finish(finish_reason, Usage { prompt_tokens, completion_tokens });
+                log.write().await;
                 let done = serde_json::json!({"finish_reason": finish_reason, "prompt_tokens": prompt_tokens,
                     "completion_tokens": completion_tokens, "time_to_first_token_ms": log.ttft_ms()});
                 (SseEvent::default().event("done").data(done.to_string()), true)
@@ -355,6 +358,8 @@ struct RequestLog {
     started: Instant,
     first_token: Option<Instant>,
     ended: bool,
+    /// Written to the store already (by [`RequestLog::write`]); dropping it then writes nothing.
+    written: bool,
 }
 
 impl RequestLog {
@@ -376,7 +381,7 @@ impl RequestLog {
             error: None,
         };
         let (store, metrics) = (state.store.clone(), state.metrics.clone());
-        Self { store, metrics, record, started: Instant::now(), first_token: None, ended: false }
+        Self { store, metrics, record, started: Instant::now(), first_token: None, ended: false, written: false }
     }
 
     fn token(&mut self) {
@@ -411,15 +416,43 @@ impl RequestLog {
     }
 }
 
-impl Drop for RequestLog {
-    fn drop(&mut self) {
-        if !self.ended {
-            tracing::info!(request = %self.record.id, "the client went away: request cancelled");
-        }
+impl RequestLog {
+    /// The row as it stands now, and the request counted as ended in the metrics (once).
+    fn close(&mut self) -> (Arc<Store>, RequestRecord) {
+        self.written = true;
         self.record.duration_ms = self.started.elapsed().as_secs_f64() * 1e3;
         self.record.time_to_first_token_ms = self.ttft_ms();
         self.metrics.request_ended(&self.record.pool_id, self.record.outcome);
-        let (store, record) = (self.store.clone(), self.record.clone());
+        (self.store.clone(), self.record.clone())
+    }
+
+    /// Writes the finished request's row and waits until it is stored, so that a response the client
+    /// has seen complete is on disk before its last byte goes out (a crash right after loses nothing).
+    async fn write(&mut self) {
+        if self.written {
+            return;
+        }
+        let (store, record) = self.close();
+        let id = record.id.clone();
+        match tokio::task::spawn_blocking(move || store.record_request(&record)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(request = %id, "could not record the request: {e}"),
+            Err(e) => tracing::warn!(request = %id, "could not record the request: {e}"),
+        }
+    }
+}
+
+impl Drop for RequestLog {
+    /// The paths that do not end in [`RequestLog::write`] (a client gone mid-stream, an early error)
+    /// are recorded here, in the background.
+    fn drop(&mut self) {
+        if self.written {
+            return;
+        }
+        if !self.ended {
+            tracing::info!(request = %self.record.id, "the client went away: request cancelled");
+        }
+        let (store, record) = self.close();
         let write = move || {
             if let Err(e) = store.record_request(&record) {
                 tracing::warn!(request = %record.id, "could not record the request: {e}");
