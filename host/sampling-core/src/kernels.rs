@@ -33,17 +33,19 @@ fn larger(m: f32, v: f32) -> f32 {
     if v > m { v } else { m }
 }
 
-/// Folds lanes in halves (lane i with lane i + h, h = 8, 4, 2, 1) with `op`.
+/// Folds lanes in halves (lane i with lane i + h, h = 8, 4, 2, 1) with `op`. Written out level by level
+/// over fixed-size arrays, so that LLVM keeps the first levels in vectors instead of spilling the lanes.
 #[inline(always)]
-fn fold_halves(mut lanes: [f32; LANES], op: impl Fn(f32, f32) -> f32) -> f32 {
-    let mut half = LANES / 2;
-    while half > 0 {
-        for i in 0..half {
-            lanes[i] = op(lanes[i], lanes[i + half]);
-        }
-        half /= 2;
+fn fold_halves(lanes: [f32; LANES], op: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut eight = [0.0f32; 8];
+    for i in 0..8 {
+        eight[i] = op(lanes[i], lanes[i + 8]);
     }
-    lanes[0]
+    let mut four = [0.0f32; 4];
+    for i in 0..4 {
+        four[i] = op(eight[i], eight[i + 4]);
+    }
+    op(op(four[0], four[2]), op(four[1], four[3]))
 }
 
 /// The largest non-NaN value; -∞ when there is none. (Which of +0 and -0 it returns when both tie for
@@ -118,20 +120,8 @@ fn weight_with<const MIN_P: bool>(l: f32, max: f32, scale: f32, min_p: f32) -> f
     if kept { w } else { 0.0 }
 }
 
-/// Step 5 for one block: 16 lanes from 0, `lane[i % 16] += w[i]`, folded in halves.
-#[inline(always)]
-pub(crate) fn lane_sum(weights: &[f32; BLOCK]) -> f32 {
-    let mut lanes = [0.0f32; LANES];
-    for row in weights.as_chunks::<LANES>().0 {
-        for i in 0..LANES {
-            lanes[i] += row[i];
-        }
-    }
-    fold_halves(lanes, |a, b| a + b)
-}
-
-/// [`lane_sum`] with every entry not ranked before `pivot` counted as 0 (`start`: the block's first
-/// stored index). Adding +0 leaves a lane as it is, so this is step 5's sum of the masked weights.
+/// Step 5's sum of one block (16 lanes from 0, `lane[i % 16] += w[i]`, folded in halves) with every entry
+/// not ranked before `pivot` counted as 0 (`start`: the block's first stored index).
 #[inline(always)]
 pub(crate) fn lane_sum_before(weights: &[f32; BLOCK], start: u32, pivot: crate::nucleus::Pivot) -> f32 {
     let mut lanes = [0.0f32; LANES];
@@ -139,21 +129,23 @@ pub(crate) fn lane_sum_before(weights: &[f32; BLOCK], start: u32, pivot: crate::
         for i in 0..LANES {
             let w = row[i];
             let index = start + (r * LANES + i) as u32;
-            lanes[i] += if pivot.ranks_before(w, index) { w } else { 0.0 };
+            // Branch-free (`&`, `|` on bools), so that the pass vectorises.
+            let before = (w > pivot.weight) | ((w == pivot.weight) & (index < pivot.index));
+            lanes[i] += if before { w } else { 0.0 };
         }
     }
     fold_halves(lanes, |a, b| a + b)
 }
 
-/// Each block's largest non-NaN value into `maxima` (-∞ for a block with none); returns the largest.
+/// Entries per group of the maximum pass: a group whose maximum is under the floor is skipped whole.
+/// (A runtime-length loop over groups of 256 is what LLVM vectorises best for simd128, as in `argmax`.)
+pub(crate) const GROUP: usize = 4 * BLOCK;
+
+/// Each group's largest non-NaN value into `maxima` (-∞ for a group with none); returns the largest.
 #[inline(always)]
 pub(crate) fn block_maxima(values: &[f32], maxima: &mut alloc::vec::Vec<f32>) -> f32 {
     maxima.clear();
-    let (blocks, rest) = values.as_chunks::<BLOCK>();
-    maxima.extend(blocks.iter().map(|block| max_value(block)));
-    if !rest.is_empty() {
-        maxima.push(max_value(rest));
-    }
+    maxima.extend(values.chunks(GROUP).map(max_value));
     maxima.iter().fold(f32::NEG_INFINITY, |m, &v| larger(m, v))
 }
 
@@ -167,7 +159,8 @@ pub(crate) struct BlockWeights {
     weights: alloc::vec::Vec<f32>,
     /// Each stored block's sum.
     pub sums: alloc::vec::Vec<f32>,
-    /// Each stored block's largest weight (top-p's rounds skip blocks lighter than their pivot).
+    /// Each stored block's largest weight, 0 if none is positive (top-p's rounds skip blocks lighter than
+    /// their pivot).
     pub peaks: alloc::vec::Vec<f32>,
 }
 
@@ -183,9 +176,9 @@ impl BlockWeights {
     }
 }
 
-/// Steps 4 and 5 over `logits` (the candidates' logits) with `maxima` from [`block_maxima`]. A block
-/// whose largest logit is under the floor holds only zero weights (`(l - max) · scale` is monotone in
-/// `l`), so it is left out: it adds exactly 0 to every sum and can never be drawn.
+/// Steps 4 and 5 over `logits` (the candidates' logits) with `maxima` from [`block_maxima`]. The blocks
+/// of a group whose largest logit is under the floor hold only zero weights (`(l - max) · scale` is
+/// monotone in `l`), so they are left out: they add exactly 0 to every sum and can never be drawn.
 #[inline(always)]
 pub(crate) fn weigh_blocks(logits: &[f32], maxima: &[f32], max: f32, scale: f32, min_p: f32, out: &mut BlockWeights) {
     if min_p > 0.0 {
@@ -209,7 +202,7 @@ fn weigh_blocks_with<const MIN_P: bool>(
     out.peaks.clear();
     // Room for every block up front (once per vocabulary size): each block's weights are then written
     // in place, with no per-block clearing or copying (a memset or memcpy is a host call in wasmtime).
-    let room = maxima.len() * BLOCK;
+    let room = logits.len().div_ceil(BLOCK) * BLOCK;
     if out.weights.len() < room {
         out.weights.resize(room, 0.0);
     }
@@ -218,22 +211,30 @@ fn weigh_blocks_with<const MIN_P: bool>(
     padded[..rest.len()].copy_from_slice(rest);
     let (slots, _) = out.weights.as_chunks_mut::<BLOCK>();
     let mut stored = 0;
-    for (b, &block_max) in maxima.iter().enumerate() {
-        if !((block_max - max) * scale >= FLOOR_LOG2) {
+    for b in 0..logits.len().div_ceil(BLOCK) {
+        let group_max = maxima[b / (GROUP / BLOCK)];
+        if !((group_max - max) * scale >= FLOOR_LOG2) {
             continue;
         }
         let block = blocks.get(b).unwrap_or(&padded);
         let slot = &mut slots[stored];
         // Rows of 16 lanes, so that each step of the loop is several vectors wide (LLVM does not unroll
-        // for wasm on its own, and wasmtime meters fuel per loop iteration).
+        // for wasm on its own, and wasmtime meters fuel per loop iteration). The sum (step 5's lanes, in
+        // the order of `lane_sum_before`) and the peak are taken from the weights as they are computed, while
+        // they are still in registers.
+        let mut sums = [0.0f32; LANES];
+        let mut peaks = [0.0f32; LANES];
         for (weights, logits) in slot.as_chunks_mut::<LANES>().0.iter_mut().zip(block.as_chunks::<LANES>().0) {
             for i in 0..LANES {
-                weights[i] = weight_with::<MIN_P>(logits[i], max, scale, min_p);
+                let w = weight_with::<MIN_P>(logits[i], max, scale, min_p);
+                weights[i] = w;
+                sums[i] += w;
+                peaks[i] = larger(peaks[i], w);
             }
         }
         out.live.push(b as u32);
-        out.sums.push(lane_sum(slot));
-        out.peaks.push(max_value(&slot[..]));
+        out.sums.push(fold_halves(sums, |a, b| a + b));
+        out.peaks.push(fold_halves(peaks, larger));
         stored += 1;
     }
 }

