@@ -131,7 +131,8 @@ fn sampler_fuel_fits_the_manifest_limits_with_headroom() {
         let input = SampleInput { logits: &logits, history: &[], generated: 0, params };
         let (_, fuel) = plugin.sample_metered(&mut RequestRandom::new(1), &input).unwrap();
         println!("{id}: {fuel} fuel for a 128,256-entry call (limit {limit})");
-        assert!(fuel > 128_256, "{id} must at least read every logit, burned {fuel}");
+        // A 128-bit load takes 4 logits: reading them all costs at least a quarter of the vocabulary.
+        assert!(fuel > 128_256 / 4, "{id} must at least read every logit, burned {fuel}");
         assert!(fuel * 4 <= limit, "{id} burned {fuel}, more than a quarter of its limit {limit}");
     }
 }
@@ -169,11 +170,11 @@ fn probabilities_are_bit_identical_in_webassembly_and_native() {
                 Prepared::Greedy(t) => native.extend_from_slice(&(t as f64).to_le_bytes()),
                 Prepared::Draw(d) => {
                     native.extend_from_slice(&d.total.to_le_bytes());
-                    for (j, w) in d.weights.iter().enumerate() {
-                        native.extend_from_slice(&(d.tokens.map_or(j as u32, |t| t[j]) as f64).to_le_bytes());
-                        native.extend_from_slice(&w.to_le_bytes());
+                    for (token, w) in d.entries() {
+                        native.extend_from_slice(&(token as f64).to_le_bytes());
+                        native.extend_from_slice(&f64::from(w).to_le_bytes());
+                        weights_compared += 1;
                     }
-                    weights_compared += d.weights.len();
                 }
             }
             let p = SamplingParams {

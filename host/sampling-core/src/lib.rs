@@ -1,47 +1,91 @@
 //! The sampling algorithm of ComputePool, shared bit for bit by the engine's native sampler
 //! (`computepool_engine::sampling`) and the sampler plugins (plugins/samplers/*, compiled to wasm32).
 //! It owns the arithmetic that decides a token: penalties, temperature, top-k, min-p, top-p, the draw,
-//! and the one `exp` both sides use. It must never touch randomness sources, I/O or allocation beyond
-//! the caller's [`Scratch`]: the caller hands it one uniform number per draw.
+//! and the one exponential both sides use. It must never touch randomness sources, I/O or allocation
+//! beyond the caller's [`Scratch`]: the caller hands it one uniform number per draw.
 //!
 //! Why one crate: a plugin that "does what native sampling does" cannot reuse the host's libm (glibc's
 //! `exp` and libm's differ in the last bit for ~10% of arguments), so both sides compile this code. IEEE
-//! f64 addition, multiplication and division are correctly rounded on every target, and Rust never fuses
-//! them into FMAs, so the same source gives the same bits natively and in WebAssembly.
+//! f32/f64 addition, subtraction, multiplication, division and comparison are correctly rounded on every
+//! target, and Rust never fuses them into FMAs nor reorders them, so the same source gives the same bits
+//! natively and in WebAssembly, vectorised or not.
 //!
 //! The algorithm, exactly (a plugin or a port in another language must follow it to agree bit for bit):
 //!
 //! 1. **Penalties** (any of `repetition_penalty != 1`, `presence_penalty != 0`, `frequency_penalty != 0`),
 //!    in f32, once per distinct token `t` of the history with `c` occurrences (ids past the vocabulary are
 //!    ignored): `l = l > 0 ? l / rep : l * rep` (when `rep != 1`), then `l -= c · frequency + presence`.
-//! 2. `temperature == 0` → greedy: the index of the largest logit, the lowest on ties; NaN never wins.
-//!    So is any row whose largest logit is not finite (+∞, or every entry -∞/NaN).
+//! 2. `temperature == 0` → greedy: the index of the largest logit, the lowest on ties; NaN never wins; 0
+//!    when no logit is above -∞. So is any row whose largest logit is not finite (+∞, or every entry
+//!    -∞/NaN), and any temperature so small that step 4's `s` overflows f32 (under about 4.2e-39).
 //! 3. **Candidates**: every token, or with `0 < top_k < vocab` the `top_k` first by (logit descending,
 //!    index ascending), NaN counting as -∞. Candidates are kept in ascending token order.
-//! 4. **Weights**: `w = exp((l - max) · (1 / temperature))` in f64 (`max` the largest logit, so the top
-//!    token's weight is exactly 1), with [`exp`] below; a weight under `min_p` is set to 0 (min-p relative
-//!    to the most likely token). A candidate of weight 0 can never be drawn.
-//! 5. **Sums** are taken in blocks of [`BLOCK`] candidates: each block in 8 interleaved lanes
-//!    (`lane[i % 8] += w[i]`), the lanes combined as `((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7))`; the total is
-//!    the blocks' sums added in order. (Lanes let the compiler vectorise the sum; any fixed order would do.)
-//! 6. **Top-p** (`top_p < 1`): order the positive-weight candidates by weight descending, lower token
-//!    first on ties; keep the shortest prefix whose running sum (added in that order) reaches
-//!    `top_p × total`, or all of them if none does. The kept tokens, in that order, are the new candidates
-//!    and their block sums the new total.
-//! 7. **Draw**: `target = u × total` with the caller's `u` in [0, 1). Walk the blocks adding their sums;
-//!    in the first block whose sum takes the running sum past `target`, walk its candidates adding weights
-//!    and return the first that takes it past `target` (if rounding lets none, the block's last candidate of
-//!    positive weight). If no block does, the last candidate of positive weight overall.
+//! 4. **Weights**, in f32: `max` is the largest non-NaN candidate logit and `s = f32(log₂e / f64(T))`
+//!    (`log₂e` = 1.4426950408889634, the division in f64, then rounded to f32). For a candidate logit `l`:
+//!    `y = (l - max) · s`. If `y ≥ -40` (false for NaN): `k = (y + 12582912) - 12582912` (rounds `y` to an
+//!    integer, ties to even), `f = y - k` (exact, |f| ≤ ½), `p = ((((C5·f + C4)·f + C3)·f + C2)·f + C1)·f + 1`
+//!    with the f32 constants C1…C5 of `kernels.rs` (given as bits), and `w = p · 2ᵏ` (k added to p's
+//!    exponent; exact). Otherwise `w = 0`. Then `w = 0` if `w < min_p` (min-p relative to the most likely
+//!    token). The top candidate's weight is exactly 1; a candidate of weight 0 is never drawn.
+//!    - Accuracy: p is within 2e-7 (relative) of 2ᶠ; with the rounding of `y`, a weight is within
+//!      `2e-7 + 1.3e-7·|y|` of the exact `e^((l - max)/T)` (at most 5.4e-6 at the floor; tests measure it).
+//!      A token's probability (its weight over the total) moves by at most about twice that: a token at
+//!      10% stays within 10 ± 0.0001%.
+//!    - The floor, 2⁻⁴⁰ of the top token's weight: such a token would be drawn less than once in 10¹²
+//!      draws, and all of them together hold at most `vocab · 2⁻⁴⁰` of the top token's mass (1.2e-7 at
+//!      128,256 tokens), under f32's own rounding of the sums. It lets whole blocks of the long tail be
+//!      skipped without computing their weights (see below); it changes no sum by more than that.
+//! 5. **Sums** are taken in blocks of [`BLOCK`] candidates: each block in 16 f32 lanes starting at 0
+//!    (`lane[i % 16] += w[i]`), the lanes folded in halves (`lane[i] += lane[i + h]` for `i < h`, h = 8, 4,
+//!    2, 1), the block's sum `lane[0]`. The total is the blocks' sums, each widened to f64, added in
+//!    order. (Lanes let the compiler vectorise the sum; any fixed order would do.)
+//! 6. **Top-p** (`top_p < 1`): rank the candidates by weight descending, the earlier candidate first on
+//!    ties; "before j" is the set ranked before candidate j. `M(j)` is step 5's total with every candidate
+//!    not before j counted as 0 (same blocks, same lanes). j is in the nucleus iff
+//!    `M(j) < f64(top_p) × total`. (M does not decrease down the ranking, so the nucleus is the shortest
+//!    head of the ranking whose sum reaches `top_p × total`; the top candidate is always in it.)
+//! 7. **Draw** with `u` in [0, 1) from the caller: `target = u × total`. Walk the blocks adding their sums
+//!    (f64); in the first block whose sum takes the running sum past `target`, walk its candidates adding
+//!    weights (f64) and take the first that takes it past `target` (if rounding lets none, the block's
+//!    last candidate of positive weight). If no block does, the last candidate of positive weight overall.
+//!    Without top-p that candidate is the token. With top-p, if it is in the nucleus it is the token;
+//!    otherwise it and every candidate ranked after it are set to 0 (the weights of "before j", its
+//!    `M(j)` as the total, their block sums), `u` becomes SplitMix64's next output for `u`'s bits
+//!    (`z = bits + 0x9E3779B97F4A7C15; z = (z ^ z>>30)·0xBF58476D1CE4E5B9; z = (z ^ z>>27)·0x94D049BB133111EB;
+//!    z ^= z>>31; u = (z >> 11) · 2⁻⁵³`), and the draw repeats on what is left. This is rejection sampling:
+//!    the token is distributed as the nucleus's weights, and each rejection removes at least one
+//!    candidate (never the top one), so it ends; the first round is kept with probability ≈ `top_p`.
 //!
-//! Cost: one pass for the maximum, one `exp` per candidate (branch-free, vectorisable), block sums, and
-//! for top-p a partial selection of the head of the distribution (candidates above a weight threshold,
-//! lowered 1024× at a time until the nucleus is inside) instead of a sort of the vocabulary.
+//! Cost: one pass for the maximum (which also keeps the maximum of each group of 4 blocks), then the
+//! weights of the groups whose maximum is over the floor — the others hold only zeros, since
+//! `(l - max) · s` is monotone in `l`, and are skipped, which changes no bit of the result — and for top-p one masked pass per round of
+//! the draw (the nucleus is never collected or sorted: on a flat row it holds tens of thousands of
+//! tokens). Greedy is one vectorised pass (the maximum of each 256-entry chunk, keeping the first chunk
+//! with the largest), then a scan of that one chunk. The loops are written in explicit lanes
+//! (`kernels.rs`) so that LLVM vectorises them natively and for wasm simd128 alike.
 #![no_std]
 
 extern crate alloc;
 
+// The vocabulary loops: compiled for several vector widths and picked at run time on native x86-64
+// (`std` feature), as compiled for the target everywhere else (the guests).
+#[cfg_attr(all(feature = "std", target_arch = "x86_64"), path = "dispatch/x86_64.rs")]
+#[cfg_attr(not(all(feature = "std", target_arch = "x86_64")), path = "dispatch/portable.rs")]
+mod dispatch;
+mod exp;
+mod kernels;
+mod nucleus;
+
 use alloc::vec::Vec;
 use core::cmp::Ordering;
+
+pub use dispatch::argmax;
+pub use exp::exp;
+pub use kernels::{FLOOR_LOG2, weight, weight_scale};
+
+use dispatch::{block_maxima, weigh_blocks};
+use kernels::BlockWeights;
+use nucleus::{Pivot, next_uniform, sums_before};
 
 /// Candidates per block of the sums and the draw (step 5).
 pub const BLOCK: usize = 64;
@@ -127,11 +171,13 @@ impl Params {
 pub struct Scratch {
     /// Candidate token ids (ascending) when top-k cut the vocabulary; empty when every token is one.
     tokens: Vec<u32>,
-    weights: Vec<f64>,
-    blocks: Vec<f64>,
-    /// Top-p: indices into `weights`, then the nucleus's tokens.
-    nucleus: Vec<u32>,
-    nucleus_weights: Vec<f64>,
+    /// The top-k candidates' logits.
+    gathered: Vec<f32>,
+    /// Each group's largest logit (groups of 4 blocks).
+    maxima: Vec<f32>,
+    blocks: BlockWeights,
+    /// Top-p: the block sums of the candidates a rejected draw leaves.
+    restricted: Vec<f32>,
     history: Vec<u32>,
     /// The logits after the penalties (only when a penalty applies).
     penalized: Vec<f32>,
@@ -142,73 +188,104 @@ impl Scratch {
     pub const fn new() -> Self {
         Self {
             tokens: Vec::new(),
-            weights: Vec::new(),
-            blocks: Vec::new(),
-            nucleus: Vec::new(),
-            nucleus_weights: Vec::new(),
+            gathered: Vec::new(),
+            maxima: Vec::new(),
+            blocks: BlockWeights::new(),
+            restricted: Vec::new(),
             history: Vec::new(),
             penalized: Vec::new(),
         }
     }
 }
 
-/// The distribution a draw is made from (steps 3–6): candidates and their weights, in draw order.
-#[derive(Debug, Clone, Copy)]
+/// The distribution a draw is made from (steps 3–6): weights in blocks of [`BLOCK`], in candidate order.
+/// Blocks that hold only zero weights are left out: they change no sum and no draw.
+#[derive(Debug)]
 pub struct Distribution<'a> {
-    /// Candidate token ids; `None`: the candidates are every token, `0..weights.len()`.
-    pub tokens: Option<&'a [u32]>,
-    pub weights: &'a [f64],
-    pub blocks: &'a [f64],
+    weights: &'a [f32],
+    sums: &'a [f32],
+    /// Each stored block's largest weight.
+    peaks: &'a [f32],
+    /// Stored block `s` is candidate block `live[s]`; candidate `c` is token `c`, or `tokens[c]` under top-k.
+    live: &'a [u32],
+    tokens: Option<&'a [u32]>,
     pub total: f64,
+    /// Top-p: `f64(top_p) × total`, the bound of the nucleus (step 6).
+    goal: Option<f64>,
+    restricted: &'a mut Vec<f32>,
 }
 
 impl Distribution<'_> {
-    fn token(&self, j: usize) -> u32 {
-        match self.tokens {
-            Some(t) => t[j],
-            None => j as u32,
-        }
+    fn token(&self, i: usize) -> u32 {
+        let candidate = self.live[i / BLOCK] as usize * BLOCK + i % BLOCK;
+        self.tokens.map_or(candidate as u32, |t| t[candidate])
     }
 
-    /// Step 7: the candidate that `u` in [0, 1) selects.
-    pub fn draw(&self, u: f64) -> u32 {
-        let target = u * self.total;
-        let mut cumulative = 0.0;
-        for (b, &sum) in self.blocks.iter().enumerate() {
-            let next = cumulative + sum;
-            if next > target {
-                let start = b * BLOCK;
-                let end = (start + BLOCK).min(self.weights.len());
-                let mut running = cumulative;
-                let mut last = None;
-                for j in start..end {
-                    let w = self.weights[j];
-                    if w > 0.0 {
-                        running += w;
-                        last = Some(j);
-                        if running > target {
-                            return self.token(j);
-                        }
-                    }
-                }
-                // A block with a positive sum has a positive weight.
-                return self.token(last.unwrap_or(start));
+    /// The candidates of positive weight, `(token, weight)`, in candidate order (before top-p).
+    pub fn entries(&self) -> impl Iterator<Item = (u32, f32)> + '_ {
+        self.weights.iter().enumerate().filter(|(_, w)| **w > 0.0).map(|(i, &w)| (self.token(i), w))
+    }
+
+    /// Step 7: the token that `u` in [0, 1) selects.
+    pub fn draw(&mut self, u: f64) -> u32 {
+        let mut chosen = walk(self.weights, self.sums, self.total, u, None);
+        let Some(goal) = self.goal else { return self.token(chosen) };
+        let mut u = u;
+        loop {
+            let pivot = Pivot { weight: self.weights[chosen], index: chosen as u32 };
+            let before = sums_before(self.weights, self.peaks, pivot, self.restricted);
+            if before < goal {
+                return self.token(chosen);
             }
-            cumulative = next;
+            u = next_uniform(u);
+            chosen = walk(self.weights, self.restricted, before, u, Some(pivot));
         }
-        let last = self.weights.iter().rposition(|&w| w > 0.0).unwrap_or(0);
-        self.token(last)
     }
 }
 
+/// Step 7's walk over stored `weights` whose block sums are `sums` (total `total`), counting only the
+/// entries ranked before `pivot` when there is one. Returns a stored index.
+fn walk(weights: &[f32], sums: &[f32], total: f64, u: f64, pivot: Option<Pivot>) -> usize {
+    let weight = |j: usize| {
+        let w = weights[j];
+        if pivot.is_none_or(|p| p.ranks_before(w, j as u32)) { w } else { 0.0 }
+    };
+    let target = u * total;
+    let mut cumulative = 0.0;
+    for (b, &sum) in sums.iter().enumerate() {
+        let next = cumulative + f64::from(sum);
+        if next > target {
+            let start = b * BLOCK;
+            let end = (start + BLOCK).min(weights.len());
+            let mut running = cumulative;
+            let mut last = None;
+            for j in start..end {
+                let w = weight(j);
+                if w > 0.0 {
+                    running += f64::from(w);
+                    last = Some(j);
+                    if running > target {
+                        return j;
+                    }
+                }
+            }
+            // A block with a positive sum has a positive weight.
+            return last.unwrap_or(start);
+        }
+        cumulative = next;
+    }
+    // The top candidate weighs 1 and is ranked before every pivot, so a positive weight exists.
+    (0..weights.len()).rev().find(|&j| weight(j) > 0.0).unwrap_or(0)
+}
+
 /// What [`prepare`] decided: a token without drawing, or a distribution to draw from.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub enum Prepared<'a> {
     Greedy(u32),
     Draw(Distribution<'a>),
 }
 
-/// Steps 1–6. The penalties apply to a copy of `logits` in `scratch` (only when one is set).
+/// Steps 1–6 (and top-p's bound). The penalties apply to a copy of `logits` in `scratch` (only when one is set).
 pub fn prepare<'s>(logits: &[f32], history: &[u32], params: &Params, scratch: &'s mut Scratch) -> Prepared<'s> {
     let mut penalized = core::mem::take(&mut scratch.penalized);
     let prepared = if params.has_penalties() && !history.is_empty() {
@@ -231,94 +308,43 @@ fn weigh(logits: &[f32], params: &Params, scratch: &mut Scratch) -> Option<u32> 
     if params.temperature == 0.0 || logits.is_empty() {
         return Some(argmax(logits));
     }
-    let max = max_key(logits);
-    if !max.is_finite() {
-        return Some(argmax(logits));
-    }
     let vocab = logits.len();
     let top_k = params.top_k as usize;
     scratch.tokens.clear();
-    if top_k > 0 && top_k < vocab {
+    let candidates: &[f32] = if top_k > 0 && top_k < vocab {
         scratch.tokens.extend(0..vocab as u32);
-        let by_logit = |a: &u32, b: &u32| key(logits[*b as usize]).total_cmp(&key(logits[*a as usize])).then(a.cmp(b));
-        scratch.tokens.select_nth_unstable_by(top_k - 1, by_logit);
+        scratch.tokens.select_nth_unstable_by(top_k - 1, |&a, &b| by_logit(logits, a, b));
         scratch.tokens.truncate(top_k);
         scratch.tokens.sort_unstable();
-    }
-
-    let max = max as f64;
-    let inverse_temperature = 1.0 / params.temperature as f64;
-    let min_p = params.min_p as f64;
-    let weight = |l: f32| {
-        let w = exp((key(l) as f64 - max) * inverse_temperature);
-        if w >= min_p { w } else { 0.0 }
-    };
-    scratch.weights.clear();
-    if scratch.tokens.is_empty() {
-        scratch.weights.extend(logits.iter().map(|&l| weight(l)));
+        scratch.gathered.clear();
+        scratch.gathered.extend(scratch.tokens.iter().map(|&t| logits[t as usize]));
+        &scratch.gathered
     } else {
-        scratch.weights.extend(scratch.tokens.iter().map(|&t| weight(logits[t as usize])));
+        logits
+    };
+    // The candidates hold the row's largest logit (top-k keeps it), so this is the row's maximum.
+    let max = block_maxima(candidates, &mut scratch.maxima);
+    let scale = weight_scale(params.temperature);
+    if !max.is_finite() || !scale.is_finite() {
+        return Some(argmax(logits));
     }
+    weigh_blocks(candidates, &scratch.maxima, max, scale, params.min_p, &mut scratch.blocks);
     None
 }
 
-/// Step 6 (and the total of step 5) over the weights [`weigh`] left in `scratch`.
+/// The total of step 5 and step 6's bound over the weights [`weigh`] left in `scratch`.
 fn distribution<'s>(params: &Params, scratch: &'s mut Scratch) -> Prepared<'s> {
-    let total = block_sums(&scratch.weights, &mut scratch.blocks);
-    if params.top_p < 1.0 {
-        let goal = params.top_p as f64 * total;
-        let weights = &scratch.weights;
-        let by_weight = |a: &u32, b: &u32| {
-            weights[*b as usize].total_cmp(&weights[*a as usize]).then(a.cmp(b))
-        };
-        let mut threshold = 1.0 / 1024.0;
-        loop {
-            scratch.nucleus.clear();
-            scratch.nucleus.extend(
-                weights.iter().enumerate().filter(|&(_, &w)| w > 0.0 && w >= threshold).map(|(j, _)| j as u32),
-            );
-            scratch.nucleus.sort_unstable_by(by_weight);
-            let mut running = 0.0;
-            let mut reached = None;
-            for (n, &j) in scratch.nucleus.iter().enumerate() {
-                running += weights[j as usize];
-                if running >= goal {
-                    reached = Some(n + 1);
-                    break;
-                }
-            }
-            if let Some(len) = reached {
-                scratch.nucleus.truncate(len);
-                break;
-            }
-            if threshold == 0.0 {
-                break;
-            }
-            // Everything under the threshold sorts after everything over it, so a prefix found among the
-            // candidates over it is the prefix of the whole order.
-            threshold = if threshold < 1e-300 { 0.0 } else { threshold / 1024.0 };
-        }
-        scratch.nucleus_weights.clear();
-        scratch.nucleus_weights.extend(scratch.nucleus.iter().map(|&j| weights[j as usize]));
-        let tokens = &scratch.tokens;
-        for j in scratch.nucleus.iter_mut() {
-            if !tokens.is_empty() {
-                *j = tokens[*j as usize];
-            }
-        }
-        let total = block_sums(&scratch.nucleus_weights, &mut scratch.blocks);
-        return Prepared::Draw(Distribution {
-            tokens: Some(&scratch.nucleus),
-            weights: &scratch.nucleus_weights,
-            blocks: &scratch.blocks,
-            total,
-        });
-    }
+    let blocks = &scratch.blocks;
+    let total = blocks.sums.iter().fold(0.0, |total, &s| total + f64::from(s));
     Prepared::Draw(Distribution {
+        weights: blocks.stored(),
+        sums: &blocks.sums,
+        peaks: &blocks.peaks,
+        live: &blocks.live,
         tokens: if scratch.tokens.is_empty() { None } else { Some(&scratch.tokens) },
-        weights: &scratch.weights,
-        blocks: &scratch.blocks,
         total,
+        goal: (params.top_p < 1.0).then(|| f64::from(params.top_p) * total),
+        restricted: &mut scratch.restricted,
     })
 }
 
@@ -333,7 +359,7 @@ pub fn sample(
 ) -> u32 {
     match prepare(logits, history, params, scratch) {
         Prepared::Greedy(token) => token,
-        Prepared::Draw(distribution) => distribution.draw(uniform()),
+        Prepared::Draw(mut distribution) => distribution.draw(uniform()),
     }
 }
 
@@ -363,101 +389,10 @@ pub fn apply_penalties(logits: &mut [f32], history: &[u32], params: &Params, cou
     }
 }
 
-/// Index of the largest value, the lowest index on ties; NaN never wins (an all-NaN row gives 0).
-pub fn argmax(values: &[f32]) -> u32 {
-    let mut best = 0usize;
-    let mut best_value = f32::NEG_INFINITY;
-    for (i, &v) in values.iter().enumerate() {
-        // `>` keeps the first maximum and never takes NaN.
-        if v > best_value {
-            best_value = v;
-            best = i;
-        }
-    }
-    best as u32
-}
-
-/// NaN counts as -∞ everywhere but `argmax` (which never picks it either).
+/// NaN counts as -∞ in the order of top-k.
 #[inline(always)]
 fn key(l: f32) -> f32 {
     if l.is_nan() { f32::NEG_INFINITY } else { l }
-}
-
-fn max_key(logits: &[f32]) -> f32 {
-    logits.iter().fold(f32::NEG_INFINITY, |m, &l| {
-        let k = key(l);
-        if k > m { k } else { m }
-    })
-}
-
-/// Step 5: fills `blocks` with each block's lane sum and returns their sum in order.
-fn block_sums(weights: &[f64], blocks: &mut Vec<f64>) -> f64 {
-    blocks.clear();
-    blocks.extend(weights.chunks(BLOCK).map(|block| {
-        let mut lanes = [0.0f64; 8];
-        let mut exact = block.chunks_exact(8);
-        for eight in &mut exact {
-            for (lane, &w) in lanes.iter_mut().zip(eight) {
-                *lane += w;
-            }
-        }
-        for (lane, &w) in lanes.iter_mut().zip(exact.remainder()) {
-            *lane += w;
-        }
-        ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
-    }));
-    blocks.iter().fold(0.0, |total, &s| total + s)
-}
-
-const LN2_HI: f64 = 6.931_471_803_691_238_164_90e-1;
-const LN2_LO: f64 = 1.908_214_929_270_587_700_02e-10;
-const INV_LN2: f64 = 1.442_695_040_888_963_387_00;
-/// 1.5 · 2⁵²: adding it rounds to an integer (to nearest, ties to even) held in the low mantissa bits.
-const ROUND_SHIFT: f64 = 6_755_399_441_055_744.0;
-
-/// Taylor coefficients 1/n! for n = 13 down to 2; each a correctly rounded constant division.
-const EXP_COEFFICIENTS: [f64; 12] = [
-    1.0 / 6_227_020_800.0,
-    1.0 / 479_001_600.0,
-    1.0 / 39_916_800.0,
-    1.0 / 3_628_800.0,
-    1.0 / 362_880.0,
-    1.0 / 40_320.0,
-    1.0 / 5_040.0,
-    1.0 / 720.0,
-    1.0 / 120.0,
-    1.0 / 24.0,
-    1.0 / 6.0,
-    1.0 / 2.0,
-];
-
-/// eˣ, the one both native and plugin sampling use. Branch-free (so it vectorises): `x = k·ln2 + r`
-/// with `|r| ≤ ln2/2` (Cody–Waite, two-part ln2), a degree-13 Taylor polynomial for eʳ (truncation error
-/// under 5e-18), and 2ᵏ put into the exponent bits. Within a few ulp of the true value on [-708, 709]
-/// (tests measure the largest difference from the platform's `exp`); `exp(0) == 1` exactly; below -708 it
-/// is 0 (true values there are subnormal, under 3e-308); above 709 it is +∞; NaN gives NaN.
-#[inline(always)]
-pub fn exp(x: f64) -> f64 {
-    let clamped = if x < -708.0 { -708.0 } else if x > 709.0 { 709.0 } else { x };
-    let shifted = clamped * INV_LN2 + ROUND_SHIFT;
-    let k = shifted - ROUND_SHIFT;
-    let r = (clamped - k * LN2_HI) - k * LN2_LO;
-    let mut p = EXP_COEFFICIENTS[0];
-    for &c in &EXP_COEFFICIENTS[1..] {
-        p = p * r + c;
-    }
-    let p = (p * r + 1.0) * r + 1.0;
-    // `shifted`'s bits minus ROUND_SHIFT's are k exactly (|k| ≤ 1023 < 2⁵¹).
-    let k_int = (shifted.to_bits() as i64).wrapping_sub(ROUND_SHIFT.to_bits() as i64);
-    let scale = f64::from_bits(((k_int + 1023) as u64) << 52);
-    let y = p * scale;
-    if x < -708.0 {
-        0.0
-    } else if x > 709.0 {
-        f64::INFINITY
-    } else {
-        y
-    }
 }
 
 /// Orders two tokens by logit descending, lower index first; NaN counts as -∞. (The order of top-k.)

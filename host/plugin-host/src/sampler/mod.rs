@@ -101,7 +101,7 @@ enum SamplerPre {
 }
 
 enum SamplerBindings {
-    V0_1_0(since_v0_1_0::Sampler, since_v0_1_0::InputBuffer),
+    V0_1_0(since_v0_1_0::Sampler),
 }
 
 struct PooledInstance {
@@ -222,7 +222,6 @@ impl SamplerPlugin {
         let bindings = match &self.pre {
             SamplerPre::V0_1_0(pre) => SamplerBindings::V0_1_0(
                 since_v0_1_0::instantiate(pre, &mut store).map_err(|e| self.classify(&store, &e))?,
-                since_v0_1_0::new_buffer(),
             ),
         };
         Ok(PooledInstance { store, bindings })
@@ -309,7 +308,7 @@ impl SamplerPlugin {
         store.data_mut().random = Some(random.clone());
         store.data_mut().begin_call();
         let outcome = match &mut instance.bindings {
-            SamplerBindings::V0_1_0(bindings, buffer) => since_v0_1_0::call(bindings, store, buffer, input),
+            SamplerBindings::V0_1_0(bindings) => since_v0_1_0::call(bindings, store, input),
         };
         store.data_mut().end_call();
         let fuel_used = if self.metered { self.fuel_per_call.saturating_sub(store.get_fuel().unwrap_or(0)) } else { 0 };

@@ -30,52 +30,47 @@ pub(super) fn instantiate(pre: &SamplerPre<HostState>, store: &mut Store<HostSta
     pre.instantiate(store)
 }
 
-/// The input record, kept per pooled instance and refilled for each call, so a call allocates nothing on
-/// the host side once it has seen the vocabulary (the canonical ABI still copies it into the guest).
-pub(super) type InputBuffer = wit::SampleInput;
-
-pub(super) fn new_buffer() -> InputBuffer {
-    wit::SampleInput {
-        logits: Vec::new(),
-        history: Vec::new(),
-        generated: 0,
-        params: wit::SamplingParams {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.0,
-            repetition_penalty: 1.0,
-            presence_penalty: 0.0,
-            frequency_penalty: 0.0,
-            seed: 0,
-        },
-    }
+/// The input record, lowered straight from the caller's slices: the canonical ABI copies the logits and
+/// the history into the guest's memory once (a memcpy for lists of f32 and u32), with no host-side
+/// buffer in between and nothing allocated on the host per call. Field names and order are the WIT
+/// record's; the type check in [`call`] refuses a mismatch.
+#[derive(wasmtime::component::ComponentType, wasmtime::component::Lower)]
+#[component(record)]
+struct SampleInputRef<'a> {
+    logits: &'a [f32],
+    history: &'a [u32],
+    generated: u32,
+    params: wit::SamplingParams,
 }
 
 /// One call. The outer error is a trap; the inner one is the plugin's own `sample-error`.
 pub(super) fn call(
     sampler: &Sampler,
     store: &mut Store<HostState>,
-    buffer: &mut InputBuffer,
     input: &super::SampleInput<'_>,
 ) -> wasmtime::Result<Result<u32, String>> {
     let p = &input.params;
-    buffer.logits.clear();
-    buffer.logits.extend_from_slice(input.logits);
-    buffer.history.clear();
-    buffer.history.extend_from_slice(input.history);
-    buffer.generated = input.generated;
-    buffer.params = wit::SamplingParams {
-        temperature: p.temperature,
-        top_k: p.top_k,
-        top_p: p.top_p,
-        min_p: p.min_p,
-        repetition_penalty: p.repetition_penalty,
-        presence_penalty: p.presence_penalty,
-        frequency_penalty: p.frequency_penalty,
-        seed: p.seed,
+    let record = SampleInputRef {
+        logits: input.logits,
+        history: input.history,
+        generated: input.generated,
+        params: wit::SamplingParams {
+            temperature: p.temperature,
+            top_k: p.top_k,
+            top_p: p.top_p,
+            min_p: p.min_p,
+            repetition_penalty: p.repetition_penalty,
+            presence_penalty: p.presence_penalty,
+            frequency_penalty: p.frequency_penalty,
+            seed: p.seed,
+        },
     };
-    let result = sampler.computepool_sampler_sample().call_sample(store, buffer)?;
+    // The generated binding lowers an owned `SampleInput` (its `Vec`s would need the logits copied into
+    // them first); the same export typed with the borrowing record skips that copy. The type check is a
+    // walk of a two-level record, negligible beside the copy it saves.
+    let func = *sampler.computepool_sampler_sample().func_sample().func();
+    let sample = func.typed::<(SampleInputRef<'_>,), (Result<u32, wit::SampleError>,)>(&*store)?;
+    let (result,) = sample.call(&mut *store, (record,))?;
     Ok(result.map_err(|e| match e {
         wit::SampleError::InvalidParams(m) => format!("invalid parameters: {m}"),
         wit::SampleError::NoCandidates(m) => format!("no candidates: {m}"),

@@ -1,8 +1,8 @@
 //! Test plugin: runs `computepool_sampling_core::prepare` in WebAssembly and stores what it computed, so
 //! the host's tests can check the probabilities bit for bit against native sampling (not just tokens).
 //!
-//! kv key `distribution`: the total, then each candidate's token (as f64) and weight, all f64 little-endian
-//! bits. A greedy decision stores just the token.
+//! kv key `distribution`: the total, then each positive-weight candidate's token and weight (both widened to
+//! f64), in draw order, all f64 little-endian bits. A greedy decision stores just the token.
 #![no_std]
 
 use alloc::string::ToString;
@@ -42,12 +42,13 @@ impl Guest for Probe {
             }
             Prepared::Draw(d) => {
                 bytes.extend_from_slice(&d.total.to_le_bytes());
-                for (j, w) in d.weights.iter().enumerate() {
-                    let token = d.tokens.map_or(j as u32, |t| t[j]);
+                let mut first = None;
+                for (token, w) in d.entries() {
+                    first.get_or_insert(token);
                     bytes.extend_from_slice(&(token as f64).to_le_bytes());
-                    bytes.extend_from_slice(&w.to_le_bytes());
+                    bytes.extend_from_slice(&f64::from(w).to_le_bytes());
                 }
-                d.tokens.map_or(0, |t| t[0])
+                first.unwrap_or(0)
             }
         };
         computepool::host::kv_store::set("distribution", &bytes)
