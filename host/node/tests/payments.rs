@@ -449,6 +449,11 @@ impl PaidCluster {
         self.orchestrator.as_ref().expect("running").1.clone()
     }
 
+    /// What the orchestrator logged so far (for a failing assertion's message).
+    fn orchestrator_log(&self) -> String {
+        std::fs::read_to_string(self.state_dir.join("orchestrator.log")).unwrap_or_default()
+    }
+
     fn kill_orchestrator(&mut self) {
         if let Some((mut child, _)) = self.orchestrator.take() {
             let _ = child.kill();
@@ -595,8 +600,11 @@ fn an_orchestrator_killed_mid_stream_stops_the_flow_on_restart_and_charges_the_s
     // A long stream; the orchestrator dies under it.
     let addr = pc.addr();
     let mut stream = EventStream::open_with(&addr, "/v1/chat/completions", &chat(400, true), &[("authorization", &format!("Bearer {token}"))]);
+    let mut first = Vec::new();
     for _ in 0..3 {
-        assert!(stream.next_data().is_some(), "tokens arrive");
+        let data = stream.next_data();
+        assert!(data.is_some(), "tokens arrive: status {}, data so far {first:?}\n{}", stream.status, pc.orchestrator_log());
+        first.extend(data);
     }
     std::thread::sleep(Duration::from_millis(1500));
     pc.kill_orchestrator();

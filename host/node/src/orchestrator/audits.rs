@@ -362,6 +362,38 @@ fn isolating_route(pool: &Pool, peer: &str, cleared: &BTreeSet<String>, workers:
 }
 
 /// A route's workers as the evidence names them.
+/// Runs `request` on each of `routes` at once, each under a fresh id like `like` and within
+/// [`RUN_DEADLINE`]: one audit run's evidence per route (a failed run is evidence too, with its error).
+async fn rerun(
+    pool: &Arc<Pool>,
+    workers: &Arc<Workers>,
+    request: &GenerateRequest,
+    like: Option<&str>,
+    routes: impl IntoIterator<Item = usize>,
+) -> Vec<RunEvidence> {
+    let runs = routes.into_iter().map(|route| {
+        let (pool, workers) = (pool.clone(), workers.clone());
+        let mut request = request.clone();
+        request.id = Some(fresh_id(like));
+        async move {
+            let shards = shards_of(&pool, route, &workers);
+            let result = match tokio::time::timeout(RUN_DEADLINE, pool.run_on(route, &request, workers)).await {
+                Ok(result) => result,
+                Err(_) => Err(format!("no end within {RUN_DEADLINE:?}")),
+            };
+            let (tokens, error) = match result {
+                Ok(tokens) => (Some(tokens), None),
+                Err(e) => {
+                    tracing::warn!(pool = %pool.record.id, request = like.unwrap_or_default(), route, "an audit run failed: {e}");
+                    (None, Some(e))
+                }
+            };
+            RunEvidence { role: Role::Audit, route, shards, tokens, error, agrees: None, divergence: None }
+        }
+    });
+    futures_util::future::join_all(runs).await
+}
+
 fn shards_of(pool: &Pool, route: usize, workers: &Workers) -> Vec<ShardEvidence> {
     pool.route_shards(route)
         .map(|s| {
@@ -468,29 +500,8 @@ impl Auditor {
             agrees: None,
             divergence: None,
         }];
-        let reruns = partners.iter().map(|&route| {
-            let (pool, workers) = (pool.clone(), workers.clone());
-            let mut request = request.clone();
-            request.id = Some(fresh_id(run.request.id.as_deref()));
-            async move {
-                let shards = shards_of(&pool, route, &workers);
-                let result = match tokio::time::timeout(RUN_DEADLINE, pool.run_on(route, &request, workers)).await {
-                    Ok(result) => result,
-                    Err(_) => Err(format!("no end within {RUN_DEADLINE:?}")),
-                };
-                (route, shards, result)
-            }
-        });
-        for (route, shards, result) in futures_util::future::join_all(reruns).await {
-            let (tokens, error) = match result {
-                Ok(tokens) => (Some(tokens), None),
-                Err(e) => {
-                    tracing::warn!(pool = %pool_id, request = %request_id, route, "an audit run failed: {e}");
-                    (None, Some(e))
-                }
-            };
-            runs.push(RunEvidence { role: Role::Audit, route, shards, tokens, error, agrees: None, divergence: None });
-        }
+        let like = run.request.id.as_deref();
+        runs.extend(rerun(&pool, &workers, &request, like, partners.iter().copied()).await);
         let (mut evidence, mut outcome) = conclude(&pool_id, &request_id, request.clone(), runs.clone());
         // Several accused workers: each one may be innocent, only sharing a route with the one that is
         // not. Run each of them once more among workers the majority cleared: its run agreeing clears
@@ -499,27 +510,8 @@ impl Auditor {
             let cleared: BTreeSet<String> =
                 evidence.majority.iter().flat_map(|&i| evidence.runs[i].shards.iter().map(|s| s.peer.clone())).collect();
             let isolating = evidence.accused.iter().filter_map(|a| isolating_route(&pool, &a.peer, &cleared, &workers));
-            let reruns = isolating.collect::<BTreeSet<usize>>().into_iter().map(|route| {
-                let (pool, workers) = (pool.clone(), workers.clone());
-                let mut request = request.clone();
-                request.id = Some(fresh_id(run.request.id.as_deref()));
-                async move {
-                    let shards = shards_of(&pool, route, &workers);
-                    let result = match tokio::time::timeout(RUN_DEADLINE, pool.run_on(route, &request, workers)).await {
-                        Ok(result) => result,
-                        Err(_) => Err(format!("no end within {RUN_DEADLINE:?}")),
-                    };
-                    (route, shards, result)
-                }
-            });
             let mut more = runs;
-            for (route, shards, result) in futures_util::future::join_all(reruns).await {
-                let (tokens, error) = match result {
-                    Ok(tokens) => (Some(tokens), None),
-                    Err(e) => (None, Some(e)),
-                };
-                more.push(RunEvidence { role: Role::Audit, route, shards, tokens, error, agrees: None, divergence: None });
-            }
+            more.extend(rerun(&pool, &workers, &request, like, isolating.collect::<BTreeSet<usize>>()).await);
             (evidence, outcome) = conclude(&pool_id, &request_id, request, more);
         }
         let text = serde_json::to_string(&evidence).expect("evidence serialises");
