@@ -700,7 +700,14 @@ fn streams_survive_their_exit_dying_and_routes_mix_workers_per_range() {
     }
     // One streamed request; after `before_kill` tokens, SIGKILL the exit of its route.
     let run = |cluster: &mut Cluster, body: &Value, before_kill: Option<usize>| -> Run {
+        // A 503 before the stream starts is the pool saying "no route right now" (a restarted worker's
+        // links are still being redialled): a client retries it, so does this one, for a while.
+        let deadline = Instant::now() + Duration::from_secs(10);
         let mut stream = EventStream::open(&addr, "/pools/smol/infer", body);
+        while stream.status == 503 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            stream = EventStream::open(&addr, "/pools/smol/infer", body);
+        }
         assert_eq!(stream.status, 200);
         let started: Value = serde_json::from_str(&stream.next_data().expect("started")).expect("JSON");
         let route: Vec<usize> = started["workers"]
