@@ -342,7 +342,8 @@ async fn wait_until_ready(state: &AppState, model: &str, timeout: Duration) -> a
     let deadline = Instant::now() + timeout;
     let mut last = String::new();
     while Instant::now() < deadline {
-        match pool.start(&GenerateRequest::text("ready?", 1), state.workers.clone()).await {
+        let routes = crate::orchestrator::pools::RouteLog::default();
+        match pool.start(&GenerateRequest::text("ready?", 1), state.workers.clone(), &routes).await {
             Ok(mut request) => loop {
                 match request.next_event().await {
                     Some(Event::Done { .. }) => return Ok(()),

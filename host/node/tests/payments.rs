@@ -17,7 +17,7 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::http::{self, EventStream};
 use common::{Cluster, bin, smollm2_dir, wait_for};
@@ -599,15 +599,9 @@ fn an_orchestrator_killed_mid_stream_stops_the_flow_on_restart_and_charges_the_s
 
     // A long stream; the orchestrator dies under it.
     let addr = pc.addr();
-    let open = || EventStream::open_with(&addr, "/v1/chat/completions", &chat(400, true), &[("authorization", &format!("Bearer {token}"))]);
-    // A 503 before anything is served (no route this instant: a late heartbeat on a loaded runner) takes
-    // no money and is retried, as a client would.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut stream = open();
-    while stream.status == 503 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-        stream = open();
-    }
+    // No retry: a route that fails before the first token is the orchestrator's to route again.
+    let mut stream =
+        EventStream::open_with(&addr, "/v1/chat/completions", &chat(400, true), &[("authorization", &format!("Bearer {token}"))]);
     let mut first = Vec::new();
     for _ in 0..3 {
         let data = stream.next_data();

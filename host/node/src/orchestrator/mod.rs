@@ -327,6 +327,13 @@ pub async fn serve(
         shutdown.await;
         let _ = stop_tx.send(true);
     };
+    // Nagle's algorithm off: a streamed token is one small write, and with it on, a write waits for the
+    // client's ACK of the previous one, which the client may delay by up to 40 ms (delayed ACKs).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("could not set TCP_NODELAY on a connection: {e}");
+        }
+    });
     let server = axum::serve(listener, router(state)).with_graceful_shutdown(signal);
     let deadline = async move {
         let _ = stop_rx.wait_for(|stop| *stop).await;

@@ -11,15 +11,20 @@
 //! live route that avoids the broken one's workers where it can: the new entry replays the prompt and
 //! the tokens generated so far (`resume_tokens`) to rebuild the caches, and the client's stream goes on
 //! with no error and no token repeated or missing. Without another route the client gets the error.
+//!
+//! A route that fails before the request's first token (its entry cannot reach the next worker yet: a
+//! restarted worker is up here before its neighbours have redialled it) is not the client's problem:
+//! the request is routed again, on another route or the same one once it takes requests, for up to
+//! [`REROUTE_WINDOW`], with nothing to replay; only then does the client get the error.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use computepool_axl::transport::{SecretKey, ShardPeer, Topology};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::audits::{Auditor, FinishedRun};
@@ -31,6 +36,49 @@ use crate::worker::api::{ErrorKind, Event, GenerateRequest};
 
 /// How long connecting to an entry may take before the pool counts as unavailable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a request that has streamed no token yet keeps being routed again when its route fails
+/// (counted from when it was first sent). A restarted worker's neighbours redial it within their link
+/// backoff (at most 0.5 s between tries), so this covers a few of their tries; a route still broken
+/// after it is really broken, and the client hears so.
+pub const REROUTE_WINDOW: Duration = Duration::from_secs(2);
+
+/// The pause before routing such a request again once every route has failed it: long enough not to
+/// spin on an entry that refuses at once, short next to the redial backoff.
+const REROUTE_PAUSE: Duration = Duration::from_millis(100);
+
+/// One route a request was sent on, as its row in the `requests` table keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RouteLeg {
+    /// The route's number in its pool.
+    pub route: usize,
+    /// Its workers' peer ids, entry first.
+    pub workers: Vec<String>,
+    /// How many tokens the request had streamed when it was sent on this route (0: from the start;
+    /// more: a failover that replayed them).
+    pub from_token: usize,
+    /// Why the route failed the request, if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broke: Option<String>,
+}
+
+/// The routes one request took, shared between its [`PoolRequest`] (which appends a leg per route and
+/// marks a broken one) and its row in the store (which reads them when it is written). Locked only
+/// when a route is taken or breaks, and once when the row is written: never per token.
+pub type RouteLog = Arc<Mutex<Vec<RouteLeg>>>;
+
+/// The legs of `log`, locked.
+pub fn legs(log: &RouteLog) -> std::sync::MutexGuard<'_, Vec<RouteLeg>> {
+    // Each change is one push or one field set: a panic elsewhere cannot leave the list inconsistent.
+    log.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Marks the last leg of `log` broken, saying why.
+fn mark_broken(log: &RouteLog, why: &str) {
+    if let Some(leg) = legs(log).last_mut() {
+        leg.broke = Some(why.to_string());
+    }
+}
 
 /// What `POST /pools` takes.
 #[derive(Debug, Clone, Deserialize)]
@@ -137,6 +185,10 @@ pub struct PoolRequest {
     started: bool,
     /// Told about the request when it finishes on the route it started on (output audits).
     auditor: Option<Arc<Auditor>>,
+    /// Until when a failure before the first token routes the request again rather than ending it.
+    reroute_until: Instant,
+    /// Every route the request was sent on (its row in the store).
+    routes: RouteLog,
 }
 
 impl PoolRequest {
@@ -166,10 +218,10 @@ impl PoolRequest {
                 Some(Event::Started { .. }) => self.started = true,
                 Some(Event::Token { token, .. }) => self.generated.push(*token),
                 Some(Event::Done { .. }) => {
-                    // One route made every token only without a failover: a mixed run proves nothing
-                    // about either route.
+                    // One route made every token only without a failover midway: a mixed run proves
+                    // nothing about either route (routes that failed before the first token made none).
                     if let Some(auditor) = self.auditor.take()
-                        && self.failed.is_empty()
+                        && legs(&self.routes).last().is_some_and(|leg| leg.from_token == 0)
                     {
                         let finished = FinishedRun {
                             pool: self.on_route.pool.clone(),
@@ -193,23 +245,45 @@ impl PoolRequest {
         }
     }
 
-    /// Moves the request to another live route, replaying what it generated.
+    /// Moves the request to another live route, replaying what it generated. Before its first token
+    /// (nothing to replay, nothing the client saw) it may also wait for a route to take requests again,
+    /// the broken ones included, until [`REROUTE_WINDOW`] has passed since it was first sent.
     async fn failover(&mut self, message: &str) -> Result<(), String> {
         let pool = self.on_route.pool.clone();
-        self.failed.push(self.on_route.route);
+        mark_broken(&self.routes, message);
+        if !self.failed.contains(&self.on_route.route) {
+            self.failed.push(self.on_route.route);
+        }
         let mut request = self.request.clone();
         request.resume_tokens = self.generated.clone();
+        let nothing_served = self.generated.is_empty();
         loop {
             // Which worker broke is not known here; a route that shares none of the broken routes'
             // workers (or the fewest) avoids it for sure where the pool has one.
-            let Some(route) = pool.pick_route(&self.workers, &[], &self.failed) else {
-                return Err("no replica route is left to continue on".into());
+            let route = match pool.pick_route(&self.workers, &[], &self.failed) {
+                Some(route) => route,
+                None if nothing_served && Instant::now() < self.reroute_until => {
+                    tokio::time::sleep(REROUTE_PAUSE.min(self.reroute_until - Instant::now())).await;
+                    match pool.pick_route(&self.workers, &[], &[]) {
+                        Some(route) => route,
+                        None => continue,
+                    }
+                }
+                None if nothing_served => return Err(format!("no route took the request within {REROUTE_WINDOW:?}")),
+                None => return Err("no replica route is left to continue on".into()),
             };
-            tracing::warn!(
-                pool = %pool.record.id, from = self.on_route.route, to = route, tokens = self.generated.len(),
-                "a route broke under a request ({message}); moving it"
-            );
-            match pool.start_on(route, &request, self.workers.clone()).await {
+            if nothing_served {
+                tracing::info!(
+                    pool = %pool.record.id, from = self.on_route.route, to = route,
+                    "a route failed a request before its first token ({message}); routing it again"
+                );
+            } else {
+                tracing::warn!(
+                    pool = %pool.record.id, from = self.on_route.route, to = route, tokens = self.generated.len(),
+                    "a route broke under a request ({message}); moving it"
+                );
+            }
+            match pool.start_on(route, &request, self.workers.clone(), &self.routes, self.reroute_until).await {
                 Ok(moved) => {
                     self.events = moved.events;
                     self._client = moved._client;
@@ -217,8 +291,11 @@ impl PoolRequest {
                     return Ok(());
                 }
                 Err(e) => {
-                    tracing::warn!(pool = %pool.record.id, route, "the replica route failed too: {e}");
-                    self.failed.push(route);
+                    tracing::warn!(pool = %pool.record.id, route, "the route failed too: {e}");
+                    mark_broken(&self.routes, &e);
+                    if !self.failed.contains(&route) {
+                        self.failed.push(route);
+                    }
                 }
             }
         }
@@ -338,7 +415,8 @@ impl Pool {
     /// audit must know which workers made its tokens), nothing recorded or billed. `Err` says why the
     /// run did not finish.
     pub async fn run_on(self: &Arc<Self>, route: usize, request: &GenerateRequest, workers: Arc<Workers>) -> Result<Vec<u32>, String> {
-        let mut run = self.start_on(route, request, workers).await?;
+        let routes = RouteLog::default();
+        let mut run = self.start_on(route, request, workers, &routes, Instant::now()).await?;
         let mut tokens = Vec::new();
         loop {
             // Read below PoolRequest::next_event: that one would move a broken run to another route.
@@ -376,24 +454,55 @@ impl Pool {
         (0..self.routes.len()).any(|r| self.live(r, workers))
     }
 
-    /// Sends `request` on a route picked for it (another one if the entry cannot be reached).
-    pub async fn start(self: &Arc<Self>, request: &GenerateRequest, workers: Arc<Workers>) -> Result<PoolRequest, ApiError> {
+    /// Sends `request` on a route picked for it: another one if the entry cannot be reached, and, while
+    /// every route fails it, the same ones again until [`REROUTE_WINDOW`] has passed. Each route it is
+    /// sent on is added to `routes`.
+    pub async fn start(
+        self: &Arc<Self>,
+        request: &GenerateRequest,
+        workers: Arc<Workers>,
+        routes: &RouteLog,
+    ) -> Result<PoolRequest, ApiError> {
         let unavailable = |reason: String| ApiError::Unavailable { model: self.record.model.clone(), reason };
+        let reroute_until = Instant::now() + REROUTE_WINDOW;
         let mut tried = Vec::new();
         let mut last = String::from("no live route");
-        while let Some(route) = self.pick_route(&workers, &tried, &[]) {
-            match self.start_on(route, request, workers.clone()).await {
-                Ok(started) => return Ok(started),
-                Err(e) => last = e,
+        loop {
+            while let Some(route) = self.pick_route(&workers, &tried, &[]) {
+                match self.start_on(route, request, workers.clone(), routes, reroute_until).await {
+                    Ok(started) => return Ok(started),
+                    Err(e) => {
+                        mark_broken(routes, &e);
+                        last = e;
+                    }
+                }
+                tried.push(route);
             }
-            tried.push(route);
+            let now = Instant::now();
+            if now >= reroute_until {
+                return Err(unavailable(last));
+            }
+            tokio::time::sleep(REROUTE_PAUSE.min(reroute_until - now)).await;
+            tried.clear();
         }
-        Err(unavailable(last))
     }
 
     /// Sends `request` to the entry of route `route`, naming the route's other workers, reconnecting
-    /// once if the cached connection turns out to be dead.
-    async fn start_on(self: &Arc<Self>, route: usize, request: &GenerateRequest, workers: Arc<Workers>) -> Result<PoolRequest, String> {
+    /// once if the cached connection turns out to be dead; the leg is added to `routes`.
+    async fn start_on(
+        self: &Arc<Self>,
+        route: usize,
+        request: &GenerateRequest,
+        workers: Arc<Workers>,
+        routes: &RouteLog,
+        reroute_until: Instant,
+    ) -> Result<PoolRequest, String> {
+        legs(routes).push(RouteLeg {
+            route,
+            workers: self.route_peers(route),
+            from_token: request.resume_tokens.len(),
+            broke: None,
+        });
         let entry = &self.members[self.routes[route][0]];
         let mut routed = request.clone();
         routed.route = Some(self.route_peers(route).split_off(1));
@@ -416,6 +525,8 @@ impl Pool {
                         failed: Vec::new(),
                         started: false,
                         auditor: None,
+                        reroute_until,
+                        routes: routes.clone(),
                     });
                 }
                 Err(e) => last = format!("{e:#}"),

@@ -22,7 +22,7 @@ use super::error::ApiError;
 use super::payments::PaidRequest;
 use super::metrics::Metrics;
 use super::openai::{Endpoint, Prepared, ResponseMeta, Usage};
-use super::pools::{Pool, PoolRequest};
+use super::pools::{Pool, PoolRequest, RouteLog, legs};
 use super::store::{Outcome, RequestRecord, Store};
 use crate::worker::api::{ErrorKind, Event, FinishReason, GenerateRequest};
 
@@ -38,7 +38,7 @@ async fn begin(
     if let Err(e) = state.check_route(pool) {
         return Err(log.fail(e));
     }
-    let mut request = match pool.start(entry, state.workers.clone()).await {
+    let mut request = match pool.start(entry, state.workers.clone(), &log.routes).await {
         Ok(request) => request,
         Err(e) => return Err(log.fail(e)),
     };
@@ -355,6 +355,8 @@ struct RequestLog {
     store: Arc<Store>,
     metrics: Arc<Metrics>,
     record: RequestRecord,
+    /// The routes the request took, filled in by its [`PoolRequest`] and copied into the row when written.
+    routes: RouteLog,
     started: Instant,
     first_token: Option<Instant>,
     ended: bool,
@@ -379,9 +381,11 @@ impl RequestLog {
             duration_ms: 0.0,
             outcome: Outcome::Cancelled,
             error: None,
+            routes: Vec::new(),
         };
         let (store, metrics) = (state.store.clone(), state.metrics.clone());
-        Self { store, metrics, record, started: Instant::now(), first_token: None, ended: false, written: false }
+        let routes = RouteLog::default();
+        Self { store, metrics, record, routes, started: Instant::now(), first_token: None, ended: false, written: false }
     }
 
     fn token(&mut self) {
@@ -422,6 +426,7 @@ impl RequestLog {
         self.written = true;
         self.record.duration_ms = self.started.elapsed().as_secs_f64() * 1e3;
         self.record.time_to_first_token_ms = self.ttft_ms();
+        self.record.routes = legs(&self.routes).clone();
         self.metrics.request_ended(&self.record.pool_id, self.record.outcome);
         (self.store.clone(), self.record.clone())
     }

@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use computepool_axl::transport::Topology;
 
 use super::payments::config::PoolPayments;
+use super::pools::RouteLeg;
 use super::workers::{Ejection, WorkerRecord, WorkerStats};
 use rusqlite::{Connection, params};
 
@@ -80,6 +81,9 @@ pub struct RequestRecord {
     pub duration_ms: f64,
     pub outcome: Outcome,
     pub error: Option<String>,
+    /// Every route the request was sent on, in order (a failover or a route that failed before the
+    /// first token adds one); empty when none took it. Stored as JSON in the `routes` column.
+    pub routes: Vec<RouteLeg>,
 }
 
 /// The topology column: the topology alone (as before replicas existed), or an array with the replicas.
@@ -119,7 +123,8 @@ CREATE TABLE IF NOT EXISTS requests (
     time_to_first_token_ms  REAL,
     duration_ms             REAL NOT NULL,
     outcome                 TEXT NOT NULL,
-    error                   TEXT
+    error                   TEXT,
+    routes                  TEXT
 );
 CREATE INDEX IF NOT EXISTS requests_by_pool ON requests (pool_id, started_at_ms);
 CREATE TABLE IF NOT EXISTS pool_payments (
@@ -157,6 +162,26 @@ CREATE TABLE IF NOT EXISTS audits (
 );
 ";
 
+/// Brings a database made by an older orchestrator up to [`SCHEMA`]: `CREATE TABLE IF NOT EXISTS` leaves
+/// an existing table as it was, so the columns added since are added here (their old rows get NULL).
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has_column = |table: &str, column: &str| -> rusqlite::Result<bool> {
+        let mut stmt = conn.prepare(&format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"))?;
+        stmt.exists([column])
+    };
+    // The routes a request took (session 8).
+    if !has_column("requests", "routes")? {
+        conn.execute_batch("ALTER TABLE requests ADD COLUMN routes TEXT")?;
+    }
+    Ok(())
+}
+
+/// The routes column: a JSON array of [`RouteLeg`]s, NULL when no route took the request.
+fn routes_json(routes: &[RouteLeg]) -> Option<String> {
+    // A list of plain fields always serialises.
+    (!routes.is_empty()).then(|| serde_json::to_string(routes).expect("route legs serialise to JSON"))
+}
+
 impl Store {
     /// Opens (or creates) the database at `path` in WAL mode.
     pub fn open(path: &Path) -> rusqlite::Result<Self> {
@@ -176,6 +201,7 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         Ok(Self { conn: Mutex::new(conn) })
     }
 
@@ -376,8 +402,8 @@ impl Store {
     pub fn record_request(&self, r: &RequestRecord) -> rusqlite::Result<()> {
         self.conn().execute(
             "INSERT OR REPLACE INTO requests (id, pool_id, model, endpoint, stream, started_at_ms, prompt_tokens,
-                completion_tokens, time_to_first_token_ms, duration_ms, outcome, error)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                completion_tokens, time_to_first_token_ms, duration_ms, outcome, error, routes)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             params![
                 r.id,
                 r.pool_id,
@@ -391,9 +417,17 @@ impl Store {
                 r.duration_ms,
                 r.outcome.as_str(),
                 r.error,
+                routes_json(&r.routes),
             ],
         )?;
         Ok(())
+    }
+
+    /// The routes column of one request, if recorded.
+    #[cfg(test)]
+    pub fn request_routes(&self, id: &str) -> rusqlite::Result<Option<Option<String>>> {
+        use rusqlite::OptionalExtension;
+        self.conn().query_row("SELECT routes FROM requests WHERE id = ?1", [id], |row| row.get(0)).optional()
     }
 
     /// The outcome and token counts of one request, if recorded.
@@ -472,9 +506,67 @@ mod tests {
             duration_ms: 9.0,
             outcome: Outcome::Length,
             error: None,
+            routes: vec![
+                RouteLeg { route: 0, workers: vec!["a".into(), "b".into()], from_token: 0, broke: Some("b died".into()) },
+                RouteLeg { route: 1, workers: vec!["c".into(), "d".into()], from_token: 3, broke: None },
+            ],
         };
         store.record_request(&record).expect("records");
         assert_eq!(store.request_usage("chatcmpl-1").expect("reads"), Some(("length".into(), Some(12), 5)));
         assert_eq!(store.request_usage("nope").expect("reads"), None);
+        let routes = store.request_routes("chatcmpl-1").expect("reads").flatten().expect("routes stored");
+        let routes: serde_json::Value = serde_json::from_str(&routes).expect("JSON");
+        assert_eq!(
+            routes,
+            serde_json::json!([
+                {"route": 0, "workers": ["a", "b"], "from_token": 0, "broke": "b died"},
+                {"route": 1, "workers": ["c", "d"], "from_token": 3}
+            ])
+        );
+        let unrouted = RequestRecord { id: "chatcmpl-2".into(), routes: vec![], outcome: Outcome::Error, ..record };
+        store.record_request(&unrouted).expect("records");
+        assert_eq!(store.request_routes("chatcmpl-2").expect("reads"), Some(None), "no route: NULL");
+    }
+
+    /// A database made before the `routes` column existed opens, keeps its rows, and records routes.
+    #[test]
+    fn an_older_database_gains_the_routes_column() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("state.db");
+        {
+            let conn = Connection::open(&path).expect("opens");
+            conn.execute_batch(
+                "CREATE TABLE requests (id TEXT PRIMARY KEY, pool_id TEXT NOT NULL, model TEXT NOT NULL,
+                    endpoint TEXT NOT NULL, stream INTEGER NOT NULL, started_at_ms INTEGER NOT NULL,
+                    prompt_tokens INTEGER, completion_tokens INTEGER NOT NULL, time_to_first_token_ms REAL,
+                    duration_ms REAL NOT NULL, outcome TEXT NOT NULL, error TEXT);
+                 INSERT INTO requests VALUES ('old', 'p1', 'm', 'completions', 0, 1, 4, 2, 1.0, 2.0, 'stop', NULL);",
+            )
+            .expect("an old schema");
+        }
+        for _ in 0..2 {
+            // Twice: the migration runs once and is a no-op after.
+            let store = Store::open(&path).expect("opens and migrates");
+            assert_eq!(store.request_usage("old").expect("reads"), Some(("stop".into(), Some(4), 2)));
+            assert_eq!(store.request_routes("old").expect("reads"), Some(None), "old rows have no routes");
+        }
+        let store = Store::open(&path).expect("opens");
+        let record = RequestRecord {
+            id: "new".into(),
+            pool_id: "p1".into(),
+            model: "m".into(),
+            endpoint: "completions",
+            stream: false,
+            started_at_ms: 2,
+            prompt_tokens: Some(4),
+            completion_tokens: 1,
+            time_to_first_token_ms: None,
+            duration_ms: 1.0,
+            outcome: Outcome::Stop,
+            error: None,
+            routes: vec![RouteLeg { route: 0, workers: vec!["a".into()], from_token: 0, broke: None }],
+        };
+        store.record_request(&record).expect("records");
+        assert!(store.request_routes("new").expect("reads").flatten().is_some_and(|r| r.contains("\"route\":0")));
     }
 }
