@@ -446,11 +446,52 @@ impl ResponseMeta {
         v
     }
 
+    /// The text chunks of one stream, rendered from a template: [`Self::chunk`]'s JSON, made once with a
+    /// marker for the text, so each token costs one string escape instead of building and serialising a
+    /// JSON tree.
+    pub fn text_chunks(&self, include_usage: bool) -> TextChunks {
+        // NULs are escaped in JSON, so the marker's serialised form cannot come from escaping anything
+        // else; it could only clash with a model name that holds the same characters, and then the
+        // chunks are built the slow way.
+        const MARKER: &str = "\u{0}computepool-chunk-text\u{0}";
+        let rendered = self.chunk(MARKER, false, None, include_usage).to_string();
+        let marker = Value::String(MARKER.into()).to_string();
+        let template = match rendered.match_indices(&marker).count() {
+            1 => rendered.split_once(&marker).map(|(head, tail)| (head.to_string(), tail.to_string())),
+            _ => None,
+        };
+        TextChunks { meta: self.clone(), include_usage, template }
+    }
+
     /// The last chunk of a stream that asked for `stream_options.include_usage`: no choices, the usage.
     pub fn usage_chunk(&self, usage: Usage) -> Value {
         let mut v = self.envelope(true, json!([]));
         v["usage"] = usage.to_json();
         v
+    }
+}
+
+/// The text chunks of one stream ([`ResponseMeta::text_chunks`]).
+pub struct TextChunks {
+    meta: ResponseMeta,
+    include_usage: bool,
+    /// The chunk's JSON before and after the text's JSON string.
+    template: Option<(String, String)>,
+}
+
+impl TextChunks {
+    /// The JSON of the chunk carrying `text`, exactly as [`ResponseMeta::chunk`] has it.
+    pub fn render(&self, text: &str) -> String {
+        match &self.template {
+            Some((head, tail)) => {
+                let mut out = String::with_capacity(head.len() + text.len() + 2 + tail.len());
+                out.push_str(head);
+                out.push_str(&Value::String(text.into()).to_string());
+                out.push_str(tail);
+                out
+            }
+            None => self.meta.chunk(text, false, None, self.include_usage).to_string(),
+        }
     }
 }
 
@@ -538,6 +579,29 @@ mod tests {
         assert_eq!(p.entry.prompt_tokens, Some(vec![1, 2, 3]));
         assert!(prep(r#"{"model":"m","prompt":["a","b"]}"#).is_err());
         assert!(prep(r#"{"model":"m","prompt":""}"#).is_err());
+    }
+
+    #[test]
+    fn text_chunks_render_what_chunk_builds() {
+        let texts = ["", "Paris", " \"quoted\" \\ back", "line\nbreak\ttab", "ünïcödé ✓ 🚀", "\u{1}\u{1f}", "{\"a\": [1]}"];
+        for endpoint in [Endpoint::Chat, Endpoint::Completion] {
+            for model in ["m", "a \"model\" / with \\ odd ünicode"] {
+                let meta = ResponseMeta::new(endpoint, model.into());
+                for include_usage in [false, true] {
+                    let chunks = meta.text_chunks(include_usage);
+                    assert!(chunks.template.is_some(), "{endpoint:?} {model:?}: a template");
+                    for text in texts {
+                        let rendered: Value = serde_json::from_str(&chunks.render(text)).expect("valid JSON");
+                        assert_eq!(rendered, meta.chunk(text, false, None, include_usage), "{endpoint:?} {model:?} {text:?}");
+                    }
+                }
+            }
+        }
+        // A model name that holds the marker: no template, the same chunks the slow way.
+        let meta = ResponseMeta::new(Endpoint::Completion, "\u{0}computepool-chunk-text\u{0}".into());
+        let chunks = meta.text_chunks(false);
+        assert!(chunks.template.is_none());
+        assert_eq!(serde_json::from_str::<Value>(&chunks.render("x")).expect("JSON"), meta.chunk("x", false, None, false));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use super::AppState;
 use super::error::ApiError;
 use super::payments::PaidRequest;
 use super::metrics::Metrics;
-use super::openai::{Endpoint, Prepared, ResponseMeta, Usage};
+use super::openai::{Endpoint, Prepared, ResponseMeta, TextChunks, Usage};
 use super::pools::{Pool, PoolRequest, RouteLog, legs};
 use super::store::{Outcome, RequestRecord, Store};
 use crate::worker::api::{ErrorKind, Event, FinishReason, GenerateRequest};
@@ -180,6 +180,8 @@ struct Relay {
     log: RequestLog,
     meta: ResponseMeta,
     include_usage: bool,
+    /// Renders the per-token chunks.
+    chunks: TextChunks,
     queue: VecDeque<SseEvent>,
     over: bool,
 }
@@ -196,7 +198,7 @@ impl Relay {
                 self.log.token();
                 // Text held back (inside a character or a possible stop string) comes with a later token.
                 if !text.is_empty() {
-                    self.push(self.meta.chunk(&text, false, None, self.include_usage));
+                    self.queue.push_back(SseEvent::default().data(self.chunks.render(&text)));
                 }
             }
             Some(Event::Done { finish_reason, prompt_tokens, completion_tokens }) => {
@@ -226,7 +228,8 @@ impl Relay {
 }
 
 fn stream(request: PoolRequest, paid: Option<PaidRequest>, log: RequestLog, meta: ResponseMeta, include_usage: bool) -> Response {
-    let mut relay = Relay { request, paid, log, meta, include_usage, queue: VecDeque::new(), over: false };
+    let chunks = meta.text_chunks(include_usage);
+    let mut relay = Relay { request, paid, log, meta, include_usage, chunks, queue: VecDeque::new(), over: false };
     if relay.meta.endpoint == Endpoint::Chat {
         relay.push(relay.meta.chunk("", true, None, include_usage));
     }
