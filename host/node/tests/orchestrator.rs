@@ -631,6 +631,9 @@ fn workers_register_heartbeat_go_down_and_come_back_after_a_restart() {
     assert!(wait_for(Duration::from_secs(10), || all_up(&addr)), "{:?}", statuses(&addr));
     let rerouted = |o: &Orchestrator| std::fs::read_to_string(&o.log).unwrap_or_default().matches("routing it again").count();
     let rerouted_before = rerouted(&orchestrator);
+    let counted = |outcome: &str| metric(&http::get(&addr, "/metrics").body, &format!("computepool_requests_total{{outcome=\"{outcome}\"}}"));
+    let finished = || counted("length") + counted("stop");
+    let (finished_before, errors_before) = (finished(), counted("error"));
     let sent = Instant::now();
     let answers: Vec<http::Response> = std::thread::scope(|s| {
         let posts: Vec<_> = (0..3).map(|_| s.spawn(|| http::post(&addr, "/v1/completions", &request))).collect();
@@ -640,6 +643,8 @@ fn workers_register_heartbeat_go_down_and_come_back_after_a_restart() {
     for r in &answers {
         assert_eq!(r.status, 200, "a request right after the restart: {}\n{}", r.body, cluster.log(0));
     }
+    // Routed again inside the orchestrator: each request counted once, none as an error.
+    assert_eq!((finished() - finished_before, counted("error") - errors_before), (3.0, 0.0));
     let rerouted = rerouted(&orchestrator) - rerouted_before;
     eprintln!("3 requests right after the restart: served in {took:?}, {rerouted} of their routes failed first and were routed again");
     // Each row says the routes its request took: the last one whole, the ones before it broken.
