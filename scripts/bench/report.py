@@ -22,6 +22,8 @@ def main():
                     help="WEIGHTS=FILE: `computepool bench --json` lines of a GGUF run natively, e.g. q4_1=...")
     ap.add_argument("--paired", help="paired.py's lines: ours and llama.cpp decode in alternating rounds")
     ap.add_argument("--pipeline", help="`computepool bench --shards` lines (and the 1-shard run beside them)")
+    ap.add_argument("--pipeline-paired", help="pipeline_paired.py's lines: 2 shards against one process in "
+                                              "alternating rounds")
     ap.add_argument("--netns", help="stderr of `cargo test --test netns -- --nocapture`")
     ap.add_argument("--samplers", help="`computepool plugin bench --json` lines: sampler plugins vs native sampling")
     ap.add_argument("--samplers-uptime", help="`uptime` before and after the sampler bench (the machine's load)")
@@ -103,7 +105,9 @@ def main():
         paired_section(p, [json.loads(line) for line in open(args.paired) if line.strip()])
     if args.pipeline:
         pipeline_section(p, [json.loads(line) for line in open(args.pipeline) if line.strip()],
-                         open(args.netns).read() if args.netns else "")
+                         open(args.netns).read() if args.netns else "",
+                         [json.loads(line) for line in open(args.pipeline_paired) if line.strip()]
+                         if args.pipeline_paired else None)
     if args.api:
         api_section(p, [json.loads(line) for line in open(args.api) if line.strip()])
     p("## Roofline")
@@ -254,7 +258,28 @@ def paired_section(p, runs):
     p("")
 
 
-def pipeline_section(p, runs, netns_log):
+def pipeline_paired_section(p, runs):
+    """Issue 3's ratio, taken within back-to-back rounds (pipeline_paired.py)."""
+    p("### 2 shards against one process, round by round")
+    p("")
+    p("The table above measures each configuration once, minutes apart. Here each round runs the one-process")
+    p("engine's tg128 and the 2-worker pipeline's tg128 back to back with the same threads per process (the")
+    p("order alternates between rounds), and the ratio is taken within the round. With 2 threads per worker")
+    p("the two workers share this machine's 2 cores; with 1 thread each, every worker has a core of its own,")
+    p("as it would have a machine of its own (the one-process side then runs on 1 thread as well).")
+    p("")
+    p("| threads per process | rounds | one process tok/s | 2 shards tok/s | 2 shards ÷ one process | rounds ≥ 95% |")
+    p("|---|---|---|---|---|---|")
+    for r in runs:
+        one, pipe, ratio = r["one_process"], r["pipeline"], r["ratio"]
+        p(f"| {r['threads']} | {r['rounds']} | {one['median']:.1f} ({one['min']:.1f}–{one['max']:.1f}) | "
+          f"{pipe['median']:.1f} ({pipe['min']:.1f}–{pipe['max']:.1f}) | "
+          f"{ratio['median']:.1%} ({ratio['min']:.1%}–{ratio['max']:.1%}) | "
+          f"{r['rounds_at_target']} of {r['rounds']} |")
+    p("")
+
+
+def pipeline_section(p, runs, netns_log, paired=None):
     """Issue 3's figures: the model split over worker processes, beside the one-process run of the same pass."""
     def find(shards, test, batch=1, threads=2):
         for r in runs:
@@ -301,6 +326,8 @@ def pipeline_section(p, runs, netns_log):
             p(f"- {n} shards, each worker once loaded: {parts}.")
     p("- Target (issue 3): 2 shards ≥ 95% of 1 shard, single stream.")
     p("")
+    if paired:
+        pipeline_paired_section(p, paired)
     lines = [l for l in netns_log.splitlines() if l.startswith(("netns ", "delay:", "skipped"))]
     if lines:
         base = find(1, "tg128", threads=1)

@@ -63,6 +63,10 @@ env -u CARGO_TARGET_DIR bash "$here/anchors.sh" --out "$out/anchors.json" --hf "
   # Baseline for the delayed-link runs below, whose workers have one thread each.
   "$bin" bench --model "$model" --pp 0 --tg 128 --threads 1 --dtype bf16 --repeats "$repeats" --json
 } > "$out/pipeline.jsonl"
+# Issue 3's ratio once more, in alternating back-to-back rounds (2 threads per process: the workers share
+# the cores; 1 thread each: every worker has a core of its own).
+python3 "$here/pipeline_paired.py" --computepool "$bin" --model "$model" --rounds "$rounds" --threads 2 --threads 1 \
+  > "$out/pipeline-paired.jsonl"
 # The orchestrator (issue 4): what its HTTP API adds to time to first token and decode, against the same
 # 2-worker pipeline reached directly, in alternating back-to-back requests (bench_api.rs).
 "$bin" bench --model "$model" --shards 2 --api --tg 128 --threads 1 --dtype bf16 --repeats "$repeats" > "$out/api.jsonl"
@@ -74,5 +78,5 @@ bash scripts/build-plugins.sh
 uptime > "$out/samplers.uptime"
 "$bin" plugin bench --model "$model" --plugins plugins/samplers --threads 2 --json > "$out/samplers.jsonl"
 uptime >> "$out/samplers.uptime"
-python3 "$here/report.py" --anchors "$out/anchors.json" --ours "$out/computepool.jsonl" --quantized "q4_1=$out/computepool-q4_1.jsonl" --paired "$out/paired.jsonl" --pipeline "$out/pipeline.jsonl" --netns "$out/netns.log" --api "$out/api.jsonl" --samplers "$out/samplers.jsonl" --samplers-uptime "$out/samplers.uptime" > docs/BENCHMARKS.md
+python3 "$here/report.py" --anchors "$out/anchors.json" --ours "$out/computepool.jsonl" --quantized "q4_1=$out/computepool-q4_1.jsonl" --paired "$out/paired.jsonl" --pipeline "$out/pipeline.jsonl" --pipeline-paired "$out/pipeline-paired.jsonl" --netns "$out/netns.log" --api "$out/api.jsonl" --samplers "$out/samplers.jsonl" --samplers-uptime "$out/samplers.uptime" > docs/BENCHMARKS.md
 echo "wrote docs/BENCHMARKS.md"

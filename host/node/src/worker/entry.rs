@@ -369,25 +369,27 @@ impl Entry {
                 Delivery::Token(token) => {
                     let text = output.push(token).map_err(|e| Event::Error { code: ErrorKind::Internal, message: e.to_string() })?;
                     let text = text.to_string();
+                    let Some(reason) = output.finish_reason() else {
+                        // The next step goes to the engine before the token goes to the client: the step
+                        // is the pipeline's critical path, the client's write is not. (A client that is
+                        // gone by then costs one step, which the request's `end` frames discard.)
+                        self.engine
+                            .send(EngineJob::Step { request: id.clone(), start_pos: pos, input: StepData::Tokens(vec![token]) })
+                            .await
+                            .map_err(|_| gone())?;
+                        pos += 1;
+                        write_event(send, &Event::Token { token, text }).await?;
+                        continue;
+                    };
                     write_event(send, &Event::Token { token, text }).await?;
-                    if let Some(reason) = output.finish_reason() {
-                        let finish_reason = match reason {
-                            generate::FinishReason::Length => FinishReason::Length,
-                            generate::FinishReason::Stop | generate::FinishReason::StopString => FinishReason::Stop,
-                        };
-                        let done = Event::Done {
-                            finish_reason,
-                            prompt_tokens: prompt.len(),
-                            completion_tokens: output.tokens().len(),
-                        };
-                        write_event(send, &done).await?;
-                        return Ok(());
-                    }
-                    self.engine
-                        .send(EngineJob::Step { request: id.clone(), start_pos: pos, input: StepData::Tokens(vec![token]) })
-                        .await
-                        .map_err(|_| gone())?;
-                    pos += 1;
+                    let finish_reason = match reason {
+                        generate::FinishReason::Length => FinishReason::Length,
+                        generate::FinishReason::Stop | generate::FinishReason::StopString => FinishReason::Stop,
+                    };
+                    let done =
+                        Event::Done { finish_reason, prompt_tokens: prompt.len(), completion_tokens: output.tokens().len() };
+                    write_event(send, &done).await?;
+                    return Ok(());
                 }
             }
         }

@@ -1,0 +1,73 @@
+#!/usr/bin/env python3
+"""Single-stream decode through a 2-worker pipeline against the one-process engine, in alternating rounds.
+
+Issue 3's target (2 shards ≥ 95% of 1 shard) is a 5% question, and on this shared VM one pass of the
+one-process engine moves 10-20% from one minute to the next. So, as paired.py does for llama.cpp, each
+round runs `computepool bench --tg 128` (one process) and `computepool bench --shards 2 --tg 128` (two
+worker processes on loopback, measured through the entry's request API) back to back with the same
+threads, the order alternating between rounds, and the ratio is taken within the round.
+
+    pipeline_paired.py --computepool BIN --model DIR [--rounds 7] [--tg 128] [--threads 2 --threads 1]
+
+One JSON line per thread count: both sides' per-round tokens/s and the per-round ratios.
+"""
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+
+def tg(binary, model, tg_tokens, threads, shards):
+    cmd = [binary, "bench", "--model", model, "--pp", "0", "--tg", str(tg_tokens), "--threads", str(threads),
+           "--dtype", "bf16", "--repeats", "1", "--json"]
+    if shards > 1:
+        cmd += ["--shards", str(shards)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=900).stdout
+    rows = [json.loads(l) for l in out.splitlines() if l.startswith("{")]
+    rows = [r for r in rows if r["test"] == f"tg{tg_tokens}" and r["batch"] == 1]
+    if len(rows) != 1:
+        raise RuntimeError(f"computepool bench printed {len(rows)} tg{tg_tokens} rows: {out[:400]}")
+    return float(rows[0]["tokens_per_s_median"])
+
+
+def spread(xs):
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--computepool", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--tg", type=int, default=128)
+    ap.add_argument("--shards", type=int, default=2)
+    ap.add_argument("--threads", type=int, action="append", help="threads per process; repeatable (default 2)")
+    a = ap.parse_args()
+    if a.rounds < 1 or a.shards < 2:
+        ap.error("--rounds must be at least 1 and --shards at least 2")
+    for threads in a.threads or [2]:
+        one, pipe, ratios = [], [], []
+        for r in range(a.rounds):
+            if r % 2 == 1:
+                p = tg(a.computepool, a.model, a.tg, threads, a.shards)
+                o = tg(a.computepool, a.model, a.tg, threads, 1)
+            else:
+                o = tg(a.computepool, a.model, a.tg, threads, 1)
+                p = tg(a.computepool, a.model, a.tg, threads, a.shards)
+            one.append(o)
+            pipe.append(p)
+            ratios.append(p / o)
+            print(f"[pipeline-paired {time.strftime('%H:%M:%S')}] {threads} threads, round {r + 1}/{a.rounds}: "
+                  f"1 process {o:.1f}, {a.shards} shards {p:.1f} tok/s, ratio {p / o:.3f}", file=sys.stderr)
+        print(json.dumps({
+            "threads": threads, "shards": a.shards, "test": f"tg{a.tg}", "rounds": a.rounds,
+            "one_process_ts": one, "pipeline_ts": pipe, "ratios": ratios,
+            "one_process": spread(one), "pipeline": spread(pipe), "ratio": spread(ratios),
+            "rounds_at_target": sum(1 for x in ratios if x >= 0.95),
+        }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
