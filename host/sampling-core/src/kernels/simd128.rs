@@ -113,7 +113,7 @@ pub(crate) fn weigh_block<const MIN_P: bool>(
     let (max, scale, min_p) = (f32x4_splat(max), f32x4_splat(scale), f32x4_splat(min_p));
     let mut sums = [f32x4_splat(0.0); VECTORS];
     let mut peaks = [f32x4_splat(0.0); VECTORS];
-    for r in 0..BLOCK / LANES {
+    let mut weigh_row = |r: usize| {
         for v in 0..VECTORS {
             let w = weight4::<MIN_P>(load(row(logits, r), v), max, scale, min_p);
             // SAFETY: entries r·16 + 4v … + 3 are inside the block (r < 4, v < 4).
@@ -121,7 +121,14 @@ pub(crate) fn weigh_block<const MIN_P: bool>(
             sums[v] = f32x4_add(sums[v], w);
             peaks[v] = larger4(peaks[v], w);
         }
-    }
+    };
+    // The four rows written out rather than looped over: LLVM keeps a loop of them (it does not unroll a
+    // body this long), and each iteration costs a guest a branch and a fuel check.
+    const _: () = assert!(BLOCK / LANES == 4);
+    weigh_row(0);
+    weigh_row(1);
+    weigh_row(2);
+    weigh_row(3);
     (fold(sums, |a, b| f32x4_add(a, b), |a, b| a + b), fold(peaks, larger4, larger))
 }
 
