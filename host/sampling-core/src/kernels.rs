@@ -1,12 +1,22 @@
 //! The loops that touch every vocabulary entry: the maximum, the argmax, the weights and the block sums.
 //!
-//! They are plain Rust over fixed-size arrays of [`LANES`] values, so LLVM vectorises them on both targets
-//! (SSE/AVX natively, simd128 in the guests) and the result is the same bits either way: every operation
-//! is a lane-wise IEEE f32 operation (`+ - * <`, selects, integer adds on the bits), and the order of
-//! every sum is written out here, not left to the vectoriser (LLVM never reorders float additions without
-//! fast-math, which Rust never enables).
+//! Every operation in them is a lane-wise IEEE f32 operation (`+ - * <`, selects, integer adds on the
+//! bits) over rows of [`LANES`] values, and the order of every sum is written out, not left to the
+//! vectoriser (LLVM never reorders float additions without fast-math, which Rust never enables). So the
+//! result is the same bits at any vector width: portable Rust that LLVM vectorises natively
+//! (`kernels/lanes.rs`, SSE/AVX2/AVX-512 through `dispatch`), explicit simd128 in the guests
+//! (`kernels/simd128.rs`).
 
 use crate::BLOCK;
+
+// The loops over rows of 16 lanes, the ones that touch every entry. Portable Rust that LLVM vectorises
+// natively; explicit simd128 in the guests, where LLVM left the weight pass and the block reductions scalar
+// (and a guest pays fuel for every instruction). Same operations lane for lane, so the same bits.
+#[cfg_attr(all(target_arch = "wasm32", target_feature = "simd128"), path = "kernels/simd128.rs")]
+#[cfg_attr(not(all(target_arch = "wasm32", target_feature = "simd128")), path = "kernels/lanes.rs")]
+mod rows;
+
+pub(crate) use rows::{lane_sum_before, max_value};
 
 /// Lanes of the explicit-lane loops: 4 simd128 vectors, 2 AVX2 vectors, 1 AVX-512 vector.
 pub(crate) const LANES: usize = 16;
@@ -16,50 +26,21 @@ pub const FLOOR_LOG2: f32 = -40.0;
 
 /// 1.5 · 2²³: adding it to an f32 in [-2²², 2²²] rounds it to an integer (to nearest, ties to even), which
 /// then sits in the low mantissa bits.
-const ROUND_SHIFT: f32 = 12_582_912.0;
+pub(crate) const ROUND_SHIFT: f32 = 12_582_912.0;
 
 /// 2ᶠ ≈ 1 + f·(C1 + f·(C2 + f·(C3 + f·(C4 + f·C5)))) on [-½, ½]: a degree-5 fit of the relative error
 /// (under 2e-7 with the f32 Horner evaluation below, rounding included; the crate's tests measure it over
 /// a million points). Given as bits so a port gets exactly these values.
-const C1: f32 = f32::from_bits(0x3f31_7215); // 0.693147003…
-const C2: f32 = f32::from_bits(0x3e75_fcde); // 0.240222424…
-const C3: f32 = f32::from_bits(0x3d63_5ba9); // 0.055507335…
-const C4: f32 = f32::from_bits(0x3c1e_7544); // 0.009671513…
-const C5: f32 = f32::from_bits(0x3aad_dd07); // 0.001326472…
+pub(crate) const C1: f32 = f32::from_bits(0x3f31_7215); // 0.693147003…
+pub(crate) const C2: f32 = f32::from_bits(0x3e75_fcde); // 0.240222424…
+pub(crate) const C3: f32 = f32::from_bits(0x3d63_5ba9); // 0.055507335…
+pub(crate) const C4: f32 = f32::from_bits(0x3c1e_7544); // 0.009671513…
+pub(crate) const C5: f32 = f32::from_bits(0x3aad_dd07); // 0.001326472…
 
 #[inline(always)]
-fn larger(m: f32, v: f32) -> f32 {
+pub(crate) fn larger(m: f32, v: f32) -> f32 {
     // `>` never takes NaN and keeps the earlier value on ties.
     if v > m { v } else { m }
-}
-
-/// Folds lanes in halves (lane i with lane i + h, h = 8, 4, 2, 1) with `op`. Written out level by level
-/// over fixed-size arrays, so that LLVM keeps the first levels in vectors instead of spilling the lanes.
-#[inline(always)]
-fn fold_halves(lanes: [f32; LANES], op: impl Fn(f32, f32) -> f32) -> f32 {
-    let mut eight = [0.0f32; 8];
-    for i in 0..8 {
-        eight[i] = op(lanes[i], lanes[i + 8]);
-    }
-    let mut four = [0.0f32; 4];
-    for i in 0..4 {
-        four[i] = op(eight[i], eight[i + 4]);
-    }
-    op(op(four[0], four[2]), op(four[1], four[3]))
-}
-
-/// The largest non-NaN value; -∞ when there is none. (Which of +0 and -0 it returns when both tie for
-/// the largest is unspecified; nothing downstream can tell them apart.)
-#[inline(always)]
-pub(crate) fn max_value(values: &[f32]) -> f32 {
-    let (rows, rest) = values.as_chunks::<LANES>();
-    let mut lanes = [f32::NEG_INFINITY; LANES];
-    for row in rows {
-        for i in 0..LANES {
-            lanes[i] = larger(lanes[i], row[i]);
-        }
-    }
-    rest.iter().fold(fold_halves(lanes, larger), |m, &v| larger(m, v))
 }
 
 /// Entries per chunk of [`argmax`]'s pass: small enough that finding the index inside the winning
@@ -105,7 +86,7 @@ pub fn weight(l: f32, max: f32, scale: f32, min_p: f32) -> f32 {
 /// [`weight`]; `MIN_P` false skips the min-p comparison, which is only valid when `min_p == 0`, where it
 /// cannot change anything (every weight over the floor is positive).
 #[inline(always)]
-fn weight_with<const MIN_P: bool>(l: f32, max: f32, scale: f32, min_p: f32) -> f32 {
+pub(crate) fn weight_with<const MIN_P: bool>(l: f32, max: f32, scale: f32, min_p: f32) -> f32 {
     let y = (l - max) * scale;
     let shifted = y + ROUND_SHIFT;
     let k = shifted - ROUND_SHIFT;
@@ -118,23 +99,6 @@ fn weight_with<const MIN_P: bool>(l: f32, max: f32, scale: f32, min_p: f32) -> f
     // are discarded here.
     let kept = y >= FLOOR_LOG2 && (!MIN_P || w >= min_p);
     if kept { w } else { 0.0 }
-}
-
-/// Step 5's sum of one block (16 lanes from 0, `lane[i % 16] += w[i]`, folded in halves) with every entry
-/// not ranked before `pivot` counted as 0 (`start`: the block's first stored index).
-#[inline(always)]
-pub(crate) fn lane_sum_before(weights: &[f32; BLOCK], start: u32, pivot: crate::nucleus::Pivot) -> f32 {
-    let mut lanes = [0.0f32; LANES];
-    for (r, row) in weights.as_chunks::<LANES>().0.iter().enumerate() {
-        for i in 0..LANES {
-            let w = row[i];
-            let index = start + (r * LANES + i) as u32;
-            // Branch-free (`&`, `|` on bools), so that the pass vectorises.
-            let before = (w > pivot.weight) | ((w == pivot.weight) & (index < pivot.index));
-            lanes[i] += if before { w } else { 0.0 };
-        }
-    }
-    fold_halves(lanes, |a, b| a + b)
 }
 
 /// Entries per group of the maximum pass: a group whose maximum is under the floor is skipped whole.
@@ -218,23 +182,10 @@ fn weigh_blocks_with<const MIN_P: bool>(
         }
         let block = blocks.get(b).unwrap_or(&padded);
         let slot = &mut slots[stored];
-        // Rows of 16 lanes, so that each step of the loop is several vectors wide (LLVM does not unroll
-        // for wasm on its own, and wasmtime meters fuel per loop iteration). The sum (step 5's lanes, in
-        // the order of `lane_sum_before`) and the peak are taken from the weights as they are computed, while
-        // they are still in registers.
-        let mut sums = [0.0f32; LANES];
-        let mut peaks = [0.0f32; LANES];
-        for (weights, logits) in slot.as_chunks_mut::<LANES>().0.iter_mut().zip(block.as_chunks::<LANES>().0) {
-            for i in 0..LANES {
-                let w = weight_with::<MIN_P>(logits[i], max, scale, min_p);
-                weights[i] = w;
-                sums[i] += w;
-                peaks[i] = larger(peaks[i], w);
-            }
-        }
+        let (sum, peak) = rows::weigh_block::<MIN_P>(block, slot, max, scale, min_p);
         out.live.push(b as u32);
-        out.sums.push(fold_halves(sums, |a, b| a + b));
-        out.peaks.push(fold_halves(peaks, larger));
+        out.sums.push(sum);
+        out.peaks.push(peak);
         stored += 1;
     }
 }

@@ -62,7 +62,7 @@
 //! the draw (the nucleus is never collected or sorted: on a flat row it holds tens of thousands of
 //! tokens). Greedy is one vectorised pass (the maximum of each 256-entry chunk, keeping the first chunk
 //! with the largest), then a scan of that one chunk. The loops are written in explicit lanes
-//! (`kernels.rs`) so that LLVM vectorises them natively and for wasm simd128 alike.
+//! (`kernels.rs`): portable Rust that LLVM vectorises natively, explicit simd128 vectors in the guests.
 #![no_std]
 
 extern crate alloc;
