@@ -1,0 +1,89 @@
+//! Where a pipeline's decode time goes: the whole model against the same model as two shards in ONE
+//! process, token by token, so the split itself (two forwards, a hidden state handed over) is measured
+//! without processes, sockets or wake-ups in between.
+//!
+//! ```text
+//! cargo run --release -p computepool-engine --example split_speed -- MODEL_DIR [--threads 2] [--tg 128]
+//!     [--rounds 6] [--nap-us 0]
+//! ```
+//! `--nap-us N` sleeps N µs before each shard's step with the backend's threads released, as a pipeline
+//! worker does while it waits for its neighbour; comparing it with 0 shows what falling asleep and
+//! waking up costs a step on this machine. Reported per round: ms per token of the whole model and of
+//! the split (with each shard's share); the naps themselves are not counted.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use computepool_engine::DType;
+use computepool_engine::backend::cpu::CpuBackend;
+use computepool_engine::model::{LoadOptions, ModelSource, StepInput, StepOutput};
+use computepool_engine::sampling::argmax;
+use computepool_engine::shard::LayerRange;
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let dir = PathBuf::from(args.next().context("usage: split_speed MODEL_DIR [--threads N] [--tg N] [--rounds N] [--nap-us N]")?);
+    let (mut threads, mut tg, mut rounds, mut nap_us) = (2usize, 128usize, 6usize, 0u64);
+    while let Some(flag) = args.next() {
+        let value: u64 = args.next().with_context(|| format!("{flag} needs a value"))?.parse().with_context(|| flag.clone())?;
+        match flag.as_str() {
+            "--threads" => threads = value as usize,
+            "--tg" => tg = value as usize,
+            "--rounds" => rounds = value as usize,
+            "--nap-us" => nap_us = value,
+            other => bail!("unknown flag {other}"),
+        }
+    }
+    let backend = Arc::new(CpuBackend::new(threads));
+    let source = ModelSource::from_path(&dir)?;
+    let layers = source.config()?.num_layers;
+    let load = |range| source.load_shard(&LoadOptions { dtype: DType::Bf16, range, progress: false }, backend.clone());
+    let whole = load(None)?;
+    let entry = load(Some(LayerRange::new(0, layers / 2, layers)?))?;
+    let exit = load(Some(LayerRange::new(layers / 2, layers, layers)?))?;
+    let nap = || {
+        if nap_us > 0 {
+            backend.release_idle_threads();
+            std::thread::sleep(Duration::from_micros(nap_us));
+        }
+    };
+    let logits = |out: StepOutput| match out {
+        StepOutput::Logits(l) => Ok(l),
+        StepOutput::Hidden(_) => bail!("an exit shard returns logits"),
+    };
+    for round in 0..rounds {
+        let mut cache = whole.new_cache();
+        let mut token = 1u32;
+        let started = Instant::now();
+        for _ in 0..tg {
+            token = argmax(&logits(whole.forward(StepInput::Tokens(&[token]), &mut cache)?)?) as u32;
+        }
+        let whole_ms = started.elapsed().as_secs_f64() * 1e3 / tg as f64;
+
+        let (mut entry_cache, mut exit_cache) = (entry.new_cache(), exit.new_cache());
+        let (mut entry_s, mut exit_s) = (0.0, 0.0);
+        let mut token = 1u32;
+        for _ in 0..tg {
+            nap();
+            let t0 = Instant::now();
+            let StepOutput::Hidden(hidden) = entry.forward(StepInput::Tokens(&[token]), &mut entry_cache)? else {
+                bail!("an entry shard returns hidden states")
+            };
+            entry_s += t0.elapsed().as_secs_f64();
+            nap();
+            let t1 = Instant::now();
+            token = argmax(&logits(exit.forward(StepInput::Hidden(&hidden), &mut exit_cache)?)?) as u32;
+            exit_s += t1.elapsed().as_secs_f64();
+        }
+        let per = |s: f64| s * 1e3 / tg as f64;
+        println!(
+            "round {round}: whole {whole_ms:.2} ms/token, split {:.2} (entry {:.2}, exit {:.2})",
+            per(entry_s + exit_s),
+            per(entry_s),
+            per(exit_s)
+        );
+    }
+    Ok(())
+}
