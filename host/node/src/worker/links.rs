@@ -2,6 +2,10 @@
 //! redialled with backoff), and the router that sends each request's frames to the next hop its route
 //! names. Frames are numbered per request on each link here, on the way out, and checked on the way in.
 //!
+//! A link is carried one of two ways ([`Carrier`]): a QUIC connection of this worker's own (iroh), or
+//! a Gensyn AXL daemon's `POST /send`, one frame per message. Everything above the link task (routes,
+//! numbering, failing the requests of a lost link) is the same for both.
+//!
 //! ```text
 //!   compute thread ─┐                          ┌─▶ link to peer A ─▶ QUIC stream
 //!   request handlers├─▶ outbound ─▶ router ────┼─▶ link to peer B ─▶ QUIC stream
@@ -17,6 +21,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use computepool_axl::bridge::{AxlClient, AxlPeerId};
 use computepool_axl::frame::{ControlHeader, ErrorCode, Frame, FrameHeader, FrameLimits, RequestId, SequenceCounter};
 use computepool_axl::transport::{FRAMES_ALPN, FrameWriter, PeerId, ShardPeer, Topology, Transport, describe_close};
 use tokio::sync::{mpsc, watch};
@@ -111,9 +116,23 @@ struct Link {
     state: watch::Receiver<LinkState>,
 }
 
+/// How this worker's frames reach its peers.
+#[derive(Clone)]
+pub enum Carrier {
+    /// A QUIC connection per peer, dialled by this worker (docs/PROTOCOL.md §11).
+    Quic(Transport),
+    /// The operator's Gensyn AXL daemon: each frame is one `POST /send` to the peer's key, which is
+    /// its peer id in the topology (docs/PROTOCOL.md §13).
+    Axl(AxlClient),
+}
+
+/// How long an AXL peer whose daemon refused a send counts as down before the next frame for it is
+/// tried again. AXL has no connection to redial: trying is the only way to learn it is back.
+const AXL_RETRY_AFTER: Duration = Duration::from_millis(500);
+
 /// Every link this worker has dialled, by peer. Links are made on first use and kept.
 pub struct Links {
-    transport: Transport,
+    carrier: Carrier,
     limits: FrameLimits,
     topology: Arc<Topology>,
     map: Mutex<HashMap<PeerId, Link>>,
@@ -129,8 +148,19 @@ impl Links {
         }
         let shard = self.topology.shard(peer)?.clone();
         let (tx, rx) = mpsc::channel(1024);
-        let (state_tx, state) = watch::channel(LinkState::Connecting);
-        tokio::spawn(run_link(self.transport.clone(), shard, rx, state_tx, self.limits, self.lost.clone()));
+        let state = match &self.carrier {
+            Carrier::Quic(transport) => {
+                let (state_tx, state) = watch::channel(LinkState::Connecting);
+                tokio::spawn(run_link(transport.clone(), shard, rx, state_tx, self.limits, self.lost.clone()));
+                state
+            }
+            // No connection to make: a link over AXL is up until a send to the peer fails.
+            Carrier::Axl(client) => {
+                let (state_tx, state) = watch::channel(LinkState::Up);
+                tokio::spawn(run_axl_link(client.clone(), shard, rx, state_tx, self.lost.clone()));
+                state
+            }
+        };
         let link = Link { tx, state };
         map.insert(*peer, link.clone());
         Some(link)
@@ -179,7 +209,8 @@ pub struct Router {
 
 /// Starts the router; returns the links (the entry waits on them) and the router's task handle.
 pub fn spawn_router(
-    transport: Transport,
+    me: PeerId,
+    carrier: Carrier,
     topology: Arc<Topology>,
     limits: FrameLimits,
     outbound: mpsc::Receiver<Outbound>,
@@ -187,8 +218,7 @@ pub fn spawn_router(
     local: Option<FailureSink>,
 ) -> Arc<Links> {
     let (lost_tx, lost_rx) = mpsc::unbounded_channel();
-    let me = transport.id();
-    let links = Arc::new(Links { transport, limits, topology, map: Mutex::new(HashMap::new()), lost: lost_tx });
+    let links = Arc::new(Links { carrier, limits, topology, map: Mutex::new(HashMap::new()), lost: lost_tx });
     let router = Router { me, links: links.clone(), routes: HashMap::new(), engine, local };
     tokio::spawn(router.run(outbound, lost_rx));
     links
@@ -400,6 +430,64 @@ async fn run_link(
         };
         tracing::warn!(peer = %short, "link lost: {reason}");
         down(format!("shard {} (peer {short}) was lost: {reason}", peer.layers));
+    }
+}
+
+/// Sends every frame handed to it to `peer` through the AXL daemon, in order, one message each.
+///
+/// A send the daemon refuses (the peer's daemon cannot be reached, or ours is down) reports the link
+/// lost, so the router fails every request routed over it, and counts the peer down for
+/// [`AXL_RETRY_AFTER`]; frames that arrive meanwhile belong to those failed requests and are discarded.
+/// After that the link counts as up again and the next frame tries. A send that succeeds says only
+/// that the daemon took the message: a frame lost further on is found by the receiver's sequence
+/// check, a stopped peer by the entry's progress timeout. Returns when the router goes away.
+async fn run_axl_link(
+    client: AxlClient,
+    peer: ShardPeer,
+    mut inbox: mpsc::Receiver<LinkMsg>,
+    state: watch::Sender<LinkState>,
+    lost: mpsc::UnboundedSender<(PeerId, String)>,
+) {
+    let short = peer.peer.fmt_short().to_string();
+    let destination = AxlPeerId::from_bytes(*peer.peer.as_bytes());
+    let mut numbering = Numbering::default();
+    let mut down_until: Option<tokio::time::Instant> = None;
+    loop {
+        let retry = async {
+            match down_until {
+                Some(until) => tokio::time::sleep_until(until).await,
+                None => std::future::pending().await,
+            }
+        };
+        let msg = tokio::select! {
+            msg = inbox.recv() => match msg {
+                Some(msg) => msg,
+                None => return,
+            },
+            () = retry => {
+                // Counted up again, so that the router lets the next request try.
+                down_until = None;
+                state.send_replace(LinkState::Up);
+                continue;
+            }
+        };
+        let mut frame = match msg {
+            LinkMsg::Forget(request) => {
+                numbering.counters.remove(&request);
+                continue;
+            }
+            LinkMsg::Frame(frame) => frame,
+        };
+        if down_until.is_some() || !numbering.stamp(&mut frame) {
+            continue;
+        }
+        if let Err(error) = client.send(&destination, &frame).await {
+            let why = format!("shard {} (peer {short}) cannot be reached over AXL: {error}", peer.layers);
+            tracing::warn!(peer = %short, "AXL send failed: {error}");
+            state.send_replace(LinkState::Down(why.clone()));
+            down_until = Some(tokio::time::Instant::now() + AXL_RETRY_AFTER);
+            let _ = lost.send((peer.peer, why));
+        }
     }
 }
 
