@@ -136,8 +136,16 @@ impl Ctx {
         if inbound.remove(&request).is_some() {
             self.job(EngineJob::End { request: request.clone() }).await;
         } else {
-            // No route through this worker is known for it: its sender, when an entry, is its entry.
-            let Some(entry) = self.topology.shard(from).filter(|s| s.layers.start == 0).map(|s| s.peer) else {
+            // Its start (which names its route) never arrived here: its sender is its entry when it is
+            // one, and so is the pool's only entry.
+            let sender = self.topology.shard(from).filter(|s| s.layers.start == 0);
+            let mut entries = self.topology.entries();
+            let only = match (entries.next(), entries.next()) {
+                (Some(only), None) => Some(only),
+                _ => None,
+            };
+            let Some(entry) = sender.or(only).map(|s| s.peer) else {
+                tracing::warn!(%request, "cannot tell a failed request's entry: its start frame was lost");
                 return;
             };
             self.send_out(Outbound::Route { request: request.clone(), next: entry, entry }).await;
