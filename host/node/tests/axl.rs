@@ -106,6 +106,27 @@ fn a_lost_axl_message_fails_its_request_and_the_next_one_works() {
     assert!(stderr.contains("Sequence") && stderr.contains("dropped"), "unclear error: {stderr}\n{}", axl.logs());
     assert_eq!(axl.cluster.tokens(&args), want, "the next request works");
 
+    // Lose a decode step's activations on their way to the exit: the request stalls (nothing follows
+    // the lost frame), its entry gives up after the progress timeout and ends it, and the exit, seeing
+    // the gap before the `end`, answers with a sequence error — within 2 s, never wrong tokens.
+    let exit = &axl.nodes[2];
+    let settled = |node: &StandinNode| {
+        let before = node.arrivals();
+        std::thread::sleep(Duration::from_millis(200));
+        node.arrivals() == before
+    };
+    assert!(wait_for(Duration::from_secs(5), || settled(exit)), "the exit's daemon keeps receiving");
+    // Per request the exit gets a start, the prefill's activations, then one frame per token.
+    exit.drop_arrival(exit.arrivals() + 5);
+    let started = Instant::now();
+    let out = axl.cluster.client(&args).arg("--json").output().expect("run the client");
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a request that lost a frame must fail, not finish: {stderr}");
+    assert!(stderr.contains("Sequence") && stderr.contains("dropped"), "unclear error: {stderr}\n{}", axl.logs());
+    assert!(took < Duration::from_secs(3), "the request took {took:?} to fail");
+    assert_eq!(axl.cluster.tokens(&args), want, "the next request works");
+
     // A stranger's frame reaches the entry's daemon: dropped, logged, and the pool serves on.
     let stranger = AxlPeerId::from_bytes([0x5a; 32]);
     let token = TokenHeader { request: RequestId::new("stranger-1").expect("id"), seq: 0, tokens: vec![1], finish: None };

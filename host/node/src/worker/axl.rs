@@ -29,6 +29,10 @@ use super::engine_loop::EngineJob;
 use super::links::Outbound;
 use super::{Ctx, Inbound};
 
+/// How long a timed-out request's entry waits, after sending its `end`, for a shard to report frames
+/// of it lost (docs/PROTOCOL.md §13): a few hops of loopback HTTP and one poll interval each.
+pub(super) const LOST_FRAME_PROBE: Duration = Duration::from_millis(250);
+
 /// How long a starting worker waits for its daemon's API to answer (the daemon may be starting too).
 const DAEMON_WAIT: Duration = Duration::from_secs(10);
 

@@ -269,6 +269,7 @@ async fn serve(
                 FrameTransport::Iroh => Duration::from_secs(args.step_timeout_s),
                 FrameTransport::Axl => Duration::from_millis(args.progress_timeout_ms),
             },
+            lost_frame_probe: (args.transport == FrameTransport::Axl).then_some(axl::LOST_FRAME_PROBE),
             samplers: samplers.clone(),
         };
         let routing = entry::Routing { topology: topology.clone(), me, links: links.clone() };
