@@ -36,10 +36,27 @@ pub(super) const LOST_FRAME_PROBE: Duration = Duration::from_millis(250);
 /// How long a starting worker waits for its daemon's API to answer (the daemon may be starting too).
 const DAEMON_WAIT: Duration = Duration::from_secs(10);
 
+/// The smallest `--axl-max-message-bytes` taken: room for a header and a few rows of any model's
+/// activations per chunk.
+const MIN_MESSAGE_SIZE: u64 = 1024 * 1024;
+
+/// Frame limits for daemons whose `max_message_size` is `max_message`: frames no larger (activations
+/// are chunked to fit, docs/PROTOCOL.md §5), never larger than the default either.
+pub(super) fn frame_limits(max_message: u64) -> anyhow::Result<FrameLimits> {
+    if max_message < MIN_MESSAGE_SIZE {
+        bail!("--axl-max-message-bytes {max_message} is below the {MIN_MESSAGE_SIZE} bytes a frame needs");
+    }
+    Ok(FrameLimits { max_frame_len: max_message.min(FrameLimits::DEFAULT.max_frame_len), ..FrameLimits::DEFAULT })
+}
+
 /// A client of the daemon at `api`, once the daemon answers and is found to run with this worker's
 /// key `me`.
 pub(super) async fn connect(api: &str, me: &PeerId, limits: FrameLimits) -> anyhow::Result<AxlClient> {
-    let config = AxlClientConfig { frame_limits: limits, ..AxlClientConfig::with_base_url(api) };
+    let config = AxlClientConfig {
+        frame_limits: limits,
+        max_message_size: limits.max_frame_len,
+        ..AxlClientConfig::with_base_url(api)
+    };
     let client = AxlClient::new(config)?;
     let started = tokio::time::Instant::now();
     let topology = loop {
@@ -168,5 +185,22 @@ impl Ctx {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_limits_follow_the_daemons_message_size() {
+        assert_eq!(frame_limits(16 * 1024 * 1024).expect("the default"), FrameLimits::DEFAULT);
+        let small = frame_limits(2 * 1024 * 1024).expect("a lowered limit");
+        assert_eq!(small.max_frame_len, 2 * 1024 * 1024);
+        assert_eq!(small.max_header_len, FrameLimits::DEFAULT.max_header_len);
+        // Never above the frame limit every peer decodes with.
+        assert_eq!(frame_limits(64 * 1024 * 1024).expect("a raised limit"), FrameLimits::DEFAULT);
+        let error = frame_limits(1000).unwrap_err().to_string();
+        assert!(error.contains("--axl-max-message-bytes 1000"), "{error}");
     }
 }

@@ -127,6 +127,10 @@ pub struct WorkerArgs {
     /// longest step (the prefill of the longest prompt) on the slowest route.
     #[arg(long, default_value_t = 1000)]
     pub progress_timeout_ms: u64,
+    /// (--transport axl) the daemons' `max_message_size`, in bytes: no frame is made larger (long
+    /// prompts go as more chunks). Every AXL worker of the pool must use the same value.
+    #[arg(long, default_value_t = computepool_axl::bridge::api::DEFAULT_MAX_MESSAGE_SIZE)]
+    pub axl_max_message_bytes: u64,
 }
 
 /// How frames travel between workers.
@@ -223,7 +227,10 @@ async fn serve(
     tconfig.peer_timeout = Duration::from_millis(args.peer_timeout_ms);
     tconfig.keep_alive = tconfig.peer_timeout / 6;
     let transport = Transport::bind(tconfig).await?;
-    let limits = FrameLimits::DEFAULT;
+    let limits = match args.transport {
+        FrameTransport::Iroh => FrameLimits::DEFAULT,
+        FrameTransport::Axl => axl::frame_limits(args.axl_max_message_bytes)?,
+    };
     let hidden = shard.config().hidden_size;
     let cfg = shard.config().clone();
     let is_exit = shard.range().is_exit();
