@@ -374,8 +374,15 @@ async fn end_frees_tracking_state() {
     sender.send(b.peer_id(), &Frame::end(rid("req-1"), 1)).await.expect("sends");
     assert_eq!(next_frame(&mut inbox).await.1, Frame::end(rid("req-1"), 1));
     assert_eq!(inbox.tracked_requests(), 2);
-    // An end after a gap still ends the request (a log line, not an error).
+    // An end after a gap still ends the request, right after the gap is reported (frames 1 to 6 of
+    // req-2 never came: a request stalled by a lost frame learns it when its entry ends it).
     sender.send(b.peer_id(), &Frame::end(rid("req-2"), 7)).await.expect("sends");
+    match next(&mut inbox).await {
+        Err(InboxError::Sequence { request, error: SequenceError::Dropped { expected: 1, got: 7 }, .. }) => {
+            assert_eq!(request, rid("req-2"))
+        }
+        other => panic!("expected the gap before the end, got {other:?}"),
+    }
     assert_eq!(next_frame(&mut inbox).await.1, Frame::end(rid("req-2"), 7));
     assert_eq!(inbox.tracked_requests(), 1);
     // A frame of an ended request arriving late is discarded and starts no new tracker.

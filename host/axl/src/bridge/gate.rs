@@ -6,13 +6,17 @@
 //! - **active**: a [`SequenceTracker`] waits for the next seq; in-order frames are delivered.
 //! - **failed**: a gap or step back was reported once; later frames are discarded (not reported
 //!   again) until the request's `end` or `error` frame, which is still delivered.
+//!
+//! An `end` is delivered whatever its seq; when its seq shows frames missing before it, the gap is
+//! reported first (a frame lost in the token loop stalls its request, and the `end` its entry sends
+//! on giving up is the first frame after the gap).
 //! - **closed**: ended (`end`/`error`), refused, forgotten, or its sender sent `unload`; its tracking
 //!   state is freed and a bounded memory of closed requests discards late frames, so a frame that
 //!   overtook nothing but arrives after the end does not start a new, bogus tracker.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use crate::frame::{ControlHeader, Frame, FrameHeader, RequestId, SequenceTracker};
+use crate::frame::{ControlHeader, Frame, FrameHeader, RequestId, SequenceError, SequenceTracker};
 
 use super::error::InboxError;
 use super::peer_id::AxlPeerId;
@@ -26,6 +30,10 @@ pub(crate) enum Verdict {
     Reject(InboxError),
     /// Drop it quietly: its request already failed or is over. The reason is for the debug log.
     Discard(&'static str),
+    /// An `end` whose seq shows that frames of its request before it never arrived: report this, then
+    /// hand the `end` on. A lost frame in a pipeline's token loop stalls its request (nothing follows
+    /// it to show the gap), so the `end` its entry sends when it gives up is what reveals the loss.
+    DeliverAfterGap(InboxError),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,11 +91,23 @@ impl SequenceGate {
                 Some(RequestState::Failed) => None,
                 None => Some(0),
             };
-            if expected.is_some_and(|expected| expected != seq) {
-                tracing::debug!(peer = %from.short(), %request, seq, ?expected, "request ended after a gap in its frames");
-            }
             self.remember_closed(link);
-            return Verdict::Deliver;
+            return match expected.filter(|&expected| expected != seq) {
+                Some(expected) if matches!(frame.header, FrameHeader::Control(ControlHeader::End { .. })) => {
+                    let error = if seq > expected {
+                        SequenceError::Dropped { expected, got: seq }
+                    } else {
+                        SequenceError::Reordered { expected, got: seq }
+                    };
+                    Verdict::DeliverAfterGap(InboxError::Sequence { from: *from, request: request.clone(), error })
+                }
+                Some(expected) => {
+                    // An `error` after a gap: the request is failing anyway.
+                    tracing::debug!(peer = %from.short(), %request, seq, expected, "request failed after a gap in its frames");
+                    Verdict::Deliver
+                }
+                None => Verdict::Deliver,
+            };
         }
         if let Some(state) = self.requests.get_mut(&link) {
             return match state {
@@ -260,6 +280,33 @@ mod tests {
     }
 
     #[test]
+    fn an_end_after_a_gap_reports_it_then_is_delivered() {
+        let mut g = gate();
+        for seq in 0..3 {
+            assert_eq!(g.admit(&peer(1), &token("a", seq)), Verdict::Deliver);
+        }
+        // Frame 3 was lost, then the request stalled; its entry gave up and sent `end` as frame 4.
+        assert_eq!(
+            g.admit(&peer(1), &Frame::end(rid("a"), 4)),
+            Verdict::DeliverAfterGap(InboxError::Sequence {
+                from: peer(1),
+                request: rid("a"),
+                error: SequenceError::Dropped { expected: 3, got: 4 }
+            })
+        );
+        assert_eq!(g.tracked(), 0);
+        assert_eq!(g.admit(&peer(1), &token("a", 3)), Verdict::Discard("its request is already over"));
+        // In order, or after a failure already reported, an end is just delivered; so is an error.
+        assert_eq!(g.admit(&peer(1), &token("b", 0)), Verdict::Deliver);
+        assert_eq!(g.admit(&peer(1), &Frame::end(rid("b"), 1)), Verdict::Deliver);
+        assert_eq!(g.admit(&peer(1), &token("c", 0)), Verdict::Deliver);
+        assert!(matches!(g.admit(&peer(1), &token("c", 2)), Verdict::Reject(_)));
+        assert_eq!(g.admit(&peer(1), &Frame::end(rid("c"), 5)), Verdict::Deliver);
+        assert_eq!(g.admit(&peer(1), &token("d", 0)), Verdict::Deliver);
+        assert_eq!(g.admit(&peer(1), &Frame::error(rid("d"), 3, ErrorCode::Internal, "x")), Verdict::Deliver);
+    }
+
+    #[test]
     fn a_step_back_is_reordered() {
         let mut g = gate();
         for seq in 0..3 {
@@ -379,7 +426,7 @@ mod tests {
                 let is_data = kind >= 2 || (kind == 1 && seq != 0);
                 match g.admit(&peer(p), &frame) {
                     Verdict::Deliver if is_data => delivered.entry((p, r)).or_default().push(seq),
-                    Verdict::Deliver => {}
+                    Verdict::Deliver | Verdict::DeliverAfterGap(_) => {}
                     Verdict::Reject(_) | Verdict::Discard(_) => {}
                 }
                 prop_assert!(g.tracked() <= 6);

@@ -69,7 +69,10 @@ impl Default for AxlInboxConfig {
 /// - a gap or step back yields one [`InboxError::Sequence`] for that request; its later frames are
 ///   discarded quietly, and its `end` or `error` frame is still delivered;
 /// - an `end` or `error` frame is delivered whatever its seq and frees the request's tracking;
-///   frames of it arriving later are discarded;
+///   frames of it arriving later are discarded; an `end` whose seq shows frames of its request
+///   missing (and not yet reported) comes right after an [`InboxError::Sequence`] for it — a frame
+///   lost in the token loop stalls its request, and the `end` its entry sends on giving up is the
+///   first to show the gap;
 /// - `unload` is delivered and closes every request of its sender;
 /// - a message that is not a frame yields [`InboxError::InvalidMessage`] listing the sender's
 ///   requests in flight, which fail.
@@ -166,6 +169,13 @@ async fn poll_loop(
                     Verdict::Reject(error) => {
                         tracing::warn!(%error, "AXL inbox failed a request");
                         Err(error)
+                    }
+                    Verdict::DeliverAfterGap(error) => {
+                        tracing::warn!(%error, "AXL inbox found frames of an ended request missing");
+                        if items.send(Err(error)).await.is_err() {
+                            return;
+                        }
+                        Ok((from, frame))
                     }
                     Verdict::Discard(reason) => {
                         tracing::debug!(peer = %from.short(), request = ?frame.header.request(), seq = ?frame.header.seq(), reason, "AXL inbox discarded a frame");

@@ -59,6 +59,11 @@ pub struct EntryConfig {
     /// A request that gets no token for this long is failed (a backstop: a lost shard is normally
     /// noticed within the transport's peer timeout).
     pub step_timeout: Duration,
+    /// When a request times out, first send its `end` and wait this long for a shard to answer that
+    /// frames of it were lost (code `sequence`) before failing it for the timeout. `None` (QUIC):
+    /// fail at once — an ordered stream loses nothing without losing the link. Set over AXL, where a
+    /// lost frame stalls its request and the `end` is the first frame after the gap.
+    pub lost_frame_probe: Option<Duration>,
     /// The samplers a request may name (checked here, run by the exit).
     pub samplers: Arc<crate::samplers::Samplers>,
 }
@@ -203,6 +208,26 @@ impl Entry {
         let _ = self.engine.send(EngineJob::End { request: id.clone() }).await;
         let _ = self.outbound.send(Outbound::Frame(Frame::end(id.clone(), 0))).await;
         result
+    }
+
+    /// Ends a stalled request down its route now and waits up to `wait` for a shard to report that
+    /// frames of it went missing; that report, if one comes.
+    async fn probe_lost_frames(
+        &self,
+        id: &RequestId,
+        rx: &mut mpsc::UnboundedReceiver<Delivery>,
+        wait: Duration,
+    ) -> Option<Event> {
+        self.outbound.send(Outbound::Frame(Frame::end(id.clone(), 0))).await.ok()?;
+        let failure = async {
+            loop {
+                match rx.recv().await? {
+                    Delivery::Failed(code, message) => return Some(Event::Error { code, message }),
+                    Delivery::Token(_) => {} // too late: the request is being ended
+                }
+            }
+        };
+        tokio::time::timeout(wait, failure).await.ok().flatten()
     }
 
     fn publish_live(&self, n: usize) {
@@ -358,9 +383,17 @@ impl Entry {
                 d = rx.recv() => d.ok_or_else(gone)?,
                 _ = send.stopped() => return Ok(()), // the client went away: cancel
                 _ = tokio::time::sleep(self.config.step_timeout) => {
+                    if let Some(wait) = self.config.lost_frame_probe
+                        && let Some(failure) = self.probe_lost_frames(id, rx, wait).await
+                    {
+                        return Err(failure);
+                    }
                     return Err(Event::Error {
                         code: ErrorKind::Unavailable,
-                        message: format!("no token from the pipeline within {:?}", self.config.step_timeout),
+                        message: format!(
+                            "no token from the pipeline within {:?} (a shard of the request's route stopped or cannot be reached)",
+                            self.config.step_timeout
+                        ),
                     });
                 }
             };

@@ -2,6 +2,10 @@
 //! redialled with backoff), and the router that sends each request's frames to the next hop its route
 //! names. Frames are numbered per request on each link here, on the way out, and checked on the way in.
 //!
+//! A link is carried one of two ways ([`Carrier`]): a QUIC connection of this worker's own (iroh), or
+//! a Gensyn AXL daemon's `POST /send`, one frame per message. Everything above the link task (routes,
+//! numbering, failing the requests of a lost link) is the same for both.
+//!
 //! ```text
 //!   compute thread ─┐                          ┌─▶ link to peer A ─▶ QUIC stream
 //!   request handlers├─▶ outbound ─▶ router ────┼─▶ link to peer B ─▶ QUIC stream
@@ -10,13 +14,15 @@
 //!
 //! Every frame of a request goes through one channel and one router task, so the frames a worker sends
 //! for a request keep their order; the router hands each to the link of the request's next hop (for
-//! the exit, its entry). When a link goes down, every request routed over it fails at once: its KV cache
+//! the exit, its entry). It never waits on one link: a frame for a link whose queue is full waits in
+//! that link's backlog here (in order), so a slow peer delays only the requests routed over it. When a link goes down, every request routed over it fails at once: its KV cache
 //! here is freed and an `error` frame goes to its entry (docs/PROTOCOL.md §11).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use computepool_axl::bridge::{AxlClient, AxlPeerId};
 use computepool_axl::frame::{ControlHeader, ErrorCode, Frame, FrameHeader, FrameLimits, RequestId, SequenceCounter};
 use computepool_axl::transport::{FRAMES_ALPN, FrameWriter, PeerId, ShardPeer, Topology, Transport, describe_close};
 use tokio::sync::{mpsc, watch};
@@ -111,9 +117,23 @@ struct Link {
     state: watch::Receiver<LinkState>,
 }
 
+/// How this worker's frames reach its peers.
+#[derive(Clone)]
+pub enum Carrier {
+    /// A QUIC connection per peer, dialled by this worker (docs/PROTOCOL.md §11).
+    Quic(Transport),
+    /// The operator's Gensyn AXL daemon: each frame is one `POST /send` to the peer's key, which is
+    /// its peer id in the topology (docs/PROTOCOL.md §13).
+    Axl(AxlClient),
+}
+
+/// How long an AXL peer whose daemon refused a send counts as down before the next frame for it is
+/// tried again. AXL has no connection to redial: trying is the only way to learn it is back.
+const AXL_RETRY_AFTER: Duration = Duration::from_millis(500);
+
 /// Every link this worker has dialled, by peer. Links are made on first use and kept.
 pub struct Links {
-    transport: Transport,
+    carrier: Carrier,
     limits: FrameLimits,
     topology: Arc<Topology>,
     map: Mutex<HashMap<PeerId, Link>>,
@@ -129,8 +149,19 @@ impl Links {
         }
         let shard = self.topology.shard(peer)?.clone();
         let (tx, rx) = mpsc::channel(1024);
-        let (state_tx, state) = watch::channel(LinkState::Connecting);
-        tokio::spawn(run_link(self.transport.clone(), shard, rx, state_tx, self.limits, self.lost.clone()));
+        let state = match &self.carrier {
+            Carrier::Quic(transport) => {
+                let (state_tx, state) = watch::channel(LinkState::Connecting);
+                tokio::spawn(run_link(transport.clone(), shard, rx, state_tx, self.limits, self.lost.clone()));
+                state
+            }
+            // No connection to make: a link over AXL is up until a send to the peer fails.
+            Carrier::Axl(client) => {
+                let (state_tx, state) = watch::channel(LinkState::Up);
+                tokio::spawn(run_axl_link(client.clone(), shard, rx, state_tx, self.lost.clone()));
+                state
+            }
+        };
         let link = Link { tx, state };
         map.insert(*peer, link.clone());
         Some(link)
@@ -167,11 +198,21 @@ struct Hop {
     entry: PeerId,
 }
 
+/// Messages held for one link while its queue is full, beyond which the router waits for that link
+/// (bounding memory: 4096 frames of up to 16 MiB would be too much, but decode frames are a few KiB
+/// and a backlog this deep means the peer is stalled, not slow).
+const MAX_BACKLOG: usize = 4096;
+
+/// How often the router retries links with a backlog.
+const BACKLOG_RETRY: Duration = Duration::from_millis(1);
+
 /// The router: sends each request's frames to its next hop, and fails the requests of a lost link.
 pub struct Router {
     me: PeerId,
     links: Arc<Links>,
     routes: HashMap<RequestId, Hop>,
+    /// Per peer, what waits for room in its link's queue, in order.
+    backlog: HashMap<PeerId, std::collections::VecDeque<LinkMsg>>,
     engine: mpsc::Sender<EngineJob>,
     /// The entry's own requests' failures (only on an entry).
     local: Option<FailureSink>,
@@ -179,7 +220,8 @@ pub struct Router {
 
 /// Starts the router; returns the links (the entry waits on them) and the router's task handle.
 pub fn spawn_router(
-    transport: Transport,
+    me: PeerId,
+    carrier: Carrier,
     topology: Arc<Topology>,
     limits: FrameLimits,
     outbound: mpsc::Receiver<Outbound>,
@@ -187,9 +229,8 @@ pub fn spawn_router(
     local: Option<FailureSink>,
 ) -> Arc<Links> {
     let (lost_tx, lost_rx) = mpsc::unbounded_channel();
-    let me = transport.id();
-    let links = Arc::new(Links { transport, limits, topology, map: Mutex::new(HashMap::new()), lost: lost_tx });
-    let router = Router { me, links: links.clone(), routes: HashMap::new(), engine, local };
+    let links = Arc::new(Links { carrier, limits, topology, map: Mutex::new(HashMap::new()), lost: lost_tx });
+    let router = Router { me, links: links.clone(), routes: HashMap::new(), backlog: HashMap::new(), engine, local };
     tokio::spawn(router.run(outbound, lost_rx));
     links
 }
@@ -197,31 +238,75 @@ pub fn spawn_router(
 impl Router {
     async fn run(mut self, mut outbound: mpsc::Receiver<Outbound>, mut lost: mpsc::UnboundedReceiver<(PeerId, String)>) {
         loop {
+            let backlogged = !self.backlog.is_empty();
             tokio::select! {
                 msg = outbound.recv() => match msg {
                     Some(msg) => self.handle(msg).await,
                     None => return,
                 },
                 Some((peer, why)) = lost.recv() => self.peer_lost(peer, &why).await,
+                () = tokio::time::sleep(BACKLOG_RETRY), if backlogged => self.flush_backlog(),
             }
         }
+    }
+
+    /// Hands `msg` to `peer`'s link without waiting for it: behind what already waits for that link,
+    /// or, when its queue is full, into its backlog. Waits only when the backlog is [`MAX_BACKLOG`]
+    /// deep (a stalled peer), for room in that link.
+    async fn deliver(&mut self, peer: &PeerId, msg: LinkMsg) {
+        let Some(link) = self.links.link(peer) else { return };
+        let backlog = self.backlog.entry(*peer).or_default();
+        if backlog.is_empty() {
+            match link.tx.try_send(msg) {
+                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.backlog.remove(peer);
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Full(msg)) => backlog.push_back(msg),
+            }
+        } else {
+            backlog.push_back(msg);
+        }
+        if backlog.len() > MAX_BACKLOG {
+            tracing::warn!(peer = %peer.fmt_short(), "a link's backlog is full: waiting for the peer");
+            while backlog.len() > MAX_BACKLOG / 2 {
+                let Some(msg) = backlog.pop_front() else { break };
+                if link.tx.send(msg).await.is_err() {
+                    backlog.clear();
+                }
+            }
+        }
+    }
+
+    /// Moves what waits in the backlogs into their links' queues, as far as they have room.
+    fn flush_backlog(&mut self) {
+        self.backlog.retain(|peer, backlog| {
+            let Some(link) = self.links.map.lock().expect("links lock").get(peer).cloned() else { return false };
+            while let Some(msg) = backlog.pop_front() {
+                match link.tx.try_send(msg) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                    Err(mpsc::error::TrySendError::Full(msg)) => {
+                        backlog.push_front(msg);
+                        return true;
+                    }
+                }
+            }
+            false
+        });
     }
 
     async fn handle(&mut self, msg: Outbound) {
         match msg {
             Outbound::Route { request, next, entry } => {
-                if let Some(link) = self.links.link(&next) {
-                    // A request id may come back (a failover to a route through this worker): its
-                    // numbering on the new hop starts afresh.
-                    let _ = link.tx.send(LinkMsg::Forget(request.clone())).await;
-                }
+                // A request id may come back (a failover to a route through this worker): its
+                // numbering on the new hop starts afresh.
+                self.deliver(&next, LinkMsg::Forget(request.clone())).await;
                 self.routes.insert(request, Hop { next, entry });
             }
             Outbound::Forget(request) => {
-                if let Some(hop) = self.routes.remove(&request)
-                    && let Some(link) = self.links.link(&hop.next)
-                {
-                    let _ = link.tx.send(LinkMsg::Forget(request)).await;
+                if let Some(hop) = self.routes.remove(&request) {
+                    self.deliver(&hop.next, LinkMsg::Forget(request)).await;
                 }
             }
             Outbound::Frame(frame) => {
@@ -268,10 +353,8 @@ impl Router {
         }
     }
 
-    async fn send(&self, peer: &PeerId, frame: Frame) {
-        if let Some(link) = self.links.link(peer) {
-            let _ = link.tx.send(LinkMsg::Frame(frame)).await;
-        }
+    async fn send(&mut self, peer: &PeerId, frame: Frame) {
+        self.deliver(peer, LinkMsg::Frame(frame)).await;
     }
 
     /// Fails a request whose next hop is unreachable: frees it here and tells its entry.
@@ -403,6 +486,64 @@ async fn run_link(
     }
 }
 
+/// Sends every frame handed to it to `peer` through the AXL daemon, in order, one message each.
+///
+/// A send the daemon refuses (the peer's daemon cannot be reached, or ours is down) reports the link
+/// lost, so the router fails every request routed over it, and counts the peer down for
+/// [`AXL_RETRY_AFTER`]; frames that arrive meanwhile belong to those failed requests and are discarded.
+/// After that the link counts as up again and the next frame tries. A send that succeeds says only
+/// that the daemon took the message: a frame lost further on is found by the receiver's sequence
+/// check, a stopped peer by the entry's progress timeout. Returns when the router goes away.
+async fn run_axl_link(
+    client: AxlClient,
+    peer: ShardPeer,
+    mut inbox: mpsc::Receiver<LinkMsg>,
+    state: watch::Sender<LinkState>,
+    lost: mpsc::UnboundedSender<(PeerId, String)>,
+) {
+    let short = peer.peer.fmt_short().to_string();
+    let destination = AxlPeerId::from_bytes(*peer.peer.as_bytes());
+    let mut numbering = Numbering::default();
+    let mut down_until: Option<tokio::time::Instant> = None;
+    loop {
+        let retry = async {
+            match down_until {
+                Some(until) => tokio::time::sleep_until(until).await,
+                None => std::future::pending().await,
+            }
+        };
+        let msg = tokio::select! {
+            msg = inbox.recv() => match msg {
+                Some(msg) => msg,
+                None => return,
+            },
+            () = retry => {
+                // Counted up again, so that the router lets the next request try.
+                down_until = None;
+                state.send_replace(LinkState::Up);
+                continue;
+            }
+        };
+        let mut frame = match msg {
+            LinkMsg::Forget(request) => {
+                numbering.counters.remove(&request);
+                continue;
+            }
+            LinkMsg::Frame(frame) => frame,
+        };
+        if down_until.is_some() || !numbering.stamp(&mut frame) {
+            continue;
+        }
+        if let Err(error) = client.send(&destination, &frame).await {
+            let why = format!("shard {} (peer {short}) cannot be reached over AXL: {error}", peer.layers);
+            tracing::warn!(peer = %short, "AXL send failed: {error}");
+            state.send_replace(LinkState::Down(why.clone()));
+            down_until = Some(tokio::time::Instant::now() + AXL_RETRY_AFTER);
+            let _ = lost.send((peer.peer, why));
+        }
+    }
+}
+
 /// The byte an accepting worker sends to confirm a frames link.
 pub const LINK_ACK: u8 = 0x01;
 
@@ -431,6 +572,81 @@ mod tests {
 
     fn rid(s: &str) -> RequestId {
         RequestId::new(s).expect("valid id")
+    }
+
+    fn token(request: &str) -> Frame {
+        Frame::token(TokenHeader { request: rid(request), seq: 0, tokens: vec![1], finish: None })
+    }
+
+    /// A router over two peers whose link queues hold one message each, and those queues' far ends.
+    fn router_with_two_links() -> (Router, [PeerId; 2], [mpsc::Receiver<LinkMsg>; 2]) {
+        let peers = [computepool_axl::transport::SecretKey::generate().public(), computepool_axl::transport::SecretKey::generate().public()];
+        let me = computepool_axl::transport::SecretKey::generate().public();
+        let topology = Topology::from_json(
+            &serde_json::json!({"num_layers": 2, "shards": [
+                {"peer": me.to_string(), "layers": "0..1"},
+                {"peer": peers[0].to_string(), "layers": "1..2"},
+                {"peer": peers[1].to_string(), "layers": "1..2"},
+            ]})
+            .to_string(),
+        )
+        .expect("valid topology");
+        // Never used to send: the links below are in place already, so none is started.
+        let client = AxlClient::new(computepool_axl::bridge::AxlClientConfig::default()).expect("client");
+        let (lost, _) = mpsc::unbounded_channel();
+        let links = Arc::new(Links {
+            carrier: Carrier::Axl(client),
+            limits: FrameLimits::DEFAULT,
+            topology: Arc::new(topology),
+            map: Mutex::new(HashMap::new()),
+            lost,
+        });
+        let receivers = peers.map(|peer| {
+            let (tx, rx) = mpsc::channel(1);
+            let (_, state) = watch::channel(LinkState::Up);
+            links.map.lock().expect("links lock").insert(peer, Link { tx, state });
+            rx
+        });
+        let (engine, _) = mpsc::channel(1);
+        let router = Router { me, links, routes: HashMap::new(), backlog: HashMap::new(), engine, local: None };
+        (router, peers, receivers)
+    }
+
+    fn frame_of(msg: LinkMsg) -> Option<String> {
+        match msg {
+            LinkMsg::Frame(frame) => frame.header.request().map(|r| r.to_string()),
+            LinkMsg::Forget(_) => None,
+        }
+    }
+
+    /// A peer that takes nothing holds up only the requests routed over it: the router keeps their
+    /// frames, in order, until its link has room, and frames for other peers go on meanwhile.
+    #[tokio::test]
+    async fn a_full_link_does_not_hold_up_the_others() {
+        let (mut router, [slow, fast], [mut slow_rx, mut fast_rx]) = router_with_two_links();
+        let me = router.me;
+        for (request, next) in [("s", slow), ("f", fast)] {
+            router.handle(Outbound::Route { request: rid(request), next, entry: me }).await;
+        }
+        // Each route's `Forget` took its link's one slot.
+        assert!(matches!(fast_rx.recv().await, Some(LinkMsg::Forget(_))));
+        for _ in 0..5 {
+            // Would wait for ever if the router awaited the slow link.
+            tokio::time::timeout(Duration::from_secs(1), router.handle(Outbound::Frame(token("s"))))
+                .await
+                .expect("the router does not wait on a full link");
+            router.handle(Outbound::Frame(token("f"))).await;
+            assert_eq!(fast_rx.recv().await.and_then(frame_of).as_deref(), Some("f"));
+        }
+        assert_eq!(router.backlog.get(&slow).map(|b| b.len()), Some(5));
+        // The slow peer catches up: everything comes, in order, as room appears.
+        assert!(matches!(slow_rx.recv().await, Some(LinkMsg::Forget(_))));
+        for _ in 0..5 {
+            router.flush_backlog();
+            assert_eq!(slow_rx.recv().await.and_then(frame_of).as_deref(), Some("s"));
+        }
+        router.flush_backlog();
+        assert!(router.backlog.is_empty());
     }
 
     #[test]

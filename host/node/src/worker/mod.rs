@@ -15,12 +15,15 @@
 //! - [`engine_loop`]: the compute thread (batching, KV caches, sampling on the exit).
 //! - [`links`]: the outgoing links (dial, redial, numbering) and the router that sends each request's
 //!   frames to its next hop.
+//! - [`axl`]: frames between workers through a Gensyn AXL daemon instead (`--transport axl`): the
+//!   one poller of the daemon's receive queue that feeds this worker as QUIC links do.
 //! - [`entry`]: the entry's requests: tokenize, route, feed tokens back, stop rules, stream to the client.
 //! - [`api`]: the JSON-lines request API clients speak to the entry.
 //! - [`report`]: registration and heartbeats to an orchestrator (`--orchestrator`).
 //! - [`fault`]: fault drills (`--fault`, hidden): a worker that misbehaves on purpose, for tests.
 
 pub mod api;
+pub mod axl;
 pub mod engine_loop;
 pub mod entry;
 pub mod fault;
@@ -53,7 +56,7 @@ use tokio::sync::mpsc;
 
 use engine_loop::{EngineJob, EngineLoopConfig, StepData};
 use entry::{Entry, EntryConfig};
-use links::{Links, Outbound};
+use links::{Carrier, Links, Outbound};
 
 #[derive(Args, Debug, Clone)]
 pub struct WorkerArgs {
@@ -111,6 +114,32 @@ pub struct WorkerArgs {
     /// Output audits convict such a worker's operator: never run it in a real pool.
     #[arg(long, hide = true, num_args = 2, value_names = ["KIND", "N"])]
     pub fault: Option<Vec<String>>,
+    /// How frames travel between the pool's workers: `iroh` (QUIC links of this worker's own) or
+    /// `axl` (through the operator's Gensyn AXL daemon at --axl-api; the daemon's key must be this
+    /// worker's key). Clients reach the entry over QUIC either way.
+    #[arg(long, value_enum, default_value_t = FrameTransport::Iroh)]
+    pub transport: FrameTransport,
+    /// The AXL daemon's local HTTP API (with --transport axl).
+    #[arg(long, default_value = computepool_axl::bridge::api::DEFAULT_BASE_URL)]
+    pub axl_api: String,
+    /// (Entry, --transport axl) a request whose next token does not arrive within this many ms fails.
+    /// AXL has no connection state, so silence is how a stopped worker is noticed; it must exceed the
+    /// longest step (the prefill of the longest prompt) on the slowest route.
+    #[arg(long, default_value_t = 1000)]
+    pub progress_timeout_ms: u64,
+    /// (--transport axl) the daemons' `max_message_size`, in bytes: no frame is made larger (long
+    /// prompts go as more chunks). Every AXL worker of the pool must use the same value.
+    #[arg(long, default_value_t = computepool_axl::bridge::api::DEFAULT_MAX_MESSAGE_SIZE)]
+    pub axl_max_message_bytes: u64,
+}
+
+/// How frames travel between workers.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameTransport {
+    /// QUIC through iroh (docs/PROTOCOL.md §11).
+    Iroh,
+    /// A Gensyn AXL daemon's HTTP API (docs/PROTOCOL.md §13).
+    Axl,
 }
 
 /// Runs a worker until it is interrupted.
@@ -198,7 +227,10 @@ async fn serve(
     tconfig.peer_timeout = Duration::from_millis(args.peer_timeout_ms);
     tconfig.keep_alive = tconfig.peer_timeout / 6;
     let transport = Transport::bind(tconfig).await?;
-    let limits = FrameLimits::DEFAULT;
+    let limits = match args.transport {
+        FrameTransport::Iroh => FrameLimits::DEFAULT,
+        FrameTransport::Axl => axl::frame_limits(args.axl_max_message_bytes)?,
+    };
     let hidden = shard.config().hidden_size;
     let cfg = shard.config().clone();
     let is_exit = shard.range().is_exit();
@@ -219,9 +251,17 @@ async fn serve(
     let (engine_tx, engine_thread) = engine_loop::spawn(shard, out_tx.clone(), engine_config);
 
     let is_entry = tokenizer.is_some();
+    let (carrier, axl_client) = match args.transport {
+        FrameTransport::Iroh => (Carrier::Quic(transport.clone()), None),
+        FrameTransport::Axl => {
+            let client = axl::connect(&args.axl_api, &transport.id(), limits).await?;
+            (Carrier::Axl(client.clone()), Some(client))
+        }
+    };
     let (fail_tx, mut fail_rx) = mpsc::unbounded_channel();
     let links: Arc<Links> = links::spawn_router(
-        transport.clone(),
+        transport.id(),
+        carrier,
         topology.clone(),
         limits,
         out_rx,
@@ -232,7 +272,11 @@ async fn serve(
         let entry_config = EntryConfig {
             context: cfg.max_position_embeddings,
             vocab: cfg.vocab_size,
-            step_timeout: Duration::from_secs(args.step_timeout_s),
+            step_timeout: match args.transport {
+                FrameTransport::Iroh => Duration::from_secs(args.step_timeout_s),
+                FrameTransport::Axl => Duration::from_millis(args.progress_timeout_ms),
+            },
+            lost_frame_probe: (args.transport == FrameTransport::Axl).then_some(axl::LOST_FRAME_PROBE),
             samplers: samplers.clone(),
         };
         let routing = entry::Routing { topology: topology.clone(), me, links: links.clone() };
@@ -266,6 +310,7 @@ async fn serve(
         "peer": transport.id().to_string(),
         "layers": topology.shards[me].layers.to_string(),
         "addrs": transport.bound_addrs(),
+        "transport": match args.transport { FrameTransport::Iroh => "iroh", FrameTransport::Axl => "axl" },
         "weight_bytes": weight_bytes,
         "rss_bytes": crate::memory::resident_bytes(),
     });
@@ -286,6 +331,10 @@ async fn serve(
             payout: args.payout.clone(),
         };
         report::spawn(target, registration, stats);
+    }
+
+    if let Some(client) = axl_client {
+        tokio::spawn(axl::receive(client, ctx.clone()));
     }
 
     // Any worker of the pool may send this worker frames (the routes of its requests decide who);

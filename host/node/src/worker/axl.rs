@@ -1,0 +1,206 @@
+//! `--transport axl`: the worker's frames go through the operator's Gensyn AXL daemon instead of QUIC
+//! links of its own.
+//!
+//! Outgoing frames take the same router and numbering as QUIC ([`super::links::Carrier::Axl`]): each is
+//! one `POST /send` to the next hop's key. Incoming frames all arrive on one queue, the daemon's
+//! `GET /recv`, so one task here polls it ([`AxlInbox`]: strict decoding, per-request order) and hands
+//! each frame to the same [`Ctx::dispatch`] a QUIC link's reader uses, keeping per sender the state a
+//! link reader keeps per link.
+//!
+//! A worker's peer id in the topology is its AXL key: the daemon must run with the worker's ed25519
+//! key (checked at start against the daemon's `/topology`), so a route's next hop is also the AXL
+//! destination, and `/recv`'s sender names the pool member it came from.
+//!
+//! What AXL does not give, and what stands in for it: no delivery or ordering guarantee (the inbox's
+//! sequence check fails the request whose frame was lost or reordered, with code `sequence`), and no
+//! connection state (a stopped worker is noticed by the entry's progress timeout, `--progress-timeout-ms`;
+//! a peer whose daemon is gone by the failed send).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::bail;
+use computepool_axl::bridge::{AxlClient, AxlClientConfig, AxlInbox, AxlInboxConfig, AxlPeerId, BridgeError, InboxError};
+use computepool_axl::frame::{ErrorCode, Frame, FrameLimits, RequestId};
+use computepool_axl::transport::PeerId;
+
+use super::engine_loop::EngineJob;
+use super::links::Outbound;
+use super::{Ctx, Inbound};
+
+/// How long a timed-out request's entry waits, after sending its `end`, for a shard to report frames
+/// of it lost (docs/PROTOCOL.md §13): a few hops of loopback HTTP and one poll interval each.
+pub(super) const LOST_FRAME_PROBE: Duration = Duration::from_millis(250);
+
+/// How long a starting worker waits for its daemon's API to answer (the daemon may be starting too).
+const DAEMON_WAIT: Duration = Duration::from_secs(10);
+
+/// The smallest `--axl-max-message-bytes` taken: room for a header and a few rows of any model's
+/// activations per chunk.
+const MIN_MESSAGE_SIZE: u64 = 1024 * 1024;
+
+/// Frame limits for daemons whose `max_message_size` is `max_message`: frames no larger (activations
+/// are chunked to fit, docs/PROTOCOL.md §5), never larger than the default either.
+pub(super) fn frame_limits(max_message: u64) -> anyhow::Result<FrameLimits> {
+    if max_message < MIN_MESSAGE_SIZE {
+        bail!("--axl-max-message-bytes {max_message} is below the {MIN_MESSAGE_SIZE} bytes a frame needs");
+    }
+    Ok(FrameLimits { max_frame_len: max_message.min(FrameLimits::DEFAULT.max_frame_len), ..FrameLimits::DEFAULT })
+}
+
+/// A client of the daemon at `api`, once the daemon answers and is found to run with this worker's
+/// key `me`.
+pub(super) async fn connect(api: &str, me: &PeerId, limits: FrameLimits) -> anyhow::Result<AxlClient> {
+    let config = AxlClientConfig {
+        frame_limits: limits,
+        max_message_size: limits.max_frame_len,
+        ..AxlClientConfig::with_base_url(api)
+    };
+    let client = AxlClient::new(config)?;
+    let started = tokio::time::Instant::now();
+    let topology = loop {
+        match client.topology().await {
+            Ok(topology) => break topology,
+            Err(error @ BridgeError::Unreachable { .. }) if started.elapsed() < DAEMON_WAIT => {
+                tracing::debug!(%error, "waiting for the AXL daemon");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(error) => bail!("cannot use the AXL daemon at {api}: {error}"),
+        }
+    };
+    let mine = axl_id(me);
+    if topology.our_public_key != mine {
+        bail!(
+            "the AXL daemon at {api} runs with key {}, but this worker's key (--key) is {mine}: a worker's peer id \
+             is its AXL key, so run the daemon with the worker's ed25519 key (or give --key the daemon's)",
+            topology.our_public_key
+        );
+    }
+    tracing::info!(%api, "frames go through the AXL daemon");
+    Ok(client)
+}
+
+/// A pool member's AXL key: its peer id's bytes.
+fn axl_id(peer: &PeerId) -> AxlPeerId {
+    AxlPeerId::from_bytes(*peer.as_bytes())
+}
+
+/// Polls the daemon's receive queue for as long as the worker runs and acts on every frame as a QUIC
+/// link's reader does. A frame from a key that is not a member of the pool is dropped with a log line.
+pub(super) async fn receive(client: AxlClient, ctx: Arc<Ctx>) {
+    // `/recv` names senders by the part of their key their Yggdrasil address keeps.
+    let members: HashMap<AxlPeerId, PeerId> =
+        ctx.topology.shards.iter().map(|s| (axl_id(&s.peer).reported_form(), s.peer)).collect();
+    let mut inbox = AxlInbox::spawn(client, AxlInboxConfig::default());
+    // What a QUIC reader keeps per link, kept here per sender.
+    let mut inbound: HashMap<PeerId, HashMap<RequestId, Inbound>> = HashMap::new();
+    while let Some(item) = inbox.recv().await {
+        match item {
+            Ok((from, frame)) => {
+                let Some(peer) = members.get(&from).copied() else {
+                    tracing::warn!(
+                        from = %from.short(),
+                        kind = %frame.header.kind(),
+                        "dropped a frame from an AXL peer that is not in this pool's topology"
+                    );
+                    if let Some(request) = frame.header.request() {
+                        inbox.forget(&from, request);
+                    }
+                    continue;
+                };
+                let requests = inbound.entry(peer).or_default();
+                if let Err(violation) = ctx.dispatch(&peer, requests, frame).await {
+                    // No connection to close: everything in flight from that peer fails, as a QUIC
+                    // link's would.
+                    tracing::warn!(peer = %peer.fmt_short(), "protocol violation over AXL: {violation}");
+                    ctx.fail_all_from(&peer, requests, &format!("protocol violation by peer {}: {violation}", peer.fmt_short()))
+                        .await;
+                }
+            }
+            Err(error) => {
+                let peer = error.peer().and_then(|p| members.get(p)).copied();
+                let failed: Vec<RequestId> = match &error {
+                    InboxError::InvalidMessage { failed_requests, .. } => failed_requests.clone(),
+                    other => other.request().cloned().into_iter().collect(),
+                };
+                let Some(peer) = peer else {
+                    // A daemon that cannot be polled (reported once per outage), or a stranger's bytes.
+                    tracing::warn!(%error, "AXL receive queue");
+                    continue;
+                };
+                let requests = inbound.entry(peer).or_default();
+                for request in failed {
+                    ctx.fail_from(&peer, requests, request, error.error_code(), error.to_string()).await;
+                }
+            }
+        }
+    }
+}
+
+impl Ctx {
+    /// Fails one request whose frames from `from` cannot be trusted (lost, reordered, garbled): on the
+    /// entry its client gets the error; elsewhere it is freed here and an `error` frame goes towards its
+    /// entry (down its route, or, when its start never arrived, back to the entry that sent it).
+    async fn fail_from(
+        &self,
+        from: &PeerId,
+        inbound: &mut HashMap<RequestId, Inbound>,
+        request: RequestId,
+        code: ErrorCode,
+        message: String,
+    ) {
+        if let Some(entry) = &self.entry {
+            entry.deliver_failure(&request, code, message);
+            return;
+        }
+        if inbound.remove(&request).is_some() {
+            self.job(EngineJob::End { request: request.clone() }).await;
+        } else {
+            // Its start (which names its route) never arrived here: its sender is its entry when it is
+            // one, and so is the pool's only entry.
+            let sender = self.topology.shard(from).filter(|s| s.layers.start == 0);
+            let mut entries = self.topology.entries();
+            let only = match (entries.next(), entries.next()) {
+                (Some(only), None) => Some(only),
+                _ => None,
+            };
+            let Some(entry) = sender.or(only).map(|s| s.peer) else {
+                tracing::warn!(%request, "cannot tell a failed request's entry: its start frame was lost");
+                return;
+            };
+            self.send_out(Outbound::Route { request: request.clone(), next: entry, entry }).await;
+        }
+        self.send_out(Outbound::Frame(Frame::error(request, 0, code, message))).await;
+    }
+
+    /// Fails every request in flight from `from`, as a lost QUIC link from it would.
+    async fn fail_all_from(&self, from: &PeerId, inbound: &mut HashMap<RequestId, Inbound>, reason: &str) {
+        match &self.entry {
+            Some(entry) => entry.fail_through(from, reason),
+            None => {
+                let requests: Vec<RequestId> = inbound.drain().map(|(r, _)| r).collect();
+                if !requests.is_empty() {
+                    self.job(EngineJob::Fail { requests, reason: reason.to_string() }).await;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_limits_follow_the_daemons_message_size() {
+        assert_eq!(frame_limits(16 * 1024 * 1024).expect("the default"), FrameLimits::DEFAULT);
+        let small = frame_limits(2 * 1024 * 1024).expect("a lowered limit");
+        assert_eq!(small.max_frame_len, 2 * 1024 * 1024);
+        assert_eq!(small.max_header_len, FrameLimits::DEFAULT.max_header_len);
+        // Never above the frame limit every peer decodes with.
+        assert_eq!(frame_limits(64 * 1024 * 1024).expect("a raised limit"), FrameLimits::DEFAULT);
+        let error = frame_limits(1000).unwrap_err().to_string();
+        assert!(error.contains("--axl-max-message-bytes 1000"), "{error}");
+    }
+}
