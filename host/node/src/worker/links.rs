@@ -15,8 +15,9 @@
 //! Every frame of a request goes through one channel and one router task, so the frames a worker sends
 //! for a request keep their order; the router hands each to the link of the request's next hop (for
 //! the exit, its entry). It never waits on one link: a frame for a link whose queue is full waits in
-//! that link's backlog here (in order), so a slow peer delays only the requests routed over it. When a link goes down, every request routed over it fails at once: its KV cache
-//! here is freed and an `error` frame goes to its entry (docs/PROTOCOL.md §11).
+//! that link's backlog here (in order), so a slow peer delays only the requests routed over it. When a
+//! link goes down, every request routed over it fails at once: its KV cache here is freed and an
+//! `error` frame goes to its entry (docs/PROTOCOL.md §11).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
