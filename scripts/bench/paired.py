@@ -35,19 +35,23 @@ def llama_tg(binary, gguf, tg, threads):
 QUANTIZED = {"q4_0", "q4_1", "q8_0", "q4_k", "q4_k_m", "q6_k"}
 
 
-def ours_tg(binary, model, gguf, dtype, tg, threads):
-    # --repeats 1: one timed run after the bench's own warm-up, as llama-bench does.
-    if dtype in QUANTIZED:
-        # The very file llama.cpp reads; --dtype only sets the type of its few unquantized tensors.
-        model, dtype = gguf, "f32"
-    cmd = [binary, "bench", "--model", model, "--pp", "0", "--tg", str(tg), "--threads", str(threads),
-           "--dtype", dtype, "--repeats", "1", "--json"]
+def computepool_tg(binary, args, tg):
+    """tokens/s of one timed `computepool bench ARGS --pp 0 --tg TG --repeats 1 --json` run (after the
+    bench's own warm-up, as llama-bench does)."""
+    cmd = [binary, "bench", *args, "--pp", "0", "--tg", str(tg), "--repeats", "1", "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=900).stdout
     rows = [json.loads(l) for l in out.splitlines() if l.startswith("{")]
     rows = [r for r in rows if r["test"] == f"tg{tg}" and r["batch"] == 1]
     if len(rows) != 1:
         raise RuntimeError(f"computepool bench printed {len(rows)} tg{tg} rows: {out[:400]}")
     return float(rows[0]["tokens_per_s_median"])
+
+
+def ours_tg(binary, model, gguf, dtype, tg, threads):
+    if dtype in QUANTIZED:
+        # The very file llama.cpp reads; --dtype only sets the type of its few unquantized tensors.
+        model, dtype = gguf, "f32"
+    return computepool_tg(binary, ["--model", model, "--threads", str(threads), "--dtype", dtype], tg)
 
 
 def spread(xs):

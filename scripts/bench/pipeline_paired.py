@@ -13,27 +13,17 @@ One JSON line per thread count: both sides' per-round tokens/s and the per-round
 """
 import argparse
 import json
-import statistics
-import subprocess
 import sys
 import time
 
+from paired import computepool_tg, spread  # the same runner and statistics as ours against llama.cpp
+
 
 def tg(binary, model, tg_tokens, threads, shards):
-    cmd = [binary, "bench", "--model", model, "--pp", "0", "--tg", str(tg_tokens), "--threads", str(threads),
-           "--dtype", "bf16", "--repeats", "1", "--json"]
+    args = ["--model", model, "--threads", str(threads), "--dtype", "bf16"]
     if shards > 1:
-        cmd += ["--shards", str(shards)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=900).stdout
-    rows = [json.loads(l) for l in out.splitlines() if l.startswith("{")]
-    rows = [r for r in rows if r["test"] == f"tg{tg_tokens}" and r["batch"] == 1]
-    if len(rows) != 1:
-        raise RuntimeError(f"computepool bench printed {len(rows)} tg{tg_tokens} rows: {out[:400]}")
-    return float(rows[0]["tokens_per_s_median"])
-
-
-def spread(xs):
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+        args += ["--shards", str(shards)]
+    return computepool_tg(binary, args, tg_tokens)
 
 
 def main():
