@@ -72,7 +72,7 @@ impl Drop for Orchestrator {
     }
 }
 
-/// One finished `POST /pools/smol/infer`: its id, route and token ids; `None` if it was refused (503
+/// One finished `POST /pools/smol/infer`: its id, the route that made its tokens, and their ids; `None` if it was refused (503
 /// while a route comes up) or ended in an error.
 fn infer(addr: &str, prompt: &str) -> Option<(String, usize, Vec<u64>)> {
     let body = json!({"prompt": prompt, "max_tokens": TOKENS, "ignore_eos": true, "temperature": 0});
@@ -86,7 +86,9 @@ fn infer(addr: &str, prompt: &str) -> Option<(String, usize, Vec<u64>)> {
         return None;
     }
     let tokens = events.iter().filter_map(|e| e["token"].as_u64()).collect();
-    Some((started["id"].as_str()?.to_string(), started["route"].as_u64()? as usize, tokens))
+    // The route that made the tokens: `started`'s, or the last `route` event's if the request moved.
+    let route = events.iter().rev().find_map(|e| e["route"].as_u64())?;
+    Some((started["id"].as_str()?.to_string(), route as usize, tokens))
 }
 
 /// Every audit stored so far (`GET /audits`, newest first).

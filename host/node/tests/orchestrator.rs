@@ -733,8 +733,11 @@ fn streams_survive_their_exit_dying_and_routes_mix_workers_per_range() {
     let greedy = json!({"prompt": prompt, "max_tokens": TOKENS, "ignore_eos": true, "temperature": 0});
     let seeded = json!({"prompt": prompt, "max_tokens": TOKENS, "ignore_eos": true, "temperature": 0.9, "seed": 7});
     struct Run {
-        /// The route's workers (cluster indices), entry first.
+        /// The workers (cluster indices, entry first) of the route that served the request until the
+        /// kill: the one in `started`, or the last `route` event's before the first token.
         route: Vec<usize>,
+        /// The routes (workers, entry first) the request moved to after the kill, and from which token.
+        moves: Vec<(Vec<usize>, u64)>,
         ids: Vec<u64>,
         text: String,
         end: Value,
@@ -748,16 +751,23 @@ fn streams_survive_their_exit_dying_and_routes_mix_workers_per_range() {
         // route around (or wait for), never a 503 while the pool is up.
         let mut stream = EventStream::open(&addr, "/pools/smol/infer", body);
         assert_eq!(stream.status, 200);
+        let workers = |cluster: &Cluster, event: &Value| -> Vec<usize> {
+            event["workers"].as_array().expect("workers").iter().map(|p| index(cluster, p.as_str().expect("peer id"))).collect()
+        };
         let started: Value = serde_json::from_str(&stream.next_data().expect("started")).expect("JSON");
-        let route: Vec<usize> = started["workers"]
-            .as_array()
-            .expect("workers")
-            .iter()
-            .map(|p| index(cluster, p.as_str().expect("peer id")))
-            .collect();
-        let (mut ids, mut text, mut killed, mut resumed_after) = (Vec::new(), String::new(), None, None);
+        let mut route = workers(cluster, &started);
+        let (mut ids, mut text, mut killed, mut resumed_after, mut moves) = (Vec::new(), String::new(), None, None, Vec::new());
         loop {
             let event: Value = serde_json::from_str(&stream.next_data().expect("an event")).expect("JSON");
+            // A `route` event: the request moved (rerouted before its first token, or a failover).
+            if let Some(from) = event["from_token"].as_u64() {
+                assert_eq!(from, ids.len() as u64, "a move names the token it goes on from: {event}");
+                match killed {
+                    None => route = workers(cluster, &event),
+                    Some(_) => moves.push((workers(cluster, &event), from)),
+                }
+                continue;
+            }
             if let Some(id) = event["token"].as_u64() {
                 if let (Some(k), None) = (killed, resumed_after) {
                     resumed_after = Some(Instant::now().duration_since(k));
@@ -770,7 +780,7 @@ fn streams_survive_their_exit_dying_and_routes_mix_workers_per_range() {
                 }
                 continue;
             }
-            return Run { route, ids, text, end: event, killed, resumed_after };
+            return Run { route, moves, ids, text, end: event, killed, resumed_after };
         }
     };
     let statuses = |addr: &str| -> Vec<(String, String)> {
@@ -806,6 +816,10 @@ fn streams_survive_their_exit_dying_and_routes_mix_workers_per_range() {
         assert_eq!(moved.ids, want.ids, "{name}: the token ids differ from the undisturbed run");
         assert_eq!(moved.text, want.text);
         let exit = moved.route[1];
+        assert_eq!(moved.moves.len(), 1, "{name}: one `route` event tells the client of the move: {:?}", moved.moves);
+        let (to, from) = &moved.moves[0];
+        assert_eq!(*from, 20, "{name}: the move goes on from token 20");
+        assert!(!to.contains(&exit), "{name}: the new route {to:?} avoids the killed exit {exit}");
         let took = moved.resumed_after.expect("tokens came after the kill");
         eprintln!("{name}: route {:?}'s exit was killed; the next token came {took:?} later, through another route", moved.route);
         assert_eq!(replays(&cluster), before + 1, "an entry replayed it once:\n{}", logs(&cluster));

@@ -295,40 +295,74 @@ pub async fn infer(
             .to_string(),
     );
     let model = pool.record.model.clone();
-    // The state is (request, payment, log, what to send first, over); dropping it cancels and records.
-    let events = futures_util::stream::unfold((request, paid, log, Some(started), model, false), |st| async move {
-        let (mut request, mut paid, mut log, first, model, over) = st;
-        if let Some(event) = first {
-            return Some((Ok::<_, Infallible>(event), (request, paid, log, None, model, over)));
-        }
-        if over {
-            return None;
-        }
-        let (event, over) = match next_event(&mut request, &mut paid, &log).await {
-            Some(Event::Token { token, text }) => {
-                log.token();
-                (SseEvent::default().event("token").data(serde_json::json!({"token": token, "text": text}).to_string()), false)
-            }
-            Some(Event::Done { finish_reason, prompt_tokens, completion_tokens }) => {
-                log.finish(finish_reason, Usage { prompt_tokens, completion_tokens });
-                log.write().await;
-                let done = serde_json::json!({"finish_reason": finish_reason, "prompt_tokens": prompt_tokens,
-                    "completion_tokens": completion_tokens, "time_to_first_token_ms": log.ttft_ms()});
-                (SseEvent::default().event("done").data(done.to_string()), true)
-            }
-            Some(Event::Error { code, message }) => {
-                let error = log.fail(midway_error(&model, code, message));
-                (SseEvent::default().event("error").data(error.body().to_string()), true)
-            }
-            other => {
-                let error = log.fail(ApiError::Internal(format!("unexpected event from the entry: {other:?}")));
-                (SseEvent::default().event("error").data(error.body().to_string()), true)
-            }
-        };
-        Some((Ok(event), (request, paid, log, None, model, over)))
+    let stream = InferStream { route: request.route(), request, paid, log, model, pending: Some(started), over: false };
+    let events = futures_util::stream::unfold(stream, |mut st| async move {
+        let event = st.next().await?;
+        Some((Ok::<_, Infallible>(event), st))
     });
     let response = Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(5))).into_response();
     Ok(with_payment_headers(response, payment_headers))
+}
+
+/// The state of one `POST /pools/{id}/infer` stream. Dropping it cancels the request and records it.
+struct InferStream {
+    request: PoolRequest,
+    paid: Option<PaidRequest>,
+    log: RequestLog,
+    model: String,
+    /// The route the client was last told of (in `started` or `route`).
+    route: usize,
+    /// An event to send before reading the next one from the request.
+    pending: Option<SseEvent>,
+    /// The final event has been sent.
+    over: bool,
+}
+
+impl InferStream {
+    /// The next SSE event, `None` after the final one. A request that moved to another route (rerouted
+    /// before its first token, or a failover) announces it with a `route` event before the first token
+    /// from the new route, so the client always knows which workers made the tokens that follow.
+    async fn next(&mut self) -> Option<SseEvent> {
+        if let Some(event) = self.pending.take() {
+            return Some(event);
+        }
+        if self.over {
+            return None;
+        }
+        let event = match next_event(&mut self.request, &mut self.paid, &self.log).await {
+            Some(Event::Token { token, text }) => {
+                self.log.token();
+                SseEvent::default().event("token").data(serde_json::json!({"token": token, "text": text}).to_string())
+            }
+            Some(Event::Done { finish_reason, prompt_tokens, completion_tokens }) => {
+                self.log.finish(finish_reason, Usage { prompt_tokens, completion_tokens });
+                self.log.write().await;
+                self.over = true;
+                let done = serde_json::json!({"finish_reason": finish_reason, "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens, "time_to_first_token_ms": self.log.ttft_ms()});
+                SseEvent::default().event("done").data(done.to_string())
+            }
+            Some(Event::Error { code, message }) => {
+                self.over = true;
+                let error = self.log.fail(midway_error(&self.model, code, message));
+                SseEvent::default().event("error").data(error.body().to_string())
+            }
+            other => {
+                self.over = true;
+                let error = self.log.fail(ApiError::Internal(format!("unexpected event from the entry: {other:?}")));
+                SseEvent::default().event("error").data(error.body().to_string())
+            }
+        };
+        let route = self.request.route();
+        if route == self.route {
+            return Some(event);
+        }
+        self.route = route;
+        self.pending = Some(event);
+        let from_token = legs(&self.log.routes).last().map_or(0, |leg| leg.from_token);
+        let moved = serde_json::json!({"route": route, "workers": self.request.route_peers(), "from_token": from_token});
+        Some(SseEvent::default().event("route").data(moved.to_string()))
+    }
 }
 
 /// An entry error before the request started: the client's fault or the pool's.
