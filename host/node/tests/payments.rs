@@ -599,9 +599,15 @@ fn an_orchestrator_killed_mid_stream_stops_the_flow_on_restart_and_charges_the_s
 
     // A long stream; the orchestrator dies under it.
     let addr = pc.addr();
-    // No retry: a route that fails before the first token is the orchestrator's to route again.
-    let mut stream =
-        EventStream::open_with(&addr, "/v1/chat/completions", &chat(400, true), &[("authorization", &format!("Bearer {token}"))]);
+    // Paid with a voucher of its own (it tops up the same session): the opening request is charged a
+    // second whenever its start and stop land in different block seconds, and then what the session has
+    // left is under one request's worst case. No retry: a route that fails before the first token is
+    // the orchestrator's to route again.
+    let long = chat(400, true);
+    let required = required_of(&post(&addr, &long, &[]));
+    let payer = &pc.devnet.payers[0];
+    let voucher = sign(&required, payer, payer, &voucher_for(&required));
+    let mut stream = EventStream::open_with(&addr, "/v1/chat/completions", &long, &[("payment-signature", &voucher)]);
     let mut first = Vec::new();
     for _ in 0..3 {
         let data = stream.next_data();
