@@ -269,11 +269,19 @@ def pipeline_paired_section(p, runs):
     p("compute threads than there are cores, as on machines of their own (the one-process side then runs on")
     p("1 thread as well).")
     p("")
-    p("| threads per process | rounds | one process tok/s | 2 shards tok/s | 2 shards ÷ one process | rounds ≥ 95% |")
-    p("|---|---|---|---|---|---|")
+    p("Between steps a worker's compute thread either sleeps until its next job comes (the default), or polls")
+    p("for it (`worker --busy-poll-us`): a sleeping thread must be woken on every hop, which on this VM takes")
+    p("tens of µs to a few hundred, while polling keeps one core busy as the other shard computes. So polling")
+    p("is measured only where the workers' threads together fit the cores (1 thread each), the deployment")
+    p("it is for: each worker with a machine, or a spare core, of its own.")
+    p("")
+    p("| threads per process | worker between steps | rounds | one process tok/s | 2 shards tok/s | 2 shards ÷ one process | rounds ≥ 95% |")
+    p("|---|---|---|---|---|---|---|")
     for r in runs:
         one, pipe, ratio = r["one_process"], r["pipeline"], r["ratio"]
-        p(f"| {r['threads']} | {r['rounds']} | {one['median']:.1f} ({one['min']:.1f}–{one['max']:.1f}) | "
+        poll = r.get("busy_poll_us") or 0
+        between = f"polls (up to {poll / 1000:g} ms)" if poll else "sleeps"
+        p(f"| {r['threads']} | {between} | {r['rounds']} | {one['median']:.1f} ({one['min']:.1f}–{one['max']:.1f}) | "
           f"{pipe['median']:.1f} ({pipe['min']:.1f}–{pipe['max']:.1f}) | "
           f"{ratio['median']:.1%} ({ratio['min']:.1%}–{ratio['max']:.1%}) | "
           f"{r['rounds_at_target']} of {r['rounds']} |")
@@ -336,7 +344,9 @@ def pipeline_section(p, runs, netns_log, paired=None):
         p("")
         p("host/node/tests/netns.rs puts every shard (and the client) in its own network namespace; each link")
         p("adds 5 ms each way (netem where the kernel has it, else a user-space UDP relay that the test proves")
-        p("is the only path). Workers have one thread each; decode tokens/s over 32 tokens, as the test printed:")
+        p("is the only path). Each namespace stands for a host of its own, so its worker has one thread and")
+        p("polls for its next job between steps (`--busy-poll-us 20000`); decode tokens/s over 32 tokens, as")
+        p("the test printed:")
         p("")
         p("```")
         for l in lines:

@@ -47,6 +47,10 @@ pub struct BenchArgs {
     /// tokens; JSON lines). See bench_api.rs.
     #[arg(long, requires = "shards")]
     api: bool,
+    /// With --shards: each worker's `--busy-poll-us` (its compute thread polls for the next job this
+    /// long before sleeping). Only where the workers' threads together fit the cores.
+    #[arg(long, requires = "shards", conflicts_with = "api", default_value_t = 0)]
+    busy_poll_us: u64,
 }
 
 #[derive(Serialize)]
@@ -70,6 +74,9 @@ struct BenchResult {
     worker_rss_bytes: Vec<u64>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     worker_weight_bytes: Vec<u64>,
+    /// Pipeline runs: the workers' `--busy-poll-us` (0: off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    busy_poll_us: Option<u64>,
 }
 
 fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
@@ -156,6 +163,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 weight_bytes: shard.weight_bytes(),
                 bytes_read_per_token: shard.bytes_read_per_token(),
                 shards: None,
+                busy_poll_us: None,
                 worker_rss_bytes: Vec::new(),
                 worker_weight_bytes: Vec::new(),
             };
@@ -215,7 +223,7 @@ fn run_sharded(args: BenchArgs) -> anyhow::Result<()> {
             client_key: None,
             samplers: Default::default(),
             payouts: Vec::new(),
-            worker_args: Vec::new(),
+            worker_args: vec![vec!["--busy-poll-us".into(), args.busy_poll_us.to_string()]; shards],
         };
         let pipeline = LocalPipeline::start(&options)?;
         let mut rng = Rng::new(1234);
@@ -286,6 +294,7 @@ fn run_sharded(args: BenchArgs) -> anyhow::Result<()> {
                 weight_bytes: weight_bytes as usize,
                 bytes_read_per_token: 0,
                 shards: Some(shards),
+                busy_poll_us: Some(args.busy_poll_us),
                 worker_rss_bytes: pipeline.ready.iter().map(|r| r.rss_bytes.unwrap_or(0)).collect(),
                 worker_weight_bytes: pipeline.ready.iter().map(|r| r.weight_bytes).collect(),
             };

@@ -79,8 +79,10 @@ fn sharded_across_namespaces_with_delayed_links_equals_unsharded_on_smollm2() {
                 netns: Some(lab.shard_ns(j).to_string()),
             })
             .collect();
-        // Declared after `lab`, so dropped (workers killed) before the namespaces go.
-        let mut cluster = Cluster::new(&model, 30, specs, &[]);
+        // Declared after `lab`, so dropped (workers killed) before the namespaces go. Each namespace
+        // stands for a host of its own, so its worker polls for its next job between steps rather than
+        // sleeping (`--busy-poll-us`: a woken thread costs every hop tens of µs or more on a VM).
+        let mut cluster = Cluster::new(&model, 30, specs, &["--busy-poll-us", "20000"]);
         lab.point_topology_at_links(&cluster.topology_path());
         let relayed_before: Vec<Option<u64>> = (0..n).map(|j| lab.relayed_to(j)).collect();
         cluster.start_all();

@@ -45,7 +45,10 @@ fn sharded_equals_unsharded_on_smollm2() {
     let cases: [(&[&str], &[&str]); 2] = [(&plain, GREEDY), (&chat, SAMPLED)];
     let expected: Vec<Vec<u32>> = cases.iter().map(|(p, m)| unsharded_tokens(&model, &[*p, *m].concat())).collect();
     for n in [2, 3] {
-        let mut cluster = Cluster::local(&model, 30, n, &[]);
+        // Two workers of one thread each fit this machine's cores: their compute threads poll for the
+        // next job between steps (`--busy-poll-us`, as on hosts of their own); three sleep.
+        let args: &[&str] = if n == 2 { &["--busy-poll-us", "20000"] } else { &[] };
+        let mut cluster = Cluster::local(&model, 30, n, args);
         cluster.start_all();
         for ((p, m), want) in cases.iter().zip(&expected) {
             assert_eq!(want.len(), 64);

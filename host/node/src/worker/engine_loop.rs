@@ -77,6 +77,8 @@ pub struct EngineLoopConfig {
     pub limits: FrameLimits,
     /// A request that has seen no job for this long is freed (its entry is presumably gone).
     pub request_idle_timeout: Duration,
+    /// How long to poll for the next job before sleeping (`--busy-poll-us`); `None`: sleep at once.
+    pub busy_poll: Option<Duration>,
     /// Where the caches held are published (heartbeats and metrics read them).
     pub stats: std::sync::Arc<ShardStats>,
     /// The samplers the exit can run.
@@ -96,7 +98,9 @@ pub fn run(shard: DeviceShard, mut jobs: mpsc::Receiver<EngineJob>, out: mpsc::S
                 // Nothing queued: the next job needs a round trip through the other shards. Let this
                 // backend's threads sleep meanwhile, so the shards sharing our cores get them.
                 state.shard.idle();
-                match jobs.blocking_recv() {
+                // With a core to spare, poll for a while first: the job then starts without a wake.
+                let spun = state.config.busy_poll.and_then(|window| spin_recv(&mut jobs, window));
+                match spun.or_else(|| jobs.blocking_recv()) {
                     Some(job) => job,
                     None => break,
                 }
@@ -368,4 +372,55 @@ pub fn spawn(
         .spawn(move || run(shard, rx, out, config))
         .expect("the OS can start one thread");
     (tx, handle)
+}
+
+/// Polls `jobs` for up to `window`, offering the CPU to other threads between rounds of polls (the
+/// worker's network thread runs on these cores too); `None` if nothing came in time or the channel
+/// closed (the caller's blocking receive then says which).
+fn spin_recv(jobs: &mut mpsc::Receiver<EngineJob>, window: Duration) -> Option<EngineJob> {
+    let started = Instant::now();
+    loop {
+        for _ in 0..32 {
+            match jobs.try_recv() {
+                Ok(job) => return Some(job),
+                Err(mpsc::error::TryRecvError::Disconnected) => return None,
+                Err(mpsc::error::TryRecvError::Empty) => std::hint::spin_loop(),
+            }
+        }
+        if started.elapsed() > window {
+            return None;
+        }
+        std::thread::yield_now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn end(id: &str) -> EngineJob {
+        EngineJob::End { request: RequestId::new(id).expect("a valid id") }
+    }
+
+    #[test]
+    fn polling_takes_a_job_sent_meanwhile_and_gives_up_after_its_window() {
+        let (tx, mut rx) = mpsc::channel(4);
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            tx.blocking_send(end("r-1")).expect("sent");
+            tx
+        });
+        let job = spin_recv(&mut rx, Duration::from_secs(5)).expect("the job sent while polling");
+        assert!(matches!(job, EngineJob::End { request } if request.as_str() == "r-1"));
+        let tx = sender.join().expect("sender");
+
+        let started = Instant::now();
+        assert!(spin_recv(&mut rx, Duration::from_millis(30)).is_none(), "nothing came");
+        assert!(started.elapsed() >= Duration::from_millis(30), "it polled for its whole window");
+
+        drop(tx);
+        let started = Instant::now();
+        assert!(spin_recv(&mut rx, Duration::from_secs(5)).is_none(), "a closed channel");
+        assert!(started.elapsed() < Duration::from_secs(1), "a closed channel ends the polling at once");
+    }
 }

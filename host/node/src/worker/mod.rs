@@ -87,6 +87,14 @@ pub struct WorkerArgs {
     /// CPU and CUDA workers.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// After each step, the compute thread polls for its next job for up to this many µs before it
+    /// sleeps (0: it sleeps at once). Waking a sleeping thread costs tens of µs, more on a VM, twice per
+    /// hop; polling saves that but keeps one core busy while the other shards compute. For a worker with
+    /// a core to spare (its own machine, a GPU worker, or --threads below the cores it has to itself);
+    /// never where shards share cores, where the poller slows the shard that computes. A value a little
+    /// above one round trip through the other shards covers every gap of a stream.
+    #[arg(long, default_value_t = 0)]
+    pub busy_poll_us: u64,
     /// A neighbour silent for this long is gone, in ms.
     #[arg(long, default_value_t = 1000)]
     pub peer_timeout_ms: u64,
@@ -244,6 +252,7 @@ async fn serve(
     let engine_config = EngineLoopConfig {
         limits,
         request_idle_timeout: Duration::from_secs(args.request_idle_timeout_s),
+        busy_poll: (args.busy_poll_us > 0).then(|| Duration::from_micros(args.busy_poll_us)),
         stats: stats.clone(),
         samplers: samplers.clone(),
         fault: args.fault.as_deref().map(fault::Fault::parse).transpose().map_err(anyhow::Error::msg)?,
