@@ -88,8 +88,9 @@ pub struct WorkerArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// After each step, the compute thread polls for its next job for up to this many µs before it
-    /// sleeps (0: it sleeps at once). Waking a sleeping thread costs tens of µs, more on a VM, twice per
-    /// hop; polling saves that but keeps one core busy while the other shards compute. For a worker with
+    /// sleeps (0: it sleeps at once). Waking the sleeping thread costs every hop tens of µs, more on a
+    /// VM whose idle cores halt; polling saves that but keeps one core busy while the other shards
+    /// compute. For a worker with
     /// a core to spare (its own machine, a GPU worker, or --threads below the cores it has to itself);
     /// never where shards share cores, where the poller slows the shard that computes. A value a little
     /// above one round trip through the other shards covers every gap of a stream.
