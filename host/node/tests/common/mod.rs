@@ -179,6 +179,31 @@ impl Cluster {
         cmd
     }
 
+    /// Starts a long streamed request, lets it generate for 1.5 s, then SIGKILLs worker `i` under it.
+    /// Asserts the client fails on its own within 2 s of the kill (never hangs), with an `Unavailable`
+    /// error that says `why`.
+    pub fn kill_under_a_long_request(&mut self, i: usize, why: &str) {
+        let mut long = self
+            .client(&["--prompt", "Tell me a long story.", "--max-tokens", "4000", "--ignore-eos", "--wait-ready-s", "0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start a long request");
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(long.try_wait().expect("poll").is_none(), "the long request ended early");
+        let killed_at = Instant::now();
+        self.kill(i);
+        let finished = wait_for(Duration::from_secs(10), || long.try_wait().expect("poll").is_some());
+        let took = killed_at.elapsed();
+        assert!(finished, "the client hung after worker {i} was killed");
+        let out = long.wait_with_output().expect("client output");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "the request should fail");
+        assert!(stderr.contains("Unavailable") && stderr.contains(why), "unclear error: {stderr}");
+        eprintln!("client error {took:?} after the kill: {}", stderr.trim());
+        assert!(took < Duration::from_secs(2), "the error took {took:?}");
+    }
+
     /// Runs a client request to completion and returns the token ids it printed with --json.
     pub fn tokens(&self, args: &[&str]) -> Vec<u32> {
         let out = self.client(args).arg("--json").output().expect("run the client");
