@@ -75,8 +75,10 @@ python3 "$here/pipeline_paired.py" --computepool "$bin" --model "$model" --round
 # The orchestrator (issue 4): what its HTTP API adds to time to first token and decode, against the same
 # 2-worker pipeline reached directly, in alternating back-to-back requests (bench_api.rs).
 "$bin" bench --model "$model" --shards 2 --api --tg 128 --threads 1 --dtype bf16 --repeats "$api_repeats" > "$out/api.jsonl"
-# Shards in separate network namespaces with 5 ms one-way delay per link (needs root; skips otherwise).
-cargo test --release --locked -p computepool-node --test netns -- --nocapture --test-threads 1 2> "$out/netns.log" || true
+# Shards in separate network namespaces with 5 ms one-way delay per link (needs root; skips otherwise):
+# the tests (same tokens), and the ignored timing test (per-token time against one process, paired).
+cargo test --release --locked -p computepool-node --test netns -- --include-ignored --nocapture --test-threads 1 \
+  2> "$out/netns.log" || true
 # Sampler plugins (issue 5): per-token cost of the greedy and top-p plugins against native sampling at
 # 49,152 and 128,256 vocabularies, beside a SmolLM2 decode step measured in the same rounds.
 bash scripts/build-plugins.sh

@@ -10,7 +10,10 @@
 //! - `quic+compute-thread`: as a worker does it, each received frame crosses a channel to a separate
 //!   compute thread, which hands its reply back to the runtime through another channel.
 //!
-//!     cargo run --release -p computepool-axl --example link_latency [-- ROUND_TRIPS]
+//! With GAP_US, both peers sit idle that long before each round trip, as between a pipeline's decode
+//! steps (where a woken thread costs more than a hot one: on a VM an idle vCPU halts).
+//!
+//!     cargo run --release -p computepool-axl --example link_latency [-- ROUND_TRIPS [GAP_US]]
 
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
@@ -56,7 +59,7 @@ fn summary(name: &str, mut rtts: Vec<Duration>) {
     );
 }
 
-fn udp(round_trips: usize) -> Vec<Duration> {
+fn udp(round_trips: usize, gap: Duration) -> Vec<Duration> {
     let a = UdpSocket::bind("127.0.0.1:0").expect("bind");
     let b = UdpSocket::bind("127.0.0.1:0").expect("bind");
     a.connect(b.local_addr().expect("addr")).expect("connect");
@@ -75,6 +78,7 @@ fn udp(round_trips: usize) -> Vec<Duration> {
     let payload = vec![0u8; request_len];
     let mut out = Vec::with_capacity(round_trips);
     for i in 0..round_trips + 100 {
+        std::thread::sleep(gap);
         let t = Instant::now();
         a.send(&payload).expect("send");
         a.recv(&mut buf).expect("recv");
@@ -103,7 +107,7 @@ async fn bind() -> Transport {
     Transport::bind(config).await.expect("bind on loopback")
 }
 
-fn quic(round_trips: usize, via_compute_thread: bool) -> Vec<Duration> {
+fn quic(round_trips: usize, gap: Duration, via_compute_thread: bool) -> Vec<Duration> {
     type Address = (computepool_axl::transport::PeerId, Vec<std::net::SocketAddr>);
     let (addr_tx, addr_rx) = std::sync::mpsc::channel::<Address>();
     let (back_tx, back_rx) = std::sync::mpsc::channel::<Address>();
@@ -150,6 +154,9 @@ fn quic(round_trips: usize, via_compute_thread: bool) -> Vec<Duration> {
         let mut reader = FrameReader::new(conn_in.accept_uni().await.expect("accept"), FrameLimits::DEFAULT);
         reader.next().await.expect("frame").expect("a reply");
         for i in 1..round_trips + 100 {
+            if !gap.is_zero() {
+                tokio::time::sleep(gap).await;
+            }
             let t = Instant::now();
             writer.send(&activation(i as u64)).await.expect("send");
             reader.next().await.expect("frame").expect("a reply");
@@ -187,9 +194,15 @@ fn compute_thread(enabled: bool) -> ComputeParts {
 }
 
 fn main() {
-    let round_trips = std::env::args().nth(1).map(|s| s.parse().expect("ROUND_TRIPS is a number")).unwrap_or(2000);
-    println!("loopback, one bf16 activation row of {HIDDEN} out, one token frame back, per round trip");
-    summary("udp", udp(round_trips));
-    summary("quic", quic(round_trips, false));
-    summary("quic+compute-thread", quic(round_trips, true));
+    let mut args = std::env::args().skip(1);
+    let round_trips = args.next().map(|s| s.parse().expect("ROUND_TRIPS is a number")).unwrap_or(2000);
+    let gap = Duration::from_micros(args.next().map(|s| s.parse().expect("GAP_US is a number")).unwrap_or(0));
+    println!(
+        "loopback, one bf16 activation row of {HIDDEN} out, one token frame back, per round trip; \
+         {} µs idle before each",
+        gap.as_micros()
+    );
+    summary("udp", udp(round_trips, gap));
+    summary("quic", quic(round_trips, gap, false));
+    summary("quic+compute-thread", quic(round_trips, gap, true));
 }

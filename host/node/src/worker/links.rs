@@ -477,6 +477,7 @@ async fn run_link(
                         if let Err(e) = writer.send(&frame).await {
                             break e.to_string();
                         }
+                        tracing::trace!(kind = ?frame.header.kind(), seq = ?frame.header.seq(), "frame out");
                     }
                 },
                 e = conn.closed() => break describe_close(&e),

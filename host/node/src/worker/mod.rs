@@ -434,6 +434,7 @@ async fn incoming_link(conn: Connection, ctx: Arc<Ctx>, generation: u64) {
             };
             match frame {
                 Ok(Some(frame)) => {
+                    tracing::trace!(kind = ?frame.header.kind(), seq = ?frame.header.seq(), "frame in");
                     if let Err(violation) = ctx.dispatch(&peer_id, &mut inbound, frame).await {
                         conn.close(VarInt::from_u32(computepool_axl::transport::endpoint::CLOSE_PROTOCOL), violation.as_bytes());
                         return Err(format!("protocol violation: {violation}"));

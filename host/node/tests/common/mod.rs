@@ -57,6 +57,9 @@ pub struct Cluster {
     pub extra_args: Vec<String>,
     /// More arguments for one worker (index = shard), after `extra_args`.
     pub worker_args: Vec<Vec<String>>,
+    /// The workers' RUST_LOG: `info`, or COMPUTEPOOL_TEST_WORKER_LOG where set (e.g.
+    /// `computepool::worker=trace,info` for per-step and per-frame timings in a diagnosis).
+    pub worker_log: String,
 }
 
 impl Cluster {
@@ -83,6 +86,7 @@ impl Cluster {
             workers: (0..n).map(|_| None).collect(),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             worker_args: Vec::new(),
+            worker_log: std::env::var("COMPUTEPOOL_TEST_WORKER_LOG").unwrap_or_else(|_| "info".into()),
         }
     }
 
@@ -134,7 +138,7 @@ impl Cluster {
             .args(["--threads", "1"])
             .args(&self.extra_args)
             .args(self.worker_args.get(i).into_iter().flatten())
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", &self.worker_log)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log));
@@ -215,6 +219,15 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         for i in 0..self.workers.len() {
             self.kill(i);
+        }
+        // COMPUTEPOOL_TEST_KEEP_LOGS=DIR: the workers' logs outlive the cluster's temp dir, for a diagnosis.
+        if let Some(keep) = std::env::var_os("COMPUTEPOOL_TEST_KEEP_LOGS") {
+            let name = self.dir.path().file_name().expect("a temp dir has a name").to_string_lossy().trim_start_matches('.').to_string();
+            for i in 0..self.workers.len() {
+                if let Err(e) = std::fs::copy(self.log_path(i), Path::new(&keep).join(format!("{name}-worker-{i}.log"))) {
+                    eprintln!("cannot keep worker {i}'s log in {}: {e}", Path::new(&keep).display());
+                }
+            }
         }
     }
 }
