@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::netns::{LINK_DELAY, LinkProbe, NetnsLab, output_with_timeout};
@@ -24,6 +25,25 @@ fn lab_or_skip(shards: usize) -> Option<NetnsLab> {
             None
         }
     }
+}
+
+/// SmolLM2's 30 layers evenly over `n` workers, worker j in shard j's namespace, the topology pointing
+/// at the lab's links. Not started yet.
+fn cluster_across(lab: &NetnsLab, model: &Path, n: usize, worker_args: &[&str]) -> Cluster {
+    let specs = (0..n)
+        .map(|j| WorkerSpec {
+            layers: ((30 * j / n) as u32, (30 * (j + 1) / n) as u32),
+            addr: lab.listen_addr(j),
+            netns: Some(lab.shard_ns(j).to_string()),
+        })
+        .collect();
+    let cluster = Cluster::new(model, 30, specs, worker_args);
+    lab.point_topology_at_links(&cluster.topology_path());
+    cluster
+}
+
+fn all_logs(cluster: &Cluster, n: usize) -> String {
+    (0..n).map(|i| format!("worker {i}:\n{}", cluster.log(i))).collect::<Vec<_>>().join("\n---\n")
 }
 
 fn report_links(shards: usize, probes: &[LinkProbe]) {
@@ -72,21 +92,13 @@ fn sharded_across_namespaces_with_delayed_links_equals_unsharded_on_smollm2() {
         eprintln!("netns {n} shards: delay by {}", lab.delay_description());
         report_links(n, &lab.probe_links());
 
-        let specs = (0..n)
-            .map(|j| WorkerSpec {
-                layers: ((30 * j / n) as u32, (30 * (j + 1) / n) as u32),
-                addr: lab.listen_addr(j),
-                netns: Some(lab.shard_ns(j).to_string()),
-            })
-            .collect();
         // Declared after `lab`, so dropped (workers killed) before the namespaces go. Each namespace
         // stands for a host of its own, so its worker polls for its next job between steps rather than
         // sleeping (`--busy-poll-us`: a woken thread costs every hop tens of µs or more on a VM).
-        let mut cluster = Cluster::new(&model, 30, specs, &["--busy-poll-us", "20000"]);
-        lab.point_topology_at_links(&cluster.topology_path());
+        let mut cluster = cluster_across(&lab, &model, n, &["--busy-poll-us", "20000"]);
         let relayed_before: Vec<Option<u64>> = (0..n).map(|j| lab.relayed_to(j)).collect();
         cluster.start_all();
-        let logs = || (0..n).map(|i| format!("worker {i}:\n{}", cluster.log(i))).collect::<Vec<_>>().join("\n---\n");
+        let logs = || all_logs(&cluster, n);
 
         for ((name, prompt, mode), want) in cases.iter().zip(expected.iter()) {
             assert_eq!(want.len(), 32);
@@ -96,13 +108,7 @@ fn sharded_across_namespaces_with_delayed_links_equals_unsharded_on_smollm2() {
                 .unwrap_or_else(|| panic!("{n} shards, {name}: the client took over {CLIENT_TIMEOUT:?}\n{}", logs()));
             let got = json_tokens(&out, logs);
             assert_eq!(&got, want, "{n} shards across namespaces, {name}: not the single-process tokens");
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            let stats: Value = stderr
-                .lines()
-                .rev()
-                .find(|l| l.starts_with('{'))
-                .and_then(|l| serde_json::from_str(l).ok())
-                .expect("json_tokens found the JSON line");
+            let stats = json_stats(&out);
             eprintln!(
                 "netns {n} shards, {name}: {} tokens equal to the single-process run; decode {:.1} tokens/s, \
                  first token {:.0} ms",
@@ -129,17 +135,20 @@ fn sharded_across_namespaces_with_delayed_links_equals_unsharded_on_smollm2() {
 const TIMING_ROUNDS: usize = 7;
 const TIMING_TOKENS: &str = "64";
 
-/// The decode speed `generate --json` reports on its last stderr line, as milliseconds per token.
-fn ms_per_token(out: &std::process::Output, context: impl Fn() -> String) -> f64 {
-    json_tokens(out, &context);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let stats: Value = stderr
+/// The JSON line `generate --json` printed last on stderr (call after `json_tokens` checked the run).
+fn json_stats(out: &std::process::Output) -> Value {
+    String::from_utf8_lossy(&out.stderr)
         .lines()
         .rev()
         .find(|l| l.starts_with('{'))
         .and_then(|l| serde_json::from_str(l).ok())
-        .expect("json_tokens found the JSON line");
-    1e3 / stats["decode_tokens_per_s"].as_f64().expect("generate --json reports decode_tokens_per_s")
+        .expect("json_tokens found the JSON line")
+}
+
+/// The decode speed a successful `generate --json` reports, as milliseconds per token.
+fn ms_per_token(out: &std::process::Output, context: impl Fn() -> String) -> f64 {
+    json_tokens(out, &context);
+    1e3 / json_stats(out)["decode_tokens_per_s"].as_f64().expect("generate --json reports decode_tokens_per_s")
 }
 
 /// The compute time of every decode step a worker logged (`decode step … elapsed_us=N`), in ms.
@@ -199,20 +208,11 @@ fn per_token_time_across_namespaces_against_one_process() {
             // Shard j's upstream neighbour to shard j, for every j: the links a token crosses once the
             // request has started (the client's link is not among them).
             let ring_ms: f64 = probes[..n].iter().map(|p| p.median().as_secs_f64() * 1e3 / 2.0).sum();
-            let specs = (0..n)
-                .map(|j| WorkerSpec {
-                    layers: ((30 * j / n) as u32, (30 * (j + 1) / n) as u32),
-                    addr: lab.listen_addr(j),
-                    netns: Some(lab.shard_ns(j).to_string()),
-                })
-                .collect();
-            let mut cluster = Cluster::new(&model, 30, specs, worker_args);
+            let mut cluster = cluster_across(&lab, &model, n, worker_args);
             // Each decode step's compute time, for the split below.
             cluster.worker_log = "computepool::worker::engine_loop=debug,info".into();
-            lab.point_topology_at_links(&cluster.topology_path());
             cluster.start_all();
-            let logs =
-                || (0..n).map(|i| format!("worker {i}:\n{}", cluster.log(i))).collect::<Vec<_>>().join("\n---\n");
+            let logs = || all_logs(&cluster, n);
             let client_args = [&args[..], &["--wait-ready-s", "30", "--json"]].concat();
             let sharded_request = || {
                 let out = output_with_timeout(lab.exec(lab.client_ns(), &cluster.client(&client_args)), CLIENT_TIMEOUT)
