@@ -25,14 +25,10 @@ import statistics
 import sys
 from datetime import datetime
 
-COLOUR = re.compile(r"\x1b\[[0-9;]*m")
-
-
 def load(path):
     """(steps as (start, end), frame-in times, frame-out times), in µs since the epoch."""
     steps, ins, outs = [], [], []
     for line in open(path, errors="replace"):
-        line = COLOUR.sub("", line)
         m = re.match(r"(\S+)Z ", line)
         if not m:
             continue

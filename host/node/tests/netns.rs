@@ -156,26 +156,11 @@ fn decode_steps_ms(log: &str) -> Vec<f64> {
     let steps: Vec<f64> = log
         .lines()
         .filter(|l| l.contains("decode step"))
-        .map(strip_colours)
         .filter_map(|l| l.split("elapsed_us=").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse::<f64>().ok())
         .map(|us| us / 1e3)
         .collect();
     assert!(!steps.is_empty(), "no decode steps in the worker's log:\n{log}");
     steps
-}
-
-/// A log line without its terminal colour codes (`ESC [ … m`).
-fn strip_colours(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            chars.by_ref().find(|&c| c == 'm');
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 fn median_and_range(xs: &[f64]) -> (f64, f64, f64) {

@@ -90,10 +90,10 @@ pub struct WorkerArgs {
     /// After each step, the compute thread polls for its next job for up to this many µs before it
     /// sleeps (0: it sleeps at once). Waking the sleeping thread costs every hop tens of µs, more on a
     /// VM whose idle cores halt; polling saves that but keeps one core busy while the other shards
-    /// compute. For a worker with
-    /// a core to spare (its own machine, a GPU worker, or --threads below the cores it has to itself);
-    /// never where shards share cores, where the poller slows the shard that computes. A value a little
-    /// above one round trip through the other shards covers every gap of a stream.
+    /// compute. For a worker with a core to spare (its own machine, a GPU worker, or --threads below
+    /// the cores it has to itself); never where shards share cores, where the poller slows the shard
+    /// that computes. A value a little above one round trip through the other shards covers every gap
+    /// of a stream.
     #[arg(long, default_value_t = 0)]
     pub busy_poll_us: u64,
     /// A neighbour silent for this long is gone, in ms.
