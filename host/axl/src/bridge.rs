@@ -44,5 +44,5 @@ pub mod standin;
 pub use api::{AxlTopology, AxlTopologyPeer};
 pub use client::{AxlClient, AxlClientConfig};
 pub use error::{BridgeError, InboxError};
-pub use inbox::{AxlInbox, AxlInboxConfig, InboxItem};
+pub use inbox::{AxlInbox, AxlInboxConfig, InboxItem, InboxRequests};
 pub use peer_id::{AxlPeerId, PEER_ID_HEX_LEN, PEER_ID_LEN, PeerIdError};

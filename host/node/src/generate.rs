@@ -69,6 +69,10 @@ pub struct GenerateArgs {
     /// This client's secret key file (with --topology).
     #[arg(long)]
     key: Option<PathBuf>,
+    /// The request's id (1–128 of `A-Z a-z 0-9 . _ : -`), which every shard's log names; default: the
+    /// entry makes one. An id may be used again once its request is over, not while it runs.
+    #[arg(long, requires = "topology")]
+    request_id: Option<String>,
     /// How long to retry while the pipeline reports it is not ready (workers still connecting), in
     /// seconds; 0 fails at once.
     #[arg(long, default_value_t = 30)]
@@ -163,6 +167,7 @@ fn pipeline_request(args: &GenerateArgs) -> api::GenerateRequest {
     req.seed = args.seed;
     req.stop = args.stop.clone();
     req.ignore_eos = args.ignore_eos;
+    req.id = args.request_id.clone();
     req
 }
 

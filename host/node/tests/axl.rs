@@ -138,6 +138,28 @@ fn a_lost_axl_message_fails_its_request_and_the_next_one_works() {
     );
 }
 
+/// A request id used again once its request is over, through the same workers: what a failover back
+/// through the same pair of workers looks like to each receiving daemon's sequence gate, which closed
+/// the id with the first request's `end`. The new `start` opens it afresh: the same tokens again,
+/// with no wait for a timeout.
+#[test]
+fn an_axl_pipeline_serves_a_request_id_again_once_its_request_is_over() {
+    let ckpt = tiny::checkpoint(tiny::Family::Llama3);
+    let args = ["--prompt", "w5 w9 w17", "--max-tokens", "16", "--ignore-eos", "--wait-ready-s", "20"];
+    let want = unsharded_tokens(ckpt.dir(), &args);
+    let mut axl = AxlCluster::local(ckpt.dir(), tiny::LAYERS as u32, 3, &[]);
+    axl.cluster.start_all();
+    let with_id = [&args[..], &["--request-id", "again-1"]].concat();
+    assert_eq!(axl.cluster.tokens(&with_id), want, "the first request");
+    // Its `end` has reached every shard (each freed its cache), so every link has closed the id.
+    let freed = |i: usize| axl.cluster.log(i).contains("request=again-1") && axl.cluster.log(i).contains("KV cache freed");
+    assert!(wait_for(Duration::from_secs(5), || (0..3).all(freed)), "{}", axl.logs());
+    let started = Instant::now();
+    assert_eq!(axl.cluster.tokens(&with_id), want, "the same id again\n{}", axl.logs());
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "the second request took {took:?}: it waited for a timeout\n{}", axl.logs());
+}
+
 /// Kill the middle of three shards mid-generation while its daemon lives on (sends to it still
 /// succeed, the frames go nowhere): the entry's progress timeout fails the request with a clear error
 /// within 2 s; the worker restarted behind the same daemon serves again.

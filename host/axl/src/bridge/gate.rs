@@ -12,7 +12,9 @@
 //! on giving up is the first frame after the gap).
 //! - **closed**: ended (`end`/`error`), refused, forgotten, or its sender sent `unload`; its tracking
 //!   state is freed and a bounded memory of closed requests discards late frames, so a frame that
-//!   overtook nothing but arrives after the end does not start a new, bogus tracker.
+//!   overtook nothing but arrives after the end does not start a new, bogus tracker. Only a `start`
+//!   opens a closed request again, as new (the request starts over on this link: a failover back
+//!   through the same pair of workers, or a request id used again).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -81,7 +83,13 @@ impl SequenceGate {
         };
         let link = (*from, request.clone());
         if self.closed.contains(&link) {
-            return Verdict::Discard("its request is already over");
+            if !matches!(frame.header, FrameHeader::Control(ControlHeader::Start { .. })) {
+                return Verdict::Discard("its request is already over");
+            }
+            // The request starts again on this link: a failover whose new route passes this pair again
+            // (the old route's `end` closed it here), or a client using the id again after the request
+            // ended. Frames from one sender come in order, so this start is newer than the `end`.
+            self.reopen(&link);
         }
         if matches!(frame.header, FrameHeader::Control(ControlHeader::End { .. } | ControlHeader::Error { .. })) {
             // An end or error ends the request whatever its seq; a gap before it is only worth a log
@@ -163,6 +171,22 @@ impl SequenceGate {
         was_tracked
     }
 
+    /// The request from `from` starts (again) on this link: whatever was tracked or remembered closed
+    /// for it goes, and its frames count from 0. For a receiver that knows a request begins before
+    /// its first frame says so (an entry, of the frames its exit sends back).
+    pub(crate) fn begin(&mut self, from: &AxlPeerId, request: &RequestId) {
+        let link = (*from, request.clone());
+        self.requests.remove(&link);
+        self.reopen(&link);
+    }
+
+    /// Takes `link` out of the memory of closed requests.
+    fn reopen(&mut self, link: &Link) {
+        if self.closed.remove(link) {
+            self.closed_order.retain(|closed| closed != link);
+        }
+    }
+
     fn close_peer(&mut self, from: &AxlPeerId) {
         let links: Vec<Link> = self.requests.keys().filter(|(peer, _)| peer == from).cloned().collect();
         for link in links {
@@ -219,6 +243,12 @@ mod tests {
         SequenceGate::new(1024, 1024)
     }
 
+    fn start(request: &str, seq: u64) -> Frame {
+        let sampling = SamplingHeader { seed: 1, ..SamplingHeader::default() };
+        let header = ControlHeader::Start { request: rid(request), seq, sampling, route: None, resumed: None };
+        Frame { header: FrameHeader::Control(header), payload: Vec::new() }
+    }
+
     #[test]
     fn in_order_frames_are_delivered_per_request_and_peer() {
         let mut g = gate();
@@ -256,11 +286,7 @@ mod tests {
     #[test]
     fn start_is_counted_like_any_frame_of_its_request() {
         let mut g = gate();
-        let sampling = SamplingHeader { seed: 1, ..SamplingHeader::default() };
-        let start = |seq| Frame {
-            header: FrameHeader::Control(ControlHeader::Start { request: rid("a"), seq, sampling: sampling.clone(), route: None, resumed: None }),
-            payload: Vec::new(),
-        };
+        let start = |seq| start("a", seq);
         assert_eq!(g.admit(&peer(1), &start(0)), Verdict::Deliver);
         assert_eq!(g.admit(&peer(1), &activations("a", 1)), Verdict::Deliver);
         assert_eq!(g.tracked(), 1);
@@ -269,6 +295,67 @@ mod tests {
         let mut g = gate();
         assert_eq!(g.admit(&peer(1), &activations("a", 0)), Verdict::Deliver);
         assert!(matches!(g.admit(&peer(1), &start(0)), Verdict::Reject(InboxError::Sequence { .. })));
+    }
+
+    /// A failover whose new route passes the same pair of workers again (or a client using an id
+    /// again) sends a new `start` for a request this link closed: it opens the request afresh, counted
+    /// from 0, while other frames still find it over.
+    #[test]
+    fn a_start_opens_a_closed_request_again_as_new() {
+        let mut g = SequenceGate::new(1024, 4);
+        for close in [Frame::end(rid("a"), 2), Frame::error(rid("a"), 2, ErrorCode::Unavailable, "lost")] {
+            assert_eq!(g.admit(&peer(1), &start("a", 0)), Verdict::Deliver);
+            assert_eq!(g.admit(&peer(1), &activations("a", 1)), Verdict::Deliver);
+            assert_eq!(g.admit(&peer(1), &close), Verdict::Deliver);
+            assert_eq!(g.tracked(), 0);
+            // What the old run still had on its way is discarded.
+            assert_eq!(g.admit(&peer(1), &activations("a", 3)), Verdict::Discard("its request is already over"));
+        }
+        // Its own `unload` closed the sender's requests; a start after it opens one again.
+        assert_eq!(g.admit(&peer(1), &start("a", 0)), Verdict::Deliver);
+        assert_eq!(g.admit(&peer(1), &Frame::unload()), Verdict::Deliver);
+        assert_eq!(g.admit(&peer(1), &activations("a", 1)), Verdict::Discard("its request is already over"));
+        assert_eq!(g.admit(&peer(1), &start("a", 0)), Verdict::Deliver);
+        assert_eq!(g.admit(&peer(1), &activations("a", 1)), Verdict::Deliver);
+        // Counted from 0 again: a gap in the new run still fails it.
+        assert_eq!(g.admit(&peer(1), &activations("a", 3)), rejected_as_dropped("a", 2, 3));
+        // Opened again, it left the memory of closed requests: closing it again records it once, so
+        // the memory still holds its other 3 entries' worth of requests.
+        assert_eq!(g.admit(&peer(1), &Frame::end(rid("a"), 4)), Verdict::Deliver);
+        for other in ["b", "c", "d"] {
+            assert_eq!(g.admit(&peer(1), &Frame::end(rid(other), 0)), Verdict::Deliver);
+        }
+        assert_eq!(g.admit(&peer(1), &activations("a", 5)), Verdict::Discard("its request is already over"));
+        assert_eq!(g.closed_order.len(), 4);
+    }
+
+    /// An entry's token link: the exit sends no `end`, so the entry forgets the request when it is
+    /// over, and begins it again when the same id starts again; a late token of the old run is
+    /// discarded in between.
+    #[test]
+    fn begin_counts_a_request_from_0_again_after_forget_or_mid_run() {
+        let mut g = gate();
+        g.begin(&peer(1), &rid("a"));
+        for seq in 0..3 {
+            assert_eq!(g.admit(&peer(1), &token("a", seq)), Verdict::Deliver);
+        }
+        assert!(g.forget(&peer(1), &rid("a")));
+        assert_eq!(g.admit(&peer(1), &token("a", 3)), Verdict::Discard("its request is already over"));
+        g.begin(&peer(1), &rid("a"));
+        assert_eq!(g.admit(&peer(1), &token("a", 0)), Verdict::Deliver);
+        assert_eq!(g.admit(&peer(1), &token("a", 1)), Verdict::Deliver);
+        // Begun again while tracked (its end never came): counted from 0 too.
+        g.begin(&peer(1), &rid("a"));
+        assert_eq!(g.admit(&peer(1), &token("a", 0)), Verdict::Deliver);
+        assert_eq!(g.tracked(), 1);
+        // Other senders' links of the same id are left alone.
+        assert_eq!(g.admit(&peer(2), &token("a", 0)), Verdict::Deliver);
+        g.begin(&peer(1), &rid("a"));
+        assert_eq!(g.admit(&peer(2), &token("a", 2)), rejected_as(peer(2), "a", 1, 2));
+    }
+
+    fn rejected_as(from: AxlPeerId, request: &str, expected: u64, got: u64) -> Verdict {
+        Verdict::Reject(InboxError::Sequence { from, request: rid(request), error: SequenceError::Dropped { expected, got } })
     }
 
     fn rejected_as_dropped(request: &str, expected: u64, got: u64) -> Verdict {

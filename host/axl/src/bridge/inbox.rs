@@ -121,7 +121,12 @@ impl AxlInbox {
     /// later frames. For requests the worker abandons without an `end` (an idle timeout). True if it
     /// was tracked.
     pub fn forget(&self, peer: &AxlPeerId, request: &RequestId) -> bool {
-        self.lock_gate().forget(peer, request)
+        self.requests().forget(peer, request)
+    }
+
+    /// A handle on the per-request ordering state, for code that knows when requests begin and end.
+    pub fn requests(&self) -> InboxRequests {
+        InboxRequests { gate: Arc::clone(&self.gate) }
     }
 
     /// Requests whose ordering is tracked now (in flight, or failed and waiting for their `end`).
@@ -135,9 +140,36 @@ impl AxlInbox {
     }
 
     fn lock_gate(&self) -> MutexGuard<'_, SequenceGate> {
-        // The gate's methods do not panic, so a poisoned lock still holds consistent state.
-        self.gate.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.gate)
     }
+}
+
+/// A handle on an [`AxlInbox`]'s per-request ordering state (cheap to clone), for the code that knows
+/// when a request begins or ends on a link whose frames do not say so. An entry's tokens come from
+/// its exit, which sends no `end` after the last one: only the entry knows that the request is over
+/// (it [`forget`](Self::forget)s it then), and that a request of the same id starts again (a retry,
+/// a failover back through the same exit: it [`begin`](Self::begin)s it before its `start` goes out).
+#[derive(Debug, Clone)]
+pub struct InboxRequests {
+    gate: Arc<Mutex<SequenceGate>>,
+}
+
+impl InboxRequests {
+    /// As [`AxlInbox::forget`].
+    pub fn forget(&self, peer: &AxlPeerId, request: &RequestId) -> bool {
+        lock(&self.gate).forget(peer, request)
+    }
+
+    /// The request from `peer` (as reported by `/recv`) starts (again): its frames count from 0, even
+    /// if an earlier request of the same id was closed or is still tracked.
+    pub fn begin(&self, peer: &AxlPeerId, request: &RequestId) {
+        lock(&self.gate).begin(peer, request)
+    }
+}
+
+fn lock(gate: &Mutex<SequenceGate>) -> MutexGuard<'_, SequenceGate> {
+    // The gate's methods do not panic, so a poisoned lock still holds consistent state.
+    gate.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Drop for AxlInbox {

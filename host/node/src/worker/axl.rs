@@ -21,7 +21,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::bail;
-use computepool_axl::bridge::{AxlClient, AxlClientConfig, AxlInbox, AxlInboxConfig, AxlPeerId, BridgeError, InboxError};
+use computepool_axl::bridge::{
+    AxlClient, AxlClientConfig, AxlInbox, AxlInboxConfig, AxlPeerId, BridgeError, InboxError, InboxRequests,
+};
 use computepool_axl::frame::{ErrorCode, Frame, FrameLimits, RequestId};
 use computepool_axl::transport::PeerId;
 
@@ -86,13 +88,44 @@ fn axl_id(peer: &PeerId) -> AxlPeerId {
     AxlPeerId::from_bytes(*peer.as_bytes())
 }
 
-/// Polls the daemon's receive queue for as long as the worker runs and acts on every frame as a QUIC
-/// link's reader does. A frame from a key that is not a member of the pool is dropped with a log line.
-pub(super) async fn receive(client: AxlClient, ctx: Arc<Ctx>) {
+/// Starts polling the daemon's receive queue (the one consumer it may have); [`receive`] acts on what
+/// comes.
+pub(super) fn inbox(client: AxlClient) -> AxlInbox {
+    AxlInbox::spawn(client, AxlInboxConfig::default())
+}
+
+/// The entry's say in the order checks of the frames that come back to it. Its exit sends no `end`
+/// after a request's last token (the entry alone applies the stop rules), so the entry tells the inbox
+/// when a request is over (else its tracking would stay until the inbox's limit refuses new requests)
+/// and when a request of the same id starts again, on every peer of its route (any of them may send
+/// it an `error`), so that their frames count from 0 again.
+#[derive(Debug, Clone)]
+pub struct ReturnLinks(InboxRequests);
+
+impl ReturnLinks {
+    pub(super) fn new(inbox: &AxlInbox) -> Self {
+        Self(inbox.requests())
+    }
+
+    /// Before the request's `start` goes out along `route`.
+    pub(super) fn begin(&self, route: &[PeerId], request: &RequestId) {
+        for peer in route {
+            self.0.begin(&axl_id(peer).reported_form(), request);
+        }
+    }
+
+    /// Once the request is over at the entry: its exit's late tokens are discarded.
+    pub(super) fn end(&self, exit: &PeerId, request: &RequestId) {
+        self.0.forget(&axl_id(exit).reported_form(), request);
+    }
+}
+
+/// Acts on every frame of the daemon's receive queue as a QUIC link's reader does, for as long as the
+/// worker runs. A frame from a key that is not a member of the pool is dropped with a log line.
+pub(super) async fn receive(mut inbox: AxlInbox, ctx: Arc<Ctx>) {
     // `/recv` names senders by the part of their key their Yggdrasil address keeps.
     let members: HashMap<AxlPeerId, PeerId> =
         ctx.topology.shards.iter().map(|s| (axl_id(&s.peer).reported_form(), s.peer)).collect();
-    let mut inbox = AxlInbox::spawn(client, AxlInboxConfig::default());
     // What a QUIC reader keeps per link, kept here per sender.
     let mut inbound: HashMap<PeerId, HashMap<RequestId, Inbound>> = HashMap::new();
     while let Some(item) = inbox.recv().await {
@@ -191,6 +224,49 @@ impl Ctx {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use computepool_axl::bridge::standin::{StandinConfig, StandinNetwork};
+    use computepool_axl::frame::TokenHeader;
+
+    fn token(request: &str, seq: u64) -> Vec<u8> {
+        let header = TokenHeader { request: RequestId::new(request).expect("id"), seq, tokens: vec![7], finish: None };
+        Frame::token(header).to_bytes(&FrameLimits::DEFAULT).expect("encodes")
+    }
+
+    /// The entry's tracking of its exit's tokens ends with each request (none piles up towards the
+    /// inbox's limit), a late token after the end is discarded, and the same id can start again.
+    #[tokio::test]
+    async fn an_entry_ends_and_begins_the_tracking_of_its_exits_tokens() {
+        let network = StandinNetwork::new();
+        let node = network.start_node_with(StandinConfig::default()).await.expect("a stand-in daemon");
+        let client = AxlClient::new(AxlClientConfig::with_base_url(node.base_url())).expect("client");
+        let mut inbox = inbox(client);
+        let links = ReturnLinks::new(&inbox);
+        let exit = iroh::SecretKey::from_bytes(&[9; 32]).public();
+        let from = axl_id(&exit);
+        let id = |s: &str| RequestId::new(s).expect("id");
+        let next = async |inbox: &mut AxlInbox| {
+            let item = tokio::time::timeout(Duration::from_secs(5), inbox.recv()).await.expect("a frame in time");
+            let (_, frame) = item.expect("the inbox runs").expect("an in-order frame");
+            (frame.header.request().expect("a request's frame").to_string(), frame.header.seq().expect("a seq"))
+        };
+
+        links.begin(&[exit], &id("r"));
+        for seq in 0..3 {
+            node.inject(&from, token("r", seq));
+            assert_eq!(next(&mut inbox).await, ("r".to_string(), seq));
+        }
+        assert_eq!(inbox.tracked_requests(), 1);
+        links.end(&exit, &id("r"));
+        assert_eq!(inbox.tracked_requests(), 0, "the request's tracking ends with it");
+        // A token the exit sent before the `end` reached it is dropped; the next request's comes.
+        node.inject(&from, token("r", 3));
+        node.inject(&from, token("s", 0));
+        assert_eq!(next(&mut inbox).await, ("s".to_string(), 0));
+        // The same id again: counted from 0.
+        links.begin(&[exit], &id("r"));
+        node.inject(&from, token("r", 0));
+        assert_eq!(next(&mut inbox).await, ("r".to_string(), 0));
+    }
 
     #[test]
     fn frame_limits_follow_the_daemons_message_size() {

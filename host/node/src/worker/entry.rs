@@ -66,6 +66,9 @@ pub struct EntryConfig {
     pub lost_frame_probe: Option<Duration>,
     /// The samplers a request may name (checked here, run by the exit).
     pub samplers: Arc<crate::samplers::Samplers>,
+    /// Over AXL: the order checks of the frames that come back, told when each request begins and
+    /// ends. `None` over QUIC, whose links need no such word.
+    pub return_links: Option<super::axl::ReturnLinks>,
 }
 
 /// The entry's shared state.
@@ -198,12 +201,18 @@ impl Entry {
             requests.insert(id.clone(), LiveRequest { tx, tracker: SequenceTracker::new(), route: route.clone() });
             self.publish_live(requests.len());
         }
+        if let Some(links) = &self.config.return_links {
+            links.begin(&route, &id);
+        }
         let result =
             self.drive(send, &id, &route, &prompt, &req.resume_tokens, &engine_req, sampler.as_deref(), &mut rx).await;
         {
             let mut requests = self.requests.lock().expect("entry state lock");
             requests.remove(&id);
             self.publish_live(requests.len());
+        }
+        if let (Some(links), Some(exit)) = (&self.config.return_links, route.last()) {
+            links.end(exit, &id);
         }
         let _ = self.engine.send(EngineJob::End { request: id.clone() }).await;
         let _ = self.outbound.send(Outbound::Frame(Frame::end(id.clone(), 0))).await;

@@ -261,11 +261,11 @@ async fn serve(
     let (engine_tx, engine_thread) = engine_loop::spawn(shard, out_tx.clone(), engine_config);
 
     let is_entry = tokenizer.is_some();
-    let (carrier, axl_client) = match args.transport {
+    let (carrier, axl_inbox) = match args.transport {
         FrameTransport::Iroh => (Carrier::Quic(transport.clone()), None),
         FrameTransport::Axl => {
             let client = axl::connect(&args.axl_api, &transport.id(), limits).await?;
-            (Carrier::Axl(client.clone()), Some(client))
+            (Carrier::Axl(client.clone()), Some(axl::inbox(client)))
         }
     };
     let (fail_tx, mut fail_rx) = mpsc::unbounded_channel();
@@ -287,6 +287,7 @@ async fn serve(
                 FrameTransport::Axl => Duration::from_millis(args.progress_timeout_ms),
             },
             lost_frame_probe: (args.transport == FrameTransport::Axl).then_some(axl::LOST_FRAME_PROBE),
+            return_links: axl_inbox.as_ref().map(axl::ReturnLinks::new),
             samplers: samplers.clone(),
         };
         let routing = entry::Routing { topology: topology.clone(), me, links: links.clone() };
@@ -343,8 +344,8 @@ async fn serve(
         report::spawn(target, registration, stats);
     }
 
-    if let Some(client) = axl_client {
-        tokio::spawn(axl::receive(client, ctx.clone()));
+    if let Some(inbox) = axl_inbox {
+        tokio::spawn(axl::receive(inbox, ctx.clone()));
     }
 
     // Any worker of the pool may send this worker frames (the routes of its requests decide who);
