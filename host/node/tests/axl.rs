@@ -162,7 +162,8 @@ fn an_axl_pipeline_serves_a_request_id_again_once_its_request_is_over() {
 
 /// Kill the middle of three shards mid-generation while its daemon lives on (sends to it still
 /// succeed, the frames go nowhere): the entry's progress timeout fails the request with a clear error
-/// within 2 s; the worker restarted behind the same daemon serves again.
+/// within 2 s, the exit frees its cache at once, and the worker restarted behind the same daemon
+/// serves again.
 #[test]
 fn a_killed_axl_worker_fails_its_request_within_2_s() {
     let Some(model) = smollm2_dir() else {
@@ -173,8 +174,13 @@ fn a_killed_axl_worker_fails_its_request_within_2_s() {
     axl.cluster.start_all();
     let short = ["--prompt", "Hello", "--max-tokens", "8", "--wait-ready-s", "20"];
     assert_eq!(axl.cluster.tokens(&short).len(), 8, "the pipeline works before the fault");
+    let freed = |cluster: &Cluster, i: usize| cluster.log(i).matches("KV cache freed").count();
+    assert!(wait_for(Duration::from_secs(5), || freed(&axl.cluster, 2) == 1), "the exit frees the first request\n{}", axl.logs());
 
     axl.cluster.kill_under_a_long_request(1, "no token from the pipeline");
+    // The exit frees the failed request's cache now, not at its idle timeout (5 minutes): the entry's
+    // `end` reaches it straight, past the dead worker's daemon, which swallows the one sent down the route.
+    assert!(wait_for(Duration::from_secs(3), || freed(&axl.cluster, 2) == 2), "the exit kept the failed request\n{}", axl.logs());
 
     // Back again behind the same daemon (whose queue still holds frames of the failed request).
     axl.cluster.start(1);

@@ -24,7 +24,7 @@ use anyhow::bail;
 use computepool_axl::bridge::{
     AxlClient, AxlClientConfig, AxlInbox, AxlInboxConfig, AxlPeerId, BridgeError, InboxError, InboxRequests,
 };
-use computepool_axl::frame::{ErrorCode, Frame, FrameLimits, RequestId};
+use computepool_axl::frame::{ControlHeader, ErrorCode, Frame, FrameHeader, FrameLimits, RequestId};
 use computepool_axl::transport::PeerId;
 
 use super::engine_loop::EngineJob;
@@ -142,6 +142,7 @@ pub(super) async fn receive(mut inbox: AxlInbox, ctx: Arc<Ctx>) {
                     }
                     continue;
                 };
+                let peer = upstream_of_direct_end(&inbound, peer, &frame);
                 let requests = inbound.entry(peer).or_default();
                 if let Err(violation) = ctx.dispatch(&peer, requests, frame).await {
                     // No connection to close: everything in flight from that peer fails, as a QUIC
@@ -169,6 +170,22 @@ pub(super) async fn receive(mut inbox: AxlInbox, ctx: Arc<Ctx>) {
             }
         }
     }
+}
+
+/// Whose link an `end` from `from` belongs to. An entry whose request failed sends its `end` straight to
+/// the shards past the first hop as well (a dead worker's daemon may swallow the one that goes down the
+/// route): such an `end`, from the request's own entry, ends the request as its upstream's would.
+/// Every other frame belongs to its sender's link.
+fn upstream_of_direct_end(inbound: &HashMap<PeerId, HashMap<RequestId, Inbound>>, from: PeerId, frame: &Frame) -> PeerId {
+    let FrameHeader::Control(ControlHeader::End { request, .. }) = &frame.header else { return from };
+    if inbound.get(&from).is_some_and(|requests| requests.contains_key(request)) {
+        return from;
+    }
+    inbound
+        .iter()
+        .find(|(_, requests)| requests.get(request).is_some_and(|r| r.entry == from))
+        .map(|(upstream, _)| *upstream)
+        .unwrap_or(from)
 }
 
 impl Ctx {
@@ -230,6 +247,29 @@ mod tests {
     fn token(request: &str, seq: u64) -> Vec<u8> {
         let header = TokenHeader { request: RequestId::new(request).expect("id"), seq, tokens: vec![7], finish: None };
         Frame::token(header).to_bytes(&FrameLimits::DEFAULT).expect("encodes")
+    }
+
+    /// An `end` straight from a request's entry counts as its upstream's; any other frame, or an `end`
+    /// from a peer that is not the request's entry, stays its sender's.
+    #[test]
+    fn an_end_from_the_requests_entry_belongs_to_its_upstreams_link() {
+        let [entry, middle, other] = [1u8, 2, 3].map(|n| iroh::SecretKey::from_bytes(&[n; 32]).public());
+        let id = RequestId::new("r").expect("id");
+        let state = |entry| super::super::Inbound {
+            tracker: computepool_axl::frame::SequenceTracker::new(),
+            cursor: computepool_axl::frame::ActivationCursor::new(0),
+            pending: Vec::new(),
+            entry,
+        };
+        let inbound = HashMap::from([(middle, HashMap::from([(id.clone(), state(entry))]))]);
+        let end = Frame::end(id.clone(), 0);
+        assert_eq!(upstream_of_direct_end(&inbound, entry, &end), middle);
+        assert_eq!(upstream_of_direct_end(&inbound, middle, &end), middle);
+        assert_eq!(upstream_of_direct_end(&inbound, other, &end), other, "only the request's entry may end it from afar");
+        let error = Frame::error(id.clone(), 0, ErrorCode::Internal, "x");
+        assert_eq!(upstream_of_direct_end(&inbound, entry, &error), entry);
+        let unknown = Frame::end(RequestId::new("s").expect("id"), 0);
+        assert_eq!(upstream_of_direct_end(&inbound, entry, &unknown), entry);
     }
 
     /// The entry's tracking of its exit's tokens ends with each request (none piles up towards the

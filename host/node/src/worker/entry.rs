@@ -211,11 +211,19 @@ impl Entry {
             requests.remove(&id);
             self.publish_live(requests.len());
         }
-        if let (Some(links), Some(exit)) = (&self.config.return_links, route.last()) {
-            links.end(exit, &id);
-        }
         let _ = self.engine.send(EngineJob::End { request: id.clone() }).await;
         let _ = self.outbound.send(Outbound::Frame(Frame::end(id.clone(), 0))).await;
+        if let (Some(links), Some(exit)) = (&self.config.return_links, route.last()) {
+            links.end(exit, &id);
+            if result.is_err() {
+                // Over AXL a dead worker's daemon may live on and swallow the `end` on its way down the
+                // route: the shards past the first hop get it straight from here too, so that each
+                // frees the request now rather than at its idle timeout.
+                for peer in route.iter().skip(1) {
+                    let _ = self.outbound.send(Outbound::Direct { peer: *peer, frame: Frame::end(id.clone(), 0) }).await;
+                }
+            }
+        }
         result
     }
 

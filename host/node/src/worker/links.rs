@@ -42,6 +42,9 @@ pub enum Outbound {
     /// The request is over here without a last frame to send (the exit, after `end`): forget its route
     /// and its numbering.
     Forget(RequestId),
+    /// A frame straight to `peer`, whatever its request's route (numbered on that link as any frame of
+    /// its request): over AXL, the entry's `end` to the shards past a hop that may swallow it.
+    Direct { peer: PeerId, frame: Frame },
 }
 
 /// The state of one link, watched by whoever must react to it going down.
@@ -310,6 +313,7 @@ impl Router {
                     self.deliver(&hop.next, LinkMsg::Forget(request)).await;
                 }
             }
+            Outbound::Direct { peer, frame } => self.send(&peer, frame).await,
             Outbound::Frame(frame) => {
                 let Some(request) = frame.header.request().cloned() else {
                     return; // `unload` is not forwarded: it concerns the link it came over

@@ -409,6 +409,8 @@ struct Inbound {
     tracker: SequenceTracker,
     cursor: ActivationCursor,
     pending: Vec<f32>,
+    /// The request's entry (from its start frame).
+    entry: PeerId,
 }
 
 /// Reads an incoming link (from another worker of the pool) until it ends, acting on each frame; then
@@ -518,7 +520,7 @@ impl Ctx {
                 };
                 let mut tracker = SequenceTracker::new();
                 tracker.check(0).expect("a fresh tracker takes 0");
-                inbound.insert(request.clone(), Inbound { tracker, cursor: ActivationCursor::new(0), pending: Vec::new() });
+                inbound.insert(request.clone(), Inbound { tracker, cursor: ActivationCursor::new(0), pending: Vec::new(), entry });
                 let (params, sampler) = crate::samplers::from_header(&sampling);
                 match next.split_first() {
                     Some((hop, rest)) => {
