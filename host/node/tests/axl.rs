@@ -54,6 +54,17 @@ impl AxlCluster {
     }
 }
 
+/// The tiny checkpoint (keep it while the workers run), a running 3-shard AXL pipeline of it, a
+/// request's arguments, and the tokens the single process gives for them.
+fn tiny_three_shards() -> (tiny::Checkpoint, AxlCluster, [&'static str; 7], Vec<u32>) {
+    let ckpt = tiny::checkpoint(tiny::Family::Llama3);
+    let args = ["--prompt", "w5 w9 w17", "--max-tokens", "16", "--ignore-eos", "--wait-ready-s", "20"];
+    let want = unsharded_tokens(ckpt.dir(), &args);
+    let mut axl = AxlCluster::local(ckpt.dir(), tiny::LAYERS as u32, 3, &[]);
+    axl.cluster.start_all();
+    (ckpt, axl, args, want)
+}
+
 #[test]
 fn axl_pipelines_equal_the_single_process_run() {
     let ckpt = tiny::checkpoint(tiny::Family::Llama3);
@@ -86,11 +97,7 @@ fn axl_pipelines_equal_the_single_process_run() {
 /// Bytes from a key outside the pool are dropped with a log line.
 #[test]
 fn a_lost_axl_message_fails_its_request_and_the_next_one_works() {
-    let ckpt = tiny::checkpoint(tiny::Family::Llama3);
-    let args = ["--prompt", "w5 w9 w17", "--max-tokens", "16", "--ignore-eos", "--wait-ready-s", "20"];
-    let want = unsharded_tokens(ckpt.dir(), &args);
-    let mut axl = AxlCluster::local(ckpt.dir(), tiny::LAYERS as u32, 3, &[]);
-    axl.cluster.start_all();
+    let (_ckpt, axl, args, want) = tiny_three_shards();
     assert_eq!(axl.cluster.tokens(&args), want, "the pipeline works before the loss");
 
     // Lose the next request's start frame on its way to the middle shard: its activations then arrive
@@ -144,11 +151,7 @@ fn a_lost_axl_message_fails_its_request_and_the_next_one_works() {
 /// with no wait for a timeout.
 #[test]
 fn an_axl_pipeline_serves_a_request_id_again_once_its_request_is_over() {
-    let ckpt = tiny::checkpoint(tiny::Family::Llama3);
-    let args = ["--prompt", "w5 w9 w17", "--max-tokens", "16", "--ignore-eos", "--wait-ready-s", "20"];
-    let want = unsharded_tokens(ckpt.dir(), &args);
-    let mut axl = AxlCluster::local(ckpt.dir(), tiny::LAYERS as u32, 3, &[]);
-    axl.cluster.start_all();
+    let (_ckpt, axl, args, want) = tiny_three_shards();
     let with_id = [&args[..], &["--request-id", "again-1"]].concat();
     assert_eq!(axl.cluster.tokens(&with_id), want, "the first request");
     // Its `end` has reached every shard (each freed its cache), so every link has closed the id.
