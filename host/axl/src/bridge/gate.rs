@@ -88,7 +88,9 @@ impl SequenceGate {
             }
             // The request starts again on this link: a failover whose new route passes this pair again
             // (the old route's `end` closed it here), or a client using the id again after the request
-            // ended. Frames from one sender come in order, so this start is newer than the `end`.
+            // ended. (The one other way here, an old start that the network put behind its own `end`,
+            // opens a request that nothing follows, as a sender that never ends one would: the shard
+            // frees its cache at the idle timeout, and `max_tracked` bounds such trackers.)
             self.reopen(&link);
         }
         if matches!(frame.header, FrameHeader::Control(ControlHeader::End { .. } | ControlHeader::Error { .. })) {
