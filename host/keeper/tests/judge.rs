@@ -39,7 +39,7 @@ fn voters(relatives: &[(&str, &str)]) -> (PluginHost, Vec<Arc<dyn Voter>>) {
 }
 
 /// An audit where the accused's route alone disagrees with two routes that agree: version 1 evidence,
-/// as the orchestrator's output audits write it (host/node/src/orchestrator/audits.rs).
+/// as the orchestrator's output audits write it (host/orchestrator/src/audits.rs).
 fn faulty_route_report() -> BreachReport {
     let run = |route: u64, op: &str, tokens: &[u32], agrees: bool, divergence: Option<u64>| {
         json!({
@@ -184,7 +184,7 @@ async fn a_clean_audit_is_dismissed() {
 /// not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_orchestrators_example_evidence_ejects_the_accused_only() {
-    const EXAMPLE: &str = include_str!("../../node/src/orchestrator/audit-evidence-example.json");
+    const EXAMPLE: &str = include_str!("../../orchestrator/src/audit-evidence-example.json");
     let (_host, voters) = voters(&[
         ("voters/audit-majority", "audit-majority"),
         ("voters/audit-unanimous", "audit-unanimous"),

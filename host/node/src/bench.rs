@@ -198,7 +198,7 @@ fn print_result(result: &BenchResult, json: bool) -> anyhow::Result<()> {
 /// token; with `--batch B`, B such requests at once and their aggregate tokens/s.
 fn run_sharded(args: BenchArgs) -> anyhow::Result<()> {
     use crate::pipeline::{LocalPipeline, PipelineOptions};
-    use crate::worker::api::GenerateRequest;
+    use computepool_entry_api::GenerateRequest;
 
     let shards = args.shards.expect("checked by the caller");
     let threads = args.threads.unwrap_or_else(crate::generate::default_threads);

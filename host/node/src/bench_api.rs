@@ -17,11 +17,11 @@ use computepool_axl::transport::SecretKey;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use crate::orchestrator::auth::OperatorToken;
-use crate::orchestrator::pools::PoolSpec;
-use crate::orchestrator::{self, AppState, Settings};
+use computepool_orchestrator::auth::OperatorToken;
+use computepool_orchestrator::pools::PoolSpec;
+use computepool_orchestrator::{self as orchestrator, AppState, Settings};
 use crate::pipeline::{LocalPipeline, PipelineOptions};
-use crate::worker::api::GenerateRequest;
+use computepool_entry_api::GenerateRequest;
 
 /// Prompts each round sends (plain English: every token's text is final at once, so an OpenAI chunk
 /// is one token).

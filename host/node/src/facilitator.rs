@@ -75,6 +75,6 @@ async fn serve(args: FacilitatorArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let token_list = if tokens.is_empty() { "any EIP-3009 token".to_string() } else { tokens.iter().map(Address::to_string).collect::<Vec<_>>().join(", ") };
     println!("facilitator on http://{addr} for exact payments on {network} in {token_list}; settling from {settler}");
-    axum::serve(listener, router(facilitator)).with_graceful_shutdown(crate::orchestrator::shutdown_signal()).await?;
+    axum::serve(listener, router(facilitator)).with_graceful_shutdown(computepool_orchestrator::shutdown_signal()).await?;
     Ok(())
 }

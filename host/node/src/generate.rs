@@ -16,9 +16,9 @@ use computepool_axl::transport::{Topology, read_secret_key};
 use computepool_engine::DType;
 use std::time::Duration;
 
-use crate::client::EntryClient;
+use computepool_entry_api::client::EntryClient;
 use crate::pipeline::{LocalPipeline, PipelineOptions};
-use crate::worker::api;
+use computepool_entry_api as api;
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {

@@ -4,13 +4,11 @@
 mod bench;
 mod bench_api;
 mod chain;
-mod client;
 mod facilitator;
 mod generate;
 mod keeper_cli;
 mod memory;
 mod model_fetch;
-mod orchestrator;
 mod pipeline;
 mod plugin_cli;
 mod sampler_bench;
@@ -45,7 +43,7 @@ enum Command {
     /// Start a whole pool on this machine (orchestrator and N workers) and serve it until Ctrl-C.
     Up(up::UpArgs),
     /// Serve pools through an OpenAI-compatible HTTP API (and the pool REST API).
-    Orchestrator(orchestrator::OrchestratorArgs),
+    Orchestrator(computepool_orchestrator::OrchestratorArgs),
     /// The chain side: a local devnet with everything deployed, or a deployment to a network.
     Chain {
         #[command(subcommand)]
@@ -107,7 +105,7 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Worker(args) => worker::run(args),
-        Command::Orchestrator(args) => orchestrator::run(args),
+        Command::Orchestrator(args) => computepool_orchestrator::run(args),
         Command::Up(args) => up::run(args),
         Command::Chain { command } => chain::run(command),
         Command::Facilitator(args) => facilitator::run(args),

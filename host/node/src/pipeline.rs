@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use computepool_axl::transport::{Layers, SecretKey, ShardPeer, Topology, write_secret_key};
 
-use crate::client::EntryClient;
+use computepool_entry_api::client::EntryClient;
 
 /// How to start a local pipeline.
 #[derive(Debug, Clone)]
@@ -139,7 +139,7 @@ impl LocalPipeline {
             .args(["--device", options.devices.get(i % options.shards).or(options.devices.first()).map_or("cpu", String::as_str)]);
         if let Some((url, token)) = &options.orchestrator {
             // The token goes in the environment, not on the command line (which any local user can read).
-            command.args(["--orchestrator", url]).env(crate::orchestrator::auth::TOKEN_ENV, token);
+            command.args(["--orchestrator", url]).env(computepool_orchestrator::auth::TOKEN_ENV, token);
             if let Some(payout) = options.payouts.get(i) {
                 command.args(["--payout", payout]);
             }

@@ -13,13 +13,13 @@ use computepool_axl::transport::load_or_create_secret_key;
 
 use computepool_pay::devnet::{PaidDevnet, PaidDevnetOptions, address_of};
 
-use crate::orchestrator::auth::OperatorToken;
-use crate::orchestrator::payments::config::PoolPayments;
-use crate::orchestrator::payments::setup::{PaymentArgs, RailHost};
-use crate::orchestrator::pools::PoolSpec;
-use crate::orchestrator::{self, AppState, Settings};
+use computepool_orchestrator::auth::OperatorToken;
+use computepool_orchestrator::payments::config::PoolPayments;
+use computepool_orchestrator::payments::setup::{PaymentArgs, RailHost};
+use computepool_orchestrator::pools::PoolSpec;
+use computepool_orchestrator::{self as orchestrator, AppState, Settings};
 use crate::pipeline::{LocalPipeline, PipelineOptions};
-use crate::worker::api::{ErrorKind, Event, GenerateRequest};
+use computepool_entry_api::{ErrorKind, Event, GenerateRequest};
 
 #[derive(Args, Debug)]
 pub struct UpArgs {
@@ -342,7 +342,7 @@ async fn wait_until_ready(state: &AppState, model: &str, timeout: Duration) -> a
     let deadline = Instant::now() + timeout;
     let mut last = String::new();
     while Instant::now() < deadline {
-        let routes = crate::orchestrator::pools::RouteLog::default();
+        let routes = computepool_orchestrator::pools::RouteLog::default();
         match pool.start(&GenerateRequest::text("ready?", 1), state.workers.clone(), &routes).await {
             Ok(mut request) => loop {
                 match request.next_event().await {

@@ -18,7 +18,7 @@ fn load(host: &PluginHost, relative: &str, id: &str) -> Arc<VoterPlugin> {
     host.voter(id).expect("loaded as a voter")
 }
 
-/// One run of version 1 audit evidence (host/node/src/orchestrator/audits.rs), on route `route`.
+/// One run of version 1 audit evidence (host/orchestrator/src/audits.rs), on route `route`.
 /// `agrees` and `divergence` are left null: the voters recompute them and read neither.
 fn run(route: u64, operators: &[&str], tokens: &[u32]) -> Value {
     let shards: Vec<Value> = operators

@@ -18,7 +18,7 @@ use iroh::endpoint::{RecvStream, SendStream};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::sync::mpsc;
 
-use super::api::{ErrorKind, Event, FinishReason, GenerateRequest, MAX_REQUEST_BYTES};
+use computepool_entry_api::{ErrorKind, Event, FinishReason, GenerateRequest, MAX_REQUEST_BYTES};
 use super::engine_loop::{EngineJob, StepData};
 use super::links::{Links, Outbound};
 use super::report::ShardStats;

@@ -22,7 +22,6 @@
 //! - [`report`]: registration and heartbeats to an orchestrator (`--orchestrator`).
 //! - [`fault`]: fault drills (`--fault`, hidden): a worker that misbehaves on purpose, for tests.
 
-pub mod api;
 pub mod axl;
 pub mod engine_loop;
 pub mod entry;
@@ -330,7 +329,7 @@ async fn serve(
     let _ = std::io::stdout().flush();
     if let Some((target, speed)) = report {
         let model = args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let registration = crate::orchestrator::workers::WorkerRegistration {
+        let registration = computepool_orchestrator::workers::WorkerRegistration {
             peer: transport.id().to_string(),
             addrs: topology.shards[me].addrs.clone(),
             model,

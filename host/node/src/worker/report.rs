@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use computepool_engine::model::{DeviceShard, DeviceStepItem, StepInput};
 
-use crate::orchestrator::auth::TOKEN_ENV;
-use crate::orchestrator::workers::{RegistrationAnswer, WorkerRegistration, WorkerStats};
+use computepool_orchestrator::auth::TOKEN_ENV;
+use computepool_orchestrator::workers::{RegistrationAnswer, WorkerRegistration, WorkerStats};
 
 /// What a worker holds now; the compute thread and the entry write it, heartbeats read it.
 #[derive(Debug, Default)]

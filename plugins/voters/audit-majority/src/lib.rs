@@ -1,5 +1,5 @@
 //! The `audit-majority` coalition voter: judges wrong-output reports from the orchestrator's output
-//! audits (host/node/src/orchestrator/audits.rs), which re-run a finished request on other routes of the
+//! audits (host/orchestrator/src/audits.rs), which re-run a finished request on other routes of the
 //! pool and compare the token ids. It ejects the accused operator only if the runs it worked on disagree
 //! with a strict majority of runs that agree with one another token for token, and it worked on none of
 //! those agreeing runs; otherwise it dismisses. Every other breach kind: abstain.
@@ -9,7 +9,7 @@
 //! tokens do not show makes it dismiss (the reporter is broken, so its conviction is not evidence).
 //!
 //! Evidence it accepts: version 1 of the orchestrator's audit evidence, exactly as the doc comment of
-//! host/node/src/orchestrator/audits.rs specifies it (a literal example: audit-evidence-example.json
+//! host/orchestrator/src/audits.rs specifies it (a literal example: audit-evidence-example.json
 //! beside it). snake_case keys; unknown fields ignored. What this voter reads:
 //!
 //! ```json
@@ -66,7 +66,7 @@ use computepool_rail_kit as _;
 const MAX_RUNS: usize = 16;
 const MAX_WORKERS: usize = 64;
 const MAX_TOKENS: usize = 65_536;
-/// The evidence version this voter reads (host/node/src/orchestrator/audits.rs, `EVIDENCE_VERSION`).
+/// The evidence version this voter reads (host/orchestrator/src/audits.rs, `EVIDENCE_VERSION`).
 const VERSION: u32 = 1;
 
 // serde ignores unknown fields by default: `pool`, `request_id`, `request`, `role`, `error`, `agrees`,

@@ -10,7 +10,7 @@
 //! recomputed here; nothing the reporter concluded is trusted). Every other breach kind: abstain.
 //!
 //! Evidence it accepts: version 1 of the orchestrator's audit evidence (the doc comment of
-//! host/node/src/orchestrator/audits.rs; audit-evidence-example.json beside it), read here by hand:
+//! host/orchestrator/src/audits.rs; audit-evidence-example.json beside it), read here by hand:
 //!
 //! ```json
 //! {"version": 1,

@@ -15,10 +15,10 @@ use computepool_plugin_host::rail::{self as plugin, RailCallError, RailError, Ra
 use sha2::{Digest, Sha256};
 
 use super::config::{PoolPayments, RailChoice};
-use crate::orchestrator::keeping::KeeperService;
+use crate::keeping::KeeperService;
 use computepool_keeper::transition::{Transition, TransitionKind};
-use crate::orchestrator::error::ApiError;
-use crate::orchestrator::store::Store;
+use crate::error::ApiError;
+use crate::store::Store;
 
 /// Why a payment was not taken.
 #[derive(Debug)]

@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use super::KeeperService;
-use crate::orchestrator::AppState;
+use crate::AppState;
 
 /// `--coalition FILE`.
 #[derive(Debug, Clone, Deserialize)]
@@ -60,7 +60,7 @@ impl BreachHandler {
     pub fn from_config(path: &Path, keepers: Arc<KeeperService>, host: Arc<PluginHost>, state_dir: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let config: CoalitionConfig = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        let slash_amount = crate::orchestrator::payments::config::parse_amount(&config.slash_amount)
+        let slash_amount = crate::payments::config::parse_amount(&config.slash_amount)
             .map_err(|e| anyhow::anyhow!("{}: slash_amount {e}", path.display()))?;
         let voters = config
             .voters

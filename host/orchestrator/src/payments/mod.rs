@@ -120,7 +120,7 @@ impl Payments {
     pub async fn open(
         db: &std::path::Path,
         plugins: Arc<PluginHost>,
-        keepers: Option<Arc<crate::orchestrator::keeping::KeeperService>>,
+        keepers: Option<Arc<crate::keeping::KeeperService>>,
         saved: &[(String, PoolPayments)],
         store: Arc<super::store::Store>,
     ) -> anyhow::Result<Arc<Self>> {

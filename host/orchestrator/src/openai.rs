@@ -5,7 +5,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::error::ApiError;
-use crate::worker::api::{FinishReason, GenerateRequest, Message};
+use computepool_entry_api::{FinishReason, GenerateRequest, Message};
 
 /// Which OpenAI endpoint a request came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

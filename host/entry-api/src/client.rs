@@ -1,5 +1,5 @@
-//! A client of a pipeline's entry shard: what `computepool generate --shards` (and later the
-//! orchestrator) uses to submit a request and read its events.
+//! A client of a pipeline's entry shard: what the orchestrator and `computepool generate --shards`
+//! use to submit a request and read its events.
 
 use std::time::{Duration, Instant};
 
@@ -9,7 +9,7 @@ use iroh::SecretKey;
 use iroh::endpoint::{Connection, RecvStream, VarInt};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 
-use crate::worker::api::{ErrorKind, Event, FinishReason, GenerateRequest};
+use crate::{ErrorKind, Event, FinishReason, GenerateRequest};
 
 /// A finished request, as the client saw it.
 #[derive(Debug, Clone)]

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::orchestrator::error::ApiError;
+use crate::error::ApiError;
 
 /// The longest one request may stream unless the pool says otherwise, in seconds.
 pub const DEFAULT_MAX_SECONDS_PER_REQUEST: u32 = 60;

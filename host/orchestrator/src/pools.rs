@@ -31,8 +31,8 @@ use super::audits::{Auditor, FinishedRun};
 use super::error::ApiError;
 use super::store::{PoolRecord, Store};
 use super::workers::Workers;
-use crate::client::{EntryClient, RequestStream};
-use crate::worker::api::{ErrorKind, Event, GenerateRequest};
+use computepool_entry_api::client::{EntryClient, RequestStream};
+use computepool_entry_api::{ErrorKind, Event, GenerateRequest};
 
 /// How long connecting to an entry may take before the pool counts as unavailable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -721,7 +721,7 @@ impl Pools {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::orchestrator::workers::WorkerRegistration;
+    use crate::workers::WorkerRegistration;
     use computepool_axl::transport::Layers;
 
     fn shard(k: &SecretKey, (start, end): (u32, u32)) -> ShardPeer {

@@ -24,7 +24,7 @@ use super::metrics::Metrics;
 use super::openai::{Endpoint, Prepared, ResponseMeta, TextChunks, Usage};
 use super::pools::{Pool, PoolRequest, RouteLog, legs};
 use super::store::{Outcome, RequestRecord, Store};
-use crate::worker::api::{ErrorKind, Event, FinishReason, GenerateRequest};
+use computepool_entry_api::{ErrorKind, Event, FinishReason, GenerateRequest};
 
 /// Sends `entry` to `pool` and waits for the entry's `started` (or its refusal): until then the client
 /// can still get a proper status code. `prompt_param` names the prompt in context-length errors.

@@ -2,7 +2,13 @@
 //! sends over a [`GENERATE_ALPN`](computepool_axl::transport::GENERATE_ALPN) stream, and what comes
 //! back. One bidirectional QUIC stream per request: the client writes one JSON object and a newline,
 //! the entry answers with JSON lines (events) and closes its side. Closing or resetting the stream
-//! cancels the request. docs/PROTOCOL.md §9 is the spec.
+//! cancels the request. docs/PROTOCOL.md §12 is the spec.
+//!
+//! This crate holds that API's types (served by the entry worker in host/node) and [`client`], which
+//! speaks it. It carries text and token ids only: it depends on the transport, never on the engine,
+//! so the orchestrator can use it and still not touch an activation (ARCHITECTURE.md, invariant 1).
+
+pub mod client;
 
 use serde::{Deserialize, Serialize};
 

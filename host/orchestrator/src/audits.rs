@@ -56,7 +56,7 @@
 //! }
 //! ```
 //!
-//! - `request`: the worker request every run used (docs/PROTOCOL.md §9's shape, `worker::api::GenerateRequest`):
+//! - `request`: the worker request every run used (docs/PROTOCOL.md §12's shape, `computepool_entry_api::GenerateRequest`):
 //!   the user's, with `max_tokens` = the tokens the user's run produced, and no `id`, `stop` or
 //!   `resume_tokens`.
 //! - `runs[0]` is the user's own run (`role` `original`), the rest are the audit runs (`audit`). `route`
@@ -90,7 +90,7 @@ use tokio::sync::{Semaphore, mpsc};
 use super::pools::Pool;
 use super::store::{AuditRecord, Store};
 use super::workers::{Workers, now_ms};
-use crate::worker::api::GenerateRequest;
+use computepool_entry_api::GenerateRequest;
 
 /// `--audit-rate`'s default: one finished request in 20. Each audit costs up to [`MAX_PARTNERS`] more
 /// runs of the request, so the pool computes up to 10% more on average.
@@ -793,15 +793,15 @@ mod tests {
     /// with each other, and an accused entry is re-run with workers the majority cleared.
     #[test]
     fn partners_avoid_the_users_workers_and_isolating_runs_test_one_worker() {
-        use crate::orchestrator::store::PoolRecord;
-        use crate::orchestrator::workers::WorkerRegistration;
+        use crate::store::PoolRecord;
+        use crate::workers::WorkerRegistration;
         use computepool_axl::transport::{Layers, SecretKey, ShardPeer, Topology};
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::write(dir.path().join("config.json"), r#"{"num_hidden_layers": 4, "max_position_embeddings": 64}"#)
             .expect("config");
         let key = SecretKey::generate();
         let keys: Vec<SecretKey> = (0..6).map(|_| SecretKey::generate()).collect();
-        let layers = |i: usize| if i % 2 == 0 { Layers { start: 0, end: 2 } } else { Layers { start: 2, end: 4 } };
+        let layers = |i: usize| if i.is_multiple_of(2) { Layers { start: 0, end: 2 } } else { Layers { start: 2, end: 4 } };
         let shards = keys
             .iter()
             .enumerate()

@@ -1,7 +1,9 @@
-//! `computepool orchestrator`: the control plane. It holds pools (a model served by a pipeline of
-//! shards), serves an OpenAI-compatible API and the pool REST API over HTTP (axum), and relays each
-//! request to its pool's entry shard through [`crate::client::EntryClient`]: text and token events
-//! only, never activations (this module does not use the engine). State lives in SQLite.
+//! The orchestrator (`computepool orchestrator`): the control plane. It holds pools (a model served by a
+//! pipeline of shards), serves an OpenAI-compatible API and the pool REST API over HTTP (axum), and relays
+//! each request to its pool's entry shard through [`computepool_entry_api::client::EntryClient`]: text
+//! and token events only, never activations. That is a fact of the dependency graph, not a convention:
+//! this crate does not depend on the engine, directly or through any other crate
+//! (tests/dependency_rule.rs checks it). State lives in SQLite.
 //!
 //! - [`routes`]: the HTTP handlers (thin).
 //! - [`service`]: a completion request from pool choice to JSON or SSE, with its usage recorded.

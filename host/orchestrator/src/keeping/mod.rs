@@ -340,7 +340,7 @@ impl KeeperService {
     /// Builds the service from the command line: the context file, the webhook secrets, and a chain
     /// connection (with the rails' key, which it never signs with here) to confirm keepers' claims.
     pub async fn start(
-        args: &crate::orchestrator::payments::setup::PaymentArgs,
+        args: &crate::payments::setup::PaymentArgs,
         state_dir: &Path,
         host: Arc<PluginHost>,
     ) -> anyhow::Result<Arc<Self>> {
