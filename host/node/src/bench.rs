@@ -51,6 +51,10 @@ pub struct BenchArgs {
     /// long before sleeping). Only where the workers' threads together fit the cores.
     #[arg(long, requires = "shards", conflicts_with = "api", default_value_t = 0)]
     busy_poll_us: u64,
+    /// With --shards: how frames travel between the workers: `iroh` (QUIC), or `axl` (each worker
+    /// through a stand-in Gensyn AXL daemon in this process: the bridge's own cost, without a mesh).
+    #[arg(long, value_enum, requires = "shards", conflicts_with = "api", default_value_t = crate::worker::FrameTransport::Iroh)]
+    transport: crate::worker::FrameTransport,
 }
 
 #[derive(Serialize)]
@@ -77,6 +81,9 @@ struct BenchResult {
     /// Pipeline runs: the workers' `--busy-poll-us` (0: off).
     #[serde(skip_serializing_if = "Option::is_none")]
     busy_poll_us: Option<u64>,
+    /// Pipeline runs: how frames travelled between the workers (`iroh`, or `axl` through stand-in daemons).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    transport: Option<&'static str>,
 }
 
 fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
@@ -164,6 +171,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 bytes_read_per_token: shard.bytes_read_per_token(),
                 shards: None,
                 busy_poll_us: None,
+                transport: None,
                 worker_rss_bytes: Vec::new(),
                 worker_weight_bytes: Vec::new(),
             };
@@ -222,6 +230,7 @@ fn run_sharded(args: BenchArgs) -> anyhow::Result<()> {
             orchestrator: None,
             client_key: None,
             samplers: Default::default(),
+            transport: args.transport,
             payouts: Vec::new(),
             worker_args: vec![vec!["--busy-poll-us".into(), args.busy_poll_us.to_string()]; shards],
         };
@@ -295,6 +304,7 @@ fn run_sharded(args: BenchArgs) -> anyhow::Result<()> {
                 bytes_read_per_token: 0,
                 shards: Some(shards),
                 busy_poll_us: Some(args.busy_poll_us),
+                transport: Some(args.transport.name()),
                 worker_rss_bytes: pipeline.ready.iter().map(|r| r.rss_bytes.unwrap_or(0)).collect(),
                 worker_weight_bytes: pipeline.ready.iter().map(|r| r.weight_bytes).collect(),
             };

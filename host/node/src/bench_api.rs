@@ -56,6 +56,7 @@ pub fn run(model: &Path, shards: usize, dtype: &str, threads: usize, tg: usize, 
         client_key: Some(key.clone()),
         orchestrator: None,
         samplers: Default::default(),
+        transport: crate::worker::FrameTransport::Iroh,
         payouts: Vec::new(),
         worker_args: Vec::new(),
     })?;

@@ -16,9 +16,11 @@ use computepool_axl::transport::{Topology, read_secret_key};
 use computepool_engine::DType;
 use std::time::Duration;
 
-use computepool_entry_api::client::EntryClient;
-use crate::pipeline::{LocalPipeline, PipelineOptions};
 use computepool_entry_api as api;
+use computepool_entry_api::client::EntryClient;
+
+use crate::pipeline::{LocalPipeline, PipelineOptions};
+use crate::worker::FrameTransport;
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -84,6 +86,10 @@ pub struct GenerateArgs {
     /// entry on the GPU and the exit on the CPU). One entry applies to every shard. Default: cpu.
     #[arg(long, value_delimiter = ',', requires = "shards")]
     devices: Vec<String>,
+    /// With --shards: how frames travel between the workers: `iroh` (QUIC), or `axl` (each worker
+    /// through a stand-in Gensyn AXL daemon this process runs, which speaks the daemon's HTTP API).
+    #[arg(long, value_enum, default_value_t = FrameTransport::Iroh, requires = "shards")]
+    transport: FrameTransport,
 }
 
 pub fn default_threads() -> usize {
@@ -190,6 +196,7 @@ fn run_pipeline(args: GenerateArgs) -> anyhow::Result<()> {
                 orchestrator: None,
                 client_key: None,
                 samplers: Default::default(),
+                transport: args.transport,
                 payouts: Vec::new(),
                 worker_args: Vec::new(),
             };
@@ -222,18 +229,19 @@ fn run_pipeline(args: GenerateArgs) -> anyhow::Result<()> {
         if args.json {
             let decode_tps =
                 completion.tokens.len().saturating_sub(1) as f64 / completion.decode_time.as_secs_f64().max(1e-9);
-            eprintln!(
-                "{}",
-                serde_json::json!({
-                    "id": completion.id,
-                    "text": completion.text,
-                    "prompt_tokens": completion.prompt_tokens,
-                    "tokens": completion.tokens,
-                    "finish_reason": completion.finish_reason,
-                    "time_to_first_token_ms": completion.time_to_first_token.as_secs_f64() * 1e3,
-                    "decode_tokens_per_s": decode_tps,
-                })
-            );
+            let mut report = serde_json::json!({
+                "id": completion.id,
+                "text": completion.text,
+                "prompt_tokens": completion.prompt_tokens,
+                "tokens": completion.tokens,
+                "finish_reason": completion.finish_reason,
+                "time_to_first_token_ms": completion.time_to_first_token.as_secs_f64() * 1e3,
+                "decode_tokens_per_s": decode_tps,
+            });
+            if let Some(messages) = pipeline.as_ref().and_then(LocalPipeline::axl_messages) {
+                report["axl_messages"] = messages.into();
+            }
+            eprintln!("{report}");
         }
         Ok(())
     })

@@ -1,5 +1,6 @@
 //! A local N-shard pipeline: each shard a separate `computepool worker` process on loopback, with its
-//! own key, talking to its neighbours over QUIC exactly as workers on different hosts do.
+//! own key, talking to its neighbours over QUIC exactly as workers on different hosts do, or (with
+//! [`FrameTransport::Axl`]) through one stand-in Gensyn AXL daemon each, run in this process.
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, UdpSocket};
@@ -9,9 +10,12 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use computepool_axl::bridge::AxlPeerId;
+use computepool_axl::bridge::standin::{StandinConfig, StandinNetwork, StandinNode};
 use computepool_axl::transport::{Layers, SecretKey, ShardPeer, Topology, write_secret_key};
-
 use computepool_entry_api::client::EntryClient;
+
+use crate::worker::FrameTransport;
 
 /// How to start a local pipeline.
 #[derive(Debug, Clone)]
@@ -39,6 +43,11 @@ pub struct PipelineOptions {
     pub worker_args: Vec<Vec<String>>,
     /// Every worker's sampler plugins (`--plugins`, `--plugin-config`, `--default-sampler`).
     pub samplers: crate::samplers::SamplerArgs,
+    /// How frames travel between the workers. `Axl` starts a stand-in AXL daemon per worker in this
+    /// process (host/axl/src/bridge/standin.rs: the daemon's HTTP API and its 100-slot queue, delivering
+    /// in memory as the mesh does) and passes each worker `--transport axl --axl-api` its own. Clients
+    /// reach the entry over QUIC either way.
+    pub transport: FrameTransport,
 }
 
 /// What a worker reported when it was ready.
@@ -48,6 +57,8 @@ pub struct WorkerReady {
     pub layers: String,
     pub weight_bytes: u64,
     pub rss_bytes: Option<u64>,
+    /// How the worker passes frames: `iroh` or `axl`.
+    pub transport: String,
 }
 
 /// Running worker processes; dropping it stops them.
@@ -56,7 +67,47 @@ pub struct LocalPipeline {
     children: Vec<Child>,
     topology: Topology,
     client_key: SecretKey,
+    /// With [`FrameTransport::Axl`]: the workers' daemons, in worker order.
+    axl: Option<AxlStandins>,
     pub ready: Vec<WorkerReady>,
+}
+
+/// Stand-in AXL daemons, one per worker, and the runtime their HTTP servers run on.
+struct AxlStandins {
+    nodes: Vec<StandinNode>,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl AxlStandins {
+    /// One daemon per key, each with that worker's key (an AXL daemon runs with its operator's key).
+    /// Started on a thread of its own: the caller may be inside an async runtime, where blocking on
+    /// another is not allowed.
+    fn start(keys: &[SecretKey]) -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("axl-standin")
+            .enable_all()
+            .build()
+            .context("starting the stand-in AXL daemons' runtime")?;
+        let network = StandinNetwork::new();
+        let ids: Vec<AxlPeerId> = keys.iter().map(|k| AxlPeerId::from_bytes(*k.public().as_bytes())).collect();
+        let nodes = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    runtime.block_on(async {
+                        let mut nodes = Vec::with_capacity(ids.len());
+                        for id in &ids {
+                            nodes.push(network.start_node_with(StandinConfig { key: Some(*id), ..StandinConfig::default() }).await?);
+                        }
+                        Ok::<_, std::io::Error>(nodes)
+                    })
+                })
+                .join()
+                .expect("starting stand-in daemons does not panic")
+        })
+        .context("starting the stand-in AXL daemons")?;
+        Ok(AxlStandins { nodes, runtime })
+    }
 }
 
 /// Splits `layers` into `n` contiguous ranges as even as possible (earlier shards take the remainder).
@@ -106,14 +157,22 @@ impl LocalPipeline {
         topology.validate()?;
         let topology_path = dir.path().join("topology.json");
         std::fs::write(&topology_path, topology.to_json())?;
-        let mut pipeline = Self { dir, children: Vec::new(), topology, client_key, ready: Vec::new() };
+        let axl = match options.transport {
+            FrameTransport::Iroh => None,
+            FrameTransport::Axl => Some(AxlStandins::start(&keys)?),
+        };
+        let mut pipeline = Self { dir, children: Vec::new(), topology, client_key, axl, ready: Vec::new() };
         for i in 0..workers {
             let child = pipeline.spawn_worker(i, options)?;
             pipeline.children.push(child);
         }
         let mut ready = Vec::new();
         for i in 0..workers {
-            ready.push(pipeline.wait_ready(i)?);
+            let worker = pipeline.wait_ready(i)?;
+            if worker.transport != options.transport.name() {
+                bail!("worker {i} passes frames over {}, not {}", worker.transport, options.transport.name());
+            }
+            ready.push(worker);
         }
         pipeline.ready = ready;
         Ok(pipeline)
@@ -143,6 +202,9 @@ impl LocalPipeline {
             if let Some(payout) = options.payouts.get(i) {
                 command.args(["--payout", payout]);
             }
+        }
+        if let Some(axl) = &self.axl {
+            command.args(["--transport", "axl", "--axl-api", &axl.nodes[i].base_url()]);
         }
         if let Some(extra) = options.worker_args.get(i) {
             command.args(extra);
@@ -190,6 +252,12 @@ impl LocalPipeline {
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
+    /// With [`FrameTransport::Axl`]: how many messages the stand-in daemons have delivered so far, to
+    /// all workers together (every frame between workers is one); `None` over QUIC.
+    pub fn axl_messages(&self) -> Option<u64> {
+        self.axl.as_ref().map(|axl| axl.nodes.iter().map(StandinNode::arrivals).sum())
+    }
+
     /// The pipeline's topology.
     pub fn topology(&self) -> &Topology {
         &self.topology
@@ -206,6 +274,11 @@ impl Drop for LocalPipeline {
         for child in &mut self.children {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        if let Some(AxlStandins { nodes, runtime }) = self.axl.take() {
+            drop(nodes);
+            // Not a blocking shutdown: this may run inside an async runtime.
+            runtime.shutdown_background();
         }
     }
 }

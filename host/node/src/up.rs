@@ -166,6 +166,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             devices: args.devices.clone(),
             client_key: Some(key.clone()),
             samplers: args.samplers.clone(),
+            transport: crate::worker::FrameTransport::Iroh,
             payouts,
             worker_args,
         })?);

@@ -92,6 +92,33 @@ fn axl_pipelines_equal_the_single_process_run() {
     }
 }
 
+/// `generate --shards N --transport axl`: a local pipeline whose workers pass every frame through stand-in
+/// AXL daemons run by the generate process gives the single-process tokens (seeded sampling).
+#[test]
+fn generate_over_local_axl_daemons_equals_the_single_process_run() {
+    let ckpt = tiny::checkpoint(tiny::Family::Llama3);
+    let args = ["--prompt", "w5 w9 w17 w33", "--max-tokens", "24", "--ignore-eos", "--temperature", "0.9", "--top-k", "50", "--seed", "7"];
+    let want = unsharded_tokens(ckpt.dir(), &args);
+    assert_eq!(want.len(), 24);
+    for n in [2u64, 3] {
+        let out = std::process::Command::new(common::bin())
+            .arg("generate")
+            .arg("--model")
+            .arg(ckpt.dir())
+            .args(["--shards", &n.to_string(), "--transport", "axl", "--threads", "1", "--json"])
+            .args(args)
+            .output()
+            .expect("run generate");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(common::json_tokens(&out, || stderr.clone()), want, "{n} shards over local AXL daemons");
+        // Each token crossed the daemons n times (n - 1 activations frames and the token frame back).
+        let report: serde_json::Value =
+            serde_json::from_str(stderr.lines().rev().find(|l| l.starts_with('{')).expect("a JSON line")).expect("JSON");
+        let messages = report["axl_messages"].as_u64().unwrap_or_else(|| panic!("no axl_messages in {report}"));
+        assert!(messages >= 24 * n, "only {messages} messages went through the daemons for 24 tokens over {n} shards");
+    }
+}
+
 /// A message the network loses (the stand-in of the last shard drops one activations frame) fails
 /// that request with a sequence error, never wrong tokens; the next request gives the right tokens.
 /// Bytes from a key outside the pool are dropped with a log line.

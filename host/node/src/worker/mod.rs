@@ -150,6 +150,16 @@ pub enum FrameTransport {
     Axl,
 }
 
+impl FrameTransport {
+    /// The name the command line and the worker's ready line use.
+    pub fn name(self) -> &'static str {
+        match self {
+            FrameTransport::Iroh => "iroh",
+            FrameTransport::Axl => "axl",
+        }
+    }
+}
+
 /// Runs a worker until it is interrupted.
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let topology = Topology::from_file(&args.topology)?;
@@ -320,7 +330,7 @@ async fn serve(
         "peer": transport.id().to_string(),
         "layers": topology.shards[me].layers.to_string(),
         "addrs": transport.bound_addrs(),
-        "transport": match args.transport { FrameTransport::Iroh => "iroh", FrameTransport::Axl => "axl" },
+        "transport": args.transport.name(),
         "weight_bytes": weight_bytes,
         "rss_bytes": crate::memory::resident_bytes(),
     });
