@@ -2,7 +2,7 @@
 //! frames or per-request failures to a worker through a bounded channel.
 
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -29,6 +29,15 @@ pub struct AxlInboxConfig {
     /// daemon cannot be reached. Default 10 ms: the most latency an idle link adds to its next frame,
     /// for about 100 loopback HTTP calls a second while idle.
     pub max_poll_interval: Duration,
+    /// While requests are in flight (tracked), polls of an empty queue stay at
+    /// [`min_poll_interval`](Self::min_poll_interval) for this long after the last message or the
+    /// last request to begin, instead of backing off: in a running pipeline the next frame is one
+    /// step away, and a backed-off poll would add up to `max_poll_interval` to every hop (a 2-shard
+    /// SmolLM2 pipeline over stand-in daemons decoded at half the speed). Default 1 s, so a request
+    /// abandoned without an `end` stops the fast polling a second later; zero turns it off. Cost:
+    /// about one loopback HTTP call per millisecond while a request runs (the runtime's timer rounds
+    /// the 500 µs pause up to its 1 ms tick).
+    pub busy_window: Duration,
     /// Items the channel holds before the inbox stops polling. Default 32. A worker that falls
     /// behind makes the daemon's 100-slot queue fill and drop its oldest messages, which then show
     /// up as [`InboxError::Sequence`] (never as wrong data). Memory: up to this many frames of up to
@@ -48,6 +57,7 @@ impl Default for AxlInboxConfig {
         AxlInboxConfig {
             min_poll_interval: Duration::from_micros(500),
             max_poll_interval: Duration::from_millis(10),
+            busy_window: Duration::from_secs(1),
             channel_capacity: 32,
             max_tracked_requests: 4096,
             closed_request_memory: 4096,
@@ -184,7 +194,7 @@ async fn poll_loop(
     items: mpsc::Sender<InboxItem>,
     config: AxlInboxConfig,
 ) {
-    let mut pause = config.min_poll_interval;
+    let mut pacer = PollPacer::new(&config);
     let mut daemon_failing = false;
     loop {
         let polled = tokio::select! {
@@ -193,7 +203,7 @@ async fn poll_loop(
         };
         let item = match polled {
             Ok(Some((from, frame))) => {
-                pause = config.min_poll_interval;
+                pacer.message(Instant::now());
                 daemon_failing = false;
                 let verdict = gate.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).admit(&from, &frame);
                 match verdict {
@@ -217,8 +227,8 @@ async fn poll_loop(
             }
             Ok(None) => {
                 daemon_failing = false;
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(config.max_poll_interval);
+                let in_flight = lock(&gate).tracked();
+                tokio::time::sleep(pacer.empty(Instant::now(), in_flight)).await;
                 continue;
             }
             Err(BridgeError::InvalidFrame { from, error }) => {
@@ -251,5 +261,121 @@ async fn poll_loop(
         if items.send(item).await.is_err() {
             return;
         }
+    }
+}
+
+/// When to poll an empty queue again ([`AxlInboxConfig`]'s three intervals): at the minimum while
+/// requests are in flight and something happened within the busy window (a message arrived, or a
+/// request began); otherwise backing off, doubling from the minimum up to the maximum. Pure, so the
+/// rules are tested without a daemon or a clock.
+#[derive(Debug)]
+struct PollPacer {
+    min: Duration,
+    max: Duration,
+    busy_window: Duration,
+    /// The next backed-off pause.
+    pause: Duration,
+    last_activity: Option<Instant>,
+    /// Requests in flight at the last empty poll: more now means one began.
+    last_in_flight: usize,
+}
+
+impl PollPacer {
+    fn new(config: &AxlInboxConfig) -> Self {
+        PollPacer {
+            min: config.min_poll_interval,
+            max: config.max_poll_interval.max(config.min_poll_interval),
+            busy_window: config.busy_window,
+            pause: config.min_poll_interval,
+            last_activity: None,
+            last_in_flight: 0,
+        }
+    }
+
+    /// A message arrived: poll again at once (the caller does), and back off from the minimum.
+    fn message(&mut self, now: Instant) {
+        self.last_activity = Some(now);
+        self.pause = self.min;
+    }
+
+    /// The queue was empty with `in_flight` requests tracked: how long to wait before the next poll.
+    fn empty(&mut self, now: Instant, in_flight: usize) -> Duration {
+        if in_flight > self.last_in_flight {
+            self.last_activity = Some(now);
+        }
+        self.last_in_flight = in_flight;
+        let busy = in_flight > 0 && self.last_activity.is_some_and(|at| now.duration_since(at) < self.busy_window);
+        if busy {
+            self.pause = self.min;
+            return self.min;
+        }
+        let pause = self.pause;
+        self.pause = (self.pause * 2).min(self.max);
+        pause
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn pacer(busy_window: Duration) -> PollPacer {
+        PollPacer::new(&AxlInboxConfig { busy_window, ..AxlInboxConfig::default() })
+    }
+
+    fn pauses(pacer: &mut PollPacer, at: Instant, in_flight: usize, n: usize) -> Vec<Duration> {
+        (0..n).map(|_| pacer.empty(at, in_flight)).collect()
+    }
+
+    #[test]
+    fn an_idle_inbox_backs_off_to_the_longest_pause() {
+        let mut p = pacer(Duration::from_secs(1));
+        let t = Instant::now();
+        p.message(t);
+        let us = |n: u64| Duration::from_micros(n);
+        assert_eq!(pauses(&mut p, t, 0, 7), [us(500), us(1000), us(2000), us(4000), us(8000), 10 * MS, 10 * MS]);
+        // A message resets the back-off.
+        p.message(t);
+        assert_eq!(p.empty(t, 0), us(500));
+    }
+
+    #[test]
+    fn requests_in_flight_keep_polls_fast_for_the_busy_window() {
+        let mut p = pacer(Duration::from_secs(1));
+        let t = Instant::now();
+        let min = Duration::from_micros(500);
+        // A request begins and its first frame comes.
+        assert_eq!(p.empty(t, 1), min);
+        p.message(t);
+        // A step away from the next frame: polled at the minimum throughout.
+        assert!(pauses(&mut p, t + 5 * MS, 1, 20).iter().all(|&d| d == min));
+        assert!(pauses(&mut p, t + 999 * MS, 1, 3).iter().all(|&d| d == min));
+        // Silent for longer than the window (a request abandoned without an `end`): backing off.
+        assert_eq!(pauses(&mut p, t + 1001 * MS, 1, 3), [min, 2 * min, 4 * min]);
+    }
+
+    #[test]
+    fn a_request_beginning_counts_as_activity() {
+        let mut p = pacer(Duration::from_secs(1));
+        let t = Instant::now();
+        // Long idle: backed off.
+        assert_eq!(pauses(&mut p, t, 0, 6).last(), Some(&(10 * MS)));
+        // The entry begins a request (its inbox now tracks the exit's tokens): fast at once, though no
+        // message has come yet, and still fast while the request waits for its first token.
+        assert_eq!(p.empty(t + 50 * MS, 1), Duration::from_micros(500));
+        assert_eq!(p.empty(t + 900 * MS, 1), Duration::from_micros(500));
+        // Requests ending is no activity.
+        assert_eq!(p.empty(t + 1100 * MS, 0), Duration::from_micros(500));
+        assert_eq!(p.empty(t + 1100 * MS, 0), Duration::from_micros(1000));
+    }
+
+    #[test]
+    fn a_zero_busy_window_always_backs_off() {
+        let mut p = pacer(Duration::ZERO);
+        let t = Instant::now();
+        p.message(t);
+        assert_eq!(pauses(&mut p, t, 3, 3), [Duration::from_micros(500), MS, 2 * MS]);
     }
 }
