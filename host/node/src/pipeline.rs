@@ -90,7 +90,7 @@ impl AxlStandins {
             .build()
             .context("starting the stand-in AXL daemons' runtime")?;
         let network = StandinNetwork::new();
-        let ids: Vec<AxlPeerId> = keys.iter().map(|k| AxlPeerId::from_bytes(*k.public().as_bytes())).collect();
+        let ids: Vec<AxlPeerId> = keys.iter().map(|k| crate::worker::axl::axl_id(&k.public())).collect();
         let nodes = std::thread::scope(|scope| {
             scope
                 .spawn(|| {

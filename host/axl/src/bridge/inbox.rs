@@ -205,7 +205,7 @@ async fn poll_loop(
             Ok(Some((from, frame))) => {
                 pacer.message(Instant::now());
                 daemon_failing = false;
-                let verdict = gate.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).admit(&from, &frame);
+                let verdict = lock(&gate).admit(&from, &frame);
                 match verdict {
                     Verdict::Deliver => Ok((from, frame)),
                     Verdict::Reject(error) => {
@@ -233,7 +233,7 @@ async fn poll_loop(
             }
             Err(BridgeError::InvalidFrame { from, error }) => {
                 daemon_failing = false;
-                let failed_requests = gate.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).fail_peer(&from);
+                let failed_requests = lock(&gate).fail_peer(&from);
                 let error = InboxError::InvalidMessage { from, error, failed_requests };
                 tracing::warn!(%error, "AXL inbox discarded a message");
                 Err(error)

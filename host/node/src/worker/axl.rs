@@ -84,7 +84,7 @@ pub(super) async fn connect(api: &str, me: &PeerId, limits: FrameLimits) -> anyh
 }
 
 /// A pool member's AXL key: its peer id's bytes.
-fn axl_id(peer: &PeerId) -> AxlPeerId {
+pub(crate) fn axl_id(peer: &PeerId) -> AxlPeerId {
     AxlPeerId::from_bytes(*peer.as_bytes())
 }
 
