@@ -14,6 +14,7 @@ One JSON line per dtype: both engines' per-round tokens/s and the per-round rati
 """
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -35,11 +36,12 @@ def llama_tg(binary, gguf, tg, threads):
 QUANTIZED = {"q4_0", "q4_1", "q8_0", "q4_k", "q4_k_m", "q6_k"}
 
 
-def computepool_tg(binary, args, tg):
+def computepool_tg(binary, args, tg, env=None):
     """tokens/s of one timed `computepool bench ARGS --pp 0 --tg TG --repeats 1 --json` run (after the
-    bench's own warm-up, as llama-bench does)."""
+    bench's own warm-up, as llama-bench does), with `env` added to this process's environment."""
     cmd = [binary, "bench", *args, "--pp", "0", "--tg", str(tg), "--repeats", "1", "--json"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=900).stdout
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=900,
+                         env={**os.environ, **(env or {})}).stdout
     rows = [json.loads(l) for l in out.splitlines() if l.startswith("{")]
     rows = [r for r in rows if r["test"] == f"tg{tg}" and r["batch"] == 1]
     if len(rows) != 1:

@@ -19,6 +19,8 @@ def main():
     ap.add_argument("--api", help="`computepool bench --shards 2 --api` lines: the orchestrator's API against the "
                                   "same pipeline reached directly")
     ap.add_argument("--api-only", action="store_true", help="print only the API section (from --api)")
+    ap.add_argument("--huge-pages", help="huge_pages.py's lines: weights in huge pages against small pages")
+    ap.add_argument("--huge-pages-only", action="store_true", help="print only that section (from --huge-pages)")
     ap.add_argument("--quantized", action="append", default=[],
                     help="WEIGHTS=FILE: `computepool bench --json` lines of a GGUF run natively, e.g. q4_1=...")
     ap.add_argument("--paired", help="paired.py's lines: ours and llama.cpp decode in alternating rounds")
@@ -29,6 +31,11 @@ def main():
     ap.add_argument("--samplers", help="`computepool plugin bench --json` lines: sampler plugins vs native sampling")
     ap.add_argument("--samplers-uptime", help="`uptime` before and after the sampler bench (the machine's load)")
     args = ap.parse_args()
+    if args.huge_pages_only:
+        out = []
+        huge_pages_section(out.append, [json.loads(line) for line in open(args.huge_pages) if line.strip()])
+        print("\n".join(out))
+        return
     if args.api_only:
         out = []
         api_section(out.append, [json.loads(line) for line in open(args.api) if line.strip()])
@@ -104,6 +111,8 @@ def main():
     p("")
     if args.paired:
         paired_section(p, [json.loads(line) for line in open(args.paired) if line.strip()])
+    if args.huge_pages:
+        huge_pages_section(p, [json.loads(line) for line in open(args.huge_pages) if line.strip()])
     if args.pipeline:
         pipeline_section(p, [json.loads(line) for line in open(args.pipeline) if line.strip()],
                          open(args.netns).read() if args.netns else "",
@@ -256,6 +265,25 @@ def paired_section(p, runs):
         q = r["ratio"]
         p(f"| {r['dtype']} | {r['rounds']} | {f(r['ours'])} | {f(r['llama_cpp'])} | "
           f"{q['median']:.2f}× ({q['min']:.2f}–{q['max']:.2f}) | {r['rounds_won']} of {r['rounds']} |")
+    p("")
+
+
+def huge_pages_section(p, runs):
+    """Weights in huge pages against the same regions in 4 KiB pages (huge_pages.py)."""
+    p("### Weights in huge pages")
+    p("")
+    p("A loaded shard keeps its matrices in 2 MiB-aligned regions advised for transparent huge pages")
+    p("(host/engine/src/weight_mem.rs); `COMPUTEPOOL_HUGE_PAGES=off` keeps the same regions in 4 KiB pages.")
+    p("Each round runs a configuration both ways back to back (the order alternating between rounds), and")
+    p("the ratio is taken within the round. bf16 SmolLM2, tg128, tokens/s.")
+    p("")
+    p("| configuration | rounds | huge pages tok/s | 4 KiB pages tok/s | huge ÷ small per round | rounds faster |")
+    p("|---|---|---|---|---|---|")
+    for r in runs:
+        h, s, ratio = r["huge"], r["small"], r["ratio"]
+        p(f"| {r['config']} | {r['rounds']} | {h['median']:.1f} ({h['min']:.1f}–{h['max']:.1f}) | "
+          f"{s['median']:.1f} ({s['min']:.1f}–{s['max']:.1f}) | "
+          f"{ratio['median']:.2f}× ({ratio['min']:.2f}–{ratio['max']:.2f}) | {r['rounds_faster']} of {r['rounds']} |")
     p("")
 
 

@@ -46,7 +46,7 @@ fn weight(rows: usize, cols: usize, bf: bool, seed: u64) -> Weight {
     let data = if bf {
         WeightData::Bf16(v.iter().map(|x| bf16::from_f32(*x)).collect())
     } else {
-        WeightData::F32(v)
+        WeightData::F32(v.into())
     };
     Weight { rows, cols, data }
 }
@@ -209,7 +209,7 @@ fn quant_weight(kind: QuantKind, rows: usize, cols: usize, seed: u64) -> Weight 
             block[2..4].copy_from_slice(&half::f16::from_f32(-0.05).to_le_bytes());
         }
     }
-    Weight { rows, cols, data: WeightData::Quant { kind, blocks } }
+    Weight { rows, cols, data: WeightData::Quant { kind, blocks: blocks.into() } }
 }
 
 /// Decode products with quantized weights, ggml's row layout against the interleaved one, side by side

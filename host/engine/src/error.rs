@@ -12,6 +12,12 @@ pub enum EngineError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot map {bytes} bytes of host memory for weights: {source}")]
+    HostMemory {
+        bytes: usize,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("invalid config.json in {path}: {message}")]
     Config { path: PathBuf, message: String },
     #[error(

@@ -16,6 +16,7 @@ pub mod sampling;
 pub mod shard;
 pub mod tensor;
 pub mod tokenizer;
+pub mod weight_mem;
 pub mod weights;
 
 pub use error::{EngineError, Result};

@@ -1,6 +1,7 @@
 //! Weight matrices as the engine holds them: row-major `[rows, cols]`, used as `y = W·x`.
 
 use half::bf16;
+use crate::weight_mem::WeightBuf;
 
 /// The element type a model's weights are held in. Activations and sums are always f32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -132,14 +133,14 @@ impl QuantKind {
 /// The storage behind a [`Weight`].
 #[derive(Debug, Clone)]
 pub enum WeightData {
-    F32(Vec<f32>),
-    Bf16(Vec<bf16>),
+    F32(WeightBuf<f32>),
+    Bf16(WeightBuf<bf16>),
     /// Rows of quantized blocks, row-major: each row is `cols / kind.block_values()` blocks of `kind`.
-    Quant { kind: QuantKind, blocks: Vec<u8> },
+    Quant { kind: QuantKind, blocks: WeightBuf<u8> },
     /// The same blocks (Q4_0, Q4_1 or Q8_0) reordered for the CPU kernels: 16 rows interleaved per block
     /// column, the last group padded with zero blocks (layout: `backend/cpu/interleave.rs`). Made by
     /// [`crate::backend::cpu::CpuBackend::prepare_weight`]; [`Weight::quant_rows`] gives ggml's rows back.
-    QuantInterleaved { kind: QuantKind, blocks: Vec<u8> },
+    QuantInterleaved { kind: QuantKind, blocks: WeightBuf<u8> },
 }
 
 /// A row-major `[rows, cols]` weight matrix (`nn.Linear` layout: `rows` = out features).
@@ -184,7 +185,7 @@ impl Weight {
     /// Every value widened to f32 (quantized blocks dequantized exactly as ggml does).
     pub fn to_f32(&self) -> Vec<f32> {
         match &self.data {
-            WeightData::F32(d) => d.clone(),
+            WeightData::F32(d) => d.to_vec(),
             WeightData::Bf16(d) => d.iter().map(|v| v.to_f32()).collect(),
             WeightData::Quant { .. } | WeightData::QuantInterleaved { .. } => {
                 let (kind, blocks) = self.quant_rows().expect("a quantized weight");

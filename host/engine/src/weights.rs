@@ -118,8 +118,8 @@ impl WeightFiles {
             });
         }
         let data = match dtype {
-            DType::F32 => WeightData::F32(convert(name, st_dtype, bytes, |x| x)?),
-            DType::Bf16 => WeightData::Bf16(convert(name, st_dtype, bytes, bf16::from_f32)?),
+            DType::F32 => WeightData::F32(convert(name, st_dtype, bytes, |x| x)?.into()),
+            DType::Bf16 => WeightData::Bf16(convert(name, st_dtype, bytes, bf16::from_f32)?.into()),
         };
         Ok(Weight { rows: expect[0], cols: expect[1], data })
     }

@@ -410,3 +410,18 @@ fn smollm2_matches_candle() {
         "smollm2 f32 vs candle: worst max abs diff {worst:e} over prefill + 4 cached steps (logits up to {scale:.1})"
     );
 }
+
+/// A loaded shard's matrices all live in packed regions (weight_mem: huge pages for decode), whatever
+/// its dtype, its layer range, and whether its lm_head is tied (Qwen2) or its own (Llama 3).
+#[test]
+fn loaded_shards_hold_their_weights_in_packed_regions() {
+    for family in [Family::Llama3, Family::Qwen2] {
+        let ckpt = checkpoint(family);
+        for dtype in [DType::F32, DType::Bf16] {
+            for range in [None, Some((0, 1)), Some((1, LAYERS))] {
+                let shard = ckpt.load(dtype, range, 1);
+                assert!(shard.weights_packed(), "{} {dtype:?} {range:?}: a matrix was left on the heap", family.name());
+            }
+        }
+    }
+}

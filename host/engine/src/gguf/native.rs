@@ -99,11 +99,11 @@ impl WeightSource for GgufWeights {
                 RowOrder::AsIs => raw.to_vec(),
                 RowOrder::UnpermuteHeads(n) => unpermute_row_bytes(raw, row_bytes, n),
             };
-            return Ok(Weight { rows, cols, data: WeightData::Quant { kind, blocks } });
+            return Ok(Weight { rows, cols, data: WeightData::Quant { kind, blocks: blocks.into() } });
         }
         let values = self.values(t)?;
         let data = match dtype {
-            DType::F32 => WeightData::F32(values),
+            DType::F32 => WeightData::F32(values.into()),
             DType::Bf16 => WeightData::Bf16(values.into_iter().map(bf16::from_f32).collect()),
         };
         Ok(Weight { rows, cols, data })

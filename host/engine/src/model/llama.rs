@@ -14,6 +14,7 @@ use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
 use crate::shard::LayerRange;
 use crate::tensor::{DType, Weight, WeightData};
+use crate::weight_mem;
 use crate::weights::{WeightFiles, WeightSource};
 
 /// How to load a shard.
@@ -84,6 +85,50 @@ impl Block {
     }
 }
 
+/// How many bytes of blocks a loading shard packs into one region ([`weight_mem`]): enough that a
+/// region's tail in small pages is a few percent of it, while the group's heap copies, alive until it
+/// is packed, stay a few percent of a large model. A block larger than this is a group of its own.
+const PACK_GROUP_BYTES: usize = 32 << 20;
+
+/// Blocks loaded but not yet packed, packed a group at a time as they come.
+struct BlockPacker {
+    blocks: Vec<Block>,
+    packed: usize,
+}
+
+impl BlockPacker {
+    fn new(capacity: usize) -> Self {
+        Self { blocks: Vec::with_capacity(capacity), packed: 0 }
+    }
+
+    fn push(&mut self, block: Block) -> Result<()> {
+        self.blocks.push(block);
+        if self.blocks[self.packed..].iter().map(Block::weight_bytes).sum::<usize>() >= PACK_GROUP_BYTES {
+            self.pack()?;
+        }
+        Ok(())
+    }
+
+    fn pack(&mut self) -> Result<()> {
+        let mut group: Vec<&mut Weight> =
+            self.blocks[self.packed..].iter_mut().flat_map(|b| [&mut b.qkv, &mut b.o, &mut b.gate_up, &mut b.down]).collect();
+        weight_mem::pack(&mut group)?;
+        self.packed = self.blocks.len();
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<Vec<Block>> {
+        self.pack()?;
+        Ok(self.blocks)
+    }
+}
+
+/// One matrix moved into a region of its own ([`weight_mem`]).
+fn packed(mut w: Weight) -> Result<Weight> {
+    weight_mem::pack(&mut [&mut w])?;
+    Ok(w)
+}
+
 /// A loaded layer range of one model: the unit a worker runs.
 pub struct Shard {
     cfg: ModelConfig,
@@ -116,7 +161,7 @@ fn stack(name: &str, parts: Vec<Weight>) -> Result<Weight> {
         let blocks = parts
             .into_iter()
             .flat_map(|p| match p.data {
-                WeightData::Quant { blocks, .. } => blocks,
+                WeightData::Quant { blocks, .. } => blocks.into_vec(),
                 _ => unreachable!("every part was checked to be quantized"),
             })
             .collect();
@@ -126,13 +171,13 @@ fn stack(name: &str, parts: Vec<Weight>) -> Result<Weight> {
     let data = match parts[0].data {
         WeightData::F32(_) => WeightData::F32(
             parts.into_iter().flat_map(|p| match p.data {
-                WeightData::F32(d) => d,
+                WeightData::F32(d) => d.into_vec(),
                 _ => p.to_f32(),
             }).collect(),
         ),
         WeightData::Bf16(_) | WeightData::Quant { .. } | WeightData::QuantInterleaved { .. } => WeightData::Bf16(
             parts.into_iter().flat_map(|p| match p.data {
-                WeightData::Bf16(d) => d,
+                WeightData::Bf16(d) => d.into_vec(),
                 _ => p.to_f32().into_iter().map(half::bf16::from_f32).collect(),
             }).collect(),
         ),
@@ -172,12 +217,12 @@ impl Shard {
         let untied_lm_head = files.contains("lm_head.weight") && !cfg.tie_word_embeddings;
         let embed = if range.is_entry() {
             let e = files.matrix("model.embed_tokens.weight", [cfg.vocab_size, h], dtype)?;
-            Some(Arc::new(if range.is_exit() && !untied_lm_head { backend.prepare_weight(e) } else { e }))
+            Some(Arc::new(packed(if range.is_exit() && !untied_lm_head { backend.prepare_weight(e) } else { e })?))
         } else {
             None
         };
         bar.inc(1);
-        let mut blocks = Vec::with_capacity(range.len());
+        let mut blocks = BlockPacker::new(range.len());
         for i in range.layers() {
             let p = format!("model.layers.{i}");
             let m = |n: &str, shape: [usize; 2]| files.matrix(&format!("{p}.{n}"), shape, dtype);
@@ -215,19 +260,20 @@ impl Shard {
                 down: prepared(m("mlp.down_proj.weight", [h, ffn]))?,
                 gate_up_bias,
                 down_bias: if cfg.mlp_bias { Some(v("mlp.down_proj.bias", h)?) } else { None },
-            });
+            })?;
             bar.inc(1);
         }
+        let blocks = blocks.finish()?;
         let (norm, lm_head) = if range.is_exit() {
             let norm = files.vector("model.norm.weight", h)?;
             let lm_head = if untied_lm_head {
-                Arc::new(backend.prepare_weight(files.matrix("lm_head.weight", [cfg.vocab_size, h], dtype)?))
+                Arc::new(packed(backend.prepare_weight(files.matrix("lm_head.weight", [cfg.vocab_size, h], dtype)?))?)
             } else if let Some(e) = &embed {
                 // Tied and this shard is also the entry: one copy serves both.
                 Arc::clone(e)
             } else {
                 // Tied, exit only: this shard keeps its own copy of the embedding as lm_head.
-                Arc::new(backend.prepare_weight(files.matrix("model.embed_tokens.weight", [cfg.vocab_size, h], dtype)?))
+                Arc::new(packed(backend.prepare_weight(files.matrix("model.embed_tokens.weight", [cfg.vocab_size, h], dtype)?))?)
             };
             (Some(norm), Some(lm_head))
         } else {
@@ -256,8 +302,8 @@ impl Shard {
             tensor += 1;
             random_matrix(rows, cols, seed, tensor)
         };
-        let embed = if range.is_entry() { Some(Arc::new(next(cfg.vocab_size, h))) } else { None };
-        let mut blocks = Vec::with_capacity(range.len());
+        let embed = if range.is_entry() { Some(Arc::new(packed(next(cfg.vocab_size, h))?)) } else { None };
+        let mut blocks = BlockPacker::new(range.len());
         for _ in range.layers() {
             let zeros = |n: usize| vec![0f32; n];
             blocks.push(Block {
@@ -271,12 +317,13 @@ impl Shard {
                 down: next(h, ffn),
                 gate_up_bias: cfg.mlp_bias.then(|| zeros(2 * ffn)),
                 down_bias: cfg.mlp_bias.then(|| zeros(h)),
-            });
+            })?;
         }
+        let blocks = blocks.finish()?;
         let (norm, lm_head) = if range.is_exit() {
             let lm_head = match (&embed, cfg.tie_word_embeddings) {
                 (Some(e), true) => Arc::clone(e),
-                _ => Arc::new(next(cfg.vocab_size, h)),
+                _ => Arc::new(packed(next(cfg.vocab_size, h))?),
             };
             (Some(vec![1.0; h]), Some(lm_head))
         } else {
@@ -314,6 +361,19 @@ impl Shard {
             total += l.size_in_bytes();
         }
         total
+    }
+
+    /// Whether every matrix of this shard lives in a packed region ([`weight_mem`]), as a loaded
+    /// shard's do.
+    pub fn weights_packed(&self) -> bool {
+        let packed = |w: &Weight| match &w.data {
+            WeightData::F32(d) => d.is_packed(),
+            WeightData::Bf16(d) => d.is_packed(),
+            WeightData::Quant { blocks, .. } | WeightData::QuantInterleaved { blocks, .. } => blocks.is_packed(),
+        };
+        self.blocks.iter().all(|b| [&b.qkv, &b.o, &b.gate_up, &b.down].into_iter().all(packed))
+            && self.embed.as_deref().is_none_or(packed)
+            && self.lm_head.as_deref().is_none_or(packed)
     }
 
     /// Bytes of weights one decode step reads (the lm_head read in full even when it is the embedding).
@@ -596,7 +656,7 @@ fn random_matrix(rows: usize, cols: usize, seed: u64, tensor: u64) -> Weight {
             });
         }
     });
-    Weight { rows, cols, data: WeightData::Bf16(data) }
+    Weight { rows, cols, data: WeightData::Bf16(data.into()) }
 }
 
 fn add_bias(rows: &mut [f32], bias: &[f32]) {

@@ -183,7 +183,7 @@ impl CpuBackend {
         match w.data {
             WeightData::Quant { kind, blocks } if interleave::interleavable(kind) => {
                 let blocks = interleave::interleave(kind, w.rows, w.cols, &blocks);
-                Weight { rows: w.rows, cols: w.cols, data: WeightData::QuantInterleaved { kind, blocks } }
+                Weight { rows: w.rows, cols: w.cols, data: WeightData::QuantInterleaved { kind, blocks: blocks.into() } }
             }
             data => Weight { data, ..w },
         }

@@ -26,7 +26,7 @@ fn weight(rng: &mut Rng, rows: usize, cols: usize, bf16_weights: bool) -> Weight
     let data = if bf16_weights {
         WeightData::Bf16(values.iter().map(|v| bf16::from_f32(*v)).collect())
     } else {
-        WeightData::F32(values)
+        WeightData::F32(values.into())
     };
     Weight { rows, cols, data }
 }

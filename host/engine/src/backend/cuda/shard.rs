@@ -271,7 +271,7 @@ impl CudaShard {
         // Quantized matrices stay quantized (`widen` false) except the embedding table.
         let upload = |w: &Weight, widen: bool| -> Result<DevMatrix> {
             let data = match &w.data {
-                WeightData::Bf16(d) => dev.stream.clone_htod(bytemuck::cast_slice::<_, u16>(d)).map(DevWeights::Bf16),
+                WeightData::Bf16(d) => dev.stream.clone_htod(bytemuck::cast_slice::<_, u16>(&d[..])).map(DevWeights::Bf16),
                 // The CPU loader interleaves Q4_0/Q4_1/Q8_0 rows for its own kernels; the device kernels
                 // read ggml's row layout.
                 WeightData::Quant { .. } | WeightData::QuantInterleaved { .. } if !widen => {
