@@ -52,6 +52,8 @@ env -u CARGO_TARGET_DIR bash "$here/anchors.sh" --out "$out/anchors.json" --hf "
 (LD_LIBRARY_PATH="$LLAMA_BIN${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" python3 "$here/paired.py" \
    --computepool "$bin" --model "$model" --llama-bench "$LLAMA_BIN/llama-bench" \
    --gguf "bf16=$GGUF_BF16" --gguf "f32=$GGUF_F32" --gguf "q4_1=$GGUF_Q4_1" --rounds "$rounds" --threads 2) > "$out/paired.jsonl"
+# Weights in huge pages against the same regions in 4 KiB pages (COMPUTEPOOL_HUGE_PAGES=off), alternating.
+python3 "$here/huge_pages.py" --computepool "$bin" --model "$model" --rounds "$rounds" > "$out/huge-pages.jsonl"
 # The pipeline (issue 3): the same model as 2 and 3 worker processes on loopback, bf16, measured through
 # the entry's request API. Single stream: 2 threads per worker (only one shard computes at a time), beside
 # the one-process engine on 2 threads. Concurrent requests keep both shards busy at once, so there each
@@ -85,5 +87,5 @@ bash scripts/build-plugins.sh
 uptime > "$out/samplers.uptime"
 "$bin" plugin bench --model "$model" --plugins plugins/samplers --threads 2 --json > "$out/samplers.jsonl"
 uptime >> "$out/samplers.uptime"
-python3 "$here/report.py" --anchors "$out/anchors.json" --ours "$out/computepool.jsonl" --quantized "q4_1=$out/computepool-q4_1.jsonl" --paired "$out/paired.jsonl" --pipeline "$out/pipeline.jsonl" --pipeline-paired "$out/pipeline-paired.jsonl" --netns "$out/netns.log" --api "$out/api.jsonl" --samplers "$out/samplers.jsonl" --samplers-uptime "$out/samplers.uptime" > docs/BENCHMARKS.md
+python3 "$here/report.py" --anchors "$out/anchors.json" --ours "$out/computepool.jsonl" --quantized "q4_1=$out/computepool-q4_1.jsonl" --paired "$out/paired.jsonl" --huge-pages "$out/huge-pages.jsonl" --pipeline "$out/pipeline.jsonl" --pipeline-paired "$out/pipeline-paired.jsonl" --netns "$out/netns.log" --api "$out/api.jsonl" --samplers "$out/samplers.jsonl" --samplers-uptime "$out/samplers.uptime" > docs/BENCHMARKS.md
 echo "wrote docs/BENCHMARKS.md"
