@@ -12,6 +12,11 @@ def fmt(row):
     return f"{row['median_ts']:.1f} ({row['min_ts']:.1f}–{row['max_ts']:.1f})"
 
 
+def spread(x, spec=".1f", unit=""):
+    """A {median, min, max} as `median (min–max)`, each in format `spec`, `unit` after the median."""
+    return f"{x['median']:{spec}}{unit} ({x['min']:{spec}}–{x['max']:{spec}})"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--anchors")
@@ -175,9 +180,6 @@ def api_section(p, runs):
     if not (d and o and i):
         return
 
-    def s(x, unit="", digits=1):
-        return f"{x['median']:.{digits}f}{unit} ({x['min']:.{digits}f}–{x['max']:.{digits}f})"
-
     p("## The orchestrator's API against the direct engine")
     p("")
     p(f"`computepool bench --shards {d['shards']} --api --tg {d['test'][2:]}`: one pipeline of {d['shards']} worker "
@@ -191,7 +193,7 @@ def api_section(p, runs):
     p("| route | time to first token, ms | decode tokens/s |")
     p("|---|---|---|")
     for name, r in (("direct (entry request API)", d), ("OpenAI `/v1/completions`", o), ("native `/pools/{id}/infer`", i)):
-        p(f"| {name} | {s(r['ttft_ms'], digits=2)} | {s(r['decode_tokens_per_s'])} |")
+        p(f"| {name} | {spread(r['ttft_ms'], '.2f')} | {spread(r['decode_tokens_per_s'])} |")
     p("")
     p("Paired against the direct request sent just before it (same prompt, same moment):")
     p("")
@@ -203,7 +205,7 @@ def api_section(p, runs):
             added, ratio = r["ttft_added_ms"], r["decode_ratio"]
             ttft = "holds" if added["median"] < 2.0 else "does not hold"
             decode = "holds" if ratio["median"] > 0.98 else "does not hold"
-            p(f"| {name} | {s(added, digits=2)} | {s(ratio, digits=3)} | TTFT < 2 ms: {ttft}; decode < 2% slower: "
+            p(f"| {name} | {spread(added, '.2f')} | {spread(ratio, '.3f')} | TTFT < 2 ms: {ttft}; decode < 2% slower: "
               f"{decode} (medians) |")
     p("")
 
@@ -250,9 +252,6 @@ def paired_section(p, runs):
     if not runs:
         return
 
-    def f(s):
-        return f"{s['median']:.1f} ({s['min']:.1f}–{s['max']:.1f})"
-
     p("### Decode against llama.cpp, round by round")
     p("")
     p("The table above measures the anchors minutes before our engine. Here each round runs llama-bench tg128")
@@ -263,8 +262,8 @@ def paired_section(p, runs):
     p("|---|---|---|---|---|---|")
     for r in runs:
         q = r["ratio"]
-        p(f"| {r['dtype']} | {r['rounds']} | {f(r['ours'])} | {f(r['llama_cpp'])} | "
-          f"{q['median']:.2f}× ({q['min']:.2f}–{q['max']:.2f}) | {r['rounds_won']} of {r['rounds']} |")
+        p(f"| {r['dtype']} | {r['rounds']} | {spread(r['ours'])} | {spread(r['llama_cpp'])} | "
+          f"{spread(q, '.2f', '×')} | {r['rounds_won']} of {r['rounds']} |")
     p("")
 
 
@@ -281,9 +280,8 @@ def huge_pages_section(p, runs):
     p("|---|---|---|---|---|---|")
     for r in runs:
         h, s, ratio = r["huge"], r["small"], r["ratio"]
-        p(f"| {r['config']} | {r['rounds']} | {h['median']:.1f} ({h['min']:.1f}–{h['max']:.1f}) | "
-          f"{s['median']:.1f} ({s['min']:.1f}–{s['max']:.1f}) | "
-          f"{ratio['median']:.2f}× ({ratio['min']:.2f}–{ratio['max']:.2f}) | {r['rounds_faster']} of {r['rounds']} |")
+        p(f"| {r['config']} | {r['rounds']} | {spread(h)} | {spread(s)} | {spread(ratio, '.2f', '×')} | "
+          f"{r['rounds_faster']} of {r['rounds']} |")
     p("")
 
 
@@ -310,9 +308,7 @@ def pipeline_paired_section(p, runs):
         one, pipe, ratio = r["one_process"], r["pipeline"], r["ratio"]
         poll = r.get("busy_poll_us") or 0
         between = f"polls (up to {poll / 1000:g} ms)" if poll else "sleeps"
-        p(f"| {r['threads']} | {between} | {r['rounds']} | {one['median']:.1f} ({one['min']:.1f}–{one['max']:.1f}) | "
-          f"{pipe['median']:.1f} ({pipe['min']:.1f}–{pipe['max']:.1f}) | "
-          f"{ratio['median']:.1%} ({ratio['min']:.1%}–{ratio['max']:.1%}) | "
+        p(f"| {r['threads']} | {between} | {r['rounds']} | {spread(one)} | {spread(pipe)} | {spread(ratio, '.1%')} | "
           f"{r['rounds_at_target']} of {r['rounds']} |")
     p("")
 

@@ -143,6 +143,26 @@ pub enum WeightData {
     QuantInterleaved { kind: QuantKind, blocks: WeightBuf<u8> },
 }
 
+impl WeightData {
+    /// The stored values as bytes, in memory order.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            WeightData::F32(d) => d.as_bytes(),
+            WeightData::Bf16(d) => d.as_bytes(),
+            WeightData::Quant { blocks, .. } | WeightData::QuantInterleaved { blocks, .. } => blocks.as_bytes(),
+        }
+    }
+
+    /// Whether the values live in a packed region ([`crate::weight_mem`]) rather than on the heap.
+    pub fn is_packed(&self) -> bool {
+        match self {
+            WeightData::F32(d) => d.is_packed(),
+            WeightData::Bf16(d) => d.is_packed(),
+            WeightData::Quant { blocks, .. } | WeightData::QuantInterleaved { blocks, .. } => blocks.is_packed(),
+        }
+    }
+}
+
 /// A row-major `[rows, cols]` weight matrix (`nn.Linear` layout: `rows` = out features).
 #[derive(Debug, Clone)]
 pub struct Weight {
@@ -162,11 +182,7 @@ impl Weight {
     }
 
     pub fn size_in_bytes(&self) -> usize {
-        match &self.data {
-            WeightData::F32(d) => d.len() * 4,
-            WeightData::Bf16(d) => d.len() * 2,
-            WeightData::Quant { blocks, .. } | WeightData::QuantInterleaved { blocks, .. } => blocks.len(),
-        }
+        self.data.as_bytes().len()
     }
 
     /// A quantized weight's blocks in ggml's row-major layout (interleaved ones put back in row order,

@@ -151,7 +151,7 @@ pub(crate) fn pack(weights: &mut [&mut Weight]) -> Result<()> {
     let mut kinds = Vec::with_capacity(weights.len());
     for (w, &offset) in weights.iter_mut().zip(&offsets) {
         let data = std::mem::replace(&mut w.data, WeightData::F32(Vec::new().into()));
-        let bytes = data_bytes(&data);
+        let bytes = data.as_bytes();
         map[start + offset..start + offset + bytes.len()].copy_from_slice(bytes);
         kinds.push(Kind::of(&data));
     }
@@ -160,14 +160,6 @@ pub(crate) fn pack(weights: &mut [&mut Weight]) -> Result<()> {
         w.data = kind.packed(&region, offset);
     }
     Ok(())
-}
-
-fn data_bytes(data: &WeightData) -> &[u8] {
-    match data {
-        WeightData::F32(d) => d.as_bytes(),
-        WeightData::Bf16(d) => d.as_bytes(),
-        WeightData::Quant { blocks, .. } | WeightData::QuantInterleaved { blocks, .. } => blocks.as_bytes(),
-    }
 }
 
 /// A weight's storage kind and length, kept while its values move.
@@ -227,19 +219,19 @@ mod tests {
         pack(&mut after.iter_mut().collect::<Vec<_>>()).expect("packed");
         for (b, a) in before.iter().zip(&after) {
             assert_eq!((a.rows, a.cols, a.storage_name()), (b.rows, b.cols, b.storage_name()));
-            assert_eq!(data_bytes(&a.data), data_bytes(&b.data), "{} values", b.storage_name());
-            assert_eq!(data_bytes(&a.data).as_ptr() as usize % WEIGHT_ALIGN, 0, "{} starts on a cache line", b.storage_name());
+            assert_eq!(a.data.as_bytes(), b.data.as_bytes(), "{} values", b.storage_name());
+            assert_eq!(a.data.as_bytes().as_ptr() as usize % WEIGHT_ALIGN, 0, "{} starts on a cache line", b.storage_name());
         }
         assert!(matches!(&after[1].data, WeightData::Bf16(d) if d.is_packed()));
         // The region starts on a huge page boundary (the first weight is at its start), unless
         // COMPUTEPOOL_HUGE_PAGES turns them off.
         if huge_pages_wanted() {
-            assert_eq!(data_bytes(&after[0].data).as_ptr() as usize % HUGE_PAGE, 0);
+            assert_eq!(after[0].data.as_bytes().as_ptr() as usize % HUGE_PAGE, 0);
         }
         // A clone shares the region; dropping the originals leaves it readable.
         let kept = after[1].clone();
         drop(after);
-        assert_eq!(data_bytes(&kept.data), data_bytes(&before[1].data));
+        assert_eq!(kept.data.as_bytes(), before[1].data.as_bytes());
     }
 
     #[test]
@@ -268,7 +260,7 @@ mod tests {
         }
         let mut ws = weights();
         pack(&mut ws.iter_mut().collect::<Vec<_>>()).expect("packed");
-        let at = data_bytes(&ws[1].data).as_ptr() as usize;
+        let at = ws[1].data.as_bytes().as_ptr() as usize;
         let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
         let mut in_mapping = false;
         let mut eligible = None;

@@ -366,11 +366,7 @@ impl Shard {
     /// Whether every matrix of this shard lives in a packed region ([`weight_mem`]), as a loaded
     /// shard's do.
     pub fn weights_packed(&self) -> bool {
-        let packed = |w: &Weight| match &w.data {
-            WeightData::F32(d) => d.is_packed(),
-            WeightData::Bf16(d) => d.is_packed(),
-            WeightData::Quant { blocks, .. } | WeightData::QuantInterleaved { blocks, .. } => blocks.is_packed(),
-        };
+        let packed = |w: &Weight| w.data.is_packed();
         self.blocks.iter().all(|b| [&b.qkv, &b.o, &b.gate_up, &b.down].into_iter().all(packed))
             && self.embed.as_deref().is_none_or(packed)
             && self.lm_head.as_deref().is_none_or(packed)
