@@ -257,12 +257,20 @@ def paired_section(p, runs):
     p("The table above measures the anchors minutes before our engine. Here each round runs llama-bench tg128")
     p("and our tg128 back to back on the same weights and threads (the order alternates between rounds), and")
     p("the ratio is taken within the round; its spread over the rounds is the honest error bar.")
+    depths = sorted({r.get("depth", 0) for r in runs} - {0})
+    if depths:
+        p("")
+        p(f"Deep into a conversation (`tg128 @ d{depths[0]}`: llama-bench's `-d`, our `bench --depth`), each run's cache")
+        p("already holds that many prompt tokens (prefilled untimed), so every decoded token's attention reads")
+        p("the whole cache: for SmolLM2 at 2048 positions, 94 MB of f32 keys and values (llama.cpp keeps f16,")
+        p("half of that) beside the 270 MB of weights. Our keys are stored in transposed blocks of 64 positions")
+        p("(host/engine/src/backend/cpu/mod.rs, `KvView`), so a block is scored without rearranging it.")
     p("")
-    p("| weights | rounds | ComputePool tok/s | llama.cpp tok/s | ours ÷ llama.cpp per round | rounds ours ≥ llama.cpp |")
-    p("|---|---|---|---|---|---|")
+    p("| weights | test | rounds | ComputePool tok/s | llama.cpp tok/s | ours ÷ llama.cpp per round | rounds ours ≥ llama.cpp |")
+    p("|---|---|---|---|---|---|---|")
     for r in runs:
         q = r["ratio"]
-        p(f"| {r['dtype']} | {r['rounds']} | {spread(r['ours'])} | {spread(r['llama_cpp'])} | "
+        p(f"| {r['dtype']} | {r.get('test', 'tg128')} | {r['rounds']} | {spread(r['ours'])} | {spread(r['llama_cpp'])} | "
           f"{spread(q, '.2f', '×')} | {r['rounds_won']} of {r['rounds']} |")
     p("")
 

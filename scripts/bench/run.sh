@@ -52,6 +52,10 @@ env -u CARGO_TARGET_DIR bash "$here/anchors.sh" --out "$out/anchors.json" --hf "
 (LD_LIBRARY_PATH="$LLAMA_BIN${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" python3 "$here/paired.py" \
    --computepool "$bin" --model "$model" --llama-bench "$LLAMA_BIN/llama-bench" \
    --gguf "bf16=$GGUF_BF16" --gguf "f32=$GGUF_F32" --gguf "q4_1=$GGUF_Q4_1" --rounds "$rounds" --threads 2) > "$out/paired.jsonl"
+# The same, 2048 tokens into a conversation (attention over a long cache), bf16.
+(LD_LIBRARY_PATH="$LLAMA_BIN${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" python3 "$here/paired.py" \
+   --computepool "$bin" --model "$model" --llama-bench "$LLAMA_BIN/llama-bench" \
+   --gguf "bf16=$GGUF_BF16" --rounds "$rounds" --threads 2 --depth 2048) >> "$out/paired.jsonl"
 # Weights in huge pages against the same regions in 4 KiB pages (COMPUTEPOOL_HUGE_PAGES=off), alternating.
 python3 "$here/huge_pages.py" --computepool "$bin" --model "$model" --rounds "$rounds" > "$out/huge-pages.jsonl"
 # The pipeline (issue 3): the same model as 2 and 3 worker processes on loopback, bf16, measured through

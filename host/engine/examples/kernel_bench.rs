@@ -404,6 +404,25 @@ fn attention(threads: &[usize]) {
                 stats.show(|d| bytes / d.as_secs_f64() / 1e9, 1),
             );
         }
+        // A decode step deep into a conversation: every layer's cache in turn, 30 of them (SmolLM2's
+        // layers) at 2048 positions, ~94 MB together: more than the last-level cache, as in a model.
+        let (layers, len) = (30usize, 2048usize);
+        let caches: Vec<(Vec<f32>, Vec<f32>)> =
+            (0..layers as u64).map(|i| (random(3 * len * 64, 10 + 2 * i), random(3 * len * 64, 11 + 2 * i))).collect();
+        let q = random(width, 4);
+        let mut out = vec![0f32; width];
+        let stats = timed(5, 5, |_| {
+            for (k, v) in &caches {
+                let kv = KvView { k, v, capacity: len, len };
+                backend.attention(&q, 1, len - 1, kv, shape, &mut out);
+            }
+        });
+        let bytes = (layers * 2 * 3 * len * 64 * 4) as f64;
+        println!(
+            "decode len={len} × {layers} layers (beyond the LLC) thr {t}: {} µs per layer, {} GB/s of KV",
+            stats.show(|d| micros(d) / layers as f64, 1),
+            stats.show(|d| bytes / d.as_secs_f64() / 1e9, 1),
+        );
     }
 }
 

@@ -1,7 +1,9 @@
 //! `computepool bench`: llama-bench's protocol on our engine. `pp` is one forward pass over `P` prompt
 //! tokens from an empty cache; `tg` is `T` single-token decode steps from an empty cache (with `--batch B`,
-//! `B` requests step together and the figure is their aggregate tokens/s). One warm-up, then `repeats`
-//! timed runs; the median, minimum and maximum are reported. Token ids are drawn from a fixed seed.
+//! `B` requests step together and the figure is their aggregate tokens/s). With `--depth D` (llama-bench's
+//! `-d`), each run's caches first hold `D` prompt tokens, prefilled untimed, so the figures are those of
+//! a conversation `D` tokens in (`pp512 @ d2048`). One warm-up, then `repeats` timed runs; the median,
+//! minimum and maximum are reported. Token ids are drawn from a fixed seed.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -32,6 +34,11 @@ pub struct BenchArgs {
     /// Weight dtype(s), comma-separated: f32,bf16.
     #[arg(long, default_value = "bf16")]
     dtype: String,
+    /// Tokens already in each run's cache before it is timed (prefilled untimed): decode and prompt
+    /// speed that far into a conversation, where attention reads a cache of that length per token.
+    /// One process only.
+    #[arg(long, default_value_t = 0, conflicts_with = "shards")]
+    depth: usize,
     /// Timed runs per test (after one warm-up).
     #[arg(long, default_value_t = 5)]
     repeats: usize,
@@ -117,13 +124,30 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let dtype: DType = dtype.trim().parse()?;
         let shard = ModelSource::from_path(&args.model)?.load_shard(&LoadOptions { dtype, range: None, progress: !args.json }, backend.clone())?;
         let vocab = shard.config().vocab_size;
+        let context = shard.config().max_position_embeddings;
+        anyhow::ensure!(
+            args.depth + args.pp.max(args.tg) <= context,
+            "--depth {} plus {} tokens runs past the model's context of {context} positions",
+            args.depth,
+            args.pp.max(args.tg)
+        );
         let mut rng = Rng::new(1234);
+        let history = random_tokens(&mut rng, args.depth, vocab);
+        // A fresh cache holding the `--depth` tokens, prefilled in one pass as a prompt is.
+        let cache_at_depth = || -> anyhow::Result<_> {
+            let mut cache = shard.new_cache();
+            if !history.is_empty() {
+                shard.forward(StepInput::Tokens(&history), &mut cache)?;
+            }
+            Ok(cache)
+        };
+        let at_depth = |test: String| if args.depth > 0 { format!("{test} @ d{}", args.depth) } else { test };
         let mut tests: Vec<(String, usize, Vec<f64>)> = Vec::new();
         if args.pp > 0 {
             let prompt = random_tokens(&mut rng, args.pp, vocab);
             let mut runs = Vec::new();
             for rep in 0..=args.repeats {
-                let mut cache = shard.new_cache();
+                let mut cache = cache_at_depth()?;
                 let start = Instant::now();
                 shard.forward(StepInput::Tokens(&prompt), &mut cache)?;
                 let secs = start.elapsed().as_secs_f64();
@@ -131,13 +155,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     runs.push(args.pp as f64 / secs);
                 }
             }
-            tests.push((format!("pp{}", args.pp), 1, runs));
+            tests.push((at_depth(format!("pp{}", args.pp)), 1, runs));
         }
         if args.tg > 0 {
             let tokens: Vec<Vec<u32>> = (0..args.batch).map(|_| random_tokens(&mut rng, args.tg, vocab)).collect();
             let mut runs = Vec::new();
             for rep in 0..=args.repeats {
-                let mut caches: Vec<_> = (0..args.batch).map(|_| shard.new_cache()).collect();
+                let mut caches = (0..args.batch).map(|_| cache_at_depth()).collect::<anyhow::Result<Vec<_>>>()?;
                 let start = Instant::now();
                 for step in 0..args.tg {
                     let mut items: Vec<StepItem<'_>> = caches
@@ -152,7 +176,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     runs.push((args.tg * args.batch) as f64 / secs);
                 }
             }
-            tests.push((format!("tg{}", args.tg), args.batch, runs));
+            tests.push((at_depth(format!("tg{}", args.tg)), args.batch, runs));
         }
         for (test, batch, runs) in tests {
             let (median, min, max) = stats(runs);

@@ -19,6 +19,7 @@ pub mod netns;
 #[path = "../../../engine/tests/common/mod.rs"]
 pub mod engine;
 
+#[allow(unused_imports)] // not every test file needs it
 pub use engine::smollm2_dir;
 
 pub fn bin() -> PathBuf {

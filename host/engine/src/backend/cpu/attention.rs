@@ -14,20 +14,24 @@
 //! between threads. Two schedules use that freedom:
 //!
 //! - **Query blocks** (prefill): tasks are (block of [`QUERY_BLOCK`] tokens, KV head); a task scores all
-//!   of its query heads against a chunk at once (keys transposed once per chunk, then register tiles of
-//!   6 query rows × 64 keys) and merges chunk after chunk. Blocks with more keys go first.
+//!   of its query heads against a chunk at once (register tiles of 6 query rows × 64 keys, straight from
+//!   the cache's transposed key block) and merges chunk after chunk. Blocks with more keys go first.
 //! - **Key split** (decode, few queries): tasks are (KV head, chunk), so a long cache is spread over all
 //!   threads even with one query; partials go to scratch and are merged afterwards in chunk order.
+//!
+//! A chunk is one of the cache's key blocks ([`KEY_BLOCK`]), stored `[head_dim][KEY_BLOCK]`: the score
+//! tiles read it as it lies. Its positions past the valid keys (the cache's unwritten tail, or keys
+//! outside a sliding window) are scored too, and masked before the softmax reads them.
 
 use super::pool::ThreadPool;
 use super::scratch::{Slot, with_scratch};
 #[cfg(target_arch = "x86_64")]
 use super::simd::{Avx2, Avx512};
 use super::simd::{Isa, Scalar, Simd};
-use super::{AttentionShape, KvView};
+use super::{AttentionShape, KEY_BLOCK, KvView};
 
-/// Keys per chunk (a multiple of every instruction set's lane count).
-pub(crate) const CHUNK: usize = 64;
+/// Keys per chunk: one key block of the cache (a multiple of every instruction set's lane count).
+pub(crate) const CHUNK: usize = KEY_BLOCK;
 /// Query tokens per task in the query-block schedule.
 const QUERY_BLOCK: usize = 16;
 
@@ -93,6 +97,7 @@ pub(crate) fn attention(
     assert_eq!(out.len(), q.len(), "attention output shape");
     assert!(kv.len >= first_pos + n, "KV cache shorter than the queries");
     assert!(kv.capacity >= kv.len, "KV cache length beyond its capacity");
+    assert!(kv.capacity.is_multiple_of(KEY_BLOCK), "KV cache capacity {} is not a multiple of {KEY_BLOCK}", kv.capacity);
     assert!(kv.k.len() >= n_kv_heads * kv.capacity * head_dim, "key cache shape");
     assert!(kv.v.len() >= n_kv_heads * kv.capacity * head_dim, "value cache shape");
     if n == 0 || head_dim == 0 {
@@ -122,8 +127,7 @@ pub(crate) fn attention(
             let tokens = block_index * QUERY_BLOCK..((block_index + 1) * QUERY_BLOCK).min(n);
             let queries = tokens.len() * job.group;
             let partial = job.partial_len();
-            let kt = job.head_dim.next_multiple_of(16) * CHUNK;
-            let len = queries * (job.head_dim + CHUNK + partial) + job.group * job.head_dim + kt;
+            let len = queries * (job.head_dim + CHUNK + partial) + job.group * job.head_dim;
             with_scratch::<f32, _>(Slot::Task, len, |buf| {
                 let out_ptr = &out_ptr;
                 // SAFETY: `isa` is detected; this task writes only the outputs of its tokens × heads.
@@ -143,8 +147,7 @@ pub(crate) fn attention(
             let chunk = first_chunk + i / n_kv_heads;
             let kv_head = i % n_kv_heads;
             let queries = n * job.group;
-            let kt = job.head_dim.next_multiple_of(16) * CHUNK;
-            let len = queries * (job.head_dim + CHUNK) + job.group * job.head_dim + kt;
+            let len = queries * (job.head_dim + CHUNK) + job.group * job.head_dim;
             with_scratch::<f32, _>(Slot::Task, len, |buf| {
                 let parts = &parts;
                 // SAFETY: `isa` is detected; this task writes only the partials of (its chunk, its heads).
@@ -227,56 +230,20 @@ fn gather_queries(job: &Job, kv_head: usize, tokens: std::ops::Range<usize>, qbu
     }
 }
 
-/// Scores of all `queries` rows of `qbuf` against keys `k0..k1` (absolute, inside chunk `c0..`), written
+/// Scores of all `queries` rows of `qbuf` against the key block that starts at position `c0`, written
 /// to `scores[query * CHUNK + (j - c0)]` as `Σ_d q[d] · k_j[d]`, accumulated in increasing `d` (one fused
 /// multiply-add chain per score, so the value does not depend on which other queries or keys share the
-/// tile). Entries of the row outside `k0..k1` are left unspecified.
-///
-/// The chunk's keys are first transposed into `kt` (`[head_dim][CHUNK]`), so a register tile of query
-/// rows × key vectors needs no horizontal sums.
+/// tile). Every position of the block is scored; the caller masks those outside its valid keys.
 ///
 /// # Safety
-/// Keys `k0..k1` must be inside the cache; `scores` must hold `queries * CHUNK` values and `kt`
-/// `head_dim.next_multiple_of(LANES) * CHUNK`.
+/// The block must be inside the cache (`c0 + CHUNK <= capacity`); `scores` must hold
+/// `queries * CHUNK` values.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn score_chunk<S: Simd>(
-    s: S,
-    job: &Job,
-    kv_head: usize,
-    qbuf: &[f32],
-    queries: usize,
-    c0: usize,
-    k0: usize,
-    k1: usize,
-    scores: &mut [f32],
-    kt: &mut [f32],
-) {
+unsafe fn score_chunk<S: Simd>(s: S, job: &Job, kv_head: usize, qbuf: &[f32], queries: usize, c0: usize, scores: &mut [f32]) {
     let hd = job.head_dim;
     let lanes = S::LANES;
-    let first_block = (k0 - c0) / lanes;
-    let end_block = (k1 - c0).div_ceil(lanes);
-    // SAFETY: keys `k0..k1` of this head lie in the cache (caller's contract); reads stop at `k1`.
-    unsafe {
-        let keys = job.k.add((kv_head * job.capacity + c0) * hd);
-        for b in first_block..end_block {
-            let j0 = b * lanes;
-            let rows = (k1 - c0 - j0).min(lanes);
-            let mut d0 = 0;
-            while d0 < hd {
-                let cols = (hd - d0).min(lanes);
-                s.transpose(
-                    keys.add(j0 * hd + d0),
-                    hd,
-                    rows,
-                    cols,
-                    kt.as_mut_ptr().add(d0 * CHUNK + j0),
-                    CHUNK,
-                );
-                d0 += lanes;
-            }
-        }
-    }
+    // SAFETY: the block lies in the cache (caller's contract): `hd` rows of CHUNK keys.
+    let kt = unsafe { job.k.add((kv_head * job.capacity + c0) * hd) };
     let height = qk_tile_height::<S>();
     let blocks = CHUNK / lanes;
     let mut r = 0;
@@ -285,10 +252,10 @@ unsafe fn score_chunk<S: Simd>(
         let mut b = 0;
         while b < blocks {
             // SAFETY: rows `r..r + rows` of `qbuf` (`hd` values each) and of `scores` (`CHUNK` each) exist;
-            // columns `b * lanes..(b + 4) * lanes` lie inside the CHUNK-wide rows of `kt` and `scores`.
+            // columns `b * lanes..(b + 4) * lanes` lie inside the CHUNK-wide rows of the block and `scores`.
             unsafe {
                 let q = qbuf.as_ptr().add(r * hd);
-                let k = kt.as_ptr().add(b * lanes);
+                let k = kt.add(b * lanes);
                 let out = scores.as_mut_ptr().add(r * CHUNK + b * lanes);
                 match rows {
                     1 => qk_tile::<S, 1>(s, q, hd, k, out),
@@ -565,7 +532,7 @@ unsafe fn query_block<S: Simd>(
     let (qbuf, rest) = buf.split_at_mut(queries * hd);
     let (scores, rest) = rest.split_at_mut(queries * CHUNK);
     let (states, rest) = rest.split_at_mut(queries * partial);
-    let (o_c, kt) = rest.split_at_mut(job.group * hd);
+    let o_c = &mut rest[..job.group * hd];
     let mut ml = vec![0f32; 2 * job.group];
     gather_queries(job, kv_head, tokens.clone(), qbuf);
     let lo_all = job.keys(tokens.start).0;
@@ -573,10 +540,9 @@ unsafe fn query_block<S: Simd>(
     let mut started = vec![false; queries];
     for chunk in lo_all / CHUNK..hi_all.div_ceil(CHUNK) {
         let c0 = chunk * CHUNK;
-        let k0 = c0.max(lo_all);
-        let k1 = (c0 + CHUNK).min(hi_all);
-        // SAFETY: keys `k0..k1` are below `kv.len` (checked by the caller); `scores` is big enough.
-        unsafe { score_chunk(s, job, kv_head, qbuf, queries, c0, k0, k1, scores, kt) };
+        // SAFETY: the block starts below `kv.len` and the capacity is a whole number of blocks (both
+        // checked by the caller); `scores` is big enough.
+        unsafe { score_chunk(s, job, kv_head, qbuf, queries, c0, scores) };
         for (ti, t) in tokens.clone().enumerate() {
             let (lo, hi) = job.keys(t);
             let (lo, hi) = (lo.max(c0), hi.min(c0 + CHUNK));
@@ -731,14 +697,15 @@ unsafe fn key_split<S: Simd>(
     let partial = job.partial_len();
     let (qbuf, rest) = buf.split_at_mut(queries * hd);
     let (scores, rest) = rest.split_at_mut(queries * CHUNK);
-    let (o_c, kt) = rest.split_at_mut(job.group * hd);
+    let o_c = &mut rest[..job.group * hd];
     gather_queries(job, kv_head, 0..job.n, qbuf);
     let c0 = chunk * CHUNK;
     let k0 = c0.max(job.keys(0).0);
     let k1 = (c0 + CHUNK).min(job.keys(job.n - 1).1);
     if k0 < k1 {
-        // SAFETY: keys `k0..k1` are below `kv.len`; `scores` holds `queries * CHUNK` values.
-        unsafe { score_chunk(s, job, kv_head, qbuf, queries, c0, k0, k1, scores, kt) };
+        // SAFETY: the block starts below `kv.len` inside a whole-block capacity; `scores` holds
+        // `queries * CHUNK` values.
+        unsafe { score_chunk(s, job, kv_head, qbuf, queries, c0, scores) };
     }
     for t in 0..job.n {
         let (lo, hi) = job.keys(t);

@@ -58,17 +58,37 @@ pub struct AttentionShape {
     pub sliding_window: Option<usize>,
 }
 
-/// One layer's cached keys and values, laid out `[n_kv_heads][capacity][head_dim]`.
+/// Positions per key block of a [`KvView`]: keys are stored a block at a time, transposed.
+pub const KEY_BLOCK: usize = 64;
+
+/// One layer's cached keys and values.
+///
+/// Values are laid out `[n_kv_heads][capacity][head_dim]`, a position's values contiguous, as the
+/// weighted sum reads them. Keys are laid out in blocks of [`KEY_BLOCK`] positions, each block
+/// transposed: `[n_kv_heads][capacity / KEY_BLOCK][head_dim][KEY_BLOCK]` ([`key_offset`]). Scoring one
+/// query against a block is then a run of vector multiply-adds over contiguous key lanes; with keys
+/// stored a position at a time each block had to be transposed first, on every decode step, which cost
+/// more than the scoring itself and left a long cache's decode at a third of the memory's bandwidth
+/// (docs/BENCHMARKS.md, "Deep into a conversation").
 #[derive(Debug, Clone, Copy)]
 pub struct KvView<'a> {
-    /// Keys, `[n_kv_heads][capacity][head_dim]`.
+    /// Keys in transposed blocks; see [`key_offset`].
     pub k: &'a [f32],
-    /// Values, same layout as `k`.
+    /// Values, `[n_kv_heads][capacity][head_dim]`.
     pub v: &'a [f32],
-    /// Positions per head the buffers have room for (the stride between heads is `capacity * head_dim`).
+    /// Positions per head the buffers have room for, a multiple of [`KEY_BLOCK`] (the stride between
+    /// heads is `capacity * head_dim` in both buffers).
     pub capacity: usize,
     /// Valid positions, including the tokens whose queries are being computed.
     pub len: usize,
+}
+
+/// Where dimension `d` of the key at position `pos` of KV head `kv_head` lives in a [`KvView`]'s key
+/// buffer (`capacity` a multiple of [`KEY_BLOCK`]).
+#[inline(always)]
+pub fn key_offset(capacity: usize, head_dim: usize, kv_head: usize, pos: usize, d: usize) -> usize {
+    let block_start = pos - pos % KEY_BLOCK;
+    (kv_head * capacity + block_start) * head_dim + d * KEY_BLOCK + pos % KEY_BLOCK
 }
 
 /// The CPU backend. Cheap to share: one per process, used by every shard in it.
@@ -202,7 +222,8 @@ impl CpuBackend {
     /// (query block, KV head) for prefill and over (KV head, key chunk) for decode.
     ///
     /// # Panics
-    /// If the shapes are inconsistent or `kv.len < first_pos + n`.
+    /// If the shapes are inconsistent, `kv.capacity` is not a multiple of [`KEY_BLOCK`] or
+    /// `kv.len < first_pos + n`.
     pub fn attention(
         &self,
         q: &[f32],

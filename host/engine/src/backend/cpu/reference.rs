@@ -68,8 +68,8 @@ pub fn attention(q: &[f32], n: usize, first_pos: usize, kv: KvView<'_>, shape: A
             let kbase = kvh * kv.capacity * head_dim;
             let mut max = f32::NEG_INFINITY;
             for j in start..=pos {
-                let kj = &kv.k[kbase + j * head_dim..][..head_dim];
-                let s: f32 = qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
+                let kj = |d: usize| kv.k[super::key_offset(kv.capacity, head_dim, kvh, j, d)];
+                let s: f32 = qh.iter().enumerate().map(|(d, a)| a * kj(d)).sum::<f32>() * scale;
                 scores[j] = s;
                 max = max.max(s);
             }

@@ -124,29 +124,6 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     fn reduce_sum(self, v: Self::F) -> f32;
     /// The largest lane (exact, so its order does not matter).
     fn reduce_max(self, v: Self::F) -> f32;
-    /// Transposes a `LANES × LANES` block: `dst[c * dst_stride + r] = src[r * src_stride + c]` for
-    /// `c < cols`, with source rows `r >= rows` read as zeros (never touched).
-    ///
-    /// # Safety
-    /// Source rows `r < rows` readable for `cols` values; destination rows `c < cols` writable for
-    /// `LANES` values.
-    #[inline(always)]
-    unsafe fn transpose(
-        self,
-        src: *const f32,
-        src_stride: usize,
-        rows: usize,
-        cols: usize,
-        dst: *mut f32,
-        dst_stride: usize,
-    ) {
-        for c in 0..cols {
-            for r in 0..Self::LANES {
-                // SAFETY: forwarded contract.
-                unsafe { *dst.add(c * dst_stride + r) = if r < rows { *src.add(r * src_stride + c) } else { 0.0 } };
-            }
-        }
-    }
 
     /// `out[i] = reduce_sum(v[i])`, bit for bit, possibly faster for many vectors.
     #[inline(always)]
@@ -703,59 +680,6 @@ mod x86 {
             unsafe { _mm512_reduce_max_ps(v) }
         }
         #[inline(always)]
-        unsafe fn transpose(
-            self,
-            src: *const f32,
-            src_stride: usize,
-            rows: usize,
-            cols: usize,
-            dst: *mut f32,
-            dst_stride: usize,
-        ) {
-            // SAFETY: rows past `rows` are not read (zero vectors instead); loads read `cols` values
-            // per row and stores write the first `cols` transposed rows (the caller's contract).
-            unsafe {
-                // Masked loads of all 16 rows (rows past `rows` with an empty mask, which reads nothing)
-                // keep the block in registers.
-                let mut r = [_mm512_setzero_ps(); 16];
-                for (i, row) in r.iter_mut().enumerate() {
-                    let mask = if i < rows { Self::mask(cols) } else { 0 };
-                    *row = _mm512_maskz_loadu_ps(mask, src.wrapping_add(i * src_stride));
-                }
-                // Stage 1: interleave row pairs (per 128-bit lane L: d = 4L, 4L+1 | 4L+2, 4L+3).
-                let mut t = [_mm512_setzero_ps(); 16];
-                for k in 0..8 {
-                    t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
-                    t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
-                }
-                // Stage 2: u[4k + m] lane L holds d = 4L + m for rows 4k..4k+4.
-                let mut u = [_mm512_setzero_ps(); 16];
-                for k in 0..4 {
-                    let (a, b) = (_mm512_castps_pd(t[4 * k]), _mm512_castps_pd(t[4 * k + 2]));
-                    let (c, e) = (_mm512_castps_pd(t[4 * k + 1]), _mm512_castps_pd(t[4 * k + 3]));
-                    u[4 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
-                    u[4 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
-                    u[4 * k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, e));
-                    u[4 * k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, e));
-                }
-                // Stages 3-4: transpose the 128-bit lanes of (u[m], u[4+m], u[8+m], u[12+m]).
-                let mut o = [_mm512_setzero_ps(); 16];
-                for m in 0..4 {
-                    let x0 = _mm512_shuffle_f32x4::<0b10_00_10_00>(u[m], u[4 + m]);
-                    let x1 = _mm512_shuffle_f32x4::<0b11_01_11_01>(u[m], u[4 + m]);
-                    let x2 = _mm512_shuffle_f32x4::<0b10_00_10_00>(u[8 + m], u[12 + m]);
-                    let x3 = _mm512_shuffle_f32x4::<0b11_01_11_01>(u[8 + m], u[12 + m]);
-                    o[m] = _mm512_shuffle_f32x4::<0b10_00_10_00>(x0, x2);
-                    o[8 + m] = _mm512_shuffle_f32x4::<0b11_01_11_01>(x0, x2);
-                    o[4 + m] = _mm512_shuffle_f32x4::<0b10_00_10_00>(x1, x3);
-                    o[12 + m] = _mm512_shuffle_f32x4::<0b11_01_11_01>(x1, x3);
-                }
-                for (c, v) in o.iter().enumerate().take(cols) {
-                    _mm512_storeu_ps(dst.add(c * dst_stride), *v);
-                }
-            }
-        }
-        #[inline(always)]
         fn reduce_sums(self, v: &[__m512], out: &mut [f32]) {
             debug_assert_eq!(v.len(), out.len());
             let mut chunks = v.chunks_exact(16);
@@ -880,28 +804,6 @@ mod tests {
         }
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn avx512_transpose_matches_the_portable_one() {
-        let Some(s) = Avx512::new() else { return };
-        let src: Vec<f32> = (0..20 * 16).map(|i| i as f32).collect();
-        for rows in [1usize, 5, 16] {
-            for cols in [1usize, 7, 16] {
-                let mut fast = vec![-1f32; 16 * 17];
-                let mut slow = vec![-1f32; 16 * 17];
-                // SAFETY: 16 source rows of stride 20 fit in `src`; 16 destination rows of stride 17 fit.
-                unsafe {
-                    s.transpose(src.as_ptr(), 20, rows, cols, fast.as_mut_ptr(), 17);
-                    for c in 0..cols {
-                        for r in 0..16 {
-                            slow[c * 17 + r] = if r < rows { src[r * 20 + c] } else { 0.0 };
-                        }
-                    }
-                }
-                assert_eq!(fast, slow, "rows {rows} cols {cols}");
-            }
-        }
-    }
 
     #[test]
     fn exp_is_accurate_on_every_isa() {

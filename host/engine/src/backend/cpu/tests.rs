@@ -202,7 +202,9 @@ fn attention_inputs(rng: &mut Rng, case: &AttnCase) -> (Vec<f32>, Vec<f32>, Vec<
     let len = case.first_pos + case.n;
     for h in 0..n_kv_heads {
         for p in len..case.capacity {
-            k[(h * case.capacity + p) * head_dim] = f32::NAN;
+            for d in 0..head_dim {
+                k[super::key_offset(case.capacity, head_dim, h, p, d)] = f32::NAN;
+            }
         }
     }
     (q, k, v)
@@ -220,7 +222,7 @@ fn attention_cases() -> Vec<AttnCase> {
             shape: shape(9, 3, 64, None),
             first_pos: 0,
             n: 1,
-            capacity: 8,
+            capacity: 64,
         },
         AttnCase {
             shape: shape(9, 3, 64, None),
@@ -232,49 +234,49 @@ fn attention_cases() -> Vec<AttnCase> {
             shape: shape(9, 3, 64, None),
             first_pos: 63,
             n: 1,
-            capacity: 70,
+            capacity: 128,
         },
         AttnCase {
             shape: shape(9, 3, 64, None),
             first_pos: 0,
             n: 100,
-            capacity: 130,
+            capacity: 192,
         },
         AttnCase {
             shape: shape(9, 3, 64, None),
             first_pos: 30,
             n: 37,
-            capacity: 70,
+            capacity: 128,
         },
         AttnCase {
             shape: shape(4, 4, 40, None),
             first_pos: 5,
             n: 3,
-            capacity: 9,
+            capacity: 64,
         },
         AttnCase {
             shape: shape(8, 2, 128, Some(5)),
             first_pos: 70,
             n: 4,
-            capacity: 80,
+            capacity: 128,
         },
         AttnCase {
             shape: shape(6, 2, 24, Some(70)),
             first_pos: 10,
             n: 90,
-            capacity: 100,
+            capacity: 128,
         },
         AttnCase {
             shape: shape(6, 1, 200, Some(33)),
             first_pos: 0,
             n: 20,
-            capacity: 20,
+            capacity: 64,
         },
         AttnCase {
             shape: shape(2, 1, 16, Some(1)),
             first_pos: 3,
             n: 5,
-            capacity: 8,
+            capacity: 64,
         },
     ]
 }
