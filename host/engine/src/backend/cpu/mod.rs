@@ -68,8 +68,8 @@ pub const KEY_BLOCK: usize = 64;
 /// transposed: `[n_kv_heads][capacity / KEY_BLOCK][head_dim][KEY_BLOCK]` ([`key_offset`]). Scoring one
 /// query against a block is then a run of vector multiply-adds over contiguous key lanes; with keys
 /// stored a position at a time each block had to be transposed first, on every decode step, which cost
-/// more than the scoring itself and left a long cache's decode at a third of the memory's bandwidth
-/// (docs/BENCHMARKS.md, "Deep into a conversation").
+/// more than the scoring itself and left a long cache's decode at about a quarter of the memory's
+/// bandwidth (docs/BENCHMARKS.md, "Deep into a conversation").
 #[derive(Debug, Clone, Copy)]
 pub struct KvView<'a> {
     /// Keys in transposed blocks; see [`key_offset`].
