@@ -154,7 +154,7 @@ mod tests {
         let (heads, hd) = (3, 5);
         let mut cache = KvCache::new(2, heads, hd, 1000);
         // A prefill that ends inside the second block, then decode steps across the next boundary and
-        // past a growth (64 -> 128 -> 256 positions).
+        // past a growth (128 -> 256 positions: the prefill reserves 70, rounded up to whole blocks).
         write_positions(&mut cache, 70);
         for _ in 0..70 {
             write_positions(&mut cache, 1);
