@@ -423,18 +423,23 @@ fn a_client_that_hangs_up_mid_stream_cancels_its_request_on_every_shard() {
     }
     let freed = |i: usize| cluster.log(i).lines().any(|l| l.contains(&id) && l.contains("KV cache freed"));
     assert!(!freed(0) && !freed(1), "nothing is freed while the client reads");
-    // While the stream runs, both workers' heartbeats report the request's cache.
+    // While the stream runs, both workers' heartbeats report the request's cache and its bytes. (A
+    // heartbeat sent between the request's start and its first step on a shard reports the cache
+    // still empty: 0 bytes. The loop waits for later ones.)
     let caches = || worker_metric(addr, "computepool_worker_kv_caches");
-    let mut held = Vec::new();
+    let bytes = || worker_metric(addr, "computepool_worker_kv_cache_bytes");
+    let holding = |caches: &[(String, f64)], bytes: &[(String, f64)]| {
+        caches.len() == 2 && caches.iter().all(|(_, n)| *n >= 1.0) && bytes.len() == 2 && bytes.iter().all(|(_, b)| *b > 0.0)
+    };
+    let mut held = (Vec::new(), Vec::new());
     for _ in 0..200 {
         stream.next_data().expect("more chunks");
-        held = caches();
-        if held.len() == 2 && held.iter().all(|(_, n)| *n >= 1.0) {
+        held = (caches(), bytes());
+        if holding(&held.0, &held.1) {
             break;
         }
     }
-    assert!(held.len() == 2 && held.iter().all(|(_, n)| *n >= 1.0), "caches held mid-stream per /metrics: {held:?}");
-    assert!(worker_metric(addr, "computepool_worker_kv_cache_bytes").iter().all(|(_, b)| *b > 0.0));
+    assert!(holding(&held.0, &held.1), "caches and bytes held mid-stream per /metrics: {held:?}");
     let hung_up = Instant::now();
     drop(stream);
     assert!(

@@ -26,7 +26,7 @@ use std::time::Duration;
 use computepool_axl::bridge::{AxlClient, AxlPeerId};
 use computepool_axl::frame::{ControlHeader, ErrorCode, Frame, FrameHeader, FrameLimits, RequestId, SequenceCounter};
 use computepool_axl::transport::{FRAMES_ALPN, FrameWriter, PeerId, ShardPeer, Topology, Transport, describe_close};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 
 use super::engine_loop::EngineJob;
 
@@ -119,6 +119,8 @@ enum LinkMsg {
 struct Link {
     tx: mpsc::Sender<LinkMsg>,
     state: watch::Receiver<LinkState>,
+    /// Wakes the link's task to dial again now (the peer showed it is up); unused over AXL.
+    redial: Arc<Notify>,
 }
 
 /// How this worker's frames reach its peers.
@@ -153,10 +155,12 @@ impl Links {
         }
         let shard = self.topology.shard(peer)?.clone();
         let (tx, rx) = mpsc::channel(1024);
+        let redial = Arc::new(Notify::new());
         let state = match &self.carrier {
             Carrier::Quic(transport) => {
                 let (state_tx, state) = watch::channel(LinkState::Connecting);
-                tokio::spawn(run_link(transport.clone(), shard, rx, state_tx, self.limits, self.lost.clone()));
+                let task = run_link(transport.clone(), shard, rx, state_tx, redial.clone(), self.limits, self.lost.clone());
+                tokio::spawn(task);
                 state
             }
             // No connection to make: a link over AXL is up until a send to the peer fails.
@@ -166,9 +170,28 @@ impl Links {
                 state
             }
         };
-        let link = Link { tx, state };
+        let link = Link { tx, state, redial };
         map.insert(*peer, link.clone());
         Some(link)
+    }
+
+    /// Dials `peer` now instead of on first use. A worker that starts dials the shards that send to it:
+    /// those of them that lost it (it restarted) then learn it is back from the connection
+    /// ([`Links::peer_is_up`]).
+    pub fn open(&self, peer: &PeerId) {
+        let _ = self.link(peer);
+    }
+
+    /// `peer` just connected to this worker, so it is up: a link to it that is down, or still dialling
+    /// for the first time, drops its pending dial and dials again at once. Without this, a dial begun
+    /// while the peer was away reaches its new process only at QUIC's next retransmission of the
+    /// handshake, which backs off to seconds (docs/PROTOCOL.md §11).
+    pub fn peer_is_up(&self, peer: &PeerId) {
+        if let Some(link) = self.map.lock().expect("links lock").get(peer)
+            && *link.state.borrow() != LinkState::Up
+        {
+            link.redial.notify_one();
+        }
     }
 
     /// Waits (at most `wait`) until the link to `peer` is up, dialling it if this worker never has;
@@ -396,12 +419,14 @@ impl Router {
 
 /// Keeps the link to `peer` up and writes every frame handed to it, in order. While the link is down,
 /// frames are discarded (the router fails their requests when it hears of the loss) and the peer is
-/// redialled with backoff. Returns when the router goes away.
+/// redialled with backoff, or at once when `redial` says the peer is up. Returns when the router goes
+/// away.
 async fn run_link(
     transport: Transport,
     peer: ShardPeer,
     mut inbox: mpsc::Receiver<LinkMsg>,
     state: watch::Sender<LinkState>,
+    redial: Arc<Notify>,
     limits: FrameLimits,
     lost: mpsc::UnboundedSender<(PeerId, String)>,
 ) {
@@ -415,17 +440,34 @@ async fn run_link(
             let _ = lost.send((peer.peer, why));
         }
     };
+    // The peer connected to this worker while the link was not up: what waited for the old outage
+    // belongs to requests failed already; from now on frames wait for the new connection.
+    let peer_is_back = |inbox: &mut mpsc::Receiver<LinkMsg>| {
+        if matches!(&*state.borrow(), LinkState::Down(_)) {
+            while inbox.try_recv().is_ok() {}
+            state.send_replace(LinkState::Connecting);
+        }
+        tracing::debug!("link to {short}: the peer is up, dialling it now");
+    };
     loop {
         // Dial, discarding what arrives meanwhile only while the link is known down (while it is
         // connecting for the first time, frames wait in the inbox).
-        let dial = transport.connect(peer.peer, &peer.addrs, FRAMES_ALPN);
-        let connected = match tokio::time::timeout(Duration::from_secs(3), dial).await {
-            Ok(Ok(conn)) => match await_link_ack(&conn).await {
-                Ok(()) => Ok(conn),
-                Err(why) => Err(format!("shard {} (peer {short}) {why}", peer.layers)),
-            },
-            Ok(Err(e)) => Err(format!("shard {} (peer {short}) is unreachable: {e}", peer.layers)),
-            Err(_) => Err(format!("shard {} (peer {short}) is unreachable: dial timed out", peer.layers)),
+        let dial = async {
+            match tokio::time::timeout(Duration::from_secs(3), transport.connect(peer.peer, &peer.addrs, FRAMES_ALPN)).await {
+                Ok(Ok(conn)) => match await_link_ack(&conn).await {
+                    Ok(()) => Ok(conn),
+                    Err(why) => Err(format!("shard {} (peer {short}) {why}", peer.layers)),
+                },
+                Ok(Err(e)) => Err(format!("shard {} (peer {short}) is unreachable: {e}", peer.layers)),
+                Err(_) => Err(format!("shard {} (peer {short}) is unreachable: dial timed out", peer.layers)),
+            }
+        };
+        let connected = tokio::select! {
+            connected = dial => connected,
+            () = redial.notified() => {
+                peer_is_back(&mut inbox);
+                continue;
+            }
         };
         let stream = match connected {
             Ok(conn) => {
@@ -445,13 +487,18 @@ async fn run_link(
                 // Wait out the backoff, discarding what arrives (its requests are being failed).
                 let sleep = tokio::time::sleep(backoff);
                 tokio::pin!(sleep);
+                backoff = (backoff * 2).min(Duration::from_millis(500));
                 loop {
                     tokio::select! {
                         _ = &mut sleep => break,
+                        () = redial.notified() => {
+                            peer_is_back(&mut inbox);
+                            backoff = Duration::from_millis(50);
+                            break;
+                        }
                         msg = inbox.recv() => if msg.is_none() { return },
                     }
                 }
-                backoff = (backoff * 2).min(Duration::from_millis(500));
                 continue;
             }
         };
@@ -610,7 +657,7 @@ mod tests {
         let receivers = peers.map(|peer| {
             let (tx, rx) = mpsc::channel(1);
             let (_, state) = watch::channel(LinkState::Up);
-            links.map.lock().expect("links lock").insert(peer, Link { tx, state });
+            links.map.lock().expect("links lock").insert(peer, Link { tx, state, redial: Arc::new(Notify::new()) });
             rx
         });
         let (engine, _) = mpsc::channel(1);

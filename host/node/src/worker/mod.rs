@@ -355,6 +355,13 @@ async fn serve(
 
     if let Some(inbox) = axl_inbox {
         tokio::spawn(axl::receive(inbox, ctx.clone()));
+    } else {
+        // Dial the shards that send to this one. If this worker restarted, they lost it and are
+        // redialling: the connection tells them it is back, and they reconnect at once.
+        let start = topology.shards[me].layers.start;
+        for upstream in topology.shards.iter().filter(|s| s.layers.end == start) {
+            links.open(&upstream.peer);
+        }
     }
 
     // Any worker of the pool may send this worker frames (the routes of its requests decide who);
@@ -385,6 +392,7 @@ async fn serve(
             continue;
         }
         let peer = conn.remote_id();
+        links.peer_is_up(&peer);
         current.retain(|_, c| c.close_reason().is_none());
         if let Some(old) = current.insert(peer, conn.clone()) {
             old.close(VarInt::from_u32(computepool_axl::transport::endpoint::CLOSE_SHUTDOWN), b"replaced by a new connection");
