@@ -49,6 +49,10 @@ pub struct BenchArgs {
     /// entry's request API, as a client sees it. --threads is then per worker.
     #[arg(long)]
     shards: Option<usize>,
+    /// With --shards: each worker's relative speed, entry first, comma-separated (`1,2` gives the
+    /// exit twice the layers of the entry: 10 and 20 of 30). Default: all equal, an even split.
+    #[arg(long, value_delimiter = ',', requires = "shards", conflicts_with = "api")]
+    shard_speeds: Vec<u64>,
     /// With --shards: what the orchestrator's HTTP API adds, measured against the same pipeline reached
     /// directly, in alternating back-to-back requests (time to first token and decode speed of --tg
     /// tokens; JSON lines). See bench_api.rs.
@@ -247,6 +251,7 @@ fn run_sharded(args: BenchArgs) -> anyhow::Result<()> {
             replicas: 1,
             model: args.model.clone(),
             shards,
+            speeds: args.shard_speeds.clone(),
             dtype: dtype.clone(),
             threads,
             peer_timeout_ms: 1000,

@@ -62,9 +62,14 @@ pub struct GenerateArgs {
     /// Print the token ids and timings as JSON on stderr at the end.
     #[arg(long)]
     json: bool,
-    /// Run the model as a pipeline of N worker processes on this machine (N >= 2), split evenly by layers.
+    /// Run the model as a pipeline of N worker processes on this machine (N >= 2), split evenly by layers
+    /// (or by --shard-speeds).
     #[arg(long, conflicts_with = "topology")]
     shards: Option<usize>,
+    /// With --shards: each worker's relative speed, entry first, comma-separated (`1,2` gives the
+    /// exit twice the layers of the entry: 10 and 20 of 30). Default: all equal, an even split.
+    #[arg(long, value_delimiter = ',', requires = "shards")]
+    shard_speeds: Vec<u64>,
     /// Submit to a running pipeline: its topology file (this client's key must be listed in `clients`).
     #[arg(long, requires = "key")]
     topology: Option<PathBuf>,
@@ -189,6 +194,7 @@ fn run_pipeline(args: GenerateArgs) -> anyhow::Result<()> {
                 replicas: 1,
                 model,
                 shards: n,
+                speeds: args.shard_speeds.clone(),
                 dtype: args.dtype.clone(),
                 threads,
                 peer_timeout_ms: args.peer_timeout_ms,
@@ -238,8 +244,12 @@ fn run_pipeline(args: GenerateArgs) -> anyhow::Result<()> {
                 "time_to_first_token_ms": completion.time_to_first_token.as_secs_f64() * 1e3,
                 "decode_tokens_per_s": decode_tps,
             });
-            if let Some(messages) = pipeline.as_ref().and_then(LocalPipeline::axl_messages) {
-                report["axl_messages"] = messages.into();
+            if let Some(pipeline) = &pipeline {
+                // Each local worker's layers, entry first, as it reported them when ready.
+                report["layers"] = pipeline.ready.iter().map(|w| w.layers.clone()).collect::<Vec<_>>().into();
+                if let Some(messages) = pipeline.axl_messages() {
+                    report["axl_messages"] = messages.into();
+                }
             }
             eprintln!("{report}");
         }

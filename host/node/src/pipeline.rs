@@ -13,6 +13,7 @@ use anyhow::{Context, bail};
 use computepool_axl::bridge::AxlPeerId;
 use computepool_axl::bridge::standin::{StandinConfig, StandinNetwork, StandinNode};
 use computepool_axl::transport::{Layers, SecretKey, ShardPeer, Topology, write_secret_key};
+use computepool_axl::{ModelFootprint, ShardPlan, WorkerCapacity};
 use computepool_entry_api::client::EntryClient;
 
 use crate::worker::FrameTransport;
@@ -22,6 +23,9 @@ use crate::worker::FrameTransport;
 pub struct PipelineOptions {
     pub model: PathBuf,
     pub shards: usize,
+    /// Each shard's relative speed, entry first (`--shard-speeds`): layers are shared out in proportion
+    /// by a [`ShardPlan`]. Empty: all equal, an even split.
+    pub speeds: Vec<u64>,
     /// Workers per layer range (1 or more): the topology lists `shards × replicas` workers, ring by
     /// ring, so routes may mix them.
     pub replicas: usize,
@@ -110,21 +114,19 @@ impl AxlStandins {
     }
 }
 
-/// Splits `layers` into `n` contiguous ranges as even as possible (earlier shards take the remainder).
-pub fn even_split(layers: u32, n: usize) -> anyhow::Result<Vec<Layers>> {
-    if n == 0 || n as u32 > layers {
-        bail!("cannot split {layers} layers into {n} shards");
+/// The layer ranges of `n` shards whose workers have the relative `speeds` (entry first; empty: all
+/// equal), planned by [`ShardPlan`]: shares in proportion to speed, every shard at least one layer, a
+/// remainder to the earlier shards. The workers share this machine's memory, so it does not limit them.
+pub fn plan_layers(layers: u32, n: usize, speeds: &[u64]) -> anyhow::Result<Vec<Layers>> {
+    let speeds = if speeds.is_empty() { vec![1; n] } else { speeds.to_vec() };
+    if speeds.len() != n {
+        bail!("{} shard speeds given for {n} shards: give one per shard", speeds.len());
     }
-    let (base, extra) = (layers / n as u32, layers % n as u32);
-    let mut start = 0;
-    Ok((0..n as u32)
-        .map(|i| {
-            let end = start + base + u32::from(i < extra);
-            let l = Layers { start, end };
-            start = end;
-            l
-        })
-        .collect())
+    let model = ModelFootprint::uniform(layers as usize, 1, 0, 0);
+    let workers: Vec<WorkerCapacity> = speeds.iter().map(|&speed| WorkerCapacity { free_memory_bytes: u64::MAX, speed }).collect();
+    let plan = ShardPlan::new(&model, &workers).map_err(|e| anyhow::anyhow!("cannot split {layers} layers into {n} shards: {e}"))?;
+    let range = |r: &std::ops::Range<usize>| -> anyhow::Result<Layers> { Ok(Layers { start: u32::try_from(r.start)?, end: u32::try_from(r.end)? }) };
+    plan.shards().iter().map(|s| range(&s.layers)).collect()
 }
 
 /// A free UDP port on 127.0.0.1 (bound and released; the worker binds it right after).
@@ -143,7 +145,7 @@ impl LocalPipeline {
             bail!("{} devices given for {} shards: give one per shard, or one for all", options.devices.len(), options.shards);
         }
         let config = computepool_engine::model::ModelSource::from_path(&options.model)?.config()?;
-        let ranges = even_split(config.num_layers as u32, options.shards)?;
+        let ranges = plan_layers(config.num_layers as u32, options.shards, &options.speeds)?;
         let dir = tempfile::Builder::new().prefix("computepool-pipeline-").tempdir()?;
         let workers = options.shards * options.replicas.max(1);
         let keys: Vec<SecretKey> = (0..workers).map(|_| SecretKey::generate()).collect();
@@ -287,11 +289,28 @@ impl Drop for LocalPipeline {
 mod tests {
     use super::*;
 
+    fn lengths(ranges: &[Layers]) -> Vec<u32> {
+        ranges.iter().map(|l| l.len()).collect()
+    }
+
     #[test]
-    fn even_splits_cover_every_layer() {
-        let s = even_split(30, 4).expect("splits");
-        assert_eq!(s.iter().map(|l| l.len()).collect::<Vec<_>>(), [8, 8, 7, 7]);
-        assert_eq!(s.last().map(|l| l.end), Some(30));
-        assert!(even_split(3, 4).is_err());
+    fn equal_speeds_split_evenly_and_cover_every_layer() {
+        let s = plan_layers(30, 4, &[]).expect("splits");
+        assert_eq!(lengths(&s), [8, 8, 7, 7]);
+        assert_eq!((s[0].start, s[3].end), (0, 30));
+        assert!(s.windows(2).all(|w| w[0].end == w[1].start), "contiguous: {s:?}");
+        assert_eq!(lengths(&plan_layers(30, 2, &[]).expect("splits")), [15, 15]);
+        let e = plan_layers(3, 4, &[]).expect_err("3 layers cannot make 4 shards").to_string();
+        assert!(e.contains("3 layers") && e.contains("4 shards"), "{e}");
+    }
+
+    #[test]
+    fn speeds_share_the_layers_in_proportion() {
+        assert_eq!(lengths(&plan_layers(30, 2, &[1, 2]).expect("splits")), [10, 20]);
+        assert_eq!(lengths(&plan_layers(30, 3, &[3, 1, 1]).expect("splits")), [18, 6, 6]);
+        let e = plan_layers(30, 2, &[1, 2, 3]).expect_err("one speed per shard").to_string();
+        assert!(e.contains("3 shard speeds given for 2 shards"), "{e}");
+        let e = plan_layers(30, 2, &[1, 0]).expect_err("speed 0").to_string();
+        assert!(e.contains("speed 0"), "{e}");
     }
 }

@@ -148,7 +148,7 @@ impl Samplers {
     /// A request's sampler on the exit shard.
     pub fn for_request(&self, params: SamplingParams, sampler: Option<&str>) -> Result<RequestSampler, String> {
         match sampler {
-            None | Some(NATIVE) => Sampler::new(params).map(RequestSampler::Native).map_err(|e| e.to_string()),
+            None | Some(NATIVE) => Sampler::new(params).map(|s| RequestSampler::Native(Box::new(s))).map_err(|e| e.to_string()),
             Some(id) => {
                 let plugin = self
                     .host
@@ -187,7 +187,8 @@ fn watch(host: &PluginHost, dir: &std::path::Path, poll: Duration, stop: &Atomic
 /// The sampler of one request on the exit shard. A plugin is held for the request's life: replacing
 /// it in the folder changes new requests only.
 pub enum RequestSampler {
-    Native(Sampler),
+    /// Boxed: the native sampler holds its whole state inline, several times a plugin handle.
+    Native(Box<Sampler>),
     Plugin {
         plugin: Arc<SamplerPlugin>,
         random: RequestRandom,

@@ -31,6 +31,10 @@ pub struct UpArgs {
     /// Worker processes (shards), at least 2.
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// Each worker's relative speed, entry first, comma-separated (`1,2` gives the exit twice the
+    /// layers of the entry: 10 and 20 of 30). Default: all equal, an even split.
+    #[arg(long, value_delimiter = ',')]
+    shard_speeds: Vec<u64>,
     /// HTTP address of the API.
     #[arg(long, default_value = "127.0.0.1:8000")]
     listen: SocketAddr,
@@ -160,6 +164,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             orchestrator: Some((format!("http://{addr}"), token.as_str().to_string())),
             model: model_dir.clone(),
             shards: args.workers,
+            speeds: args.shard_speeds.clone(),
             dtype: args.dtype.clone(),
             threads,
             peer_timeout_ms: 1000,

@@ -72,6 +72,54 @@ fn sharded_quantized_gguf_equals_unsharded() {
     assert_eq!(cluster.tokens(&args), want);
 }
 
+/// `generate --shards N --shard-speeds …` shares the layers in proportion to the speeds given (the
+/// workers load what the plan gives them) and generates the single-process run's tokens.
+#[test]
+fn shard_speeds_share_the_layers_in_proportion_and_the_tokens_stay_the_same() {
+    let ckpt = tiny::checkpoint(tiny::Family::Llama3);
+    let args = ["--prompt", "w5 w9 w17 w33", "--max-tokens", "16", "--ignore-eos", "--temperature", "0.9", "--seed", "7"];
+    let want = unsharded_tokens(ckpt.dir(), &args);
+    let layers = computepool_engine::model::ModelSource::from_path(ckpt.dir()).and_then(|s| s.config()).expect("config").num_layers;
+    for (speeds, shards) in [("1,3", 2), ("2,1,1", 3)] {
+        let out = std::process::Command::new(common::bin())
+            .arg("generate")
+            .arg("--model")
+            .arg(ckpt.dir())
+            .args(["--shards", &shards.to_string(), "--shard-speeds", speeds, "--threads", "1", "--json"])
+            .args(args)
+            .output()
+            .expect("run generate");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(common::json_tokens(&out, || stderr.clone()), want, "--shard-speeds {speeds}");
+        let report: serde_json::Value =
+            serde_json::from_str(stderr.lines().rev().find(|l| l.starts_with('{')).expect("a JSON line")).expect("JSON");
+        let got: Vec<String> = serde_json::from_value(report["layers"].clone()).expect("the workers' layers");
+        let weights: Vec<usize> = speeds.split(',').map(|s| s.parse().expect("a speed")).collect();
+        let total: usize = weights.iter().sum();
+        // Every share is within one layer of its proportional part (Sainte-Laguë), covering the model.
+        let mut start = 0;
+        for (range, weight) in got.iter().zip(&weights) {
+            let (a, b) = range.split_once("..").expect("A..B");
+            let (a, b): (usize, usize) = (a.parse().expect("start"), b.parse().expect("end"));
+            assert_eq!(a, start, "contiguous: {got:?}");
+            let exact = layers as f64 * *weight as f64 / total as f64;
+            assert!(((b - a) as f64 - exact).abs() < 1.0, "{got:?} for speeds {speeds} over {layers} layers");
+            start = b;
+        }
+        assert_eq!((got.len(), start), (shards, layers), "{got:?}");
+    }
+    // A speed per shard, or the command says what is wrong before starting anything.
+    let out = std::process::Command::new(common::bin())
+        .arg("generate")
+        .arg("--model")
+        .arg(ckpt.dir())
+        .args(["--shards", "2", "--shard-speeds", "1,2,3", "--prompt", "w5"])
+        .output()
+        .expect("run generate");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("3 shard speeds given for 2 shards"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// Kill the middle of three shards mid-generation: the client gets a clear error within 2 s, the
 /// surviving shards free the request, new requests fail fast, and once the shard is back they work.
 #[test]
