@@ -6,6 +6,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::error::{EngineError, Result};
+use crate::tensor::DType;
 
 /// `config.json` as Hugging Face writes it. Unknown fields are ignored.
 #[derive(Debug, Clone, Deserialize)]
@@ -248,12 +249,27 @@ impl ModelConfig {
             .collect()
     }
 
-    /// Weight bytes of one decoder layer in `dtype` (for memory planning and the roofline).
-    pub fn layer_param_count(&self) -> usize {
+    /// Bytes of one decoder layer's matrices held in `dtype` (q, k, v, o, gate, up, down): what a loaded
+    /// shard counts per layer in its weight bytes. Norms and biases, a few KiB a layer, are left out
+    /// there and here. For planning memory before anything is loaded (`computepool plan`).
+    pub fn layer_weight_bytes(&self, dtype: DType) -> usize {
         let h = self.hidden_size;
         let q = self.num_heads * self.head_dim;
         let kv = self.num_kv_heads * self.head_dim;
-        h * q * 2 + h * kv * 2 + 3 * h * self.intermediate_size + 2 * h
+        (h * (q + 2 * kv) + q * h + 3 * h * self.intermediate_size) * dtype.size_in_bytes()
+    }
+
+    /// Bytes of one `vocab × hidden` matrix in `dtype`: the token embedding an entry shard holds, and
+    /// the lm_head an exit shard holds (with tied embeddings the same matrix, which each of them then
+    /// holds; a shard that is both holds it once).
+    pub fn vocab_matrix_bytes(&self, dtype: DType) -> usize {
+        self.vocab_size * self.hidden_size * dtype.size_in_bytes()
+    }
+
+    /// Bytes of KV cache one position of one request takes in one layer: its keys and values, kept in
+    /// f32 whatever the weights' dtype.
+    pub fn kv_bytes_per_position(&self) -> usize {
+        2 * self.num_kv_heads * self.head_dim * std::mem::size_of::<f32>()
     }
 }
 

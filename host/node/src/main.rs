@@ -10,6 +10,7 @@ mod keeper_cli;
 mod memory;
 mod model_fetch;
 mod pipeline;
+mod plan;
 mod plugin_cli;
 mod sampler_bench;
 mod samplers;
@@ -40,6 +41,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Serve one shard (a layer range) of a pipeline described by a topology file.
     Worker(worker::WorkerArgs),
+    /// Share a model's layers among workers by the memory and speed each offers; write the topology.
+    Plan(plan::PlanArgs),
     /// Start a whole pool on this machine (orchestrator and N workers) and serve it until Ctrl-C.
     Up(up::UpArgs),
     /// Serve pools through an OpenAI-compatible HTTP API (and the pool REST API).
@@ -105,6 +108,7 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Worker(args) => worker::run(args),
+        Command::Plan(args) => plan::run(args),
         Command::Orchestrator(args) => computepool_orchestrator::run(args),
         Command::Up(args) => up::run(args),
         Command::Chain { command } => chain::run(command),

@@ -127,9 +127,25 @@ fn sign(required: &PaymentRequired, payer: &PrivateKeySigner, signer: &PrivateKe
     })
 }
 
+const STORY: &str = "Tell me a long story about a lighthouse.";
+
 fn chat(max_tokens: u32, stream: bool) -> Value {
-    json!({"model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse."}],
+    json!({"model": MODEL, "messages": [{"role": "user", "content": STORY}],
            "max_tokens": max_tokens, "temperature": 0, "stream": stream})
+}
+
+/// What `chat(max_tokens, _)` answers, from the whole model in one process (greedy: the text any honest
+/// pipeline gives).
+fn chat_in_one_process(model: &Path, max_tokens: u32) -> String {
+    let out = Command::new(bin())
+        .arg("generate")
+        .arg("--model")
+        .arg(model)
+        .args(["--threads", "1", "--temperature", "0", "--chat", "--prompt", STORY, "--max-tokens", &max_tokens.to_string()])
+        .output()
+        .expect("run generate");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("UTF-8").strip_suffix('\n').expect("a final newline").to_string()
 }
 
 /// Posts `body` with `headers`; the 402's requirements when it is one.
@@ -739,8 +755,9 @@ fn a_worker_returning_wrong_tokens_is_audited_voted_out_slashed_and_the_pool_ser
     let ejected: Vec<_> = rows.iter().filter(|w| !w["ejected"].is_null()).collect();
     assert_eq!(ejected.len(), 2, "both workers of the faulty pipeline: {workers}");
     assert!(ejected.iter().all(|w| w["payout"].as_str().map(str::to_ascii_lowercase) == Some(faulty_hex.clone())), "{workers}");
-    let honest_text = texts.iter().max_by_key(|t| texts.iter().filter(|u| u == t).count()).expect("texts").clone();
-    assert!(texts.iter().filter(|t| **t == honest_text).count() >= 2, "at most one request met the drill: {texts:?}");
+    // Not the texts' majority: the router may have put two of them on the drilled pipeline.
+    let honest_text = chat_in_one_process(&model, 8);
+    assert!(texts.iter().all(|t| !t.is_empty()), "{texts:?}");
     for text in concurrent_paid_chats(&up.addr, &payer, 3, 8) {
         assert_eq!(text, honest_text, "after the ejection every request gets the honest tokens");
     }
