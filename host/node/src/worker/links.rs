@@ -183,9 +183,10 @@ impl Links {
     }
 
     /// `peer` just connected to this worker, so it is up: a link to it that is down, or still dialling
-    /// for the first time, drops its pending dial and dials again at once. Without this, a dial begun
-    /// while the peer was away reaches its new process only at QUIC's next retransmission of the
-    /// handshake, which backs off to seconds (docs/PROTOCOL.md §11).
+    /// for the first time, dials again at once: after its backoff's pause is cut short, or in place of
+    /// a dial pending for [`STALE_DIAL`] or longer. Without this, a dial begun while the peer was away
+    /// reaches its new process only at QUIC's next retransmission of the handshake, which backs off to
+    /// seconds (docs/PROTOCOL.md §11).
     pub fn peer_is_up(&self, peer: &PeerId) {
         if let Some(link) = self.map.lock().expect("links lock").get(peer)
             && *link.state.borrow() != LinkState::Up
@@ -462,13 +463,23 @@ async fn run_link(
                 Err(_) => Err(format!("shard {} (peer {short}) is unreachable: dial timed out", peer.layers)),
             }
         };
-        let connected = tokio::select! {
-            connected = dial => connected,
-            () = redial.notified() => {
-                peer_is_back(&mut inbox);
-                continue;
+        tokio::pin!(dial);
+        let started = tokio::time::Instant::now();
+        let connected = loop {
+            tokio::select! {
+                connected = &mut dial => break Some(connected),
+                () = redial.notified() => {
+                    // Only a stale dial is dropped: a younger one still has QUIC's first retransmission
+                    // to come, and two workers dialling each other at once must not keep cancelling
+                    // each other's dials (each accept wakes the other side).
+                    if started.elapsed() >= STALE_DIAL {
+                        peer_is_back(&mut inbox);
+                        break None;
+                    }
+                }
             }
         };
+        let Some(connected) = connected else { continue };
         let stream = match connected {
             Ok(conn) => {
                 let opened = conn.open_uni().await;
@@ -596,6 +607,11 @@ async fn run_axl_link(
         }
     }
 }
+
+/// How old a pending dial must be for a sign that its peer is up ([`Links::peer_is_up`]) to replace it
+/// with a new one: about when QUIC retransmits a handshake that got no answer the first time (three
+/// times its initial RTT estimate of 333 ms), after which its retransmissions back off to seconds.
+const STALE_DIAL: Duration = Duration::from_secs(1);
 
 /// The byte an accepting worker sends to confirm a frames link.
 pub const LINK_ACK: u8 = 0x01;
