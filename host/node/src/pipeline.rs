@@ -125,8 +125,7 @@ pub fn plan_layers(layers: u32, n: usize, speeds: &[u64]) -> anyhow::Result<Vec<
     let model = ModelFootprint::uniform(layers as usize, 1, 0, 0);
     let workers: Vec<WorkerCapacity> = speeds.iter().map(|&speed| WorkerCapacity { free_memory_bytes: u64::MAX, speed }).collect();
     let plan = ShardPlan::new(&model, &workers).map_err(|e| anyhow::anyhow!("cannot split {layers} layers into {n} shards: {e}"))?;
-    let range = |r: &std::ops::Range<usize>| -> anyhow::Result<Layers> { Ok(Layers { start: u32::try_from(r.start)?, end: u32::try_from(r.end)? }) };
-    plan.shards().iter().map(|s| range(&s.layers)).collect()
+    Ok(plan.shards().iter().map(|s| Layers::try_from(s.layers.clone())).collect::<Result<_, _>>()?)
 }
 
 /// A free UDP port on 127.0.0.1 (bound and released; the worker binds it right after).

@@ -74,11 +74,11 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         offers.iter().map(|o| WorkerCapacity { free_memory_bytes: o.memory, speed: o.speed }).collect();
     let plan = ShardPlan::new(&footprint, &capacities)?;
 
+    let mib = |bytes: u64| bytes as f64 / (1u64 << 20) as f64;
     let mut shards = Vec::with_capacity(offers.len());
     for (offer, shard) in offers.iter().zip(plan.shards()) {
-        let layers = Layers { start: u32::try_from(shard.layers.start)?, end: u32::try_from(shard.layers.end)? };
+        let layers = Layers::try_from(shard.layers.clone())?;
         shards.push(ShardPeer { peer: offer.peer, layers, addrs: offer.addrs.clone() });
-        let mib = |bytes: u64| bytes as f64 / (1u64 << 20) as f64;
         eprintln!(
             "{}  layers {:<8}  {:>10.1} MiB of {:>10.1} MiB  speed {}",
             offer.peer.fmt_short(),

@@ -47,6 +47,15 @@ impl fmt::Display for Layers {
     }
 }
 
+/// A shard plan's range ([`crate::ShardAssignment::layers`]) as a topology's.
+impl TryFrom<std::ops::Range<usize>> for Layers {
+    type Error = std::num::TryFromIntError;
+
+    fn try_from(range: std::ops::Range<usize>) -> Result<Self, Self::Error> {
+        Ok(Layers { start: u32::try_from(range.start)?, end: u32::try_from(range.end)? })
+    }
+}
+
 impl FromStr for Layers {
     type Err = TransportError;
 
