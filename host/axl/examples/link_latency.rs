@@ -117,7 +117,7 @@ fn quic(round_trips: usize, gap: Duration, via_compute_thread: bool) -> Vec<Dura
         addr_tx.send((b.id(), b.bound_addrs())).expect("send address");
         let (a_id, a_addrs) = back_rx.recv().expect("A's address");
         let conn_in = b.accept(|_, alpn| if alpn == FRAMES_ALPN { Ok(()) } else { Err("alpn".into()) }).await.expect("A dials");
-        let conn_out = b.connect(a_id, &a_addrs, FRAMES_ALPN).await.expect("dial A");
+        let conn_out = b.connect(a_id, &a_addrs, None, FRAMES_ALPN).await.expect("dial A");
         let mut writer = FrameWriter::new(conn_out.open_uni().await.expect("open"), FrameLimits::DEFAULT);
         let mut reader = FrameReader::new(conn_in.accept_uni().await.expect("accept"), FrameLimits::DEFAULT);
         let (job_tx, reply_rx, compute) = compute_thread(via_compute_thread);
@@ -145,7 +145,7 @@ fn quic(round_trips: usize, gap: Duration, via_compute_thread: bool) -> Vec<Dura
         let a = bind().await;
         let (b_id, b_addrs) = addr_rx.recv().expect("B's address");
         back_tx.send((a.id(), a.bound_addrs())).expect("send address");
-        let conn_out = a.connect(b_id, &b_addrs, FRAMES_ALPN).await.expect("dial B");
+        let conn_out = a.connect(b_id, &b_addrs, None, FRAMES_ALPN).await.expect("dial B");
         let mut writer = FrameWriter::new(conn_out.open_uni().await.expect("open"), FrameLimits::DEFAULT);
         // The stream is only announced to B with its first bytes: send the first frame before accepting.
         let mut out = Vec::with_capacity(round_trips);

@@ -4,6 +4,7 @@
 //! - [`topology`]: who serves which layers, who may connect to whom.
 //! - [`endpoint`]: the bound QUIC endpoint, dialling and (filtered) accepting.
 //! - [`link`]: frames over one ordered byte stream, with backpressure.
+//! - [`relay`]: a relay server of the pool's own, for peers that cannot reach each other directly.
 //!
 //! A pipeline link is one persistent connection with one stream, opened once and reused for every
 //! frame of every request: frames of a request arrive in order, and a slow receiver slows the sender
@@ -13,11 +14,14 @@
 pub mod endpoint;
 pub mod identity;
 pub mod link;
+pub mod relay;
 pub mod topology;
 
 pub use endpoint::{FRAMES_ALPN, GENERATE_ALPN, Relays, Transport, TransportConfig, describe_close};
 pub use identity::{PeerId, SecretKey, load_or_create_secret_key, parse_peer_id, read_secret_key, write_secret_key};
 pub use link::{FrameReader, FrameWriter, LinkError};
+pub use relay::{RelayAccess, RelayServer};
+pub use iroh::RelayUrl;
 pub use topology::{Layers, PeerRole, ShardPeer, Topology};
 
 /// What can go wrong setting up or using the transport.

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use computepool_axl::transport::{GENERATE_ALPN, ShardPeer, Transport, TransportConfig, describe_close};
+use computepool_axl::transport::{GENERATE_ALPN, Relays, ShardPeer, Transport, TransportConfig, describe_close};
 use iroh::SecretKey;
 use iroh::endpoint::{Connection, RecvStream, VarInt};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
@@ -44,11 +44,14 @@ impl EntryClient {
     pub async fn connect(key: SecretKey, entry: &ShardPeer) -> anyhow::Result<Self> {
         let mut config = TransportConfig::new(key);
         config.bind = vec!["127.0.0.1:0".parse().expect("valid address")];
-        if entry.addrs.iter().any(|a| !a.ip().is_loopback()) {
+        if entry.relay.is_some() || entry.addrs.iter().any(|a| !a.ip().is_loopback()) {
             config.bind.clear();
         }
+        if let Some(relay) = &entry.relay {
+            config.relays = Relays::Custom(vec![relay.clone()]);
+        }
         let transport = Transport::bind(config).await?;
-        let conn = transport.connect(entry.peer, &entry.addrs, GENERATE_ALPN).await?;
+        let conn = transport.connect(entry.peer, &entry.addrs, entry.relay.as_ref(), GENERATE_ALPN).await?;
         Ok(Self { transport, conn })
     }
 

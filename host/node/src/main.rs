@@ -12,6 +12,7 @@ mod model_fetch;
 mod pipeline;
 mod plan;
 mod plugin_cli;
+mod relay;
 mod sampler_bench;
 mod samplers;
 mod up;
@@ -43,6 +44,8 @@ enum Command {
     Worker(worker::WorkerArgs),
     /// Share a model's layers among workers by the memory and speed each offers; write the topology.
     Plan(plan::PlanArgs),
+    /// Relay encrypted traffic for a pool's workers that cannot reach each other directly (NAT).
+    Relay(relay::RelayArgs),
     /// Start a whole pool on this machine (orchestrator and N workers) and serve it until Ctrl-C.
     Up(up::UpArgs),
     /// Serve pools through an OpenAI-compatible HTTP API (and the pool REST API).
@@ -109,6 +112,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Worker(args) => worker::run(args),
         Command::Plan(args) => plan::run(args),
+        Command::Relay(args) => relay::run(args),
         Command::Orchestrator(args) => computepool_orchestrator::run(args),
         Command::Up(args) => up::run(args),
         Command::Chain { command } => chain::run(command),

@@ -152,7 +152,7 @@ impl LocalPipeline {
         let mut shards = Vec::new();
         for (i, (key, layers)) in keys.iter().zip(ranges.iter().cycle()).enumerate() {
             write_secret_key(&dir.path().join(format!("worker-{i}.key")), key)?;
-            shards.push(ShardPeer { peer: key.public(), layers: *layers, addrs: vec![free_udp_addr()?] });
+            shards.push(ShardPeer { peer: key.public(), layers: *layers, addrs: vec![free_udp_addr()?], relay: None });
         }
         let topology = Topology { num_layers: config.num_layers as u32, shards, clients: vec![client_key.public()] };
         topology.validate()?;

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use computepool_axl::transport::{Layers, PeerId, ShardPeer, Topology, parse_peer_id};
+use computepool_axl::transport::{Layers, PeerId, RelayUrl, ShardPeer, Topology, parse_peer_id};
 use computepool_axl::{ModelFootprint, ShardPlan, WorkerCapacity};
 use computepool_engine::DType;
 use computepool_engine::model::ModelSource;
@@ -24,8 +24,9 @@ pub struct PlanArgs {
     #[arg(long, default_value = "bf16")]
     dtype: String,
     /// A worker, in pipeline order (the first is the entry, the last the exit):
-    /// `peer=ID,addr=HOST:PORT,memory=24GiB,speed=2`. `addr` may repeat; `speed` (relative, any unit
-    /// shared by all workers, at least 1) defaults to 1; `memory` is what the worker gives the model
+    /// `peer=ID,addr=HOST:PORT,memory=24GiB,speed=2`. `addr` may repeat; `relay=URL` names the relay
+    /// (`computepool relay`) the worker keeps open, for a worker behind NAT (a worker needs an addr, a
+    /// relay, or both); `speed` (relative, any unit shared by all workers, at least 1) defaults to 1; `memory` is what the worker gives the model
     /// (weights and KV caches), in bytes or with a unit: KiB, MiB, GiB, TiB, KB, MB, GB, TB.
     #[arg(long = "worker", required = true)]
     workers: Vec<String>,
@@ -48,6 +49,7 @@ pub struct PlanArgs {
 struct WorkerOffer {
     peer: PeerId,
     addrs: Vec<SocketAddr>,
+    relay: Option<RelayUrl>,
     memory: u64,
     speed: u64,
 }
@@ -78,7 +80,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     let mut shards = Vec::with_capacity(offers.len());
     for (offer, shard) in offers.iter().zip(plan.shards()) {
         let layers = Layers::try_from(shard.layers.clone())?;
-        shards.push(ShardPeer { peer: offer.peer, layers, addrs: offer.addrs.clone() });
+        shards.push(ShardPeer { peer: offer.peer, layers, addrs: offer.addrs.clone(), relay: offer.relay.clone() });
         eprintln!(
             "{}  layers {:<8}  {:>10.1} MiB of {:>10.1} MiB  speed {}",
             offer.peer.fmt_short(),
@@ -97,28 +99,39 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `peer=ID,addr=HOST:PORT[,addr=…],memory=BYTES[,speed=N]`.
+/// `peer=ID,addr=HOST:PORT[,addr=…][,relay=URL],memory=BYTES[,speed=N]`.
 fn parse_worker(text: &str) -> anyhow::Result<WorkerOffer> {
-    let (mut peer, mut addrs, mut memory, mut speed) = (None, Vec::new(), None, None);
+    const KEYS: &str = "keys: peer, addr, relay, memory, speed";
+    let (mut peer, mut addrs, mut relay, mut memory, mut speed) = (None, Vec::new(), None, None, None);
     for field in text.split(',') {
         let Some((key, value)) = field.split_once('=') else {
-            bail!("{field:?} is not key=value (keys: peer, addr, memory, speed)");
+            bail!("{field:?} is not key=value ({KEYS})");
         };
         let value = value.trim();
         match key.trim() {
             "peer" => peer = Some(parse_peer_id(value)?),
             "addr" => addrs.push(value.parse::<SocketAddr>().with_context(|| format!("addr {value:?} is not HOST:PORT"))?),
+            "relay" => relay = Some(parse_relay_url(value)?),
             "memory" => memory = Some(parse_bytes(value)?),
             "speed" => speed = Some(value.parse::<u64>().with_context(|| format!("speed {value:?} is not a whole number"))?),
-            other => bail!("unknown key {other:?} (keys: peer, addr, memory, speed)"),
+            other => bail!("unknown key {other:?} ({KEYS})"),
         }
     }
     let peer = peer.context("no peer=ID (the worker's peer id, from `computepool keygen`)")?;
-    if addrs.is_empty() {
-        bail!("no addr=HOST:PORT (where the worker listens)");
+    if addrs.is_empty() && relay.is_none() {
+        bail!("no addr=HOST:PORT (where the worker listens) and no relay=URL (where it can be reached)");
     }
     let memory = memory.context("no memory=… (what the worker gives the model, e.g. memory=24GiB)")?;
-    Ok(WorkerOffer { peer, addrs, memory, speed: speed.unwrap_or(1) })
+    Ok(WorkerOffer { peer, addrs, relay, memory, speed: speed.unwrap_or(1) })
+}
+
+/// A relay's URL: `http://` or `https://`, with a host.
+fn parse_relay_url(text: &str) -> anyhow::Result<RelayUrl> {
+    let url: RelayUrl = text.parse().with_context(|| format!("relay {text:?} is not a URL"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        bail!("relay {text:?} is not an http:// or https:// URL with a host");
+    }
+    Ok(url)
 }
 
 /// Bytes, plain or with a unit (KiB, MiB, GiB, TiB, or the powers of ten KB, MB, GB, TB).
@@ -169,9 +182,14 @@ mod tests {
         assert_eq!(w.addrs.len(), 2);
         assert_eq!((w.memory, w.speed), (24 << 30, 2));
         assert_eq!(parse_worker(&format!("peer={PEER},addr=10.0.0.2:7001,memory=1GiB")).expect("parses").speed, 1);
+        let behind_nat = parse_worker(&format!("peer={PEER},relay=http://relay.example:3340,memory=1GiB")).expect("parses");
+        assert!(behind_nat.addrs.is_empty());
+        assert_eq!(behind_nat.relay.expect("a relay").as_str(), "http://relay.example:3340/");
         for (bad, says) in [
             ("addr=10.0.0.2:7001,memory=1GiB".to_string(), "no peer"),
-            (format!("peer={PEER},memory=1GiB"), "no addr"),
+            (format!("peer={PEER},memory=1GiB"), "no relay"),
+            (format!("peer={PEER},relay=relay.example,memory=1GiB"), "not a URL"),
+            (format!("peer={PEER},relay=ftp://relay.example,memory=1GiB"), "http:// or https://"),
             (format!("peer={PEER},addr=10.0.0.2:7001"), "no memory"),
             (format!("peer={PEER},addr=10.0.0.2,memory=1GiB"), "HOST:PORT"),
             (format!("peer={PEER},addr=10.0.0.2:7001,memory=1GiB,colour=blue"), "unknown key"),

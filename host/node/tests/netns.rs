@@ -1,14 +1,15 @@
 //! Across hosts: each shard in its own network namespace with 5 ms of one-way delay on every link, and
-//! the pipeline still gives exactly the single-process tokens. Needs root; skipped (with a message)
-//! where network namespaces are not permitted. See `common/netns.rs` for how the hosts are built.
+//! the pipeline still gives exactly the single-process tokens; and hosts with no path to each other at
+//! all (as behind NATs), joined only by the pool's relay. Needs root; skipped (with a message) where
+//! network namespaces are not permitted. See `common/netns.rs` for how the hosts are built.
 
 mod common;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::netns::{LINK_DELAY, LinkProbe, NetnsLab, output_with_timeout};
-use common::{Cluster, WorkerSpec, json_tokens, smollm2_dir, unsharded_tokens};
+use common::netns::{LINK_DELAY, LinkProbe, Links, NetnsLab, output_with_timeout};
+use common::{Cluster, RelayProcess, WorkerSpec, json_tokens, smollm2_dir, unsharded_tokens};
 use serde_json::Value;
 
 const GREEDY: &[&str] = &["--max-tokens", "32", "--ignore-eos"];
@@ -18,7 +19,11 @@ const SAMPLED: &[&str] =
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(180);
 
 fn lab_or_skip(shards: usize) -> Option<NetnsLab> {
-    match NetnsLab::create(shards) {
+    lab_with_or_skip(shards, Links::Delayed)
+}
+
+fn lab_with_or_skip(shards: usize, links: Links) -> Option<NetnsLab> {
+    match NetnsLab::create_with(shards, links) {
         Ok(lab) => Some(lab),
         Err(reason) => {
             eprintln!("skipped: network namespaces are not permitted here: {reason}");
@@ -129,6 +134,55 @@ fn sharded_across_namespaces_with_delayed_links_equals_unsharded_on_smollm2() {
         drop(lab);
         eprintln!("netns {n} shards: {:.1} s", started.elapsed().as_secs_f64());
     }
+}
+
+/// Workers on hosts with no path to each other, nor the client to them (as behind NATs that cannot be
+/// punched): only the pool's relay, on a host every one of them reaches, joins them. The topology
+/// still lists each worker's own address (unreachable from the others), so iroh tries it, fails, and
+/// carries every frame through the relay; the tokens are the single-process ones.
+#[test]
+fn hosts_with_no_path_between_them_are_joined_by_the_pools_relay() {
+    let Some(model) = smollm2_dir() else {
+        eprintln!("skipped: SmolLM2 is not downloaded (run `make model`)");
+        return;
+    };
+    let args = ["--prompt", "The capital of France is", "--max-tokens", "32", "--ignore-eos"];
+    let n = 2;
+    let Some(lab) = lab_with_or_skip(n, Links::Isolated) else { return };
+    let want = unsharded_tokens(&model, &args);
+    for (from, to) in [(0, 1), (1, 0), (n, 0)] {
+        assert!(!lab.reaches_directly(from, to), "host {from} reaches shard {to}'s own address: the lab has a path");
+    }
+    let cluster = {
+        let specs = (0..n)
+            .map(|j| WorkerSpec {
+                layers: ((30 * j / n) as u32, (30 * (j + 1) / n) as u32),
+                addr: lab.listen_addr(j),
+                netns: Some(lab.shard_ns(j).to_string()),
+            })
+            .collect();
+        Cluster::new(&model, 30, specs, &["--busy-poll-us", "20000"])
+    };
+    let listen = std::net::SocketAddr::from((lab.router_ip(), 3340));
+    let relay = RelayProcess::start(listen, Some(&cluster.topology_path()), Some(lab.router_ns()));
+    cluster.reach_through_relay(&relay.url, true);
+    let mut cluster = cluster;
+    cluster.start_all();
+    let logs = || all_logs(&cluster, n);
+    let client = lab.exec(lab.client_ns(), &cluster.client(&[&args[..], &["--wait-ready-s", "30", "--json"]].concat()));
+    let out = output_with_timeout(client, CLIENT_TIMEOUT).unwrap_or_else(|| panic!("the client took over {CLIENT_TIMEOUT:?}\n{}", logs()));
+    let got = json_tokens(&out, logs);
+    assert_eq!(got, want, "2 shards joined by the relay: not the single-process tokens");
+    let stats = json_stats(&out);
+    eprintln!(
+        "netns 2 shards, no path but the relay: {} tokens equal to the single-process run; decode {:.1} tokens/s, \
+         first token {:.0} ms",
+        got.len(),
+        stats["decode_tokens_per_s"].as_f64().unwrap_or(f64::NAN),
+        stats["time_to_first_token_ms"].as_f64().unwrap_or(f64::NAN),
+    );
+    drop(cluster);
+    drop(relay);
 }
 
 /// Rounds of the timing below: one request each way per round.

@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::engine as tiny;
-use common::{Cluster, smollm2_dir, unsharded_tokens, wait_for};
+use common::{Cluster, RelayProcess, smollm2_dir, unsharded_tokens, wait_for};
 
 const GREEDY: &[&str] = &["--max-tokens", "64", "--ignore-eos"];
 const SAMPLED: &[&str] =
@@ -54,6 +54,22 @@ fn sharded_equals_unsharded_on_smollm2() {
             assert_eq!(&cluster.tokens(&[*p, *m].concat()), want, "{n} shards, {p:?} {m:?}");
         }
     }
+}
+
+/// A pool whose topology gives no worker an address, only the pool's relay (`computepool relay`,
+/// admitting the pool's peers alone): the workers and the client find each other through it, and the
+/// tokens are the single-process ones. (On one host the peers then move to a direct path they learn
+/// through the relay; tests/netns.rs has hosts with no path but the relay.)
+#[test]
+fn workers_listed_without_addresses_find_each_other_through_the_pools_relay() {
+    let ckpt = tiny::checkpoint(tiny::Family::Llama3);
+    let args = [&["--prompt", "w5 w9 w17 w33 w65 w129"][..], GREEDY].concat();
+    let want = unsharded_tokens(ckpt.dir(), &args);
+    let mut cluster = Cluster::local(ckpt.dir(), tiny::LAYERS as u32, 2, &[]);
+    let relay = RelayProcess::start("127.0.0.1:0".parse().expect("address"), Some(&cluster.topology_path()), None);
+    cluster.reach_through_relay(&relay.url, false);
+    cluster.start_all();
+    assert_eq!(cluster.tokens(&args), want, "2 shards through the relay");
 }
 
 /// The same on the original Q4_1 GGUF, read natively (weights quantized in memory in every worker): a
@@ -276,7 +292,7 @@ fn hostile_start_frames_fail_their_request_and_the_worker_serves_on() {
         let transport = Transport::bind(config).await.expect("bind");
         let me = transport.id().to_string();
         let exit: computepool_axl::transport::PeerId = cluster.peers[1].parse().expect("peer id");
-        let conn = transport.connect(exit, &[cluster.specs[1].addr], FRAMES_ALPN).await.expect("the exit takes a pool member");
+        let conn = transport.connect(exit, &[cluster.specs[1].addr], None, FRAMES_ALPN).await.expect("the exit takes a pool member");
         let mut ack = conn.accept_uni().await.expect("confirmation stream");
         let mut byte = [0u8; 1];
         ack.read_exact(&mut byte).await.expect("confirmation");

@@ -805,7 +805,7 @@ mod tests {
         let shards = keys
             .iter()
             .enumerate()
-            .map(|(i, k)| ShardPeer { peer: k.public(), layers: layers(i), addrs: vec!["127.0.0.1:4000".parse().expect("address")] })
+            .map(|(i, k)| ShardPeer { peer: k.public(), layers: layers(i), addrs: vec!["127.0.0.1:4000".parse().expect("address")], relay: None })
             .collect();
         let topology = Topology { num_layers: 4, shards, clients: vec![key.public()] };
         let record = PoolRecord {

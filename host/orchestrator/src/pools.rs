@@ -725,7 +725,7 @@ mod tests {
     use computepool_axl::transport::Layers;
 
     fn shard(k: &SecretKey, (start, end): (u32, u32)) -> ShardPeer {
-        ShardPeer { peer: k.public(), layers: Layers { start, end }, addrs: vec!["127.0.0.1:4000".parse().expect("address")] }
+        ShardPeer { peer: k.public(), layers: Layers { start, end }, addrs: vec!["127.0.0.1:4000".parse().expect("address")], relay: None }
     }
 
     fn ring(key: &SecretKey) -> (Topology, Vec<SecretKey>) {

@@ -453,6 +453,7 @@ mod tests {
                 peer: key.public(),
                 layers: computepool_axl::transport::Layers { start: s, end: e },
                 addrs: vec!["127.0.0.1:4000".parse().expect("address")],
+                relay: None,
             }
         };
         Topology { num_layers: 4, shards: vec![shard(0, 2), shard(2, 4)], clients: vec![] }

@@ -33,7 +33,10 @@ pub enum Relays {
     Disabled,
     /// Number 0's public relays and DNS address lookup (needs the internet).
     Public,
-    /// Relays of the operator's own.
+    /// Relays of the pool's own (`computepool relay`). The endpoint keeps a connection to the nearest
+    /// (its home relay), where peers that cannot reach its addresses reach it; peers' relays are
+    /// dialled on demand. No address lookup: a peer is dialled at the addresses and relay its topology
+    /// entry gives.
     Custom(Vec<RelayUrl>),
 }
 
@@ -71,6 +74,8 @@ impl TransportConfig {
 #[derive(Debug, Clone)]
 pub struct Transport {
     endpoint: Endpoint,
+    /// Whether relays are configured (see [`Transport::wait_for_relay`]).
+    has_relays: bool,
 }
 
 impl Transport {
@@ -110,7 +115,7 @@ impl Transport {
                 .map_err(|e| TransportError::Config(format!("cannot bind {addr}: {e}")))?;
         }
         let endpoint = builder.bind().await.map_err(|e| TransportError::Bind(e.to_string()))?;
-        Ok(Self { endpoint })
+        Ok(Self { endpoint, has_relays: !matches!(config.relays, Relays::Disabled) })
     }
 
     /// This worker's peer id.
@@ -118,14 +123,63 @@ impl Transport {
         self.endpoint.id()
     }
 
+    /// Waits until the endpoint holds a connection to its home relay, so peers that can reach it only
+    /// there can dial it; returns at once when it has no relays. A new endpoint picks its home relay
+    /// after its first network report (iroh's probes of each relay's latency; up to ~3 s). `Err` as
+    /// soon as the relay refuses this peer (not in its pool), or after `timeout`, saying what the relay
+    /// last answered.
+    pub async fn wait_for_relay(&self, timeout: Duration) -> Result<(), TransportError> {
+        use iroh::Watcher;
+        if !self.has_relays {
+            return Ok(());
+        }
+        let failed = |reason: String| TransportError::Connect { peer: "relay".into(), reason };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut watcher = self.endpoint.home_relay_status();
+        loop {
+            let status = watcher.get();
+            if status.iter().any(|s| s.is_connected()) {
+                return Ok(());
+            }
+            if let Some(s) = status.iter().find(|s| s.auth_denied_reason().is_some()) {
+                return Err(failed(format!("{} refused this peer: {}", s.url(), s.auth_denied_reason().unwrap_or_default())));
+            }
+            match tokio::time::timeout_at(deadline, watcher.updated()).await {
+                Ok(Ok(_)) => continue,
+                Ok(Err(_)) => return Err(failed("the endpoint is closed".into())),
+                Err(_) => {
+                    let why = match status.first() {
+                        None => "no relay was picked as home (none answered the endpoint's probes)".to_string(),
+                        Some(s) => match s.last_error() {
+                            Some(error) => format!("{}: {error}", s.url()),
+                            None => format!("{} has not answered", s.url()),
+                        },
+                    };
+                    return Err(failed(format!("not connected after {timeout:?}: {why}")));
+                }
+            }
+        }
+    }
+
     /// The local socket addresses the endpoint is bound to.
     pub fn bound_addrs(&self) -> Vec<SocketAddr> {
         self.endpoint.bound_sockets()
     }
 
-    /// Dials `peer` (at `addrs`, or wherever relays and address lookup find it) with `alpn`.
-    pub async fn connect(&self, peer: PeerId, addrs: &[SocketAddr], alpn: &[u8]) -> Result<Connection, TransportError> {
-        let addr = addrs.iter().fold(EndpointAddr::new(peer), |a, s| a.with_ip_addr(*s));
+    /// Dials `peer` with `alpn`: at `addrs`, through `relay` (the relay the peer keeps a connection to),
+    /// or wherever address lookup finds it. With both, iroh tries the direct addresses and the relay
+    /// at once and keeps the path that works (moving to a direct one when hole punching finds it).
+    pub async fn connect(
+        &self,
+        peer: PeerId,
+        addrs: &[SocketAddr],
+        relay: Option<&RelayUrl>,
+        alpn: &[u8],
+    ) -> Result<Connection, TransportError> {
+        let mut addr = addrs.iter().fold(EndpointAddr::new(peer), |a, s| a.with_ip_addr(*s));
+        if let Some(url) = relay {
+            addr = addr.with_relay_url(url.clone());
+        }
         self.endpoint
             .connect(addr, alpn)
             .await

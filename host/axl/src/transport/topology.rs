@@ -15,9 +15,11 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::str::FromStr;
 
+use iroh::RelayUrl;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::TransportError;
+use super::endpoint::Relays;
 use super::identity::PeerId;
 
 /// A half-open layer range `start..end` of the model, written `"start..end"` in topology files.
@@ -92,9 +94,14 @@ pub struct ShardPeer {
     pub peer: PeerId,
     /// The layers it runs.
     pub layers: Layers,
-    /// Direct socket addresses it listens on. May be empty when relays or address lookup find it.
+    /// Direct socket addresses it listens on. May be empty when it is reached through its relay.
     #[serde(default)]
     pub addrs: Vec<SocketAddr>,
+    /// The relay it keeps a connection to (`computepool relay`; an `http://` or `https://` URL), for
+    /// peers that cannot reach its addresses: behind NAT, with no route to it, or with none listed.
+    /// The worker makes this its home relay; peers dial it there as well as at `addrs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<RelayUrl>,
 }
 
 /// A pool's workers and their layer ranges, plus the peers allowed to submit requests to the entries.
@@ -246,6 +253,22 @@ impl Topology {
         Ok((route, entry))
     }
 
+    /// The relays an endpoint of this pool keeps open: `me`'s own when the topology gives it one (so
+    /// that one is its home relay, where its peers look for it); otherwise every relay the topology
+    /// names, so it can reach the peers behind them. [`Relays::Disabled`] when the pool has none.
+    pub fn relays_for(&self, me: Option<&PeerId>) -> Relays {
+        if let Some(own) = me.and_then(|p| self.shard(p)).and_then(|s| s.relay.clone()) {
+            return Relays::Custom(vec![own]);
+        }
+        let mut all: Vec<RelayUrl> = Vec::new();
+        for url in self.shards.iter().filter_map(|s| s.relay.as_ref()) {
+            if !all.contains(url) {
+                all.push(url.clone());
+            }
+        }
+        if all.is_empty() { Relays::Disabled } else { Relays::Custom(all) }
+    }
+
     /// What `remote` may be to the worker at shard `me`: another worker of the pool, a client (entries
     /// only), or nothing (`None`: refuse the connection).
     pub fn role_of(&self, me: usize, remote: &PeerId) -> Option<PeerRole> {
@@ -273,7 +296,7 @@ mod tests {
             num_layers,
             shards: ranges
                 .iter()
-                .map(|&(start, end)| ShardPeer { peer: peer(), layers: Layers { start, end }, addrs: vec![] })
+                .map(|&(start, end)| ShardPeer { peer: peer(), layers: Layers { start, end }, addrs: vec![], relay: None })
                 .collect(),
             clients: vec![peer()],
         }

@@ -454,7 +454,7 @@ async fn run_link(
         // Dial, discarding what arrives meanwhile only while the link is known down (while it is
         // connecting for the first time, frames wait in the inbox).
         let dial = async {
-            match tokio::time::timeout(Duration::from_secs(3), transport.connect(peer.peer, &peer.addrs, FRAMES_ALPN)).await {
+            match tokio::time::timeout(Duration::from_secs(3), transport.connect(peer.peer, &peer.addrs, peer.relay.as_ref(), FRAMES_ALPN)).await {
                 Ok(Ok(conn)) => match await_link_ack(&conn).await {
                     Ok(()) => Ok(conn),
                     Err(why) => Err(format!("shard {} (peer {short}) {why}", peer.layers)),

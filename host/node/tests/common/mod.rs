@@ -209,6 +209,21 @@ impl Cluster {
         assert!(took < Duration::from_secs(2), "the error took {took:?}");
     }
 
+    /// Gives every shard `relay` in the topology; with `keep_addrs` false, no address at all (so peers
+    /// and the client find each worker only through the relay).
+    pub fn reach_through_relay(&self, relay: &str, keep_addrs: bool) {
+        let path = self.topology_path();
+        let mut topology: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("read the topology"))
+            .expect("the topology is JSON");
+        for shard in topology["shards"].as_array_mut().expect("the topology lists shards") {
+            shard["relay"] = json!(relay);
+            if !keep_addrs {
+                shard["addrs"] = json!([]);
+            }
+        }
+        std::fs::write(&path, topology.to_string()).expect("write the topology");
+    }
+
     /// Runs a client request to completion and returns the token ids it printed with --json.
     pub fn tokens(&self, args: &[&str]) -> Vec<u32> {
         let out = self.client(args).arg("--json").output().expect("run the client");
@@ -230,6 +245,50 @@ impl Drop for Cluster {
                 }
             }
         }
+    }
+}
+
+/// A `computepool relay` process (inside a network namespace, optionally); killed on drop.
+pub struct RelayProcess {
+    child: Child,
+    /// The URL it printed, for the topology.
+    pub url: String,
+}
+
+impl RelayProcess {
+    /// Starts a relay on `listen` that admits the peers of `topology` (any peer without one), and
+    /// waits for its URL.
+    pub fn start(listen: SocketAddr, topology: Option<&Path>, netns: Option<&str>) -> Self {
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
+        cmd.arg("relay").arg("--listen").arg(listen.to_string());
+        if let Some(path) = topology {
+            cmd.arg("--topology").arg(path);
+        }
+        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("start the relay");
+        let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+        let url = match lines.next() {
+            Some(Ok(line)) if line.starts_with("http://") => line.trim().to_string(),
+            other => {
+                let _ = child.kill();
+                panic!("the relay did not print its URL: {other:?}");
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        Self { child, url }
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

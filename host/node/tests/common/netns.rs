@@ -49,6 +49,17 @@ enum Delay {
     Relay(DelayRelay, String),
 }
 
+/// What joins the hosts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Links {
+    /// [`LINK_DELAY`] on every path between two hosts (netem, or the delay relay).
+    Delayed,
+    /// No path between any two hosts at all: the router forwards nothing, and each host has a route
+    /// only to the router's [`RELAY_IP`], where a test runs what every host may reach (an iroh relay),
+    /// as with hosts behind NATs that cannot reach each other.
+    Isolated,
+}
+
 /// The namespaces, links and delay of one test; all of it is removed on drop.
 pub struct NetnsLab {
     shards: usize,
@@ -84,6 +95,11 @@ impl NetnsLab {
     /// `Err` (the reason) only where namespaces cannot be made at all (not root, no `ip`, no
     /// permission); any later failure panics, since then the machine is set up wrong.
     pub fn create(shards: usize) -> Result<Self, String> {
+        Self::create_with(shards, Links::Delayed)
+    }
+
+    /// As [`Self::create`], with the hosts joined as `links` says.
+    pub fn create_with(shards: usize, links: Links) -> Result<Self, String> {
         static LABS: AtomicUsize = AtomicUsize::new(0);
         remove_leftovers();
         let tag = format!("{PREFIX}{}-{}", std::process::id(), LABS.fetch_add(1, Ordering::Relaxed));
@@ -110,8 +126,40 @@ impl NetnsLab {
             must_run(&format!("ip -n {host} link set eth0 up"));
             must_run(&format!("ip -n {host} link set lo up"));
         }
-        lab.add_delay();
+        match links {
+            Links::Delayed => lab.add_delay(),
+            Links::Isolated => lab.route_to_router_only(),
+        }
         Ok(lab)
+    }
+
+    /// The router forwards nothing (a new namespace may inherit forwarding from the host's, so say so)
+    /// and hosts know only the way to [`RELAY_IP`]: a host's datagrams to another host's own address go
+    /// nowhere.
+    fn route_to_router_only(&self) {
+        set_forwarding(&self.router, false);
+        for (k, host) in self.hosts.iter().enumerate() {
+            must_run(&format!("ip -n {host} route add {RELAY_IP}/32 via 10.213.{k}.1"));
+        }
+    }
+
+    /// The router's address that every host can reach (in [`Links::Isolated`] labs, the only one).
+    pub fn router_ip(&self) -> Ipv4Addr {
+        RELAY_IP
+    }
+
+    pub fn router_ns(&self) -> &str {
+        &self.router
+    }
+
+    /// Whether host `from` (a shard, or the client at index `shards`) reaches shard `to`'s own address:
+    /// an echo server on `to`'s worker port answers a datagram within 300 ms. Call it before the
+    /// workers start (it borrows their ports).
+    pub fn reaches_directly(&self, from: usize, to: usize) -> bool {
+        let echo = EchoServer::start(&self.hosts[to], self.listen_addr(to));
+        let reached = answers(&self.hosts[from], self.listen_addr(to));
+        echo.stop();
+        reached
     }
 
     /// `tc netem` on every host's link if the kernel has it, else the relay.
@@ -131,13 +179,8 @@ impl NetnsLab {
                 self.delay = Some(Delay::Netem);
             }
             Err(why) => {
-                // The router forwards nothing (a new namespace may inherit forwarding from the host's,
-                // so say so) and hosts know only the way to the relay: a host's datagrams to another
-                // host's own address go nowhere.
-                set_forwarding(&self.router, false);
-                for (k, host) in self.hosts.iter().enumerate() {
-                    must_run(&format!("ip -n {host} route add {RELAY_IP}/32 via 10.213.{k}.1"));
-                }
+                // The delay relay is then the one path between hosts.
+                self.route_to_router_only();
                 let routes: Vec<Route> = (0..self.shards)
                     .map(|j| Route { listen: self.relay_addr(j), target: self.listen_addr(j) })
                     .collect();
