@@ -153,20 +153,11 @@ fn hosts_with_no_path_between_them_are_joined_by_the_pools_relay() {
     for (from, to) in [(0, 1), (1, 0), (n, 0)] {
         assert!(!lab.reaches_directly(from, to), "host {from} reaches shard {to}'s own address: the lab has a path");
     }
-    let cluster = {
-        let specs = (0..n)
-            .map(|j| WorkerSpec {
-                layers: ((30 * j / n) as u32, (30 * (j + 1) / n) as u32),
-                addr: lab.listen_addr(j),
-                netns: Some(lab.shard_ns(j).to_string()),
-            })
-            .collect();
-        Cluster::new(&model, 30, specs, &["--busy-poll-us", "20000"])
-    };
+    // Each worker listed at its own address, which no other host can reach.
+    let mut cluster = cluster_across(&lab, &model, n, &["--busy-poll-us", "20000"]);
     let listen = std::net::SocketAddr::from((lab.router_ip(), 3340));
     let relay = RelayProcess::start(listen, Some(&cluster.topology_path()), Some(lab.router_ns()));
     cluster.reach_through_relay(&relay.url, true);
-    let mut cluster = cluster;
     cluster.start_all();
     let logs = || all_logs(&cluster, n);
     let client = lab.exec(lab.client_ns(), &cluster.client(&[&args[..], &["--wait-ready-s", "30", "--json"]].concat()));

@@ -220,7 +220,8 @@ impl NetnsLab {
         SocketAddr::V4(SocketAddrV4::new(RELAY_IP, RELAY_PORT_BASE + j as u16))
     }
 
-    /// Where every other host reaches shard `j`: the topology's address for it.
+    /// Where every other host reaches shard `j`: the topology's address for it (in a
+    /// [`Links::Isolated`] lab its own address, which no other host reaches).
     pub fn reach_addr(&self, j: usize) -> SocketAddr {
         match self.delay {
             Some(Delay::Relay(..)) => self.relay_addr(j),
