@@ -30,6 +30,7 @@ pub mod kv_store;
 pub mod limits;
 pub mod manifest;
 pub mod plugin_host;
+mod pool;
 pub mod rail;
 pub mod random;
 pub mod sampler;

@@ -33,19 +33,18 @@
 mod since_v0_1_0;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use wasmtime::component::{Component, Linker};
-use wasmtime::{Engine, Store, Trap};
+use wasmtime::{Engine, Store};
 
 use crate::chain_capability::ChainAccess;
-use crate::error::{CallError, LoadError, describe};
+use crate::error::{CallError, LoadError};
 use crate::host_state::HostState;
 use crate::http_capability::HttpAccess;
 use crate::kv_store::KvScope;
-use crate::limits::FailurePolicy;
 use crate::manifest::PluginManifest;
+use crate::pool::{Failed, Grants, InstancePool, Instantiate, unsupported_version, world_mismatch};
 use crate::world::WitVersion;
 
 /// The payment-rail versions this host serves, oldest first.
@@ -170,38 +169,15 @@ impl RailCallError {
     }
 }
 
-enum RailPre {
-    V0_1_0(since_v0_1_0::PaymentRailPre<HostState>),
-}
-
 enum RailBindings {
     V0_1_0(since_v0_1_0::PaymentRail),
 }
 
-struct PooledInstance {
-    store: Store<HostState>,
-    bindings: RailBindings,
-}
-
 /// A loaded payment-rail plugin. Shared between threads; each call takes an instance from the pool.
 pub struct RailPlugin {
-    id: String,
-    engine: Engine,
-    pre: RailPre,
-    fuel_per_call: u64,
-    memory_bytes: u64,
-    failure_policy: FailurePolicy,
-    disable_after: u32,
-    kv: KvScope,
-    http: Option<HttpAccess>,
-    chain: Option<ChainAccess>,
-    metered: bool,
-    idle: Mutex<Vec<PooledInstance>>,
-    max_idle: usize,
+    pool: InstancePool<RailBindings>,
     /// One lock per pool: a pool's flow changes run one at a time.
     pool_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
-    consecutive_failures: AtomicU32,
-    disabled: AtomicBool,
 }
 
 /// Network capabilities a rail was granted, handed to its instances.
@@ -236,159 +212,44 @@ impl RailPlugin {
         max_idle: usize,
         metered: bool,
     ) -> Result<Self, LoadError> {
-        let world_mismatch = |e: wasmtime::Error| LoadError::WorldMismatch {
-            id: manifest.id.clone(),
-            world: format!("{}@{}", manifest.wit.world, manifest.wit.version),
-            message: describe(&e),
-        };
-        let pre = match manifest.wit.version {
-            WitVersion::V0_1_0 => RailPre::V0_1_0(since_v0_1_0::pre(linker, component).map_err(world_mismatch)?),
-            other => {
-                return Err(LoadError::UnsupportedWitVersion {
-                    id: manifest.id.clone(),
-                    kind: manifest.kind,
-                    world: manifest.wit.world.clone(),
-                    requested: other.to_string(),
-                    supported: crate::world::list_versions(SUPPORTED_VERSIONS),
-                });
+        let instantiate: Instantiate<RailBindings> = match manifest.wit.version {
+            WitVersion::V0_1_0 => {
+                let pre = since_v0_1_0::pre(linker, component).map_err(world_mismatch(manifest))?;
+                Box::new(move |store| Ok(RailBindings::V0_1_0(since_v0_1_0::instantiate(&pre, store)?)))
             }
+            _ => return Err(unsupported_version(manifest, SUPPORTED_VERSIONS)),
         };
-        let plugin = Self {
-            id: manifest.id.clone(),
-            engine: engine.clone(),
-            pre,
-            fuel_per_call: manifest.limits.fuel_per_call,
-            memory_bytes: manifest.limits.memory_bytes,
-            failure_policy: manifest.limits.failure_policy,
-            disable_after: manifest.limits.disable_after.max(1),
-            kv,
-            http: network.http,
-            chain: network.chain,
-            metered,
-            idle: Mutex::new(Vec::new()),
-            max_idle,
+        let grants = Grants { kv, http: network.http, chain: network.chain };
+        Ok(Self {
+            pool: InstancePool::new(engine, manifest, "rail", grants, max_idle, metered, instantiate)?,
             pool_locks: Mutex::new(HashMap::new()),
-            consecutive_failures: AtomicU32::new(0),
-            disabled: AtomicBool::new(false),
-        };
-        let first = plugin
-            .instantiate()
-            .map_err(|e| LoadError::Instantiate { id: manifest.id.clone(), message: e.to_string() })?;
-        plugin.release(first);
-        Ok(plugin)
+        })
     }
 
     pub fn id(&self) -> &str {
-        &self.id
+        self.pool.id()
     }
 
     pub fn is_disabled(&self) -> bool {
-        self.disabled.load(Ordering::Acquire)
+        self.pool.is_disabled()
     }
 
     pub fn idle_instances(&self) -> usize {
-        self.lock_idle().len()
+        self.pool.idle_instances()
     }
 
-    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<PooledInstance>> {
-        self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn instantiate(&self) -> Result<PooledInstance, CallError> {
-        let state = HostState::new(&self.id, self.memory_bytes, self.kv.clone()).with_network(self.http.clone(), self.chain.clone());
-        let mut store = Store::new(&self.engine, state);
-        store.limiter(|state| &mut state.limiter);
-        if self.metered {
-            store.set_fuel(self.fuel_per_call).map_err(|e| CallError::Instantiate { id: self.id.clone(), message: describe(&e) })?;
-        }
-        let bindings = match &self.pre {
-            RailPre::V0_1_0(pre) => {
-                RailBindings::V0_1_0(since_v0_1_0::instantiate(pre, &mut store).map_err(|e| self.classify(&store, &e))?)
-            }
-        };
-        Ok(PooledInstance { store, bindings })
-    }
-
-    fn release(&self, instance: PooledInstance) {
-        let mut idle = self.lock_idle();
-        if idle.len() < self.max_idle {
-            idle.push(instance);
-        }
-    }
-
-    fn classify(&self, store: &Store<HostState>, e: &wasmtime::Error) -> CallError {
-        if let Some(requested) = store.data().limiter.exceeded() {
-            return CallError::MemoryLimit { id: self.id.clone(), requested: requested as u64, limit: store.data().limiter.limit() as u64 };
-        }
-        if e.downcast_ref::<Trap>() == Some(&Trap::OutOfFuel) {
-            return CallError::OutOfFuel { id: self.id.clone(), fuel: self.fuel_per_call };
-        }
-        CallError::Trap { id: self.id.clone(), message: describe(e) }
-    }
-
-    fn breach(&self, message: String) -> RailCallError {
-        RailCallError::Plugin(CallError::ContractBreach { id: self.id.clone(), message })
-    }
-
-    /// Runs one call in a pooled instance; a trapped instance is dropped. `check` turns the plugin's raw
-    /// answer into the caller's type; a failed check is a contract breach and drops the instance too.
+    /// Runs one call in a pooled instance (see [`InstancePool::call`]). `check` turns the plugin's raw
+    /// answer into the caller's type; a failed check is a contract breach.
     fn run<R, T>(
         &self,
-        call: impl FnOnce(&RailBindings, &mut Store<HostState>) -> wasmtime::Result<Result<R, RailError>>,
+        call: impl FnOnce(&mut RailBindings, &mut Store<HostState>) -> wasmtime::Result<Result<R, RailError>>,
         check: impl FnOnce(R) -> Result<T, String>,
     ) -> Result<T, RailCallError> {
-        if self.is_disabled() {
-            return Err(CallError::Disabled { id: self.id.clone(), failures: self.consecutive_failures.load(Ordering::Acquire) }.into());
-        }
-        let result = self.run_once(call, check);
-        match &result {
-            Ok(_) | Err(RailCallError::Rail { .. }) => self.consecutive_failures.store(0, Ordering::Release),
-            Err(RailCallError::Plugin(e)) if e.is_plugin_fault() => {
-                let failures = self.consecutive_failures.fetch_add(1, Ordering::AcqRel) + 1;
-                tracing::warn!(plugin = %self.id, failures, error = %e, "rail plugin call failed");
-                if self.failure_policy == FailurePolicy::Disable && failures >= self.disable_after {
-                    self.disabled.store(true, Ordering::Release);
-                    tracing::error!(plugin = %self.id, failures, "rail plugin disabled by its failure policy");
-                }
-            }
-            Err(_) => {}
-        }
-        result
-    }
-
-    fn run_once<R, T>(
-        &self,
-        call: impl FnOnce(&RailBindings, &mut Store<HostState>) -> wasmtime::Result<Result<R, RailError>>,
-        check: impl FnOnce(R) -> Result<T, String>,
-    ) -> Result<T, RailCallError> {
-        let pooled = self.lock_idle().pop();
-        let mut instance = match pooled {
-            Some(instance) => instance,
-            None => self.instantiate()?,
-        };
-        if self.metered {
-            instance
-                .store
-                .set_fuel(self.fuel_per_call)
-                .map_err(|e| CallError::Instantiate { id: self.id.clone(), message: describe(&e) })?;
-        }
-        instance.store.data_mut().begin_call();
-        let outcome = call(&instance.bindings, &mut instance.store);
-        instance.store.data_mut().end_call();
-        match outcome {
-            Err(e) => Err(self.classify(&instance.store, &e).into()),
-            Ok(Err(error)) => {
-                self.release(instance);
-                Err(RailCallError::Rail { id: self.id.clone(), error })
-            }
-            Ok(Ok(raw)) => match check(raw) {
-                Ok(value) => {
-                    self.release(instance);
-                    Ok(value)
-                }
-                Err(message) => Err(self.breach(message)),
-            },
-        }
+        let checked = |raw: R| check(raw).map_err(|message| self.pool.breach(message));
+        self.pool.call(call, checked).map_err(|failed| match failed {
+            Failed::Refused(error) => RailCallError::Rail { id: self.id().to_string(), error },
+            Failed::Plugin(e) => e.into(),
+        })
     }
 
     fn pool_lock(&self, pool: &str) -> Arc<Mutex<()>> {
@@ -514,7 +375,7 @@ pub struct BoundRail {
 
 impl std::fmt::Debug for BoundRail {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BoundRail").field("plugin", &self.plugin.id).field("info", &self.info).finish_non_exhaustive()
+        f.debug_struct("BoundRail").field("plugin", &self.plugin.id()).field("info", &self.info).finish_non_exhaustive()
     }
 }
 

@@ -9,17 +9,14 @@
 
 mod since_v0_1_0;
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-
 use wasmtime::component::{Component, Linker};
-use wasmtime::{Engine, Store, Trap};
+use wasmtime::{Engine, Store};
 
-use crate::error::{CallError, LoadError, describe};
+use crate::error::{CallError, LoadError};
 use crate::host_state::HostState;
 use crate::kv_store::KvScope;
-use crate::limits::FailurePolicy;
 use crate::manifest::PluginManifest;
+use crate::pool::{Failed, Grants, InstancePool, Instantiate, unsupported_version, world_mismatch};
 use crate::random::RequestRandom;
 use crate::world::WitVersion;
 
@@ -96,35 +93,13 @@ pub struct SampleInput<'a> {
     pub params: SamplingParams,
 }
 
-enum SamplerPre {
-    V0_1_0(since_v0_1_0::SamplerPre<HostState>),
-}
-
 enum SamplerBindings {
     V0_1_0(since_v0_1_0::Sampler),
 }
 
-struct PooledInstance {
-    store: Store<HostState>,
-    bindings: SamplerBindings,
-}
-
 /// A loaded sampler plugin. Shared between threads; each call takes an instance from the pool.
 pub struct SamplerPlugin {
-    id: String,
-    engine: Engine,
-    pre: SamplerPre,
-    fuel_per_call: u64,
-    memory_bytes: u64,
-    failure_policy: FailurePolicy,
-    disable_after: u32,
-    kv: KvScope,
-    /// Whether the engine meters fuel (always, outside the metering benchmark).
-    metered: bool,
-    idle: Mutex<Vec<PooledInstance>>,
-    max_idle: usize,
-    consecutive_failures: AtomicU32,
-    disabled: AtomicBool,
+    pool: InstancePool<SamplerBindings>,
 }
 
 impl SamplerPlugin {
@@ -155,102 +130,29 @@ impl SamplerPlugin {
         max_idle: usize,
         metered: bool,
     ) -> Result<Self, LoadError> {
-        let world_mismatch = |e: wasmtime::Error| LoadError::WorldMismatch {
-            id: manifest.id.clone(),
-            world: format!("{}@{}", manifest.wit.world, manifest.wit.version),
-            message: describe(&e),
-        };
-        let pre = match manifest.wit.version {
-            WitVersion::V0_1_0 => SamplerPre::V0_1_0(since_v0_1_0::pre(linker, component).map_err(world_mismatch)?),
-            other => {
-                return Err(LoadError::UnsupportedWitVersion {
-                    id: manifest.id.clone(),
-                    kind: manifest.kind,
-                    world: manifest.wit.world.clone(),
-                    requested: other.to_string(),
-                    supported: crate::world::list_versions(SUPPORTED_VERSIONS),
-                });
+        let instantiate: Instantiate<SamplerBindings> = match manifest.wit.version {
+            WitVersion::V0_1_0 => {
+                let pre = since_v0_1_0::pre(linker, component).map_err(world_mismatch(manifest))?;
+                Box::new(move |store| Ok(SamplerBindings::V0_1_0(since_v0_1_0::instantiate(&pre, store)?)))
             }
+            _ => return Err(unsupported_version(manifest, SUPPORTED_VERSIONS)),
         };
-        let plugin = Self {
-            id: manifest.id.clone(),
-            engine: engine.clone(),
-            pre,
-            fuel_per_call: manifest.limits.fuel_per_call,
-            memory_bytes: manifest.limits.memory_bytes,
-            failure_policy: manifest.limits.failure_policy,
-            disable_after: manifest.limits.disable_after.max(1),
-            kv,
-            metered,
-            idle: Mutex::new(Vec::new()),
-            max_idle,
-            consecutive_failures: AtomicU32::new(0),
-            disabled: AtomicBool::new(false),
-        };
-        let first = plugin
-            .instantiate()
-            .map_err(|e| LoadError::Instantiate { id: manifest.id.clone(), message: e.to_string() })?;
-        plugin.release(first);
-        Ok(plugin)
+        let grants = Grants { kv, http: None, chain: None };
+        Ok(Self { pool: InstancePool::new(engine, manifest, "sampler", grants, max_idle, metered, instantiate)? })
     }
 
     pub fn id(&self) -> &str {
-        &self.id
+        self.pool.id()
     }
 
     /// Whether the failure policy disabled the plugin.
     pub fn is_disabled(&self) -> bool {
-        self.disabled.load(Ordering::Acquire)
+        self.pool.is_disabled()
     }
 
     /// Instances waiting in the pool.
     pub fn idle_instances(&self) -> usize {
-        self.lock_idle().len()
-    }
-
-    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<PooledInstance>> {
-        // The pool is a plain Vec; a panic elsewhere cannot leave it half-updated.
-        self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn instantiate(&self) -> Result<PooledInstance, CallError> {
-        let mut store = Store::new(&self.engine, HostState::new(&self.id, self.memory_bytes, self.kv.clone()));
-        store.limiter(|state| &mut state.limiter);
-        if self.metered {
-            store.set_fuel(self.fuel_per_call).map_err(|e| self.instantiate_error(&e))?;
-        }
-        let bindings = match &self.pre {
-            SamplerPre::V0_1_0(pre) => SamplerBindings::V0_1_0(
-                since_v0_1_0::instantiate(pre, &mut store).map_err(|e| self.classify(&store, &e))?,
-            ),
-        };
-        Ok(PooledInstance { store, bindings })
-    }
-
-    fn instantiate_error(&self, e: &wasmtime::Error) -> CallError {
-        CallError::Instantiate { id: self.id.clone(), message: describe(e) }
-    }
-
-    fn release(&self, instance: PooledInstance) {
-        let mut idle = self.lock_idle();
-        if idle.len() < self.max_idle {
-            idle.push(instance);
-        }
-    }
-
-    /// Turns a failed call into the error the caller sees: the memory limit, fuel, or another trap.
-    fn classify(&self, store: &Store<HostState>, e: &wasmtime::Error) -> CallError {
-        if let Some(requested) = store.data().limiter.exceeded() {
-            return CallError::MemoryLimit {
-                id: self.id.clone(),
-                requested: requested as u64,
-                limit: store.data().limiter.limit() as u64,
-            };
-        }
-        if e.downcast_ref::<Trap>() == Some(&Trap::OutOfFuel) {
-            return CallError::OutOfFuel { id: self.id.clone(), fuel: self.fuel_per_call };
-        }
-        CallError::Trap { id: self.id.clone(), message: describe(e) }
+        self.pool.idle_instances()
     }
 
     /// Chooses the next token. `random` is the request's stream: it advances by what the plugin draws.
@@ -260,10 +162,9 @@ impl SamplerPlugin {
 
     /// As [`Self::sample`], and also the fuel the call burned (the conformance kit's budget unit).
     pub fn sample_metered(&self, random: &mut RequestRandom, input: &SampleInput<'_>) -> Result<(u32, u64), CallError> {
-        if self.is_disabled() {
-            return Err(CallError::Disabled { id: self.id.clone(), failures: self.consecutive_failures.load(Ordering::Acquire) });
-        }
-        let invalid = |message: String| CallError::InvalidInput { id: self.id.clone(), message };
+        // A disabled plugin refuses every call the same way, before its input is looked at.
+        self.pool.refuse_if_disabled()?;
+        let invalid = |message: String| CallError::InvalidInput { id: self.id().to_string(), message };
         if input.logits.is_empty() {
             return Err(invalid("the logits are empty".to_string()));
         }
@@ -279,57 +180,27 @@ impl SamplerPlugin {
         }
         input.params.validate().map_err(invalid)?;
 
-        let result = self.call(random, input);
-        match &result {
-            Ok(_) => self.consecutive_failures.store(0, Ordering::Release),
-            Err(e) if e.is_plugin_fault() => {
-                let failures = self.consecutive_failures.fetch_add(1, Ordering::AcqRel) + 1;
-                tracing::warn!(plugin = %self.id, failures, error = %e, "sampler plugin call failed");
-                if self.failure_policy == FailurePolicy::Disable && failures >= self.disable_after {
-                    self.disabled.store(true, Ordering::Release);
-                    tracing::error!(plugin = %self.id, failures, "sampler plugin disabled by its failure policy");
-                }
+        let call = |bindings: &mut SamplerBindings, store: &mut Store<HostState>| {
+            store.data_mut().random = Some(random.clone());
+            let outcome = match bindings {
+                SamplerBindings::V0_1_0(b) => since_v0_1_0::call(b, store, input),
+            };
+            let fuel = self.pool.fuel_used(store);
+            // The stream advances by whatever the plugin drew, even if it then failed.
+            if let Some(advanced) = store.data_mut().random.take() {
+                *random = advanced;
             }
-            Err(_) => {}
-        }
-        result
-    }
-
-    fn call(&self, random: &mut RequestRandom, input: &SampleInput<'_>) -> Result<(u32, u64), CallError> {
-        let pooled = self.lock_idle().pop();
-        let mut instance = match pooled {
-            Some(instance) => instance,
-            None => self.instantiate()?,
+            outcome.map(|answer| answer.map(|token| (token, fuel)))
         };
-        let store = &mut instance.store;
-        if self.metered {
-            store.set_fuel(self.fuel_per_call).map_err(|e| self.instantiate_error(&e))?;
-        }
-        store.data_mut().random = Some(random.clone());
-        store.data_mut().begin_call();
-        let outcome = match &mut instance.bindings {
-            SamplerBindings::V0_1_0(bindings) => since_v0_1_0::call(bindings, store, input),
+        let check = |(token, fuel): (u32, u64)| {
+            if token as usize >= input.logits.len() {
+                return Err(CallError::TokenOutOfRange { id: self.id().to_string(), token, vocab: input.logits.len() });
+            }
+            Ok((token, fuel))
         };
-        store.data_mut().end_call();
-        let fuel_used = if self.metered { self.fuel_per_call.saturating_sub(store.get_fuel().unwrap_or(0)) } else { 0 };
-        // The stream advances by whatever the plugin drew, even if it then failed.
-        if let Some(advanced) = store.data_mut().random.take() {
-            *random = advanced;
-        }
-        match outcome {
-            // Dropping `instance` here: a trapped instance is never reused.
-            Err(e) => Err(self.classify(&instance.store, &e)),
-            Ok(Err(reason)) => {
-                self.release(instance);
-                Err(CallError::Rejected { id: self.id.clone(), reason })
-            }
-            Ok(Ok(token)) if token as usize >= input.logits.len() => {
-                Err(CallError::TokenOutOfRange { id: self.id.clone(), token, vocab: input.logits.len() })
-            }
-            Ok(Ok(token)) => {
-                self.release(instance);
-                Ok((token, fuel_used))
-            }
-        }
+        self.pool.call(call, check).map_err(|failed| match failed {
+            Failed::Plugin(e) => e,
+            Failed::Refused(reason) => CallError::Rejected { id: self.id().to_string(), reason },
+        })
     }
 }

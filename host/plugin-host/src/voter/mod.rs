@@ -30,18 +30,15 @@
 
 mod since_v0_1_0;
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-
 use wasmtime::component::{Component, Linker};
-use wasmtime::{Engine, Store, Trap};
+use wasmtime::{Engine, Store};
 
 use crate::chain_capability::ChainAccess;
-use crate::error::{CallError, LoadError, describe};
+use crate::error::{CallError, LoadError};
 use crate::host_state::HostState;
 use crate::kv_store::KvScope;
-use crate::limits::FailurePolicy;
 use crate::manifest::PluginManifest;
+use crate::pool::{Failed, Grants, InstancePool, Instantiate, unsupported_version, world_mismatch};
 use crate::world::WitVersion;
 
 /// The coalition-voter versions this host serves, oldest first.
@@ -123,35 +120,13 @@ impl VoterCallError {
     }
 }
 
-enum VoterPre {
-    V0_1_0(since_v0_1_0::CoalitionVoterPre<HostState>),
-}
-
 enum VoterBindings {
     V0_1_0(since_v0_1_0::CoalitionVoter),
 }
 
-struct PooledInstance {
-    store: Store<HostState>,
-    bindings: VoterBindings,
-}
-
 /// A loaded coalition-voter plugin. Shared between threads; each call takes an instance from the pool.
 pub struct VoterPlugin {
-    id: String,
-    engine: Engine,
-    pre: VoterPre,
-    fuel_per_call: u64,
-    memory_bytes: u64,
-    failure_policy: FailurePolicy,
-    disable_after: u32,
-    kv: KvScope,
-    chain: Option<ChainAccess>,
-    metered: bool,
-    idle: Mutex<Vec<PooledInstance>>,
-    max_idle: usize,
-    consecutive_failures: AtomicU32,
-    disabled: AtomicBool,
+    pool: InstancePool<VoterBindings>,
 }
 
 impl VoterPlugin {
@@ -180,94 +155,31 @@ impl VoterPlugin {
         max_idle: usize,
         metered: bool,
     ) -> Result<Self, LoadError> {
-        let world_mismatch = |e: wasmtime::Error| LoadError::WorldMismatch {
-            id: manifest.id.clone(),
-            world: format!("{}@{}", manifest.wit.world, manifest.wit.version),
-            message: describe(&e),
-        };
-        let pre = match manifest.wit.version {
-            WitVersion::V0_1_0 => VoterPre::V0_1_0(since_v0_1_0::pre(linker, component).map_err(world_mismatch)?),
-            other => {
-                return Err(LoadError::UnsupportedWitVersion {
-                    id: manifest.id.clone(),
-                    kind: manifest.kind,
-                    world: manifest.wit.world.clone(),
-                    requested: other.to_string(),
-                    supported: crate::world::list_versions(SUPPORTED_VERSIONS),
-                });
+        let instantiate: Instantiate<VoterBindings> = match manifest.wit.version {
+            WitVersion::V0_1_0 => {
+                let pre = since_v0_1_0::pre(linker, component).map_err(world_mismatch(manifest))?;
+                Box::new(move |store| Ok(VoterBindings::V0_1_0(since_v0_1_0::instantiate(&pre, store)?)))
             }
+            _ => return Err(unsupported_version(manifest, SUPPORTED_VERSIONS)),
         };
-        let plugin = Self {
-            id: manifest.id.clone(),
-            engine: engine.clone(),
-            pre,
-            fuel_per_call: manifest.limits.fuel_per_call,
-            memory_bytes: manifest.limits.memory_bytes,
-            failure_policy: manifest.limits.failure_policy,
-            disable_after: manifest.limits.disable_after.max(1),
-            kv,
-            chain,
-            metered,
-            idle: Mutex::new(Vec::new()),
-            max_idle,
-            consecutive_failures: AtomicU32::new(0),
-            disabled: AtomicBool::new(false),
-        };
-        let first = plugin
-            .instantiate()
-            .map_err(|e| LoadError::Instantiate { id: manifest.id.clone(), message: e.to_string() })?;
-        plugin.release(first);
-        Ok(plugin)
+        // Voters get no `http` (the capability table refuses it for this kind): a judgement rests on the
+        // evidence and the chain, not on whatever a URL answers today.
+        let grants = Grants { kv, http: None, chain };
+        Ok(Self { pool: InstancePool::new(engine, manifest, "voter", grants, max_idle, metered, instantiate)? })
     }
 
     pub fn id(&self) -> &str {
-        &self.id
+        self.pool.id()
     }
 
+    /// Whether the failure policy disabled the plugin.
     pub fn is_disabled(&self) -> bool {
-        self.disabled.load(Ordering::Acquire)
+        self.pool.is_disabled()
     }
 
+    /// Instances waiting in the pool.
     pub fn idle_instances(&self) -> usize {
-        self.lock_idle().len()
-    }
-
-    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<PooledInstance>> {
-        self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn instantiate(&self) -> Result<PooledInstance, CallError> {
-        // Voters get no `http` (the capability table refuses it for this kind): a judgement rests on the
-        // evidence and the chain, not on whatever a URL answers today.
-        let state = HostState::new(&self.id, self.memory_bytes, self.kv.clone()).with_network(None, self.chain.clone());
-        let mut store = Store::new(&self.engine, state);
-        store.limiter(|state| &mut state.limiter);
-        if self.metered {
-            store.set_fuel(self.fuel_per_call).map_err(|e| CallError::Instantiate { id: self.id.clone(), message: describe(&e) })?;
-        }
-        let bindings = match &self.pre {
-            VoterPre::V0_1_0(pre) => {
-                VoterBindings::V0_1_0(since_v0_1_0::instantiate(pre, &mut store).map_err(|e| self.classify(&store, &e))?)
-            }
-        };
-        Ok(PooledInstance { store, bindings })
-    }
-
-    fn release(&self, instance: PooledInstance) {
-        let mut idle = self.lock_idle();
-        if idle.len() < self.max_idle {
-            idle.push(instance);
-        }
-    }
-
-    fn classify(&self, store: &Store<HostState>, e: &wasmtime::Error) -> CallError {
-        if let Some(requested) = store.data().limiter.exceeded() {
-            return CallError::MemoryLimit { id: self.id.clone(), requested: requested as u64, limit: store.data().limiter.limit() as u64 };
-        }
-        if e.downcast_ref::<Trap>() == Some(&Trap::OutOfFuel) {
-            return CallError::OutOfFuel { id: self.id.clone(), fuel: self.fuel_per_call };
-        }
-        CallError::Trap { id: self.id.clone(), message: describe(e) }
+        self.pool.idle_instances()
     }
 
     /// Asks the voter for its ballot on `report`. Blocks while the plugin runs (and while it reads the
@@ -279,57 +191,21 @@ impl VoterPlugin {
     /// As [`Self::vote`], and also the fuel the call burned (the conformance kit's budget unit; 0 when
     /// the host runs without fuel).
     pub fn vote_metered(&self, report: &BreachReport) -> Result<(Ballot, u64), VoterCallError> {
-        if self.is_disabled() {
-            return Err(CallError::Disabled { id: self.id.clone(), failures: self.consecutive_failures.load(Ordering::Acquire) }.into());
-        }
-        let result = self.vote_once(report);
-        match &result {
-            Ok(_) | Err(VoterCallError::Voter { .. }) => self.consecutive_failures.store(0, Ordering::Release),
-            Err(VoterCallError::Plugin(e)) if e.is_plugin_fault() => {
-                let failures = self.consecutive_failures.fetch_add(1, Ordering::AcqRel) + 1;
-                tracing::warn!(plugin = %self.id, failures, error = %e, "voter plugin call failed");
-                if self.failure_policy == FailurePolicy::Disable && failures >= self.disable_after {
-                    self.disabled.store(true, Ordering::Release);
-                    tracing::error!(plugin = %self.id, failures, "voter plugin disabled by its failure policy");
-                }
-            }
-            Err(_) => {}
-        }
-        result
-    }
-
-    fn vote_once(&self, report: &BreachReport) -> Result<(Ballot, u64), VoterCallError> {
-        let pooled = self.lock_idle().pop();
-        let mut instance = match pooled {
-            Some(instance) => instance,
-            None => self.instantiate()?,
+        let call = |bindings: &mut VoterBindings, store: &mut Store<HostState>| {
+            let outcome = match bindings {
+                VoterBindings::V0_1_0(v) => since_v0_1_0::vote(v, store, report),
+            };
+            let fuel = self.pool.fuel_used(store);
+            outcome.map(|answer| answer.map(|ballot| (ballot, fuel)))
         };
-        if self.metered {
-            instance
-                .store
-                .set_fuel(self.fuel_per_call)
-                .map_err(|e| CallError::Instantiate { id: self.id.clone(), message: describe(&e) })?;
-        }
-        instance.store.data_mut().begin_call();
-        let outcome = match &instance.bindings {
-            VoterBindings::V0_1_0(v) => since_v0_1_0::vote(v, &mut instance.store, report),
+        let check = |(ballot, fuel): (Ballot, u64)| match check_ballot(&ballot) {
+            Ok(()) => Ok((ballot, fuel)),
+            Err(message) => Err(self.pool.breach(message)),
         };
-        instance.store.data_mut().end_call();
-        let fuel_used = if self.metered { self.fuel_per_call.saturating_sub(instance.store.get_fuel().unwrap_or(0)) } else { 0 };
-        match outcome {
-            Err(e) => Err(self.classify(&instance.store, &e).into()),
-            Ok(Err(error)) => {
-                self.release(instance);
-                Err(VoterCallError::Voter { id: self.id.clone(), error })
-            }
-            Ok(Ok(ballot)) => match check_ballot(&ballot) {
-                Ok(()) => {
-                    self.release(instance);
-                    Ok((ballot, fuel_used))
-                }
-                Err(message) => Err(CallError::ContractBreach { id: self.id.clone(), message }.into()),
-            },
-        }
+        self.pool.call(call, check).map_err(|failed| match failed {
+            Failed::Refused(error) => VoterCallError::Voter { id: self.id().to_string(), error },
+            Failed::Plugin(e) => e.into(),
+        })
     }
 }
 

@@ -63,12 +63,12 @@ pub fn random_logits(rng: &mut Rng, vocab: usize, row: usize) -> Vec<f32> {
             (s * scale as f64) as f32
         })
         .collect();
-    if row % 3 == 0 {
+    if row.is_multiple_of(3) {
         for v in &mut logits {
             *v = (*v * 4.0).round() / 4.0;
         }
     }
-    if row % 5 == 0 {
+    if row.is_multiple_of(5) {
         let i = (rng.next_u64() % vocab as u64) as usize;
         logits[i] = f32::NAN;
         let j = (rng.next_u64() % vocab as u64) as usize;
