@@ -22,7 +22,7 @@ pub use identity::{PeerId, SecretKey, load_or_create_secret_key, parse_peer_id, 
 pub use link::{FrameReader, FrameWriter, LinkError};
 pub use relay::{RelayAccess, RelayServer};
 pub use iroh::RelayUrl;
-pub use topology::{Layers, PeerRole, ShardPeer, Topology};
+pub use topology::{Layers, PeerRole, ShardPeer, Topology, check_relay_url};
 
 /// What can go wrong setting up or using the transport.
 #[derive(Debug, thiserror::Error)]

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use computepool_axl::transport::{Layers, PeerId, RelayUrl, ShardPeer, Topology, parse_peer_id};
+use computepool_axl::transport::{Layers, PeerId, RelayUrl, ShardPeer, Topology, check_relay_url, parse_peer_id};
 use computepool_axl::{ModelFootprint, ShardPlan, WorkerCapacity};
 use computepool_engine::DType;
 use computepool_engine::model::ModelSource;
@@ -128,9 +128,7 @@ fn parse_worker(text: &str) -> anyhow::Result<WorkerOffer> {
 /// A relay's URL: `http://` or `https://`, with a host.
 fn parse_relay_url(text: &str) -> anyhow::Result<RelayUrl> {
     let url: RelayUrl = text.parse().with_context(|| format!("relay {text:?} is not a URL"))?;
-    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        bail!("relay {text:?} is not an http:// or https:// URL with a host");
-    }
+    check_relay_url(&url).map_err(anyhow::Error::msg)?;
     Ok(url)
 }
 

@@ -325,7 +325,9 @@ fn the_official_x402_clients_pay_computepool_up_and_the_operators_get_exactly_th
     // While a request streams, the operators' balances rise at price × scale per second in total.
     let view = session_view(&up.addr, &session, &token);
     let cost_before = cost_of(&view);
-    let mut stream = EventStream::open_with(&up.addr, "/v1/chat/completions", &chat(200, true), &[("authorization", &format!("Bearer {token}"))]);
+    // 600 tokens (the story runs past them) take ~6 s here: the request must still stream when the
+    // blocks below are mined, 2.2 s in. (200 tokens took 2.0–2.4 s, and a fast run ended first.)
+    let mut stream = EventStream::open_with(&up.addr, "/v1/chat/completions", &chat(600, true), &[("authorization", &format!("Bearer {token}"))]);
     assert!(stream.next_data().is_some(), "the stream starts");
     std::thread::sleep(Duration::from_millis(2200));
     let (t0, b0, t1, b1) = rt.block_on(async {

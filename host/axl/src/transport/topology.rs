@@ -181,6 +181,9 @@ impl Topology {
             }
         }
         for (i, s) in self.shards.iter().enumerate() {
+            if let Some(url) = &s.relay {
+                check_relay_url(url).map_err(|m| TransportError::Topology(format!("shard {i}: {m}")))?;
+            }
             if self.shards[..i].iter().any(|o| o.peer == s.peer) {
                 return err(format!("peer {} serves more than one shard", s.peer.fmt_short()));
             }
@@ -256,8 +259,8 @@ impl Topology {
     /// The relays an endpoint of this pool keeps open: `me`'s own when the topology gives it one (so
     /// that one is its home relay, where its peers look for it); otherwise every relay the topology
     /// names, so it can reach the peers behind them. [`Relays::Disabled`] when the pool has none.
-    pub fn relays_for(&self, me: Option<&PeerId>) -> Relays {
-        if let Some(own) = me.and_then(|p| self.shard(p)).and_then(|s| s.relay.clone()) {
+    pub fn relays_for(&self, me: &PeerId) -> Relays {
+        if let Some(own) = self.shard(me).and_then(|s| s.relay.clone()) {
             return Relays::Custom(vec![own]);
         }
         let mut all: Vec<RelayUrl> = Vec::new();
@@ -280,6 +283,14 @@ impl Topology {
         }
         None
     }
+}
+
+/// A relay's URL must be `http://` or `https://` with a host (what iroh's relay client dials).
+pub fn check_relay_url(url: &RelayUrl) -> Result<(), String> {
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(format!("relay {url} is not an http:// or https:// URL with a host"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -369,5 +380,23 @@ mod tests {
         assert!("5..5".parse::<Layers>().is_err());
         assert!("a..5".parse::<Layers>().is_err());
         assert_eq!("0..5".parse::<Layers>().expect("parses"), Layers { start: 0, end: 5 });
+        let mut t = topology(&[(0, 10), (10, 30)], 30);
+        t.shards[1].relay = Some("ftp://relay.example".parse().expect("a URL"));
+        assert!(t.validate().unwrap_err().to_string().contains("shard 1: relay ftp://relay.example"));
+    }
+
+    #[test]
+    fn a_worker_keeps_its_own_relay_and_the_others_keep_every_relay_named() {
+        let mut t = topology(&[(0, 10), (10, 20), (20, 30)], 30);
+        assert!(matches!(t.relays_for(&t.shards[0].peer), Relays::Disabled), "no relays, none kept");
+        let (a, b): (RelayUrl, RelayUrl) = ("http://a.example:3340".parse().expect("URL"), "https://b.example".parse().expect("URL"));
+        t.shards[1].relay = Some(a.clone());
+        t.shards[2].relay = Some(b.clone());
+        t.validate().expect("valid with relays");
+        assert!(matches!(t.relays_for(&t.shards[1].peer), Relays::Custom(r) if r == [a.clone()]), "its own: its home");
+        assert!(matches!(t.relays_for(&t.shards[0].peer), Relays::Custom(r) if r == [a.clone(), b.clone()]));
+        assert!(matches!(t.relays_for(&t.clients[0]), Relays::Custom(r) if r == [a, b]), "a client reaches both");
+        let back = Topology::from_json(&t.to_json()).expect("round trips");
+        assert_eq!(back, t);
     }
 }

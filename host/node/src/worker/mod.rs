@@ -58,7 +58,7 @@ use entry::{Entry, EntryConfig};
 use links::{Carrier, Links, Outbound};
 
 /// How long a starting worker waits to be connected to its relay (when the topology gives it one)
-/// before it serves anyway: a new endpoint picks its home relay after ~3 s of probes.
+/// before it serves anyway: a new endpoint picks its home relay after its first probes (seconds).
 const RELAY_WAIT: Duration = Duration::from_secs(15);
 
 #[derive(Args, Debug, Clone)]
@@ -246,13 +246,15 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let mut tconfig = TransportConfig::new(key);
     tconfig.bind = args.listen.clone();
-    tconfig.relays = topology.relays_for(Some(&topology.shards[me].peer));
+    tconfig.relays = topology.relays_for(&topology.shards[me].peer);
     tconfig.peer_timeout = Duration::from_millis(args.peer_timeout_ms);
     tconfig.keep_alive = tconfig.peer_timeout / 6;
     let transport = Transport::bind(tconfig).await?;
     // Peers that reach this worker only through its relay find it once it is connected there. Without
     // the relay it still serves whoever reaches its addresses, and iroh keeps trying the relay.
-    if let Err(e) = transport.wait_for_relay(RELAY_WAIT).await {
+    if topology.shards[me].relay.is_some()
+        && let Err(e) = transport.wait_for_relay(RELAY_WAIT).await
+    {
         tracing::warn!("{e}; serving on the direct addresses meanwhile");
     }
     let limits = match args.transport {
