@@ -159,6 +159,9 @@ fn hosts_with_no_path_between_them_are_joined_by_the_pools_relay() {
     let relay = RelayProcess::start(listen, Some(&cluster.topology_path()), Some(lab.router_ns()));
     cluster.reach_through_relay(&relay.url, true);
     cluster.start_all();
+    for (i, ready) in cluster.ready.iter().enumerate() {
+        assert_eq!(ready["relay"]["connected"], true, "worker {i} is not connected to the relay: {ready}");
+    }
     let logs = || all_logs(&cluster, n);
     let client = lab.exec(lab.client_ns(), &cluster.client(&[&args[..], &["--wait-ready-s", "30", "--json"]].concat()));
     let out = output_with_timeout(client, CLIENT_TIMEOUT).unwrap_or_else(|| panic!("the client took over {CLIENT_TIMEOUT:?}\n{}", logs()));

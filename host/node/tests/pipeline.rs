@@ -69,6 +69,9 @@ fn workers_listed_without_addresses_find_each_other_through_the_pools_relay() {
     let relay = RelayProcess::start("127.0.0.1:0".parse().expect("address"), Some(&cluster.topology_path()), None);
     cluster.reach_through_relay(&relay.url, false);
     cluster.start_all();
+    for (i, ready) in cluster.ready.iter().enumerate() {
+        assert_eq!(ready["relay"], serde_json::json!({"url": relay.url, "connected": true}), "worker {i}");
+    }
     assert_eq!(cluster.tokens(&args), want, "2 shards through the relay");
 }
 

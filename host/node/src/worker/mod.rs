@@ -252,11 +252,19 @@ async fn serve(
     let transport = Transport::bind(tconfig).await?;
     // Peers that reach this worker only through its relay find it once it is connected there. Without
     // the relay it still serves whoever reaches its addresses, and iroh keeps trying the relay.
-    if topology.shards[me].relay.is_some()
-        && let Err(e) = transport.wait_for_relay(RELAY_WAIT).await
-    {
-        tracing::warn!("{e}; serving on the direct addresses meanwhile");
-    }
+    let relay = match &topology.shards[me].relay {
+        None => serde_json::Value::Null,
+        Some(url) => {
+            let connected = match transport.wait_for_relay(RELAY_WAIT).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!("{e}; serving on the direct addresses meanwhile");
+                    false
+                }
+            };
+            serde_json::json!({"url": url, "connected": connected})
+        }
+    };
     let limits = match args.transport {
         FrameTransport::Iroh => FrameLimits::DEFAULT,
         FrameTransport::Axl => axl::frame_limits(args.axl_max_message_bytes)?,
@@ -342,6 +350,7 @@ async fn serve(
         "peer": transport.id().to_string(),
         "layers": topology.shards[me].layers.to_string(),
         "addrs": transport.bound_addrs(),
+        "relay": relay,
         "transport": args.transport.name(),
         "weight_bytes": weight_bytes,
         "rss_bytes": crate::memory::resident_bytes(),

@@ -55,6 +55,8 @@ pub struct Cluster {
     pub peers: Vec<String>,
     pub client_peer: String,
     workers: Vec<Option<Child>>,
+    /// Each worker's ready line (JSON), once started.
+    pub ready: Vec<Value>,
     pub extra_args: Vec<String>,
     /// More arguments for one worker (index = shard), after `extra_args`.
     pub worker_args: Vec<Vec<String>>,
@@ -85,6 +87,7 @@ impl Cluster {
             peers,
             client_peer,
             workers: (0..n).map(|_| None).collect(),
+            ready: vec![Value::Null; n],
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             worker_args: Vec::new(),
             worker_log: std::env::var("COMPUTEPOOL_TEST_WORKER_LOG").unwrap_or_else(|_| "info".into()),
@@ -152,7 +155,10 @@ impl Cluster {
             for _ in lines {}
         });
         match rx.recv_timeout(Duration::from_secs(120)) {
-            Ok(Some(Ok(line))) => assert!(line.contains("\"ready\""), "worker {i} said {line}"),
+            Ok(Some(Ok(line))) => {
+                assert!(line.contains("\"ready\""), "worker {i} said {line}");
+                self.ready[i] = serde_json::from_str(&line).unwrap_or_else(|e| panic!("worker {i}'s ready line {line}: {e}"));
+            }
             other => panic!("worker {i} did not start ({other:?}):\n{}", self.log(i)),
         }
         self.workers[i] = Some(child);
