@@ -23,6 +23,12 @@ pub struct RelayArgs {
 }
 
 pub fn run(args: RelayArgs) -> anyhow::Result<()> {
+    if args.listen.ip().is_unspecified() && args.advertise.is_none() {
+        anyhow::bail!(
+            "--listen {} is every address of this host: give --advertise HOST:PORT, the address workers reach the relay at",
+            args.listen
+        );
+    }
     let access = if args.topologies.is_empty() {
         RelayAccess::Anyone
     } else {

@@ -125,7 +125,7 @@ impl Transport {
 
     /// Waits until the endpoint holds a connection to its home relay, so peers that can reach it only
     /// there can dial it; returns at once when it has no relays. A new endpoint picks its home relay
-    /// after its first network report (iroh's probes of each relay's latency; up to ~3 s). `Err` as
+    /// after its first network report (iroh's probes of each relay; a few seconds). `Err` as
     /// soon as the relay refuses this peer (not in its pool), or after `timeout`, saying what the relay
     /// last answered.
     pub async fn wait_for_relay(&self, timeout: Duration) -> Result<(), TransportError> {
