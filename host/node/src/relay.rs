@@ -23,12 +23,6 @@ pub struct RelayArgs {
 }
 
 pub fn run(args: RelayArgs) -> anyhow::Result<()> {
-    if args.listen.ip().is_unspecified() && args.advertise.is_none() {
-        anyhow::bail!(
-            "--listen {} is every address of this host: give --advertise HOST:PORT, the address workers reach the relay at",
-            args.listen
-        );
-    }
     let access = if args.topologies.is_empty() {
         RelayAccess::Anyone
     } else {
@@ -43,7 +37,7 @@ pub fn run(args: RelayArgs) -> anyhow::Result<()> {
         };
         let relay = RelayServer::spawn(args.listen, args.advertise, access)
             .await
-            .with_context(|| format!("starting the relay on {}", args.listen))?;
+            .with_context(|| format!("starting the relay on {} (--advertise HOST:PORT: where workers reach it)", args.listen))?;
         // The first line of stdout is the URL, for scripts and tests.
         println!("{}", relay.url());
         eprintln!("relay on {} for {admits}; give workers `\"relay\": \"{}\"` in the topology", relay.local_addr(), relay.url());

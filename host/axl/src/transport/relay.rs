@@ -85,21 +85,18 @@ impl RelayServer {
     /// Binds `listen` (TCP) and serves. The URL peers use is `http://` this address; when `listen`
     /// is unspecified (`0.0.0.0`), `advertise` must say which address peers reach it at.
     pub async fn spawn(listen: SocketAddr, advertise: Option<SocketAddr>, access: RelayAccess) -> Result<Self, TransportError> {
+        if advertise.is_none() && listen.ip().is_unspecified() {
+            return Err(TransportError::Config(format!(
+                "the relay would listen on {listen}, every address of this host: say which one peers reach it at (advertise)"
+            )));
+        }
         let mut relay = RelayConfig::new(listen);
         relay.access = Arc::new(Gate(access));
         let mut config = ServerConfig::default();
         config.relay = Some(relay);
         let server = Server::spawn(config).await.map_err(|e| TransportError::Bind(format!("relay on {listen}: {e}")))?;
-        let bound = server.http_addr().expect("a relay server with an HTTP config has an HTTP address");
-        let at = match advertise {
-            Some(addr) => addr,
-            None if bound.ip().is_unspecified() => {
-                return Err(TransportError::Config(format!(
-                    "the relay listens on {bound}, which peers cannot dial: say which address they reach it at"
-                )));
-            }
-            None => bound,
-        };
+        // Without `advertise`, `listen` names one address (checked above); the port may have been 0.
+        let at = advertise.unwrap_or_else(|| server.http_addr().expect("a relay server with an HTTP config has an HTTP address"));
         let url = format!("http://{at}").parse().map_err(|e| TransportError::Config(format!("relay URL for {at}: {e}")))?;
         Ok(Self { server, url })
     }

@@ -26,6 +26,18 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_computepool"))
 }
 
+/// The `computepool` binary as a command, run inside network namespace `netns` when given.
+pub fn bin_command(netns: Option<&str>) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(bin());
+            c
+        }
+        None => Command::new(bin()),
+    }
+}
+
 /// A free UDP port on `ip`.
 pub fn free_port(ip: &str) -> SocketAddr {
     UdpSocket::bind(format!("{ip}:0")).and_then(|s| s.local_addr()).expect("a free UDP port")
@@ -121,14 +133,7 @@ impl Cluster {
     /// Starts worker `i` and waits for its ready line.
     pub fn start(&mut self, i: usize) {
         let spec = &self.specs[i];
-        let mut cmd = match &spec.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(bin());
-                c
-            }
-            None => Command::new(bin()),
-        };
+        let mut cmd = bin_command(spec.netns.as_deref());
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path(i)).expect("log file");
         cmd.arg("worker")
             .arg("--model")
@@ -265,14 +270,7 @@ impl RelayProcess {
     /// Starts a relay on `listen` that admits the peers of `topology` (any peer without one), and
     /// waits for its URL.
     pub fn start(listen: SocketAddr, topology: Option<&Path>, netns: Option<&str>) -> Self {
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(bin());
-                c
-            }
-            None => Command::new(bin()),
-        };
+        let mut cmd = bin_command(netns);
         cmd.arg("relay").arg("--listen").arg(listen.to_string());
         if let Some(path) = topology {
             cmd.arg("--topology").arg(path);
