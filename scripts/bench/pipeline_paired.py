@@ -1,22 +1,24 @@
 #!/usr/bin/env python3
-"""Single-stream decode through a 2-worker pipeline against the one-process engine, in alternating rounds.
+"""Single-stream decode through a 2-worker pipeline against 1 shard, in alternating rounds.
 
 Issue 3's target (2 shards ≥ 95% of 1 shard) is a 5% question, and on this shared VM one pass of the
 one-process engine moves 10-20% from one minute to the next. So, as paired.py does for llama.cpp, each
-round runs `computepool bench --tg 128` (one process) and `computepool bench --shards 2 --tg 128` (two
-worker processes on loopback, measured through the entry's request API) back to back with the same
-threads, the order alternating between rounds, and the ratio is taken within the round.
+round runs, back to back with the same threads: `computepool bench --shards 1 --tg 128` (1 shard: one
+worker process serving the whole model, reached over loopback through its request API, as the pipeline
+is), `computepool bench --shards 2 --tg 128` (two worker processes), and `computepool bench --tg 128`
+(the one-process engine, no worker and no client at all). The order rotates between rounds, and the
+ratios are taken within the round.
 
     pipeline_paired.py --computepool BIN --model DIR [--rounds 7] [--tg 128] [--threads 2 --threads 1]
                        [--busy-poll-us 20000]
 
-With --busy-poll-us, each thread count whose workers' threads together fit this machine's cores is run
-once more with the workers' compute threads polling for their next job instead of sleeping (the
+With --busy-poll-us, each thread count whose 2 workers' threads together fit this machine's cores is
+run once more with the workers' compute threads polling for their next job instead of sleeping (the
 worker's `--busy-poll-us`: a core kept busy while the other shard computes, as a worker with a machine
-of its own can afford). Where the workers share cores, polling would slow the shard that computes, so
-it is not run.
+of its own can afford; the 1-shard worker gets the same flag). Where the workers share cores, polling
+would slow the shard that computes, so it is not run.
 
-One JSON line per configuration: both sides' per-round tokens/s and the per-round ratios.
+One JSON line per configuration: each side's per-round tokens/s and the per-round ratios.
 """
 import os
 import argparse
@@ -28,8 +30,9 @@ from paired import computepool_tg, spread  # the same runner and statistics as o
 
 
 def tg(binary, model, tg_tokens, threads, shards, busy_poll_us=0):
+    """tokens/s of one tg run: `shards` 0 is the one-process engine, N ≥ 1 a pool of N workers."""
     args = ["--model", model, "--threads", str(threads), "--dtype", "bf16"]
-    if shards > 1:
+    if shards > 0:
         args += ["--shards", str(shards), "--busy-poll-us", str(busy_poll_us)]
     return computepool_tg(binary, args, tg_tokens)
 
@@ -51,26 +54,28 @@ def main():
     if a.busy_poll_us > 0:
         cores = os.cpu_count() or 1
         configs += [(threads, a.busy_poll_us) for threads, _ in list(configs) if threads * a.shards <= cores]
+    sides = [0, 1, a.shards]  # one process, 1 shard, the pipeline
     for threads, busy_poll_us in configs:
-        one, pipe, ratios = [], [], []
+        runs = {n: [] for n in sides}
         for r in range(a.rounds):
-            if r % 2 == 1:
-                p = tg(a.computepool, a.model, a.tg, threads, a.shards, busy_poll_us)
-                o = tg(a.computepool, a.model, a.tg, threads, 1)
-            else:
-                o = tg(a.computepool, a.model, a.tg, threads, 1)
-                p = tg(a.computepool, a.model, a.tg, threads, a.shards, busy_poll_us)
-            one.append(o)
-            pipe.append(p)
-            ratios.append(p / o)
+            order = sides[r % len(sides):] + sides[:r % len(sides)]
+            got = {n: tg(a.computepool, a.model, a.tg, threads, n, busy_poll_us) for n in order}
+            for n in sides:
+                runs[n].append(got[n])
+            o, one, p = got[0], got[1], got[a.shards]
             polling = f", polling {busy_poll_us} µs" if busy_poll_us else ""
             print(f"[pipeline-paired {time.strftime('%H:%M:%S')}] {threads} threads{polling}, round {r + 1}/{a.rounds}: "
-                  f"1 process {o:.1f}, {a.shards} shards {p:.1f} tok/s, ratio {p / o:.3f}", file=sys.stderr)
+                  f"1 process {o:.1f}, 1 shard {one:.1f}, {a.shards} shards {p:.1f} tok/s, "
+                  f"{a.shards} shards ÷ 1 shard {p / one:.3f}, ÷ 1 process {p / o:.3f}", file=sys.stderr)
+        one_shard = [p / s for p, s in zip(runs[a.shards], runs[1])]
+        one_process = [p / o for p, o in zip(runs[a.shards], runs[0])]
         print(json.dumps({
             "threads": threads, "busy_poll_us": busy_poll_us, "shards": a.shards, "test": f"tg{a.tg}", "rounds": a.rounds,
-            "one_process_ts": one, "pipeline_ts": pipe, "ratios": ratios,
-            "one_process": spread(one), "pipeline": spread(pipe), "ratio": spread(ratios),
-            "rounds_at_target": sum(1 for x in ratios if x >= 0.95),
+            "one_process_ts": runs[0], "one_shard_ts": runs[1], "pipeline_ts": runs[a.shards],
+            "ratios_to_one_shard": one_shard, "ratios": one_process,
+            "one_process": spread(runs[0]), "one_shard": spread(runs[1]), "pipeline": spread(runs[a.shards]),
+            "ratio_to_one_shard": spread(one_shard), "ratio": spread(one_process),
+            "rounds_at_target": sum(1 for x in one_shard if x >= 0.95),
         }), flush=True)
 
 

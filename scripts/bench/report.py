@@ -29,8 +29,8 @@ def main():
     ap.add_argument("--quantized", action="append", default=[],
                     help="WEIGHTS=FILE: `computepool bench --json` lines of a GGUF run natively, e.g. q4_1=...")
     ap.add_argument("--paired", help="paired.py's lines: ours and llama.cpp decode in alternating rounds")
-    ap.add_argument("--pipeline", help="`computepool bench --shards` lines (and the 1-shard run beside them)")
-    ap.add_argument("--pipeline-paired", help="pipeline_paired.py's lines: 2 shards against one process in "
+    ap.add_argument("--pipeline", help="`computepool bench --shards` lines (and the one-process run beside them)")
+    ap.add_argument("--pipeline-paired", help="pipeline_paired.py's lines: 2 shards against 1 shard and one process in "
                                               "alternating rounds")
     ap.add_argument("--netns", help="stderr of `cargo test --test netns -- --nocapture`")
     ap.add_argument("--samplers", help="`computepool plugin bench --json` lines: sampler plugins vs native sampling")
@@ -295,14 +295,15 @@ def huge_pages_section(p, runs):
 
 def pipeline_paired_section(p, runs):
     """Issue 3's ratio, taken within back-to-back rounds (pipeline_paired.py)."""
-    p("### 2 shards against one process, round by round")
+    p("### 2 shards against 1 shard and against one process, round by round")
     p("")
-    p("The table above measures each configuration once, minutes apart. Here each round runs the one-process")
-    p("engine's tg128 and the 2-worker pipeline's tg128 back to back with the same threads per process (the")
-    p("order alternates between rounds), and the ratio is taken within the round. With 2 threads per worker")
-    p("the two workers share this machine's 2 cores; with 1 thread each, the workers together run no more")
-    p("compute threads than there are cores, as on machines of their own (the one-process side then runs on")
-    p("1 thread as well).")
+    p("The table above measures each configuration once, minutes apart. Here each round runs three tg128s back")
+    p("to back with the same threads per process (the order rotates between rounds), and the ratios are taken")
+    p("within the round: 1 shard (one worker serving the whole model, reached through its request API on")
+    p("loopback), the 2-worker pipeline, and the one-process engine (no worker, no client). With 2 threads per")
+    p("worker the two workers share this machine's 2 cores; with 1 thread each, the workers together run no more")
+    p("compute threads than there are cores, as on machines of their own (the other sides then run on 1 thread")
+    p("as well).")
     p("")
     p("Between steps a worker's compute thread either sleeps until its next job comes (the default), or polls")
     p("for it (`worker --busy-poll-us`): a sleeping thread must be woken on every hop, which on this VM takes")
@@ -310,22 +311,28 @@ def pipeline_paired_section(p, runs):
     p("is measured only where the workers' threads together fit the cores (1 thread each), the deployment")
     p("it is for: each worker with a machine, or a spare core, of its own.")
     p("")
-    p("| threads per process | worker between steps | rounds | one process tok/s | 2 shards tok/s | 2 shards ÷ one process | rounds ≥ 95% |")
-    p("|---|---|---|---|---|---|---|")
+    p("| threads per process | worker between steps | rounds | one process tok/s | 1 shard tok/s | 2 shards tok/s "
+      "| 2 shards ÷ 1 shard | rounds ≥ 95% | 2 shards ÷ one process |")
+    p("|---|---|---|---|---|---|---|---|---|")
     for r in runs:
-        one, pipe, ratio = r["one_process"], r["pipeline"], r["ratio"]
         poll = r.get("busy_poll_us") or 0
         between = f"polls (up to {poll / 1000:g} ms)" if poll else "sleeps"
-        p(f"| {r['threads']} | {between} | {r['rounds']} | {spread(one)} | {spread(pipe)} | {spread(ratio, '.1%')} | "
-          f"{r['rounds_at_target']} of {r['rounds']} |")
+        if "one_shard" not in r:  # a line from before 1-shard pools: paired with one process only
+            r = {**r, "one_shard": None, "ratio_to_one_shard": None}
+        one_shard = spread(r["one_shard"]) if r["one_shard"] else "–"
+        to_one_shard = spread(r["ratio_to_one_shard"], ".1%") if r["ratio_to_one_shard"] else "–"
+        p(f"| {r['threads']} | {between} | {r['rounds']} | {spread(r['one_process'])} | {one_shard} | "
+          f"{spread(r['pipeline'])} | {to_one_shard} | {r['rounds_at_target']} of {r['rounds']} | "
+          f"{spread(r['ratio'], '.1%')} |")
     p("")
 
 
 def pipeline_section(p, runs, netns_log, paired=None):
     """Issue 3's figures: the model split over worker processes, beside the one-process run of the same pass."""
     def find(shards, test, batch=1, threads=2):
+        """The run of `shards` workers (None: the one-process engine)."""
         for r in runs:
-            if ((r.get("shards") or 1) == shards and r["test"] == test and r["batch"] == batch
+            if (r.get("shards") == shards and r["test"] == test and r["batch"] == batch
                     and r["threads"] == threads):
                 return r
         return None
@@ -333,39 +340,41 @@ def pipeline_section(p, runs, netns_log, paired=None):
     def f(r):
         return f"{r['tokens_per_s_median']:.1f} ({r['tokens_per_s_min']:.1f}–{r['tokens_per_s_max']:.1f})"
 
-    one = find(1, "tg128")
+    process, one = find(None, "tg128"), find(1, "tg128")
     p("## Pipeline: one model over several worker processes")
     p("")
     p("The same model split evenly by layers over N `computepool worker` processes on loopback, each with its")
     p("own key, talking QUIC (iroh) to its neighbours; tokens/s as the client sees them through the entry's")
     p("request API (from sending the request to the last token). bf16, 2 threads per worker: with one stream")
-    p("only one shard computes at a time. The 1-shard row is the one-process engine measured in the same pass.")
+    p("only one shard computes at a time. 1 shard is one worker serving the whole model, reached the same way;")
+    p("the one-process row is the engine alone (no worker, no client), measured in the same pass.")
     p("")
-    p("| shards | pp512 t/s | tg128 t/s | tg128 ÷ 1 shard | ms per token | per-hop overhead |")
-    p("|---|---|---|---|---|---|")
-    for n in (1, 2, 3):
+    p("| shards | pp512 t/s | tg128 t/s | tg128 ÷ 1 shard | tg128 ÷ one process | ms per token | per-hop overhead |")
+    p("|---|---|---|---|---|---|---|")
+    for n in (None, 1, 2, 3):
         tg, pp = find(n, "tg128"), find(n, "pp512")
         if not tg:
             continue
         ms = 1e3 / tg["tokens_per_s_median"]
         ratio = f"{tg['tokens_per_s_median'] / one['tokens_per_s_median']:.0%}" if one else "–"
+        to_process = f"{tg['tokens_per_s_median'] / process['tokens_per_s_median']:.0%}" if process else "–"
         hop = "–"
-        if one and n > 1:
-            # A token crosses n links per step (entry → … → exit → entry).
+        if one and n and n > 1:
+            # A token crosses n links per step (entry → … → exit → entry); 1 shard crosses none.
             hop = f"{(ms - 1e3 / one['tokens_per_s_median']) * 1e3 / n:.0f} µs"
-        p(f"| {n} | {f(pp) if pp else '–'} | {f(tg)} | {ratio} | {ms:.2f} | {hop} |")
+        p(f"| {n or 'one process'} | {f(pp) if pp else '–'} | {f(tg)} | {ratio} | {to_process} | {ms:.2f} | {hop} |")
     p("")
     b8, two = find(2, "tg128", 8, threads=1), find(2, "tg128", 1, threads=1)
     if b8 and two:
         p(f"- 8 concurrent requests over 2 shards, one core per worker: {f(b8)} tokens/s aggregate, "
           f"{b8['tokens_per_s_median'] / two['tokens_per_s_median']:.1f}× the single stream of the same pipeline "
           f"({f(two)}; target ≥ 3×).")
-    for n in (2, 3):
+    for n in (1, 2, 3):
         r = find(n, "tg128")
         if r and r.get("worker_rss_bytes"):
             parts = ", ".join(f"{rss / 2**20:.0f} MiB RSS for {w / 2**20:.0f} MiB of weights"
                               for rss, w in zip(r["worker_rss_bytes"], r["worker_weight_bytes"]))
-            p(f"- {n} shards, each worker once loaded: {parts}.")
+            p(f"- {n} shard{'s' if n > 1 else ''}, each worker once loaded: {parts}.")
     p("- Target (issue 3): 2 shards ≥ 95% of 1 shard, single stream.")
     p("")
     if paired:

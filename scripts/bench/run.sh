@@ -58,13 +58,13 @@ env -u CARGO_TARGET_DIR bash "$here/anchors.sh" --out "$out/anchors.json" --hf "
    --gguf "bf16=$GGUF_BF16" --rounds "$rounds" --threads 2 --depth 2048) >> "$out/paired.jsonl"
 # Weights in huge pages against the same regions in 4 KiB pages (COMPUTEPOOL_HUGE_PAGES=off), alternating.
 python3 "$here/huge_pages.py" --computepool "$bin" --model "$model" --rounds "$rounds" > "$out/huge-pages.jsonl"
-# The pipeline (issue 3): the same model as 2 and 3 worker processes on loopback, bf16, measured through
-# the entry's request API. Single stream: 2 threads per worker (only one shard computes at a time), beside
-# the one-process engine on 2 threads. Concurrent requests keep both shards busy at once, so there each
+# The pipeline (issue 3): the same model as 1, 2 and 3 worker processes on loopback, bf16, measured
+# through the entry's request API. Single stream: 2 threads per worker (only one shard computes at a time),
+# beside the one-process engine on 2 threads. Concurrent requests keep both shards busy at once, so there each
 # worker gets one of the two cores, as it would have a machine of its own.
 {
   "$bin" bench --model "$model" --pp 512 --tg 128 --threads 2 --dtype bf16 --repeats "$repeats" --json
-  for n in 2 3; do
+  for n in 1 2 3; do
     "$bin" bench --model "$model" --shards "$n" --pp 512 --tg 128 --threads 2 --dtype bf16 --repeats "$repeats" --json
   done
   for b in 1 8; do
@@ -73,9 +73,9 @@ python3 "$here/huge_pages.py" --computepool "$bin" --model "$model" --rounds "$r
   # Baseline for the delayed-link runs below, whose workers have one thread each.
   "$bin" bench --model "$model" --pp 0 --tg 128 --threads 1 --dtype bf16 --repeats "$repeats" --json
 } > "$out/pipeline.jsonl"
-# Issue 3's ratio once more, in alternating back-to-back rounds (2 threads per process: the workers share
-# the cores; 1 thread each: every worker has a core of its own, and is run again with its compute thread
-# polling for the next job for up to 20 ms instead of sleeping).
+# Issue 3's ratio once more, in back-to-back rounds of 1 shard, 2 shards and the one-process engine
+# (2 threads per process: the workers share the cores; 1 thread each: every worker has a core of its own,
+# and is run again with its compute thread polling for the next job for up to 20 ms instead of sleeping).
 python3 "$here/pipeline_paired.py" --computepool "$bin" --model "$model" --rounds "$rounds" --threads 2 --threads 1 \
   --busy-poll-us 20000 > "$out/pipeline-paired.jsonl"
 # The orchestrator (issue 4): what its HTTP API adds to time to first token and decode, against the same

@@ -45,8 +45,9 @@ pub struct BenchArgs {
     /// One JSON object per line instead of a table.
     #[arg(long)]
     json: bool,
-    /// Run the model as a pipeline of N worker processes on loopback (N >= 2) and measure through the
-    /// entry's request API, as a client sees it. --threads is then per worker.
+    /// Run the model as a pipeline of N worker processes on loopback (N >= 1; 1 is one worker serving
+    /// the whole model) and measure through the entry's request API, as a client sees it. --threads is
+    /// then per worker.
     #[arg(long)]
     shards: Option<usize>,
     /// With --shards: each worker's relative speed, entry first, comma-separated (`1,2` gives the

@@ -62,8 +62,8 @@ pub struct GenerateArgs {
     /// Print the token ids and timings as JSON on stderr at the end.
     #[arg(long)]
     json: bool,
-    /// Run the model as a pipeline of N worker processes on this machine (N >= 2), split evenly by layers
-    /// (or by --shard-speeds).
+    /// Run the model as a pipeline of N worker processes on this machine (N >= 1; 1 is one worker
+    /// serving the whole model), split evenly by layers (or by --shard-speeds).
     #[arg(long, conflicts_with = "topology")]
     shards: Option<usize>,
     /// With --shards: each worker's relative speed, entry first, comma-separated (`1,2` gives the

@@ -137,8 +137,8 @@ pub fn free_udp_addr() -> anyhow::Result<SocketAddr> {
 impl LocalPipeline {
     /// Starts the workers and waits until each has loaded its layers and bound its socket.
     pub fn start(options: &PipelineOptions) -> anyhow::Result<Self> {
-        if options.shards < 2 {
-            bail!("a pipeline needs at least 2 shards");
+        if options.shards < 1 {
+            bail!("a pipeline needs at least 1 shard");
         }
         if options.devices.len() > 1 && options.devices.len() != options.shards {
             bail!("{} devices given for {} shards: give one per shard, or one for all", options.devices.len(), options.shards);

@@ -28,7 +28,7 @@ pub struct UpArgs {
     model: String,
     #[arg(long, default_value = "models")]
     models_dir: PathBuf,
-    /// Worker processes (shards), at least 2.
+    /// Worker processes (shards); 1 serves the whole model from one worker.
     #[arg(long, default_value_t = 2)]
     workers: usize,
     /// Each worker's relative speed, entry first, comma-separated (`1,2` gives the exit twice the
@@ -117,8 +117,8 @@ fn parse_drill(text: &str) -> anyhow::Result<(usize, usize, String)> {
 }
 
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
-    if args.workers < 2 {
-        bail!("--workers must be at least 2 (a pipeline has an entry and an exit shard)");
+    if args.workers < 1 {
+        bail!("--workers must be at least 1");
     }
     let paid = match args.payments.as_str() {
         "on" => true,

@@ -80,7 +80,12 @@ impl Drop for Orchestrator {
 /// Two SmolLM2 workers and an orchestrator serving them as a pool (the orchestrator's key is the
 /// topology's client); the workers register with the orchestrator and heartbeat every 200 ms.
 fn setup(model: &Path) -> (Cluster, Orchestrator) {
-    let mut cluster = Cluster::local(model, 30, 2, &[]);
+    serve(Cluster::local(model, 30, 2, &[]), model)
+}
+
+/// Starts an orchestrator that serves `cluster`'s workers as pool `smol`, then the workers (reporting
+/// to it).
+fn serve(mut cluster: Cluster, model: &Path) -> (Cluster, Orchestrator) {
     let state_dir = cluster.dir.path().join("orchestrator");
     std::fs::create_dir_all(&state_dir).expect("state dir");
     std::fs::copy(cluster.dir.path().join("client.key"), state_dir.join("orchestrator.key")).expect("key");
@@ -696,6 +701,64 @@ fn workers_register_heartbeat_go_down_and_come_back_after_a_restart() {
     assert_eq!(post_when_ready(&again.addr, "/v1/completions", &request).status, 200);
 }
 
+/// One streamed request on pool `smol`, as a client sees it.
+struct Run {
+    /// The workers (cluster indices, entry first) of the route that served the request until the
+    /// kill: the one in `started`, or the last `route` event's before the first token.
+    route: Vec<usize>,
+    /// The routes (workers, entry first) the request moved to after the kill, and from which token.
+    moves: Vec<(Vec<usize>, u64)>,
+    ids: Vec<u64>,
+    text: String,
+    end: Value,
+    killed: Option<Instant>,
+    /// From the kill to the first token after it.
+    resumed_after: Option<Duration>,
+}
+
+/// Streams `body` from pool `smol`; with `kill = Some((n, k))`, SIGKILLs the `k`-th worker of its route
+/// (0: the entry) once `n` tokens have come.
+fn run_killing(cluster: &mut Cluster, addr: &str, body: &Value, kill: Option<(usize, usize)>) -> Run {
+    // No retry: a restarted worker whose links are still being redialled is the orchestrator's to
+    // route around (or wait for), never a 503 while the pool is up.
+    let mut stream = EventStream::open(addr, "/pools/smol/infer", body);
+    assert_eq!(stream.status, 200);
+    let index = |cluster: &Cluster, peer: &str| cluster.peers.iter().position(|p| p == peer).expect("a pool worker");
+    let workers = |cluster: &Cluster, event: &Value| -> Vec<usize> {
+        event["workers"].as_array().expect("workers").iter().map(|p| index(cluster, p.as_str().expect("peer id"))).collect()
+    };
+    let started: Value = serde_json::from_str(&stream.next_data().expect("started")).expect("JSON");
+    let mut route = workers(cluster, &started);
+    let (mut ids, mut text, mut killed, mut resumed_after, mut moves) = (Vec::new(), String::new(), None, None, Vec::new());
+    loop {
+        let event: Value = serde_json::from_str(&stream.next_data().expect("an event")).expect("JSON");
+        // A `route` event: the request moved (rerouted before its first token, or a failover).
+        if let Some(from) = event["from_token"].as_u64() {
+            assert_eq!(from, ids.len() as u64, "a move names the token it goes on from: {event}");
+            match killed {
+                None => route = workers(cluster, &event),
+                Some(_) => moves.push((workers(cluster, &event), from)),
+            }
+            continue;
+        }
+        if let Some(id) = event["token"].as_u64() {
+            if let (Some(k), None) = (killed, resumed_after) {
+                resumed_after = Some(Instant::now().duration_since(k));
+            }
+            ids.push(id);
+            text.push_str(event["text"].as_str().expect("text"));
+            if let Some((after, victim)) = kill
+                && after == ids.len()
+            {
+                cluster.kill(route[victim]);
+                killed = Some(Instant::now());
+            }
+            continue;
+        }
+        return Run { route, moves, ids, text, end: event, killed, resumed_after };
+    }
+}
+
 /// One topology with two workers per layer range (two rings' worth: a1 b1 a2 b2): SIGKILL the exit of
 /// the route a stream is on, mid-stream, and the stream goes on through another route with exactly the
 /// tokens of an undisturbed run (no error, no token repeated or missing) — greedy, and seeded sampling
@@ -712,24 +775,9 @@ fn streams_survive_their_exit_dying_and_routes_mix_workers_per_range() {
         .into_iter()
         .map(|layers| WorkerSpec { layers, addr: free_port("127.0.0.1"), netns: None })
         .collect();
-    let mut cluster = Cluster::new(&model, 30, specs, &[]);
-    let state_dir = cluster.dir.path().join("orchestrator");
-    std::fs::create_dir_all(&state_dir).expect("state dir");
-    std::fs::copy(cluster.dir.path().join("client.key"), state_dir.join("orchestrator.key")).expect("key");
-    let orchestrator = Orchestrator::start(&state_dir);
+    let (mut cluster, orchestrator) = serve(Cluster::new(&model, 30, specs, &[]), &model);
     let addr = orchestrator.addr.clone();
-    let token_file = state_dir.join("token");
-    std::fs::write(&token_file, TOKEN).expect("token file");
-    cluster.extra_args = vec![
-        "--orchestrator".into(),
-        format!("http://{addr}"),
-        "--operator-token-file".into(),
-        token_file.to_string_lossy().into_owned(),
-    ];
-    register(&cluster, &orchestrator, &model);
-    cluster.start_all();
     let logs = |cluster: &Cluster| (0..4).map(|i| cluster.log(i)).collect::<Vec<_>>().join("\n---\n");
-    let index = |cluster: &Cluster, peer: &str| cluster.peers.iter().position(|p| p == peer).expect("a pool worker");
     // The original rings: workers 0 and 1, workers 2 and 3.
     let ring = |i: usize| i / 2;
 
@@ -737,56 +785,9 @@ fn streams_survive_their_exit_dying_and_routes_mix_workers_per_range() {
     let prompt = "Once upon a time, in a village by the sea,";
     let greedy = json!({"prompt": prompt, "max_tokens": TOKENS, "ignore_eos": true, "temperature": 0});
     let seeded = json!({"prompt": prompt, "max_tokens": TOKENS, "ignore_eos": true, "temperature": 0.9, "seed": 7});
-    struct Run {
-        /// The workers (cluster indices, entry first) of the route that served the request until the
-        /// kill: the one in `started`, or the last `route` event's before the first token.
-        route: Vec<usize>,
-        /// The routes (workers, entry first) the request moved to after the kill, and from which token.
-        moves: Vec<(Vec<usize>, u64)>,
-        ids: Vec<u64>,
-        text: String,
-        end: Value,
-        killed: Option<Instant>,
-        /// From the kill to the first token after it.
-        resumed_after: Option<Duration>,
-    }
     // One streamed request; after `before_kill` tokens, SIGKILL the exit of its route.
-    let run = |cluster: &mut Cluster, body: &Value, before_kill: Option<usize>| -> Run {
-        // No retry: a restarted exit whose links are still being redialled is the orchestrator's to
-        // route around (or wait for), never a 503 while the pool is up.
-        let mut stream = EventStream::open(&addr, "/pools/smol/infer", body);
-        assert_eq!(stream.status, 200);
-        let workers = |cluster: &Cluster, event: &Value| -> Vec<usize> {
-            event["workers"].as_array().expect("workers").iter().map(|p| index(cluster, p.as_str().expect("peer id"))).collect()
-        };
-        let started: Value = serde_json::from_str(&stream.next_data().expect("started")).expect("JSON");
-        let mut route = workers(cluster, &started);
-        let (mut ids, mut text, mut killed, mut resumed_after, mut moves) = (Vec::new(), String::new(), None, None, Vec::new());
-        loop {
-            let event: Value = serde_json::from_str(&stream.next_data().expect("an event")).expect("JSON");
-            // A `route` event: the request moved (rerouted before its first token, or a failover).
-            if let Some(from) = event["from_token"].as_u64() {
-                assert_eq!(from, ids.len() as u64, "a move names the token it goes on from: {event}");
-                match killed {
-                    None => route = workers(cluster, &event),
-                    Some(_) => moves.push((workers(cluster, &event), from)),
-                }
-                continue;
-            }
-            if let Some(id) = event["token"].as_u64() {
-                if let (Some(k), None) = (killed, resumed_after) {
-                    resumed_after = Some(Instant::now().duration_since(k));
-                }
-                ids.push(id);
-                text.push_str(event["text"].as_str().expect("text"));
-                if before_kill == Some(ids.len()) {
-                    cluster.kill(route[1]);
-                    killed = Some(Instant::now());
-                }
-                continue;
-            }
-            return Run { route, moves, ids, text, end: event, killed, resumed_after };
-        }
+    let run = |cluster: &mut Cluster, body: &Value, before_kill: Option<usize>| {
+        run_killing(cluster, &addr, body, before_kill.map(|n| (n, 1)))
     };
     let statuses = |addr: &str| -> Vec<(String, String)> {
         http::get(addr, "/workers").json()["data"]
@@ -870,4 +871,36 @@ fn streams_survive_their_exit_dying_and_routes_mix_workers_per_range() {
     let r = http::post(&addr, "/pools/smol/infer", &greedy);
     assert_eq!(r.status, 503, "{}", r.body);
     assert!(r.body.contains("no live route"), "{}", r.body);
+}
+
+/// A pool of two workers that each hold the whole model (two routes of one worker each): SIGKILL the
+/// worker a seeded stream is on, mid-stream, and the stream goes on on the other with exactly the
+/// undisturbed tokens: that worker replays the tokens so far, then samples on with the request's random
+/// stream where the dead one left it.
+#[test]
+fn a_stream_moves_off_a_dead_whole_model_worker_with_the_undisturbed_tokens() {
+    let Some(model) = smollm2_dir() else {
+        eprintln!("skipped: SmolLM2 is not downloaded (run `make model`)");
+        return;
+    };
+    let specs: Vec<WorkerSpec> =
+        [(0, 30), (0, 30)].into_iter().map(|layers| WorkerSpec { layers, addr: free_port("127.0.0.1"), netns: None }).collect();
+    let (mut cluster, orchestrator) = serve(Cluster::new(&model, 30, specs, &[]), &model);
+    let addr = orchestrator.addr.clone();
+    let logs = |cluster: &Cluster| (0..2).map(|i| cluster.log(i)).collect::<Vec<_>>().join("\n---\n");
+    let body = json!({"prompt": "Once upon a time,", "max_tokens": 60, "ignore_eos": true, "temperature": 0.9, "seed": 7});
+    assert_eq!(post_when_ready(&addr, "/pools/smol/infer", &json!({"prompt": "Hi", "max_tokens": 1})).status, 200);
+    let want = run_killing(&mut cluster, &addr, &body, None);
+    assert_eq!(want.end["completion_tokens"], 60, "{}", want.end);
+    assert_eq!(want.route.len(), 1, "a route of one worker: {:?}", want.route);
+
+    let moved = run_killing(&mut cluster, &addr, &body, Some((20, 0)));
+    assert!(moved.end.get("error").is_none(), "the client saw an error: {}\n{}", moved.end, logs(&cluster));
+    assert_eq!(moved.ids, want.ids, "the token ids differ from the undisturbed run");
+    assert_eq!(moved.text, want.text);
+    let dead = moved.route[0];
+    assert_eq!(moved.moves.len(), 1, "one `route` event tells the client of the move: {:?}", moved.moves);
+    assert_eq!(moved.moves[0], (vec![1 - dead], 20), "it moves to the other worker from token 20");
+    assert_eq!(cluster.log(1 - dead).matches("resuming a request").count(), 1, "{}", logs(&cluster));
+    eprintln!("the next token came {:?} after the kill", moved.resumed_after.expect("tokens after the kill"));
 }

@@ -153,6 +153,22 @@ impl Entry {
         }
     }
 
+    /// Tokens this worker's own exit sampled for `request` (a one-worker pool: no link between them).
+    pub fn deliver_own_tokens(&self, request: &RequestId, tokens: &[u32]) {
+        let requests = self.requests.lock().expect("entry state lock");
+        let Some(live) = requests.get(request) else { return }; // over already
+        if !live.route.is_empty() {
+            let _ = live.tx.send(Delivery::Failed(
+                ErrorKind::Internal,
+                "tokens from this worker's own layers, but the request is routed through other shards".into(),
+            ));
+            return;
+        }
+        for &t in tokens {
+            let _ = live.tx.send(Delivery::Token(t));
+        }
+    }
+
     /// A link with `peer` broke: every live request routed through it fails.
     pub fn fail_through(&self, peer: &PeerId, message: &str) {
         for live in self.requests.lock().expect("entry state lock").values() {
@@ -360,13 +376,21 @@ impl Entry {
         // activations. The start frame names the shards after the first one, and this entry for the
         // exit's tokens; a resumed request says how many tokens it had, for the exit's random stream.
         let me = self.routing.topology.shards[self.routing.me].peer;
-        let (first, rest) = route.split_first().ok_or_else(|| invalid("the route is empty".into()))?;
-        let header = RouteHeader { next: rest.iter().map(|p| p.to_string()).collect(), entry: me.to_string() };
-        let resumed = (!resume.is_empty()).then_some(resume.len() as u64);
-        self.outbound.send(Outbound::Route { request: id.clone(), next: *first, entry: me }).await.map_err(|_| gone())?;
-        let start = Frame::start_routed(id.clone(), sampling, Some(header), resumed);
-        self.outbound.send(Outbound::Frame(start)).await.map_err(|_| gone())?;
-        let start = EngineJob::Start { request: id.clone(), sampling: *p, sampler: sampler.map(str::to_string), resumed: 0 };
+        match route.split_first() {
+            Some((first, rest)) => {
+                let header = RouteHeader { next: rest.iter().map(|p| p.to_string()).collect(), entry: me.to_string() };
+                let resumed = (!resume.is_empty()).then_some(resume.len() as u64);
+                self.outbound.send(Outbound::Route { request: id.clone(), next: *first, entry: me }).await.map_err(|_| gone())?;
+                let start = Frame::start_routed(id.clone(), sampling, Some(header), resumed);
+                self.outbound.send(Outbound::Frame(start)).await.map_err(|_| gone())?;
+            }
+            // This worker serves the whole model (a one-worker pool): its own exit's tokens come back
+            // here, and no frame leaves it.
+            None => self.outbound.send(Outbound::Route { request: id.clone(), next: me, entry: me }).await.map_err(|_| gone())?,
+        }
+        // (`resumed` matters only where the engine samples: here too in a one-worker pool.)
+        let resumed = resume.len() as u64;
+        let start = EngineJob::Start { request: id.clone(), sampling: *p, sampler: sampler.map(str::to_string), resumed };
         self.engine.send(start).await.map_err(|_| gone())?;
         self.engine
             .send(EngineJob::Step { request: id.clone(), start_pos: 0, input: StepData::Tokens(prompt.to_vec()) })

@@ -103,8 +103,18 @@ fn is_last(header: &FrameHeader) -> bool {
     matches!(header, FrameHeader::Control(ControlHeader::End { .. } | ControlHeader::Error { .. }))
 }
 
-/// Where failures of an entry's own requests go (instead of a link): the entry answers its client.
-pub type FailureSink = mpsc::UnboundedSender<(RequestId, ErrorCode, String)>;
+/// What the router hands to this worker's own entry instead of a link.
+#[derive(Debug)]
+pub enum ToEntry {
+    /// One of the entry's requests failed (here, or its next hop is unreachable).
+    Failed { request: RequestId, code: ErrorCode, message: String },
+    /// Tokens this worker sampled for one of its own requests: a one-worker pool, whose exit is its
+    /// entry. An in-process channel loses and reorders nothing, so they carry no sequence number.
+    Tokens { request: RequestId, tokens: Vec<u32> },
+}
+
+/// Where the router sends what is for this worker's own entry (only an entry has one).
+pub type EntrySink = mpsc::UnboundedSender<ToEntry>;
 
 /// What a link task takes.
 #[derive(Debug)]
@@ -243,7 +253,7 @@ pub struct Router {
     backlog: HashMap<PeerId, std::collections::VecDeque<LinkMsg>>,
     engine: mpsc::Sender<EngineJob>,
     /// The entry's own requests' failures (only on an entry).
-    local: Option<FailureSink>,
+    local: Option<EntrySink>,
 }
 
 /// Starts the router; returns the links (the entry waits on them) and the router's task handle.
@@ -254,7 +264,7 @@ pub fn spawn_router(
     limits: FrameLimits,
     outbound: mpsc::Receiver<Outbound>,
     engine: mpsc::Sender<EngineJob>,
-    local: Option<FailureSink>,
+    local: Option<EntrySink>,
 ) -> Arc<Links> {
     let (lost_tx, lost_rx) = mpsc::unbounded_channel();
     let links = Arc::new(Links { carrier, limits, topology, map: Mutex::new(HashMap::new()), lost: lost_tx });
@@ -329,11 +339,15 @@ impl Router {
             Outbound::Route { request, next, entry } => {
                 // A request id may come back (a failover to a route through this worker): its
                 // numbering on the new hop starts afresh.
-                self.deliver(&next, LinkMsg::Forget(request.clone())).await;
+                if next != self.me {
+                    self.deliver(&next, LinkMsg::Forget(request.clone())).await;
+                }
                 self.routes.insert(request, Hop { next, entry });
             }
             Outbound::Forget(request) => {
-                if let Some(hop) = self.routes.remove(&request) {
+                if let Some(hop) = self.routes.remove(&request)
+                    && hop.next != self.me
+                {
                     self.deliver(&hop.next, LinkMsg::Forget(request)).await;
                 }
             }
@@ -352,13 +366,18 @@ impl Router {
                     // Towards the entry: down the route while the next hop is there (it frees the
                     // request on every shard on the way), else straight to the entry.
                     if hop.entry == self.me {
-                        if let Some(local) = &self.local {
-                            let _ = local.send((request, *code, message.clone()));
-                        }
+                        self.to_entry(ToEntry::Failed { request, code: *code, message: message.clone() });
                         return;
                     }
                     let to = if self.down(&hop.next).is_none() { hop.next } else { hop.entry };
                     self.send(&to, frame).await;
+                    return;
+                }
+                if hop.next == self.me {
+                    // A one-worker pool: the exit's tokens go to its own entry; its `end` ends it here.
+                    if let FrameHeader::Token(h) = frame.header {
+                        self.to_entry(ToEntry::Tokens { request, tokens: h.tokens });
+                    }
                     return;
                 }
                 if let Some(why) = self.down(&hop.next) {
@@ -368,6 +387,13 @@ impl Router {
                 }
                 self.send(&hop.next, frame).await;
             }
+        }
+    }
+
+    /// Hands `msg` to this worker's own entry (a worker without one has no requests of its own).
+    fn to_entry(&self, msg: ToEntry) {
+        if let Some(local) = &self.local {
+            let _ = local.send(msg);
         }
     }
 
@@ -396,9 +422,7 @@ impl Router {
         }
         let message = format!("the pipeline broke: {why}");
         if hop.entry == self.me {
-            if let Some(local) = &self.local {
-                let _ = local.send((request, ErrorCode::Unavailable, message));
-            }
+            self.to_entry(ToEntry::Failed { request, code: ErrorCode::Unavailable, message });
         } else if hop.entry != hop.next && self.down(&hop.entry).is_none() {
             self.send(&hop.entry, Frame::error(request, 0, ErrorCode::Unavailable, message)).await;
         }
@@ -716,6 +740,35 @@ mod tests {
         }
         router.flush_backlog();
         assert!(router.backlog.is_empty());
+    }
+
+    /// A one-worker pool routes its requests to itself: their tokens and errors go to its own entry,
+    /// nothing goes on a link, and the request's `end` forgets its route.
+    #[tokio::test]
+    async fn a_route_to_this_worker_hands_its_frames_to_its_own_entry() {
+        let (mut router, _, [mut a_rx, mut b_rx]) = router_with_two_links();
+        let (local, mut entry) = mpsc::unbounded_channel();
+        router.local = Some(local);
+        let me = router.me;
+        for request in ["r", "q"] {
+            router.handle(Outbound::Route { request: rid(request), next: me, entry: me }).await;
+            router.handle(Outbound::Frame(token(request))).await;
+            router.handle(Outbound::Frame(token(request))).await;
+        }
+        for request in ["r", "r", "q", "q"] {
+            match entry.try_recv() {
+                Ok(ToEntry::Tokens { request: r, tokens }) => assert_eq!((r, tokens), (rid(request), vec![1])),
+                other => panic!("expected tokens of {request}, got {other:?}"),
+            }
+        }
+        router.handle(Outbound::Frame(Frame::end(rid("r"), 0))).await;
+        assert!(!router.routes.contains_key(&rid("r")), "its end forgets the route");
+        router.handle(Outbound::Frame(token("r"))).await;
+        router.handle(Outbound::Frame(Frame::error(rid("q"), 0, ErrorCode::Internal, "sampler trapped"))).await;
+        assert!(matches!(entry.try_recv(), Ok(ToEntry::Failed { request, code: ErrorCode::Internal, .. }) if request == rid("q")));
+        assert!(entry.try_recv().is_err(), "a late token of an ended request is dropped");
+        assert!(a_rx.try_recv().is_err() && b_rx.try_recv().is_err(), "nothing went on a link");
+        assert!(router.routes.is_empty());
     }
 
     #[test]

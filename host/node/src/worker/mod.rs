@@ -10,7 +10,8 @@
 //! range) in its `start` frame; every worker accepts links from any worker of the pool and dials, on
 //! first use, the peers its requests are routed to (one persistent link per peer). It owns the KV
 //! caches of the requests that cross it; an `end` frame, a lost link, an `unload` or an idle timeout
-//! frees them.
+//! frees them. A worker whose card holds the whole model is a pool of one: its entry and exit are the
+//! same process, and its tokens go from its compute thread to its own entry without a frame.
 //!
 //! - [`engine_loop`]: the compute thread (batching, KV caches, sampling on the exit).
 //! - [`links`]: the outgoing links (dial, redial, numbering) and the router that sends each request's
@@ -55,7 +56,7 @@ use tokio::sync::mpsc;
 
 use engine_loop::{EngineJob, EngineLoopConfig, StepData};
 use entry::{Entry, EntryConfig};
-use links::{Carrier, Links, Outbound};
+use links::{Carrier, Links, Outbound, ToEntry};
 
 /// How long a starting worker waits to be connected to its relay (when the topology gives it one)
 /// before it serves anyway: a new endpoint picks its home relay after its first probes (seconds).
@@ -177,9 +178,6 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     {
         bail!("--layers {given} does not match the topology, which gives this worker layers {layers}");
     }
-    if layers.start == 0 && layers.end == topology.num_layers {
-        bail!("a pipeline needs at least 2 shards; run `computepool generate` for the whole model in one process");
-    }
     let dtype: DType = args.dtype.parse()?;
     let device: Device = args.device.parse()?;
     let threads = args.threads.unwrap_or_else(crate::generate::default_threads);
@@ -297,7 +295,7 @@ async fn serve(
             (Carrier::Axl(client.clone()), Some(axl::inbox(client)))
         }
     };
-    let (fail_tx, mut fail_rx) = mpsc::unbounded_channel();
+    let (local_tx, mut local_rx) = mpsc::unbounded_channel();
     let links: Arc<Links> = links::spawn_router(
         transport.id(),
         carrier,
@@ -305,7 +303,7 @@ async fn serve(
         limits,
         out_rx,
         engine_tx.clone(),
-        is_entry.then_some(fail_tx),
+        is_entry.then_some(local_tx),
     );
     let entry = tokenizer.map(|tokenizer| {
         let entry_config = EntryConfig {
@@ -323,11 +321,15 @@ async fn serve(
         Arc::new(Entry::new(tokenizer, entry_config, engine_tx.clone(), out_tx.clone(), routing, stats.clone()))
     });
     if let Some(entry) = &entry {
-        // Failures of the entry's own requests (its compute thread, or a link of theirs being down).
+        // What the router has for the entry's own requests: failures (its compute thread, or a link of
+        // theirs being down), and in a one-worker pool their tokens.
         let e = entry.clone();
         tokio::spawn(async move {
-            while let Some((request, code, message)) = fail_rx.recv().await {
-                e.deliver_failure(&request, code, message);
+            while let Some(msg) = local_rx.recv().await {
+                match msg {
+                    ToEntry::Failed { request, code, message } => e.deliver_failure(&request, code, message),
+                    ToEntry::Tokens { request, tokens } => e.deliver_own_tokens(&request, &tokens),
+                }
             }
         });
     }
