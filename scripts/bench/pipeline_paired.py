@@ -16,7 +16,8 @@ With --busy-poll-us, each thread count whose 2 workers' threads together fit thi
 run once more with the workers' compute threads polling for their next job instead of sleeping (the
 worker's `--busy-poll-us`: a core kept busy while the other shard computes, as a worker with a machine
 of its own can afford; the 1-shard worker gets the same flag). Where the workers share cores, polling
-would slow the shard that computes, so it is not run.
+would slow the shard that computes, so it is not run. Without the flag each worker keeps its default:
+the 2 shards sleep at once, the 1-shard worker polls for 1 ms (its next job is its own token).
 
 One JSON line per configuration: each side's per-round tokens/s and the per-round ratios.
 """
@@ -33,7 +34,9 @@ def tg(binary, model, tg_tokens, threads, shards, busy_poll_us=0):
     """tokens/s of one tg run: `shards` 0 is the one-process engine, N ≥ 1 a pool of N workers."""
     args = ["--model", model, "--threads", str(threads), "--dtype", "bf16"]
     if shards > 0:
-        args += ["--shards", str(shards), "--busy-poll-us", str(busy_poll_us)]
+        args += ["--shards", str(shards)]
+    if shards > 0 and busy_poll_us:
+        args += ["--busy-poll-us", str(busy_poll_us)]
     return computepool_tg(binary, args, tg_tokens)
 
 

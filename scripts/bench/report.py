@@ -309,7 +309,9 @@ def pipeline_paired_section(p, runs):
     p("for it (`worker --busy-poll-us`): a sleeping thread must be woken on every hop, which on this VM takes")
     p("tens of µs to a few hundred, while polling keeps one core busy as the other shard computes. So polling")
     p("is measured only where the workers' threads together fit the cores (1 thread each), the deployment")
-    p("it is for: each worker with a machine, or a spare core, of its own.")
+    p("it is for: each worker with a machine, or a spare core, of its own. The column says what the 2 shards")
+    p("do; the 1-shard worker does the same when they poll, and otherwise keeps its default, a 1 ms poll (its")
+    p("next job is its own token, handed over in-process).")
     p("")
     p("| threads per process | worker between steps | rounds | one process tok/s | 1 shard tok/s | 2 shards tok/s "
       "| 2 shards ÷ 1 shard | rounds ≥ 95% | 2 shards ÷ one process |")

@@ -60,9 +60,10 @@ pub struct BenchArgs {
     #[arg(long, requires = "shards")]
     api: bool,
     /// With --shards: each worker's `--busy-poll-us` (its compute thread polls for the next job this
-    /// long before sleeping). Only where the workers' threads together fit the cores.
-    #[arg(long, requires = "shards", conflicts_with = "api", default_value_t = 0)]
-    busy_poll_us: u64,
+    /// long before sleeping). Only where the workers' threads together fit the cores. Default: the
+    /// worker's own (0; for 1 shard, `worker::WHOLE_MODEL_POLL_US`).
+    #[arg(long, requires = "shards", conflicts_with = "api")]
+    busy_poll_us: Option<u64>,
     /// With --shards: how frames travel between the workers: `iroh` (QUIC), or `axl` (each worker
     /// through a stand-in Gensyn AXL daemon in this process: the bridge's own cost, without a mesh).
     #[arg(long, value_enum, requires = "shards", conflicts_with = "api", default_value_t = crate::worker::FrameTransport::Iroh)]
@@ -238,6 +239,8 @@ fn run_sharded(args: BenchArgs) -> anyhow::Result<()> {
     use computepool_entry_api::GenerateRequest;
 
     let shards = args.shards.expect("checked by the caller");
+    // Each worker's own default, given explicitly so that the JSON says what ran.
+    let busy_poll_us = args.busy_poll_us.unwrap_or(if shards == 1 { crate::worker::WHOLE_MODEL_POLL_US } else { 0 });
     let threads = args.threads.unwrap_or_else(crate::generate::default_threads);
     let model_name = args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let config = ModelSource::from_path(&args.model)?.config()?;
@@ -262,7 +265,7 @@ fn run_sharded(args: BenchArgs) -> anyhow::Result<()> {
             samplers: Default::default(),
             transport: args.transport,
             payouts: Vec::new(),
-            worker_args: vec![vec!["--busy-poll-us".into(), args.busy_poll_us.to_string()]; shards],
+            worker_args: vec![vec!["--busy-poll-us".into(), busy_poll_us.to_string()]; shards],
         };
         let pipeline = LocalPipeline::start(&options)?;
         let mut rng = Rng::new(1234);
@@ -333,7 +336,7 @@ fn run_sharded(args: BenchArgs) -> anyhow::Result<()> {
                 weight_bytes: weight_bytes as usize,
                 bytes_read_per_token: 0,
                 shards: Some(shards),
-                busy_poll_us: Some(args.busy_poll_us),
+                busy_poll_us: Some(busy_poll_us),
                 transport: Some(args.transport.name()),
                 worker_rss_bytes: pipeline.ready.iter().map(|r| r.rss_bytes.unwrap_or(0)).collect(),
                 worker_weight_bytes: pipeline.ready.iter().map(|r| r.weight_bytes).collect(),
