@@ -252,7 +252,8 @@ pub struct Router {
     /// Per peer, what waits for room in its link's queue, in order.
     backlog: HashMap<PeerId, std::collections::VecDeque<LinkMsg>>,
     engine: mpsc::Sender<EngineJob>,
-    /// The entry's own requests' failures (only on an entry).
+    /// What is for the entry's own requests (only on an entry): their failures, and in a one-worker
+    /// pool their tokens.
     local: Option<EntrySink>,
 }
 
