@@ -280,7 +280,7 @@ async fn serve(
     let is_exit = shard.range().is_exit();
     let weight_bytes = shard.weight_bytes();
     let device_name = shard.device_name();
-    let stats = Arc::new(report::ShardStats::new(me == 0));
+    let stats = Arc::new(report::ShardStats::new(shard.range().is_entry()));
 
     let samplers = Arc::new(crate::samplers::Samplers::start(&args.samplers)?);
     let topology = Arc::new(topology);
