@@ -370,9 +370,13 @@ async fn wait_until_ready(state: &AppState, model: &str, timeout: Duration) -> a
 }
 
 fn banner(url: &str, model: &str, workers: usize) -> String {
+    let served = match workers {
+        1 => "served by one worker process".to_string(),
+        n => format!("split across {n} worker processes"),
+    };
     format!(
         r#"
-ComputePool is up: {model} split across {workers} worker processes.
+ComputePool is up: {model} {served}.
 
   OpenAI-compatible API:  {url}/v1
   pools:                  {url}/pools
@@ -421,7 +425,7 @@ fn payments_banner(url: &str, model: &str, d: &UpDevnet, price: u128, max_second
     });
     format!(
         r#"Payments are on: every request pays {price} USDC atomic units per second it streams (a voucher covers
-{max_seconds} s: {worst} units), streamed to the {n} operators through Superfluid on a local chain.
+{max_seconds} s: {worst} units), streamed to the pool's {operators} through Superfluid on a local chain.
 
   chain (anvil):   {rpc}  (chain id {chain_id})
   test USDC:       {asset}
@@ -453,7 +457,10 @@ asyncio.run(main())
 
 {ready}
 "#,
-        n = devnet.operators.len(),
+        operators = match devnet.operators.len() {
+            1 => "operator".to_string(),
+            n => format!("{n} operators"),
+        },
         rpc = devnet.rpc_url(),
         chain_id = computepool_chain::DEVNET_CHAIN_ID,
         facilitator = devnet.facilitator_url,
