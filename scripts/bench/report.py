@@ -319,12 +319,8 @@ def pipeline_paired_section(p, runs):
     for r in runs:
         poll = r.get("busy_poll_us") or 0
         between = f"polls (up to {poll / 1000:g} ms)" if poll else "sleeps"
-        if "one_shard" not in r:  # a line from before 1-shard pools: paired with one process only
-            r = {**r, "one_shard": None, "ratio_to_one_shard": None}
-        one_shard = spread(r["one_shard"]) if r["one_shard"] else "–"
-        to_one_shard = spread(r["ratio_to_one_shard"], ".1%") if r["ratio_to_one_shard"] else "–"
-        p(f"| {r['threads']} | {between} | {r['rounds']} | {spread(r['one_process'])} | {one_shard} | "
-          f"{spread(r['pipeline'])} | {to_one_shard} | {r['rounds_at_target']} of {r['rounds']} | "
+        p(f"| {r['threads']} | {between} | {r['rounds']} | {spread(r['one_process'])} | {spread(r['one_shard'])} | "
+          f"{spread(r['pipeline'])} | {spread(r['ratio_to_one_shard'], '.1%')} | {r['rounds_at_target']} of {r['rounds']} | "
           f"{spread(r['ratio'], '.1%')} |")
     p("")
 

@@ -61,7 +61,7 @@ pub struct BenchArgs {
     api: bool,
     /// With --shards: each worker's `--busy-poll-us` (its compute thread polls for the next job this
     /// long before sleeping). Only where the workers' threads together fit the cores. Default: the
-    /// worker's own (0; for 1 shard, `worker::WHOLE_MODEL_POLL_US`).
+    /// worker's own (`worker::default_busy_poll_us`: 0, or 1 ms for 1 shard).
     #[arg(long, requires = "shards", conflicts_with = "api")]
     busy_poll_us: Option<u64>,
     /// With --shards: how frames travel between the workers: `iroh` (QUIC), or `axl` (each worker
@@ -240,7 +240,7 @@ fn run_sharded(args: BenchArgs) -> anyhow::Result<()> {
 
     let shards = args.shards.expect("checked by the caller");
     // Each worker's own default, given explicitly so that the JSON says what ran.
-    let busy_poll_us = args.busy_poll_us.unwrap_or(if shards == 1 { crate::worker::WHOLE_MODEL_POLL_US } else { 0 });
+    let busy_poll_us = args.busy_poll_us.unwrap_or_else(|| crate::worker::default_busy_poll_us(shards == 1));
     let threads = args.threads.unwrap_or_else(crate::generate::default_threads);
     let model_name = args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let config = ModelSource::from_path(&args.model)?.config()?;

@@ -376,20 +376,19 @@ impl Entry {
         // activations. The start frame names the shards after the first one, and this entry for the
         // exit's tokens; a resumed request says how many tokens it had, for the exit's random stream.
         let me = self.routing.topology.shards[self.routing.me].peer;
+        // (The engine uses `resumed` only where it samples: the exit, and here in a one-worker pool.)
+        let resumed = resume.len() as u64;
         match route.split_first() {
             Some((first, rest)) => {
                 let header = RouteHeader { next: rest.iter().map(|p| p.to_string()).collect(), entry: me.to_string() };
-                let resumed = (!resume.is_empty()).then_some(resume.len() as u64);
                 self.outbound.send(Outbound::Route { request: id.clone(), next: *first, entry: me }).await.map_err(|_| gone())?;
-                let start = Frame::start_routed(id.clone(), sampling, Some(header), resumed);
+                let start = Frame::start_routed(id.clone(), sampling, Some(header), (resumed > 0).then_some(resumed));
                 self.outbound.send(Outbound::Frame(start)).await.map_err(|_| gone())?;
             }
             // This worker serves the whole model (a one-worker pool): its own exit's tokens come back
             // here, and no frame leaves it.
             None => self.outbound.send(Outbound::Route { request: id.clone(), next: me, entry: me }).await.map_err(|_| gone())?,
         }
-        // (`resumed` matters only where the engine samples: here too in a one-worker pool.)
-        let resumed = resume.len() as u64;
         let start = EngineJob::Start { request: id.clone(), sampling: *p, sampler: sampler.map(str::to_string), resumed };
         self.engine.send(start).await.map_err(|_| gone())?;
         self.engine

@@ -65,6 +65,12 @@ use links::{Carrier, Links, Outbound, ToEntry};
 /// last step.
 pub const WHOLE_MODEL_POLL_US: u64 = 1000;
 
+/// A worker's `--busy-poll-us` when none is given: [`WHOLE_MODEL_POLL_US`] for a worker that serves the
+/// whole model, else 0 (it sleeps at once).
+pub fn default_busy_poll_us(whole_model: bool) -> u64 {
+    if whole_model { WHOLE_MODEL_POLL_US } else { 0 }
+}
+
 /// How long a starting worker waits to be connected to its relay (when the topology gives it one)
 /// before it serves anyway: a new endpoint picks its home relay after its first probes (seconds).
 const RELAY_WAIT: Duration = Duration::from_secs(15);
@@ -104,8 +110,8 @@ pub struct WorkerArgs {
     /// compute. For a worker with a core to spare (its own machine, a GPU worker, or --threads below
     /// the cores it has to itself); never where shards share cores, where the poller slows the shard
     /// that computes. A value a little above one round trip through the other shards covers every gap
-    /// of a stream. Default: 0, except for a worker that serves the whole model, whose next job is its
-    /// own token handed over in-process (tens of µs): [`WHOLE_MODEL_POLL_US`].
+    /// of a stream. Default: [`default_busy_poll_us`] (0, except for a worker that serves the whole
+    /// model, whose next job is its own token handed over in-process: [`WHOLE_MODEL_POLL_US`]).
     #[arg(long)]
     pub busy_poll_us: Option<u64>,
     /// A neighbour silent for this long is gone, in ms.
@@ -288,9 +294,9 @@ async fn serve(
     let engine_config = EngineLoopConfig {
         limits,
         request_idle_timeout: Duration::from_secs(args.request_idle_timeout_s),
-        busy_poll: match args.busy_poll_us {
-            Some(us) => (us > 0).then(|| Duration::from_micros(us)),
-            None => (shard.range().is_entry() && is_exit).then(|| Duration::from_micros(WHOLE_MODEL_POLL_US)),
+        busy_poll: match args.busy_poll_us.unwrap_or_else(|| default_busy_poll_us(shard.range().is_entry() && is_exit)) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
         },
         stats: stats.clone(),
         samplers: samplers.clone(),
