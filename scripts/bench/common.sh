@@ -24,6 +24,7 @@ HF_FALLBACK="$MODELS/hf-from-gguf"          # HF layout made from the GGUF (fall
 HF_REPO_MODEL="$REPO_ROOT/models/smollm2-135m-instruct"   # our importer's output (preferred)
 CANDLE_ANCHOR_BIN="$CANDLE_TARGET_DIR/release/candle-anchor"
 BANDWIDTH_BIN="$ANCHORS/bin/bandwidth"
+WAKE_LATENCY_BIN="$ANCHORS/bin/wake_latency"
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }

@@ -33,6 +33,8 @@ def main():
     ap.add_argument("--pipeline-paired", help="pipeline_paired.py's lines: 2 shards against 1 shard and one process in "
                                               "alternating rounds")
     ap.add_argument("--netns", help="stderr of `cargo test --test netns -- --nocapture`")
+    ap.add_argument("--wake-latency", help="wake_latency.sh's lines: how long a woken thread takes to run here")
+    ap.add_argument("--halt-penalty", help="halt_penalty.py's line: what sleeping between steps costs the next step")
     ap.add_argument("--samplers", help="`computepool plugin bench --json` lines: sampler plugins vs native sampling")
     ap.add_argument("--samplers-uptime", help="`uptime` before and after the sampler bench (the machine's load)")
     args = ap.parse_args()
@@ -123,6 +125,11 @@ def main():
                          open(args.netns).read() if args.netns else "",
                          [json.loads(line) for line in open(args.pipeline_paired) if line.strip()]
                          if args.pipeline_paired else None)
+        if args.wake_latency or args.halt_penalty:
+            machine_section(p, [json.loads(line) for line in open(args.wake_latency) if line.strip()]
+                            if args.wake_latency else [],
+                            [json.loads(line) for line in open(args.halt_penalty) if line.strip()]
+                            if args.halt_penalty else [])
     if args.api:
         api_section(p, [json.loads(line) for line in open(args.api) if line.strip()])
     p("## Roofline")
@@ -426,6 +433,50 @@ def netns_section(p, netns_log):
         p(f"| {t['n']} | {mode} | {t['s']} ({t['s_lo']}–{t['s_hi']}) | {t['o']} ({t['o_lo']}–{t['o_hi']}) | "
           f"{t['ring']} | {t['m']} ({t['m_lo']}–{t['m_hi']}) | {t['held']} of {t['rounds']} | {t['steps']} | {t['hops']} |")
     p("")
+
+
+WAKE_CASES = {
+    "same-cpu": "on the waker's CPU",
+    "other-idle": "on the other CPU, idle (on this VM, its vCPU halts)",
+    "other-busy": "on the other CPU, busy with a spinning thread",
+}
+
+
+def machine_section(p, wakes, halts):
+    """What this machine charges every hop and step of a pipeline, apart from our code (wake_latency.c,
+    halt_penalty.py): the costs the sections above cannot separate from the pipeline's own."""
+    p("### What this machine charges a pipeline")
+    p("")
+    p("A hop is a chain of wake-ups (a compute thread hands its frame to the network thread; the datagram")
+    p("wakes the next worker's network thread, which hands the step to that worker's compute thread), and a")
+    p("worker idles between its steps. Both cost something on any machine; these probes measure how much on")
+    p("this one, with none of our code involved, in the same run as the tables above.")
+    p("")
+    if wakes:
+        gap = wakes[0]["gap_us"]
+        p(f"Wake-up latency (scripts/bench/wake_latency.c): a thread blocked in `read()` on a pipe, written by")
+        p(f"another thread that sleeps {gap / 1000:g} ms between writes; µs from the write to the reader running.")
+        p("")
+        p("| woken thread | samples | p10 | median | p90 | p99 |")
+        p("|---|---|---|---|---|---|")
+        for w in wakes:
+            p(f"| {WAKE_CASES.get(w['case'], w['case'])} | {w['samples']} | {w['p10_us']:.0f} | {w['p50_us']:.0f} | "
+              f"{w['p90_us']:.0f} | {w['p99_us']:.0f} |")
+        p("")
+    for h in halts:
+        pen = h["penalty"]
+        p(f"Idling before a step (scripts/bench/halt_penalty.py): the split_speed example runs the whole model and")
+        p(f"then the same model as two shards in one thread ({h['threads']} thread, tg{h['tg']}), waiting "
+          f"{h['gap_us'] / 1000:g} ms before")
+        p("each shard's step, as a worker waits for its neighbour: asleep (the core idles) or polling the clock (it")
+        p("stays busy). Each side's split ÷ its own whole-model pass, in alternating back-to-back rounds:")
+        p("")
+        p(f"- after a sleep {spread(h['after_sleep'], '.3f')}, after polling {spread(h['after_spin'], '.3f')} "
+          f"(whole model {spread(h['whole_ms'], '.2f', ' ms')} per token);")
+        p(f"- sleeping ÷ polling per round: {spread(pen, '.3f')} (sleeping slower in {h['rounds_slower']} of "
+          f"{h['rounds']} rounds): a step that follows an idle gap takes {(pen['median'] - 1) * 100:+.1f}% (median) "
+          "against one that follows polling, before any frame is sent.")
+        p("")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ model=models/smollm2-135m-instruct
 bin=$CARGO_TARGET_DIR/release/computepool
 [ -x "$bin" ] && [ -f "$model/.computepool-import.json" ] || make model
 cargo build --release --locked -p computepool-node
+cargo build --release --locked -p computepool-engine --example split_speed
 
 # Anchors first (they wait for an idle machine), then our engine straight after, same threads and sizes.
 env -u CARGO_TARGET_DIR bash "$here/anchors.sh" --out "$out/anchors.json" --hf "$model" -p 512 -n 128 -t 2 -r 3 --batch 8 --wait-idle "$wait_idle"
@@ -85,11 +86,16 @@ python3 "$here/pipeline_paired.py" --computepool "$bin" --model "$model" --round
 # the tests (same tokens), and the ignored timing test (per-token time against one process, paired).
 cargo test --release --locked -p computepool-node --test netns -- --include-ignored --nocapture --test-threads 1 \
   2> "$out/netns.log" || true
+# What this machine charges any pipeline, apart from our code: how long a woken thread takes to run (on
+# the waker's CPU, on an idle one, on a busy one), and what idling between steps costs the next step.
+bash "$here/wake_latency.sh" > "$out/wake-latency.jsonl"
+python3 "$here/halt_penalty.py" --split-speed "$CARGO_TARGET_DIR/release/examples/split_speed" --model "$model" \
+  --rounds "$rounds" > "$out/halt-penalty.jsonl"
 # Sampler plugins (issue 5): per-token cost of the greedy and top-p plugins against native sampling at
 # 49,152 and 128,256 vocabularies, beside a SmolLM2 decode step measured in the same rounds.
 bash scripts/build-plugins.sh
 uptime > "$out/samplers.uptime"
 "$bin" plugin bench --model "$model" --plugins plugins/samplers --threads 2 --json > "$out/samplers.jsonl"
 uptime >> "$out/samplers.uptime"
-python3 "$here/report.py" --anchors "$out/anchors.json" --ours "$out/computepool.jsonl" --quantized "q4_1=$out/computepool-q4_1.jsonl" --paired "$out/paired.jsonl" --huge-pages "$out/huge-pages.jsonl" --pipeline "$out/pipeline.jsonl" --pipeline-paired "$out/pipeline-paired.jsonl" --netns "$out/netns.log" --api "$out/api.jsonl" --samplers "$out/samplers.jsonl" --samplers-uptime "$out/samplers.uptime" > docs/BENCHMARKS.md
+python3 "$here/report.py" --anchors "$out/anchors.json" --ours "$out/computepool.jsonl" --quantized "q4_1=$out/computepool-q4_1.jsonl" --paired "$out/paired.jsonl" --huge-pages "$out/huge-pages.jsonl" --pipeline "$out/pipeline.jsonl" --pipeline-paired "$out/pipeline-paired.jsonl" --netns "$out/netns.log" --wake-latency "$out/wake-latency.jsonl" --halt-penalty "$out/halt-penalty.jsonl" --api "$out/api.jsonl" --samplers "$out/samplers.jsonl" --samplers-uptime "$out/samplers.uptime" > docs/BENCHMARKS.md
 echo "wrote docs/BENCHMARKS.md"

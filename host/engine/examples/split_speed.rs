@@ -4,12 +4,14 @@
 //!
 //! ```text
 //! cargo run --release -p computepool-engine --example split_speed -- MODEL_DIR [--threads 2] [--tg 128]
-//!     [--rounds 6] [--nap-us 0]
+//!     [--rounds 6] [--nap-us 0] [--spin-us 0] [--json]
 //! ```
-//! `--nap-us N` sleeps N µs before each shard's step with the backend's threads released, as a pipeline
-//! worker does while it waits for its neighbour; comparing it with 0 shows what falling asleep and
-//! waking up costs a step on this machine. Reported per round: ms per token of the whole model and of
-//! the split (with each shard's share); the naps themselves are not counted.
+//! Before each shard's step the split can wait as a pipeline worker waits for its neighbour's frame:
+//! `--nap-us N` sleeps N µs with the backend's threads released (the core idles: on a VM its vCPU
+//! halts), `--spin-us N` polls the clock as long (a worker with `--busy-poll-us`: the core never idles).
+//! Comparing the two shows what idling between steps costs the next step on this machine
+//! (scripts/bench/halt_penalty.py). Reported per round: ms per token of the whole model and of the split
+//! (with each shard's share); the waits themselves are not counted. `--json`: one object per round.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,15 +26,21 @@ use computepool_engine::shard::LayerRange;
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
-    let dir = PathBuf::from(args.next().context("usage: split_speed MODEL_DIR [--threads N] [--tg N] [--rounds N] [--nap-us N]")?);
-    let (mut threads, mut tg, mut rounds, mut nap_us) = (2usize, 128usize, 6usize, 0u64);
+    let usage = "usage: split_speed MODEL_DIR [--threads N] [--tg N] [--rounds N] [--nap-us N] [--spin-us N] [--json]";
+    let dir = PathBuf::from(args.next().context(usage)?);
+    let (mut threads, mut tg, mut rounds, mut nap_us, mut spin_us, mut json) = (2usize, 128usize, 6usize, 0u64, 0u64, false);
     while let Some(flag) = args.next() {
+        if flag == "--json" {
+            json = true;
+            continue;
+        }
         let value: u64 = args.next().with_context(|| format!("{flag} needs a value"))?.parse().with_context(|| flag.clone())?;
         match flag.as_str() {
             "--threads" => threads = value as usize,
             "--tg" => tg = value as usize,
             "--rounds" => rounds = value as usize,
             "--nap-us" => nap_us = value,
+            "--spin-us" => spin_us = value,
             other => bail!("unknown flag {other}"),
         }
     }
@@ -43,10 +51,14 @@ fn main() -> Result<()> {
     let whole = load(None)?;
     let entry = load(Some(LayerRange::new(0, layers / 2, layers)?))?;
     let exit = load(Some(LayerRange::new(layers / 2, layers, layers)?))?;
-    let nap = || {
+    let wait_for_neighbour = || {
         if nap_us > 0 {
             backend.release_idle_threads();
             std::thread::sleep(Duration::from_micros(nap_us));
+        }
+        let spin_until = Instant::now() + Duration::from_micros(spin_us);
+        while Instant::now() < spin_until {
+            std::hint::spin_loop();
         }
     };
     let logits = |out: StepOutput| match out {
@@ -66,18 +78,28 @@ fn main() -> Result<()> {
         let (mut entry_s, mut exit_s) = (0.0, 0.0);
         let mut token = 1u32;
         for _ in 0..tg {
-            nap();
+            wait_for_neighbour();
             let t0 = Instant::now();
             let StepOutput::Hidden(hidden) = entry.forward(StepInput::Tokens(&[token]), &mut entry_cache)? else {
                 bail!("an entry shard returns hidden states")
             };
             entry_s += t0.elapsed().as_secs_f64();
-            nap();
+            wait_for_neighbour();
             let t1 = Instant::now();
             token = argmax(&logits(exit.forward(StepInput::Hidden(&hidden), &mut exit_cache)?)?) as u32;
             exit_s += t1.elapsed().as_secs_f64();
         }
         let per = |s: f64| s * 1e3 / tg as f64;
+        if json {
+            println!(
+                "{{\"round\": {round}, \"threads\": {threads}, \"tg\": {tg}, \"nap_us\": {nap_us}, \"spin_us\": {spin_us}, \
+                 \"whole_ms\": {whole_ms:.4}, \"split_ms\": {:.4}, \"entry_ms\": {:.4}, \"exit_ms\": {:.4}}}",
+                per(entry_s + exit_s),
+                per(entry_s),
+                per(exit_s)
+            );
+            continue;
+        }
         println!(
             "round {round}: whole {whole_ms:.2} ms/token, split {:.2} (entry {:.2}, exit {:.2})",
             per(entry_s + exit_s),
