@@ -5,12 +5,6 @@
 # Needs ~3x --mib of free memory. Run it on a quiet machine: anything else running skews it.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
-src="$BENCH_DIR/bandwidth.c"
-mkdir -p "$(dirname "$BANDWIDTH_BIN")"
-if [ ! -x "$BANDWIDTH_BIN" ] || [ "$src" -nt "$BANDWIDTH_BIN" ]; then
-  log "compiling $src"
-  ${CC:-cc} -O3 -march=native -fopenmp -o "$BANDWIDTH_BIN.tmp" "$src"
-  mv "$BANDWIDTH_BIN.tmp" "$BANDWIDTH_BIN"
-fi
+compile_probe "$BENCH_DIR/bandwidth.c" "$BANDWIDTH_BIN" -O3 -march=native -fopenmp
 export OMP_PROC_BIND="${OMP_PROC_BIND:-close}" OMP_PLACES="${OMP_PLACES:-cores}"
 exec "$BANDWIDTH_BIN" "$@"

@@ -29,6 +29,18 @@ WAKE_LATENCY_BIN="$ANCHORS/bin/wake_latency"
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
+# compile_probe SRC BIN CC_FLAGS...: builds a C probe into BIN when BIN is missing or older than SRC
+# (written beside it first, so an interrupted build never leaves a broken BIN).
+compile_probe() {
+  local src=$1 bin=$2; shift 2
+  mkdir -p "$(dirname "$bin")"
+  if [ ! -x "$bin" ] || [ "$src" -nt "$bin" ]; then
+    log "compiling $src"
+    ${CC:-cc} "$@" -o "$bin.tmp" "$src"
+    mv "$bin.tmp" "$bin"
+  fi
+}
+
 ensure_venv() {
   if [ ! -x "$PY" ]; then
     log "creating venv $VENV"

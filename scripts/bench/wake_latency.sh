@@ -5,11 +5,5 @@
 #   scripts/bench/wake_latency.sh [--samples 1000] [--gap-us 5000]
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
-src="$BENCH_DIR/wake_latency.c"
-mkdir -p "$(dirname "$WAKE_LATENCY_BIN")"
-if [ ! -x "$WAKE_LATENCY_BIN" ] || [ "$src" -nt "$WAKE_LATENCY_BIN" ]; then
-  log "compiling $src"
-  ${CC:-cc} -O2 -pthread -o "$WAKE_LATENCY_BIN.tmp" "$src"
-  mv "$WAKE_LATENCY_BIN.tmp" "$WAKE_LATENCY_BIN"
-fi
+compile_probe "$BENCH_DIR/wake_latency.c" "$WAKE_LATENCY_BIN" -O2 -pthread
 exec "$WAKE_LATENCY_BIN" "$@"
