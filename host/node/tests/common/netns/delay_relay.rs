@@ -8,20 +8,27 @@
 //! a session may also answer to the session's own address rather than the route's (QUIC does, for all
 //! connections between the two): that is the same relay, delay and all.
 //!
-//! Plain threads, not an async runtime: a thread sleeping to a deadline wakes within tens of
-//! microseconds, while a runtime's millisecond timer wheel adds 1-2 ms to each 5 ms hold.
+//! One thread runs the whole relay: it waits in `ppoll(2)` on all its sockets at once, until the next
+//! datagram is due or one arrives, so a datagram costs at most two wakes of that one thread (its
+//! arrival and its departure), fewer when several come together. It stands in for netem, which
+//! delays in the kernel, so it should take as little as it can of the cores the workers compute on:
+//! its first form (a thread per route and three per session, each datagram waking two of them three
+//! times, every thread also waking each 50 ms) woke about twice as often and waited three times as
+//! long for a core (docs/NOTES.md, session 19). Its timer slack is 1 ns, so a hold ends on time
+//! rather than up to 50 µs late.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
+use std::ffi::{c_int, c_long, c_short, c_ulong};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// How often a blocked thread looks at the stop flag.
+/// The longest the relay's thread waits before it looks at the stop flag again.
 const POLL: Duration = Duration::from_millis(50);
 
 /// One worker behind the relay: senders address `listen`, the relay passes their datagrams on to
@@ -32,50 +39,42 @@ pub struct Route {
     pub target: SocketAddr,
 }
 
-/// A running relay: threads inside one network namespace. Dropping it stops them all and closes every
-/// socket.
+/// A running relay: one thread inside one network namespace. Dropping it stops the thread and closes
+/// every socket.
 pub struct DelayRelay {
     shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
 }
 
-/// What every thread of the relay sees.
+/// What the relay's thread shares with its owner.
 struct Shared {
-    netns: String,
-    delay: Duration,
     stop: AtomicBool,
-    threads: Mutex<Vec<JoinHandle<()>>>,
     /// Datagrams delivered, by the address they were delivered to.
     delivered: Mutex<HashMap<IpAddr, u64>>,
-}
-
-/// A datagram waiting for its time.
-struct Held {
-    due: Instant,
-    bytes: Vec<u8>,
 }
 
 impl DelayRelay {
     /// Binds every route's listening socket inside network namespace `netns` and starts relaying.
     /// Errors: the namespace cannot be entered or a socket cannot be bound.
     pub fn start(netns: &str, routes: &[Route], delay: Duration) -> io::Result<Self> {
-        let shared = Arc::new(Shared {
-            netns: netns.into(),
-            delay,
-            stop: AtomicBool::new(false),
-            threads: Mutex::new(Vec::new()),
-            delivered: Mutex::new(HashMap::new()),
-        });
-        let listeners = {
-            let routes = routes.to_vec();
-            in_namespace(netns, move || {
-                routes.iter().map(|r| UdpSocket::bind(r.listen)).collect::<io::Result<Vec<_>>>()
-            })?
-        };
-        for (listener, route) in listeners.into_iter().zip(routes) {
-            let target = route.target;
-            spawn(&shared, format!("relay {}", route.listen), move |shared| serve_route(shared, listener, target))?;
-        }
-        Ok(Self { shared })
+        let shared = Arc::new(Shared { stop: AtomicBool::new(false), delivered: Mutex::new(HashMap::new()) });
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (netns, routes, for_thread) = (netns.to_string(), routes.to_vec(), shared.clone());
+        let thread = std::thread::Builder::new().name("delay relay".into()).spawn(move || {
+            let relay = super::enter_namespace(&netns).and_then(|()| Relay::bind(&routes, delay));
+            match relay {
+                Ok(mut relay) => {
+                    let _ = ready_tx.send(Ok(()));
+                    relay.run(&for_thread);
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            }
+        })?;
+        let bound = ready_rx.recv().unwrap_or_else(|_| Err(io::Error::other("the relay thread died starting")));
+        let relay = Self { shared, thread: Some(thread) };
+        bound.map(|()| relay)
     }
 
     /// How many datagrams the relay has delivered to `ip` so far, by any route or session.
@@ -87,112 +86,173 @@ impl DelayRelay {
 impl Drop for DelayRelay {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
-        // Threads only add threads while running; take them in rounds until none are left.
-        loop {
-            let threads = std::mem::take(&mut *self.shared.threads.lock().expect("no thread panics holding it"));
-            if threads.is_empty() {
-                break;
-            }
-            for thread in threads {
-                let _ = thread.join();
-            }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }
 
-/// Runs `f` on a new thread inside `netns` and returns its result.
-fn in_namespace<T: Send + 'static>(netns: &str, f: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
-    let netns = netns.to_string();
-    std::thread::spawn(move || {
-        super::enter_namespace(&netns)?;
-        f()
-    })
-    .join()
-    .expect("the set-up thread does not panic")
+/// What one of the relay's sockets is for.
+enum Role {
+    /// A route's listening socket: what a sender sends here goes to `target`, from the sender's session.
+    Listener { target: SocketAddr },
+    /// A session's own socket towards `target`: what `target` sends here goes back to `sender`, from
+    /// the route's listening socket (index `listener`).
+    Session { listener: usize, sender: SocketAddr, target: SocketAddr },
 }
 
-/// Starts a relay thread inside the relay's namespace (sockets it makes belong there).
-fn spawn(shared: &Arc<Shared>, name: String, f: impl FnOnce(Arc<Shared>) + Send + 'static) -> io::Result<()> {
-    let for_thread = shared.clone();
-    let thread = std::thread::Builder::new().name(name.clone()).spawn(move || {
-        if let Err(e) = super::enter_namespace(&for_thread.netns) {
-            eprintln!("{name}: cannot enter {}: {e}", for_thread.netns);
-            return;
+/// A datagram waiting for its time: it leaves from socket `via` to `to`.
+struct Held {
+    due: Instant,
+    via: usize,
+    to: SocketAddr,
+    bytes: Vec<u8>,
+}
+
+/// The relay's state, owned by its one thread.
+struct Relay {
+    delay: Duration,
+    sockets: Vec<(UdpSocket, Role)>,
+    /// The session socket of each (listener, sender).
+    sessions: HashMap<(usize, SocketAddr), usize>,
+    /// Every held datagram, in arrival order. The delay is the same for all, so this is also the order
+    /// they are due in.
+    held: VecDeque<Held>,
+}
+
+impl Relay {
+    fn bind(routes: &[Route], delay: Duration) -> io::Result<Self> {
+        let mut relay = Relay { delay, sockets: Vec::new(), sessions: HashMap::new(), held: VecDeque::new() };
+        for route in routes {
+            relay.add_socket(UdpSocket::bind(route.listen)?, Role::Listener { target: route.target })?;
         }
-        f(for_thread)
-    })?;
-    shared.threads.lock().expect("no thread panics holding it").push(thread);
-    Ok(())
-}
-
-/// Receives on one route's listening socket and hands each datagram to its sender's session.
-fn serve_route(shared: Arc<Shared>, listener: UdpSocket, target: SocketAddr) {
-    if let Err(e) = listener.set_read_timeout(Some(POLL)) {
-        eprintln!("relay to {target}: {e}");
-        return;
+        sys::tighten_timer_slack();
+        Ok(relay)
     }
-    let listener = Arc::new(listener);
-    let mut sessions: HashMap<SocketAddr, Sender<Held>> = HashMap::new();
-    let mut buf = vec![0u8; 65536];
-    while !shared.stop.load(Ordering::Relaxed) {
-        // Timeouts, and errors such as an ICMP error surfacing on the socket: keep relaying.
-        let Ok((len, from)) = listener.recv_from(&mut buf) else { continue };
-        let held = Held { due: Instant::now() + shared.delay, bytes: buf[..len].to_vec() };
-        let to_target = match sessions.entry(from) {
-            Entry::Occupied(session) => session.into_mut(),
-            Entry::Vacant(slot) => match open_session(&shared, &listener, from, target) {
-                Ok(to_target) => slot.insert(to_target),
-                Err(e) => {
-                    eprintln!("relay: no session for {from} -> {target}: {e}");
-                    continue;
-                }
-            },
-        };
-        let _ = to_target.send(held);
-    }
-}
 
-/// A sender's own socket towards `target`, and the threads that delay traffic both ways. Runs on a
-/// relay thread, so the socket is in the relay's namespace.
-fn open_session(
-    shared: &Arc<Shared>,
-    listener: &Arc<UdpSocket>,
-    sender: SocketAddr,
-    target: SocketAddr,
-) -> io::Result<Sender<Held>> {
-    // Unconnected, so an ICMP "port unreachable" (a worker not up yet) is not reported on it.
-    let upstream = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
-    upstream.set_read_timeout(Some(POLL))?;
-    let upstream = Arc::new(upstream);
-    let (to_target, to_target_rx) = mpsc::channel();
-    let socket = upstream.clone();
-    spawn(shared, format!("relay {sender}->{target}"), move |s| deliver(s, to_target_rx, socket, target))?;
-    let (to_sender, to_sender_rx) = mpsc::channel();
-    let socket = listener.clone();
-    spawn(shared, format!("relay {target}->{sender}"), move |s| deliver(s, to_sender_rx, socket, sender))?;
-    spawn(shared, format!("relay from {target}"), move |s| {
+    fn add_socket(&mut self, socket: UdpSocket, role: Role) -> io::Result<usize> {
+        socket.set_nonblocking(true)?;
+        self.sockets.push((socket, role));
+        Ok(self.sockets.len() - 1)
+    }
+
+    fn run(&mut self, shared: &Shared) {
         let mut buf = vec![0u8; 65536];
-        while !s.stop.load(Ordering::Relaxed) {
-            let Ok((len, from)) = upstream.recv_from(&mut buf) else { continue };
-            if from == target {
-                let _ = to_sender.send(Held { due: Instant::now() + s.delay, bytes: buf[..len].to_vec() });
+        let mut polled = Vec::new();
+        while !shared.stop.load(Ordering::Relaxed) {
+            self.send_due(shared);
+            let wait = self.held.front().map_or(POLL, |h| h.due.saturating_duration_since(Instant::now()).min(POLL));
+            polled.clear();
+            polled.extend(self.sockets.iter().map(|(s, _)| s.as_raw_fd()));
+            let readable = match sys::wait_readable(&polled, wait) {
+                Ok(readable) => readable,
+                Err(e) => {
+                    eprintln!("delay relay: ppoll: {e}");
+                    return;
+                }
+            };
+            for index in readable {
+                self.receive_all(index, &mut buf);
             }
         }
-    })?;
-    Ok(to_target)
+    }
+
+    /// Sends every datagram whose time has come.
+    fn send_due(&mut self, shared: &Shared) {
+        let now = Instant::now();
+        while self.held.front().is_some_and(|h| h.due <= now) {
+            let Held { via, to, bytes, .. } = self.held.pop_front().expect("a front was just seen");
+            // A datagram the kernel refuses now is lost, as on a network.
+            if self.sockets[via].0.send_to(&bytes, to).is_ok() {
+                *shared.delivered.lock().expect("no thread panics holding it").entry(to.ip()).or_default() += 1;
+            }
+        }
+    }
+
+    /// Takes every datagram waiting on socket `index` and holds each.
+    fn receive_all(&mut self, index: usize, buf: &mut [u8]) {
+        loop {
+            // Would-block ends the round; other errors (an ICMP error surfacing on the socket) too:
+            // the next wait says whether more is waiting.
+            let Ok((len, from)) = self.sockets[index].0.recv_from(buf) else { return };
+            let due = Instant::now() + self.delay;
+            let (via, to) = match self.sockets[index].1 {
+                Role::Listener { target } => match self.session(index, from, target) {
+                    Ok(session) => (session, target),
+                    Err(e) => {
+                        eprintln!("delay relay: no session for {from} -> {target}: {e}");
+                        continue;
+                    }
+                },
+                Role::Session { listener, sender, target } => {
+                    if from != target {
+                        continue;
+                    }
+                    (listener, sender)
+                }
+            };
+            self.held.push_back(Held { due, via, to, bytes: buf[..len].to_vec() });
+        }
+    }
+
+    /// The session socket of `sender` on listener `listener` (made on its first datagram). Unbound to
+    /// any peer, so an ICMP "port unreachable" (a worker not up yet) is not reported on it.
+    fn session(&mut self, listener: usize, sender: SocketAddr, target: SocketAddr) -> io::Result<usize> {
+        if let Entry::Occupied(session) = self.sessions.entry((listener, sender)) {
+            return Ok(*session.get());
+        }
+        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        let index = self.add_socket(socket, Role::Session { listener, sender, target })?;
+        self.sessions.insert((listener, sender), index);
+        Ok(index)
+    }
 }
 
-/// Sends each held datagram from `socket` to `to` once its time has come, in order.
-fn deliver(shared: Arc<Shared>, held: Receiver<Held>, socket: Arc<UdpSocket>, to: SocketAddr) {
-    while !shared.stop.load(Ordering::Relaxed) {
-        let Held { due, bytes } = match held.recv_timeout(POLL) {
-            Ok(h) => h,
-            Err(RecvTimeoutError::Timeout) => continue,
-            Err(RecvTimeoutError::Disconnected) => return,
-        };
-        std::thread::sleep(due.saturating_duration_since(Instant::now()));
-        if socket.send_to(&bytes, to).is_ok() {
-            *shared.delivered.lock().expect("no thread panics holding it").entry(to.ip()).or_default() += 1;
+/// The two system calls std does not wrap.
+mod sys {
+    use super::*;
+
+    #[repr(C)]
+    struct PollFd {
+        fd: c_int,
+        events: c_short,
+        revents: c_short,
+    }
+
+    #[repr(C)]
+    struct Timespec {
+        tv_sec: i64,
+        tv_nsec: c_long,
+    }
+
+    const POLLIN: c_short = 0x1;
+    const PR_SET_TIMERSLACK: c_int = 29;
+
+    unsafe extern "C" {
+        fn ppoll(fds: *mut PollFd, nfds: c_ulong, timeout: *const Timespec, sigmask: *const u8) -> c_int;
+        fn prctl(option: c_int, ...) -> c_int;
+    }
+
+    /// Waits until one of `fds` is readable or `timeout` passes (nanosecond resolution, unlike
+    /// `poll`'s milliseconds); the indices of the readable ones (none on a timeout or a signal).
+    pub(super) fn wait_readable(fds: &[c_int], timeout: Duration) -> io::Result<Vec<usize>> {
+        let mut polled: Vec<PollFd> = fds.iter().map(|&fd| PollFd { fd, events: POLLIN, revents: 0 }).collect();
+        let timeout = Timespec { tv_sec: timeout.as_secs() as i64, tv_nsec: timeout.subsec_nanos() as c_long };
+        // SAFETY: `polled` is a live array of `polled.len()` pollfd structs, `timeout` a live timespec,
+        // and a null signal mask leaves the thread's mask alone; ppoll writes only `revents`.
+        let ready = unsafe { ppoll(polled.as_mut_ptr(), polled.len() as c_ulong, &timeout, std::ptr::null()) };
+        if ready < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted { Ok(Vec::new()) } else { Err(e) };
         }
+        // Readable, or an error or hang-up pending: a receive picks either up.
+        Ok(polled.iter().enumerate().filter(|(_, p)| p.revents != 0).map(|(i, _)| i).collect())
+    }
+
+    /// Makes the calling thread's timers fire on time: the default slack (50 µs) would add up to that
+    /// to every hold.
+    pub(super) fn tighten_timer_slack() {
+        // SAFETY: PR_SET_TIMERSLACK takes one unsigned long and changes only the calling thread.
+        unsafe { prctl(PR_SET_TIMERSLACK, 1 as c_ulong) };
     }
 }
