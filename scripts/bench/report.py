@@ -391,7 +391,8 @@ TIMED = re.compile(
     r"netns (?P<n>\d+) shards, timed, workers (?P<mode>\w+): per token (?P<s>[\d.]+) ms \((?P<s_lo>[\d.]+)–(?P<s_hi>[\d.]+)\); "
     r"one process (?P<o>[\d.]+) ms \((?P<o_lo>[\d.]+)–(?P<o_hi>[\d.]+)\); ring (?P<ring>[\d.]+) ms; "
     r"target − sharded per round (?P<m>[-+\d.]+) ms \((?P<m_lo>[-+\d.]+)–(?P<m_hi>[-+\d.]+)\), ≥ 0 in (?P<held>\d+) of (?P<rounds>\d+); "
-    r"shards' median steps add up to (?P<steps>[\d.]+) ms, leaving (?P<hops>[-\d.]+) ms for \d+ hops")
+    r"shards' median steps add up to (?P<steps>[\d.]+) ms, leaving (?P<hops>[-\d.]+) ms for \d+ hops"
+    r"(?:; their forward passes alone (?P<forward>[\d.]+) ms)?")
 
 
 def netns_section(p, netns_log):
@@ -424,14 +425,17 @@ def netns_section(p, netns_log):
     p("2 shards, one round trip). The last two columns split the sharded per-token time: the shards' median")
     p("decode steps (their own logs) add up to the compute, and what the ring's delay leaves is the hops'")
     p("(frames through QUIC and the threads that carry them); medians of different series, so the split is")
-    p("rough (it can even come out below zero). Median (min–max) over the rounds.")
+    p("rough (it can even come out below zero). Median (min–max) over the rounds. Forward: the part of the")
+    p("steps that is the model's forward pass alone (a step also samples, on the exit, and hands its frames")
+    p("to the network thread).")
     p("")
-    p("| shards | workers between steps | per token, ms | one process, ms | ring, ms | target − per token, ms | rounds ≥ 0 | compute, ms | hops, ms |")
-    p("|---|---|---|---|---|---|---|---|---|")
+    p("| shards | workers between steps | per token, ms | one process, ms | ring, ms | target − per token, ms | rounds ≥ 0 | compute, ms | forward, ms | hops, ms |")
+    p("|---|---|---|---|---|---|---|---|---|---|")
     for t in timed:
         mode = "poll (`--busy-poll-us 20000`)" if t["mode"] == "polling" else "sleep"
         p(f"| {t['n']} | {mode} | {t['s']} ({t['s_lo']}–{t['s_hi']}) | {t['o']} ({t['o_lo']}–{t['o_hi']}) | "
-          f"{t['ring']} | {t['m']} ({t['m_lo']}–{t['m_hi']}) | {t['held']} of {t['rounds']} | {t['steps']} | {t['hops']} |")
+          f"{t['ring']} | {t['m']} ({t['m_lo']}–{t['m_hi']}) | {t['held']} of {t['rounds']} | {t['steps']} | "
+          f"{t['forward'] or '–'} | {t['hops']} |")
     p("")
 
 

@@ -200,11 +200,14 @@ fn ms_per_token(out: &std::process::Output, context: impl Fn() -> String) -> f64
 }
 
 /// The compute time of every decode step a worker logged (`decode step … elapsed_us=N`), in ms.
-fn decode_steps_ms(log: &str) -> Vec<f64> {
+/// One field (`elapsed_us`: the whole step; `forward_us`: its forward pass) of every decode step a
+/// worker logged, in ms.
+fn decode_steps_ms(log: &str, field: &str) -> Vec<f64> {
+    let key = format!("{field}=");
     let steps: Vec<f64> = log
         .lines()
         .filter(|l| l.contains("decode step"))
-        .filter_map(|l| l.split("elapsed_us=").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse::<f64>().ok())
+        .filter_map(|l| l.split(&key).nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse::<f64>().ok())
         .map(|us| us / 1e3)
         .collect();
     assert!(!steps.is_empty(), "no decode steps in the worker's log:\n{log}");
@@ -280,14 +283,15 @@ fn per_token_time_across_namespaces_against_one_process() {
             // Where a sharded token's time goes: each shard's median decode step (from its log, timed
             // rounds only), the ring's delay, and what is left: the hops (frames through QUIC and the
             // threads that carry them).
-            let compute_ms: f64 = (0..n)
-                .map(|i| median_and_range(&decode_steps_ms(&cluster.log(i)[logged_before[i]..])).0)
-                .sum();
+            let steps_ms = |field: &str| -> f64 {
+                (0..n).map(|i| median_and_range(&decode_steps_ms(&cluster.log(i)[logged_before[i]..], field)).0).sum()
+            };
+            let (compute_ms, forward_ms) = (steps_ms("elapsed_us"), steps_ms("forward_us"));
             eprintln!(
                 "netns {n} shards, timed, workers {mode}: per token {s:.2} ms ({s_lo:.2}–{s_hi:.2}); one process \
                  {o:.2} ms ({o_lo:.2}–{o_hi:.2}); ring {ring_ms:.2} ms; target − sharded per round {m:+.2} ms \
                  ({m_lo:+.2}–{m_hi:+.2}), ≥ 0 in {held} of {TIMING_ROUNDS}; shards' median steps add up to \
-                 {compute_ms:.2} ms, leaving {:.2} ms for {n} hops",
+                 {compute_ms:.2} ms, leaving {:.2} ms for {n} hops; their forward passes alone {forward_ms:.2} ms",
                 s - ring_ms - compute_ms
             );
         }

@@ -132,8 +132,15 @@ pub fn run(shard: DeviceShard, mut jobs: mpsc::Receiver<EngineJob>, out: mpsc::S
         }
         if !decode.is_empty() {
             let (rows, started) = (decode.len(), Instant::now());
-            state.run_decode(decode);
-            tracing::debug!(rows, elapsed_us = started.elapsed().as_micros() as u64, "decode step");
+            let forward = state.run_decode(decode);
+            // `forward_us` is the model alone; `elapsed_us` adds checking, sampling and handing the frames
+            // to the network thread (which may run first, on this core).
+            tracing::debug!(
+                rows,
+                forward_us = forward.as_micros() as u64,
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "decode step"
+            );
         }
         state.sweep_idle();
         state.publish_stats();
@@ -210,7 +217,9 @@ impl EngineState {
                 let state = RequestState { cache, sampler, sampled: 0, resumed, replay_until: None, last_used: Instant::now() };
                 self.requests.insert(request, state);
             }
-            EngineJob::Step { request, start_pos, input } => self.run_decode(vec![(request, start_pos, input)]),
+            EngineJob::Step { request, start_pos, input } => {
+                self.run_decode(vec![(request, start_pos, input)]);
+            }
             EngineJob::End { request } => {
                 if let Some(st) = self.requests.remove(&request) {
                     tracing::info!(%request, positions = st.cache.len(), "request ended, KV cache freed");
@@ -225,7 +234,9 @@ impl EngineState {
     }
 
     /// Runs one step for each listed request (all at once), then sends what it produced.
-    fn run_decode(&mut self, steps: Vec<(RequestId, u64, StepData)>) {
+    /// Runs one batch of decode steps and sends what they produce; returns the time its forward pass took
+    /// (zero if no step was left to run).
+    fn run_decode(&mut self, steps: Vec<(RequestId, u64, StepData)>) -> Duration {
         // Check each step against its request before computing anything.
         let mut ready: Vec<(RequestId, StepData)> = Vec::with_capacity(steps.len());
         for (request, start_pos, input) in steps {
@@ -245,7 +256,7 @@ impl EngineState {
             ready.push((request, input));
         }
         if ready.is_empty() {
-            return;
+            return Duration::ZERO;
         }
         let now = Instant::now();
         let outputs = {
@@ -263,6 +274,7 @@ impl EngineState {
             }
             self.shard.forward_batch(&mut items)
         };
+        let forward = now.elapsed();
         let outputs = match outputs {
             Ok(o) => o,
             Err(e) => {
@@ -271,7 +283,7 @@ impl EngineState {
                 for (request, _) in &ready {
                     self.fail(request, ErrorCode::InvalidRequest, e.to_string());
                 }
-                return;
+                return forward;
             }
         };
         for ((request, input), output) in ready.into_iter().zip(outputs) {
@@ -314,6 +326,7 @@ impl EngineState {
                 }
             }
         }
+        forward
     }
 
     fn send_hidden(&mut self, request: &RequestId, start_pos: u64, hidden: &[f32]) {
