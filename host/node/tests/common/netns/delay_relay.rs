@@ -195,8 +195,8 @@ impl Relay {
         }
     }
 
-    /// The session socket of `sender` on listener `listener` (made on its first datagram). Unbound to
-    /// any peer, so an ICMP "port unreachable" (a worker not up yet) is not reported on it.
+    /// The session socket of `sender` on listener `listener` (made on its first datagram). Not connected to
+    /// its target, so an ICMP "port unreachable" (a worker not up yet) is not reported on it.
     fn session(&mut self, listener: usize, sender: SocketAddr, target: SocketAddr) -> io::Result<usize> {
         if let Entry::Occupied(session) = self.sessions.entry((listener, sender)) {
             return Ok(*session.get());
