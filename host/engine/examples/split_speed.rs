@@ -12,6 +12,12 @@
 //! Comparing the two shows what idling between steps costs the next step on this machine
 //! (scripts/bench/halt_penalty.py). Reported per round: ms per token of the whole model and of the split
 //! (with each shard's share); the waits themselves are not counted. `--json`: one object per round.
+//!
+//! `--hand-off` runs each shard on a thread of its own (and a backend of its own), handing the hidden
+//! state and the token across through channels as a pipeline's workers do through their network
+//! threads: each shard waits for the other's step, blocked (the default: woken by the other thread) or,
+//! with `--spin-us`, polling its channel for up to that long first. That measures what a cross-thread
+//! hand-off costs the steps, still without processes or sockets.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,9 +35,11 @@ fn main() -> Result<()> {
     let usage = "usage: split_speed MODEL_DIR [--threads N] [--tg N] [--rounds N] [--nap-us N] [--spin-us N] [--json]";
     let dir = PathBuf::from(args.next().context(usage)?);
     let (mut threads, mut tg, mut rounds, mut nap_us, mut spin_us, mut json) = (2usize, 128usize, 6usize, 0u64, 0u64, false);
+    let mut hand_off = false;
     while let Some(flag) = args.next() {
-        if flag == "--json" {
-            json = true;
+        if flag == "--json" || flag == "--hand-off" {
+            json |= flag == "--json";
+            hand_off |= flag == "--hand-off";
             continue;
         }
         let value: u64 = args.next().with_context(|| format!("{flag} needs a value"))?.parse().with_context(|| flag.clone())?;
@@ -49,8 +57,13 @@ fn main() -> Result<()> {
     let layers = source.config()?.num_layers;
     let load = |range| source.load_shard(&LoadOptions { dtype: DType::Bf16, range, progress: false }, backend.clone());
     let whole = load(None)?;
+    // Handed off, each shard computes on a thread (and a backend) of its own, as each worker does.
+    let exit_backend = if hand_off { Arc::new(CpuBackend::new(threads)) } else { backend.clone() };
     let entry = load(Some(LayerRange::new(0, layers / 2, layers)?))?;
-    let exit = load(Some(LayerRange::new(layers / 2, layers, layers)?))?;
+    let exit = source.load_shard(
+        &LoadOptions { dtype: DType::Bf16, range: Some(LayerRange::new(layers / 2, layers, layers)?), progress: false },
+        exit_backend,
+    )?;
     let wait_for_neighbour = || {
         if nap_us > 0 {
             backend.release_idle_threads();
@@ -77,7 +90,39 @@ fn main() -> Result<()> {
         let (mut entry_cache, mut exit_cache) = (entry.new_cache(), exit.new_cache());
         let (mut entry_s, mut exit_s) = (0.0, 0.0);
         let mut token = 1u32;
-        for _ in 0..tg {
+        if hand_off {
+            let (to_exit, from_entry) = std::sync::mpsc::channel::<Vec<f32>>();
+            let (to_entry, from_exit) = std::sync::mpsc::channel::<u32>();
+            let spin = Duration::from_micros(spin_us);
+            let (exit, exit_cache) = (&exit, &mut exit_cache);
+            std::thread::scope(|scope| -> Result<()> {
+                let exit_thread = scope.spawn(move || -> Result<f64> {
+                    let mut busy = 0.0;
+                    while let Some(hidden) = receive(&from_entry, spin) {
+                        let t = Instant::now();
+                        let token = argmax(&logits(exit.forward(StepInput::Hidden(&hidden), exit_cache)?)?) as u32;
+                        busy += t.elapsed().as_secs_f64();
+                        if to_entry.send(token).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(busy)
+                });
+                for _ in 0..tg {
+                    let t = Instant::now();
+                    let StepOutput::Hidden(hidden) = entry.forward(StepInput::Tokens(&[token]), &mut entry_cache)? else {
+                        bail!("an entry shard returns hidden states")
+                    };
+                    entry_s += t.elapsed().as_secs_f64();
+                    to_exit.send(hidden).context("the exit thread stopped")?;
+                    token = receive(&from_exit, spin).context("the exit thread stopped")?;
+                }
+                drop(to_exit);
+                exit_s = exit_thread.join().expect("the exit thread does not panic")?;
+                Ok(())
+            })?;
+        }
+        for _ in 0..if hand_off { 0 } else { tg } {
             wait_for_neighbour();
             let t0 = Instant::now();
             let StepOutput::Hidden(hidden) = entry.forward(StepInput::Tokens(&[token]), &mut entry_cache)? else {
@@ -93,7 +138,7 @@ fn main() -> Result<()> {
         if json {
             println!(
                 "{{\"round\": {round}, \"threads\": {threads}, \"tg\": {tg}, \"nap_us\": {nap_us}, \"spin_us\": {spin_us}, \
-                 \"whole_ms\": {whole_ms:.4}, \"split_ms\": {:.4}, \"entry_ms\": {:.4}, \"exit_ms\": {:.4}}}",
+                 \"hand_off\": {hand_off}, \"whole_ms\": {whole_ms:.4}, \"split_ms\": {:.4}, \"entry_ms\": {:.4}, \"exit_ms\": {:.4}}}",
                 per(entry_s + exit_s),
                 per(entry_s),
                 per(exit_s)
@@ -108,4 +153,18 @@ fn main() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The next message on `from`, polled for up to `spin` first (as a worker's `--busy-poll-us`), then
+/// waited for; `None` once the sender is gone.
+fn receive<T>(from: &std::sync::mpsc::Receiver<T>, spin: Duration) -> Option<T> {
+    let until = Instant::now() + spin;
+    while Instant::now() < until {
+        match from.try_recv() {
+            Ok(message) => return Some(message),
+            Err(std::sync::mpsc::TryRecvError::Empty) => std::hint::spin_loop(),
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => return None,
+        }
+    }
+    from.recv().ok()
 }
