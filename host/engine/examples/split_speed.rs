@@ -52,6 +52,9 @@ fn main() -> Result<()> {
             other => bail!("unknown flag {other}"),
         }
     }
+    if hand_off && nap_us > 0 {
+        bail!("--nap-us does not apply to --hand-off: each shard there waits for the other's step");
+    }
     let backend = Arc::new(CpuBackend::new(threads));
     let source = ModelSource::from_path(&dir)?;
     let layers = source.config()?.num_layers;
@@ -108,31 +111,40 @@ fn main() -> Result<()> {
                     }
                     Ok(busy)
                 });
-                for _ in 0..tg {
-                    let t = Instant::now();
-                    let StepOutput::Hidden(hidden) = entry.forward(StepInput::Tokens(&[token]), &mut entry_cache)? else {
-                        bail!("an entry shard returns hidden states")
-                    };
-                    entry_s += t.elapsed().as_secs_f64();
-                    to_exit.send(hidden).context("the exit thread stopped")?;
-                    token = receive(&from_exit, spin).context("the exit thread stopped")?;
-                }
+                let mut feed = || -> Result<()> {
+                    for _ in 0..tg {
+                        let t = Instant::now();
+                        let StepOutput::Hidden(hidden) = entry.forward(StepInput::Tokens(&[token]), &mut entry_cache)?
+                        else {
+                            bail!("an entry shard returns hidden states")
+                        };
+                        entry_s += t.elapsed().as_secs_f64();
+                        to_exit.send(hidden).context("the exit thread stopped")?;
+                        token = receive(&from_exit, spin).context("the exit thread stopped")?;
+                    }
+                    Ok(())
+                };
+                let fed = feed();
+                // Closing the channel ends the exit thread, whether or not the entry's side failed.
                 drop(to_exit);
-                exit_s = exit_thread.join().expect("the exit thread does not panic")?;
+                let exit_busy = exit_thread.join().expect("the exit thread does not panic");
+                fed?;
+                exit_s = exit_busy?;
                 Ok(())
             })?;
-        }
-        for _ in 0..if hand_off { 0 } else { tg } {
-            wait_for_neighbour();
-            let t0 = Instant::now();
-            let StepOutput::Hidden(hidden) = entry.forward(StepInput::Tokens(&[token]), &mut entry_cache)? else {
-                bail!("an entry shard returns hidden states")
-            };
-            entry_s += t0.elapsed().as_secs_f64();
-            wait_for_neighbour();
-            let t1 = Instant::now();
-            token = argmax(&logits(exit.forward(StepInput::Hidden(&hidden), &mut exit_cache)?)?) as u32;
-            exit_s += t1.elapsed().as_secs_f64();
+        } else {
+            for _ in 0..tg {
+                wait_for_neighbour();
+                let t0 = Instant::now();
+                let StepOutput::Hidden(hidden) = entry.forward(StepInput::Tokens(&[token]), &mut entry_cache)? else {
+                    bail!("an entry shard returns hidden states")
+                };
+                entry_s += t0.elapsed().as_secs_f64();
+                wait_for_neighbour();
+                let t1 = Instant::now();
+                token = argmax(&logits(exit.forward(StepInput::Hidden(&hidden), &mut exit_cache)?)?) as u32;
+                exit_s += t1.elapsed().as_secs_f64();
+            }
         }
         let per = |s: f64| s * 1e3 / tg as f64;
         if json {
