@@ -32,24 +32,27 @@ use computepool_engine::shard::LayerRange;
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
-    let usage = "usage: split_speed MODEL_DIR [--threads N] [--tg N] [--rounds N] [--nap-us N] [--spin-us N] [--json]";
+    let usage = "usage: split_speed MODEL_DIR [--threads N] [--tg N] [--rounds N] [--nap-us N] [--spin-us N] [--hand-off] [--json]";
     let dir = PathBuf::from(args.next().context(usage)?);
     let (mut threads, mut tg, mut rounds, mut nap_us, mut spin_us, mut json) = (2usize, 128usize, 6usize, 0u64, 0u64, false);
     let mut hand_off = false;
     while let Some(flag) = args.next() {
-        if flag == "--json" || flag == "--hand-off" {
-            json |= flag == "--json";
-            hand_off |= flag == "--hand-off";
-            continue;
-        }
-        let value: u64 = args.next().with_context(|| format!("{flag} needs a value"))?.parse().with_context(|| flag.clone())?;
+        // The two switches take no value.
         match flag.as_str() {
-            "--threads" => threads = value as usize,
-            "--tg" => tg = value as usize,
-            "--rounds" => rounds = value as usize,
-            "--nap-us" => nap_us = value,
-            "--spin-us" => spin_us = value,
-            other => bail!("unknown flag {other}"),
+            "--json" => json = true,
+            "--hand-off" => hand_off = true,
+            _ => {
+                let value: u64 =
+                    args.next().with_context(|| format!("{flag} needs a value"))?.parse().with_context(|| flag.clone())?;
+                match flag.as_str() {
+                    "--threads" => threads = value as usize,
+                    "--tg" => tg = value as usize,
+                    "--rounds" => rounds = value as usize,
+                    "--nap-us" => nap_us = value,
+                    "--spin-us" => spin_us = value,
+                    other => bail!("unknown flag {other}"),
+                }
+            }
         }
     }
     if hand_off && nap_us > 0 {
@@ -58,15 +61,14 @@ fn main() -> Result<()> {
     let backend = Arc::new(CpuBackend::new(threads));
     let source = ModelSource::from_path(&dir)?;
     let layers = source.config()?.num_layers;
-    let load = |range| source.load_shard(&LoadOptions { dtype: DType::Bf16, range, progress: false }, backend.clone());
-    let whole = load(None)?;
+    let load = |range, backend: &Arc<CpuBackend>| {
+        source.load_shard(&LoadOptions { dtype: DType::Bf16, range, progress: false }, backend.clone())
+    };
+    let whole = load(None, &backend)?;
     // Handed off, each shard computes on a thread (and a backend) of its own, as each worker does.
     let exit_backend = if hand_off { Arc::new(CpuBackend::new(threads)) } else { backend.clone() };
-    let entry = load(Some(LayerRange::new(0, layers / 2, layers)?))?;
-    let exit = source.load_shard(
-        &LoadOptions { dtype: DType::Bf16, range: Some(LayerRange::new(layers / 2, layers, layers)?), progress: false },
-        exit_backend,
-    )?;
+    let entry = load(Some(LayerRange::new(0, layers / 2, layers)?), &backend)?;
+    let exit = load(Some(LayerRange::new(layers / 2, layers, layers)?), &exit_backend)?;
     let wait_for_neighbour = || {
         if nap_us > 0 {
             backend.release_idle_threads();

@@ -199,7 +199,6 @@ fn ms_per_token(out: &std::process::Output, context: impl Fn() -> String) -> f64
     1e3 / json_stats(out)["decode_tokens_per_s"].as_f64().expect("generate --json reports decode_tokens_per_s")
 }
 
-/// The compute time of every decode step a worker logged (`decode step … elapsed_us=N`), in ms.
 /// One field (`elapsed_us`: the whole step; `forward_us`: its forward pass) of every decode step a
 /// worker logged, in ms.
 fn decode_steps_ms(log: &str, field: &str) -> Vec<f64> {
