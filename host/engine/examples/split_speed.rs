@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --release -p computepool-engine --example split_speed -- MODEL_DIR [--threads 2] [--tg 128]
-//!     [--rounds 6] [--nap-us 0] [--spin-us 0] [--json]
+//!     [--rounds 6] [--nap-us 0] [--spin-us 0] [--hand-off | --processes] [--json]
 //! ```
 //! Before each shard's step the split can wait as a pipeline worker waits for its neighbour's frame:
 //! `--nap-us N` sleeps N µs with the backend's threads released (the core idles: on a VM its vCPU
@@ -18,6 +18,11 @@
 //! threads: each shard waits for the other's step, blocked (the default: woken by the other thread) or,
 //! with `--spin-us`, polling its channel for up to that long first. That measures what a cross-thread
 //! hand-off costs the steps, still without processes or sockets.
+//!
+//! `--processes` runs the exit shard in a child process of its own (this example, started again with
+//! `--serve-exit`), handing the hidden state and the token across through the child's stdin and stdout
+//! pipes, each side blocked in `read` until the other's step is done: a pipeline's workers as separate
+//! processes, still without a network stack or network threads. The child times its own steps.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -32,15 +37,21 @@ use computepool_engine::shard::LayerRange;
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
-    let usage = "usage: split_speed MODEL_DIR [--threads N] [--tg N] [--rounds N] [--nap-us N] [--spin-us N] [--hand-off] [--json]";
+    let usage = "usage: split_speed MODEL_DIR [--threads N] [--tg N] [--rounds N] [--nap-us N] [--spin-us N] [--hand-off | --processes] [--json]";
     let dir = PathBuf::from(args.next().context(usage)?);
+    if dir.as_os_str() == "--serve-exit" {
+        let dir = PathBuf::from(args.next().context("--serve-exit MODEL_DIR THREADS")?);
+        let threads = args.next().context("--serve-exit MODEL_DIR THREADS")?.parse()?;
+        return serve_exit(&dir, threads);
+    }
     let (mut threads, mut tg, mut rounds, mut nap_us, mut spin_us, mut json) = (2usize, 128usize, 6usize, 0u64, 0u64, false);
-    let mut hand_off = false;
+    let (mut hand_off, mut processes) = (false, false);
     while let Some(flag) = args.next() {
         // The two switches take no value.
         match flag.as_str() {
             "--json" => json = true,
             "--hand-off" => hand_off = true,
+            "--processes" => processes = true,
             _ => {
                 let value: u64 =
                     args.next().with_context(|| format!("{flag} needs a value"))?.parse().with_context(|| flag.clone())?;
@@ -55,8 +66,11 @@ fn main() -> Result<()> {
             }
         }
     }
-    if hand_off && nap_us > 0 {
-        bail!("--nap-us does not apply to --hand-off: each shard there waits for the other's step");
+    if (hand_off || processes) && (nap_us > 0 || (processes && spin_us > 0)) {
+        bail!("--nap-us (and, with --processes, --spin-us) does not apply: each shard there waits for the other's step");
+    }
+    if hand_off && processes {
+        bail!("--hand-off and --processes are two different ways to hand the steps over; pick one");
     }
     let backend = Arc::new(CpuBackend::new(threads));
     let source = ModelSource::from_path(&dir)?;
@@ -68,7 +82,12 @@ fn main() -> Result<()> {
     // Handed off, each shard computes on a thread (and a backend) of its own, as each worker does.
     let exit_backend = if hand_off { Arc::new(CpuBackend::new(threads)) } else { backend.clone() };
     let entry = load(Some(LayerRange::new(0, layers / 2, layers)?), &backend)?;
-    let exit = load(Some(LayerRange::new(layers / 2, layers, layers)?), &exit_backend)?;
+    // With --processes the exit shard lives in the child alone.
+    let (exit, mut child) = if processes {
+        (None, Some(ExitProcess::start(&dir, threads)?))
+    } else {
+        (Some(load(Some(LayerRange::new(layers / 2, layers, layers)?), &exit_backend)?), None)
+    };
     let wait_for_neighbour = || {
         if nap_us > 0 {
             backend.release_idle_threads();
@@ -92,14 +111,28 @@ fn main() -> Result<()> {
         }
         let whole_ms = started.elapsed().as_secs_f64() * 1e3 / tg as f64;
 
-        let (mut entry_cache, mut exit_cache) = (entry.new_cache(), exit.new_cache());
+        let mut entry_cache = entry.new_cache();
         let (mut entry_s, mut exit_s) = (0.0, 0.0);
         let mut token = 1u32;
-        if hand_off {
+        if let Some(child) = &mut child {
+            for _ in 0..tg {
+                let t = Instant::now();
+                let StepOutput::Hidden(hidden) = entry.forward(StepInput::Tokens(&[token]), &mut entry_cache)? else {
+                    bail!("an entry shard returns hidden states")
+                };
+                entry_s += t.elapsed().as_secs_f64();
+                let (next, busy) = child.step(&hidden)?;
+                token = next;
+                exit_s += busy;
+            }
+            child.reset()?;
+        } else if hand_off {
+            let exit = exit.as_ref().expect("loaded here unless --processes");
+            let mut exit_cache = exit.new_cache();
             let (to_exit, from_entry) = std::sync::mpsc::channel::<Vec<f32>>();
             let (to_entry, from_exit) = std::sync::mpsc::channel::<u32>();
             let spin = Duration::from_micros(spin_us);
-            let (exit, exit_cache) = (&exit, &mut exit_cache);
+            let exit_cache = &mut exit_cache;
             std::thread::scope(|scope| -> Result<()> {
                 let exit_thread = scope.spawn(move || -> Result<f64> {
                     let mut busy = 0.0;
@@ -135,6 +168,8 @@ fn main() -> Result<()> {
                 Ok(())
             })?;
         } else {
+            let exit = exit.as_ref().expect("loaded here unless --processes");
+            let mut exit_cache = exit.new_cache();
             for _ in 0..tg {
                 wait_for_neighbour();
                 let t0 = Instant::now();
@@ -152,7 +187,7 @@ fn main() -> Result<()> {
         if json {
             println!(
                 "{{\"round\": {round}, \"threads\": {threads}, \"tg\": {tg}, \"nap_us\": {nap_us}, \"spin_us\": {spin_us}, \
-                 \"hand_off\": {hand_off}, \"whole_ms\": {whole_ms:.4}, \"split_ms\": {:.4}, \"entry_ms\": {:.4}, \"exit_ms\": {:.4}}}",
+                 \"hand_off\": {hand_off}, \"processes\": {processes}, \"whole_ms\": {whole_ms:.4}, \"split_ms\": {:.4}, \"entry_ms\": {:.4}, \"exit_ms\": {:.4}}}",
                 per(entry_s + exit_s),
                 per(entry_s),
                 per(exit_s)
@@ -181,4 +216,94 @@ fn receive<T>(from: &std::sync::mpsc::Receiver<T>, spin: Duration) -> Option<T> 
         }
     }
     from.recv().ok()
+}
+
+/// The exit shard in a child process: this example again, with `--serve-exit`.
+struct ExitProcess {
+    child: std::process::Child,
+    to: std::process::ChildStdin,
+    from: std::process::ChildStdout,
+}
+
+/// A hidden state's length prefix that asks the child for a fresh cache (a new round) instead of a step.
+const RESET: u32 = u32::MAX;
+
+impl ExitProcess {
+    fn start(dir: &std::path::Path, threads: usize) -> Result<Self> {
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("--serve-exit")
+            .arg(dir)
+            .arg(threads.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the exit process")?;
+        let to = child.stdin.take().expect("stdin was piped");
+        let from = child.stdout.take().expect("stdout was piped");
+        Ok(ExitProcess { child, to, from })
+    }
+
+    /// Sends one hidden state; returns the token and the seconds the child's forward pass took.
+    fn step(&mut self, hidden: &[f32]) -> Result<(u32, f64)> {
+        use std::io::{Read, Write};
+        let mut message = Vec::with_capacity(4 + hidden.len() * 4);
+        message.extend_from_slice(&(hidden.len() as u32).to_le_bytes());
+        message.extend_from_slice(bytemuck::cast_slice(hidden));
+        self.to.write_all(&message).context("the exit process stopped")?;
+        let mut answer = [0u8; 12];
+        self.from.read_exact(&mut answer).context("the exit process stopped")?;
+        let token = u32::from_le_bytes(answer[..4].try_into().expect("4 bytes"));
+        let busy = f64::from_le_bytes(answer[4..].try_into().expect("8 bytes"));
+        Ok((token, busy))
+    }
+
+    fn reset(&mut self) -> Result<()> {
+        use std::io::Write;
+        self.to.write_all(&RESET.to_le_bytes()).context("the exit process stopped")
+    }
+}
+
+impl Drop for ExitProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The child's side of `--processes`: the exit half of the model, one step per hidden state read.
+fn serve_exit(dir: &std::path::Path, threads: usize) -> Result<()> {
+    use std::io::{Read, Write};
+    let backend = Arc::new(CpuBackend::new(threads));
+    let source = ModelSource::from_path(dir)?;
+    let layers = source.config()?.num_layers;
+    let exit = source.load_shard(
+        &LoadOptions { dtype: DType::Bf16, range: Some(LayerRange::new(layers / 2, layers, layers)?), progress: false },
+        backend,
+    )?;
+    let (mut input, mut output) = (std::io::stdin().lock(), std::io::stdout().lock());
+    let mut cache = exit.new_cache();
+    let mut len = [0u8; 4];
+    while input.read_exact(&mut len).is_ok() {
+        let n = u32::from_le_bytes(len);
+        if n == RESET {
+            cache = exit.new_cache();
+            continue;
+        }
+        let mut bytes = vec![0u8; n as usize * 4];
+        input.read_exact(&mut bytes)?;
+        let hidden: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
+        let t = Instant::now();
+        let StepOutput::Logits(logits) = exit.forward(StepInput::Hidden(&hidden), &mut cache)? else {
+            bail!("an exit shard returns logits")
+        };
+        let token = argmax(&logits) as u32;
+        let busy = t.elapsed().as_secs_f64();
+        let mut answer = [0u8; 12];
+        answer[..4].copy_from_slice(&token.to_le_bytes());
+        answer[4..].copy_from_slice(&busy.to_le_bytes());
+        output.write_all(&answer)?;
+        output.flush()?;
+    }
+    Ok(())
 }
