@@ -319,6 +319,12 @@ def pipeline_paired_section(p, runs):
     p("it is for: each worker with a machine, or a spare core, of its own. The column says what the 2 shards")
     p("do; the 1-shard worker does the same when they poll, and otherwise keeps its default, a 1 ms poll (its")
     p("next job is its own token, handed over in-process).")
+    if any(r.get("compute_cpus") for r in runs):
+        p("")
+        p("Rows marked \"compute on CPU …\" give every worker's compute thread those CPUs (`worker --compute-cpus`,")
+        p("the 1-shard worker's too): one stream computes on one shard at a time, and shards taking turns on one")
+        p("core never start a step on a core that sat idle, which on this VM makes the step itself slower")
+        p("(host/node/src/worker/cpus.rs). It suits one stream at a time: shards sharing a core never compute at once.")
     p("")
     p("| threads per process | worker between steps | rounds | one process tok/s | 1 shard tok/s | 2 shards tok/s "
       "| 2 shards ÷ 1 shard | rounds ≥ 95% | 2 shards ÷ one process |")
@@ -326,6 +332,8 @@ def pipeline_paired_section(p, runs):
     for r in runs:
         poll = r.get("busy_poll_us") or 0
         between = f"polls (up to {poll / 1000:g} ms)" if poll else "sleeps"
+        if r.get("compute_cpus"):
+            between += f", compute on CPU {r['compute_cpus']}"
         p(f"| {r['threads']} | {between} | {r['rounds']} | {spread(r['one_process'])} | {spread(r['one_shard'])} | "
           f"{spread(r['pipeline'])} | {spread(r['ratio_to_one_shard'], '.1%')} | {r['rounds_at_target']} of {r['rounds']} | "
           f"{spread(r['ratio'], '.1%')} |")

@@ -64,6 +64,10 @@ pub struct BenchArgs {
     /// worker's own (`worker::default_busy_poll_us`: 0, or 1 ms for 1 shard).
     #[arg(long, requires = "shards", conflicts_with = "api")]
     busy_poll_us: Option<u64>,
+    /// With --shards: each worker's `--compute-cpus` (`0` puts every shard's compute on CPU 0: the
+    /// placement for one stream at a time, see worker/cpus.rs). Default: wherever the OS puts them.
+    #[arg(long, requires = "shards", conflicts_with = "api")]
+    compute_cpus: Option<crate::worker::cpus::CpuSet>,
     /// With --shards: how frames travel between the workers: `iroh` (QUIC), or `axl` (each worker
     /// through a stand-in Gensyn AXL daemon in this process: the bridge's own cost, without a mesh).
     #[arg(long, value_enum, requires = "shards", conflicts_with = "api", default_value_t = crate::worker::FrameTransport::Iroh)]
@@ -94,6 +98,9 @@ struct BenchResult {
     /// Pipeline runs: the workers' `--busy-poll-us` (0: off).
     #[serde(skip_serializing_if = "Option::is_none")]
     busy_poll_us: Option<u64>,
+    /// Pipeline runs: the workers' `--compute-cpus`, when given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    compute_cpus: Option<String>,
     /// Pipeline runs: how frames travelled between the workers (`iroh`, or `axl` through stand-in daemons).
     #[serde(skip_serializing_if = "Option::is_none")]
     transport: Option<&'static str>,
@@ -201,6 +208,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 bytes_read_per_token: shard.bytes_read_per_token(),
                 shards: None,
                 busy_poll_us: None,
+                compute_cpus: None,
                 transport: None,
                 worker_rss_bytes: Vec::new(),
                 worker_weight_bytes: Vec::new(),
@@ -241,6 +249,11 @@ fn run_sharded(args: BenchArgs) -> anyhow::Result<()> {
     let shards = args.shards.expect("checked by the caller");
     // Each worker's own default, given explicitly so that the JSON says what ran.
     let busy_poll_us = args.busy_poll_us.unwrap_or_else(|| crate::worker::default_busy_poll_us(shards == 1));
+    let mut worker_args = vec!["--busy-poll-us".to_string(), busy_poll_us.to_string()];
+    if let Some(cpus) = &args.compute_cpus {
+        cpus.check_allowed().map_err(|e| anyhow::anyhow!("--compute-cpus {cpus}: {e}"))?;
+        worker_args.extend(["--compute-cpus".to_string(), cpus.to_string()]);
+    }
     let threads = args.threads.unwrap_or_else(crate::generate::default_threads);
     let model_name = args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let config = ModelSource::from_path(&args.model)?.config()?;
@@ -265,7 +278,7 @@ fn run_sharded(args: BenchArgs) -> anyhow::Result<()> {
             samplers: Default::default(),
             transport: args.transport,
             payouts: Vec::new(),
-            worker_args: vec![vec!["--busy-poll-us".into(), busy_poll_us.to_string()]; shards],
+            worker_args: vec![worker_args.clone(); shards],
         };
         let pipeline = LocalPipeline::start(&options)?;
         let mut rng = Rng::new(1234);
@@ -337,6 +350,7 @@ fn run_sharded(args: BenchArgs) -> anyhow::Result<()> {
                 bytes_read_per_token: 0,
                 shards: Some(shards),
                 busy_poll_us: Some(busy_poll_us),
+                compute_cpus: args.compute_cpus.as_ref().map(|c| c.to_string()),
                 transport: Some(args.transport.name()),
                 worker_rss_bytes: pipeline.ready.iter().map(|r| r.rss_bytes.unwrap_or(0)).collect(),
                 worker_weight_bytes: pipeline.ready.iter().map(|r| r.weight_bytes).collect(),

@@ -58,6 +58,52 @@ fn sharded_equals_unsharded_on_smollm2() {
     }
 }
 
+/// `--compute-cpus` puts each worker's compute thread on the CPUs given and nothing else there: its
+/// network thread keeps every CPU the process may use. The tokens are the single-process ones.
+#[test]
+fn compute_cpus_place_the_compute_thread_alone_and_change_no_token() {
+    fn cpus_allowed(status: &str) -> String {
+        let line = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")).expect("the kernel lists allowed CPUs");
+        line["Cpus_allowed_list:".len()..].trim().to_string()
+    }
+    let allowed = cpus_allowed(&std::fs::read_to_string("/proc/self/status").expect("this process's status"));
+    let first = allowed.split([',', '-']).next().expect("at least one CPU").to_string();
+    let ckpt = tiny::checkpoint(tiny::Family::Llama3);
+    let args = [&["--prompt", "w5 w9 w17 w33"][..], GREEDY].concat();
+    let want = unsharded_tokens(ckpt.dir(), &args);
+    let mut cluster = Cluster::local(ckpt.dir(), tiny::LAYERS as u32, 2, &["--compute-cpus", &first]);
+    cluster.start_all();
+    assert_eq!(cluster.tokens(&args), want, "2 shards with their compute on CPU {first}");
+    for i in 0..2 {
+        let pid = cluster.pid(i).expect("the worker runs");
+        let mut placed = std::collections::HashMap::new();
+        for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("the worker's threads") {
+            let task = task.expect("a thread").path();
+            let (Ok(comm), Ok(status)) =
+                (std::fs::read_to_string(task.join("comm")), std::fs::read_to_string(task.join("status")))
+            else {
+                continue; // a thread that just ended
+            };
+            placed.insert(comm.trim().to_string(), cpus_allowed(&status));
+        }
+        assert_eq!(placed.get("engine"), Some(&first), "worker {i}'s compute thread: {placed:?}");
+        assert_eq!(placed.get("net"), Some(&allowed), "worker {i}'s network thread: {placed:?}");
+    }
+    // A CPU the process may not use is refused before anything loads.
+    let out = std::process::Command::new(common::bin())
+        .args(["worker", "--model"])
+        .arg(ckpt.dir())
+        .args(["--topology"])
+        .arg(cluster.topology_path())
+        .args(["--key"])
+        .arg(cluster.dir.path().join("worker-0.key"))
+        .args(["--compute-cpus", "1023"])
+        .output()
+        .expect("run a worker");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("--compute-cpus 1023") && stderr.contains(&allowed), "{stderr}");
+}
+
 /// A pool whose topology gives no worker an address, only the pool's relay (`computepool relay`,
 /// admitting the pool's peers alone): the workers and the client find each other through it, and the
 /// tokens are the single-process ones. (On one host the peers then move to a direct path they learn

@@ -85,6 +85,8 @@ pub struct EngineLoopConfig {
     pub samplers: std::sync::Arc<Samplers>,
     /// A fault drill the exit runs (`--fault`), if any.
     pub fault: Option<super::fault::Fault>,
+    /// The CPUs the compute thread runs on (`--compute-cpus`); `None`: wherever the OS puts it.
+    pub cpus: Option<super::cpus::CpuSet>,
 }
 
 /// Runs until the job channel closes. Every frame it produces goes to `out`, in order.
@@ -382,7 +384,14 @@ pub fn spawn(
     let (tx, rx) = mpsc::channel(256);
     let handle = std::thread::Builder::new()
         .name("engine".into())
-        .spawn(move || run(shard, rx, out, config))
+        .spawn(move || {
+            if let Some(cpus) = &config.cpus
+                && let Err(e) = cpus.pin_current_thread()
+            {
+                tracing::warn!(%cpus, "the compute thread runs unpinned: {e}");
+            }
+            run(shard, rx, out, config)
+        })
         .expect("the OS can start one thread");
     (tx, handle)
 }

@@ -24,6 +24,7 @@
 //! - [`fault`]: fault drills (`--fault`, hidden): a worker that misbehaves on purpose, for tests.
 
 pub mod axl;
+pub mod cpus;
 pub mod engine_loop;
 pub mod entry;
 pub mod fault;
@@ -114,6 +115,15 @@ pub struct WorkerArgs {
     /// model, whose next job is its own token handed over in-process: [`WHOLE_MODEL_POLL_US`]).
     #[arg(long)]
     pub busy_poll_us: Option<u64>,
+    /// CPUs this worker computes on, as Linux writes them (`0`, `0,2`, `0-3`): its compute thread, and
+    /// with --threads above 1 that thread's helpers, run only there; its network thread runs anywhere.
+    /// For hosts that run several shards of one pipeline and serve one stream at a time: giving them
+    /// all the same core saves each step the cost of starting on a core that sat idle (on a VM, a
+    /// step handed to another vCPU runs slower; see worker/cpus.rs), but shards sharing a core never
+    /// compute at once, which concurrent requests need. Each CPU must be one this process may use.
+    /// Default: wherever the OS puts them.
+    #[arg(long)]
+    pub compute_cpus: Option<cpus::CpuSet>,
     /// A neighbour silent for this long is gone, in ms.
     #[arg(long, default_value_t = 1000)]
     pub peer_timeout_ms: u64,
@@ -208,8 +218,16 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         }
         tracing::warn!(%fault, "FAULT DRILL: this worker emits wrong tokens on purpose; output audits will convict its operator");
     }
-    let shard = DeviceShard::load(&source, &LoadOptions { dtype, range: Some(range), progress: false }, device, threads)
-        .with_context(|| format!("loading layers {layers} of {} on {device}", args.model.display()))?;
+    if let Some(cpus) = &args.compute_cpus {
+        cpus.check_allowed().map_err(|e| anyhow::anyhow!("--compute-cpus {cpus}: {e}"))?;
+    }
+    let shard = {
+        // A CPU backend starts its helper threads as it loads: started inside the scope, they keep
+        // the compute CPUs.
+        let _pinned = args.compute_cpus.as_ref().map(cpus::PinnedScope::enter).transpose().context("--compute-cpus")?;
+        DeviceShard::load(&source, &LoadOptions { dtype, range: Some(range), progress: false }, device, threads)
+            .with_context(|| format!("loading layers {layers} of {} on {device}", args.model.display()))?
+    };
     tracing::info!(layers = %layers, device = %shard.device_name(), "shard loaded");
     let tokenizer = if layers.start == 0 { Some(Arc::new(source.tokenizer()?)) } else { None };
     let report = match &args.orchestrator {
@@ -301,6 +319,7 @@ async fn serve(
         stats: stats.clone(),
         samplers: samplers.clone(),
         fault: args.fault.as_deref().map(fault::Fault::parse).transpose().map_err(anyhow::Error::msg)?,
+        cpus: args.compute_cpus.clone(),
     };
     let (engine_tx, engine_thread) = engine_loop::spawn(shard, out_tx.clone(), engine_config);
 

@@ -175,6 +175,11 @@ impl Cluster {
         }
     }
 
+    /// Worker `i`'s process id, while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.workers[i].as_ref().map(|c| c.id())
+    }
+
     /// Kills worker `i` (SIGKILL: no goodbye to its peers).
     pub fn kill(&mut self, i: usize) {
         if let Some(mut child) = self.workers[i].take() {
