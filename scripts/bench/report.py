@@ -396,7 +396,7 @@ def pipeline_section(p, runs, netns_log, paired=None):
 
 
 TIMED = re.compile(
-    r"netns (?P<n>\d+) shards, timed, workers (?P<mode>\w+): per token (?P<s>[\d.]+) ms \((?P<s_lo>[\d.]+)–(?P<s_hi>[\d.]+)\); "
+    r"netns (?P<n>\d+) shards, timed, workers (?P<mode>[^:]+): per token (?P<s>[\d.]+) ms \((?P<s_lo>[\d.]+)–(?P<s_hi>[\d.]+)\); "
     r"one process (?P<o>[\d.]+) ms \((?P<o_lo>[\d.]+)–(?P<o_hi>[\d.]+)\); ring (?P<ring>[\d.]+) ms; "
     r"target − sharded per round (?P<m>[-+\d.]+) ms \((?P<m_lo>[-+\d.]+)–(?P<m_hi>[-+\d.]+)\), ≥ 0 in (?P<held>\d+) of (?P<rounds>\d+); "
     r"shards' median steps add up to (?P<steps>[\d.]+) ms, leaving (?P<hops>[-\d.]+) ms for \d+ hops"
@@ -440,7 +440,9 @@ def netns_section(p, netns_log):
     p("| shards | workers between steps | per token, ms | one process, ms | ring, ms | target − per token, ms | rounds ≥ 0 | compute, ms | forward, ms | hops, ms |")
     p("|---|---|---|---|---|---|---|---|---|---|")
     for t in timed:
-        mode = "poll (`--busy-poll-us 20000`)" if t["mode"] == "polling" else "sleep"
+        mode = "poll (`--busy-poll-us 20000`)" if t["mode"].startswith("polling") else "sleep"
+        if "compute on CPU" in t["mode"]:
+            mode += ", compute on CPU " + t["mode"].rsplit("CPU ", 1)[1]
         p(f"| {t['n']} | {mode} | {t['s']} ({t['s_lo']}–{t['s_hi']}) | {t['o']} ({t['o_lo']}–{t['o_hi']}) | "
           f"{t['ring']} | {t['m']} ({t['m_lo']}–{t['m_hi']}) | {t['held']} of {t['rounds']} | {t['steps']} | "
           f"{t['forward'] or '–'} | {t['hops']} |")

@@ -225,8 +225,9 @@ fn median_and_range(xs: &[f64]) -> (f64, f64, f64) {
 /// (one thread, like each worker) and then through the shards across namespaces, so both see the same
 /// moment of a shared machine. The RTT is the ring's: half the UDP round trip of each of its links, as
 /// the probes measured them just before (with 2 shards, one round trip of the link between them).
-/// Workers poll between steps (`--busy-poll-us`) and then sleep between steps, each its own cluster;
-/// prints one line per shard count and mode, which BENCHMARKS.md quotes.
+/// Workers poll between steps (`--busy-poll-us`) and then sleep between steps, and both again with
+/// every worker's compute on one CPU (`--compute-cpus`), each its own cluster; prints one line per
+/// shard count and mode, which BENCHMARKS.md quotes.
 #[test]
 #[ignore = "a benchmark: run by scripts/bench/run.sh"]
 fn per_token_time_across_namespaces_against_one_process() {
@@ -235,9 +236,16 @@ fn per_token_time_across_namespaces_against_one_process() {
         return;
     };
     let args = ["--prompt", "The capital of France is", "--max-tokens", TIMING_TOKENS, "--ignore-eos"];
-    let modes: [(&str, &[&str]); 2] = [("polling", &["--busy-poll-us", "20000"]), ("sleeping", &[])];
+    let first_cpu = common::first_allowed_cpu();
+    let modes: [(String, Vec<&str>); 4] = [
+        ("polling".into(), vec!["--busy-poll-us", "20000"]),
+        ("sleeping".into(), vec![]),
+        (format!("polling, compute on CPU {first_cpu}"), vec!["--busy-poll-us", "20000", "--compute-cpus", &first_cpu]),
+        (format!("sleeping, compute on CPU {first_cpu}"), vec!["--compute-cpus", &first_cpu]),
+    ];
     for n in [2usize, 3] {
-        for (mode, worker_args) in modes {
+        for (mode, worker_args) in &modes {
+            let worker_args = &worker_args[..];
             let Some(lab) = lab_or_skip(n) else { return };
             let probes = lab.probe_links();
             // Shard j's upstream neighbour to shard j, for every j: the links a token crosses once the

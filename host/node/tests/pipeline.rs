@@ -62,12 +62,8 @@ fn sharded_equals_unsharded_on_smollm2() {
 /// network thread keeps every CPU the process may use. The tokens are the single-process ones.
 #[test]
 fn compute_cpus_place_the_compute_thread_alone_and_change_no_token() {
-    fn cpus_allowed(status: &str) -> String {
-        let line = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")).expect("the kernel lists allowed CPUs");
-        line["Cpus_allowed_list:".len()..].trim().to_string()
-    }
-    let allowed = cpus_allowed(&std::fs::read_to_string("/proc/self/status").expect("this process's status"));
-    let first = allowed.split([',', '-']).next().expect("at least one CPU").to_string();
+    let allowed = common::cpus_allowed(&std::fs::read_to_string("/proc/self/status").expect("this process's status"));
+    let first = common::first_allowed_cpu();
     let ckpt = tiny::checkpoint(tiny::Family::Llama3);
     let args = [&["--prompt", "w5 w9 w17 w33"][..], GREEDY].concat();
     let want = unsharded_tokens(ckpt.dir(), &args);
@@ -84,7 +80,7 @@ fn compute_cpus_place_the_compute_thread_alone_and_change_no_token() {
             else {
                 continue; // a thread that just ended
             };
-            placed.insert(comm.trim().to_string(), cpus_allowed(&status));
+            placed.insert(comm.trim().to_string(), common::cpus_allowed(&status));
         }
         assert_eq!(placed.get("engine"), Some(&first), "worker {i}'s compute thread: {placed:?}");
         assert_eq!(placed.get("net"), Some(&allowed), "worker {i}'s network thread: {placed:?}");
