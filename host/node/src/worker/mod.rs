@@ -14,6 +14,7 @@
 //! same process, and its tokens go from its compute thread to its own entry without a frame.
 //!
 //! - [`engine_loop`]: the compute thread (batching, KV caches, sampling on the exit).
+//! - [`cpus`]: which CPUs that thread computes on (`--compute-cpus`).
 //! - [`links`]: the outgoing links (dial, redial, numbering) and the router that sends each request's
 //!   frames to its next hop.
 //! - [`axl`]: frames between workers through a Gensyn AXL daemon instead (`--transport axl`): the
