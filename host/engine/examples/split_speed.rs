@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use computepool_engine::DType;
 use computepool_engine::backend::cpu::CpuBackend;
-use computepool_engine::model::{LoadOptions, ModelSource, StepInput, StepOutput};
+use computepool_engine::model::{LoadOptions, ModelSource, Shard, StepInput, StepOutput};
 use computepool_engine::sampling::argmax;
 use computepool_engine::shard::LayerRange;
 
@@ -66,8 +66,11 @@ fn main() -> Result<()> {
             }
         }
     }
-    if (hand_off || processes) && (nap_us > 0 || (processes && spin_us > 0)) {
-        bail!("--nap-us (and, with --processes, --spin-us) does not apply: each shard there waits for the other's step");
+    if (hand_off || processes) && nap_us > 0 {
+        bail!("--nap-us does not apply to --hand-off or --processes: each shard there waits for the other's step");
+    }
+    if processes && spin_us > 0 {
+        bail!("--spin-us does not apply to --processes: each side waits blocked in read");
     }
     if hand_off && processes {
         bail!("--hand-off and --processes are two different ways to hand the steps over; pick one");
@@ -75,9 +78,7 @@ fn main() -> Result<()> {
     let backend = Arc::new(CpuBackend::new(threads));
     let source = ModelSource::from_path(&dir)?;
     let layers = source.config()?.num_layers;
-    let load = |range, backend: &Arc<CpuBackend>| {
-        source.load_shard(&LoadOptions { dtype: DType::Bf16, range, progress: false }, backend.clone())
-    };
+    let load = |range, backend: &Arc<CpuBackend>| load_bf16(&source, range, backend);
     let whole = load(None, &backend)?;
     // Handed off, each shard computes on a thread (and a backend) of its own, as each worker does.
     let exit_backend = if hand_off { Arc::new(CpuBackend::new(threads)) } else { backend.clone() };
@@ -102,6 +103,10 @@ fn main() -> Result<()> {
         StepOutput::Logits(l) => Ok(l),
         StepOutput::Hidden(_) => bail!("an exit shard returns logits"),
     };
+    let hidden_of = |out: StepOutput| match out {
+        StepOutput::Hidden(h) => Ok(h),
+        StepOutput::Logits(_) => bail!("an entry shard returns hidden states"),
+    };
     for round in 0..rounds {
         let mut cache = whole.new_cache();
         let mut token = 1u32;
@@ -117,9 +122,7 @@ fn main() -> Result<()> {
         if let Some(child) = &mut child {
             for _ in 0..tg {
                 let t = Instant::now();
-                let StepOutput::Hidden(hidden) = entry.forward(StepInput::Tokens(&[token]), &mut entry_cache)? else {
-                    bail!("an entry shard returns hidden states")
-                };
+                let hidden = hidden_of(entry.forward(StepInput::Tokens(&[token]), &mut entry_cache)?)?;
                 entry_s += t.elapsed().as_secs_f64();
                 let (next, busy) = child.step(&hidden)?;
                 token = next;
@@ -149,10 +152,7 @@ fn main() -> Result<()> {
                 let mut feed = || -> Result<()> {
                     for _ in 0..tg {
                         let t = Instant::now();
-                        let StepOutput::Hidden(hidden) = entry.forward(StepInput::Tokens(&[token]), &mut entry_cache)?
-                        else {
-                            bail!("an entry shard returns hidden states")
-                        };
+                        let hidden = hidden_of(entry.forward(StepInput::Tokens(&[token]), &mut entry_cache)?)?;
                         entry_s += t.elapsed().as_secs_f64();
                         to_exit.send(hidden).context("the exit thread stopped")?;
                         token = receive(&from_exit, spin).context("the exit thread stopped")?;
@@ -173,9 +173,7 @@ fn main() -> Result<()> {
             for _ in 0..tg {
                 wait_for_neighbour();
                 let t0 = Instant::now();
-                let StepOutput::Hidden(hidden) = entry.forward(StepInput::Tokens(&[token]), &mut entry_cache)? else {
-                    bail!("an entry shard returns hidden states")
-                };
+                let hidden = hidden_of(entry.forward(StepInput::Tokens(&[token]), &mut entry_cache)?)?;
                 entry_s += t0.elapsed().as_secs_f64();
                 wait_for_neighbour();
                 let t1 = Instant::now();
@@ -216,6 +214,15 @@ fn receive<T>(from: &std::sync::mpsc::Receiver<T>, spin: Duration) -> Option<T> 
         }
     }
     from.recv().ok()
+}
+
+/// Loads `range` of the model (`None`: all of it) in bf16 on `backend`.
+fn load_bf16(
+    source: &ModelSource,
+    range: Option<LayerRange>,
+    backend: &Arc<CpuBackend>,
+) -> Result<Shard> {
+    Ok(source.load_shard(&LoadOptions { dtype: DType::Bf16, range, progress: false }, backend.clone())?)
 }
 
 /// The exit shard in a child process: this example again, with `--serve-exit`.
@@ -277,10 +284,7 @@ fn serve_exit(dir: &std::path::Path, threads: usize) -> Result<()> {
     let backend = Arc::new(CpuBackend::new(threads));
     let source = ModelSource::from_path(dir)?;
     let layers = source.config()?.num_layers;
-    let exit = source.load_shard(
-        &LoadOptions { dtype: DType::Bf16, range: Some(LayerRange::new(layers / 2, layers, layers)?), progress: false },
-        backend,
-    )?;
+    let exit = load_bf16(&source, Some(LayerRange::new(layers / 2, layers, layers)?), &backend)?;
     let (mut input, mut output) = (std::io::stdin().lock(), std::io::stdout().lock());
     let mut cache = exit.new_cache();
     let mut len = [0u8; 4];
@@ -290,9 +294,9 @@ fn serve_exit(dir: &std::path::Path, threads: usize) -> Result<()> {
             cache = exit.new_cache();
             continue;
         }
-        let mut bytes = vec![0u8; n as usize * 4];
-        input.read_exact(&mut bytes)?;
-        let hidden: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
+        // Little-endian f32s, as the parent wrote them from memory.
+        let mut hidden = vec![0f32; n as usize];
+        input.read_exact(bytemuck::cast_slice_mut(&mut hidden))?;
         let t = Instant::now();
         let StepOutput::Logits(logits) = exit.forward(StepInput::Hidden(&hidden), &mut cache)? else {
             bail!("an exit shard returns logits")

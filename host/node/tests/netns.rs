@@ -245,7 +245,6 @@ fn per_token_time_across_namespaces_against_one_process() {
     ];
     for n in [2usize, 3] {
         for (mode, worker_args) in &modes {
-            let worker_args = &worker_args[..];
             let Some(lab) = lab_or_skip(n) else { return };
             let probes = lab.probe_links();
             // Shard j's upstream neighbour to shard j, for every j: the links a token crosses once the

@@ -62,7 +62,7 @@ fn sharded_equals_unsharded_on_smollm2() {
 /// network thread keeps every CPU the process may use. The tokens are the single-process ones.
 #[test]
 fn compute_cpus_place_the_compute_thread_alone_and_change_no_token() {
-    let allowed = common::cpus_allowed(&std::fs::read_to_string("/proc/self/status").expect("this process's status"));
+    let allowed = common::process_cpus();
     let first = common::first_allowed_cpu();
     let ckpt = tiny::checkpoint(tiny::Family::Llama3);
     let args = [&["--prompt", "w5 w9 w17 w33"][..], GREEDY].concat();

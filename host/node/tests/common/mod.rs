@@ -38,19 +38,23 @@ pub fn bin_command(netns: Option<&str>) -> Command {
     }
 }
 
-/// A free UDP port on `ip`.
 /// The CPUs a thread may run on, from its `/proc/…/status`, as Linux writes them (`0-1`).
 pub fn cpus_allowed(status: &str) -> String {
     let list = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).expect("the kernel lists allowed CPUs");
     list.trim().to_string()
 }
 
-/// The lowest CPU this process may run on (the workers it starts inherit its mask).
-pub fn first_allowed_cpu() -> String {
-    let status = std::fs::read_to_string("/proc/self/status").expect("this process's status");
-    cpus_allowed(&status).split([',', '-']).next().expect("at least one CPU").to_string()
+/// The CPUs this process may run on (the workers it starts inherit its mask).
+pub fn process_cpus() -> String {
+    cpus_allowed(&std::fs::read_to_string("/proc/self/status").expect("this process's status"))
 }
 
+/// The lowest CPU this process may run on.
+pub fn first_allowed_cpu() -> String {
+    process_cpus().split([',', '-']).next().expect("at least one CPU").to_string()
+}
+
+/// A free UDP port on `ip`.
 pub fn free_port(ip: &str) -> SocketAddr {
     UdpSocket::bind(format!("{ip}:0")).and_then(|s| s.local_addr()).expect("a free UDP port")
 }
