@@ -10,7 +10,7 @@ is), `computepool bench --shards 2 --tg 128` (two worker processes), and `comput
 ratios are taken within the round.
 
     pipeline_paired.py --computepool BIN --model DIR [--rounds 7] [--tg 128] [--threads 2 --threads 1]
-                       [--busy-poll-us 20000] [--compute-cpus 0]
+                       [--busy-poll-us 20000] [--compute-cpus 0] [--keep-cpus-awake]
 
 With --busy-poll-us, each thread count whose 2 workers' threads together fit this machine's cores is
 run once more with the workers' compute threads polling for their next job instead of sleeping (the
@@ -24,6 +24,10 @@ worker's compute on the CPUs given (`worker --compute-cpus`; the 1-shard worker'
 computes on one shard at a time, and shards that take turns on one core never start a step on a core
 that sat idle (worker/cpus.rs says what that costs on a VM).
 
+With --keep-cpus-awake, each configuration with 1 thread per process whose workers sleep between steps
+is run once more with every worker keeping its CPUs awake while it serves (`worker --keep-cpus-awake`:
+SCHED_IDLE spinners, so no vCPU halts between steps and none takes compute time; worker/keep_awake.rs).
+
 One JSON line per configuration: each side's per-round tokens/s and the per-round ratios.
 """
 import os
@@ -35,7 +39,7 @@ import time
 from paired import computepool_tg, spread  # the same runner and statistics as ours against llama.cpp
 
 
-def tg(binary, model, tg_tokens, threads, shards, busy_poll_us=0, compute_cpus=None):
+def tg(binary, model, tg_tokens, threads, shards, busy_poll_us=0, compute_cpus=None, keep_awake=False):
     """tokens/s of one tg run: `shards` 0 is the one-process engine, N ≥ 1 a pool of N workers."""
     args = ["--model", model, "--threads", str(threads), "--dtype", "bf16"]
     if shards > 0:
@@ -44,6 +48,8 @@ def tg(binary, model, tg_tokens, threads, shards, busy_poll_us=0, compute_cpus=N
         args += ["--busy-poll-us", str(busy_poll_us)]
     if shards > 0 and compute_cpus:
         args += ["--compute-cpus", compute_cpus]
+    if shards > 0 and keep_awake:
+        args += ["--keep-cpus-awake"]
     return computepool_tg(binary, args, tg_tokens)
 
 
@@ -59,33 +65,40 @@ def main():
                     help="also run the thread counts that fit the cores with workers polling this long")
     ap.add_argument("--compute-cpus",
                     help="also run the 1-thread configurations with every worker's compute on these CPUs")
+    ap.add_argument("--keep-cpus-awake", action="store_true",
+                    help="also run the 1-thread sleeping configurations with the workers keeping their CPUs awake")
     a = ap.parse_args()
     if a.rounds < 1 or a.shards < 2:
         ap.error("--rounds must be at least 1 and --shards at least 2")
-    configs = [(threads, 0, None) for threads in a.threads or [2]]
+    # (threads, busy_poll_us, compute_cpus, keep_awake)
+    configs = [(threads, 0, None, False) for threads in a.threads or [2]]
     if a.busy_poll_us > 0:
         cores = os.cpu_count() or 1
-        configs += [(threads, a.busy_poll_us, None) for threads, _, _ in list(configs) if threads * a.shards <= cores]
+        configs += [(t, a.busy_poll_us, None, False) for t, _, _, _ in list(configs) if t * a.shards <= cores]
     if a.compute_cpus:
-        configs += [(threads, poll, a.compute_cpus) for threads, poll, _ in list(configs) if threads == 1]
+        configs += [(t, poll, a.compute_cpus, False) for t, poll, _, _ in list(configs) if t == 1]
+    if a.keep_cpus_awake:
+        configs += [(t, 0, None, True) for t, poll, cpus, _ in list(configs) if t == 1 and poll == 0 and cpus is None]
     sides = [0, 1, a.shards]  # one process, 1 shard, the pipeline
-    for threads, busy_poll_us, compute_cpus in configs:
+    for threads, busy_poll_us, compute_cpus, keep_awake in configs:
         runs = {n: [] for n in sides}
         for r in range(a.rounds):
             order = sides[r % len(sides):] + sides[:r % len(sides)]
-            got = {n: tg(a.computepool, a.model, a.tg, threads, n, busy_poll_us, compute_cpus) for n in order}
+            got = {n: tg(a.computepool, a.model, a.tg, threads, n, busy_poll_us, compute_cpus, keep_awake) for n in order}
             for n in sides:
                 runs[n].append(got[n])
             o, one, p = got[0], got[1], got[a.shards]
             polling = f", polling {busy_poll_us} µs" if busy_poll_us else ""
             placed = f", compute on CPUs {compute_cpus}" if compute_cpus else ""
+            placed += ", CPUs kept awake" if keep_awake else ""
             print(f"[pipeline-paired {time.strftime('%H:%M:%S')}] {threads} threads{polling}{placed}, round {r + 1}/{a.rounds}: "
                   f"1 process {o:.1f}, 1 shard {one:.1f}, {a.shards} shards {p:.1f} tok/s, "
                   f"{a.shards} shards ÷ 1 shard {p / one:.3f}, ÷ 1 process {p / o:.3f}", file=sys.stderr)
         one_shard = [p / s for p, s in zip(runs[a.shards], runs[1])]
         one_process = [p / o for p, o in zip(runs[a.shards], runs[0])]
         print(json.dumps({
-            "threads": threads, "busy_poll_us": busy_poll_us, "compute_cpus": compute_cpus, "shards": a.shards, "test": f"tg{a.tg}", "rounds": a.rounds,
+            "threads": threads, "busy_poll_us": busy_poll_us, "compute_cpus": compute_cpus,
+            "keep_cpus_awake": keep_awake, "shards": a.shards, "test": f"tg{a.tg}", "rounds": a.rounds,
             "one_process_ts": runs[0], "one_shard_ts": runs[1], "pipeline_ts": runs[a.shards],
             "ratios_to_one_shard": one_shard, "ratios": one_process,
             "one_process": spread(runs[0]), "one_shard": spread(runs[1]), "pipeline": spread(runs[a.shards]),

@@ -325,6 +325,11 @@ def pipeline_paired_section(p, runs):
         p("the 1-shard worker's too): one stream computes on one shard at a time, and shards taking turns on one")
         p("core never start a step on a core that sat idle, which on this VM makes the step itself slower")
         p("(host/node/src/worker/cpus.rs). It suits one stream at a time: shards sharing a core never compute at once.")
+    if any(r.get("keep_cpus_awake") for r in runs):
+        p("")
+        p("Rows marked \"CPUs kept awake\" run every worker with `--keep-cpus-awake`: while a worker serves a")
+        p("request, one SCHED_IDLE thread per CPU spins, so no vCPU halts between steps, and any other thread")
+        p("that wakes there preempts it at once (host/node/src/worker/keep_awake.rs).")
     p("")
     p("| threads per process | worker between steps | rounds | one process tok/s | 1 shard tok/s | 2 shards tok/s "
       "| 2 shards ÷ 1 shard | rounds ≥ 95% | 2 shards ÷ one process |")
@@ -334,6 +339,8 @@ def pipeline_paired_section(p, runs):
         between = f"polls (up to {poll / 1000:g} ms)" if poll else "sleeps"
         if r.get("compute_cpus"):
             between += f", compute on CPU {r['compute_cpus']}"
+        if r.get("keep_cpus_awake"):
+            between += ", CPUs kept awake"
         p(f"| {r['threads']} | {between} | {r['rounds']} | {spread(r['one_process'])} | {spread(r['one_shard'])} | "
           f"{spread(r['pipeline'])} | {spread(r['ratio_to_one_shard'], '.1%')} | {r['rounds_at_target']} of {r['rounds']} | "
           f"{spread(r['ratio'], '.1%')} |")
@@ -443,6 +450,8 @@ def netns_section(p, netns_log):
         mode = "poll (`--busy-poll-us 20000`)" if t["mode"].startswith("polling") else "sleep"
         if "compute on CPU" in t["mode"]:
             mode += ", compute on CPU " + t["mode"].rsplit("CPU ", 1)[1]
+        if "CPUs kept awake" in t["mode"]:
+            mode += ", CPUs kept awake (`--keep-cpus-awake`)"
         p(f"| {t['n']} | {mode} | {t['s']} ({t['s_lo']}–{t['s_hi']}) | {t['o']} ({t['o_lo']}–{t['o_hi']}) | "
           f"{t['ring']} | {t['m']} ({t['m_lo']}–{t['m_hi']}) | {t['held']} of {t['rounds']} | {t['steps']} | "
           f"{t['forward'] or '–'} | {t['hops']} |")

@@ -68,6 +68,10 @@ pub struct BenchArgs {
     /// placement for one stream at a time, see worker/cpus.rs). Default: wherever the OS puts them.
     #[arg(long, requires = "shards", conflicts_with = "api")]
     compute_cpus: Option<crate::worker::cpus::CpuSet>,
+    /// With --shards: each worker's `--keep-cpus-awake` (while it has a live request, `SCHED_IDLE`
+    /// spinners keep the CPUs from idling; see worker/keep_awake.rs).
+    #[arg(long, requires = "shards", conflicts_with = "api")]
+    keep_cpus_awake: bool,
     /// With --shards: how frames travel between the workers: `iroh` (QUIC), or `axl` (each worker
     /// through a stand-in Gensyn AXL daemon in this process: the bridge's own cost, without a mesh).
     #[arg(long, value_enum, requires = "shards", conflicts_with = "api", default_value_t = crate::worker::FrameTransport::Iroh)]
@@ -101,6 +105,9 @@ struct BenchResult {
     /// Pipeline runs: the workers' `--compute-cpus`, when given.
     #[serde(skip_serializing_if = "Option::is_none")]
     compute_cpus: Option<String>,
+    /// Pipeline runs: whether the workers kept their CPUs awake (`--keep-cpus-awake`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    keep_cpus_awake: bool,
     /// Pipeline runs: how frames travelled between the workers (`iroh`, or `axl` through stand-in daemons).
     #[serde(skip_serializing_if = "Option::is_none")]
     transport: Option<&'static str>,
@@ -209,6 +216,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 shards: None,
                 busy_poll_us: None,
                 compute_cpus: None,
+                keep_cpus_awake: false,
                 transport: None,
                 worker_rss_bytes: Vec::new(),
                 worker_weight_bytes: Vec::new(),
@@ -253,6 +261,9 @@ fn run_sharded(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(cpus) = &args.compute_cpus {
         cpus.check_allowed().map_err(|e| anyhow::anyhow!("--compute-cpus {cpus}: {e}"))?;
         worker_args.extend(["--compute-cpus".to_string(), cpus.to_string()]);
+    }
+    if args.keep_cpus_awake {
+        worker_args.push("--keep-cpus-awake".to_string());
     }
     let threads = args.threads.unwrap_or_else(crate::generate::default_threads);
     let model_name = args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -351,6 +362,7 @@ fn run_sharded(args: BenchArgs) -> anyhow::Result<()> {
                 shards: Some(shards),
                 busy_poll_us: Some(busy_poll_us),
                 compute_cpus: args.compute_cpus.as_ref().map(|c| c.to_string()),
+                keep_cpus_awake: args.keep_cpus_awake,
                 transport: Some(args.transport.name()),
                 worker_rss_bytes: pipeline.ready.iter().map(|r| r.rss_bytes.unwrap_or(0)).collect(),
                 worker_weight_bytes: pipeline.ready.iter().map(|r| r.weight_bytes).collect(),

@@ -225,9 +225,10 @@ fn median_and_range(xs: &[f64]) -> (f64, f64, f64) {
 /// (one thread, like each worker) and then through the shards across namespaces, so both see the same
 /// moment of a shared machine. The RTT is the ring's: half the UDP round trip of each of its links, as
 /// the probes measured them just before (with 2 shards, one round trip of the link between them).
-/// Workers poll between steps (`--busy-poll-us`) and then sleep between steps, and both again with
-/// every worker's compute on one CPU (`--compute-cpus`), each its own cluster; prints one line per
-/// shard count and mode, which BENCHMARKS.md quotes.
+/// Workers poll between steps (`--busy-poll-us`) and then sleep between steps, both again with
+/// every worker's compute on one CPU (`--compute-cpus`), and sleeping once more with the CPUs kept
+/// awake (`--keep-cpus-awake`), each its own cluster; prints one line per shard count and mode, which
+/// BENCHMARKS.md quotes.
 #[test]
 #[ignore = "a benchmark: run by scripts/bench/run.sh"]
 fn per_token_time_across_namespaces_against_one_process() {
@@ -237,11 +238,12 @@ fn per_token_time_across_namespaces_against_one_process() {
     };
     let args = ["--prompt", "The capital of France is", "--max-tokens", TIMING_TOKENS, "--ignore-eos"];
     let first_cpu = common::first_allowed_cpu();
-    let modes: [(String, Vec<&str>); 4] = [
+    let modes: [(String, Vec<&str>); 5] = [
         ("polling".into(), vec!["--busy-poll-us", "20000"]),
         ("sleeping".into(), vec![]),
         (format!("polling, compute on CPU {first_cpu}"), vec!["--busy-poll-us", "20000", "--compute-cpus", &first_cpu]),
         (format!("sleeping, compute on CPU {first_cpu}"), vec!["--compute-cpus", &first_cpu]),
+        ("sleeping, CPUs kept awake".into(), vec!["--keep-cpus-awake"]),
     ];
     for n in [2usize, 3] {
         for (mode, worker_args) in &modes {

@@ -100,6 +100,39 @@ fn compute_cpus_place_the_compute_thread_alone_and_change_no_token() {
     assert!(!out.status.success() && stderr.contains("--compute-cpus 1023") && stderr.contains(&allowed), "{stderr}");
 }
 
+/// `--keep-cpus-awake`: each worker holds one `SCHED_IDLE` spinner per CPU it may use, parked once no
+/// request is live, and the tokens are the single-process ones.
+#[test]
+fn workers_keeping_their_cpus_awake_park_the_spinners_between_requests_and_change_no_token() {
+    let cpus = common::process_cpus();
+    let ckpt = tiny::checkpoint(tiny::Family::Llama3);
+    let args = [&["--prompt", "w5 w9 w17 w33"][..], SAMPLED].concat();
+    let want = unsharded_tokens(ckpt.dir(), &args);
+    let mut cluster = Cluster::local(ckpt.dir(), tiny::LAYERS as u32, 2, &["--keep-cpus-awake"]);
+    cluster.start_all();
+    for round in 0..2 {
+        assert_eq!(cluster.tokens(&args), want, "2 shards keeping CPUs {cpus} awake, request {round}");
+    }
+    for i in 0..2 {
+        let pid = cluster.pid(i).expect("the worker runs");
+        let spinners = || -> Vec<common::ThreadStat> {
+            common::threads_of(pid).into_iter().filter(|t| t.name.starts_with("awake-")).collect()
+        };
+        assert!(
+            wait_for(Duration::from_secs(5), || spinners().iter().all(|t| t.state == 'S')),
+            "worker {i}'s spinners park once its requests are over: {:?}",
+            spinners()
+        );
+        let spinners = spinners();
+        let mut names: Vec<String> = spinners.iter().map(|t| t.name.clone()).collect();
+        names.sort();
+        let mut want_names: Vec<String> = common::cpus_in(&cpus).iter().map(|c| format!("awake-{c}")).collect();
+        want_names.sort();
+        assert_eq!(names, want_names, "worker {i}: one spinner per CPU of {cpus}");
+        assert!(spinners.iter().all(|t| t.policy == 5), "worker {i}'s spinners are SCHED_IDLE: {spinners:?}");
+    }
+}
+
 /// A pool whose topology gives no worker an address, only the pool's relay (`computepool relay`,
 /// admitting the pool's peers alone): the workers and the client find each other through it, and the
 /// tokens are the single-process ones. (On one host the peers then move to a direct path they learn

@@ -44,6 +44,17 @@ impl CpuSet {
         Err(format!("CPUs {outside} are not among those this worker may run on ({allowed})"))
     }
 
+    /// The set of one CPU, which must be below [`MAX_CPUS`] (take it from another set).
+    pub fn single(cpu: usize) -> CpuSet {
+        assert!(cpu < MAX_CPUS, "CPU {cpu} is past the last CPU a set can name");
+        CpuSet { cpus: vec![cpu] }
+    }
+
+    /// The CPUs, lowest first.
+    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.cpus.iter().copied()
+    }
+
     /// Confines the calling thread to these CPUs. Threads it starts afterwards inherit the set.
     pub fn pin_current_thread(&self) -> io::Result<()> {
         sys::pin_current_thread(&self.cpus)

@@ -87,6 +87,8 @@ pub struct EngineLoopConfig {
     pub fault: Option<super::fault::Fault>,
     /// The CPUs the compute thread runs on (`--compute-cpus`); `None`: wherever the OS puts it.
     pub cpus: Option<super::cpus::CpuSet>,
+    /// Spinners that keep the CPUs from idling while a request is live (`--keep-cpus-awake`), if any.
+    pub keep_awake: Option<super::keep_awake::KeepAwake>,
 }
 
 /// Runs until the job channel closes. Every frame it produces goes to `out`, in order.
@@ -146,6 +148,9 @@ pub fn run(shard: DeviceShard, mut jobs: mpsc::Receiver<EngineJob>, out: mpsc::S
         }
         state.sweep_idle();
         state.publish_stats();
+        if let Some(awake) = &state.config.keep_awake {
+            awake.set_active(!state.requests.is_empty());
+        }
         if state.out.is_closed() {
             break;
         }

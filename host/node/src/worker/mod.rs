@@ -29,6 +29,7 @@ pub mod cpus;
 pub mod engine_loop;
 pub mod entry;
 pub mod fault;
+pub mod keep_awake;
 pub mod links;
 pub mod report;
 
@@ -125,6 +126,14 @@ pub struct WorkerArgs {
     /// Default: wherever the OS puts them.
     #[arg(long)]
     pub compute_cpus: Option<cpus::CpuSet>,
+    /// While it has a live request, keep every CPU this process may use from idling: one thread per
+    /// CPU, in Linux's `SCHED_IDLE` class, spins there, so it runs only when nothing else would and
+    /// yields the moment anything wakes (worker/keep_awake.rs). For VMs, whose idle vCPUs halt and
+    /// wake slowly (the kernel's `idle=poll`, for this worker and only while it serves): it costs the
+    /// CPUs' rest (power; on a VM, the host's CPU time) while requests are live, and no compute time.
+    /// Default: off.
+    #[arg(long)]
+    pub keep_cpus_awake: bool,
     /// A neighbour silent for this long is gone, in ms.
     #[arg(long, default_value_t = 1000)]
     pub peer_timeout_ms: u64,
@@ -308,6 +317,15 @@ async fn serve(
     let stats = Arc::new(report::ShardStats::new(shard.range().is_entry()));
 
     let samplers = Arc::new(crate::samplers::Samplers::start(&args.samplers)?);
+    let keep_awake = match args.keep_cpus_awake {
+        true => {
+            let cpus = cpus::CpuSet::allowed().context("--keep-cpus-awake: reading this process's CPUs")?;
+            let awake = keep_awake::KeepAwake::start(&cpus).context("--keep-cpus-awake")?;
+            tracing::info!(cpus = %awake.cpus(), "keeping these CPUs awake while requests are live");
+            Some(awake)
+        }
+        false => None,
+    };
     let topology = Arc::new(topology);
     let (out_tx, out_rx) = mpsc::channel::<Outbound>(1024);
     let engine_config = EngineLoopConfig {
@@ -321,6 +339,7 @@ async fn serve(
         samplers: samplers.clone(),
         fault: args.fault.as_deref().map(fault::Fault::parse).transpose().map_err(anyhow::Error::msg)?,
         cpus: args.compute_cpus.clone(),
+        keep_awake,
     };
     let (engine_tx, engine_thread) = engine_loop::spawn(shard, out_tx.clone(), engine_config);
 

@@ -38,6 +38,33 @@ pub fn bin_command(netns: Option<&str>) -> Command {
     }
 }
 
+/// One thread of a process, as `/proc/PID/task/TID/stat` shows it.
+#[derive(Debug)]
+pub struct ThreadStat {
+    pub name: String,
+    /// `R` running or runnable, `S` sleeping, …
+    pub state: char,
+    /// Its scheduling policy (`SCHED_IDLE` is 5).
+    pub policy: u32,
+}
+
+/// The threads of process `pid` (threads that end while they are read are left out).
+pub fn threads_of(pid: u32) -> Vec<ThreadStat> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("the process's threads") {
+        let Ok(stat) = std::fs::read_to_string(task.expect("a thread").path().join("stat")) else { continue };
+        // The name (field 2) is in parentheses and may hold spaces: count the fields after it.
+        let (open, close) = (stat.find('(').expect("a name"), stat.rfind(')').expect("a name"));
+        let rest: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        threads.push(ThreadStat {
+            name: stat[open + 1..close].to_string(),
+            state: rest[0].chars().next().expect("a state letter"),
+            policy: rest[38].parse().expect("field 41 is the policy"),
+        });
+    }
+    threads
+}
+
 /// The CPUs a thread may run on, from its `/proc/…/status`, as Linux writes them (`0-1`).
 pub fn cpus_allowed(status: &str) -> String {
     let list = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).expect("the kernel lists allowed CPUs");
@@ -52,6 +79,17 @@ pub fn process_cpus() -> String {
 /// The lowest CPU this process may run on.
 pub fn first_allowed_cpu() -> String {
     process_cpus().split([',', '-']).next().expect("at least one CPU").to_string()
+}
+
+/// The CPU numbers of a list as Linux writes it (`0-2,5` is 0, 1, 2 and 5).
+pub fn cpus_in(list: &str) -> Vec<usize> {
+    let number = |n: &str| -> usize { n.trim().parse().unwrap_or_else(|_| panic!("`{n}` in `{list}` is a CPU number")) };
+    list.split(',')
+        .flat_map(|part| match part.split_once('-') {
+            Some((first, last)) => number(first)..=number(last),
+            None => number(part)..=number(part),
+        })
+        .collect()
 }
 
 /// A free UDP port on `ip`.
