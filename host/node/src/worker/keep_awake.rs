@@ -10,8 +10,9 @@
 //! - a shard's step after a 5 ms sleep ran 0.7% over the same step without the sleep, against 2.7%
 //!   (`split_speed --nap-us`, 6 rounds);
 //! - across network namespaces with 5 ms links (1-thread workers sleeping between steps), the shards'
-//!   forward passes added up to 0.4–1.7 ms less per token in 8 of 8 paired runs (2 and 3 shards, 4
-//!   of them with this flag), and the per-token time was lower in 6 of them;
+//!   forward passes added up to 0.4–1.9 ms less per token in 10 of 10 paired runs (2 and 3 shards, 6
+//!   of them with this flag, 2 of those in docs/BENCHMARKS.md), but what the hops took grew in 6 of
+//!   them (cause not found), and the per-token time was lower in 7;
 //! - on loopback, where each shard waits only for the other's step, it gained nothing: 2 shards ran at
 //!   0.96× (0.94–1.16) of the same pipeline without it over 8 alternating rounds.
 //!
