@@ -38,7 +38,6 @@ use super::cpus::CpuSet;
 /// The spinners of one worker: started by [`KeepAwake::start`], parked until [`KeepAwake::set_active`]
 /// says a request is live, stopped when dropped.
 pub struct KeepAwake {
-    cpus: CpuSet,
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -53,7 +52,7 @@ impl KeepAwake {
     /// nothing left running, if a thread cannot be placed or cannot enter `SCHED_IDLE`.
     pub fn start(cpus: &CpuSet) -> io::Result<KeepAwake> {
         let shared = Arc::new(Shared { active: AtomicBool::new(false), stop: AtomicBool::new(false) });
-        let mut awake = KeepAwake { cpus: cpus.clone(), shared: shared.clone(), threads: Vec::new() };
+        let mut awake = KeepAwake { shared: shared.clone(), threads: Vec::new() };
         for cpu in cpus.iter() {
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
             let shared = shared.clone();
@@ -74,11 +73,6 @@ impl KeepAwake {
                 .map_err(|e| io::Error::new(e.kind(), format!("keeping CPU {cpu} awake: {e}")))?;
         }
         Ok(awake)
-    }
-
-    /// The CPUs kept awake.
-    pub fn cpus(&self) -> &CpuSet {
-        &self.cpus
     }
 
     /// Spin (a request is live) or park (none is). Cheap when nothing changes: the engine loop calls it

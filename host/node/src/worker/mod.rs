@@ -321,7 +321,7 @@ async fn serve(
         true => {
             let cpus = cpus::CpuSet::allowed().context("--keep-cpus-awake: reading this process's CPUs")?;
             let awake = keep_awake::KeepAwake::start(&cpus).context("--keep-cpus-awake")?;
-            tracing::info!(cpus = %awake.cpus(), "keeping these CPUs awake while requests are live");
+            tracing::info!(%cpus, "keeping these CPUs awake while requests are live");
             Some(awake)
         }
         false => None,

@@ -78,7 +78,7 @@ pub fn process_cpus() -> String {
 
 /// The lowest CPU this process may run on.
 pub fn first_allowed_cpu() -> String {
-    process_cpus().split([',', '-']).next().expect("at least one CPU").to_string()
+    cpus_in(&process_cpus())[0].to_string()
 }
 
 /// The CPU numbers of a list as Linux writes it (`0-2,5` is 0, 1, 2 and 5).
