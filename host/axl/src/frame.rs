@@ -37,7 +37,7 @@ pub use codec::{
 };
 pub use error::FrameError;
 pub use header::{
-    ActivationsHeader, ControlHeader, DType, ErrorCode, FinishReason, FrameHeader, FrameKind, MAX_ERROR_MESSAGE_LEN,
+    ActivationsHeader, ControlHeader, DType, ErrorCode, FinishReason, FrameHeader, FrameKind, HeadHeader, HeadPart, MAX_ERROR_MESSAGE_LEN,
     MAX_REQUEST_ID_LEN, MAX_ROUTE_LEN, MAX_TOKENS_PER_FRAME, PROTOCOL_VERSION, RequestId, RouteHeader, SamplingHeader,
     TokenHeader, is_peer_id,
 };

@@ -21,7 +21,7 @@ use computepool_engine::sampling::argmax;
 fn logits(out: StepOutput) -> Result<Vec<f32>> {
     match out {
         StepOutput::Logits(l) => Ok(l),
-        StepOutput::Hidden(_) => bail!("a whole model returns logits"),
+        StepOutput::Hidden(_) | StepOutput::Normed(_) => bail!("a whole model returns logits"),
     }
 }
 

@@ -101,11 +101,11 @@ fn main() -> Result<()> {
     };
     let logits = |out: StepOutput| match out {
         StepOutput::Logits(l) => Ok(l),
-        StepOutput::Hidden(_) => bail!("an exit shard returns logits"),
+        StepOutput::Hidden(_) | StepOutput::Normed(_) => bail!("an exit shard (of a whole head) returns logits"),
     };
     let hidden_of = |out: StepOutput| match out {
         StepOutput::Hidden(h) => Ok(h),
-        StepOutput::Logits(_) => bail!("an entry shard returns hidden states"),
+        StepOutput::Logits(_) | StepOutput::Normed(_) => bail!("an entry shard returns hidden states"),
     };
     for round in 0..rounds {
         let mut cache = whole.new_cache();
@@ -222,7 +222,7 @@ fn load_bf16(
     range: Option<LayerRange>,
     backend: &Arc<CpuBackend>,
 ) -> Result<Shard> {
-    Ok(source.load_shard(&LoadOptions { dtype: DType::Bf16, range, progress: false }, backend.clone())?)
+    Ok(source.load_shard(&LoadOptions { dtype: DType::Bf16, range, progress: false, split_head: false }, backend.clone())?)
 }
 
 /// The exit shard in a child process: this example again, with `--serve-exit`.

@@ -211,6 +211,33 @@ impl Weight {
         }
     }
 
+    /// A copy of rows `rows` of this matrix, in the same storage. An interleaved matrix can be cut only
+    /// at whole groups of 16 rows (its end may be the matrix's own end, whose group is padded).
+    pub fn slice_rows(&self, rows: std::ops::Range<usize>) -> Result<Weight, String> {
+        if rows.start >= rows.end || rows.end > self.rows {
+            return Err(format!("rows {rows:?} of a matrix of {} rows", self.rows));
+        }
+        let n = rows.end - rows.start;
+        let data = match &self.data {
+            WeightData::F32(d) => WeightData::F32(d[rows.start * self.cols..rows.end * self.cols].to_vec().into()),
+            WeightData::Bf16(d) => WeightData::Bf16(d[rows.start * self.cols..rows.end * self.cols].to_vec().into()),
+            WeightData::Quant { kind, blocks } => {
+                let row_bytes = kind.row_bytes(self.cols);
+                WeightData::Quant { kind: *kind, blocks: blocks[rows.start * row_bytes..rows.end * row_bytes].to_vec().into() }
+            }
+            WeightData::QuantInterleaved { kind, blocks } => {
+                use crate::backend::cpu::interleave::{GROUP_ROWS, interleaved_bytes};
+                if rows.start % GROUP_ROWS != 0 || (rows.end % GROUP_ROWS != 0 && rows.end != self.rows) {
+                    return Err(format!("rows {rows:?} of an interleaved matrix: cuts must fall on groups of {GROUP_ROWS} rows"));
+                }
+                let group_bytes = interleaved_bytes(*kind, GROUP_ROWS, self.cols);
+                let (first, last) = (rows.start / GROUP_ROWS, rows.end.div_ceil(GROUP_ROWS));
+                WeightData::QuantInterleaved { kind: *kind, blocks: blocks[first * group_bytes..last * group_bytes].to_vec().into() }
+            }
+        };
+        Ok(Weight { rows: n, cols: self.cols, data })
+    }
+
     /// Row `r` widened to f32 (used for embedding lookups).
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
         let range = r * self.cols..(r + 1) * self.cols;

@@ -46,7 +46,7 @@ fn write_checkpoint(dir: &Path, config: &str, bad_shape: Option<&str>) {
 }
 
 fn load(dir: &Path) -> Result<Shard, EngineError> {
-    Shard::load(dir, &LoadOptions { dtype: DType::F32, range: None, progress: false }, Arc::new(CpuBackend::new(1)))
+    Shard::load(dir, &LoadOptions { dtype: DType::F32, range: None, progress: false, split_head: false }, Arc::new(CpuBackend::new(1)))
 }
 
 #[test]

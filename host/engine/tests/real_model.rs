@@ -30,7 +30,7 @@ fn model_dir() -> Option<PathBuf> {
 
 fn load(dir: &std::path::Path, dtype: DType) -> (Shard, Tokenizer) {
     let backend = Arc::new(CpuBackend::new(2));
-    let shard = Shard::load(dir, &LoadOptions { dtype, range: None, progress: false }, backend).expect("model loads");
+    let shard = Shard::load(dir, &LoadOptions { dtype, range: None, progress: false, split_head: false }, backend).expect("model loads");
     (shard, Tokenizer::from_dir(dir).expect("tokenizer loads"))
 }
 

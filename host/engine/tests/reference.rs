@@ -370,6 +370,7 @@ fn smollm2_matches_candle() {
         dtype: DType::F32,
         range: None,
         progress: false,
+        split_head: false,
     };
     let shard =
         Shard::load(&dir, &options, std::sync::Arc::new(CpuBackend::new(threads))).expect("engine loads SmolLM2");

@@ -72,6 +72,10 @@ pub struct BenchArgs {
     /// spinners keep the CPUs from idling; see worker/keep_awake.rs).
     #[arg(long, requires = "shards", conflicts_with = "api")]
     keep_cpus_awake: bool,
+    /// With --shards: the entry and the exit split the output head (each worker's `--split-head`: both
+    /// compute half the vocabulary's logits at once; see worker/engine_loop.rs).
+    #[arg(long, requires = "shards", conflicts_with = "api")]
+    split_head: bool,
     /// With --shards: how frames travel between the workers: `iroh` (QUIC), or `axl` (each worker
     /// through a stand-in Gensyn AXL daemon in this process: the bridge's own cost, without a mesh).
     #[arg(long, value_enum, requires = "shards", conflicts_with = "api", default_value_t = crate::worker::FrameTransport::Iroh)]
@@ -108,6 +112,9 @@ struct BenchResult {
     /// Pipeline runs: whether the workers kept their CPUs awake (`--keep-cpus-awake`).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     keep_cpus_awake: bool,
+    /// Pipeline runs: whether the entry and the exit split the output head (`--split-head`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    split_head: bool,
     /// Pipeline runs: how frames travelled between the workers (`iroh`, or `axl` through stand-in daemons).
     #[serde(skip_serializing_if = "Option::is_none")]
     transport: Option<&'static str>,
@@ -142,7 +149,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     for dtype in args.dtype.split(',') {
         let dtype: DType = dtype.trim().parse()?;
-        let shard = ModelSource::from_path(&args.model)?.load_shard(&LoadOptions { dtype, range: None, progress: !args.json }, backend.clone())?;
+        let shard = ModelSource::from_path(&args.model)?.load_shard(&LoadOptions { dtype, range: None, progress: !args.json, split_head: false }, backend.clone())?;
         let vocab = shard.config().vocab_size;
         let context = shard.config().max_position_embeddings;
         anyhow::ensure!(
@@ -217,6 +224,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 busy_poll_us: None,
                 compute_cpus: None,
                 keep_cpus_awake: false,
+                split_head: false,
                 transport: None,
                 worker_rss_bytes: Vec::new(),
                 worker_weight_bytes: Vec::new(),
@@ -264,6 +272,9 @@ fn run_sharded(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.keep_cpus_awake {
         worker_args.push("--keep-cpus-awake".to_string());
+    }
+    if args.split_head {
+        worker_args.push("--split-head".to_string());
     }
     let threads = args.threads.unwrap_or_else(crate::generate::default_threads);
     let model_name = args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -363,6 +374,7 @@ fn run_sharded(args: BenchArgs) -> anyhow::Result<()> {
                 busy_poll_us: Some(busy_poll_us),
                 compute_cpus: args.compute_cpus.as_ref().map(|c| c.to_string()),
                 keep_cpus_awake: args.keep_cpus_awake,
+                split_head: args.split_head,
                 transport: Some(args.transport.name()),
                 worker_rss_bytes: pipeline.ready.iter().map(|r| r.rss_bytes.unwrap_or(0)).collect(),
                 worker_weight_bytes: pipeline.ready.iter().map(|r| r.weight_bytes).collect(),

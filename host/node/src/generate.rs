@@ -95,6 +95,9 @@ pub struct GenerateArgs {
     /// through a stand-in Gensyn AXL daemon this process runs, which speaks the daemon's HTTP API).
     #[arg(long, value_enum, default_value_t = FrameTransport::Iroh, requires = "shards")]
     transport: FrameTransport,
+    /// With --shards: the entry and the exit split the output head (`worker --split-head`).
+    #[arg(long, requires = "shards")]
+    split_head: bool,
 }
 
 pub fn default_threads() -> usize {
@@ -111,7 +114,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let source = ModelSource::from_path(&model)?;
     let tokenizer = source.tokenizer()?;
     let shard = source
-        .load_shard(&LoadOptions { dtype, range: None, progress: true }, backend)
+        .load_shard(&LoadOptions { dtype, range: None, progress: true, split_head: false }, backend)
         .with_context(|| format!("loading {}", model.display()))?;
     let prompt = if args.chat {
         let mut messages = Vec::new();
@@ -204,7 +207,7 @@ fn run_pipeline(args: GenerateArgs) -> anyhow::Result<()> {
                 samplers: Default::default(),
                 transport: args.transport,
                 payouts: Vec::new(),
-                worker_args: Vec::new(),
+                worker_args: if args.split_head { vec![vec!["--split-head".to_string()]; n] } else { Vec::new() },
             };
             Some(LocalPipeline::start(&options)?)
         }

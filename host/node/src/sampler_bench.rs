@@ -112,7 +112,7 @@ pub fn run(args: SamplerBenchArgs) -> anyhow::Result<()> {
     let dtype: DType = args.dtype.parse()?;
     let backend = Arc::new(CpuBackend::new(args.threads));
     let shard = ModelSource::from_path(&args.model)?
-        .load_shard(&LoadOptions { dtype, range: None, progress: false }, backend)
+        .load_shard(&LoadOptions { dtype, range: None, progress: false, split_head: false }, backend)
         .with_context(|| format!("loading {}", args.model.display()))?;
     let model_vocab = shard.config().vocab_size;
     let mut rng = Rng::new(99);

@@ -238,15 +238,24 @@ fn per_token_time_across_namespaces_against_one_process() {
     };
     let args = ["--prompt", "The capital of France is", "--max-tokens", TIMING_TOKENS, "--ignore-eos"];
     let first_cpu = common::first_allowed_cpu();
-    let modes: [(String, Vec<&str>); 5] = [
+    let modes: [(String, Vec<&str>); 7] = [
         ("polling".into(), vec!["--busy-poll-us", "20000"]),
         ("sleeping".into(), vec![]),
         (format!("polling, compute on CPU {first_cpu}"), vec!["--busy-poll-us", "20000", "--compute-cpus", &first_cpu]),
         (format!("sleeping, compute on CPU {first_cpu}"), vec!["--compute-cpus", &first_cpu]),
         ("sleeping, CPUs kept awake".into(), vec!["--keep-cpus-awake"]),
+        ("polling, split head".into(), vec!["--busy-poll-us", "20000", "--split-head"]),
+        ("sleeping, split head".into(), vec!["--split-head"]),
     ];
+    // NETNS_TIMING_MODES=a,b runs only the modes whose names contain one of those words.
+    let only: Vec<String> = std::env::var("NETNS_TIMING_MODES")
+        .map(|v| v.split(',').map(str::trim).filter(|w| !w.is_empty()).map(String::from).collect())
+        .unwrap_or_default();
     for n in [2usize, 3] {
         for (mode, worker_args) in &modes {
+            if !only.is_empty() && !only.iter().any(|w| mode.contains(w.as_str())) {
+                continue;
+            }
             let Some(lab) = lab_or_skip(n) else { return };
             let probes = lab.probe_links();
             // Shard j's upstream neighbour to shard j, for every j: the links a token crosses once the

@@ -58,6 +58,63 @@ fn sharded_equals_unsharded_on_smollm2() {
     }
 }
 
+/// `--split-head`: the entry and the exit each compute half the vocabulary's logits and the entry
+/// samples; the tokens are the single-process ones, greedy and seeded, for tied heads (Qwen2, SmolLM2)
+/// and untied ones, with and without a middle shard.
+#[test]
+fn a_split_head_gives_the_unsharded_tokens() {
+    let modes = [GREEDY, SAMPLED];
+    for family in tiny::Family::ALL {
+        let ckpt = tiny::checkpoint(family);
+        let prompt = ["--prompt", "w5 w9 w17 w33 w65 w129"];
+        let expected = modes.map(|m| unsharded_tokens(ckpt.dir(), &[&prompt[..], m].concat()));
+        for n in [2, 3] {
+            let mut cluster = Cluster::local(ckpt.dir(), tiny::LAYERS as u32, n, &["--split-head"]);
+            cluster.start_all();
+            for (m, want) in modes.iter().zip(&expected) {
+                assert_eq!(want.len(), 64);
+                let got = cluster.tokens(&[&prompt[..], m].concat());
+                assert_eq!(&got, want, "{}, {n} shards with a split head, {m:?}", family.name());
+            }
+        }
+    }
+    let Some(model) = smollm2_dir() else {
+        eprintln!("skipped the SmolLM2 half: SmolLM2 is not downloaded (run `make model`)");
+        return;
+    };
+    let chat = ["--prompt", "Write a haiku about the sea.", "--chat"];
+    let want = unsharded_tokens(&model, &[&chat[..], SAMPLED].concat());
+    for n in [2, 3] {
+        let mut cluster = Cluster::local(&model, 30, n, &["--split-head"]);
+        cluster.start_all();
+        assert_eq!(cluster.tokens(&[&chat[..], SAMPLED].concat()), want, "SmolLM2, {n} shards with a split head");
+    }
+}
+
+/// A split head needs both ends: an exit started with `--split-head` under an entry without it fails
+/// each request with a clear error (the entry holds no part of the head), and the reverse is a whole
+/// head (the exit samples, as without the flag).
+#[test]
+fn a_split_head_on_one_end_only_fails_clearly_or_runs_whole() {
+    let ckpt = tiny::checkpoint(tiny::Family::Qwen2);
+    let args = [&["--prompt", "w5 w9 w17 w33"][..], SAMPLED].concat();
+    let want = unsharded_tokens(ckpt.dir(), &args);
+    let mut exit_only = Cluster::local(ckpt.dir(), tiny::LAYERS as u32, 2, &[]);
+    exit_only.worker_args = vec![vec![], vec!["--split-head".into()]];
+    exit_only.start_all();
+    for round in 0..2 {
+        let started = Instant::now();
+        let out = exit_only.client(&[&args[..], &["--wait-ready-s", "20"]].concat()).output().expect("run the client");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains("--split-head"), "request {round}: {stderr}");
+        assert!(started.elapsed() < Duration::from_secs(10), "request {round} failed in {:?}", started.elapsed());
+    }
+    let mut entry_only = Cluster::local(ckpt.dir(), tiny::LAYERS as u32, 2, &[]);
+    entry_only.worker_args = vec![vec!["--split-head".into()], vec![]];
+    entry_only.start_all();
+    assert_eq!(entry_only.tokens(&args), want, "an entry with --split-head under a whole-head exit");
+}
+
 /// `--compute-cpus` puts each worker's compute thread on the CPUs given and nothing else there: its
 /// network thread keeps every CPU the process may use. The tokens are the single-process ones.
 #[test]

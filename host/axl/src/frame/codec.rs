@@ -5,7 +5,7 @@ use std::io::{self, IoSlice, Write};
 
 use super::error::FrameError;
 use super::header::{
-    ActivationsHeader, ControlHeader, ErrorCode, FrameHeader, MAX_ERROR_MESSAGE_LEN, RequestId, RouteHeader,
+    ActivationsHeader, ControlHeader, ErrorCode, FrameHeader, HeadHeader, HeadPart, MAX_ERROR_MESSAGE_LEN, RequestId, RouteHeader,
     SamplingHeader, TokenHeader,
     WireHeaderOut, parse_wire,
 };
@@ -89,6 +89,14 @@ impl Frame {
     /// An activations frame.
     pub fn activations(header: ActivationsHeader, payload: Vec<u8>) -> Self {
         Frame { header: FrameHeader::Activations(header), payload }
+    }
+
+    /// A head frame of a split output head: `values` (the normed state or the exit's logits) for
+    /// position `pos` of `request`, f32 little-endian on the wire.
+    pub fn head(request: RequestId, part: HeadPart, pos: u64, values: &[f32]) -> Self {
+        let payload: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let header = HeadHeader { request, seq: 0, part, pos, width: values.len() as u64 };
+        Frame { header: FrameHeader::Head(header), payload }
     }
 
     /// A token frame.
@@ -622,6 +630,43 @@ mod tests {
             Frame::decode(&payload, &limits),
             Err(FrameError::UnexpectedPayload { kind: FrameKind::Control, payload_len: 2 })
         );
+    }
+
+    #[test]
+    fn head_frames_round_trip_and_their_wire_form_is_strict() {
+        let limits = FrameLimits::default();
+        let values = [1.5f32, -0.25, f32::MIN_POSITIVE];
+        for part in [HeadPart::Normed, HeadPart::Logits { vocab_start: 24_576 }] {
+            let frame = Frame::head(rid("r-1"), part, 41, &values);
+            let bytes = frame.to_bytes(&limits).expect("encodes");
+            assert_eq!(Frame::decode(&bytes, &limits).expect("decodes"), frame);
+        }
+        let logits = Frame::head(rid("r"), HeadPart::Logits { vocab_start: 7 }, 3, &[2.0]).to_bytes(&limits).unwrap();
+        let header_len = u32::from_le_bytes(logits[..4].try_into().unwrap()) as usize;
+        assert_eq!(
+            std::str::from_utf8(&logits[4..4 + header_len]).unwrap(),
+            r#"{"v":1,"kind":"head","request":"r","seq":0,"part":"logits","pos":3,"width":1,"vocab_start":7,"payload_len":4}"#
+        );
+        let four = [0u8; 4];
+        let refused = [
+            // logits without their rows' start, a normed state with one, an unknown part
+            (r#"{"v":1,"kind":"head","request":"r","seq":0,"part":"logits","pos":0,"width":1,"payload_len":4}"#, "vocab_start"),
+            (r#"{"v":1,"kind":"head","request":"r","seq":0,"part":"normed","pos":0,"width":1,"vocab_start":0,"payload_len":4}"#, "vocab_start"),
+            (r#"{"v":1,"kind":"head","request":"r","seq":0,"part":"probs","pos":0,"width":1,"payload_len":4}"#, "probs"),
+            (r#"{"v":1,"kind":"head","request":"r","seq":0,"pos":0,"width":1,"payload_len":4}"#, "part"),
+            // no values, too few bytes for the width, a field of another kind
+            (r#"{"v":1,"kind":"head","request":"r","seq":0,"part":"normed","pos":0,"width":0,"payload_len":4}"#, "width"),
+            (r#"{"v":1,"kind":"head","request":"r","seq":0,"part":"normed","pos":0,"width":2,"payload_len":4}"#, "payload"),
+            (r#"{"v":1,"kind":"head","request":"r","seq":0,"part":"normed","pos":0,"width":1,"dtype":"f32","payload_len":4}"#, "dtype"),
+            (r#"{"v":1,"kind":"head","request":"r","seq":0,"part":"logits","pos":0,"width":1,"vocab_start":18446744073709551615,"payload_len":4}"#, "overflow"),
+        ];
+        for (header, what) in refused {
+            let e = Frame::decode(&raw(header, &four), &limits).expect_err(header);
+            assert!(e.to_string().contains(what), "{header}: {e}");
+        }
+        // Sent by a token frame's rules: a head frame with a token field is refused too.
+        let tokens = raw(r#"{"v":1,"kind":"head","request":"r","seq":0,"part":"normed","pos":0,"width":1,"tokens":[1],"payload_len":4}"#, &four);
+        assert!(matches!(Frame::decode(&tokens, &limits), Err(FrameError::UnexpectedField { field: "tokens", .. })));
     }
 
     #[test]

@@ -139,7 +139,7 @@ impl TryFrom<String> for RequestId {
     }
 }
 
-/// The three kinds of frame, the header's `kind`.
+/// The kinds of frame, the header's `kind`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FrameKind {
     /// Hidden states flowing down the pipeline.
@@ -148,6 +148,9 @@ pub enum FrameKind {
     Token,
     /// Request and shard lifecycle: `end`, `unload`, `error`.
     Control,
+    /// A split output head's parts flowing from the exit shard back to the entry: the normed state of a
+    /// step's last position, then the logits of the exit's vocabulary rows.
+    Head,
 }
 
 impl FrameKind {
@@ -157,6 +160,7 @@ impl FrameKind {
             FrameKind::Activations => "activations",
             FrameKind::Token => "token",
             FrameKind::Control => "control",
+            FrameKind::Head => "head",
         }
     }
 }
@@ -207,6 +211,54 @@ impl ActivationsHeader {
     /// The position just past this frame's rows, `start_pos + rows`, `None` on overflow.
     pub fn end_pos(&self) -> Option<u64> {
         self.start_pos.checked_add(self.rows)
+    }
+}
+
+/// What a head frame carries (docs/PROTOCOL.md §3, `head`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HeadPart {
+    /// The state of the step's last position after the final norm, `width` = the hidden size: the entry
+    /// computes the logits of its vocabulary rows from it.
+    Normed,
+    /// The logits of vocabulary rows `vocab_start .. vocab_start + width`, computed by the exit from
+    /// the same state; with the entry's rows they make the whole vocabulary, and the entry samples.
+    Logits {
+        /// The first vocabulary row.
+        vocab_start: u64,
+    },
+}
+
+impl HeadPart {
+    /// The name on the wire, the header's `part`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            HeadPart::Normed => "normed",
+            HeadPart::Logits { .. } => "logits",
+        }
+    }
+}
+
+/// The header of a head frame: `width` f32 values (little-endian) for position `pos` of a request, the
+/// last position of a step the exit has just run. Sent only by an exit whose output head is split with
+/// the entry, to that entry.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HeadHeader {
+    /// The request the values belong to.
+    pub request: RequestId,
+    /// Sequence number on this link for this request (numbered with the request's token frames).
+    pub seq: u64,
+    /// Normed state or logits.
+    pub part: HeadPart,
+    /// The position the values are for (the entry checks it against its own cache).
+    pub pos: u64,
+    /// Values in the payload, at least 1.
+    pub width: u64,
+}
+
+impl HeadHeader {
+    /// The payload length the header implies, `width × 4`, overflow-checked.
+    pub fn payload_len(&self) -> Result<u64, FrameError> {
+        self.width.checked_mul(4).ok_or(FrameError::ShapeOverflow { rows: 1, hidden: self.width, dtype: DType::F32 })
     }
 }
 
@@ -513,6 +565,8 @@ pub enum FrameHeader {
     Token(TokenHeader),
     /// Lifecycle.
     Control(ControlHeader),
+    /// A split head's part.
+    Head(HeadHeader),
 }
 
 impl FrameHeader {
@@ -522,6 +576,7 @@ impl FrameHeader {
             FrameHeader::Activations(_) => FrameKind::Activations,
             FrameHeader::Token(_) => FrameKind::Token,
             FrameHeader::Control(_) => FrameKind::Control,
+            FrameHeader::Head(_) => FrameKind::Head,
         }
     }
 
@@ -530,6 +585,7 @@ impl FrameHeader {
         match self {
             FrameHeader::Activations(h) => Some(&h.request),
             FrameHeader::Token(h) => Some(&h.request),
+            FrameHeader::Head(h) => Some(&h.request),
             FrameHeader::Control(ControlHeader::Start { request, .. })
             | FrameHeader::Control(ControlHeader::End { request, .. })
             | FrameHeader::Control(ControlHeader::Error { request, .. }) => Some(request),
@@ -542,6 +598,7 @@ impl FrameHeader {
         match self {
             FrameHeader::Activations(h) => Some(h.seq),
             FrameHeader::Token(h) => Some(h.seq),
+            FrameHeader::Head(h) => Some(h.seq),
             FrameHeader::Control(ControlHeader::Start { seq, .. })
             | FrameHeader::Control(ControlHeader::End { seq, .. })
             | FrameHeader::Control(ControlHeader::Error { seq, .. }) => Some(*seq),
@@ -549,10 +606,12 @@ impl FrameHeader {
         }
     }
 
-    /// The payload length this header implies: the shape's byte count for activations, 0 otherwise.
+    /// The payload length this header implies: the shape's byte count for activations and head frames,
+    /// 0 otherwise.
     pub fn expected_payload_len(&self) -> Result<u64, FrameError> {
         match self {
             FrameHeader::Activations(h) => h.payload_len(),
+            FrameHeader::Head(h) => h.payload_len(),
             FrameHeader::Token(_) | FrameHeader::Control(_) => Ok(0),
         }
     }
@@ -581,6 +640,20 @@ impl FrameHeader {
                         expected,
                         payload_len,
                     });
+                }
+            }
+            FrameHeader::Head(h) => {
+                if h.width == 0 {
+                    return Err(invalid("width", "must be at least 1"));
+                }
+                if let HeadPart::Logits { vocab_start } = h.part
+                    && vocab_start.checked_add(h.width).is_none()
+                {
+                    return Err(invalid("vocab_start", "vocab_start + width overflows 64 bits"));
+                }
+                let expected = h.payload_len()?;
+                if expected != payload_len {
+                    return Err(FrameError::ShapeMismatch { rows: 1, hidden: h.width, dtype: DType::F32, expected, payload_len });
                 }
             }
             FrameHeader::Token(h) => {
@@ -658,6 +731,14 @@ pub(crate) struct WireHeaderOut<'a> {
     route: Option<&'a RouteHeader>,
     #[serde(skip_serializing_if = "Option::is_none")]
     resumed: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    part: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pos: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    width: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    vocab_start: Option<u64>,
     payload_len: u64,
 }
 
@@ -680,6 +761,10 @@ impl<'a> WireHeaderOut<'a> {
             sampling: None,
             route: None,
             resumed: None,
+            part: None,
+            pos: None,
+            width: None,
+            vocab_start: None,
             payload_len,
         };
         match header {
@@ -688,6 +773,14 @@ impl<'a> WireHeaderOut<'a> {
                 w.shape = Some([h.rows, h.hidden]);
                 w.start_pos = Some(h.start_pos);
                 w.last_chunk = Some(h.last_chunk);
+            }
+            FrameHeader::Head(h) => {
+                w.part = Some(h.part.name());
+                w.pos = Some(h.pos);
+                w.width = Some(h.width);
+                if let HeadPart::Logits { vocab_start } = h.part {
+                    w.vocab_start = Some(vocab_start);
+                }
             }
             FrameHeader::Token(h) => {
                 w.tokens = Some(&h.tokens);
@@ -756,6 +849,14 @@ pub(crate) struct WireHeaderIn {
     route: Option<RouteHeader>,
     #[serde(default, deserialize_with = "present")]
     resumed: Option<u64>,
+    #[serde(default, deserialize_with = "present")]
+    part: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    pos: Option<u64>,
+    #[serde(default, deserialize_with = "present")]
+    width: Option<u64>,
+    #[serde(default, deserialize_with = "present")]
+    vocab_start: Option<u64>,
     pub(crate) payload_len: u64,
 }
 
@@ -784,7 +885,7 @@ pub(crate) fn parse_wire(bytes: &[u8]) -> Result<WireHeaderIn, FrameError> {
 
 impl WireHeaderIn {
     /// Which optional fields are present, by wire name.
-    fn optional_fields(&self) -> [(&'static str, bool); 14] {
+    fn optional_fields(&self) -> [(&'static str, bool); 18] {
         [
             ("op", self.op.is_some()),
             ("request", self.request.is_some()),
@@ -800,6 +901,10 @@ impl WireHeaderIn {
             ("sampling", self.sampling.is_some()),
             ("route", self.route.is_some()),
             ("resumed", self.resumed.is_some()),
+            ("part", self.part.is_some()),
+            ("pos", self.pos.is_some()),
+            ("width", self.width.is_some()),
+            ("vocab_start", self.vocab_start.is_some()),
         ]
     }
 
@@ -839,6 +944,30 @@ impl WireHeaderIn {
                     seq: need(KIND, "seq", self.seq)?,
                     tokens: need(KIND, "tokens", self.tokens)?,
                     finish: self.finish.as_deref().map(str::parse).transpose()?,
+                })
+            }
+            "head" => {
+                const KIND: &str = "head";
+                let part = need(KIND, "part", self.part.clone())?;
+                let part = match part.as_str() {
+                    "normed" => {
+                        self.allow_only(KIND, &["request", "seq", "part", "pos", "width"])?;
+                        HeadPart::Normed
+                    }
+                    "logits" => {
+                        self.allow_only(KIND, &["request", "seq", "part", "pos", "width", "vocab_start"])?;
+                        HeadPart::Logits { vocab_start: need(KIND, "vocab_start", self.vocab_start)? }
+                    }
+                    other => {
+                        return Err(invalid("part", format!("{:?} is neither \"normed\" nor \"logits\"", echo(other))));
+                    }
+                };
+                FrameHeader::Head(HeadHeader {
+                    request: RequestId::new(need(KIND, "request", self.request)?)?,
+                    seq: need(KIND, "seq", self.seq)?,
+                    part,
+                    pos: need(KIND, "pos", self.pos)?,
+                    width: need(KIND, "width", self.width)?,
                 })
             }
             "control" => {

@@ -69,7 +69,22 @@ fn valid_frame() -> impl Strategy<Value = Frame> {
             })
         },
     );
-    prop_oneof![4 => activations, 2 => token, 1 => start, 1 => end, 1 => error, 1 => Just(Frame::unload())]
+    let part = prop_oneof![Just(HeadPart::Normed), (0u64..1_000_000).prop_map(|vocab_start| HeadPart::Logits { vocab_start })];
+    let head = (request_id(), any::<u64>(), part, any::<u64>(), 1u64..64).prop_flat_map(|(request, seq, part, pos, width)| {
+        proptest::collection::vec(any::<u8>(), (width * 4) as usize).prop_map(move |payload| Frame {
+            header: FrameHeader::Head(HeadHeader { request: request.clone(), seq, part, pos, width }),
+            payload,
+        })
+    });
+    prop_oneof![
+        4 => activations,
+        2 => token,
+        1 => start,
+        1 => end,
+        1 => error,
+        1 => Just(Frame::unload()),
+        2 => head
+    ]
 }
 
 /// How a valid frame's bytes get damaged.

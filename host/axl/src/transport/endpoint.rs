@@ -95,6 +95,7 @@ impl Transport {
             .stream_receive_window(VarInt::from_u32(8 << 20))
             .receive_window(VarInt::from_u32(16 << 20))
             .ack_frequency_config(Some(ack_frequency()))
+            .congestion_controller_factory(congestion_controller())
             .build();
         let mut builder = match &config.relays {
             Relays::Public => Endpoint::builder(presets::N0),
@@ -244,6 +245,14 @@ pub fn describe_close(error: &iroh::endpoint::ConnectionError) -> String {
 /// reordering threshold), so loss detection is unchanged; the delay is below QUIC's default 25 ms, so
 /// probe timeouts do not grow; bulk transfers (a long prompt's activations) get one ACK per 16
 /// packets, as TCP's coalesced ACKs do.
+fn congestion_controller() -> std::sync::Arc<noq_proto::congestion::CubicConfig> {
+    let mut cubic = noq_proto::congestion::CubicConfig::default();
+    cubic.initial_window(INITIAL_WINDOW);
+    std::sync::Arc::new(cubic)
+}
+
+const INITIAL_WINDOW: u64 = 1 << 20;
+
 fn ack_frequency() -> AckFrequencyConfig {
     let mut config = AckFrequencyConfig::default();
     config.ack_eliciting_threshold(VarInt::from_u32(ACK_ELICITING_THRESHOLD)).max_ack_delay(Some(MAX_ACK_DELAY));

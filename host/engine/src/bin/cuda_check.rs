@@ -79,7 +79,7 @@ fn rel_err(got: &[f32], want: &[f32]) -> f64 {
 fn logits(o: StepOutput) -> Vec<f32> {
     match o {
         StepOutput::Logits(l) => l,
-        StepOutput::Hidden(_) => unreachable!("whole-model shards end in logits"),
+        StepOutput::Hidden(_) | StepOutput::Normed(_) => unreachable!("whole-model shards end in logits"),
     }
 }
 

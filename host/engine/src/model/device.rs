@@ -70,6 +70,9 @@ impl DeviceShard {
     pub fn load(model: &ModelSource, options: &LoadOptions, device: Device, threads: usize) -> Result<Self> {
         match device {
             Device::Cpu => Ok(DeviceShard::Cpu(model.load_shard(options, Arc::new(CpuBackend::new(threads)))?)),
+            Device::Cuda(_) if options.split_head => {
+                Err(EngineError::Invalid("a split head runs on the CPU backend only; load this shard without it".into()))
+            }
             Device::Cuda(ordinal) => {
                 let dev = CudaDevice::new(ordinal)?;
                 let host = model.load_shard(options, Arc::new(CpuBackend::new(1)))?;
@@ -127,6 +130,23 @@ impl DeviceShard {
     pub fn idle(&self) {
         if let DeviceShard::Cpu(s) = self {
             s.backend().release_idle_threads();
+        }
+    }
+
+    /// The vocabulary rows of lm_head the shard holds; see [`Shard::head_rows`].
+    pub fn head_rows(&self) -> Option<std::ops::Range<usize>> {
+        match self {
+            DeviceShard::Cpu(s) => s.head_rows(),
+            DeviceShard::Cuda(s) => s.range().is_exit().then_some(0..s.config().vocab_size),
+        }
+    }
+
+    /// Logits of the shard's lm_head rows for normed states; see [`Shard::head_logits`]. Only a CPU
+    /// shard loads a split head, so only it is asked for a part.
+    pub fn head_logits(&self, normed: &[f32]) -> Result<Vec<f32>> {
+        match self {
+            DeviceShard::Cpu(s) => s.head_logits(normed),
+            DeviceShard::Cuda(_) => Err(EngineError::Invalid("a split head runs on the CPU backend only".into())),
         }
     }
 

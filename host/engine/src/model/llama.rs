@@ -26,12 +26,41 @@ pub struct LoadOptions {
     pub range: Option<LayerRange>,
     /// Show a progress bar while loading.
     pub progress: bool,
+    /// Split the output head between the entry and the exit (see [`head_split`]): an entry that is not
+    /// the exit also holds lm_head's rows `[0, split)`, an exit that is not the entry holds only rows
+    /// `[split, vocab)`, and the exit's step ends in [`StepOutput::Normed`]; each side then computes its
+    /// rows' logits with [`Shard::head_logits`], at the same time. A whole model ignores it.
+    pub split_head: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: DType::Bf16, range: None, progress: false }
+        Self { dtype: DType::Bf16, range: None, progress: false, split_head: false }
     }
+}
+
+/// Where a split output head is cut: lm_head's rows `[0, split)` are the entry's, `[split, vocab)` the
+/// exit's. Half the vocabulary, rounded down to whole groups of 16 rows (the CPU kernels' interleaved
+/// layout is cut only there); `None` for a vocabulary too small to split.
+pub fn head_split(vocab: usize) -> Option<usize> {
+    let split = vocab / 2 / 16 * 16;
+    (split > 0).then_some(split)
+}
+
+/// The rows of lm_head a shard of `range` holds: `None` for none (a shard that is not the exit, and not
+/// an entry with `split_head`), else all of them or its side of [`head_split`].
+fn lm_head_rows(cfg: &ModelConfig, range: LayerRange, split_head: bool) -> Result<Option<std::ops::Range<usize>>> {
+    let vocab = cfg.vocab_size;
+    let split = || {
+        head_split(vocab).ok_or_else(|| EngineError::Invalid(format!("a vocabulary of {vocab} tokens is too small to split the head")))
+    };
+    Ok(match (range.is_entry(), range.is_exit()) {
+        (true, true) => Some(0..vocab),
+        (_, true) if !split_head => Some(0..vocab),
+        (_, true) => Some(split()?..vocab),
+        (true, false) if split_head => Some(0..split()?),
+        _ => None,
+    })
 }
 
 /// What a step consumes: token ids on the entry shard, hidden states `[n, hidden]` elsewhere.
@@ -51,11 +80,13 @@ impl StepInput<'_> {
 }
 
 /// What a step produces: hidden states `[n, hidden]` for the next shard, or (exit shard) the logits of
-/// the last position, `[vocab]`.
+/// the last position, `[vocab]`, or (exit shard of a split head, [`LoadOptions::split_head`]) the last
+/// position's state with the final norm applied, `[hidden]`, for [`Shard::head_logits`] on both sides.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StepOutput {
     Hidden(Vec<f32>),
     Logits(Vec<f32>),
+    Normed(Vec<f32>),
 }
 
 /// One request's part of a batched step: its new input and its KV cache on this shard.
@@ -138,6 +169,8 @@ pub struct Shard {
     pub(crate) blocks: Vec<Block>,
     pub(crate) norm: Option<Vec<f32>>,
     pub(crate) lm_head: Option<Arc<Weight>>,
+    /// The vocabulary rows `lm_head` holds (all of them unless the head is split).
+    pub(crate) head_rows: Option<std::ops::Range<usize>>,
     pub(crate) inv_freq: Vec<f32>,
     backend: Arc<CpuBackend>,
 }
@@ -264,25 +297,31 @@ impl Shard {
             bar.inc(1);
         }
         let blocks = blocks.finish()?;
-        let (norm, lm_head) = if range.is_exit() {
-            let norm = files.vector("model.norm.weight", h)?;
-            let lm_head = if untied_lm_head {
-                Arc::new(packed(backend.prepare_weight(files.matrix("lm_head.weight", [cfg.vocab_size, h], dtype)?))?)
-            } else if let Some(e) = &embed {
-                // Tied and this shard is also the entry: one copy serves both.
-                Arc::clone(e)
-            } else {
-                // Tied, exit only: this shard keeps its own copy of the embedding as lm_head.
-                Arc::new(packed(backend.prepare_weight(files.matrix("model.embed_tokens.weight", [cfg.vocab_size, h], dtype)?))?)
-            };
-            (Some(norm), Some(lm_head))
-        } else {
-            (None, None)
+        let norm = if range.is_exit() { Some(files.vector("model.norm.weight", h)?) } else { None };
+        let head_rows = lm_head_rows(&cfg, range, options.split_head)?;
+        let lm_head = match (&head_rows, &embed) {
+            (None, _) => None,
+            // Tied, and this shard is the whole model: one copy serves both.
+            (Some(_), Some(e)) if range.is_exit() && !untied_lm_head => Some(Arc::clone(e)),
+            (Some(rows), _) => {
+                let name = if untied_lm_head { "lm_head.weight" } else { "model.embed_tokens.weight" };
+                // Tied on an entry of a split head: its part is cut from the embedding it holds already.
+                let whole = match &embed {
+                    Some(e) if !untied_lm_head => std::borrow::Cow::Borrowed(&**e),
+                    _ => std::borrow::Cow::Owned(files.matrix(name, [cfg.vocab_size, h], dtype)?),
+                };
+                let part = if rows.len() == cfg.vocab_size {
+                    whole.into_owned()
+                } else {
+                    whole.slice_rows(rows.clone()).map_err(|message| EngineError::Tensor { name: name.into(), message })?
+                };
+                Some(Arc::new(packed(backend.prepare_weight(part))?))
+            }
         };
         bar.inc(1);
         bar.finish_and_clear();
         let inv_freq = cfg.rope_inv_freq();
-        Ok(Self { cfg, range, dtype, embed, blocks, norm, lm_head, inv_freq, backend })
+        Ok(Self { cfg, range, dtype, embed, blocks, norm, lm_head, head_rows, inv_freq, backend })
     }
 
     /// A seeded random checkpoint of `cfg`'s shape, in bf16, for timing at sizes that cannot be
@@ -330,7 +369,8 @@ impl Shard {
             (None, None)
         };
         let inv_freq = cfg.rope_inv_freq();
-        Ok(Self { cfg, range, dtype: DType::Bf16, embed, blocks, norm, lm_head, inv_freq, backend })
+        let head_rows = range.is_exit().then_some(0..cfg.vocab_size);
+        Ok(Self { cfg, range, dtype: DType::Bf16, embed, blocks, norm, lm_head, head_rows, inv_freq, backend })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -458,9 +498,36 @@ impl Shard {
         }
         let mut normed = vec![0f32; last.len()];
         cpu::rms_norm(&last, norm, cfg.rms_norm_eps, &mut normed);
+        if self.head_rows.as_ref().is_some_and(|rows| rows.len() < cfg.vocab_size) {
+            // A split head: both sides compute their rows' logits from these.
+            return Ok(normed.chunks_exact(h).map(|row| StepOutput::Normed(row.to_vec())).collect());
+        }
         let mut logits = vec![0f32; items.len() * cfg.vocab_size];
         self.backend.matmul(&normed, items.len(), lm_head, &mut logits);
         Ok(logits.chunks_exact(cfg.vocab_size).map(|l| StepOutput::Logits(l.to_vec())).collect())
+    }
+
+    /// The vocabulary rows of lm_head this shard holds: all of them on an exit, its side's part of a split
+    /// head ([`LoadOptions::split_head`]); `None` on a shard without lm_head.
+    pub fn head_rows(&self) -> Option<std::ops::Range<usize>> {
+        self.head_rows.clone()
+    }
+
+    /// The logits of this shard's lm_head rows ([`Shard::head_rows`]) for states `[n, hidden]` that have
+    /// had the final norm (an exit's [`StepOutput::Normed`]): `[n, rows]`, each value bit for bit what
+    /// the whole lm_head gives for that row.
+    pub fn head_logits(&self, normed: &[f32]) -> Result<Vec<f32>> {
+        let h = self.cfg.hidden_size;
+        let (Some(lm_head), Some(rows)) = (&self.lm_head, &self.head_rows) else {
+            return Err(EngineError::Invalid(format!("shard {} holds no rows of lm_head", self.range)));
+        };
+        if normed.is_empty() || normed.len() % h != 0 {
+            return Err(EngineError::Invalid(format!("{} values are not whole states of hidden size {h}", normed.len())));
+        }
+        let n = normed.len() / h;
+        let mut logits = vec![0f32; n * rows.len()];
+        self.backend.matmul(normed, n, lm_head, &mut logits);
+        Ok(logits)
     }
 
     #[allow(clippy::too_many_arguments)]

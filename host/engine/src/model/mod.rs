@@ -6,5 +6,5 @@ pub mod llama;
 pub mod source;
 
 pub use device::{Device, DeviceCache, DeviceShard, DeviceStepItem};
-pub use llama::{LoadOptions, Shard, StepInput, StepItem, StepOutput};
+pub use llama::{LoadOptions, Shard, StepInput, StepItem, StepOutput, head_split};
 pub use source::ModelSource;

@@ -96,6 +96,7 @@ impl Checkpoint {
                 dtype,
                 range,
                 progress: false,
+                split_head: false,
             },
             backend,
         )
@@ -410,6 +411,7 @@ pub fn logits(out: StepOutput) -> Vec<f32> {
     match out {
         StepOutput::Logits(l) => l,
         StepOutput::Hidden(_) => panic!("expected logits from an exit shard, got hidden states"),
+        StepOutput::Normed(_) => panic!("expected logits from an exit shard, got a split head's normed state"),
     }
 }
 
@@ -417,6 +419,7 @@ pub fn hidden(out: StepOutput) -> Vec<f32> {
     match out {
         StepOutput::Hidden(h) => h,
         StepOutput::Logits(_) => panic!("expected hidden states from a non-exit shard, got logits"),
+        StepOutput::Normed(_) => panic!("expected hidden states from a non-exit shard, got a normed state"),
     }
 }
 

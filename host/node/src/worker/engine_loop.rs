@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use computepool_axl::frame::{
-    ActivationsRef, DType as WireDType, ErrorCode, Frame, FrameLimits, RequestId, TokenHeader, split_activations,
+    ActivationsRef, DType as WireDType, ErrorCode, Frame, FrameLimits, HeadPart, RequestId, TokenHeader, split_activations,
 };
 use computepool_engine::backend::cpu::CpuBackend;
 use computepool_engine::model::{DeviceCache, DeviceShard, DeviceStepItem, StepInput, StepOutput};
@@ -37,6 +37,9 @@ pub enum EngineJob {
     /// The link these requests came over is gone: free each, and report it failed towards its entry
     /// with `reason`.
     Fail { requests: Vec<RequestId>, reason: String },
+    /// (Entry of a split head) a head frame from the request's exit: the normed state of position
+    /// `pos`, or the exit's logits for it.
+    Head { request: RequestId, part: HeadPart, pos: u64, values: Vec<f32> },
 }
 
 /// The new positions of a step.
@@ -68,6 +71,9 @@ struct RequestState {
     /// (Exit, resumed requests) the position the replay ends at, once the prompt step gave the prompt's
     /// length: steps that end before it are replay and sample nothing.
     replay_until: Option<u64>,
+    /// (Entry of a split head) the position whose normed state came, and this shard's logits for it,
+    /// until the exit's logits come.
+    own_logits: Option<(u64, Vec<f32>, Instant)>,
     last_used: Instant,
 }
 
@@ -114,8 +120,11 @@ pub fn run(shard: DeviceShard, mut jobs: mpsc::Receiver<EngineJob>, out: mpsc::S
         let mut batch = vec![first];
         coalesce(&mut jobs, &mut batch, state.requests.len());
         let mut decode: Vec<(RequestId, u64, StepData)> = Vec::new();
+        let mut normed: Vec<(RequestId, u64, Vec<f32>)> = Vec::new();
         for job in batch {
             match job {
+                // Normed states of several requests share one product with this shard's lm_head rows.
+                EngineJob::Head { request, part: HeadPart::Normed, pos, values } => normed.push((request, pos, values)),
                 EngineJob::Step { request, start_pos, input }
                     if input.rows(state.shard.config().hidden_size) == 1 && decode.len() < max_batch =>
                 {
@@ -130,9 +139,15 @@ pub fn run(shard: DeviceShard, mut jobs: mpsc::Receiver<EngineJob>, out: mpsc::S
                     if !decode.is_empty() {
                         state.run_decode(std::mem::take(&mut decode));
                     }
+                    if !normed.is_empty() {
+                        state.run_own_head(std::mem::take(&mut normed));
+                    }
                     state.handle(other);
                 }
             }
+        }
+        if !normed.is_empty() {
+            state.run_own_head(normed);
         }
         if !decode.is_empty() {
             let (rows, started) = (decode.len(), Instant::now());
@@ -209,10 +224,20 @@ impl EngineState {
         self.send(Outbound::Frame(Frame::error(request.clone(), 0, code, message)));
     }
 
+    /// Whether this shard samples its requests' tokens: the one that holds lm_head's first row (the
+    /// exit, or with a split head the entry).
+    fn samples(&self) -> bool {
+        self.shard.head_rows().is_some_and(|rows| rows.start == 0)
+    }
+
     fn handle(&mut self, job: EngineJob) {
         match job {
+            EngineJob::Head { request, part: HeadPart::Logits { vocab_start }, pos, values } => {
+                self.take_exit_logits(request, vocab_start, pos, values)
+            }
+            EngineJob::Head { request, part: HeadPart::Normed, pos, values } => self.run_own_head(vec![(request, pos, values)]),
             EngineJob::Start { request, sampling, sampler, resumed } => {
-                let sampler = if self.shard.range().is_exit() {
+                let sampler = if self.samples() {
                     match self.config.samplers.for_request(sampling, sampler.as_deref()) {
                         Ok(s) => Some(s),
                         Err(e) => return self.fail(&request, ErrorCode::InvalidRequest, e),
@@ -221,7 +246,15 @@ impl EngineState {
                     None
                 };
                 let cache = self.shard.new_cache();
-                let state = RequestState { cache, sampler, sampled: 0, resumed, replay_until: None, last_used: Instant::now() };
+                let state = RequestState {
+                    cache,
+                    sampler,
+                    sampled: 0,
+                    resumed,
+                    replay_until: None,
+                    own_logits: None,
+                    last_used: Instant::now(),
+                };
                 self.requests.insert(request, state);
             }
             EngineJob::Step { request, start_pos, input } => {
@@ -293,6 +326,7 @@ impl EngineState {
                 return forward;
             }
         };
+        let mut normed: Vec<(RequestId, u64, Vec<f32>)> = Vec::new();
         for ((request, input), output) in ready.into_iter().zip(outputs) {
             match output {
                 StepOutput::Hidden(hidden) => {
@@ -301,39 +335,173 @@ impl EngineState {
                     self.send_hidden(&request, positions - rows, &hidden);
                 }
                 StepOutput::Logits(logits) => {
-                    let st = self.requests.get_mut(&request).expect("present: it just stepped");
-                    let positions = st.cache.len() as u64;
-                    if st.resumed > 0 {
-                        // The first step is the prompt: the replay of the tokens generated elsewhere
-                        // ends `resumed` positions after it. Its steps sample nothing; the step that
-                        // ends it samples the next token with the stream where the lost exit left it.
-                        let until = *st.replay_until.get_or_insert(positions + st.resumed);
-                        if positions < until {
-                            continue;
-                        }
-                        let skipped = std::mem::take(&mut st.resumed);
-                        st.sampler.as_mut().expect("the exit holds a sampler per request").skip(skipped);
-                        st.sampled = skipped;
+                    if let Some(token) = self.sample(&request, &logits) {
+                        self.send_token(request, token);
                     }
-                    let sampled = st.sampler.as_mut().expect("the exit holds a sampler per request").sample(&logits);
-                    let token = match sampled {
-                        Ok(token) => match self.config.fault {
-                            Some(fault) => fault.token(st.sampled, token, self.shard.config().vocab_size),
-                            None => token,
-                        },
-                        // The plugin's instance is already replaced; this request fails, others go on.
-                        Err(message) => {
-                            self.fail(&request, ErrorCode::Internal, message);
-                            continue;
-                        }
-                    };
-                    st.sampled += 1;
-                    let header = TokenHeader { request, seq: 0, tokens: vec![token], finish: None };
-                    self.send(Outbound::Frame(Frame::token(header)));
+                }
+                StepOutput::Normed(state) => {
+                    // A split head: the entry computes its rows' logits from the state, meanwhile.
+                    let pos = self.requests[&request].cache.len() as u64 - 1;
+                    self.send(Outbound::Frame(Frame::head(request.clone(), HeadPart::Normed, pos, &state)));
+                    normed.push((request, pos, state));
                 }
             }
         }
+        if !normed.is_empty() {
+            self.send_exit_logits(normed);
+        }
         forward
+    }
+
+    /// (Exit of a split head) this shard's rows' logits for each state just sent to the entry, one
+    /// product for all of them, each request's sent after.
+    fn send_exit_logits(&mut self, normed: Vec<(RequestId, u64, Vec<f32>)>) {
+        let states: Vec<f32> = normed.iter().flat_map(|(_, _, s)| s.iter().copied()).collect();
+        let vocab_start = self.shard.head_rows().expect("a split exit holds its rows of lm_head").start as u64;
+        match self.shard.head_logits(&states) {
+            Ok(logits) => {
+                let width = logits.len() / normed.len();
+                for ((request, pos, _), part) in normed.into_iter().zip(logits.chunks_exact(width)) {
+                    self.send(Outbound::Frame(Frame::head(request, HeadPart::Logits { vocab_start }, pos, part)));
+                }
+            }
+            Err(e) => {
+                for (request, _, _) in normed {
+                    self.fail(&request, ErrorCode::Internal, format!("the exit's part of the head: {e}"));
+                }
+            }
+        }
+    }
+
+    /// (Entry of a split head) this shard's rows' logits for normed states from the exits, one product
+    /// for all of them; each is kept until its exit's logits come.
+    fn run_own_head(&mut self, normed: Vec<(RequestId, u64, Vec<f32>)>) {
+        let hidden = self.shard.config().hidden_size;
+        let mut ready: Vec<(RequestId, u64)> = Vec::with_capacity(normed.len());
+        let mut states: Vec<f32> = Vec::with_capacity(normed.len() * hidden);
+        for (request, pos, state) in normed {
+            let Some(st) = self.requests.get(&request) else { continue }; // ended meanwhile
+            let problem = if !self.samples() {
+                Some(format!(
+                    "the exit splits the output head, but this entry (layers {}) holds no part of it: start it with --split-head too",
+                    self.shard.range()
+                ))
+            } else if state.len() != hidden {
+                Some(format!("a normed state of {} values for a model of hidden size {hidden}", state.len()))
+            } else if st.cache.len() as u64 != pos + 1 {
+                Some(format!("the normed state of position {pos} came, but this entry holds {} positions", st.cache.len()))
+            } else if st.own_logits.is_some() {
+                Some(format!("a second normed state (position {pos}) before the exit's logits for the first"))
+            } else {
+                None
+            };
+            if let Some(message) = problem {
+                let code = if st.cache.len() as u64 != pos + 1 { ErrorCode::Sequence } else { ErrorCode::InvalidRequest };
+                self.fail(&request, code, message);
+                continue;
+            }
+            states.extend_from_slice(&state);
+            ready.push((request, pos));
+        }
+        if ready.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let product = self.shard.head_logits(&states);
+        tracing::debug!(rows = ready.len(), elapsed_us = started.elapsed().as_micros() as u64, "head step");
+        match product {
+            Ok(logits) => {
+                let width = logits.len() / ready.len();
+                for ((request, pos), own) in ready.into_iter().zip(logits.chunks_exact(width)) {
+                    let st = self.requests.get_mut(&request).expect("present: checked above");
+                    st.own_logits = Some((pos, own.to_vec(), Instant::now()));
+                }
+            }
+            Err(e) => {
+                for (request, _) in ready {
+                    self.fail(&request, ErrorCode::Internal, format!("the entry's part of the head: {e}"));
+                }
+            }
+        }
+    }
+
+    /// (Entry of a split head) the exit's logits for a position whose normed state came before: with
+    /// this shard's they make the whole vocabulary's, and the request's next token is drawn from them.
+    fn take_exit_logits(&mut self, request: RequestId, vocab_start: u64, pos: u64, values: Vec<f32>) {
+        let vocab = self.shard.config().vocab_size;
+        let Some(st) = self.requests.get_mut(&request) else { return }; // ended meanwhile
+        st.last_used = Instant::now();
+        let own_end = self.shard.head_rows().map_or(0, |rows| rows.end);
+        let problem = match st.own_logits.take() {
+            None => Some((ErrorCode::Sequence, format!("the exit's logits for position {pos} came before its normed state"))),
+            Some((own_pos, _, _)) if own_pos != pos => Some((
+                ErrorCode::Sequence,
+                format!("the exit's logits are for position {pos}, its normed state was for position {own_pos}"),
+            )),
+            Some(_) if vocab_start != own_end as u64 || own_end + values.len() != vocab => Some((
+                ErrorCode::InvalidRequest,
+                format!(
+                    "the exit's logits cover vocabulary rows {vocab_start}..{}, this entry holds rows 0..{own_end} of {vocab}",
+                    vocab_start.saturating_add(values.len() as u64)
+                ),
+            )),
+            Some((_, mut own, computed)) => {
+                tracing::debug!(waited_us = computed.elapsed().as_micros() as u64, "exit's logits");
+                own.extend_from_slice(&values);
+                if let Some(token) = self.sample(&request, &own) {
+                    self.send_token(request.clone(), token);
+                }
+                None
+            }
+        };
+        if let Some((code, message)) = problem {
+            self.fail(&request, code, message);
+        }
+    }
+
+    /// Draws a request's next token from the whole vocabulary's logits of its last position (the
+    /// sampling shard); `None` while a resumed request replays (nothing is drawn) or when the request
+    /// failed (its sampler did).
+    fn sample(&mut self, request: &RequestId, logits: &[f32]) -> Option<u32> {
+        let st = self.requests.get_mut(request).expect("present: it just stepped");
+        let positions = st.cache.len() as u64;
+        if st.resumed > 0 {
+            // The first step is the prompt: the replay of the tokens generated elsewhere ends `resumed`
+            // positions after it. Its steps sample nothing; the step that ends it samples the next
+            // token with the stream where the lost route left it.
+            let until = *st.replay_until.get_or_insert(positions + st.resumed);
+            if positions < until {
+                return None;
+            }
+            let skipped = std::mem::take(&mut st.resumed);
+            st.sampler.as_mut().expect("the sampling shard holds a sampler per request").skip(skipped);
+            st.sampled = skipped;
+        }
+        let sampled = st.sampler.as_mut().expect("the sampling shard holds a sampler per request").sample(logits);
+        let token = match sampled {
+            Ok(token) => match self.config.fault {
+                Some(fault) => fault.token(st.sampled, token, self.shard.config().vocab_size),
+                None => token,
+            },
+            // The plugin's instance is already replaced; this request fails, others go on.
+            Err(message) => {
+                self.fail(request, ErrorCode::Internal, message);
+                return None;
+            }
+        };
+        st.sampled += 1;
+        Some(token)
+    }
+
+    /// A sampled token to the request's entry: over the link from an exit, in-process on the entry of a
+    /// split head.
+    fn send_token(&self, request: RequestId, token: u32) {
+        if self.shard.range().is_exit() {
+            let header = TokenHeader { request, seq: 0, tokens: vec![token], finish: None };
+            self.send(Outbound::Frame(Frame::token(header)));
+        } else {
+            self.send(Outbound::OwnTokens { request, tokens: vec![token] });
+        }
     }
 
     fn send_hidden(&mut self, request: &RequestId, start_pos: u64, hidden: &[f32]) {

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use computepool_axl::frame::{ErrorCode, Frame, RequestId, RouteHeader, SequenceTracker};
+use computepool_axl::frame::{ErrorCode, Frame, HeadHeader, RequestId, RouteHeader, SequenceTracker};
 use computepool_axl::transport::{PeerId, Topology};
 use computepool_engine::generate::{self, RequestOutput};
 use computepool_engine::sampling::SamplingParams;
@@ -69,6 +69,9 @@ pub struct EntryConfig {
     /// Over AXL: the order checks of the frames that come back, told when each request begins and
     /// ends. `None` over QUIC, whose links need no such word.
     pub return_links: Option<super::axl::ReturnLinks>,
+    /// Whether this entry holds part of a split output head (`--split-head`): its compute thread then
+    /// samples its requests' tokens from the exits' head frames.
+    pub split_head: bool,
 }
 
 /// The entry's shared state.
@@ -153,11 +156,39 @@ impl Entry {
         }
     }
 
-    /// Tokens this worker's own exit sampled for `request` (a one-worker pool: no link between them).
+    /// A head frame from `from` (an exit that splits the output head with this entry): checked like a
+    /// token frame, then the job that hands its values to the compute thread. `None` when the frame is
+    /// dropped (its request is over, or failed here because of it).
+    pub fn deliver_head(&self, h: &HeadHeader, from: &PeerId, payload: &[u8]) -> Option<EngineJob> {
+        let mut requests = self.requests.lock().expect("entry state lock");
+        let live = requests.get_mut(&h.request)?; // over already: late frames are normal
+        let failure = if live.route.last() != Some(from) {
+            Some((ErrorKind::Internal, format!("head frames from peer {}, which is not this request's exit", from.fmt_short())))
+        } else if let Err(e) = live.tracker.check(h.seq) {
+            Some((ErrorKind::Sequence, format!("head frames from the exit shard: {e}")))
+        } else if !self.config.split_head {
+            Some((
+                ErrorKind::InvalidRequest,
+                "the exit splits the output head, but this entry holds no part of it: start it with --split-head too".into(),
+            ))
+        } else {
+            None
+        };
+        if let Some((kind, message)) = failure {
+            let _ = live.tx.send(Delivery::Failed(kind, message));
+            return None;
+        }
+        // f32 little-endian (docs/PROTOCOL.md §3); the decoder checked the payload is `width` of them.
+        let values = payload.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        Some(EngineJob::Head { request: h.request.clone(), part: h.part, pos: h.pos, values })
+    }
+
+    /// Tokens this worker's own compute thread sampled for `request`: a one-worker pool (no link
+    /// between its entry and its exit), or the entry of a split head.
     pub fn deliver_own_tokens(&self, request: &RequestId, tokens: &[u32]) {
         let requests = self.requests.lock().expect("entry state lock");
         let Some(live) = requests.get(request) else { return }; // over already
-        if !live.route.is_empty() {
+        if !live.route.is_empty() && !self.config.split_head {
             let _ = live.tx.send(Delivery::Failed(
                 ErrorKind::Internal,
                 "tokens from this worker's own layers, but the request is routed through other shards".into(),

@@ -45,6 +45,9 @@ pub enum Outbound {
     /// A frame straight to `peer`, whatever its request's route (numbered on that link as any frame of
     /// its request): over AXL, the entry's `end` to the shards past a hop that may swallow it.
     Direct { peer: PeerId, frame: Frame },
+    /// Tokens this worker sampled for one of its own requests, for its own entry: the entry of a split
+    /// head samples (the exit's would go over the link).
+    OwnTokens { request: RequestId, tokens: Vec<u32> },
 }
 
 /// The state of one link, watched by whoever must react to it going down.
@@ -63,6 +66,7 @@ pub fn set_seq(header: &mut FrameHeader, seq: u64) {
     match header {
         FrameHeader::Activations(h) => h.seq = seq,
         FrameHeader::Token(h) => h.seq = seq,
+        FrameHeader::Head(h) => h.seq = seq,
         FrameHeader::Control(ControlHeader::Start { seq: s, .. })
         | FrameHeader::Control(ControlHeader::End { seq: s, .. })
         | FrameHeader::Control(ControlHeader::Error { seq: s, .. }) => *s = seq,
@@ -109,7 +113,8 @@ pub enum ToEntry {
     /// One of the entry's requests failed (here, or its next hop is unreachable).
     Failed { request: RequestId, code: ErrorCode, message: String },
     /// Tokens this worker sampled for one of its own requests: a one-worker pool, whose exit is its
-    /// entry. An in-process channel loses and reorders nothing, so they carry no sequence number.
+    /// entry, or the entry of a split head. An in-process channel loses and reorders nothing, so they
+    /// carry no sequence number.
     Tokens { request: RequestId, tokens: Vec<u32> },
 }
 
@@ -353,6 +358,7 @@ impl Router {
                 }
             }
             Outbound::Direct { peer, frame } => self.send(&peer, frame).await,
+            Outbound::OwnTokens { request, tokens } => self.to_entry(ToEntry::Tokens { request, tokens }),
             Outbound::Frame(frame) => {
                 let Some(request) = frame.header.request().cloned() else {
                     return; // `unload` is not forwarded: it concerns the link it came over

@@ -43,8 +43,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 use computepool_axl::frame::{
-    ActivationCursor, ControlHeader, DType as WireDType, ErrorCode, Frame, FrameHeader, FrameLimits, RequestId,
-    RouteHeader, SequenceTracker,
+    ActivationCursor, ControlHeader, DType as WireDType, ErrorCode, Frame, FrameHeader, FrameLimits, HeadHeader, RequestId,
+    RouteHeader, SequenceTracker, TokenHeader,
 };
 use computepool_axl::transport::{
     FRAMES_ALPN, FrameReader, GENERATE_ALPN, LinkError, PeerId, PeerRole, Topology, Transport, TransportConfig,
@@ -134,6 +134,15 @@ pub struct WorkerArgs {
     /// Default: off.
     #[arg(long)]
     pub keep_cpus_awake: bool,
+    /// Split the output head (lm_head) between the entry and the exit, which then compute half the
+    /// vocabulary's logits each, at the same time: the exit sends the entry its last layer's normed
+    /// state as soon as it has it, then its half's logits, and the entry samples. Per token, half the
+    /// head's time leaves the critical path, for 4 bytes a vocabulary row more on the exit → entry link.
+    /// The entry holds its half of lm_head (from the embedding when the model ties them), the exit
+    /// only its own half. Both the entry and the exit must be started with it; middle shards ignore
+    /// it, as does a worker that serves the whole model. CPU only. Default: off.
+    #[arg(long)]
+    pub split_head: bool,
     /// A neighbour silent for this long is gone, in ms.
     #[arg(long, default_value_t = 1000)]
     pub peer_timeout_ms: u64,
@@ -223,6 +232,9 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let range = LayerRange::new(layers.start as usize, layers.end as usize, config.num_layers)?;
     let fault = args.fault.as_deref().map(fault::Fault::parse).transpose().map_err(anyhow::Error::msg)?;
     if let Some(fault) = fault {
+        if args.split_head && !range.is_entry() {
+            bail!("--fault {fault} changes the tokens the exit samples, and with --split-head the entry samples them");
+        }
         if !range.is_exit() {
             bail!("--fault {fault} is a drill for the exit shard (it samples the tokens); this worker serves layers {layers}");
         }
@@ -235,7 +247,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         // A CPU backend starts its helper threads as it loads: started inside the scope, they keep
         // the compute CPUs.
         let _pinned = args.compute_cpus.as_ref().map(cpus::PinnedScope::enter).transpose().context("--compute-cpus")?;
-        DeviceShard::load(&source, &LoadOptions { dtype, range: Some(range), progress: false }, device, threads)
+        DeviceShard::load(&source, &LoadOptions { dtype, range: Some(range), progress: false, split_head: args.split_head }, device, threads)
             .with_context(|| format!("loading layers {layers} of {} on {device}", args.model.display()))?
     };
     tracing::info!(layers = %layers, device = %shard.device_name(), "shard loaded");
@@ -372,6 +384,7 @@ async fn serve(
             lost_frame_probe: (args.transport == FrameTransport::Axl).then_some(axl::LOST_FRAME_PROBE),
             return_links: axl_inbox.as_ref().map(axl::ReturnLinks::new),
             samplers: samplers.clone(),
+            split_head: args.split_head,
         };
         let routing = entry::Routing { topology: topology.clone(), me, links: links.clone() };
         Arc::new(Entry::new(tokenizer, entry_config, engine_tx.clone(), out_tx.clone(), routing, stats.clone()))
@@ -580,6 +593,12 @@ impl Ctx {
                     entry.deliver_tokens(&h.request, from, h.seq, &h.tokens);
                     Ok(())
                 }
+                FrameHeader::Head(h) => {
+                    if let Some(job) = entry.deliver_head(&h, from, &frame.payload) {
+                        self.job(job).await;
+                    }
+                    Ok(())
+                }
                 FrameHeader::Control(ControlHeader::Error { request, code, message, .. }) => {
                     entry.deliver_failure(&request, code, message);
                     Ok(())
@@ -693,10 +712,10 @@ impl Ctx {
                 let requests: Vec<RequestId> = inbound.drain().map(|(r, _)| r).collect();
                 self.job(EngineJob::Fail { requests, reason: "the upstream shard is unloading".into() }).await;
             }
-            FrameHeader::Token(h) => {
+            FrameHeader::Token(TokenHeader { request, .. }) | FrameHeader::Head(HeadHeader { request, .. }) => {
                 return Err(format!(
-                    "token frames flow from an exit to an entry only; shard {} got one for {}",
-                    self.topology.shards[self.me].layers, h.request
+                    "token and head frames flow from an exit to an entry only; shard {} got one for {request}",
+                    self.topology.shards[self.me].layers
                 ));
             }
         }

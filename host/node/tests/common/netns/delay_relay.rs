@@ -28,6 +28,12 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// Each socket's receive and send buffer: a QUIC sender's burst (a split head's logits are ~80
+/// datagrams at once) must not overflow the kernel's default ~208 KiB of the relay's socket, which
+/// counts each datagram at about twice its size, while the thread sleeps; netem's queue holds 1000
+/// packets.
+const SOCKET_BUFFER_BYTES: c_int = 4 << 20;
+
 /// The longest the relay's thread waits before it looks at the stop flag again.
 const POLL: Duration = Duration::from_millis(50);
 
@@ -132,6 +138,7 @@ impl Relay {
 
     fn add_socket(&mut self, socket: UdpSocket, role: Role) -> io::Result<usize> {
         socket.set_nonblocking(true)?;
+        sys::widen_buffers(&socket, SOCKET_BUFFER_BYTES);
         self.sockets.push((socket, role));
         Ok(self.sockets.len() - 1)
     }
@@ -227,10 +234,29 @@ mod sys {
 
     const POLLIN: c_short = 0x1;
     const PR_SET_TIMERSLACK: c_int = 29;
+    const SOL_SOCKET: c_int = 1;
+    const SO_SNDBUF: c_int = 7;
+    const SO_RCVBUF: c_int = 8;
+    const SO_SNDBUFFORCE: c_int = 32;
+    const SO_RCVBUFFORCE: c_int = 33;
 
     unsafe extern "C" {
         fn ppoll(fds: *mut PollFd, nfds: c_ulong, timeout: *const Timespec, sigmask: *const u8) -> c_int;
         fn prctl(option: c_int, ...) -> c_int;
+        fn setsockopt(fd: c_int, level: c_int, name: c_int, value: *const c_int, len: u32) -> c_int;
+    }
+
+    /// Asks for `bytes` of receive and send buffer on `socket`: past `net.core.[rw]mem_max` as root
+    /// (the `FORCE` options), else up to it.
+    pub(super) fn widen_buffers(socket: &UdpSocket, bytes: c_int) {
+        for (forced, plain) in [(SO_RCVBUFFORCE, SO_RCVBUF), (SO_SNDBUFFORCE, SO_SNDBUF)] {
+            let len = std::mem::size_of::<c_int>() as u32;
+            // SAFETY: `bytes` is a live c_int and `len` its size; setsockopt only reads it.
+            if unsafe { setsockopt(socket.as_raw_fd(), SOL_SOCKET, forced, &bytes, len) } != 0 {
+                // SAFETY: as above.
+                unsafe { setsockopt(socket.as_raw_fd(), SOL_SOCKET, plain, &bytes, len) };
+            }
+        }
     }
 
     /// Waits until one of `fds` is readable or `timeout` passes (nanosecond resolution, unlike
