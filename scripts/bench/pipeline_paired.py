@@ -10,7 +10,7 @@ is), `computepool bench --shards 2 --tg 128` (two worker processes), and `comput
 ratios are taken within the round.
 
     pipeline_paired.py --computepool BIN --model DIR [--rounds 7] [--tg 128] [--threads 2 --threads 1]
-                       [--busy-poll-us 20000] [--compute-cpus 0] [--keep-cpus-awake]
+                       [--busy-poll-us 20000] [--compute-cpus 0] [--keep-cpus-awake] [--split-head]
 
 With --busy-poll-us, each thread count whose 2 workers' threads together fit this machine's cores is
 run once more with the workers' compute threads polling for their next job instead of sleeping (the
@@ -28,6 +28,11 @@ With --keep-cpus-awake, each configuration with 1 thread per process whose worke
 is run once more with every worker keeping its CPUs awake while it serves (`worker --keep-cpus-awake`:
 SCHED_IDLE spinners, so no vCPU halts between steps and none takes compute time; worker/keep_awake.rs).
 
+With --split-head, each configuration with 1 thread per process that neither places the compute nor
+keeps CPUs awake is run once more with the 2 shards splitting the output head (`worker --split-head`:
+the entry and the exit compute half the vocabulary's logits each, at once; the 1-shard worker, which
+serves the whole model, ignores it).
+
 One JSON line per configuration: each side's per-round tokens/s and the per-round ratios.
 """
 import os
@@ -39,7 +44,7 @@ import time
 from paired import computepool_tg, spread  # the same runner and statistics as ours against llama.cpp
 
 
-def tg(binary, model, tg_tokens, threads, shards, busy_poll_us=0, compute_cpus=None, keep_awake=False):
+def tg(binary, model, tg_tokens, threads, shards, busy_poll_us=0, compute_cpus=None, keep_awake=False, split_head=False):
     """tokens/s of one tg run: `shards` 0 is the one-process engine, N ≥ 1 a pool of N workers."""
     args = ["--model", model, "--threads", str(threads), "--dtype", "bf16"]
     if shards > 0:
@@ -50,6 +55,8 @@ def tg(binary, model, tg_tokens, threads, shards, busy_poll_us=0, compute_cpus=N
         args += ["--compute-cpus", compute_cpus]
     if shards > 0 and keep_awake:
         args += ["--keep-cpus-awake"]
+    if shards > 1 and split_head:
+        args += ["--split-head"]
     return computepool_tg(binary, args, tg_tokens)
 
 
@@ -67,30 +74,37 @@ def main():
                     help="also run the 1-thread configurations with every worker's compute on these CPUs")
     ap.add_argument("--keep-cpus-awake", action="store_true",
                     help="also run the 1-thread sleeping configurations with the workers keeping their CPUs awake")
+    ap.add_argument("--split-head", action="store_true",
+                    help="also run the plain 1-thread configurations with the 2 shards splitting the output head")
     a = ap.parse_args()
     if a.rounds < 1 or a.shards < 2:
         ap.error("--rounds must be at least 1 and --shards at least 2")
-    # (threads, busy_poll_us, compute_cpus, keep_awake)
-    configs = [(threads, 0, None, False) for threads in a.threads or [2]]
+    # (threads, busy_poll_us, compute_cpus, keep_awake, split_head)
+    configs = [(threads, 0, None, False, False) for threads in a.threads or [2]]
     if a.busy_poll_us > 0:
         cores = os.cpu_count() or 1
-        configs += [(t, a.busy_poll_us, None, False) for t, _, _, _ in list(configs) if t * a.shards <= cores]
+        configs += [(t, a.busy_poll_us, None, False, False) for t, _, _, _, _ in list(configs) if t * a.shards <= cores]
+    plain = [(t, poll) for t, poll, _, _, _ in configs if t == 1]
     if a.compute_cpus:
-        configs += [(t, poll, a.compute_cpus, False) for t, poll, _, _ in list(configs) if t == 1]
+        configs += [(t, poll, a.compute_cpus, False, False) for t, poll in plain]
     if a.keep_cpus_awake:
-        configs += [(t, 0, None, True) for t, poll, cpus, _ in list(configs) if t == 1 and poll == 0 and cpus is None]
+        configs += [(t, 0, None, True, False) for t, poll in plain if poll == 0]
+    if a.split_head:
+        configs += [(t, poll, None, False, True) for t, poll in plain]
     sides = [0, 1, a.shards]  # one process, 1 shard, the pipeline
-    for threads, busy_poll_us, compute_cpus, keep_awake in configs:
+    for threads, busy_poll_us, compute_cpus, keep_awake, split_head in configs:
         runs = {n: [] for n in sides}
         for r in range(a.rounds):
             order = sides[r % len(sides):] + sides[:r % len(sides)]
-            got = {n: tg(a.computepool, a.model, a.tg, threads, n, busy_poll_us, compute_cpus, keep_awake) for n in order}
+            got = {n: tg(a.computepool, a.model, a.tg, threads, n, busy_poll_us, compute_cpus, keep_awake, split_head)
+                   for n in order}
             for n in sides:
                 runs[n].append(got[n])
             o, one, p = got[0], got[1], got[a.shards]
             polling = f", polling {busy_poll_us} µs" if busy_poll_us else ""
             placed = f", compute on CPUs {compute_cpus}" if compute_cpus else ""
             placed += ", CPUs kept awake" if keep_awake else ""
+            placed += ", split head" if split_head else ""
             print(f"[pipeline-paired {time.strftime('%H:%M:%S')}] {threads} threads{polling}{placed}, round {r + 1}/{a.rounds}: "
                   f"1 process {o:.1f}, 1 shard {one:.1f}, {a.shards} shards {p:.1f} tok/s, "
                   f"{a.shards} shards ÷ 1 shard {p / one:.3f}, ÷ 1 process {p / o:.3f}", file=sys.stderr)
@@ -98,7 +112,7 @@ def main():
         one_process = [p / o for p, o in zip(runs[a.shards], runs[0])]
         print(json.dumps({
             "threads": threads, "busy_poll_us": busy_poll_us, "compute_cpus": compute_cpus,
-            "keep_cpus_awake": keep_awake, "shards": a.shards, "test": f"tg{a.tg}", "rounds": a.rounds,
+            "keep_cpus_awake": keep_awake, "split_head": split_head, "shards": a.shards, "test": f"tg{a.tg}", "rounds": a.rounds,
             "one_process_ts": runs[0], "one_shard_ts": runs[1], "pipeline_ts": runs[a.shards],
             "ratios_to_one_shard": one_shard, "ratios": one_process,
             "one_process": spread(runs[0]), "one_shard": spread(runs[1]), "pipeline": spread(runs[a.shards]),

@@ -330,6 +330,11 @@ def pipeline_paired_section(p, runs):
         p("Rows marked \"CPUs kept awake\" run every worker with `--keep-cpus-awake`: while a worker serves a")
         p("request, one SCHED_IDLE thread per CPU spins, so no vCPU halts between steps, and any other thread")
         p("that wakes there preempts it at once (host/node/src/worker/keep_awake.rs).")
+    if any(r.get("split_head") for r in runs):
+        p("")
+        p("Rows marked \"split head\" run the 2 shards with `--split-head`: the exit sends the entry its last")
+        p("layer's normed state, and the two compute half the vocabulary's logits each, at once; the entry")
+        p("samples (a greedy request's exit sends only its largest logit). The 1-shard worker is unchanged.")
     p("")
     p("| threads per process | worker between steps | rounds | one process tok/s | 1 shard tok/s | 2 shards tok/s "
       "| 2 shards ÷ 1 shard | rounds ≥ 95% | 2 shards ÷ one process |")
@@ -341,6 +346,8 @@ def pipeline_paired_section(p, runs):
             between += f", compute on CPU {r['compute_cpus']}"
         if r.get("keep_cpus_awake"):
             between += ", CPUs kept awake"
+        if r.get("split_head"):
+            between += ", split head"
         p(f"| {r['threads']} | {between} | {r['rounds']} | {spread(r['one_process'])} | {spread(r['one_shard'])} | "
           f"{spread(r['pipeline'])} | {spread(r['ratio_to_one_shard'], '.1%')} | {r['rounds_at_target']} of {r['rounds']} | "
           f"{spread(r['ratio'], '.1%')} |")
@@ -452,6 +459,8 @@ def netns_section(p, netns_log):
             mode += ", compute on CPU " + t["mode"].rsplit("CPU ", 1)[1]
         if "CPUs kept awake" in t["mode"]:
             mode += ", CPUs kept awake (`--keep-cpus-awake`)"
+        if "split head" in t["mode"]:
+            mode += ", split head (`--split-head`)"
         p(f"| {t['n']} | {mode} | {t['s']} ({t['s_lo']}–{t['s_hi']}) | {t['o']} ({t['o_lo']}–{t['o_hi']}) | "
           f"{t['ring']} | {t['m']} ({t['m_lo']}–{t['m_hi']}) | {t['held']} of {t['rounds']} | {t['steps']} | "
           f"{t['forward'] or '–'} | {t['hops']} |")

@@ -80,7 +80,7 @@ python3 "$here/huge_pages.py" --computepool "$bin" --model "$model" --rounds "$r
 # the 1-thread rows once more with every worker's compute on CPU 0, taking turns on one core; the 1-thread
 # sleeping row once more with every worker keeping its CPUs awake while it serves).
 python3 "$here/pipeline_paired.py" --computepool "$bin" --model "$model" --rounds "$rounds" --threads 2 --threads 1 \
-  --busy-poll-us 20000 --compute-cpus 0 --keep-cpus-awake > "$out/pipeline-paired.jsonl"
+  --busy-poll-us 20000 --compute-cpus 0 --keep-cpus-awake --split-head > "$out/pipeline-paired.jsonl"
 # The orchestrator (issue 4): what its HTTP API adds to time to first token and decode, against the same
 # 2-worker pipeline reached directly, in alternating back-to-back requests (bench_api.rs).
 "$bin" bench --model "$model" --shards 2 --api --tg 128 --threads 1 --dtype bf16 --repeats "$api_repeats" > "$out/api.jsonl"

@@ -67,6 +67,12 @@ impl SamplingParams {
         }
     }
 
+    /// Whether the token is simply the largest raw logit (the lowest index on ties; [`argmax`]): greedy
+    /// and no penalty, so nothing but the one largest logit matters.
+    pub fn is_plain_greedy(&self) -> bool {
+        self.temperature == 0.0 && !self.core().has_penalties()
+    }
+
     pub fn validate(&self) -> Result<()> {
         self.core().validate().map_err(|e| EngineError::Sampling(e.to_string()))
     }

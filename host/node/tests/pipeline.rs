@@ -70,12 +70,16 @@ fn a_split_head_gives_the_unsharded_tokens() {
         let expected = modes.map(|m| unsharded_tokens(ckpt.dir(), &[&prompt[..], m].concat()));
         for n in [2, 3] {
             let mut cluster = Cluster::local(ckpt.dir(), tiny::LAYERS as u32, n, &["--split-head"]);
+            cluster.worker_log = "computepool::worker::engine_loop=debug,info".into();
             cluster.start_all();
             for (m, want) in modes.iter().zip(&expected) {
                 assert_eq!(want.len(), 64);
                 let got = cluster.tokens(&[&prompt[..], m].concat());
                 assert_eq!(&got, want, "{}, {n} shards with a split head, {m:?}", family.name());
             }
+            // A greedy request's exit sent only its largest logit each step; a sampled one's, its logits.
+            let parts = |part: &str| cluster.log(0).lines().filter(|l| l.contains("exit's part of the head") && l.contains(part)).count();
+            assert_eq!((parts("part=\"max\""), parts("part=\"logits\"")), (64, 64), "{}, {n} shards", family.name());
         }
     }
     let Some(model) = smollm2_dir() else {

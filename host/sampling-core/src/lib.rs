@@ -161,7 +161,9 @@ impl Params {
         Ok(())
     }
 
-    fn has_penalties(&self) -> bool {
+    /// Whether step 1 changes anything: a repetition penalty other than 1 or a presence or frequency
+    /// penalty other than 0.
+    pub fn has_penalties(&self) -> bool {
         self.repetition_penalty != 1.0 || self.presence_penalty != 0.0 || self.frequency_penalty != 0.0
     }
 }

@@ -636,8 +636,12 @@ mod tests {
     fn head_frames_round_trip_and_their_wire_form_is_strict() {
         let limits = FrameLimits::default();
         let values = [1.5f32, -0.25, f32::MIN_POSITIVE];
-        for part in [HeadPart::Normed, HeadPart::Logits { vocab_start: 24_576 }] {
-            let frame = Frame::head(rid("r-1"), part, 41, &values);
+        for (part, values) in [
+            (HeadPart::Normed, &values[..]),
+            (HeadPart::Logits { vocab_start: 24_576 }, &values[..]),
+            (HeadPart::Max { vocab_start: 30_001 }, &values[..1]),
+        ] {
+            let frame = Frame::head(rid("r-1"), part, 41, values);
             let bytes = frame.to_bytes(&limits).expect("encodes");
             assert_eq!(Frame::decode(&bytes, &limits).expect("decodes"), frame);
         }
@@ -659,6 +663,9 @@ mod tests {
             (r#"{"v":1,"kind":"head","request":"r","seq":0,"part":"normed","pos":0,"width":2,"payload_len":4}"#, "payload"),
             (r#"{"v":1,"kind":"head","request":"r","seq":0,"part":"normed","pos":0,"width":1,"dtype":"f32","payload_len":4}"#, "dtype"),
             (r#"{"v":1,"kind":"head","request":"r","seq":0,"part":"logits","pos":0,"width":1,"vocab_start":18446744073709551615,"payload_len":4}"#, "overflow"),
+            // a max part is one value, at a given row
+            (r#"{"v":1,"kind":"head","request":"r","seq":0,"part":"max","pos":0,"width":2,"vocab_start":3,"payload_len":4}"#, "1 value"),
+            (r#"{"v":1,"kind":"head","request":"r","seq":0,"part":"max","pos":0,"width":1,"payload_len":4}"#, "vocab_start"),
         ];
         for (header, what) in refused {
             let e = Frame::decode(&raw(header, &four), &limits).expect_err(header);

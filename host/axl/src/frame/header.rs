@@ -226,6 +226,13 @@ pub enum HeadPart {
         /// The first vocabulary row.
         vocab_start: u64,
     },
+    /// For a request whose token is the largest logit (greedy, no penalty): only the largest of the
+    /// exit's logits (`width` 1), at vocabulary row `vocab_start`, the lowest such row (NaN never
+    /// counts; -∞ when none of the exit's logits is above it).
+    Max {
+        /// The row holding the value.
+        vocab_start: u64,
+    },
 }
 
 impl HeadPart {
@@ -234,6 +241,7 @@ impl HeadPart {
         match self {
             HeadPart::Normed => "normed",
             HeadPart::Logits { .. } => "logits",
+            HeadPart::Max { .. } => "max",
         }
     }
 }
@@ -646,10 +654,13 @@ impl FrameHeader {
                 if h.width == 0 {
                     return Err(invalid("width", "must be at least 1"));
                 }
-                if let HeadPart::Logits { vocab_start } = h.part
+                if let HeadPart::Logits { vocab_start } | HeadPart::Max { vocab_start } = h.part
                     && vocab_start.checked_add(h.width).is_none()
                 {
                     return Err(invalid("vocab_start", "vocab_start + width overflows 64 bits"));
+                }
+                if matches!(h.part, HeadPart::Max { .. }) && h.width != 1 {
+                    return Err(invalid("width", format!("a max part carries 1 value, not {}", h.width)));
                 }
                 let expected = h.payload_len()?;
                 if expected != payload_len {
@@ -778,7 +789,7 @@ impl<'a> WireHeaderOut<'a> {
                 w.part = Some(h.part.name());
                 w.pos = Some(h.pos);
                 w.width = Some(h.width);
-                if let HeadPart::Logits { vocab_start } = h.part {
+                if let HeadPart::Logits { vocab_start } | HeadPart::Max { vocab_start } = h.part {
                     w.vocab_start = Some(vocab_start);
                 }
             }
@@ -958,8 +969,12 @@ impl WireHeaderIn {
                         self.allow_only(KIND, &["request", "seq", "part", "pos", "width", "vocab_start"])?;
                         HeadPart::Logits { vocab_start: need(KIND, "vocab_start", self.vocab_start)? }
                     }
+                    "max" => {
+                        self.allow_only(KIND, &["request", "seq", "part", "pos", "width", "vocab_start"])?;
+                        HeadPart::Max { vocab_start: need(KIND, "vocab_start", self.vocab_start)? }
+                    }
                     other => {
-                        return Err(invalid("part", format!("{:?} is neither \"normed\" nor \"logits\"", echo(other))));
+                        return Err(invalid("part", format!("{:?} is not one of \"normed\", \"logits\", \"max\"", echo(other))));
                     }
                 };
                 FrameHeader::Head(HeadHeader {

@@ -69,8 +69,13 @@ fn valid_frame() -> impl Strategy<Value = Frame> {
             })
         },
     );
-    let part = prop_oneof![Just(HeadPart::Normed), (0u64..1_000_000).prop_map(|vocab_start| HeadPart::Logits { vocab_start })];
+    let part = prop_oneof![
+        Just(HeadPart::Normed),
+        (0u64..1_000_000).prop_map(|vocab_start| HeadPart::Logits { vocab_start }),
+        (0u64..1_000_000).prop_map(|vocab_start| HeadPart::Max { vocab_start }),
+    ];
     let head = (request_id(), any::<u64>(), part, any::<u64>(), 1u64..64).prop_flat_map(|(request, seq, part, pos, width)| {
+        let width = if matches!(part, HeadPart::Max { .. }) { 1 } else { width };
         proptest::collection::vec(any::<u8>(), (width * 4) as usize).prop_map(move |payload| Frame {
             header: FrameHeader::Head(HeadHeader { request: request.clone(), seq, part, pos, width }),
             payload,

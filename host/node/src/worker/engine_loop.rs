@@ -16,7 +16,7 @@ use computepool_axl::frame::{
 };
 use computepool_engine::backend::cpu::CpuBackend;
 use computepool_engine::model::{DeviceCache, DeviceShard, DeviceStepItem, StepInput, StepOutput};
-use computepool_engine::sampling::SamplingParams;
+use computepool_engine::sampling::{SamplingParams, argmax};
 use tokio::sync::mpsc;
 
 use super::Outbound;
@@ -74,6 +74,9 @@ struct RequestState {
     /// (Entry of a split head) the position whose normed state came, and this shard's logits for it,
     /// until the exit's logits come.
     own_logits: Option<(u64, Vec<f32>, Instant)>,
+    /// Whether the token is the largest logit (native greedy sampling, no penalty): an exit of a split
+    /// head then sends only its largest logit, and the entry expects no more.
+    plain_greedy: bool,
     last_used: Instant,
 }
 
@@ -232,11 +235,12 @@ impl EngineState {
 
     fn handle(&mut self, job: EngineJob) {
         match job {
-            EngineJob::Head { request, part: HeadPart::Logits { vocab_start }, pos, values } => {
-                self.take_exit_logits(request, vocab_start, pos, values)
+            EngineJob::Head { request, part: part @ (HeadPart::Logits { .. } | HeadPart::Max { .. }), pos, values } => {
+                self.take_exit_logits(request, part, pos, values)
             }
             EngineJob::Head { request, part: HeadPart::Normed, pos, values } => self.run_own_head(vec![(request, pos, values)]),
             EngineJob::Start { request, sampling, sampler, resumed } => {
+                let plain_greedy = sampler.is_none() && sampling.is_plain_greedy();
                 let sampler = if self.samples() {
                     match self.config.samplers.for_request(sampling, sampler.as_deref()) {
                         Ok(s) => Some(s),
@@ -253,6 +257,7 @@ impl EngineState {
                     resumed,
                     replay_until: None,
                     own_logits: None,
+                    plain_greedy,
                     last_used: Instant::now(),
                 };
                 self.requests.insert(request, state);
@@ -362,7 +367,15 @@ impl EngineState {
             Ok(logits) => {
                 let width = logits.len() / normed.len();
                 for ((request, pos, _), part) in normed.into_iter().zip(logits.chunks_exact(width)) {
-                    self.send(Outbound::Frame(Frame::head(request, HeadPart::Logits { vocab_start }, pos, part)));
+                    let plain_greedy = self.requests.get(&request).is_some_and(|st| st.plain_greedy);
+                    let frame = if plain_greedy {
+                        // Only the largest logit can be the token: 4 bytes rather than the whole part.
+                        let (row, value) = largest_logit(part);
+                        Frame::head(request, HeadPart::Max { vocab_start: vocab_start + row as u64 }, pos, &[value])
+                    } else {
+                        Frame::head(request, HeadPart::Logits { vocab_start }, pos, part)
+                    };
+                    self.send(Outbound::Frame(frame));
                 }
             }
             Err(e) => {
@@ -425,37 +438,57 @@ impl EngineState {
         }
     }
 
-    /// (Entry of a split head) the exit's logits for a position whose normed state came before: with
-    /// this shard's they make the whole vocabulary's, and the request's next token is drawn from them.
-    fn take_exit_logits(&mut self, request: RequestId, vocab_start: u64, pos: u64, values: Vec<f32>) {
+    /// (Entry of a split head) the exit's part for a position whose normed state came before: its
+    /// logits, which with this shard's make the whole vocabulary's, or for a plain greedy request its
+    /// largest logit, which with this shard's decides the largest of all. The request's next token is
+    /// drawn from them.
+    fn take_exit_logits(&mut self, request: RequestId, part: HeadPart, pos: u64, values: Vec<f32>) {
         let vocab = self.shard.config().vocab_size;
         let Some(st) = self.requests.get_mut(&request) else { return }; // ended meanwhile
         st.last_used = Instant::now();
         let own_end = self.shard.head_rows().map_or(0, |rows| rows.end);
-        let problem = match st.own_logits.take() {
-            None => Some((ErrorCode::Sequence, format!("the exit's logits for position {pos} came before its normed state"))),
-            Some((own_pos, _, _)) if own_pos != pos => Some((
-                ErrorCode::Sequence,
-                format!("the exit's logits are for position {pos}, its normed state was for position {own_pos}"),
+        let (mut own, computed) = match st.own_logits.take() {
+            None => {
+                let message = format!("the exit's {} for position {pos} came before its normed state", part.name());
+                return self.fail(&request, ErrorCode::Sequence, message);
+            }
+            Some((own_pos, _, _)) if own_pos != pos => {
+                let message =
+                    format!("the exit's {} is for position {pos}, its normed state was for position {own_pos}", part.name());
+                return self.fail(&request, ErrorCode::Sequence, message);
+            }
+            Some((_, own, computed)) => (own, computed),
+        };
+        let problem = match part {
+            HeadPart::Logits { vocab_start } if vocab_start != own_end as u64 || own_end + values.len() != vocab => Some(format!(
+                "the exit's logits cover vocabulary rows {vocab_start}..{}, this entry holds rows 0..{own_end} of {vocab}",
+                vocab_start.saturating_add(values.len() as u64)
             )),
-            Some(_) if vocab_start != own_end as u64 || own_end + values.len() != vocab => Some((
-                ErrorCode::InvalidRequest,
-                format!(
-                    "the exit's logits cover vocabulary rows {vocab_start}..{}, this entry holds rows 0..{own_end} of {vocab}",
-                    vocab_start.saturating_add(values.len() as u64)
-                ),
-            )),
-            Some((_, mut own, computed)) => {
-                tracing::debug!(waited_us = computed.elapsed().as_micros() as u64, "exit's logits");
+            HeadPart::Logits { .. } => {
                 own.extend_from_slice(&values);
-                if let Some(token) = self.sample(&request, &own) {
-                    self.send_token(request.clone(), token);
-                }
                 None
             }
+            HeadPart::Max { .. } if !st.plain_greedy => {
+                Some("the exit sent only its largest logit, but this request does not take the largest logit".to_string())
+            }
+            HeadPart::Max { vocab_start } if !(own_end as u64..vocab as u64).contains(&vocab_start) || values[0].is_nan() => {
+                Some(format!(
+                    "the exit's largest logit ({}) at vocabulary row {vocab_start}, outside its rows {own_end}..{vocab}",
+                    values[0]
+                ))
+            }
+            HeadPart::Max { vocab_start } => {
+                own = with_exit_max(own, vocab, vocab_start as usize, values[0]);
+                None
+            }
+            HeadPart::Normed => unreachable!("normed states go to run_own_head"),
         };
-        if let Some((code, message)) = problem {
-            self.fail(&request, code, message);
+        if let Some(message) = problem {
+            return self.fail(&request, ErrorCode::InvalidRequest, message);
+        }
+        tracing::debug!(waited_us = computed.elapsed().as_micros() as u64, part = part.name(), "exit's part of the head");
+        if let Some(token) = self.sample(&request, &own) {
+            self.send_token(request, token);
         }
     }
 
@@ -548,6 +581,24 @@ impl EngineState {
     }
 }
 
+/// (Exit of a split head) the row of `part`'s largest logit, the lowest on ties, NaN never counting
+/// (sampling's greedy rule), and its value; -∞ when no logit is above it.
+fn largest_logit(part: &[f32]) -> (usize, f32) {
+    let row = argmax(part) as usize;
+    let value = part.get(row).copied().filter(|v| *v > f32::NEG_INFINITY).unwrap_or(f32::NEG_INFINITY);
+    (row, value)
+}
+
+/// (Entry of a split head) a whole vocabulary's row of logits from this shard's rows `own` and the
+/// exit's largest logit `value` at row `row` (past `own`), the exit's other rows -∞. Its largest logit,
+/// and the lowest row holding it, are those of the true row: the exit's value is the largest of its rows
+/// at the lowest such row, and every row of `own` comes before them.
+fn with_exit_max(mut own: Vec<f32>, vocab: usize, row: usize, value: f32) -> Vec<f32> {
+    own.resize(vocab, f32::NEG_INFINITY);
+    own[row] = value;
+    own
+}
+
 /// Hands the shard to a new compute thread; returns the job sender.
 pub fn spawn(
     shard: DeviceShard,
@@ -595,6 +646,39 @@ mod tests {
 
     fn end(id: &str) -> EngineJob {
         EngineJob::End { request: RequestId::new(id).expect("a valid id") }
+    }
+
+    /// The exit's largest logit, put with the entry's rows, picks the token greedy sampling picks from
+    /// the whole row: on ties (within and across the halves), NaN, -∞ and rows with nothing above -∞.
+    #[test]
+    fn the_exits_largest_logit_and_the_entrys_rows_pick_the_whole_rows_greedy_token() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let special = [f32::NAN, f32::NEG_INFINITY, f32::INFINITY, 0.0, -0.0, 1.5, 1.5];
+        for round in 0..4000 {
+            let vocab = 2 + (next() % 70) as usize;
+            let split = 1 + (next() % (vocab as u64 - 1)) as usize;
+            let row: Vec<f32> = (0..vocab)
+                .map(|_| match next() % 10 {
+                    0..=3 => special[(next() % special.len() as u64) as usize],
+                    4 if round % 3 == 0 => f32::NEG_INFINITY,
+                    _ => ((next() % 7) as f32 - 3.0) / 2.0,
+                })
+                .collect();
+            let (at, value) = largest_logit(&row[split..]);
+            let rebuilt = with_exit_max(row[..split].to_vec(), vocab, split + at, value);
+            assert_eq!(argmax(&rebuilt), argmax(&row), "round {round}: {row:?} cut at {split}");
+        }
+        // Nothing above -∞ on either side: token 0, as from the whole row.
+        let row = [f32::NAN, f32::NEG_INFINITY, f32::NAN, f32::NEG_INFINITY];
+        let (at, value) = largest_logit(&row[2..]);
+        assert_eq!(value, f32::NEG_INFINITY);
+        assert_eq!(argmax(&with_exit_max(row[..2].to_vec(), 4, 2 + at, value)), 0);
     }
 
     #[test]
