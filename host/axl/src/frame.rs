@@ -33,7 +33,7 @@ pub use chunk::{
 };
 pub use codec::{
     DEFAULT_MAX_FRAME_LEN, DEFAULT_MAX_HEADER_LEN, EncodedFrame, Frame, FrameDecoder, FrameLimits, LENGTH_PREFIX_LEN,
-    encode,
+    encode, f32_values,
 };
 pub use error::FrameError;
 pub use header::{

@@ -236,6 +236,13 @@ impl<'a> EncodedFrame<'a> {
     }
 }
 
+/// A payload read as f32 little-endian values, the wire's order for f32 activations and head frames
+/// (docs/PROTOCOL.md §2, §3). A trailing partial value is ignored: the decoder has already checked
+/// that the payload holds a whole number of them.
+pub fn f32_values(payload: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    payload.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
 /// Encodes a header for `payload`, checking the header's values against the payload and the frame
 /// against `limits`, so that what this crate sends always passes its own decoder.
 pub fn encode<'a>(

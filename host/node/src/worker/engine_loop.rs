@@ -394,12 +394,8 @@ impl EngineState {
         let mut states: Vec<f32> = Vec::with_capacity(normed.len() * hidden);
         for (request, pos, state) in normed {
             let Some(st) = self.requests.get(&request) else { continue }; // ended meanwhile
-            let problem = if !self.samples() {
-                Some(format!(
-                    "the exit splits the output head, but this entry (layers {}) holds no part of it: start it with --split-head too",
-                    self.shard.range()
-                ))
-            } else if state.len() != hidden {
+            // An entry without part of the head never gets here: `Entry::deliver_head` fails those.
+            let problem = if state.len() != hidden {
                 Some(format!("a normed state of {} values for a model of hidden size {hidden}", state.len()))
             } else if st.cache.len() as u64 != pos + 1 {
                 Some(format!("the normed state of position {pos} came, but this entry holds {} positions", st.cache.len()))

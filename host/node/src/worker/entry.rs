@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use computepool_axl::frame::{ErrorCode, Frame, HeadHeader, RequestId, RouteHeader, SequenceTracker};
+use computepool_axl::frame::{ErrorCode, Frame, HeadHeader, RequestId, RouteHeader, SequenceTracker, f32_values};
 use computepool_axl::transport::{PeerId, Topology};
 use computepool_engine::generate::{self, RequestOutput};
 use computepool_engine::sampling::SamplingParams;
@@ -35,6 +35,23 @@ struct LiveRequest {
     tracker: SequenceTracker,
     /// The shards after the entry, the exit last.
     route: Vec<PeerId>,
+}
+
+impl LiveRequest {
+    /// Checks a frame of `kind` ("token", "head") that came back from `from` with sequence number
+    /// `seq`: only the request's exit sends them, in order. On a failure the request fails with the
+    /// reason and this returns `false`.
+    fn accept_from_exit(&mut self, kind: &str, from: &PeerId, seq: u64) -> bool {
+        let failure = if self.route.last() != Some(from) {
+            (ErrorKind::Internal, format!("{kind} frames from peer {}, which is not this request's exit", from.fmt_short()))
+        } else if let Err(e) = self.tracker.check(seq) {
+            (ErrorKind::Sequence, format!("{kind} frames from the exit shard: {e}"))
+        } else {
+            return true;
+        };
+        let _ = self.tx.send(Delivery::Failed(failure.0, failure.1));
+        false
+    }
 }
 
 /// Where the entry's requests can go: the pool's topology, this worker's place in it, and its links.
@@ -140,15 +157,7 @@ impl Entry {
     pub fn deliver_tokens(&self, request: &RequestId, from: &PeerId, seq: u64, tokens: &[u32]) {
         let mut requests = self.requests.lock().expect("entry state lock");
         let Some(live) = requests.get_mut(request) else { return }; // over already: late frames are normal
-        if live.route.last() != Some(from) {
-            let _ = live.tx.send(Delivery::Failed(
-                ErrorKind::Internal,
-                format!("token frames from peer {}, which is not this request's exit", from.fmt_short()),
-            ));
-            return;
-        }
-        if let Err(e) = live.tracker.check(seq) {
-            let _ = live.tx.send(Delivery::Failed(ErrorKind::Sequence, format!("token frames from the exit shard: {e}")));
+        if !live.accept_from_exit("token", from, seq) {
             return;
         }
         for &t in tokens {
@@ -162,24 +171,17 @@ impl Entry {
     pub fn deliver_head(&self, h: &HeadHeader, from: &PeerId, payload: &[u8]) -> Option<EngineJob> {
         let mut requests = self.requests.lock().expect("entry state lock");
         let live = requests.get_mut(&h.request)?; // over already: late frames are normal
-        let failure = if live.route.last() != Some(from) {
-            Some((ErrorKind::Internal, format!("head frames from peer {}, which is not this request's exit", from.fmt_short())))
-        } else if let Err(e) = live.tracker.check(h.seq) {
-            Some((ErrorKind::Sequence, format!("head frames from the exit shard: {e}")))
-        } else if !self.config.split_head {
-            Some((
-                ErrorKind::InvalidRequest,
-                "the exit splits the output head, but this entry holds no part of it: start it with --split-head too".into(),
-            ))
-        } else {
-            None
-        };
-        if let Some((kind, message)) = failure {
-            let _ = live.tx.send(Delivery::Failed(kind, message));
+        if !live.accept_from_exit("head", from, h.seq) {
             return None;
         }
-        // f32 little-endian (docs/PROTOCOL.md §3); the decoder checked the payload is `width` of them.
-        let values = payload.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        // The one place that knows whether this entry holds part of the head: the compute thread
+        // never sees a head frame for an entry without it.
+        if !self.config.split_head {
+            let message = "the exit splits the output head, but this entry holds no part of it: start it with --split-head too";
+            let _ = live.tx.send(Delivery::Failed(ErrorKind::InvalidRequest, message.into()));
+            return None;
+        }
+        let values = f32_values(payload).collect();
         Some(EngineJob::Head { request: h.request.clone(), part: h.part, pos: h.pos, values })
     }
 

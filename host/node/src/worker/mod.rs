@@ -44,7 +44,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use computepool_axl::frame::{
     ActivationCursor, ControlHeader, DType as WireDType, ErrorCode, Frame, FrameHeader, FrameLimits, HeadHeader, RequestId,
-    RouteHeader, SequenceTracker, TokenHeader,
+    RouteHeader, SequenceTracker, TokenHeader, f32_values,
 };
 use computepool_axl::transport::{
     FRAMES_ALPN, FrameReader, GENERATE_ALPN, LinkError, PeerId, PeerRole, Topology, Transport, TransportConfig,
@@ -667,9 +667,7 @@ impl Ctx {
                     match h.dtype {
                         // Little-endian on the wire (docs/PROTOCOL.md §2); the shape check made the
                         // payload a whole number of values.
-                        WireDType::F32 => state.pending.extend(
-                            frame.payload.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-                        ),
+                        WireDType::F32 => state.pending.extend(f32_values(&frame.payload)),
                         WireDType::Bf16 => state.pending.extend(
                             frame.payload.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
                         ),
