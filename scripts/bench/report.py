@@ -300,6 +300,100 @@ def huge_pages_section(p, runs):
     p("")
 
 
+def paired_label(r):
+    """What the workers of a pipeline_paired.py line do between steps, as its table says it."""
+    poll = r.get("busy_poll_us") or 0
+    between = f"polls (up to {poll / 1000:g} ms)" if poll else "sleeps"
+    if r.get("compute_cpus"):
+        between += f", compute on CPU {r['compute_cpus']}"
+    if r.get("keep_cpus_awake"):
+        between += ", CPUs kept awake"
+    if r.get("split_head"):
+        between += ", split head"
+    return between
+
+
+def netns_label(t):
+    """What the workers of a netns timing line do between steps, as its table says it."""
+    mode = "poll (`--busy-poll-us 20000`)" if t["mode"].startswith("polling") else "sleep"
+    if "compute on CPU" in t["mode"]:
+        mode += ", compute on CPU " + t["mode"].rsplit("CPU ", 1)[1]
+    if "CPUs kept awake" in t["mode"]:
+        mode += ", CPUs kept awake (`--keep-cpus-awake`)"
+    if "split head" in t["mode"]:
+        mode += ", split head (`--split-head`)"
+    return mode
+
+
+def paired_key(r):
+    """A pipeline_paired.py line's worker flags, comparable with [`netns_key`]."""
+    return (bool(r.get("busy_poll_us")), bool(r.get("compute_cpus")), bool(r.get("keep_cpus_awake")),
+            bool(r.get("split_head")))
+
+
+def netns_key(t):
+    """A netns timing line's worker flags, comparable with [`paired_key`]."""
+    m = t["mode"]
+    return (m.startswith("polling"), "compute on CPU" in m, "CPUs kept awake" in m, "split head" in m)
+
+
+def parse_timed(netns_log):
+    """The netns timing test's lines (one per shard count and mode), as dicts of TIMED's groups."""
+    return [m.groupdict() for m in map(TIMED.search, strip_test_names(netns_log)) if m]
+
+
+def strip_test_names(netns_log):
+    """The log's lines; cargo prints `test NAME ... ` before a test's first line of output: keep what
+    follows it."""
+    return [re.sub(r"^test \S+ \.\.\. ", "", l) for l in netns_log.splitlines()]
+
+
+def issue3_targets(p, b8_ratio, paired, timed):
+    """Which configurations of this run meet each of issue 3's speed targets, and by how much: a
+    summary of the tables below, computed from the same figures."""
+    p("### Issue 3's targets in this run")
+    p("")
+    p("Each target against every configuration measured below (medians over the rounds; the tables give")
+    p("the spreads). A configuration meets a target when its median does.")
+    p("")
+    if b8_ratio is not None:
+        verdict = "met" if b8_ratio >= 3 else "missed"
+        p(f"- **8 concurrent requests ≥ 3× single stream** (2 shards): {b8_ratio:.1f}×, {verdict}.")
+    ones = [r for r in (paired or []) if r["threads"] == 1]
+    if ones:
+        met = [r for r in ones if r["ratio_to_one_shard"]["median"] >= 0.95]
+        best = max(ones, key=lambda r: r["ratio_to_one_shard"]["median"])
+        desc = lambda r: (f"{paired_label(r)} {r['ratio_to_one_shard']['median']:.1%} "
+                          f"({r['rounds_at_target']} of {r['rounds']} rounds ≥ 95%)")
+        line = (f"- **2 shards ≥ 95% of 1 shard** (round by round, 1 thread per process, as on machines of their "
+                f"own): met by {len(met)} of {len(ones)} configurations")
+        line += ": " + "; ".join(desc(r) for r in met) + "." if met else f"; the closest: {desc(best)}."
+        p(line)
+    for n in sorted({t["n"] for t in timed}):
+        rows = [t for t in timed if t["n"] == n]
+        met = [t for t in rows if float(t["m"]) >= 0]
+        desc = lambda t: f"{netns_label(t)} {float(t['m']):+.2f} ms ({t['held']} of {t['rounds']} rounds ≥ 0)"
+        line = (f"- **Per token ≤ one process + RTT + 1 ms, {n} shards over 5 ms links:** met by {len(met)} of "
+                f"{len(rows)} configurations")
+        best = max(rows, key=lambda t: float(t["m"]))
+        line += ": " + "; ".join(desc(t) for t in met) + "." if met else f"; the closest: {desc(best)}."
+        p(line)
+    if ones and timed:
+        # The configurations that meet the loopback ratio and the delayed-link target of every shard count.
+        every = [r for r in ones if r["ratio_to_one_shard"]["median"] >= 0.95
+                 and all(any(netns_key(t) == paired_key(r) and float(t["m"]) >= 0 for t in timed if t["n"] == n)
+                         for n in {t["n"] for t in timed})]
+        def flags(r):
+            f = [f"--busy-poll-us {r['busy_poll_us']}"] if r.get("busy_poll_us") else []
+            f += [f"--compute-cpus {r['compute_cpus']}"] if r.get("compute_cpus") else []
+            f += ["--keep-cpus-awake"] if r.get("keep_cpus_awake") else []
+            f += ["--split-head"] if r.get("split_head") else []
+            return f"{paired_label(r)} (`worker {' '.join(f)}`)" if f else paired_label(r)
+        p("- **All of them at once:** " + ("; ".join(flags(r) for r in every) if every else "no configuration of this run")
+          + ".")
+    p("")
+
+
 def pipeline_paired_section(p, runs):
     """Issue 3's ratio, taken within back-to-back rounds (pipeline_paired.py)."""
     p("### 2 shards against 1 shard and against one process, round by round")
@@ -340,15 +434,7 @@ def pipeline_paired_section(p, runs):
       "| 2 shards ÷ 1 shard | rounds ≥ 95% | 2 shards ÷ one process |")
     p("|---|---|---|---|---|---|---|---|---|")
     for r in runs:
-        poll = r.get("busy_poll_us") or 0
-        between = f"polls (up to {poll / 1000:g} ms)" if poll else "sleeps"
-        if r.get("compute_cpus"):
-            between += f", compute on CPU {r['compute_cpus']}"
-        if r.get("keep_cpus_awake"):
-            between += ", CPUs kept awake"
-        if r.get("split_head"):
-            between += ", split head"
-        p(f"| {r['threads']} | {between} | {r['rounds']} | {spread(r['one_process'])} | {spread(r['one_shard'])} | "
+        p(f"| {r['threads']} | {paired_label(r)} | {r['rounds']} | {spread(r['one_process'])} | {spread(r['one_shard'])} | "
           f"{spread(r['pipeline'])} | {spread(r['ratio_to_one_shard'], '.1%')} | {r['rounds_at_target']} of {r['rounds']} | "
           f"{spread(r['ratio'], '.1%')} |")
     p("")
@@ -392,6 +478,7 @@ def pipeline_section(p, runs, netns_log, paired=None):
         p(f"| {n or 'one process'} | {f(pp) if pp else '–'} | {f(tg)} | {ratio} | {to_process} | {ms:.2f} | {hop} |")
     p("")
     b8, two = find(2, "tg128", 8, threads=1), find(2, "tg128", 1, threads=1)
+    b8_ratio = b8["tokens_per_s_median"] / two["tokens_per_s_median"] if b8 and two else None
     if b8 and two:
         p(f"- 8 concurrent requests over 2 shards, one core per worker: {f(b8)} tokens/s aggregate, "
           f"{b8['tokens_per_s_median'] / two['tokens_per_s_median']:.1f}× the single stream of the same pipeline "
@@ -404,6 +491,7 @@ def pipeline_section(p, runs, netns_log, paired=None):
             p(f"- {n} shard{'s' if n > 1 else ''}, each worker once loaded: {parts}.")
     p("- Target (issue 3): 2 shards ≥ 95% of 1 shard, single stream.")
     p("")
+    issue3_targets(p, b8_ratio, paired, parse_timed(netns_log))
     if paired:
         pipeline_paired_section(p, paired)
     netns_section(p, netns_log)
@@ -419,10 +507,9 @@ TIMED = re.compile(
 
 def netns_section(p, netns_log):
     """Issue 3's delayed-link figures: the tests' lines (same tokens) and the paired timing."""
-    # cargo prints `test NAME ... ` before a test's first line of output: keep what follows it.
-    log = [re.sub(r"^test \S+ \.\.\. ", "", l) for l in netns_log.splitlines()]
+    log = strip_test_names(netns_log)
     lines = [l for l in log if l.startswith(("netns ", "delay:", "skipped")) and " timed, " not in l]
-    timed = [m.groupdict() for m in map(TIMED.search, log) if m]
+    timed = parse_timed(netns_log)
     if not lines and not timed:
         return
     p("### Across network namespaces, 5 ms one-way delay per link")
@@ -454,14 +541,7 @@ def netns_section(p, netns_log):
     p("| shards | workers between steps | per token, ms | one process, ms | ring, ms | target − per token, ms | rounds ≥ 0 | compute, ms | forward, ms | hops, ms |")
     p("|---|---|---|---|---|---|---|---|---|---|")
     for t in timed:
-        mode = "poll (`--busy-poll-us 20000`)" if t["mode"].startswith("polling") else "sleep"
-        if "compute on CPU" in t["mode"]:
-            mode += ", compute on CPU " + t["mode"].rsplit("CPU ", 1)[1]
-        if "CPUs kept awake" in t["mode"]:
-            mode += ", CPUs kept awake (`--keep-cpus-awake`)"
-        if "split head" in t["mode"]:
-            mode += ", split head (`--split-head`)"
-        p(f"| {t['n']} | {mode} | {t['s']} ({t['s_lo']}–{t['s_hi']}) | {t['o']} ({t['o_lo']}–{t['o_hi']}) | "
+        p(f"| {t['n']} | {netns_label(t)} | {t['s']} ({t['s_lo']}–{t['s_hi']}) | {t['o']} ({t['o_lo']}–{t['o_hi']}) | "
           f"{t['ring']} | {t['m']} ({t['m_lo']}–{t['m_hi']}) | {t['held']} of {t['rounds']} | {t['steps']} | "
           f"{t['forward'] or '–'} | {t['hops']} |")
     p("")
