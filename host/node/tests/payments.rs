@@ -7,7 +7,8 @@
 //! - hostile payments get a 402 with their x402 reason and nothing is served; a pool's flow rail swapped
 //!   with `PUT /pools/{id}/payments` (Superfluid → ledger) serves the next request, no restart;
 //! - an orchestrator killed mid-stream finds the open flow when it restarts, stops it, and charges the
-//!   session for exactly the seconds served.
+//!   session for exactly the seconds served;
+//! - a payout address a worker registers after its pool was priced is paid from the next request on.
 //!
 //! `make test` installs the clients (scripts/x402-clients.sh) and passes them as COMPUTEPOOL_X402_PYTHON
 //! and COMPUTEPOOL_X402_NODE_MODULES; anvil comes from COMPUTEPOOL_CHAIN_TOOLS.
@@ -662,6 +663,61 @@ fn an_orchestrator_killed_mid_stream_stops_the_flow_on_restart_and_charges_the_s
     // the session is under one request's worst case, so a new voucher tops it up (the same session).
     let (again, _) = pc.open_session();
     assert_eq!(again, session, "the payer's live session is credited");
+}
+
+/// An operator who registers a new payout address after the pool was priced (here: a worker registering
+/// again with another address) is paid from the pool's next stream on, and the address it replaced gets
+/// nothing more, without the operator putting the pool's payments again.
+#[test]
+fn a_payout_address_registered_after_the_pool_was_priced_is_paid_from_the_next_request() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(model) = smollm2_dir() else { return };
+    let Some(tools) = tools() else { return };
+    let pc = PaidCluster::start(&model, &tools);
+    let addr = pc.addr();
+    // A first paid request: the flow's members are the two registered operators.
+    pc.open_session();
+    let (old, kept) = (pc.devnet.operators[1].address(), pc.devnet.operators[0].address());
+    let workers = http::get(&addr, "/workers").json();
+    let registration = workers["data"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .find(|w| w["payout"].as_str().is_some_and(|p| p.eq_ignore_ascii_case(&old.to_string())))
+        .cloned()
+        .unwrap_or_else(|| panic!("a worker pays {old}: {workers}"));
+    // A new operator account, funded for gas and connected to the pool's GDA pool, as the devnet's
+    // operators are (an unconnected member's share waits in the pool, off its balance).
+    let newcomer = PrivateKeySigner::random();
+    let new = newcomer.address();
+    let chain = pc.chain();
+    pc.rt.block_on(async {
+        chain
+            .provider()
+            .raw_request::<_, Value>("anvil_setBalance".into(), (new, U256::from(10u128.pow(18))))
+            .await
+            .expect("fund the new operator");
+        let member = Chain::connect(pc.devnet.rpc_url(), Some(DEVNET_CHAIN_ID), newcomer.clone()).await.expect("chain");
+        Gda::new(&member, &pc.devnet.deployment.superfluid).connect_pool(pc.devnet.gda_pool).await.expect("connect");
+    });
+    let body = json!({
+        "peer": registration["peer"], "addrs": registration["addrs"], "model": registration["model"],
+        "layers": registration["layers"], "device": registration["device"],
+        "weight_bytes": registration["weight_bytes"], "rss_bytes": registration["rss_bytes"],
+        "speed": registration["speed"], "payout": new.to_string(),
+    });
+    let r = http::post_as(&addr, "/workers", &body, TOKEN);
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    let usdcx = pc.devnet.deployment.usdcx;
+    let before = pc.rt.block_on(balances(&chain, usdcx, &[kept, old, new], None));
+    // Long enough to span block seconds: a request is charged per second its stream ran.
+    concurrent_paid_chats(&addr, &pc.devnet.payers[0], 1, 200);
+    let after = pc.rt.block_on(balances(&chain, usdcx, &[kept, old, new], None));
+    let gained: Vec<U256> = after.iter().zip(&before).map(|(a, b)| *a - *b).collect();
+    assert!(gained[0] > U256::ZERO, "the request was charged: {gained:?}\n{}", pc.orchestrator_log());
+    assert_eq!(gained[1], U256::ZERO, "the replaced address is paid no more\n{}", pc.orchestrator_log());
+    assert_eq!(gained[2], gained[0], "the new address gets the worker's share (15 of 30 layers, as the other's)");
 }
 
 /// Sends `n` paid requests at once, each with its own voucher from `payer`; their bodies' texts.

@@ -49,7 +49,7 @@ use error::ApiError;
 use metrics::Metrics;
 use pools::{Pool, Pools};
 use store::Store;
-use workers::Workers;
+use workers::{RegistrationAnswer, WorkerRegistration, Workers};
 
 /// Shared state of the HTTP handlers.
 pub struct AppState {
@@ -210,6 +210,45 @@ impl AppState {
             self.workers.eject(&self.store, peer, reason).map_err(|e| format!("ejecting {peer}: {e}"))?;
         }
         Ok(peers)
+    }
+
+    /// Registers (or registers again) a worker. A pool's plan fixes the layers of the peers it lists.
+    /// When the worker's payout address is not the one it had (its first registration with one, a new
+    /// one, or none any more), every paid pool that lists it recomputes its flow's members under its
+    /// current settings, so the operator is paid from the pool's next stream on without the payments
+    /// being put again. A pool whose settings cannot take the change (its price no longer a multiple of
+    /// the members' units) keeps the members it had, and the log says why.
+    pub async fn register_worker(&self, registration: WorkerRegistration) -> Result<RegistrationAnswer, ApiError> {
+        let expected = self.assignments(&registration.peer).into_iter().next();
+        let (peer, payout) = (registration.peer.clone(), registration.payout.clone());
+        let payout_before = self.workers.get(&peer).and_then(|w| w.registration.payout);
+        let answer = self.workers.register(&self.store, registration, expected)?;
+        let same = match (&payout_before, &payout) {
+            (Some(a), Some(b)) => a.eq_ignore_ascii_case(b),
+            (a, b) => a.is_none() && b.is_none(),
+        };
+        if !same {
+            self.payout_changed(&peer).await;
+        }
+        Ok(answer)
+    }
+
+    /// See [`AppState::register_worker`]: recomputes the flow's members of every paid pool that lists
+    /// `peer`.
+    async fn payout_changed(&self, peer: &str) {
+        let Some(payments) = &self.payments else { return };
+        let mut pools: Vec<String> = self.assignments(peer).into_iter().map(|(pool, _)| pool).collect();
+        pools.dedup();
+        for pool_id in pools {
+            let Some(pool) = self.pools.get(&pool_id) else { continue };
+            match payments.reconfigure(&pool, &self.workers).await {
+                Ok(()) => tracing::info!(pool = %pool_id, %peer, "a worker's payout address changed: the flow's members recomputed"),
+                Err(e) => tracing::error!(
+                    pool = %pool_id, %peer,
+                    "a worker's payout address changed, but the flow's members could not be recomputed (put the pool's payments again): {e}"
+                ),
+            }
+        }
     }
 
     /// The pools whose plan (topology or replicas) lists `peer`, with the layers each gives it.

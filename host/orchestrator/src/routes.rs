@@ -156,9 +156,7 @@ pub async fn register_worker(
     JsonBody(registration): JsonBody<WorkerRegistration>,
 ) -> Result<Json<Value>, ApiError> {
     state.token.check(&headers)?;
-    // A pool's plan fixes the layers of the peers it lists.
-    let expected = state.assignments(&registration.peer).into_iter().next();
-    let answer = state.workers.register(&state.store, registration, expected)?;
+    let answer = state.register_worker(registration).await?;
     Ok(Json(json!(answer)))
 }
 

@@ -98,11 +98,16 @@ impl PluginRails {
         Ok(())
     }
 
-    /// Makes `choice` the flow rail of `pool` (the meter's rate changes for it go there). The next
-    /// change lists the members again: a swapped-in rail (or target) has not seen them.
+    /// Makes `choice` the flow rail of `pool` (the meter's rate changes for it go there). A different
+    /// choice than before (another rail, target or config) makes the next change list the members
+    /// afresh: a swapped-in rail has not seen them. The same choice again (the pool's members were
+    /// recomputed) keeps what the rail confirmed, so the next change sets a member that left to 0
+    /// units there; forgetting it would leave that member its units, and its share of every flow.
     pub fn bind_flow(&self, pool: &str, choice: &RailChoice) {
-        self.flows.write().unwrap_or_else(|p| p.into_inner()).insert(pool.to_string(), choice.clone());
-        self.confirmed_members.lock().unwrap_or_else(|p| p.into_inner()).remove(pool);
+        let previous = self.flows.write().unwrap_or_else(|p| p.into_inner()).insert(pool.to_string(), choice.clone());
+        if previous.as_ref() != Some(choice) {
+            self.confirmed_members.lock().unwrap_or_else(|p| p.into_inner()).remove(pool);
+        }
     }
 
     /// The requirements a client must pay for one request: price × the pool's max seconds.
