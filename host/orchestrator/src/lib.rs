@@ -239,7 +239,8 @@ impl AppState {
         let Some(payments) = &self.payments else { return };
         let mut pools: Vec<String> = self.assignments(peer).into_iter().map(|(pool, _)| pool).collect();
         pools.dedup();
-        for pool_id in pools {
+        // A free pool has no members to recompute; it takes them when its payments are put.
+        for pool_id in pools.into_iter().filter(|pool| payments.settings(pool).is_some()) {
             let Some(pool) = self.pools.get(&pool_id) else { continue };
             match payments.reconfigure(&pool, &self.workers).await {
                 Ok(()) => tracing::info!(pool = %pool_id, %peer, "a worker's payout address changed: the flow's members recomputed"),
