@@ -337,9 +337,10 @@ def netns_key(t):
     return (m.startswith("polling"), "compute on CPU" in m, "CPUs kept awake" in m, "split head" in m)
 
 
-def parse_timed(netns_log):
-    """The netns timing test's lines (one per shard count and mode), as dicts of TIMED's groups."""
-    return [m.groupdict() for m in map(TIMED.search, strip_test_names(netns_log)) if m]
+def parse_timed(log):
+    """The netns timing test's lines among `log`'s (from [`strip_test_names`]), one per shard count
+    and mode, as dicts of TIMED's groups."""
+    return [m.groupdict() for m in map(TIMED.search, log) if m]
 
 
 def strip_test_names(netns_log):
@@ -481,7 +482,7 @@ def pipeline_section(p, runs, netns_log, paired=None):
     b8_ratio = b8["tokens_per_s_median"] / two["tokens_per_s_median"] if b8 and two else None
     if b8 and two:
         p(f"- 8 concurrent requests over 2 shards, one core per worker: {f(b8)} tokens/s aggregate, "
-          f"{b8['tokens_per_s_median'] / two['tokens_per_s_median']:.1f}× the single stream of the same pipeline "
+          f"{b8_ratio:.1f}× the single stream of the same pipeline "
           f"({f(two)}; target ≥ 3×).")
     for n in (1, 2, 3):
         r = find(n, "tg128")
@@ -491,7 +492,7 @@ def pipeline_section(p, runs, netns_log, paired=None):
             p(f"- {n} shard{'s' if n > 1 else ''}, each worker once loaded: {parts}.")
     p("- Target (issue 3): 2 shards ≥ 95% of 1 shard, single stream.")
     p("")
-    issue3_targets(p, b8_ratio, paired, parse_timed(netns_log))
+    issue3_targets(p, b8_ratio, paired, parse_timed(strip_test_names(netns_log)))
     if paired:
         pipeline_paired_section(p, paired)
     netns_section(p, netns_log)
@@ -509,7 +510,7 @@ def netns_section(p, netns_log):
     """Issue 3's delayed-link figures: the tests' lines (same tokens) and the paired timing."""
     log = strip_test_names(netns_log)
     lines = [l for l in log if l.startswith(("netns ", "delay:", "skipped")) and " timed, " not in l]
-    timed = parse_timed(netns_log)
+    timed = parse_timed(log)
     if not lines and not timed:
         return
     p("### Across network namespaces, 5 ms one-way delay per link")
